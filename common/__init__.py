@@ -1,0 +1,1 @@
+"""Shared, I/O-light code: settings, wire protocol, topology, reassembly, errors."""

@@ -1,0 +1,73 @@
+"""Connecting to RabbitMQ, with pika's exceptions translated into objstream's.
+
+One connection per thread (pika is not thread-safe): every worker calls :func:`connect` for itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from common.errors import AuthenticationRefused, BrokerUnreachable, ConfigError
+from common.protocol import REASON_HEADER
+from common.settings import Settings
+from common.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+def connect(settings: Settings, name: str) -> pika.BlockingConnection:
+    """Open a blocking connection named ``name`` (shown in the broker's connection list).
+
+    Raises:
+        BrokerUnreachable: nothing answers at the URL, or the connection failed.
+        AuthenticationRefused: the broker refused the credentials.
+        ConfigError: the URL is malformed.
+    """
+    try:
+        params = pika.URLParameters(settings.url)
+    except Exception as e:  # pika raises assorted errors for bad URLs
+        raise ConfigError(f"invalid broker URL {settings.masked_url}: {e}") from e
+    params.heartbeat = settings.heartbeat
+    params.client_properties = {"connection_name": name, "product": "objstream"}
+    params.connection_attempts = 1
+    params.blocked_connection_timeout = max(settings.timeout, 30.0)
+    try:
+        connection = pika.BlockingConnection(params)
+    except pika.exceptions.ProbableAuthenticationError as e:
+        raise AuthenticationRefused(settings.masked_url) from e
+    except pika.exceptions.ProbableAccessDeniedError as e:
+        raise AuthenticationRefused(settings.masked_url) from e
+    except pika.exceptions.AMQPConnectionError as e:
+        raise BrokerUnreachable(settings.masked_url, _describe(e)) from e
+    log.debug("connected to %s as %r", settings.masked_url, name)
+    return connection
+
+
+def _describe(error: BaseException) -> str:
+    # AMQPConnectionWorkflowFailed wraps the real cause; dig it out for a useful one-liner.
+    errors = getattr(error, "connection_errors", None)
+    if errors:
+        return _describe(errors[-1])
+    text = str(error) or type(error).__name__
+    return text.strip("()'\" ,") or type(error).__name__
+
+
+def dead_letter(
+    channel: Any, topology: Topology, props: Any, body: bytes, reason: str
+) -> None:
+    """Publish a copy of a bad message to ``{ns}.dead`` with ``reason`` in a header."""
+    headers = dict(props.headers) if isinstance(getattr(props, "headers", None), dict) else {}
+    headers[REASON_HEADER] = reason[:1000]
+    copy = pika.BasicProperties(
+        type=props.type if isinstance(props.type, str) else None,
+        message_id=props.message_id if isinstance(props.message_id, str) else None,
+        correlation_id=props.correlation_id if isinstance(props.correlation_id, str) else None,
+        headers=headers,
+        delivery_mode=pika.DeliveryMode.Persistent,
+    )
+    log.warning("dead-lettering message %s: %s", props.message_id, reason)
+    channel.basic_publish(topology.dead, "", body, copy)

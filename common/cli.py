@@ -1,0 +1,146 @@
+"""The ``objstream`` command line: global options, exit codes, one-line errors.
+
+``objstream producer ...`` and ``objstream consumer ...`` are defined in ``producer/cli.py`` and
+``consumer/cli.py``; ``python -m producer`` / ``python -m consumer`` run the same commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from types import FrameType
+from typing import Any
+
+from common.errors import (
+    AuthenticationRefused,
+    BrokerUnreachable,
+    ConfigError,
+    ObjstreamError,
+    SendFailed,
+    TimedOut,
+)
+from common.settings import Settings, load_settings
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # transfer failed: checksum, refused, not found, peer failure
+EXIT_USAGE = 2  # bad command line or configuration
+EXIT_BROKER = 3  # broker unreachable or authentication refused
+EXIT_TIMEOUT = 4  # timed out without progress
+
+SIDES = ("producer", "consumer")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _version() -> str:
+    try:
+        return version("objstream")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def global_options() -> argparse.ArgumentParser:
+    """Options every sub-command accepts (they override the ``OBJSTREAM_*`` variables)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("global options")
+    group.add_argument("--url", help="broker URL (env OBJSTREAM_URL; default "
+                       "amqp://guest:guest@localhost:5672/%%2F)")
+    group.add_argument("--namespace", help="prefix of every exchange and queue "
+                       "(env OBJSTREAM_NAMESPACE; default objstream)")
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="log verbosity on stderr (env OBJSTREAM_LOG_LEVEL; default info)")
+    return parent
+
+
+def build_parser(sides: Sequence[str] = SIDES) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="objstream",
+        description="Stream large files between sites over RabbitMQ, memory-flat and verified.",
+        epilog="examples:\n"
+        "  objstream consumer listen --site site-1 --dest /tmp/in --count 1\n"
+        "  objstream producer send-file --site server --to site-1 big.bin",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"objstream {_version()}")
+    commands = parser.add_subparsers(dest="side", required=True, metavar="{producer,consumer}")
+    parent = global_options()
+    for side in sides:
+        module = importlib.import_module(f"{side}.cli")
+        module.add_commands(commands, parent)
+    return parser
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    return load_settings(
+        url=args.url, namespace=args.namespace, log_level=args.log_level, **extra
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pika is chatty at INFO about connection internals.
+    logging.getLogger("pika").setLevel(logging.WARNING if level != "debug" else logging.INFO)
+
+
+def exit_code_for(error: ObjstreamError) -> int:
+    if isinstance(error, BrokerUnreachable | AuthenticationRefused):
+        return EXIT_BROKER
+    if isinstance(error, ConfigError):
+        return EXIT_USAGE
+    if isinstance(error, TimedOut):
+        return EXIT_TIMEOUT
+    if isinstance(error, SendFailed) and all(isinstance(f, TimedOut) for f in error.failures):
+        return EXIT_TIMEOUT
+    return EXIT_FAILED
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM so long-running commands can stop cleanly between batches."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("got signal %d, stopping", signum)
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int:
+    """Entry point of ``objstream``; returns the exit code."""
+    parser = build_parser(sides)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from(args, **args.settings_overrides(args))
+        configure_logging(settings.log_level)
+        handler: Handler = args.handler
+        return handler(args, settings)
+    except ObjstreamError as e:
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        print(f"objstream: error: {e}", file=sys.stderr)
+        return exit_code_for(e)
+    except OSError as e:
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        print(f"objstream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
+              file=sys.stderr)
+        return EXIT_FAILED
+
+
+def run(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> None:
+    sys.exit(main(argv, sides))

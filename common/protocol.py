@@ -1,0 +1,196 @@
+"""The objstream wire protocol, version 1: one frozen pydantic model per message type.
+
+Payload bytes travel raw in message bodies; everything else travels in the AMQP ``type`` property
+(the message type) and the ``headers`` table (the fields of the model below). See
+``docs/protocol.md`` for the full description a compatible peer needs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import pika
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import ErrorCode, ProtocolError
+from common.settings import MAX_CHUNK_SIZE, NAME_PATTERN
+
+PROTOCOL_VERSION = 1
+VERSION_HEADER = "objstream"
+REASON_HEADER = "x-objstream-reason"
+CONTENT_TYPE = "application/octet-stream"
+
+# Hard bounds on what a header may claim, whatever the settings say (STYLE.md 7).
+MAX_NAME_LENGTH = 1024
+MAX_OBJECT_BYTES = 2**62
+MAX_CHUNKS = 2**40
+
+StreamId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="uuid4 hex of the stream.")]
+SiteName = Annotated[str, Field(pattern=NAME_PATTERN, description="A site name.")]
+Seq = Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
+Count = Annotated[int, Field(ge=0, le=MAX_CHUNKS)]
+ByteCount = Annotated[int, Field(ge=0, le=MAX_OBJECT_BYTES)]
+
+
+class MessageType(StrEnum):
+    """Values of the AMQP ``type`` property."""
+
+    OFFER = "offer"
+    CHUNK = "chunk"
+    END = "end"
+    PROGRESS = "progress"
+    DONE = "done"
+    ABORT = "abort"
+
+
+class _Header(BaseModel):
+    """Common base: frozen, no unknown fields, carries the protocol version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    objstream: Literal[1] = Field(
+        PROTOCOL_VERSION, description="Protocol version; receivers refuse others."
+    )
+    stream_id: StreamId
+
+
+class Offer(_Header):
+    """Sender -> receiver inbox: a stream is coming on its data queue."""
+
+    kind: Literal["file"] = Field(description="What the stream carries.")
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="Sender's name for it.")
+    size: ByteCount = Field(description="Total content bytes.")
+    chunk_size: int = Field(ge=1, le=MAX_CHUNK_SIZE, description="Bytes per chunk (last may be less).")
+    chunk_count: Count = Field(description="Number of chunk messages, ceil(size / chunk_size).")
+    window: int = Field(ge=1, le=4096, description="Chunks the sender keeps in flight.")
+    sender: SiteName = Field(description="Sending site.")
+    target: SiteName = Field(description="Receiving site.")
+
+    @model_validator(mode="after")
+    def _count_matches_size(self) -> Offer:
+        expected = -(-self.size // self.chunk_size)
+        if self.chunk_count != expected:
+            raise ValueError(
+                f"chunk_count {self.chunk_count} != ceil(size {self.size} / chunk_size "
+                f"{self.chunk_size}) = {expected}"
+            )
+        return self
+
+    def chunk_length(self, seq: int) -> int:
+        """Exact body length of chunk ``seq``."""
+        return min(self.chunk_size, self.size - seq * self.chunk_size)
+
+
+class Chunk(_Header):
+    """Sender -> data queue: one piece of content; the body holds the raw bytes."""
+
+    seq: Seq = Field(description="0-based, contiguous chunk number.")
+    crc32: int = Field(ge=0, lt=2**32, description="zlib.crc32 of the body.")
+
+
+class End(_Header):
+    """Sender -> data queue, after the last chunk: what the whole must add up to."""
+
+    chunk_count: Count
+    size: ByteCount
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the content.")
+
+
+class Progress(_Header):
+    """Receiver -> sender's reply queue: chunks ``0 .. stored-1`` are written."""
+
+    site: SiteName
+    stored: Count = Field(description="Number of contiguous chunks durably written.")
+    resend_from: Count | None = Field(
+        None, description="Set when the receiver dropped a chunk (corrupt or ahead of a gap)."
+    )
+
+
+class Done(_Header):
+    """Receiver -> sender's reply queue: the verdict on the stream."""
+
+    site: SiteName
+    ok: bool
+    code: ErrorCode | None = Field(None, description="Why it failed, when ok is false.")
+    detail: str = Field("", max_length=2000)
+    stored_as: str | None = Field(None, max_length=4096, description="Final name in the dest.")
+
+
+class Abort(_Header):
+    """Sender -> data queue: the sender gave up; drop the partial object."""
+
+    reason: str = Field("", max_length=2000)
+
+
+Message = Offer | Chunk | End | Progress | Done | Abort
+
+MODELS: dict[MessageType, type[_Header]] = {
+    MessageType.OFFER: Offer,
+    MessageType.CHUNK: Chunk,
+    MessageType.END: End,
+    MessageType.PROGRESS: Progress,
+    MessageType.DONE: Done,
+    MessageType.ABORT: Abort,
+}
+TYPES: dict[type[_Header], MessageType] = {model: t for t, model in MODELS.items()}
+
+
+def new_stream_id() -> str:
+    """A fresh stream id (uuid4 hex)."""
+    return uuid.uuid4().hex
+
+
+def to_headers(message: _Header) -> dict[str, Any]:
+    """The AMQP headers table for ``message`` (None fields are left out)."""
+    return message.model_dump(mode="json", exclude_none=True)
+
+
+def parse(message_type: str | None, headers: Mapping[str, Any] | None) -> Message:
+    """Validate a received message's type and headers into its model.
+
+    Raises:
+        ProtocolError: missing/unknown type or version, or invalid headers; the text is the
+            reason recorded when the message is dead-lettered.
+    """
+    if not isinstance(headers, Mapping):
+        raise ProtocolError("no headers table")
+    version = headers.get(VERSION_HEADER)
+    if version is None:
+        raise ProtocolError("missing protocol version header 'objstream'")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unknown protocol version {version!r} (this peer speaks {PROTOCOL_VERSION})"
+        )
+    try:
+        kind = MessageType(message_type or "")
+    except ValueError:
+        raise ProtocolError(f"unknown message type {message_type!r}") from None
+    try:
+        return MODELS[kind].model_validate(dict(headers))  # type: ignore[return-value]
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or kind}: {err['msg']}" for err in e.errors()
+        )
+        raise ProtocolError(f"invalid {kind} headers: {problems}") from None
+
+
+def properties(
+    message: _Header,
+    *,
+    persistent: bool = True,
+    message_id: str | None = None,
+    reply_to: str | None = None,
+) -> pika.BasicProperties:
+    """AMQP properties carrying ``message`` (type, headers, ids)."""
+    return pika.BasicProperties(
+        type=TYPES[type(message)].value,
+        headers=to_headers(message),
+        message_id=message_id or message.stream_id,
+        correlation_id=message.stream_id,
+        reply_to=reply_to,
+        content_type=CONTENT_TYPE,
+        delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
+    )

@@ -1,0 +1,220 @@
+"""Reassembly of one stream, without I/O: feed it chunks and the end, get back what to do.
+
+Like h11's connection object: the transport only moves bytes. :class:`Reassembler` decides whether
+a chunk is to be written (and where), is a duplicate, is corrupt, or runs ahead of a gap; it keeps
+the running SHA-256 of the contiguous prefix and, at the end, the verdict. The caller writes the
+bytes it is told to write. Chunks are only ever taken in sequence order, so the digest is computed
+on the fly from the bodies and nothing is assembled out of order by mistake; a chunk that runs
+ahead of a gap is dropped and a resend is asked for (the sender keeps the source until the
+verdict, so it can always resend).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+from common.errors import ErrorCode, ProtocolError
+from common.protocol import End, Offer
+
+
+class State(StrEnum):
+    """Life cycle of a stream on the receiving side."""
+
+    OFFERED = "offered"
+    RECEIVING = "receiving"
+    VERIFYING = "verifying"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Event(StrEnum):
+    ACCEPT = "accept"
+    CHUNK = "chunk"
+    END = "end"
+    COMPLETE = "complete"  # every chunk stored and the end known
+    VERIFIED = "verified"
+    FAIL = "fail"
+
+
+# The legal transitions; anything else is "can't handle EVENT in state STATE".
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.OFFERED, Event.ACCEPT): State.RECEIVING,
+    (State.OFFERED, Event.FAIL): State.FAILED,
+    (State.RECEIVING, Event.CHUNK): State.RECEIVING,
+    (State.RECEIVING, Event.END): State.RECEIVING,
+    (State.RECEIVING, Event.COMPLETE): State.VERIFYING,
+    (State.RECEIVING, Event.FAIL): State.FAILED,
+    (State.VERIFYING, Event.VERIFIED): State.DONE,
+    (State.VERIFYING, Event.FAIL): State.FAILED,
+}
+
+
+class ChunkVerdict(Enum):
+    """What the caller must do with a chunk."""
+
+    WRITE = "write"  # write the body at ``offset``; it is counted and hashed already
+    DUPLICATE = "duplicate"  # already stored; ack and drop
+    AHEAD = "ahead"  # beyond a gap; drop, and ask for a resend if ``resend_from`` is set
+    CORRUPT = "corrupt"  # CRC mismatch; dead-letter, ask for a resend if ``resend_from`` is set
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    verdict: ChunkVerdict
+    offset: int = 0
+    resend_from: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a stream failed, as it goes into the ``done`` message."""
+
+    code: ErrorCode
+    detail: str
+
+
+class Reassembler:
+    """The receiving state of one stream described by an :class:`Offer`."""
+
+    def __init__(self, offer: Offer) -> None:
+        self.offer = offer
+        self.state = State.OFFERED
+        self.stored = 0  # chunks 0 .. stored-1 are written
+        self.stored_bytes = 0
+        self.end: End | None = None
+        self.failure: Failure | None = None
+        self._sha = hashlib.sha256()
+        self._resend_asked_at: int | None = None
+
+    def _apply(self, event: Event) -> None:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise ProtocolError(
+                f"stream {self.offer.stream_id}: can't handle {event} in state {self.state}"
+            ) from None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (State.DONE, State.FAILED)
+
+    def accept(self) -> None:
+        self._apply(Event.ACCEPT)
+
+    def chunk(self, seq: int, crc32: int, body: bytes | memoryview) -> ChunkOutcome:
+        """Judge chunk ``seq``; on WRITE it has been counted and hashed.
+
+        Raises:
+            ProtocolError: the stream is not receiving, the seq is beyond the announced count, or
+                the body length is not what the offer implies for that seq.
+        """
+        self._apply(Event.CHUNK)
+        offer = self.offer
+        if seq >= offer.chunk_count:
+            raise ProtocolError(
+                f"chunk {seq} of stream {offer.stream_id}: beyond the announced "
+                f"{offer.chunk_count} chunks"
+            )
+        if seq < self.stored:
+            return ChunkOutcome(ChunkVerdict.DUPLICATE)
+        expected_len = offer.chunk_length(seq)
+        if len(body) != expected_len:
+            raise ProtocolError(
+                f"chunk {seq} of stream {offer.stream_id}: {len(body)} bytes != expected "
+                f"{expected_len}"
+            )
+        if seq > self.stored:
+            return ChunkOutcome(
+                ChunkVerdict.AHEAD,
+                resend_from=self._ask_resend(),
+                detail=f"chunk {seq} ahead of missing chunk {self.stored}",
+            )
+        actual = zlib.crc32(body)
+        if actual != crc32:
+            return ChunkOutcome(
+                ChunkVerdict.CORRUPT,
+                resend_from=self._ask_resend(),
+                detail=f"chunk {seq} of stream {offer.stream_id}: crc32 {actual:#010x} != "
+                f"{crc32:#010x}",
+            )
+        self._sha.update(body)
+        offset = seq * offer.chunk_size
+        self.stored += 1
+        self.stored_bytes += expected_len
+        self._resend_asked_at = None
+        return ChunkOutcome(ChunkVerdict.WRITE, offset=offset)
+
+    def _ask_resend(self) -> int | None:
+        # One request per gap position; the sender's own silence timer covers a lost request.
+        if self._resend_asked_at == self.stored:
+            return None
+        self._resend_asked_at = self.stored
+        return self.stored
+
+    def record_end(self, end: End) -> None:
+        """Take the sender's end message (a repeat with the same values is fine).
+
+        Raises:
+            ProtocolError: it contradicts the offer or an earlier end.
+        """
+        self._apply(Event.END)
+        offer = self.offer
+        if end.chunk_count != offer.chunk_count or end.size != offer.size:
+            raise ProtocolError(
+                f"end of stream {offer.stream_id}: {end.chunk_count} chunks / {end.size} bytes "
+                f"!= offered {offer.chunk_count} / {offer.size}"
+            )
+        if self.end is not None and self.end != end:
+            raise ProtocolError(f"end of stream {offer.stream_id}: differs from the first end")
+        self.end = end
+
+    @property
+    def complete(self) -> bool:
+        """Every chunk is stored and the end is known: time to verify."""
+        return (
+            self.state == State.RECEIVING
+            and self.end is not None
+            and self.stored == self.offer.chunk_count
+        )
+
+    def verify(self) -> Failure | None:
+        """Check size and SHA-256 of the stored content against the end.
+
+        On success the stream is VERIFYING until the caller has committed it (:meth:`mark_done`);
+        on failure it is FAILED and the failure is returned.
+        """
+        self._apply(Event.COMPLETE)
+        assert self.end is not None
+        failure: Failure | None = None
+        digest = self._sha.hexdigest()
+        if self.stored_bytes != self.end.size:
+            failure = Failure(
+                ErrorCode.SIZE, f"stored {self.stored_bytes} bytes != announced {self.end.size}"
+            )
+        elif digest != self.end.sha256:
+            failure = Failure(
+                ErrorCode.CHECKSUM,
+                f"stream {self.offer.stream_id}: sha256 {digest} != announced {self.end.sha256}",
+            )
+        if failure is not None:
+            self.fail(failure)
+        return failure
+
+    def mark_done(self) -> None:
+        """The verified content is committed under its final name."""
+        self._apply(Event.VERIFIED)
+
+    def fail(self, failure: Failure) -> None:
+        """Mark the stream failed (no-op if it already ended)."""
+        if self.finished:
+            return
+        self._apply(Event.FAIL)
+        self.failure = failure
+
+    @property
+    def sha256(self) -> str:
+        return self._sha.hexdigest()

@@ -1,0 +1,156 @@
+"""The one settings object, read from ``OBJSTREAM_*`` environment variables and CLI options.
+
+Nothing reads the environment at import time: :class:`Settings` is built in ``main()`` (or by the
+caller of the Python API) and passed down.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common.errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/%2F"
+
+# RabbitMQ 4 caps a message at 16 MiB by default; stay well below it (STYLE.md 11).
+MAX_CHUNK_SIZE = 8 * MiB
+
+_SIZE = TypeAdapter(ByteSize)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a size such as ``256KiB``, ``4MiB`` or ``1048576`` into bytes.
+
+    Raises:
+        ConfigError: the text is not a size.
+    """
+    try:
+        return int(_SIZE.validate_python(text))
+    except ValidationError as e:
+        raise ConfigError(f"not a size: {text!r} (use bytes, or a unit as in 256KiB, 4MiB)") from e
+
+
+def check_chunk_size(size: int) -> int:
+    """Return ``size`` if it is a usable chunk size.
+
+    Raises:
+        ConfigError: outside 1 byte .. :data:`MAX_CHUNK_SIZE`.
+    """
+    if not 1 <= size <= MAX_CHUNK_SIZE:
+        raise ConfigError(f"chunk size {size} outside 1 B .. {MAX_CHUNK_SIZE} B")
+    return size
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***``, for logs and error lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username or ''}:***@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class Settings(BaseSettings):
+    """Everything an objstream process can be configured with.
+
+    Each field is also an environment variable: ``OBJSTREAM_`` + the field name in capitals
+    (``OBJSTREAM_URL``, ``OBJSTREAM_CHUNK_SIZE=4MiB``...).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="OBJSTREAM_", extra="ignore", frozen=True)
+
+    url: str = Field(DEFAULT_URL, description="AMQP URL of the broker.")
+    namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
+        "objstream",
+        description="Prefix of every exchange and queue objstream declares; separates deployments.",
+    )
+    chunk_size: ByteSize = Field(ByteSize(MiB), description="Bytes per chunk message.")
+    window: int = Field(
+        32, ge=1, le=4096, description="Chunks in flight beyond what the receiver stored."
+    )
+    timeout: float = Field(
+        60.0, gt=0, description="Seconds without progress after which a transfer fails."
+    )
+    resend_after: float = Field(
+        5.0, gt=0, description="Seconds of silence after which the sender resends unconfirmed chunks."
+    )
+    persistent_chunks: bool = Field(
+        False, description="Publish chunk messages as persistent (delivery_mode 2)."
+    )
+    max_object_size: ByteSize = Field(
+        ByteSize(TiB), description="Largest object a receiver accepts or a sender offers."
+    )
+    max_streams: int = Field(
+        8, ge=1, le=1024, description="Streams a receiver works on at once (more offers wait)."
+    )
+    stream_ttl: float = Field(
+        3600.0, gt=0, description="Seconds an unused data queue lives before the broker drops it."
+    )
+    heartbeat: int = Field(60, ge=0, description="AMQP heartbeat in seconds.")
+    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+
+    @field_validator("chunk_size", "max_object_size", mode="before")
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _chunk_bounds(cls, value: ByteSize) -> ByteSize:
+        try:
+            check_chunk_size(value)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError(f"unknown log level {value!r}")
+        return value
+
+    @property
+    def masked_url(self) -> str:
+        """The broker URL with its password masked, safe to log."""
+        return mask_url(self.url)
+
+    def __repr_args__(self) -> Any:
+        # Keep the password out of reprs that may end up in logs or tracebacks.
+        for key, value in super().__repr_args__():
+            yield key, (mask_url(value) if key == "url" else value)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment, with explicit ``overrides`` on top.
+
+    ``None`` overrides are ignored, so CLI options that were not given keep the env/defaults.
+
+    Raises:
+        ConfigError: a value is invalid; the message names the setting.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+        )
+        raise ConfigError(f"invalid setting: {problems}") from e

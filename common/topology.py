@@ -1,0 +1,87 @@
+"""Exchange and queue names, and their declarations (DESIGN.md section 2).
+
+Every name carries the namespace prefix, so two deployments (or two test runs) on one broker never
+see each other's messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.settings import Settings
+
+# The dead-letter queue keeps the newest messages up to these bounds; it never grows unbounded.
+DEAD_MAX_LENGTH = 10_000
+DEAD_MAX_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and arguments of everything objstream declares under one namespace."""
+
+    namespace: str
+    stream_ttl_ms: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Topology:
+        return cls(settings.namespace, int(settings.stream_ttl * 1000))
+
+    @property
+    def exchange(self) -> str:
+        """The durable direct exchange every objstream message goes through."""
+        return self.namespace
+
+    @property
+    def dead(self) -> str:
+        """Name of both the dead-letter exchange and its queue."""
+        return f"{self.namespace}.dead"
+
+    def inbox(self, site: str) -> str:
+        return f"{self.namespace}.site.{site}"
+
+    @staticmethod
+    def inbox_key(site: str) -> str:
+        return f"site.{site}"
+
+    def data_queue(self, stream_id: str) -> str:
+        return f"{self.namespace}.stream.{stream_id}"
+
+    @staticmethod
+    def data_key(stream_id: str) -> str:
+        return f"stream.{stream_id}"
+
+    def declare_base(self, channel: Any) -> None:
+        """Declare the exchange and the dead-letter exchange and queue."""
+        channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
+        channel.exchange_declare(self.dead, exchange_type="fanout", durable=True)
+        channel.queue_declare(
+            self.dead,
+            durable=True,
+            arguments={
+                "x-max-length": DEAD_MAX_LENGTH,
+                "x-max-length-bytes": DEAD_MAX_BYTES,
+                "x-overflow": "drop-head",
+            },
+        )
+        channel.queue_bind(self.dead, self.dead)
+
+    def declare_inbox(self, channel: Any, site: str) -> str:
+        """Declare and bind the inbox of ``site``; returns its name."""
+        name = self.inbox(site)
+        channel.queue_declare(name, durable=True)
+        channel.queue_bind(name, self.exchange, routing_key=self.inbox_key(site))
+        return name
+
+    def declare_data_queue(self, channel: Any, stream_id: str) -> str:
+        """Declare and bind the data queue of a stream; it expires when unused for the TTL."""
+        name = self.data_queue(stream_id)
+        channel.queue_declare(name, durable=True, arguments={"x-expires": self.stream_ttl_ms})
+        channel.queue_bind(name, self.exchange, routing_key=self.data_key(stream_id))
+        return name
+
+    @staticmethod
+    def declare_reply_queue(channel: Any) -> str:
+        """Declare this process's private reply queue (exclusive, server-named)."""
+        result = channel.queue_declare("", exclusive=True, auto_delete=True)
+        return str(result.method.queue)

@@ -1,0 +1,88 @@
+"""Where a received file's bytes go: a partial file, written in place, then committed atomically."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+
+from common.naming import candidate_names, confined, partial_name
+
+log = logging.getLogger(__name__)
+
+
+class DestinationFull(OSError):
+    """No candidate final name was free."""
+
+
+class PartialFile:
+    """A stream's bytes, written with ``pwrite`` into ``DEST/.objstream-<id>.part``.
+
+    Nothing appears under a final name until :meth:`commit`, which fsyncs, links the partial file
+    to the first free candidate name (``os.link`` fails rather than overwrite, so even a racing
+    writer cannot be clobbered) and removes the partial name.
+    """
+
+    def __init__(self, dest: Path, stream_id: str, size: int) -> None:
+        self.dest = dest.resolve()
+        self.path = self.dest / partial_name(stream_id)
+        self.size = size
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        self._fd = os.open(self.path, flags, 0o600)
+        try:
+            if size:
+                # Reserve the space now: a full disk is refused at the start, not at 90 %.
+                try:
+                    os.posix_fallocate(self._fd, 0, size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def commit(self, base_name: str) -> Path:
+        """Make the content durable and give it its final name; returns the final path."""
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        # Partial files are private while incomplete; the final file gets the usual mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.path, 0o666 & ~umask)
+        for name in candidate_names(base_name):
+            final = confined(self.dest, name)
+            try:
+                os.link(self.path, final, follow_symlinks=False)
+            except FileExistsError:
+                continue
+            os.unlink(self.path)
+            _fsync_dir(self.dest)
+            return final
+        raise DestinationFull(errno.EEXIST, f"no free name for {base_name!r} in {self.dest}")
+
+    def discard(self) -> None:
+        """Close and remove the partial file."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

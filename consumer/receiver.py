@@ -1,0 +1,382 @@
+"""``Receiver``: the receiving side of a site. Takes offers from the site's inbox and streams in.
+
+One receiver holds one connection and works in the thread that calls :meth:`Receiver.receive`.
+Each accepted stream gets its own channel on its data queue (prefetch = the sender's window), so
+acks always go to the channel that delivered. Chunks are judged by the pure
+:class:`common.reassembly.Reassembler` and written by :class:`consumer.file_sink.PartialFile`; the
+receiver only moves bytes and messages between them and the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from common.broker import connect, dead_letter
+from common.errors import BrokerUnreachable, ConfigError, ErrorCode, ProtocolError, TransferFailed
+from common.naming import safe_basename
+from common.protocol import Abort, Chunk, Done, End, Offer, Progress, parse, properties
+from common.reassembly import ChunkVerdict, Failure, Reassembler
+from common.settings import NAME_PATTERN, Settings
+from common.topology import Topology
+from consumer.file_sink import PartialFile
+
+log = logging.getLogger(__name__)
+
+RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
+FLUSH_INTERVAL = 0.05  # seconds: acks/progress never wait longer than this
+
+
+@dataclass(frozen=True)
+class Received:
+    """An object that arrived and was verified."""
+
+    stream_id: str
+    kind: str
+    name: str
+    """The name the sender gave it."""
+    path: Path
+    """Where it is stored (the sanitized base name, maybe with a ``-N`` suffix)."""
+    size: int
+    sha256: str
+    sender: str
+
+
+@dataclass
+class _Stream:
+    offer: Offer
+    reply_to: str
+    reassembler: Reassembler
+    sink: PartialFile
+    channel: Any = None
+    consumer_tag: str = ""
+    last_activity: float = field(default_factory=time.monotonic)
+    last_flush: float = field(default_factory=time.monotonic)
+    unacked_tag: int = 0  # highest delivery tag not yet acked (0: none)
+    reported: int = 0
+    closing: bool = False
+
+    @property
+    def report_every(self) -> int:
+        return max(1, self.offer.window // 4)
+
+
+class Receiver:
+    """Receives the objects streamed to ``site`` into the directory ``dest``.
+
+    Use :meth:`receive` (or iterate) to get each object as it completes::
+
+        with Receiver("site-1", "/data/in", settings) as receiver:
+            item = receiver.receive(timeout=60)
+
+    A stream that fails raises :class:`TransferFailed` from :meth:`receive`; the receiver itself
+    goes on and can be asked for the next object.
+    """
+
+    def __init__(self, site: str, dest: str | Path, settings: Settings | None = None) -> None:
+        if not re.match(NAME_PATTERN, site):
+            raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
+        self.settings = settings or Settings()
+        self.site = site
+        self.dest = Path(dest)
+        self.dest.mkdir(parents=True, exist_ok=True)
+        if not self.dest.is_dir():
+            raise ConfigError(f"destination {self.dest} is not a directory")
+        self.topology = Topology.from_settings(self.settings)
+        self._streams: dict[str, _Stream] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._outcomes: deque[Received | TransferFailed] = deque()
+        self._connection = connect(self.settings, f"objstream consumer {site}")
+        try:
+            self._control = self._connection.channel()
+            self.topology.declare_base(self._control)
+            self._inbox = self.topology.declare_inbox(self._control, site)
+            self._inbox_channel = self._connection.channel()
+            # One offer at a time, acked once accepted: the limit on streams is exact.
+            self._inbox_channel.basic_qos(prefetch_count=1)
+            self._inbox_tag: str | None = None
+            self._resume_inbox()
+        except BaseException:
+            self._connection.close()
+            raise
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def receive(self, timeout: float | None = None) -> Received | None:
+        """Wait for the next object to complete; ``None`` if none did within ``timeout`` s.
+
+        Raises:
+            TransferFailed: the next stream to end failed (the partial file is gone).
+            BrokerUnreachable: the broker connection was lost.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while not self._outcomes:
+                wait = 0.2
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return None
+                self._connection.process_data_events(time_limit=wait)
+                self._housekeeping()
+        except pika.exceptions.AMQPError as e:
+            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+        outcome = self._outcomes.popleft()
+        if isinstance(outcome, TransferFailed):
+            raise outcome
+        return outcome
+
+    def __iter__(self) -> Receiver:
+        return self
+
+    def __next__(self) -> Received:
+        item = self.receive()
+        assert item is not None  # no timeout: receive() only returns with an object
+        return item
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    def close(self) -> None:
+        """Stop: streams in progress fail (their senders are told), the connection closes."""
+        try:
+            if self._connection.is_open:
+                for stream in list(self._streams.values()):
+                    self._fail(stream, ErrorCode.ABORTED, f"receiver of site {self.site} shut down")
+                self._housekeeping()
+                self._connection.close()
+        except pika.exceptions.AMQPError:
+            log.debug("connection already gone while closing", exc_info=True)
+        finally:
+            for stream in self._streams.values():
+                stream.sink.discard()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- inbox ------------------------------------------------------------------------------------
+
+    def _resume_inbox(self) -> None:
+        if self._inbox_tag is None and len(self._streams) < self.settings.max_streams:
+            self._inbox_tag = self._inbox_channel.basic_consume(self._inbox, self._on_offer)
+
+    def _pause_inbox(self) -> None:
+        if self._inbox_tag is not None:
+            self._inbox_channel.basic_cancel(self._inbox_tag)
+            self._inbox_tag = None
+
+    def _on_offer(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        if len(self._streams) >= self.settings.max_streams:
+            channel.basic_nack(method.delivery_tag, requeue=True)  # wait for a free slot
+            self._pause_inbox()
+            return
+        try:
+            self._take_offer(props, body)
+        finally:
+            channel.basic_ack(method.delivery_tag)
+        if len(self._streams) >= self.settings.max_streams:
+            self._pause_inbox()
+
+    def _take_offer(self, props: Any, body: bytes) -> None:
+        try:
+            offer = parse(props.type, props.headers)
+            if not isinstance(offer, Offer):
+                raise ProtocolError(f"unexpected {props.type} message on inbox {self._inbox}")
+            if offer.target != self.site:
+                raise ProtocolError(f"offer for site {offer.target!r} on the inbox of {self.site!r}")
+            if not isinstance(props.reply_to, str) or not props.reply_to:
+                raise ProtocolError("offer without reply_to")
+            if body:
+                raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
+        except ProtocolError as e:
+            dead_letter(self._control, self.topology, props, body, str(e))
+            return
+        sid = offer.stream_id
+        if sid in self._streams or sid in self._recent:
+            log.debug("duplicate offer for stream %s ignored", sid)
+            return
+        if offer.size > self.settings.max_object_size:
+            self._reply_refusal(
+                offer, props.reply_to, ErrorCode.TOO_LARGE,
+                f"{offer.size} bytes exceed site {self.site}'s limit of "
+                f"{int(self.settings.max_object_size)} bytes",
+            )
+            return
+        try:
+            sink = PartialFile(self.dest, sid, offer.size)
+        except OSError as e:
+            self._reply_refusal(
+                offer, props.reply_to, ErrorCode.IO,
+                f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}",
+            )
+            return
+        stream = _Stream(offer, props.reply_to, Reassembler(offer), sink)
+        stream.reassembler.accept()
+        stream.channel = self._connection.channel()
+        stream.channel.basic_qos(prefetch_count=offer.window)
+        queue = self.topology.declare_data_queue(stream.channel, sid)
+        stream.consumer_tag = stream.channel.basic_consume(queue, partial(self._on_data, stream))
+        self._streams[sid] = stream
+        log.info(
+            "receiving %s %r (%d bytes) from %s as stream %s",
+            offer.kind, offer.name, offer.size, offer.sender, sid,
+        )
+        self._send_progress(stream)  # first contact: the sender may resend from here on
+
+    def _reply_refusal(self, offer: Offer, reply_to: str, code: ErrorCode, detail: str) -> None:
+        log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
+        done = Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail)
+        self._control.basic_publish("", reply_to, b"", properties(done))
+        self._remember(offer.stream_id)
+
+    # -- data -------------------------------------------------------------------------------------
+
+    def _on_data(self, stream: _Stream, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        stream.last_activity = time.monotonic()
+        stream.unacked_tag = method.delivery_tag
+        if stream.reassembler.finished:
+            return  # a late duplicate (a resent end, say); acked with the rest
+        try:
+            message = parse(props.type, props.headers)
+            if message.stream_id != stream.offer.stream_id:
+                raise ProtocolError(
+                    f"message for stream {message.stream_id} on the data queue of "
+                    f"{stream.offer.stream_id}"
+                )
+            if isinstance(message, Chunk):
+                self._on_chunk(stream, message, props, body)
+            elif isinstance(message, End):
+                stream.reassembler.record_end(message)
+            elif isinstance(message, Abort):
+                self._fail(stream, ErrorCode.ABORTED, f"sender gave up: {message.reason}")
+                return
+            else:
+                raise ProtocolError(f"unexpected {props.type} message on a data queue")
+        except ProtocolError as e:
+            dead_letter(self._control, self.topology, props, body, str(e))
+        if stream.reassembler.finished:
+            return
+        if stream.reassembler.complete:
+            self._finish(stream)
+        elif stream.reassembler.stored - stream.reported >= stream.report_every:
+            self._flush(stream)
+
+    def _on_chunk(self, stream: _Stream, chunk: Chunk, props: Any, body: bytes) -> None:
+        outcome = stream.reassembler.chunk(chunk.seq, chunk.crc32, body)
+        if outcome.verdict is ChunkVerdict.WRITE:
+            try:
+                stream.sink.write(outcome.offset, body)
+            except OSError as e:
+                self._fail(stream, ErrorCode.IO, f"writing {stream.sink.path}: {e.strerror or e}")
+            return
+        if outcome.verdict is ChunkVerdict.CORRUPT:
+            dead_letter(self._control, self.topology, props, body, outcome.detail)
+        elif outcome.verdict is ChunkVerdict.AHEAD:
+            log.debug("stream %s: %s", stream.offer.stream_id, outcome.detail)
+        if outcome.resend_from is not None:
+            self._send_progress(stream, resend_from=outcome.resend_from)
+
+    def _flush(self, stream: _Stream) -> None:
+        """Ack what was delivered (all of it is stored or judged), then report progress."""
+        if stream.unacked_tag:
+            stream.channel.basic_ack(stream.unacked_tag, multiple=True)
+            stream.unacked_tag = 0
+        if stream.reassembler.stored != stream.reported:
+            self._send_progress(stream)
+        stream.last_flush = time.monotonic()
+
+    def _send_progress(self, stream: _Stream, resend_from: int | None = None) -> None:
+        stored = stream.reassembler.stored
+        progress = Progress(
+            stream_id=stream.offer.stream_id, site=self.site, stored=stored, resend_from=resend_from
+        )
+        self._control.basic_publish("", stream.reply_to, b"", properties(progress, persistent=False))
+        stream.reported = stored
+
+    def _finish(self, stream: _Stream) -> None:
+        failure = stream.reassembler.verify()
+        path = None
+        if failure is None:
+            try:
+                path = stream.sink.commit(safe_basename(stream.offer.name))
+            except OSError as e:
+                failure = Failure(ErrorCode.IO, f"committing into {self.dest}: {e.strerror or e}")
+                stream.reassembler.fail(failure)
+        if failure is not None or path is None:
+            assert failure is not None
+            self._fail(stream, failure.code, failure.detail)
+            return
+        stream.reassembler.mark_done()
+        offer = stream.offer
+        log.info("stored %r from %s as %s (%d bytes)", offer.name, offer.sender, path, offer.size)
+        self._end(
+            stream,
+            Done(stream_id=offer.stream_id, site=self.site, ok=True, stored_as=path.name),
+            Received(offer.stream_id, offer.kind, offer.name, path, offer.size,
+                     stream.reassembler.sha256, offer.sender),
+        )
+
+    def _fail(self, stream: _Stream, code: ErrorCode, detail: str) -> None:
+        stream.reassembler.fail(Failure(code, detail))
+        stream.sink.discard()
+        log.warning("stream %s from %s failed (%s): %s",
+                    stream.offer.stream_id, stream.offer.sender, code, detail)
+        offer = stream.offer
+        self._end(
+            stream,
+            Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail),
+            TransferFailed(offer.sender, offer.stream_id, code, detail),
+        )
+
+    def _end(self, stream: _Stream, done: Done, outcome: Received | TransferFailed) -> None:
+        if stream.unacked_tag:
+            stream.channel.basic_ack(stream.unacked_tag, multiple=True)
+            stream.unacked_tag = 0
+        self._control.basic_publish("", stream.reply_to, b"", properties(done))
+        stream.closing = True  # the channel is closed outside its own callback
+        self._outcomes.append(outcome)
+
+    def _remember(self, stream_id: str) -> None:
+        self._recent[stream_id] = None
+        while len(self._recent) > RECENT_STREAMS:
+            self._recent.popitem(last=False)
+
+    # -- between event batches --------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for sid, stream in list(self._streams.items()):
+            if not stream.closing:
+                if now - stream.last_activity > self.settings.timeout:
+                    self._fail(
+                        stream, ErrorCode.TIMEOUT,
+                        f"no data from {stream.offer.sender} for {self.settings.timeout:g} s",
+                    )
+                elif stream.unacked_tag and now - stream.last_flush > FLUSH_INTERVAL:
+                    self._flush(stream)
+            if stream.closing:
+                del self._streams[sid]
+                self._remember(sid)
+                if stream.channel.is_open:
+                    stream.channel.close()
+                self._control.queue_delete(self.topology.data_queue(sid))
+        self._resume_inbox()

@@ -1,0 +1,315 @@
+"""The sending half of a stream: offer, windowed chunks, end, and the receiver's verdict.
+
+One :class:`StreamSender` drives one source to one or more target sites on one connection (its
+thread's). For each target it keeps a cursor; it never has more than ``window`` chunks published
+beyond what that target reported stored, so a slow target costs nothing but its window, and the
+source is read (not buffered) again for each target. If a target goes silent it resends from the
+last stored chunk; if it stays silent for ``timeout`` seconds, that target fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+
+from common.broker import dead_letter
+from common.errors import (
+    BrokerUnreachable,
+    ErrorCode,
+    ObjectTooLarge,
+    ProtocolError,
+    SendFailed,
+    TimedOut,
+    TransferFailed,
+)
+from common.protocol import (
+    Abort,
+    Chunk,
+    Done,
+    End,
+    Offer,
+    Progress,
+    new_stream_id,
+    parse,
+    properties,
+)
+from common.settings import Settings
+from common.topology import Topology
+from producer.sources import ChunkSource
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """How the stream to one target ended."""
+
+    site: str
+    stream_id: str
+    ok: bool
+    size: int
+    sha256: str
+    stored_as: str | None = None
+    error: TransferFailed | None = None
+
+
+@dataclass
+class _Cursor:
+    """Sending state toward one target."""
+
+    site: str
+    stream_id: str
+    next_seq: int = 0
+    stored: int = 0
+    end_sent: bool = False
+    contacted: bool = False
+    last_progress: float = field(default_factory=time.monotonic)
+    last_resend: float = 0.0
+    finished: bool = False
+    stored_as: str | None = None
+    error: TransferFailed | None = None
+
+
+class _SharedDigest:
+    """One SHA-256 of the source, fed by whichever cursor first reads each chunk in order.
+
+    Every cursor reads chunks 0..n-1 in order at least once (resends only go back), so the
+    leading cursor always reads the next unhashed chunk: the source is hashed once, however many
+    targets there are.
+    """
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self.hashed = 0
+
+    def feed(self, seq: int, data: bytes) -> None:
+        if seq == self.hashed:
+            self._sha.update(data)
+            self.hashed += 1
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+class StreamSender:
+    """Sends sources to target sites over one connection."""
+
+    def __init__(self, connection: Any, settings: Settings, site: str) -> None:
+        self.settings = settings
+        self.site = site
+        self.topology = Topology.from_settings(settings)
+        self._connection = connection
+        self._channel = connection.channel()
+        self.topology.declare_base(self._channel)
+        self._reply_queue = self.topology.declare_reply_queue(self._channel)
+        self._cursors: dict[str, _Cursor] = {}
+        self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
+
+    def send(
+        self,
+        source: ChunkSource,
+        targets: Sequence[str],
+        *,
+        timeout: float | None = None,
+        window: int | None = None,
+    ) -> list[TargetResult]:
+        """Stream ``source`` to every target; return when each has a verdict.
+
+        Raises:
+            SendFailed: at least one target failed (every outcome is in ``results``).
+            ObjectTooLarge: the source exceeds ``max_object_size``.
+            BrokerUnreachable: the broker connection was lost.
+        """
+        if source.size > self.settings.max_object_size:
+            raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
+        if not targets:
+            raise ValueError("no target sites given")
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"target sites repeat: {list(targets)}")
+        try:
+            return self._send(source, list(targets), timeout or self.settings.timeout,
+                              window or self.settings.window)
+        except pika.exceptions.AMQPError as e:
+            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+        finally:
+            self._cursors.clear()
+
+    def _send(
+        self, source: ChunkSource, targets: list[str], timeout: float, window: int
+    ) -> list[TargetResult]:
+        digest = _SharedDigest()
+        cursors = []
+        for target in targets:
+            cursor = _Cursor(target, new_stream_id())
+            self._cursors[cursor.stream_id] = cursor
+            cursors.append(cursor)
+            self._offer(source, cursor, timeout, window)
+        log.info(
+            "streaming %s %r (%d bytes, %d chunks) to %s",
+            source.kind, source.name, source.size, source.chunk_count, ", ".join(targets),
+        )
+        while True:
+            active = [c for c in cursors if not c.finished]
+            if not active:
+                break
+            now = time.monotonic()
+            for cursor in active:
+                self._pump(source, cursor, digest, window)
+                self._check_silence(cursor, now, timeout)
+            can_send = any(
+                not c.finished and c.next_seq < min(source.chunk_count, c.stored + window)
+                for c in cursors
+            )
+            self._connection.process_data_events(time_limit=0 if can_send else 0.05)
+
+        sha256 = digest.hexdigest() if digest.hashed == source.chunk_count else ""
+        results = [
+            TargetResult(c.site, c.stream_id, c.error is None, source.size, sha256, c.stored_as,
+                         c.error)
+            for c in cursors
+        ]
+        failures = [r.error for r in results if r.error is not None]
+        if failures:
+            raise SendFailed(failures, list(results))
+        return results
+
+    # -- per target -----------------------------------------------------------------------------
+
+    def _offer(
+        self, source: ChunkSource, cursor: _Cursor, timeout: float, window: int
+    ) -> None:
+        self.topology.declare_inbox(self._channel, cursor.site)
+        self.topology.declare_data_queue(self._channel, cursor.stream_id)
+        offer = Offer(
+            stream_id=cursor.stream_id,
+            kind=source.kind,  # type: ignore[arg-type]
+            name=source.name,
+            size=source.size,
+            chunk_size=source.chunk_size,
+            chunk_count=source.chunk_count,
+            window=window,
+            sender=self.site,
+            target=cursor.site,
+        )
+        props = properties(offer, reply_to=self._reply_queue)
+        # An offer nobody took within the timeout is void: the sender has given up by then.
+        props.expiration = str(int(timeout * 1000))
+        self._channel.basic_publish(
+            self.topology.exchange, self.topology.inbox_key(cursor.site), b"", props
+        )
+
+    def _pump(self, source: ChunkSource, cursor: _Cursor, digest: _SharedDigest, window: int) -> None:
+        """Publish what the window allows, then the end once every chunk went out."""
+        count = source.chunk_count
+        limit = min(count, cursor.stored + window)
+        key = self.topology.data_key(cursor.stream_id)
+        persistent = self.settings.persistent_chunks
+        while cursor.next_seq < limit:
+            seq = cursor.next_seq
+            data = source.read_chunk(seq)
+            digest.feed(seq, data)
+            header = Chunk(stream_id=cursor.stream_id, seq=seq, crc32=zlib.crc32(data))
+            props = properties(
+                header, persistent=persistent, message_id=f"{cursor.stream_id}:{seq}"
+            )
+            self._channel.basic_publish(self.topology.exchange, key, data, props)
+            cursor.next_seq = seq + 1
+        if cursor.next_seq == count and not cursor.end_sent:
+            assert digest.hashed == count
+            end = End(
+                stream_id=cursor.stream_id,
+                chunk_count=count,
+                size=source.size,
+                sha256=digest.hexdigest(),
+            )
+            self._channel.basic_publish(self.topology.exchange, key, b"", properties(end))
+            cursor.end_sent = True
+
+    def _check_silence(self, cursor: _Cursor, now: float, timeout: float) -> None:
+        silent = now - cursor.last_progress
+        if silent > timeout:
+            detail = "" if cursor.contacted else f"site {cursor.site!r} never took the offer"
+            self._finish_failed(cursor, TimedOut(cursor.site, cursor.stream_id, timeout, detail))
+            return
+        # Resend only once the receiver is known to read: before that the chunks wait in the
+        # durable data queue and resending would only pile up duplicates.
+        resend_after = self.settings.resend_after
+        if (
+            cursor.contacted
+            and silent > resend_after
+            and now - cursor.last_resend > resend_after
+        ):
+            log.info(
+                "no progress from %s for %.1f s; resending stream %s from chunk %d",
+                cursor.site, silent, cursor.stream_id, cursor.stored,
+            )
+            self._rewind(cursor, cursor.stored)
+            cursor.last_resend = now
+
+    @staticmethod
+    def _rewind(cursor: _Cursor, seq: int) -> None:
+        """Resend from chunk ``seq``, and the end after it (a duplicate end is harmless)."""
+        cursor.next_seq = min(cursor.next_seq, seq)
+        cursor.end_sent = False
+
+    def _finish_failed(self, cursor: _Cursor, error: TransferFailed) -> None:
+        log.warning("%s", error)
+        abort = Abort(stream_id=cursor.stream_id, reason=str(error))
+        self._channel.basic_publish(
+            self.topology.exchange, self.topology.data_key(cursor.stream_id), b"", properties(abort)
+        )
+        cursor.error = error
+        cursor.finished = True
+
+    # -- replies ----------------------------------------------------------------------------------
+
+    def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        try:
+            message = parse(props.type, props.headers)
+        except ProtocolError as e:
+            dead_letter(channel, self.topology, props, body, str(e))
+            return
+        cursor = self._cursors.get(message.stream_id)
+        if cursor is None or cursor.finished:
+            log.debug("ignoring %s for stream %s (not in flight)", props.type, message.stream_id)
+            return
+        if isinstance(message, Progress):
+            self._on_progress(cursor, message)
+        elif isinstance(message, Done):
+            self._on_done(cursor, message)
+        else:
+            dead_letter(channel, self.topology, props, body, f"unexpected {props.type} on a reply queue")
+
+    def _on_progress(self, cursor: _Cursor, progress: Progress) -> None:
+        cursor.contacted = True
+        if progress.stored > cursor.stored:
+            cursor.stored = progress.stored
+        cursor.last_progress = time.monotonic()
+        if progress.resend_from is not None:
+            log.info(
+                "site %s asks to resend stream %s from chunk %d",
+                cursor.site, cursor.stream_id, progress.resend_from,
+            )
+            self._rewind(cursor, max(progress.resend_from, cursor.stored))
+
+    def _on_done(self, cursor: _Cursor, done: Done) -> None:
+        cursor.contacted = True
+        cursor.finished = True
+        cursor.stored_as = done.stored_as
+        if done.ok:
+            log.info("site %s stored stream %s as %r", cursor.site, cursor.stream_id, done.stored_as)
+            return
+        cursor.error = TransferFailed(
+            cursor.site, cursor.stream_id, done.code or ErrorCode.PROTOCOL, done.detail
+        )
+        log.warning("%s", cursor.error)
+        # The receiver normally deletes it; make sure a refused stream leaves nothing behind.
+        self._channel.queue_delete(self.topology.data_queue(cursor.stream_id))
