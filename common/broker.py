@@ -48,17 +48,21 @@ def connect(settings: Settings, name: str) -> pika.BlockingConnection:
 
 
 def _describe(error: BaseException) -> str:
-    # AMQPConnectionWorkflowFailed wraps the real cause; dig it out for a useful one-liner.
-    errors = getattr(error, "connection_errors", None)
-    if errors:
-        return _describe(errors[-1])
-    text = str(error) or type(error).__name__
-    return text.strip("()'\" ,") or type(error).__name__
+    """The innermost cause pika wraps (e.g. "Connection refused"), for a useful one-liner."""
+    inner: object = error
+    for _ in range(5):
+        if isinstance(inner, OSError) and inner.strerror:
+            return inner.strerror
+        nested = getattr(inner, "exception", None) or (
+            inner.args[0] if isinstance(inner, BaseException) and inner.args else None
+        )
+        if nested is None or nested is inner:
+            break
+        inner = nested
+    return str(inner) or type(error).__name__
 
 
-def dead_letter(
-    channel: Any, topology: Topology, props: Any, body: bytes, reason: str
-) -> None:
+def dead_letter(channel: Any, topology: Topology, props: Any, body: bytes, reason: str) -> None:
     """Publish a copy of a bad message to ``{ns}.dead`` with ``reason`` in a header."""
     headers = dict(props.headers) if isinstance(getattr(props, "headers", None), dict) else {}
     headers[REASON_HEADER] = reason[:1000]

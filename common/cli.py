@@ -25,7 +25,7 @@ from common.errors import (
     SendFailed,
     TimedOut,
 )
-from common.settings import Settings, load_settings
+from common.settings import Settings, load_settings, parse_size
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # transfer failed: checksum, refused, not found, peer failure
@@ -45,16 +45,31 @@ def _version() -> str:
         return "unknown"
 
 
+def size_arg(text: str) -> int:
+    """argparse type for sizes such as ``256KiB``, ``4MiB`` or plain bytes."""
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def global_options() -> argparse.ArgumentParser:
     """Options every sub-command accepts (they override the ``OBJSTREAM_*`` variables)."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("global options")
-    group.add_argument("--url", help="broker URL (env OBJSTREAM_URL; default "
-                       "amqp://guest:guest@localhost:5672/%%2F)")
-    group.add_argument("--namespace", help="prefix of every exchange and queue "
-                       "(env OBJSTREAM_NAMESPACE; default objstream)")
-    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                       help="log verbosity on stderr (env OBJSTREAM_LOG_LEVEL; default info)")
+    group.add_argument(
+        "--url",
+        help="broker URL (env OBJSTREAM_URL; default amqp://guest:guest@localhost:5672/%%2F)",
+    )
+    group.add_argument(
+        "--namespace",
+        help="prefix of every exchange and queue (env OBJSTREAM_NAMESPACE; default objstream)",
+    )
+    group.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity on stderr (env OBJSTREAM_LOG_LEVEL; default info)",
+    )
     return parent
 
 
@@ -77,9 +92,7 @@ def build_parser(sides: Sequence[str] = SIDES) -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
-    return load_settings(
-        url=args.url, namespace=args.namespace, log_level=args.log_level, **extra
-    )
+    return load_settings(url=args.url, namespace=args.namespace, log_level=args.log_level, **extra)
 
 
 def configure_logging(level: str) -> None:
@@ -88,8 +101,9 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pika is chatty at INFO about connection internals.
-    logging.getLogger("pika").setLevel(logging.WARNING if level != "debug" else logging.INFO)
+    # pika logs connection failures with tracebacks at ERROR; we report them in one line
+    # ourselves, so its own records only show with --log-level debug.
+    logging.getLogger("pika").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
 
 
 def exit_code_for(error: ObjstreamError) -> int:
@@ -137,8 +151,9 @@ def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int
         return exit_code_for(e)
     except OSError as e:
         logging.getLogger(__name__).debug("failed", exc_info=True)
-        print(f"objstream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "),
-              file=sys.stderr)
+        print(
+            f"objstream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
+        )
         return EXIT_FAILED
 
 

@@ -75,7 +75,9 @@ class TimedOut(TransferFailed):
     def __init__(self, site: str, stream_id: str, seconds: float, detail: str = "") -> None:
         self.seconds = seconds
         text = f"timed out after {seconds:g} s without progress"
-        super().__init__(site, stream_id, ErrorCode.TIMEOUT, f"{text}{'; ' + detail if detail else ''}")
+        super().__init__(
+            site, stream_id, ErrorCode.TIMEOUT, f"{text}{'; ' + detail if detail else ''}"
+        )
 
 
 class SendFailed(ObjstreamError):

@@ -52,7 +52,11 @@ def confined(dest: Path, name: str) -> Path:
         ValueError: the name would resolve anywhere else.
     """
     root = dest.resolve()
-    path = (root / name).resolve()
-    if path.parent != root or os.sep in name or name in {"", ".", ".."}:
+    # The name itself is not resolved: whatever sits there (a symlink, say) is never followed,
+    # since the caller creates the name with os.link, which fails if anything exists.
+    if name in {"", ".", ".."} or os.sep in name or "\0" in name:
+        raise ValueError(f"name {name!r} escapes {root}")
+    path = root / name
+    if path.parent != root:
         raise ValueError(f"name {name!r} escapes {root}")
     return path

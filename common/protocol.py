@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.errors import ErrorCode, ProtocolError
 from common.settings import MAX_CHUNK_SIZE, NAME_PATTERN
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Literal[1] = 1
 VERSION_HEADER = "objstream"
 REASON_HEADER = "x-objstream-reason"
 CONTENT_TYPE = "application/octet-stream"
@@ -63,7 +63,9 @@ class Offer(_Header):
     kind: Literal["file"] = Field(description="What the stream carries.")
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="Sender's name for it.")
     size: ByteCount = Field(description="Total content bytes.")
-    chunk_size: int = Field(ge=1, le=MAX_CHUNK_SIZE, description="Bytes per chunk (last may be less).")
+    chunk_size: int = Field(
+        ge=1, le=MAX_CHUNK_SIZE, description="Bytes per chunk (last may be less)."
+    )
     chunk_count: Count = Field(description="Number of chunk messages, ceil(size / chunk_size).")
     window: int = Field(ge=1, le=4096, description="Chunks the sender keeps in flight.")
     sender: SiteName = Field(description="Sending site.")

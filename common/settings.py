@@ -88,7 +88,9 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Seconds without progress after which a transfer fails."
     )
     resend_after: float = Field(
-        5.0, gt=0, description="Seconds of silence after which the sender resends unconfirmed chunks."
+        5.0,
+        gt=0,
+        description="Seconds of silence after which the sender resends unconfirmed chunks.",
     )
     persistent_chunks: bool = Field(
         False, description="Publish chunk messages as persistent (delivery_mode 2)."

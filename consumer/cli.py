@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
-    side = commands.add_parser("consumer", help="receive objects from other sites",
-                               description="The receiving side.")
+    side = commands.add_parser(
+        "consumer", help="receive objects from other sites", description="The receiving side."
+    )
     sub = side.add_subparsers(dest="command", required=True, metavar="{listen}")
     listen = sub.add_parser(
         "listen",
@@ -34,13 +35,19 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     )
     listen.add_argument("--site", required=True, help="this site's name")
     listen.add_argument("--dest", required=True, metavar="DIR", help="directory to store into")
-    listen.add_argument("--count", type=int, metavar="N",
-                        help="exit after N objects (non-zero if any failed)")
-    listen.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help="fail a stream after this long without data; with --count, also "
-                        "give up (exit 4) when nothing arrives for this long (default 60)")
-    listen.add_argument("--json", action="store_true",
-                        help="print one JSON object per object received")
+    listen.add_argument(
+        "--count", type=int, metavar="N", help="exit after N objects (non-zero if any failed)"
+    )
+    listen.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="fail a stream after this long without data; with --count, also "
+        "give up (exit 4) when nothing arrives for this long (default 60)",
+    )
+    listen.add_argument(
+        "--json", action="store_true", help="print one JSON object per object received"
+    )
     listen.set_defaults(handler=listen_cmd, settings_overrides=_overrides)
 
 
@@ -51,17 +58,41 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
     if isinstance(item, TransferFailed):
         if args.json:
-            print(json.dumps({"ok": False, "stream_id": item.stream_id, "sender": item.site,
-                              "code": str(item.code), "detail": item.detail}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "ok": False,
+                        "stream_id": item.stream_id,
+                        "sender": item.site,
+                        "code": str(item.code),
+                        "detail": item.detail,
+                    }
+                ),
+                flush=True,
+            )
         print(f"objstream: error: {item}", file=sys.stderr, flush=True)
         return
     if args.json:
-        print(json.dumps({"ok": True, "stream_id": item.stream_id, "name": item.name,
-                          "path": str(item.path), "bytes": item.size, "sha256": item.sha256,
-                          "sender": item.sender}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "stream_id": item.stream_id,
+                    "name": item.name,
+                    "path": str(item.path),
+                    "bytes": item.size,
+                    "sha256": item.sha256,
+                    "sender": item.sender,
+                }
+            ),
+            flush=True,
+        )
     else:
-        print(f"received {item.name} from {item.sender} -> {item.path} ({item.size} bytes, "
-              f"sha256 {item.sha256} verified)", flush=True)
+        print(
+            f"received {item.name} from {item.sender} -> {item.path} ({item.size} bytes, "
+            f"sha256 {item.sha256} verified)",
+            flush=True,
+        )
 
 
 def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
@@ -70,8 +101,12 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
     done = failed = 0
     idle_since = time.monotonic()
     with Receiver(args.site, args.dest, settings) as receiver:
-        log.info("listening for site %s on %s (namespace %s)", args.site, settings.masked_url,
-                 settings.namespace)
+        log.info(
+            "listening for site %s on %s (namespace %s)",
+            args.site,
+            settings.masked_url,
+            settings.namespace,
+        )
         while not stop and (args.count is None or done < args.count):
             try:
                 item: Received | TransferFailed | None = receiver.receive(timeout=0.5)
@@ -81,10 +116,16 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
                 busy = receiver.active_streams > 0
                 if busy:
                     idle_since = time.monotonic()
-                elif (args.count is not None and args.timeout is not None
-                      and time.monotonic() - idle_since > args.timeout):
-                    print(f"objstream: error: nothing arrived for site {args.site} in "
-                          f"{args.timeout:g} s", file=sys.stderr)
+                elif (
+                    args.count is not None
+                    and args.timeout is not None
+                    and time.monotonic() - idle_since > args.timeout
+                ):
+                    print(
+                        f"objstream: error: nothing arrived for site {args.site} in "
+                        f"{args.timeout:g} s",
+                        file=sys.stderr,
+                    )
                     return EXIT_TIMEOUT
                 continue
             idle_since = time.monotonic()

@@ -202,7 +202,9 @@ class Receiver:
             if not isinstance(offer, Offer):
                 raise ProtocolError(f"unexpected {props.type} message on inbox {self._inbox}")
             if offer.target != self.site:
-                raise ProtocolError(f"offer for site {offer.target!r} on the inbox of {self.site!r}")
+                raise ProtocolError(
+                    f"offer for site {offer.target!r} on the inbox of {self.site!r}"
+                )
             if not isinstance(props.reply_to, str) or not props.reply_to:
                 raise ProtocolError("offer without reply_to")
             if body:
@@ -216,7 +218,9 @@ class Receiver:
             return
         if offer.size > self.settings.max_object_size:
             self._reply_refusal(
-                offer, props.reply_to, ErrorCode.TOO_LARGE,
+                offer,
+                props.reply_to,
+                ErrorCode.TOO_LARGE,
                 f"{offer.size} bytes exceed site {self.site}'s limit of "
                 f"{int(self.settings.max_object_size)} bytes",
             )
@@ -225,7 +229,9 @@ class Receiver:
             sink = PartialFile(self.dest, sid, offer.size)
         except OSError as e:
             self._reply_refusal(
-                offer, props.reply_to, ErrorCode.IO,
+                offer,
+                props.reply_to,
+                ErrorCode.IO,
                 f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}",
             )
             return
@@ -238,7 +244,11 @@ class Receiver:
         self._streams[sid] = stream
         log.info(
             "receiving %s %r (%d bytes) from %s as stream %s",
-            offer.kind, offer.name, offer.size, offer.sender, sid,
+            offer.kind,
+            offer.name,
+            offer.size,
+            offer.sender,
+            sid,
         )
         self._send_progress(stream)  # first contact: the sender may resend from here on
 
@@ -309,7 +319,9 @@ class Receiver:
         progress = Progress(
             stream_id=stream.offer.stream_id, site=self.site, stored=stored, resend_from=resend_from
         )
-        self._control.basic_publish("", stream.reply_to, b"", properties(progress, persistent=False))
+        self._control.basic_publish(
+            "", stream.reply_to, b"", properties(progress, persistent=False)
+        )
         stream.reported = stored
 
     def _finish(self, stream: _Stream) -> None:
@@ -331,15 +343,27 @@ class Receiver:
         self._end(
             stream,
             Done(stream_id=offer.stream_id, site=self.site, ok=True, stored_as=path.name),
-            Received(offer.stream_id, offer.kind, offer.name, path, offer.size,
-                     stream.reassembler.sha256, offer.sender),
+            Received(
+                offer.stream_id,
+                offer.kind,
+                offer.name,
+                path,
+                offer.size,
+                stream.reassembler.sha256,
+                offer.sender,
+            ),
         )
 
     def _fail(self, stream: _Stream, code: ErrorCode, detail: str) -> None:
         stream.reassembler.fail(Failure(code, detail))
         stream.sink.discard()
-        log.warning("stream %s from %s failed (%s): %s",
-                    stream.offer.stream_id, stream.offer.sender, code, detail)
+        log.warning(
+            "stream %s from %s failed (%s): %s",
+            stream.offer.stream_id,
+            stream.offer.sender,
+            code,
+            detail,
+        )
         offer = stream.offer
         self._end(
             stream,
@@ -368,7 +392,8 @@ class Receiver:
             if not stream.closing:
                 if now - stream.last_activity > self.settings.timeout:
                     self._fail(
-                        stream, ErrorCode.TIMEOUT,
+                        stream,
+                        ErrorCode.TIMEOUT,
                         f"no data from {stream.offer.sender} for {self.settings.timeout:g} s",
                     )
                 elif stream.unacked_tag and now - stream.last_flush > FLUSH_INTERVAL:

@@ -135,8 +135,12 @@ class StreamSender:
         if len(set(targets)) != len(targets):
             raise ValueError(f"target sites repeat: {list(targets)}")
         try:
-            return self._send(source, list(targets), timeout or self.settings.timeout,
-                              window or self.settings.window)
+            return self._send(
+                source,
+                list(targets),
+                timeout or self.settings.timeout,
+                window or self.settings.window,
+            )
         except pika.exceptions.AMQPError as e:
             raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
         finally:
@@ -154,7 +158,11 @@ class StreamSender:
             self._offer(source, cursor, timeout, window)
         log.info(
             "streaming %s %r (%d bytes, %d chunks) to %s",
-            source.kind, source.name, source.size, source.chunk_count, ", ".join(targets),
+            source.kind,
+            source.name,
+            source.size,
+            source.chunk_count,
+            ", ".join(targets),
         )
         while True:
             active = [c for c in cursors if not c.finished]
@@ -172,8 +180,9 @@ class StreamSender:
 
         sha256 = digest.hexdigest() if digest.hashed == source.chunk_count else ""
         results = [
-            TargetResult(c.site, c.stream_id, c.error is None, source.size, sha256, c.stored_as,
-                         c.error)
+            TargetResult(
+                c.site, c.stream_id, c.error is None, source.size, sha256, c.stored_as, c.error
+            )
             for c in cursors
         ]
         failures = [r.error for r in results if r.error is not None]
@@ -183,14 +192,12 @@ class StreamSender:
 
     # -- per target -----------------------------------------------------------------------------
 
-    def _offer(
-        self, source: ChunkSource, cursor: _Cursor, timeout: float, window: int
-    ) -> None:
+    def _offer(self, source: ChunkSource, cursor: _Cursor, timeout: float, window: int) -> None:
         self.topology.declare_inbox(self._channel, cursor.site)
         self.topology.declare_data_queue(self._channel, cursor.stream_id)
         offer = Offer(
             stream_id=cursor.stream_id,
-            kind=source.kind,  # type: ignore[arg-type]
+            kind=source.kind,
             name=source.name,
             size=source.size,
             chunk_size=source.chunk_size,
@@ -206,7 +213,9 @@ class StreamSender:
             self.topology.exchange, self.topology.inbox_key(cursor.site), b"", props
         )
 
-    def _pump(self, source: ChunkSource, cursor: _Cursor, digest: _SharedDigest, window: int) -> None:
+    def _pump(
+        self, source: ChunkSource, cursor: _Cursor, digest: _SharedDigest, window: int
+    ) -> None:
         """Publish what the window allows, then the end once every chunk went out."""
         count = source.chunk_count
         limit = min(count, cursor.stored + window)
@@ -242,14 +251,13 @@ class StreamSender:
         # Resend only once the receiver is known to read: before that the chunks wait in the
         # durable data queue and resending would only pile up duplicates.
         resend_after = self.settings.resend_after
-        if (
-            cursor.contacted
-            and silent > resend_after
-            and now - cursor.last_resend > resend_after
-        ):
+        if cursor.contacted and silent > resend_after and now - cursor.last_resend > resend_after:
             log.info(
                 "no progress from %s for %.1f s; resending stream %s from chunk %d",
-                cursor.site, silent, cursor.stream_id, cursor.stored,
+                cursor.site,
+                silent,
+                cursor.stream_id,
+                cursor.stored,
             )
             self._rewind(cursor, cursor.stored)
             cursor.last_resend = now
@@ -286,7 +294,9 @@ class StreamSender:
         elif isinstance(message, Done):
             self._on_done(cursor, message)
         else:
-            dead_letter(channel, self.topology, props, body, f"unexpected {props.type} on a reply queue")
+            dead_letter(
+                channel, self.topology, props, body, f"unexpected {props.type} on a reply queue"
+            )
 
     def _on_progress(self, cursor: _Cursor, progress: Progress) -> None:
         cursor.contacted = True
@@ -296,7 +306,9 @@ class StreamSender:
         if progress.resend_from is not None:
             log.info(
                 "site %s asks to resend stream %s from chunk %d",
-                cursor.site, cursor.stream_id, progress.resend_from,
+                cursor.site,
+                cursor.stream_id,
+                progress.resend_from,
             )
             self._rewind(cursor, max(progress.resend_from, cursor.stored))
 
@@ -305,7 +317,9 @@ class StreamSender:
         cursor.finished = True
         cursor.stored_as = done.stored_as
         if done.ok:
-            log.info("site %s stored stream %s as %r", cursor.site, cursor.stream_id, done.stored_as)
+            log.info(
+                "site %s stored stream %s as %r", cursor.site, cursor.stream_id, done.stored_as
+            )
             return
         cursor.error = TransferFailed(
             cursor.site, cursor.stream_id, done.code or ErrorCode.PROTOCOL, done.detail

@@ -1,0 +1,231 @@
+"""Integration fixtures: a real RabbitMQ, a fresh namespace per test, cleanup of what it declared.
+
+The broker is chosen once per session, in this order:
+1. ``OBJSTREAM_TEST_URL`` if set (CI sets it to the local broker);
+2. a throwaway broker from testcontainers when a Docker engine answers (image pinned below, the
+   same tag as ``compose.yaml``);
+3. a throwaway local node from the ``rabbitmq-server`` binary on free ports (stopped at the end);
+4. otherwise the integration tests skip with a one-line reason, unless
+   ``OBJSTREAM_REQUIRE_BROKER=1``, where that is an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pika
+import pytest
+
+from common.errors import TransferFailed
+from common.settings import Settings
+from common.topology import Topology
+from consumer.receiver import Received, Receiver
+from tests.integration.rawpeer import RawPeer
+from tests.rabbitmq_node import LocalRabbitNode
+
+RABBITMQ_IMAGE = "rabbitmq:3.10.8-management"
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # testcontainers depends on it
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    url = os.environ.get("OBJSTREAM_TEST_URL")
+    if url:
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer(RABBITMQ_IMAGE) as container:
+            host = container.get_container_host_ip()
+            port = container.get_exposed_port(container.port)
+            yield f"amqp://guest:guest@{host}:{port}/%2F"
+        return
+    if LocalRabbitNode.available():
+        node = LocalRabbitNode()
+        try:
+            node.start()
+        except RuntimeError as e:
+            _no_broker(f"a throwaway local RabbitMQ node failed to start: {e}")
+        try:
+            yield node.url
+        finally:
+            node.cleanup()
+        return
+    _no_broker("no OBJSTREAM_TEST_URL, no Docker engine and no rabbitmq-server binary")
+
+
+def _no_broker(reason: str) -> None:
+    if os.environ.get("OBJSTREAM_REQUIRE_BROKER") == "1":
+        pytest.fail(f"OBJSTREAM_REQUIRE_BROKER=1 but {reason}", pytrace=False)
+    pytest.skip(f"integration tests need RabbitMQ: {reason}")
+
+
+@dataclass
+class Declared:
+    """What a test declared on the broker, deleted when it ends."""
+
+    topology: Topology
+    sites: set[str] = field(default_factory=set)
+    streams: set[str] = field(default_factory=set)
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> str:
+    return f"objstream-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(broker_url: str, namespace: str) -> Settings:
+    # Short timeouts keep failing tests fast; short TTLs make leftovers vanish by themselves.
+    return Settings(url=broker_url, namespace=namespace, timeout=20, resend_after=2, stream_ttl=120)
+
+
+@pytest.fixture
+def declared(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Declared]:
+    """Register sites/streams here; they, the exchanges and the dead queue go at teardown."""
+    record = Declared(Topology.from_settings(settings))
+    yield record
+    params = pika.URLParameters(settings.url)
+    params.client_properties = {"connection_name": f"cleanup {request.node.name}"}
+    connection = pika.BlockingConnection(params)
+    try:
+        channel = connection.channel()
+        topo = record.topology
+        for site in record.sites:
+            channel.queue_delete(topo.inbox(site))
+        for sid in record.streams:
+            channel.queue_delete(topo.data_queue(sid))
+        channel.queue_delete(topo.dead)
+        channel.exchange_delete(topo.dead)
+        channel.exchange_delete(topo.exchange)
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def dead_letters(settings: Settings) -> Callable[[], list[tuple[dict[str, object], bytes]]]:
+    """Drain ``{ns}.dead``: each dead-lettered message's headers and body."""
+
+    def drain() -> list[tuple[dict[str, object], bytes]]:
+        connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+        found = []
+        try:
+            channel = connection.channel()
+            while True:
+                method, props, body = channel.basic_get(
+                    Topology.from_settings(settings).dead, auto_ack=True
+                )
+                if method is None:
+                    return found
+                found.append((dict(props.headers or {}), body))
+        finally:
+            connection.close()
+
+    return drain
+
+
+class BackgroundReceiver:
+    """A :class:`Receiver` in its own thread (with its own connection), collecting outcomes."""
+
+    def __init__(self, site: str, dest: Path, settings: Settings) -> None:
+        self.outcomes: list[Received | TransferFailed] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(site, dest, settings), name=f"receiver-{site}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise TimeoutError("receiver did not start")
+        if self._error:
+            raise self._error
+
+    def _run(self, site: str, dest: Path, settings: Settings) -> None:
+        try:
+            with Receiver(site, dest, settings) as receiver:
+                self._ready.set()
+                while not self._stop.is_set():
+                    try:
+                        item = receiver.receive(timeout=0.2)
+                    except TransferFailed as e:
+                        self.outcomes.append(e)
+                        continue
+                    if item is not None:
+                        self.outcomes.append(item)
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+
+    def wait_for(self, count: int, timeout: float = 60) -> list[Received | TransferFailed]:
+        with contextlib.suppress(TimeoutError):
+            _wait(lambda: len(self.outcomes) >= count or self._error is not None, timeout)
+        if self._error:
+            raise self._error
+        assert len(self.outcomes) >= count, f"only {len(self.outcomes)} of {count} outcomes"
+        return list(self.outcomes)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def start_receiver(
+    settings: Settings, declared: Declared
+) -> Iterator[Callable[..., BackgroundReceiver]]:
+    started: list[BackgroundReceiver] = []
+
+    def start(site: str, dest: Path, custom: Settings | None = None) -> BackgroundReceiver:
+        declared.sites.add(site)
+        receiver = BackgroundReceiver(site, dest, custom or settings)
+        started.append(receiver)
+        return receiver
+
+    yield start
+    for receiver in started:
+        receiver.stop()
+
+
+@pytest.fixture
+def raw_peer(settings: Settings, declared: Declared) -> Iterator[Callable[[str], RawPeer]]:
+    """Make hand-driven protocol peers toward a target site; closed at teardown."""
+    peers: list[RawPeer] = []
+
+    def make(target: str) -> RawPeer:
+        declared.sites.add(target)
+        peer = RawPeer(settings, target)
+        declared.streams.add(peer.stream_id)
+        peers.append(peer)
+        return peer
+
+    yield make
+    for peer in peers:
+        peer.close()

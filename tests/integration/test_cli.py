@@ -1,0 +1,257 @@
+"""The ``objstream`` command line, run as users run it: separate processes, real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
+from common.settings import KiB, MiB
+from tests.conftest import random_file, sha256_of
+from tests.rabbitmq_node import free_port
+
+
+def _env(settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OBJSTREAM_URL=settings.url,
+        OBJSTREAM_NAMESPACE=settings.namespace,
+        OBJSTREAM_LOG_LEVEL="warning",
+    )
+    return env
+
+
+def _objstream(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["objstream", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_listen_and_send_file_as_separate_processes(tmp_path, settings, declared):
+    declared.sites.add("site-1")
+    src = tmp_path / "big.bin"
+    digest = random_file(src, 8 * MiB + 5)
+    dest = tmp_path / "in"
+    env = _env(settings)
+    listener = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "consumer",
+            "listen",
+            "--site",
+            "site-1",
+            "--dest",
+            str(dest),
+            "--count",
+            "1",
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        sent = _objstream(
+            "producer",
+            "send-file",
+            "--site",
+            "server",
+            "--to",
+            "site-1",
+            "--chunk-size",
+            "256KiB",
+            "--json",
+            str(src),
+            env=env,
+        )
+        out, err = listener.communicate(timeout=60)
+    finally:
+        listener.kill()
+    assert sent.returncode == 0, sent.stderr
+    assert listener.returncode == 0, err
+    result = json.loads(sent.stdout)
+    assert result["ok"] is True
+    assert result["bytes"] == 8 * MiB + 5
+    assert result["sha256"] == digest
+    assert result["targets"][0]["stored_as"] == "big.bin"
+    received = json.loads(out)
+    assert received["sha256"] == digest
+    assert received["sender"] == "server"
+    assert sha256_of(dest / "big.bin") == digest
+
+
+def test_python_m_producer_is_objstream_producer(settings):
+    env = _env(settings)
+    a = subprocess.run(
+        [sys.executable, "-m", "producer", "send-file", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    b = _objstream("producer", "send-file", "--help", env=env)
+    assert a.returncode == b.returncode == 0
+    assert "--chunk-size" in a.stdout
+    assert a.stdout == b.stdout
+
+
+def test_unreachable_broker_is_one_line_with_the_password_masked(tmp_path, settings):
+    src = tmp_path / "x.bin"
+    random_file(src, 10)
+    url = f"amqp://alice:s3cret-pw@127.0.0.1:{free_port()}/%2F"
+
+    run = _objstream(
+        "producer",
+        "send-file",
+        "--url",
+        url,
+        "--site",
+        "server",
+        "--to",
+        "site-1",
+        str(src),
+        env=_env(settings),
+    )
+
+    assert run.returncode == EXIT_BROKER
+    assert "s3cret-pw" not in run.stderr + run.stdout
+    assert "Traceback" not in run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith("objstream: error: broker unreachable at amqp://alice:***@127.0.0.1:")
+
+
+def test_wrong_password_is_authentication_refused(tmp_path, settings):
+    parts = urlsplit(settings.url)
+    bad = urlunsplit(parts._replace(netloc=f"guest:wrong-pw@{parts.hostname}:{parts.port}"))
+
+    run = _objstream(
+        "consumer",
+        "listen",
+        "--url",
+        bad,
+        "--site",
+        "site-1",
+        "--dest",
+        str(tmp_path),
+        "--count",
+        "1",
+        env=_env(settings),
+    )
+
+    assert run.returncode == EXIT_BROKER
+    assert "wrong-pw" not in run.stderr
+    assert "refused the credentials" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_usage_errors_exit_2(tmp_path, settings):
+    env = _env(settings)
+    bad_size = _objstream(
+        "producer", "send-file", "--site", "s", "--to", "t", "--chunk-size", "lots", "x", env=env
+    )
+    too_big = _objstream(
+        "producer",
+        "send-file",
+        "--site",
+        "s",
+        "--to",
+        "t",
+        "--chunk-size",
+        "64MiB",
+        "x",
+        env={**env, "OBJSTREAM_URL": settings.url},
+    )
+    bad_site = _objstream("consumer", "listen", "--site", "../up", "--dest", str(tmp_path), env=env)
+    assert bad_size.returncode == EXIT_USAGE
+    assert "not a size" in bad_size.stderr
+    assert too_big.returncode == EXIT_USAGE
+    assert "chunk size" in too_big.stderr
+    assert bad_site.returncode == EXIT_USAGE
+    assert "invalid site name" in bad_site.stderr
+
+
+def test_missing_file_is_one_line_exit_1(tmp_path, settings):
+    run = _objstream(
+        "producer",
+        "send-file",
+        "--site",
+        "server",
+        "--to",
+        "site-1",
+        str(tmp_path / "nope.bin"),
+        env=_env(settings),
+    )
+    assert run.returncode == EXIT_FAILED
+    assert "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    assert "nope.bin" in run.stderr
+
+
+def test_listen_with_count_gives_up_after_the_timeout(tmp_path, settings, declared):
+    declared.sites.add("quiet")
+    run = _objstream(
+        "consumer",
+        "listen",
+        "--site",
+        "quiet",
+        "--dest",
+        str(tmp_path / "d"),
+        "--count",
+        "1",
+        "--timeout",
+        "1",
+        env=_env(settings),
+        timeout=30,
+    )
+    assert run.returncode == EXIT_TIMEOUT
+    assert "nothing arrived" in run.stderr
+
+
+def test_send_to_absent_site_times_out_with_exit_4(tmp_path, settings, declared):
+    declared.sites.add("absent")
+    src = tmp_path / "x.bin"
+    random_file(src, KiB)
+    run = _objstream(
+        "producer",
+        "send-file",
+        "--site",
+        "server",
+        "--to",
+        "absent",
+        "--timeout",
+        "1",
+        str(src),
+        env=_env(settings),
+        timeout=30,
+    )
+    assert run.returncode == EXIT_TIMEOUT
+    assert "timed out after 1 s without progress" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_listen_stops_cleanly_on_sigterm(tmp_path, settings, declared):
+    import signal
+    import time
+
+    declared.sites.add("site-9")
+    listener = subprocess.Popen(
+        ["objstream", "consumer", "listen", "--site", "site-9", "--dest", str(tmp_path)],
+        env=_env(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2)
+    listener.send_signal(signal.SIGTERM)
+    _, err = listener.communicate(timeout=20)
+    assert listener.returncode == 0, err
+    assert "Traceback" not in err
+    assert Path(tmp_path).is_dir()

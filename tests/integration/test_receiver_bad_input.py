@@ -1,0 +1,188 @@
+"""The receiver facing broken and hostile peers: it dead-letters, refuses, fails, goes on."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import pika
+import pytest
+
+from common.errors import ErrorCode, SendFailed, TransferFailed
+from common.protocol import properties
+from common.settings import KiB
+from common.topology import Topology
+from consumer.receiver import Received
+from producer import FileStreamer
+from tests.conftest import random_file, sha256_of
+
+
+def _reasons(dead_letters) -> list[str]:
+    return [str(h.get("x-objstream-reason")) for h, _ in dead_letters()]
+
+
+def test_abort_from_the_sender_fails_the_stream_and_removes_the_partial(
+    tmp_path, start_receiver, raw_peer
+):
+    dest = tmp_path / "in"
+    receiver = start_receiver("site-1", dest)
+    peer = raw_peer("site-1")
+    peer.offer("half.bin", size=8, chunk_size=4)
+    peer.chunk(0, b"abcd")
+    peer.abort("disk on fire")
+
+    [failed] = receiver.wait_for(1)
+    assert isinstance(failed, TransferFailed)
+    assert failed.code == ErrorCode.ABORTED
+    assert "disk on fire" in failed.detail
+    assert list(dest.iterdir()) == []
+
+
+def test_silent_sender_times_out_on_the_receiver(tmp_path, settings, start_receiver, raw_peer):
+    dest = tmp_path / "in"
+    receiver = start_receiver("site-1", dest, settings.model_copy(update={"timeout": 1.5}))
+    peer = raw_peer("site-1")
+    peer.offer("stall.bin", size=8, chunk_size=4)
+    peer.chunk(0, b"abcd")  # and then nothing
+
+    [failed] = receiver.wait_for(1)
+    assert isinstance(failed, TransferFailed)
+    assert failed.code == ErrorCode.TIMEOUT
+    verdict = peer.verdict()
+    assert verdict["ok"] is False
+    assert verdict["code"] == "timeout"
+    assert list(dest.iterdir()) == []
+
+
+def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(
+    tmp_path, start_receiver, raw_peer
+):
+    dest = tmp_path / "in"
+    receiver = start_receiver("site-1", dest)
+    peer = raw_peer("site-1")
+    parts = [b"aaaa", b"bbbb", b"cccc", b"dd"]
+    whole = b"".join(parts)
+    peer.offer("ooo.bin", size=len(whole), chunk_size=4)
+    peer.chunk(0, parts[0])
+    peer.chunk(0, parts[0])  # duplicate
+    peer.chunk(2, parts[2])  # ahead of the missing chunk 1: dropped, resend asked
+    peer.end(4, len(whole), hashlib.sha256(whole).hexdigest())
+
+    replies = peer.replies(until="progress")
+    deadline = time.monotonic() + 10
+    while not any(h.get("resend_from") == 1 for _, h in replies):
+        assert time.monotonic() < deadline, replies
+        replies += peer.replies(until="progress")
+    # The sender resends from 1, as the protocol asks.
+    for seq in (1, 2, 3):
+        peer.chunk(seq, parts[seq])
+
+    [received] = receiver.wait_for(1)
+    assert isinstance(received, Received)
+    assert received.path.read_bytes() == whole
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda h: h.pop("objstream"), "missing protocol version"),
+        (lambda h: h.update(objstream=2), "unknown protocol version 2"),
+        (lambda h: h.update(size=-5), "size"),
+        (lambda h: h.update(size=2**63 - 1), "size"),
+        (lambda h: h.update(evil="x"), "evil"),
+        (lambda h: h.update(chunk_count=99), "chunk_count"),
+        (lambda h: h.update(stream_id="../../x"), "stream_id"),
+    ],
+)
+def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
+    tmp_path, settings, start_receiver, raw_peer, dead_letters, mutate, reason
+):
+    from common.protocol import Offer
+
+    receiver = start_receiver("site-1", tmp_path / "in")
+    peer = raw_peer("site-1")
+    offer = Offer(
+        stream_id=peer.stream_id,
+        kind="file",
+        name="x",
+        size=8,
+        chunk_size=4,
+        chunk_count=2,
+        window=4,
+        sender="raw",
+        target="site-1",
+    )
+    props = properties(offer, reply_to=peer.reply)
+    mutate(props.headers)
+    peer.publish_inbox(b"", props)
+    peer.publish_inbox(b"", pika.BasicProperties(type="gibberish", headers={"objstream": 1}))
+    peer.publish_inbox(b"\x00" * 10, pika.BasicProperties())
+
+    # Still serving: a good file arrives after the garbage.
+    src = tmp_path / "good.bin"
+    digest = random_file(src, 10 * KiB)
+    with FileStreamer("server", settings) as streamer:
+        streamer.stream_file("site-1", src)
+    [received] = receiver.wait_for(1)
+    assert sha256_of(received.path) == digest  # type: ignore[union-attr]
+
+    reasons = _reasons(dead_letters)
+    assert any(reason in r for r in reasons), reasons
+    assert any("unknown message type 'gibberish'" in r for r in reasons), reasons
+    assert any("no headers" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize(
+    ("send", "reason"),
+    [
+        (lambda p: p.chunk(7, b"abcd"), "beyond the announced 2 chunks"),
+        (lambda p: p.chunk(0, b"abcdef"), "6 bytes != expected 4"),
+        (lambda p: p.end(3, 12, "0" * 64), "!= offered 2 / 8"),
+        (
+            lambda p: p.publish_data(
+                b"",
+                pika.BasicProperties(
+                    type="chunk", headers={"objstream": 1, "stream_id": p.stream_id}
+                ),
+            ),
+            "seq: Field required",
+        ),
+    ],
+)
+def test_bad_data_messages_are_dead_lettered_and_the_stream_survives(
+    tmp_path, start_receiver, raw_peer, dead_letters, send, reason
+):
+    receiver = start_receiver("site-1", tmp_path / "in")
+    peer = raw_peer("site-1")
+    peer.offer("ok.bin", size=8, chunk_size=4)
+    send(peer)
+    peer.chunk(0, b"abcd")
+    peer.chunk(1, b"efgh")
+    peer.end(2, 8, hashlib.sha256(b"abcdefgh").hexdigest())
+
+    [received] = receiver.wait_for(1)
+    assert isinstance(received, Received)
+    assert received.path.read_bytes() == b"abcdefgh"
+    reasons = _reasons(dead_letters)
+    assert any(reason in r for r in reasons), reasons
+
+
+def test_the_window_bounds_what_the_producer_puts_in_the_broker(tmp_path, settings, declared):
+    """No receiver at all: the producer publishes the offer and exactly one window of chunks."""
+    declared.sites.add("nobody")
+    src = tmp_path / "x.bin"
+    random_file(src, 100 * KiB)
+    quick = settings.model_copy(update={"timeout": 2})
+
+    with FileStreamer("server", quick) as streamer, pytest.raises(SendFailed) as caught:
+        streamer.stream_file("nobody", src, chunk_size=KiB, window=5)
+
+    [result] = caught.value.results
+    declared.streams.add(result.stream_id)  # type: ignore[attr-defined]
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        queue = Topology.from_settings(settings).data_queue(result.stream_id)  # type: ignore[attr-defined]
+        ok = connection.channel().queue_declare(queue, passive=True)
+        assert ok.method.message_count == 5 + 1  # the window, and the abort
+    finally:
+        connection.close()

@@ -1,0 +1,124 @@
+"""A throwaway RabbitMQ node started from the local ``rabbitmq-server`` binary.
+
+For machines without a Docker engine: it runs on free ports with its own data, log and plugin
+files, so it never touches a shared broker; tests that kill or restart a broker use one of these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+class LocalRabbitNode:
+    """One RabbitMQ node of our own: ``start()``, use ``url``, ``stop()``."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.nodename = f"objstream{self.port}@localhost"
+        self.base = Path(tempfile.mkdtemp(prefix="objstream-rabbit-"))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.config_lines: list[str] = []  # extra rabbitmq.conf lines, set before start()
+
+    @staticmethod
+    def available() -> bool:
+        return (
+            shutil.which("rabbitmq-server") is not None and shutil.which("rabbitmqctl") is not None
+        )
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            RABBITMQ_NODENAME=self.nodename,
+            RABBITMQ_NODE_PORT=str(self.port),
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_DIST_PORT=str(self.dist_port),
+            RABBITMQ_MNESIA_BASE=str(self.base / "mnesia"),
+            RABBITMQ_LOG_BASE=str(self.base / "log"),
+            RABBITMQ_PID_FILE=str(self.base / "node.pid"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(self.base / "enabled_plugins"),
+            # Our own config: the system one may pin the listener to the shared node's port.
+            RABBITMQ_CONFIG_FILE=str(self.base / "rabbitmq.conf"),
+        )
+        return env
+
+    def start(self, timeout: float = 90.0) -> None:
+        for sub in ("mnesia", "log"):
+            (self.base / sub).mkdir(exist_ok=True)
+        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "rabbitmq.conf").write_text(
+            f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
+            + "".join(f"{line}\n" for line in self.config_lines)
+        )
+        if os.geteuid() == 0:
+            # The Debian wrapper drops root to the rabbitmq user, who must own the node's files.
+            user = pwd.getpwnam("rabbitmq")
+            for path in [self.base, *self.base.rglob("*")]:
+                os.chown(path, user.pw_uid, user.pw_gid)
+        log = open(self.base / "console.log", "ab")
+        self.process = subprocess.Popen(
+            ["rabbitmq-server"],
+            env=self._env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.base,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while not port_open("127.0.0.1", self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited: see {self.base / 'console.log'}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"rabbitmq-server did not open port {self.port} in {timeout} s")
+            time.sleep(0.25)
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["rabbitmqctl", "-n", self.nodename, *args],
+            env=self._env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.ctl("stop")
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+        self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import pika
+import pytest
+
+from common.errors import ErrorCode, ProtocolError
+from common.protocol import (
+    Chunk,
+    Done,
+    End,
+    MessageType,
+    Offer,
+    Progress,
+    new_stream_id,
+    parse,
+    properties,
+    to_headers,
+)
+
+SID = new_stream_id()
+
+
+def _offer(**changes):
+    fields = dict(
+        stream_id=SID,
+        kind="file",
+        name="a.bin",
+        size=10,
+        chunk_size=4,
+        chunk_count=3,
+        window=8,
+        sender="server",
+        target="site-1",
+    )
+    fields.update(changes)
+    return fields
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Offer(**_offer()),
+        Chunk(stream_id=SID, seq=3, crc32=0xFFFFFFFF),
+        End(stream_id=SID, chunk_count=3, size=10, sha256="a" * 64),
+        Progress(stream_id=SID, site="site-1", stored=2),
+        Progress(stream_id=SID, site="site-1", stored=2, resend_from=2),
+        Done(stream_id=SID, site="site-1", ok=False, code=ErrorCode.CHECKSUM, detail="x"),
+    ],
+)
+def test_round_trip_through_amqp_properties(message):
+    props = properties(message)
+    assert props.headers["objstream"] == 1
+    # Through pika's own wire encoding and back, as the broker would deliver it.
+    decoded = pika.BasicProperties()
+    decoded.decode(b"".join(props.encode()))
+    assert parse(decoded.type, decoded.headers) == message
+
+
+def test_none_fields_are_left_out_of_headers():
+    assert "resend_from" not in to_headers(Progress(stream_id=SID, site="s", stored=0))
+
+
+def test_chunk_ids_and_persistence():
+    chunk = Chunk(stream_id=SID, seq=7, crc32=1)
+    props = properties(chunk, persistent=False, message_id=f"{SID}:7")
+    assert props.type == MessageType.CHUNK == "chunk"
+    assert props.message_id == f"{SID}:7"
+    assert props.correlation_id == SID
+    assert props.delivery_mode == pika.DeliveryMode.Transient.value
+
+
+@pytest.mark.parametrize(
+    ("type_", "headers", "words"),
+    [
+        ("offer", None, "no headers"),
+        ("offer", {}, "missing protocol version"),
+        ("offer", {"objstream": 2}, "unknown protocol version 2"),
+        ("teleport", {"objstream": 1}, "unknown message type 'teleport'"),
+        (None, {"objstream": 1}, "unknown message type None"),
+        ("offer", {**_offer(), "objstream": 1, "extra": 1}, "extra"),
+        ("offer", {**_offer(size=-1), "objstream": 1}, "size"),
+        ("offer", {**_offer(size=2**63), "objstream": 1}, "size"),
+        ("offer", {**_offer(chunk_count=2), "objstream": 1}, "chunk_count 2 != ceil"),
+        ("offer", {**_offer(chunk_size=0), "objstream": 1}, "chunk_size"),
+        ("offer", {**_offer(chunk_size=64 * 2**20), "objstream": 1}, "chunk_size"),
+        ("offer", {**_offer(sender="../x"), "objstream": 1}, "sender"),
+        ("offer", {**_offer(name=""), "objstream": 1}, "name"),
+        ("offer", {**_offer(stream_id="XYZ"), "objstream": 1}, "stream_id"),
+        ("chunk", {"objstream": 1, "stream_id": SID, "seq": -1, "crc32": 0}, "seq"),
+        ("chunk", {"objstream": 1, "stream_id": SID, "seq": 0, "crc32": 2**32}, "crc32"),
+        ("chunk", {"objstream": 1, "stream_id": SID, "seq": 0}, "crc32"),
+        (
+            "end",
+            {"objstream": 1, "stream_id": SID, "chunk_count": 1, "size": 1, "sha256": "xyz"},
+            "sha256",
+        ),
+    ],
+)
+def test_invalid_messages_are_protocol_errors_with_a_reason(type_, headers, words):
+    with pytest.raises(ProtocolError, match=words):
+        parse(type_, headers)
+
+
+def test_models_are_frozen():
+    chunk = Chunk(stream_id=SID, seq=0, crc32=0)
+    with pytest.raises(ValueError, match="frozen"):
+        chunk.seq = 1  # type: ignore[misc]
+
+
+def test_chunk_length_of_the_last_chunk():
+    offer = Offer(**_offer())
+    assert [offer.chunk_length(s) for s in range(3)] == [4, 4, 2]
