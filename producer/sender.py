@@ -270,10 +270,18 @@ class StreamSender:
 
     def _finish_failed(self, cursor: _Cursor, error: TransferFailed) -> None:
         log.warning("%s", error)
-        abort = Abort(stream_id=cursor.stream_id, reason=str(error))
-        self._channel.basic_publish(
-            self.topology.exchange, self.topology.data_key(cursor.stream_id), b"", properties(abort)
-        )
+        if cursor.contacted:
+            # A receiver is on it: tell it to drop the partial object (it deletes the queue).
+            abort = Abort(stream_id=cursor.stream_id, reason=str(error))
+            self._channel.basic_publish(
+                self.topology.exchange,
+                self.topology.data_key(cursor.stream_id),
+                b"",
+                properties(abort),
+            )
+        else:
+            # Nobody took the offer, and it has expired by now: nothing will read the queue.
+            self._channel.queue_delete(self.topology.data_queue(cursor.stream_id))
         cursor.error = error
         cursor.finished = True
 

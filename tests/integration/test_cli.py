@@ -178,7 +178,7 @@ def test_usage_errors_exit_2(tmp_path, settings):
     assert "invalid site name" in bad_site.stderr
 
 
-def test_missing_file_is_one_line_exit_1(tmp_path, settings):
+def test_missing_file_is_one_line_exit_1(tmp_path, settings, declared):
     run = _objstream(
         "producer",
         "send-file",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 
@@ -169,20 +170,45 @@ def test_bad_data_messages_are_dead_lettered_and_the_stream_survives(
 
 def test_the_window_bounds_what_the_producer_puts_in_the_broker(tmp_path, settings, declared):
     """No receiver at all: the producer publishes the offer and exactly one window of chunks."""
+    import threading
+
     declared.sites.add("nobody")
     src = tmp_path / "x.bin"
     random_file(src, 100 * KiB)
-    quick = settings.model_copy(update={"timeout": 2})
+    quick = settings.model_copy(update={"timeout": 4})
+    topo = Topology.from_settings(settings)
+    failures: list[BaseException] = []
 
-    with FileStreamer("server", quick) as streamer, pytest.raises(SendFailed) as caught:
-        streamer.stream_file("nobody", src, chunk_size=KiB, window=5)
+    def send() -> None:
+        with FileStreamer("server", quick) as streamer:
+            try:
+                streamer.stream_file("nobody", src, chunk_size=KiB, window=5)
+            except SendFailed as e:
+                failures.append(e)
 
-    [result] = caught.value.results
-    declared.streams.add(result.stream_id)  # type: ignore[attr-defined]
+    sender = threading.Thread(target=send)
+    sender.start()
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
-        queue = Topology.from_settings(settings).data_queue(result.stream_id)  # type: ignore[attr-defined]
-        ok = connection.channel().queue_declare(queue, passive=True)
-        assert ok.method.message_count == 5 + 1  # the window, and the abort
+        channel = connection.channel()
+        deadline = time.monotonic() + 10
+        offer = None
+        while offer is None:
+            assert time.monotonic() < deadline, "no offer in the inbox"
+            time.sleep(0.1)
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):
+                offer = channel.basic_get(topo.inbox("nobody"), auto_ack=True)[1]
+            if channel.is_closed:
+                channel = connection.channel()
+        sid = offer.headers["stream_id"]
+        declared.streams.add(sid)
+        time.sleep(1)  # plenty of time to publish more, were the window not enforced
+        count = channel.queue_declare(topo.data_queue(sid), passive=True).method.message_count
+        assert count == 5
+        sender.join(30)
+        assert failures, "the send must fail: nobody took the offer"
+        # Nobody ever read the stream: the producer removed its data queue.
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+            channel.queue_declare(topo.data_queue(sid), passive=True)
     finally:
         connection.close()
