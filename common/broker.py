@@ -18,6 +18,25 @@ from common.topology import Topology
 
 log = logging.getLogger(__name__)
 
+# pika reads its socket 4 KiB at a time and appends each read to a bytes buffer, which copies the
+# partial frame again on every read: about 16 copies of every byte of a 128 KiB body frame. Reads
+# of 256 KiB cut that to one or two: for a 1 GiB file the receiver's CPU fell from 5.1-5.8 s to
+# 3.8 s and throughput rose from 168-184 to 220 MiB/s on this machine (2 cores, loopback).
+# This is a class attribute of pika's
+# transport; pika is pinned to 1.3/1.4, and if the attribute goes away we simply do without.
+PIKA_RECV_BYTES = 256 * 1024
+
+
+def _tune_pika_reads() -> None:
+    try:
+        from pika.adapters.utils.io_services_utils import _AsyncTransportBase
+    except ImportError:  # pragma: no cover - a pika without this internal
+        return
+    if getattr(_AsyncTransportBase, "_MAX_RECV_BYTES", None) is not None:
+        _AsyncTransportBase._MAX_RECV_BYTES = PIKA_RECV_BYTES
+        # Bytes consumed per event-loop turn before pika lets other events run.
+        _AsyncTransportBase._MAX_CONSUME_BYTES = 4 * PIKA_RECV_BYTES
+
 
 def connect(settings: Settings, name: str) -> pika.BlockingConnection:
     """Open a blocking connection named ``name`` (shown in the broker's connection list).
@@ -31,6 +50,7 @@ def connect(settings: Settings, name: str) -> pika.BlockingConnection:
         params = pika.URLParameters(settings.url)
     except Exception as e:  # pika raises assorted errors for bad URLs
         raise ConfigError(f"invalid broker URL {settings.masked_url}: {e}") from e
+    _tune_pika_reads()
     params.heartbeat = settings.heartbeat
     params.client_properties = {"connection_name": name, "product": "objstream"}
     params.connection_attempts = 1
