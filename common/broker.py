@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 # partial frame again on every read: about 16 copies of every byte of a 128 KiB body frame. Reads
 # of 256 KiB cut that to one or two: for a 1 GiB file the receiver's CPU fell from 5.1-5.8 s to
 # 3.8 s and throughput rose from 168-184 to 220 MiB/s on this machine (2 cores, loopback).
-# This is a class attribute of pika's
-# transport; pika is pinned to 1.3/1.4, and if the attribute goes away we simply do without.
+# This is a class attribute of pika's transport; pika is pinned to 1.3/1.4, and if the
+# attribute goes away we simply do without.
 PIKA_RECV_BYTES = 256 * 1024
 
 
