@@ -33,6 +33,14 @@ SiteName = Annotated[str, Field(pattern=NAME_PATTERN, description="A site name."
 Seq = Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
 Count = Annotated[int, Field(ge=0, le=MAX_CHUNKS)]
 ByteCount = Annotated[int, Field(ge=0, le=MAX_OBJECT_BYTES)]
+Kind = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.\-]{0,31}$", description="Object kind.")]
+Scalar = Annotated[str, Field(max_length=256)] | int | float | bool
+MetaKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")]
+# Small, flat descriptions of an object (offer.info) or of a piece (chunk.meta).
+Meta = Annotated[dict[MetaKey, Scalar], Field(max_length=16)]
+
+FILE_KIND = "file"
+CONTAINER_KIND = "container"
 
 
 class MessageType(StrEnum):
@@ -60,29 +68,42 @@ class _Header(BaseModel):
 class Offer(_Header):
     """Sender -> receiver inbox: a stream is coming on its data queue."""
 
-    kind: Literal["file"] = Field(description="What the stream carries.")
+    kind: Kind = Field(description="What the stream carries: file, container, or a custom kind.")
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="Sender's name for it.")
-    size: ByteCount = Field(description="Total content bytes.")
-    chunk_size: int = Field(
-        ge=1, le=MAX_CHUNK_SIZE, description="Bytes per chunk (last may be less)."
-    )
-    chunk_count: Count = Field(description="Number of chunk messages, ceil(size / chunk_size).")
+    size: ByteCount | None = Field(None, description="Total content bytes (None: told by the end).")
+    chunk_size: int = Field(ge=1, le=MAX_CHUNK_SIZE, description="Most bytes in one chunk.")
+    chunk_count: Count | None = Field(None, description="Number of chunks (None: told by the end).")
     window: int = Field(ge=1, le=4096, description="Chunks the sender keeps in flight.")
     sender: SiteName = Field(description="Sending site.")
     target: SiteName = Field(description="Receiving site.")
+    info: Meta | None = Field(None, description="Kind-specific description (container type...).")
 
     @model_validator(mode="after")
     def _count_matches_size(self) -> Offer:
-        expected = -(-self.size // self.chunk_size)
-        if self.chunk_count != expected:
+        if (self.size is None) != (self.chunk_count is None):
+            raise ValueError("size and chunk_count are either both given or both left out")
+        if self.size is None or self.chunk_count is None:
+            if self.kind == FILE_KIND:
+                raise ValueError("a file offer must give size and chunk_count")
+            return self
+        if self.kind == FILE_KIND:
+            expected = -(-self.size // self.chunk_size)
+            if self.chunk_count != expected:
+                raise ValueError(
+                    f"chunk_count {self.chunk_count} != ceil(size {self.size} / chunk_size "
+                    f"{self.chunk_size}) = {expected}"
+                )
+        elif self.chunk_count * self.chunk_size < self.size:
             raise ValueError(
-                f"chunk_count {self.chunk_count} != ceil(size {self.size} / chunk_size "
-                f"{self.chunk_size}) = {expected}"
+                f"{self.chunk_count} chunks of at most {self.chunk_size} bytes cannot carry "
+                f"{self.size} bytes"
             )
         return self
 
-    def chunk_length(self, seq: int) -> int:
-        """Exact body length of chunk ``seq``."""
+    def chunk_length(self, seq: int) -> int | None:
+        """Exact body length of chunk ``seq`` for files; ``None`` where pieces vary."""
+        if self.kind != FILE_KIND or self.size is None:
+            return None
         return min(self.chunk_size, self.size - seq * self.chunk_size)
 
 
@@ -91,6 +112,7 @@ class Chunk(_Header):
 
     seq: Seq = Field(description="0-based, contiguous chunk number.")
     crc32: int = Field(ge=0, lt=2**32, description="zlib.crc32 of the body.")
+    meta: Meta | None = Field(None, description="What the piece is (for containers: entry...).")
 
 
 class End(_Header):

@@ -55,7 +55,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 class ChunkVerdict(Enum):
     """What the caller must do with a chunk."""
 
-    WRITE = "write"  # write the body at ``offset``; it is counted and hashed already
+    WRITE = "write"  # take the body (content bytes from ``offset`` on); counted and hashed
     DUPLICATE = "duplicate"  # already stored; ack and drop
     AHEAD = "ahead"  # beyond a gap; drop, and ask for a resend if ``resend_from`` is set
     CORRUPT = "corrupt"  # CRC mismatch; dead-letter, ask for a resend if ``resend_from`` is set
@@ -114,18 +114,23 @@ class Reassembler:
         """
         self._apply(Event.CHUNK)
         offer = self.offer
-        if seq >= offer.chunk_count:
+        count = self.chunk_count
+        if count is not None and seq >= count:
             raise ProtocolError(
-                f"chunk {seq} of stream {offer.stream_id}: beyond the announced "
-                f"{offer.chunk_count} chunks"
+                f"chunk {seq} of stream {offer.stream_id}: beyond the announced {count} chunks"
             )
         if seq < self.stored:
             return ChunkOutcome(ChunkVerdict.DUPLICATE)
         expected_len = offer.chunk_length(seq)
-        if len(body) != expected_len:
+        if expected_len is not None and len(body) != expected_len:
             raise ProtocolError(
                 f"chunk {seq} of stream {offer.stream_id}: {len(body)} bytes != expected "
                 f"{expected_len}"
+            )
+        if len(body) > offer.chunk_size:
+            raise ProtocolError(
+                f"chunk {seq} of stream {offer.stream_id}: {len(body)} bytes > chunk size "
+                f"{offer.chunk_size}"
             )
         if seq > self.stored:
             return ChunkOutcome(
@@ -141,10 +146,15 @@ class Reassembler:
                 detail=f"chunk {seq} of stream {offer.stream_id}: crc32 {actual:#010x} != "
                 f"{crc32:#010x}",
             )
+        offset = self.stored_bytes
+        if offer.size is not None and offset + len(body) > offer.size:
+            raise ProtocolError(
+                f"chunk {seq} of stream {offer.stream_id}: ends at byte {offset + len(body)}, "
+                f"beyond the announced {offer.size}"
+            )
         self._sha.update(body)
-        offset = seq * offer.chunk_size
         self.stored += 1
-        self.stored_bytes += expected_len
+        self.stored_bytes += len(body)
         self._resend_asked_at = None
         return ChunkOutcome(ChunkVerdict.WRITE, offset=offset)
 
@@ -163,10 +173,17 @@ class Reassembler:
         """
         self._apply(Event.END)
         offer = self.offer
-        if end.chunk_count != offer.chunk_count or end.size != offer.size:
+        if offer.chunk_count is not None and (
+            end.chunk_count != offer.chunk_count or end.size != offer.size
+        ):
             raise ProtocolError(
                 f"end of stream {offer.stream_id}: {end.chunk_count} chunks / {end.size} bytes "
                 f"!= offered {offer.chunk_count} / {offer.size}"
+            )
+        if end.chunk_count < self.stored:
+            raise ProtocolError(
+                f"end of stream {offer.stream_id}: {end.chunk_count} chunks, but {self.stored} "
+                "are stored already"
             )
         if self.end is not None and self.end != end:
             raise ProtocolError(f"end of stream {offer.stream_id}: differs from the first end")
@@ -178,8 +195,15 @@ class Reassembler:
         return (
             self.state == State.RECEIVING
             and self.end is not None
-            and self.stored == self.offer.chunk_count
+            and self.stored == self.end.chunk_count
         )
+
+    @property
+    def chunk_count(self) -> int | None:
+        """Chunks in the stream, once known (from the offer, else from the end)."""
+        if self.offer.chunk_count is not None:
+            return self.offer.chunk_count
+        return None if self.end is None else self.end.chunk_count
 
     def verify(self) -> Failure | None:
         """Check size and SHA-256 of the stored content against the end.

@@ -5,9 +5,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-from common.naming import candidate_names, confined, partial_name
+from common.naming import candidate_names, confined, partial_name, safe_basename
+from common.protocol import Offer
+from common.streaming import ObjectAssembler
 
 log = logging.getLogger(__name__)
 
@@ -86,3 +90,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class FileAssembler(ObjectAssembler):
+    """The consuming half for files: pieces go to a :class:`PartialFile` at their offsets."""
+
+    def __init__(self, dest: Path, offer: Offer) -> None:
+        assert offer.size is not None  # the protocol requires it for files
+        self.name = offer.name
+        self.sink = PartialFile(dest, offer.stream_id, offer.size)
+
+    def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
+        self.sink.write(offset, data)
+
+    def finish(self) -> Path:
+        return self.sink.commit(safe_basename(self.name))
+
+    def discard(self) -> None:
+        self.sink.discard()

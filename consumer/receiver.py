@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,13 +24,34 @@ import pika
 import pika.exceptions
 
 from common.broker import connect, dead_letter
-from common.errors import BrokerUnreachable, ConfigError, ErrorCode, ProtocolError, TransferFailed
-from common.naming import safe_basename
-from common.protocol import Abort, Chunk, Done, End, Offer, Progress, parse, properties
+from common.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    ErrorCode,
+    ObjstreamError,
+    ProtocolError,
+    TransferFailed,
+)
+from common.protocol import (
+    CONTAINER_KIND,
+    FILE_KIND,
+    Abort,
+    Chunk,
+    Done,
+    End,
+    Offer,
+    Progress,
+    parse,
+    properties,
+)
 from common.reassembly import ChunkVerdict, Failure, Reassembler
 from common.settings import NAME_PATTERN, Settings
+from common.streaming import ObjectAssembler
 from common.topology import Topology
-from consumer.file_sink import PartialFile
+from consumer.container_assembler import ContainerAssembler, OnEntry
+from consumer.file_sink import FileAssembler
+
+AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +65,30 @@ class Received:
 
     stream_id: str
     kind: str
+    """``file``, ``container`` or a custom kind."""
     name: str
     """The name the sender gave it."""
-    path: Path
-    """Where it is stored (the sanitized base name, maybe with a ``-N`` suffix)."""
     size: int
     sha256: str
     sender: str
+    path: Path | None = None
+    """Files: where it is stored (the sanitized base name, maybe with a ``-N`` suffix)."""
+    value: Any = None
+    """Containers: the dict, list or set (``None`` when entries went to ``on_entry``);
+    custom kinds: what their assembler returned."""
+    info: Mapping[str, Any] = field(default_factory=dict)
+    """The sender's description of the object (containers: ``container``, ``entries``)."""
+
+    @property
+    def container_type(self) -> str | None:
+        """``dict``, ``list`` or ``set`` for containers."""
+        value = self.info.get("container")
+        return value if isinstance(value, str) else None
+
+    @property
+    def entry_count(self) -> int | None:
+        value = self.info.get("entries")
+        return value if isinstance(value, int) else None
 
 
 @dataclass
@@ -57,7 +96,7 @@ class _Stream:
     offer: Offer
     reply_to: str
     reassembler: Reassembler
-    sink: PartialFile
+    assembler: ObjectAssembler
     channel: Any = None
     consumer_tag: str = ""
     last_activity: float = field(default_factory=time.monotonic)
@@ -81,9 +120,22 @@ class Receiver:
 
     A stream that fails raises :class:`TransferFailed` from :meth:`receive`; the receiver itself
     goes on and can be asked for the next object.
+
+    Files go to ``dest``; containers come back in :attr:`Received.value`, or entry by entry to
+    ``on_entry`` (then they are not kept). ``assemblers`` adds custom kinds: a mapping from a
+    kind name to a factory that takes the :class:`Offer` and returns an
+    :class:`~common.streaming.ObjectAssembler`.
     """
 
-    def __init__(self, site: str, dest: str | Path, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        site: str,
+        dest: str | Path,
+        settings: Settings | None = None,
+        *,
+        on_entry: OnEntry | None = None,
+        assemblers: Mapping[str, AssemblerFactory] | None = None,
+    ) -> None:
         if not re.match(NAME_PATTERN, site):
             raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
         self.settings = settings or Settings()
@@ -93,6 +145,11 @@ class Receiver:
         if not self.dest.is_dir():
             raise ConfigError(f"destination {self.dest} is not a directory")
         self.topology = Topology.from_settings(self.settings)
+        self._assemblers: dict[str, AssemblerFactory] = {
+            FILE_KIND: lambda offer: FileAssembler(self.dest, offer),
+            CONTAINER_KIND: lambda offer: ContainerAssembler(offer, on_entry),
+            **(assemblers or {}),
+        }
         self._streams: dict[str, _Stream] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._outcomes: deque[Received | TransferFailed] = deque()
@@ -160,7 +217,7 @@ class Receiver:
             log.debug("connection already gone while closing", exc_info=True)
         finally:
             for stream in self._streams.values():
-                stream.sink.discard()
+                stream.assembler.discard()
 
     def __enter__(self) -> Receiver:
         return self
@@ -216,7 +273,7 @@ class Receiver:
         if sid in self._streams or sid in self._recent:
             log.debug("duplicate offer for stream %s ignored", sid)
             return
-        if offer.size > self.settings.max_object_size:
+        if offer.size is not None and offer.size > self.settings.max_object_size:
             self._reply_refusal(
                 offer,
                 props.reply_to,
@@ -225,8 +282,20 @@ class Receiver:
                 f"{int(self.settings.max_object_size)} bytes",
             )
             return
+        factory = self._assemblers.get(offer.kind)
+        if factory is None:
+            self._reply_refusal(
+                offer,
+                props.reply_to,
+                ErrorCode.REFUSED,
+                f"site {self.site} does not receive objects of kind {offer.kind!r}",
+            )
+            return
         try:
-            sink = PartialFile(self.dest, sid, offer.size)
+            assembler = factory(offer)
+        except ProtocolError as e:
+            self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL, str(e))
+            return
         except OSError as e:
             self._reply_refusal(
                 offer,
@@ -235,7 +304,7 @@ class Receiver:
                 f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}",
             )
             return
-        stream = _Stream(offer, props.reply_to, Reassembler(offer), sink)
+        stream = _Stream(offer, props.reply_to, Reassembler(offer), assembler)
         stream.reassembler.accept()
         stream.channel = self._connection.channel()
         stream.channel.basic_qos(prefetch_count=offer.window)
@@ -257,6 +326,7 @@ class Receiver:
         done = Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail)
         self._control.basic_publish("", reply_to, b"", properties(done))
         self._remember(offer.stream_id)
+        self._outcomes.append(TransferFailed(offer.sender, offer.stream_id, code, detail))
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -294,9 +364,14 @@ class Receiver:
         outcome = stream.reassembler.chunk(chunk.seq, chunk.crc32, body)
         if outcome.verdict is ChunkVerdict.WRITE:
             try:
-                stream.sink.write(outcome.offset, body)
+                stream.assembler.take(outcome.offset, body, chunk.meta)
+            except ProtocolError as e:
+                self._fail(stream, ErrorCode.PROTOCOL, str(e))
             except OSError as e:
-                self._fail(stream, ErrorCode.IO, f"writing {stream.sink.path}: {e.strerror or e}")
+                self._fail(stream, ErrorCode.IO, f"storing chunk {chunk.seq}: {e.strerror or e}")
+            except Exception as e:  # an on_entry callback or a custom assembler failed
+                log.debug("assembler failed", exc_info=True)
+                self._fail(stream, ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
             return
         if outcome.verdict is ChunkVerdict.CORRUPT:
             dead_letter(self._control, self.topology, props, body, outcome.detail)
@@ -326,37 +401,55 @@ class Receiver:
 
     def _finish(self, stream: _Stream) -> None:
         failure = stream.reassembler.verify()
-        path = None
+        result: Any = None
         if failure is None:
             try:
-                path = stream.sink.commit(safe_basename(stream.offer.name))
+                result = stream.assembler.finish()
             except OSError as e:
                 failure = Failure(ErrorCode.IO, f"committing into {self.dest}: {e.strerror or e}")
+            except ObjstreamError as e:
+                failure = Failure(ErrorCode.PROTOCOL, str(e))
+            if failure is not None:
                 stream.reassembler.fail(failure)
-        if failure is not None or path is None:
-            assert failure is not None
+        if failure is not None:
             self._fail(stream, failure.code, failure.detail)
             return
         stream.reassembler.mark_done()
         offer = stream.offer
-        log.info("stored %r from %s as %s (%d bytes)", offer.name, offer.sender, path, offer.size)
+        path = result if isinstance(result, Path) else None
+        size = stream.reassembler.stored_bytes
+        log.info(
+            "stored %s %r from %s (%d bytes)%s",
+            offer.kind,
+            offer.name,
+            offer.sender,
+            size,
+            f" as {path}" if path else "",
+        )
         self._end(
             stream,
-            Done(stream_id=offer.stream_id, site=self.site, ok=True, stored_as=path.name),
+            Done(
+                stream_id=offer.stream_id,
+                site=self.site,
+                ok=True,
+                stored_as=path.name if path else None,
+            ),
             Received(
                 offer.stream_id,
                 offer.kind,
                 offer.name,
-                path,
-                offer.size,
+                size,
                 stream.reassembler.sha256,
                 offer.sender,
+                path=path,
+                value=result,
+                info=dict(offer.info or {}),
             ),
         )
 
     def _fail(self, stream: _Stream, code: ErrorCode, detail: str) -> None:
         stream.reassembler.fail(Failure(code, detail))
-        stream.sink.discard()
+        stream.assembler.discard()
         log.warning(
             "stream %s from %s failed (%s): %s",
             stream.offer.stream_id,

@@ -1,7 +1,19 @@
 """The sending and serving side: stream objects to other sites."""
 
-from producer.file_streamer import FileStreamer
+from common.streaming import ObjectStreamer, Piece
+from producer.container_source import ContainerSource
 from producer.sender import StreamSender, TargetResult
-from producer.sources import ChunkSource, FileSource
+from producer.sources import FileSource
+from producer.streamer import ContainerStreamer, FileStreamer, Streamer
 
-__all__ = ["ChunkSource", "FileSource", "FileStreamer", "StreamSender", "TargetResult"]
+__all__ = [
+    "ContainerSource",
+    "ContainerStreamer",
+    "FileSource",
+    "FileStreamer",
+    "ObjectStreamer",
+    "Piece",
+    "StreamSender",
+    "Streamer",
+    "TargetResult",
+]

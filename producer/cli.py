@@ -9,7 +9,7 @@ from typing import Any
 
 from common.cli import size_arg
 from common.settings import Settings
-from producer.file_streamer import FileStreamer
+from producer.streamer import FileStreamer
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:

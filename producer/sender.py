@@ -13,18 +13,21 @@ import hashlib
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import pika
 import pika.exceptions
+from pydantic import ValidationError
 
 from common.broker import dead_letter
 from common.errors import (
     BrokerUnreachable,
     ErrorCode,
     ObjectTooLarge,
+    ObjstreamError,
     ProtocolError,
     SendFailed,
     TimedOut,
@@ -42,8 +45,8 @@ from common.protocol import (
     properties,
 )
 from common.settings import Settings
+from common.streaming import ObjectStreamer, Piece
 from common.topology import Topology
-from producer.sources import ChunkSource
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,74 @@ class _SharedDigest:
         return self._sha.hexdigest()
 
 
+class _PieceReader:
+    """Pieces by number, for the cursors: straight from a random-access streamer, or from the
+    streamer's iterator with the last pieces kept for resends.
+
+    For an iterator, every target is held within one window of the slowest (``lockstep``), so
+    the kept pieces never exceed one window.
+    """
+
+    def __init__(self, streamer: ObjectStreamer) -> None:
+        self.streamer = streamer
+        self.digest = _SharedDigest()
+        self.lockstep = not streamer.random_access
+        self.count = streamer.chunk_count
+        self.size = streamer.size if streamer.size is not None else 0
+        self._produced = 0
+        self._kept: deque[Piece] = deque()  # pieces _kept_from .. _produced-1
+        self._kept_from = 0
+        self._iterator: Iterator[Piece] | None = None
+        if streamer.random_access:
+            if streamer.chunk_count is None or streamer.size is None:
+                raise ObjstreamError(
+                    f"{streamer.kind} {streamer.name!r}: random access "
+                    "streamers must know size and chunk_count"
+                )
+        else:
+            self._iterator = iter(streamer.pieces())
+
+    def get(self, seq: int) -> Piece | None:
+        """Piece ``seq``, or ``None`` past the last one."""
+        if self.count is not None and seq >= self.count:
+            return None
+        if self._iterator is None:
+            piece = self.streamer.piece(seq)
+        elif seq < self._produced:
+            if seq < self._kept_from:
+                raise AssertionError(f"piece {seq} was already released")
+            return self._kept[seq - self._kept_from]
+        else:
+            assert seq == self._produced
+            try:
+                piece = next(self._iterator)
+            except StopIteration:
+                self._finish_count(seq)
+                return None
+            self._kept.append(piece)
+            self._produced += 1
+            self.size += len(piece.data)
+        self._check(seq, piece)
+        self.digest.feed(seq, piece.data)
+        return piece
+
+    def _check(self, seq: int, piece: Piece) -> None:
+        if len(piece.data) > self.streamer.chunk_size:
+            raise ObjstreamError(
+                f"{self.streamer.kind} {self.streamer.name!r}: piece {seq} has "
+                f"{len(piece.data)} bytes, more than the chunk size {self.streamer.chunk_size}"
+            )
+
+    def _finish_count(self, produced: int) -> None:
+        self.count = produced
+
+    def release_before(self, seq: int) -> None:
+        """Every target stored the pieces before ``seq``: forget them."""
+        while self._kept and self._kept_from < seq:
+            self._kept.popleft()
+            self._kept_from += 1
+
+
 class StreamSender:
     """Sends sources to target sites over one connection."""
 
@@ -115,11 +186,12 @@ class StreamSender:
 
     def send(
         self,
-        source: ChunkSource,
+        source: ObjectStreamer,
         targets: Sequence[str],
         *,
         timeout: float | None = None,
         window: int | None = None,
+        chunk_size: int | None = None,
     ) -> list[TargetResult]:
         """Stream ``source`` to every target; return when each has a verdict.
 
@@ -128,15 +200,16 @@ class StreamSender:
             ObjectTooLarge: the source exceeds ``max_object_size``.
             BrokerUnreachable: the broker connection was lost.
         """
-        if source.size > self.settings.max_object_size:
-            raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
         if not targets:
             raise ValueError("no target sites given")
         if len(set(targets)) != len(targets):
             raise ValueError(f"target sites repeat: {list(targets)}")
+        source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
+        if source.size is not None and source.size > self.settings.max_object_size:
+            raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
         try:
             return self._send(
-                source,
+                _PieceReader(source),
                 list(targets),
                 timeout or self.settings.timeout,
                 window or self.settings.window,
@@ -147,9 +220,9 @@ class StreamSender:
             self._cursors.clear()
 
     def _send(
-        self, source: ChunkSource, targets: list[str], timeout: float, window: int
+        self, reader: _PieceReader, targets: list[str], timeout: float, window: int
     ) -> list[TargetResult]:
-        digest = _SharedDigest()
+        source = reader.streamer
         cursors = []
         for target in targets:
             cursor = _Cursor(target, new_stream_id())
@@ -157,7 +230,7 @@ class StreamSender:
             cursors.append(cursor)
             self._offer(source, cursor, timeout, window)
         log.info(
-            "streaming %s %r (%d bytes, %d chunks) to %s",
+            "streaming %s %r (%s bytes, %s chunks) to %s",
             source.kind,
             source.name,
             source.size,
@@ -168,20 +241,28 @@ class StreamSender:
             active = [c for c in cursors if not c.finished]
             if not active:
                 break
+            floor = min(c.stored for c in active)
+            reader.release_before(floor)
             now = time.monotonic()
+            can_send = False
             for cursor in active:
-                self._pump(source, cursor, digest, window)
+                limit = cursor.stored + window
+                if reader.lockstep:
+                    limit = min(limit, floor + window)
+                self._pump(reader, cursor, limit)
                 self._check_silence(cursor, now, timeout)
-            can_send = any(
-                not c.finished and c.next_seq < min(source.chunk_count, c.stored + window)
-                for c in cursors
-            )
+                can_send |= (
+                    not cursor.finished
+                    and cursor.next_seq < limit
+                    and (reader.count is None or cursor.next_seq < reader.count)
+                )
             self._connection.process_data_events(time_limit=0 if can_send else 0.05)
 
-        sha256 = digest.hexdigest() if digest.hashed == source.chunk_count else ""
+        complete = reader.count is not None and reader.digest.hashed == reader.count
+        sha256 = reader.digest.hexdigest() if complete else ""
         results = [
             TargetResult(
-                c.site, c.stream_id, c.error is None, source.size, sha256, c.stored_as, c.error
+                c.site, c.stream_id, c.error is None, reader.size, sha256, c.stored_as, c.error
             )
             for c in cursors
         ]
@@ -192,20 +273,24 @@ class StreamSender:
 
     # -- per target -----------------------------------------------------------------------------
 
-    def _offer(self, source: ChunkSource, cursor: _Cursor, timeout: float, window: int) -> None:
+    def _offer(self, source: ObjectStreamer, cursor: _Cursor, timeout: float, window: int) -> None:
         self.topology.declare_inbox(self._channel, cursor.site)
         self.topology.declare_data_queue(self._channel, cursor.stream_id)
-        offer = Offer(
-            stream_id=cursor.stream_id,
-            kind=source.kind,
-            name=source.name,
-            size=source.size,
-            chunk_size=source.chunk_size,
-            chunk_count=source.chunk_count,
-            window=window,
-            sender=self.site,
-            target=cursor.site,
-        )
+        try:
+            offer = Offer(
+                stream_id=cursor.stream_id,
+                kind=source.kind,
+                name=source.name,
+                size=source.size,
+                chunk_size=source.chunk_size,
+                chunk_count=source.chunk_count,
+                window=window,
+                sender=self.site,
+                target=cursor.site,
+                info=source.info() or None,
+            )
+        except ValidationError as e:
+            raise ObjstreamError(f"cannot offer {source.kind} {source.name!r}: {e}") from None
         props = properties(offer, reply_to=self._reply_queue)
         # An offer nobody took within the timeout is void: the sender has given up by then.
         props.expiration = str(int(timeout * 1000))
@@ -213,31 +298,33 @@ class StreamSender:
             self.topology.exchange, self.topology.inbox_key(cursor.site), b"", props
         )
 
-    def _pump(
-        self, source: ChunkSource, cursor: _Cursor, digest: _SharedDigest, window: int
-    ) -> None:
+    def _pump(self, reader: _PieceReader, cursor: _Cursor, limit: int) -> None:
         """Publish what the window allows, then the end once every chunk went out."""
-        count = source.chunk_count
-        limit = min(count, cursor.stored + window)
         key = self.topology.data_key(cursor.stream_id)
         persistent = self.settings.persistent_chunks
         while cursor.next_seq < limit:
             seq = cursor.next_seq
-            data = source.read_chunk(seq)
-            digest.feed(seq, data)
-            header = Chunk(stream_id=cursor.stream_id, seq=seq, crc32=zlib.crc32(data))
+            piece = reader.get(seq)
+            if piece is None:
+                break
+            header = Chunk(
+                stream_id=cursor.stream_id,
+                seq=seq,
+                crc32=zlib.crc32(piece.data),
+                meta=dict(piece.meta) if piece.meta else None,
+            )
             props = properties(
                 header, persistent=persistent, message_id=f"{cursor.stream_id}:{seq}"
             )
-            self._channel.basic_publish(self.topology.exchange, key, data, props)
+            self._channel.basic_publish(self.topology.exchange, key, piece.data, props)
             cursor.next_seq = seq + 1
-        if cursor.next_seq == count and not cursor.end_sent:
-            assert digest.hashed == count
+        if cursor.next_seq == reader.count and not cursor.end_sent:
+            assert reader.digest.hashed == reader.count
             end = End(
                 stream_id=cursor.stream_id,
-                chunk_count=count,
-                size=source.size,
-                sha256=digest.hexdigest(),
+                chunk_count=reader.count,
+                size=reader.size,
+                sha256=reader.digest.hexdigest(),
             )
             self._channel.basic_publish(self.topology.exchange, key, b"", properties(end))
             cursor.end_sent = True

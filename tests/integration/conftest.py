@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
@@ -144,13 +145,16 @@ def dead_letters(settings: Settings) -> Callable[[], list[tuple[dict[str, object
 class BackgroundReceiver:
     """A :class:`Receiver` in its own thread (with its own connection), collecting outcomes."""
 
-    def __init__(self, site: str, dest: Path, settings: Settings) -> None:
+    def __init__(self, site: str, dest: Path, settings: Settings, **options: Any) -> None:
         self.outcomes: list[Received | TransferFailed] = []
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(site, dest, settings), name=f"receiver-{site}", daemon=True
+            target=self._run,
+            args=(site, dest, settings, options),
+            name=f"receiver-{site}",
+            daemon=True,
         )
         self._thread.start()
         if not self._ready.wait(30):
@@ -158,9 +162,9 @@ class BackgroundReceiver:
         if self._error:
             raise self._error
 
-    def _run(self, site: str, dest: Path, settings: Settings) -> None:
+    def _run(self, site: str, dest: Path, settings: Settings, options: dict[str, Any]) -> None:
         try:
-            with Receiver(site, dest, settings) as receiver:
+            with Receiver(site, dest, settings, **options) as receiver:
                 self._ready.set()
                 while not self._stop.is_set():
                     try:

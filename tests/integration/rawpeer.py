@@ -29,23 +29,41 @@ class RawPeer:
         self.topology.declare_inbox(self.channel, target)
         self.topology.declare_data_queue(self.channel, self.stream_id)
 
-    def offer(self, name: str, size: int, chunk_size: int, window: int = 8) -> None:
+    def offer(
+        self,
+        name: str,
+        size: int | None,
+        chunk_size: int,
+        window: int = 8,
+        *,
+        kind: str = "file",
+        chunk_count: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        if chunk_count is None and size is not None:
+            chunk_count = -(-size // chunk_size)
         offer = Offer(
             stream_id=self.stream_id,
-            kind="file",
+            kind=kind,
             name=name,
             size=size,
             chunk_size=chunk_size,
-            chunk_count=-(-size // chunk_size),
+            chunk_count=chunk_count,
             window=window,
             sender="raw",
             target=self.target,
+            info=info,
         )
         self.publish_inbox(b"", properties(offer, reply_to=self.reply))
 
-    def chunk(self, seq: int, body: bytes, crc32: int | None = None) -> None:
+    def chunk(
+        self, seq: int, body: bytes, crc32: int | None = None, meta: dict[str, Any] | None = None
+    ) -> None:
         header = Chunk(
-            stream_id=self.stream_id, seq=seq, crc32=zlib.crc32(body) if crc32 is None else crc32
+            stream_id=self.stream_id,
+            seq=seq,
+            crc32=zlib.crc32(body) if crc32 is None else crc32,
+            meta=meta,
         )
         self.publish_data(body, properties(header))
 

@@ -11,7 +11,8 @@ def test_chunks_cover_the_file_exactly(tmp_path, size, count):
     path = tmp_path / "f"
     data = bytes(range(size))
     path.write_bytes(data)
-    source = FileSource(path, 4)
+    source = FileSource(path)
+    source.prepare(4)
     assert source.chunk_count == count
     assert source.size == size
     assert source.name == "f"
@@ -23,7 +24,8 @@ def test_chunks_cover_the_file_exactly(tmp_path, size, count):
 def test_a_file_that_shrinks_while_streaming_is_caught(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"x" * 10)
-    source = FileSource(path, 4)
+    source = FileSource(path)
+    source.prepare(4)
     with open(path, "r+b") as f:
         f.truncate(5)
     with pytest.raises(SourceChanged, match="shrank"):
@@ -33,7 +35,7 @@ def test_a_file_that_shrinks_while_streaming_is_caught(tmp_path):
 
 def test_directories_are_refused(tmp_path):
     with pytest.raises(Exception, match="not a regular file"):
-        FileSource(tmp_path, 4)
+        FileSource(tmp_path)
 
 
 def test_shared_digest_hashes_each_chunk_once_whatever_the_resends():

@@ -1,0 +1,324 @@
+"""A safe value codec: msgpack for structure, raw out-of-band buffers for array and bytes payloads.
+
+No pickle anywhere, and the decoder never instantiates a class named by the peer: the only
+things it builds are None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict,
+set, frozenset and numpy arrays / scalars of non-object dtypes.
+
+Encoding a value gives a small *structure* (msgpack bytes) plus a list of *buffers* (memoryviews
+of the original arrays and bytes, not copies, wherever the memory layout allows). Decoding is
+two-step, so big payloads are never copied twice: :func:`decode_structure` parses the structure
+and preallocates every array and bytes buffer it announces, returning :class:`Decoded` with the
+writable regions to fill; once they are filled, :meth:`Decoded.value` gives the value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+import numpy as np
+
+from common.errors import ObjstreamError, ProtocolError
+
+# msgpack ext type codes
+EXT_ARRAY = 1  # [buffer index, dtype str, shape, fortran]
+EXT_BYTES = 2  # [buffer index, length] (out of band; only as a list item or dict value)
+EXT_BYTEARRAY = 3  # [buffer index, length] (out of band, filled in place)
+EXT_TUPLE = 4  # msgpack list
+EXT_SET = 5
+EXT_FROZENSET = 6
+EXT_BIGINT = 7  # decimal text
+EXT_COMPLEX = 8  # [real, imag]
+EXT_NP_SCALAR = 9  # [dtype str, raw bytes]
+
+# bytes values at least this long travel out of band (raw, no msgpack copy)
+OUT_OF_BAND_BYTES = 4096
+# numpy dtype kinds the codec accepts: bool, int, uint, float, complex, bytes, str, datetime, delta
+ARRAY_KINDS = frozenset("biufcSUMm")
+MAX_DIMS = 64
+
+
+class EncodeError(ObjstreamError):
+    """A value cannot be encoded (it is refused before anything is sent)."""
+
+
+@dataclass
+class Encoded:
+    """A value as structure bytes plus raw buffers (views of the original where possible)."""
+
+    structure: bytes
+    buffers: list[memoryview]
+
+    @property
+    def size(self) -> int:
+        return len(self.structure) + sum(b.nbytes for b in self.buffers)
+
+
+def _dtype_code(dtype: np.dtype[Any], where: str) -> str:
+    if dtype.kind not in ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+        raise EncodeError(f"{where}: numpy dtype {dtype} is not supported (object or structured)")
+    return str(dtype.str)
+
+
+def _array_bytes(array: np.ndarray[Any, Any]) -> tuple[memoryview, bool]:
+    """A flat byte view of ``array``'s data, and whether it is laid out in Fortran order.
+
+    C- and Fortran-contiguous arrays are not copied; other views (slices with steps...) are made
+    contiguous first, a copy of that one array.
+    """
+    fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)
+    flat = array.T if fortran else np.ascontiguousarray(array)
+    if flat.dtype.itemsize == 0 or flat.size == 0:
+        return memoryview(b""), fortran
+    return flat.reshape(-1).view(np.uint8).data, fortran
+
+
+def encode(value: Any, where: str = "value") -> Encoded:
+    """Encode ``value``; ``where`` names it in errors (for example ``"key 'w1'"``).
+
+    Raises:
+        EncodeError: a part of the value has a type the codec does not carry; the message names
+            ``where`` and the type.
+    """
+    buffers: list[memoryview] = []
+
+    def out_of_band(view: memoryview) -> int:
+        buffers.append(view)
+        return len(buffers) - 1
+
+    def ext(code: int, obj: Any) -> msgpack.ExtType:
+        return msgpack.ExtType(code, _packb(obj, where))
+
+    def route(obj: Any, patchable: bool) -> Any:
+        # One depth-first, in-order walk turns everything msgpack does not carry natively into
+        # ext markers, so buffers are numbered in the order the decoder meets them. Big bytes go
+        # out of band only as list items or dict values (mutable parents the decoder patches
+        # once the bytes have arrived); elsewhere they stay inline.
+        kind = type(obj)
+        if obj is None or kind in (bool, float, str):
+            return obj
+        if kind is int:
+            if -(2**63) <= obj < 2**64:
+                return obj
+            return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+        if kind is bytes:
+            if patchable and len(obj) >= OUT_OF_BAND_BYTES:
+                return ext(EXT_BYTES, [out_of_band(memoryview(obj)), len(obj)])
+            return obj
+        if kind is bytearray:
+            return ext(EXT_BYTEARRAY, [out_of_band(memoryview(obj)), len(obj)])
+        if kind is list:
+            return [route(v, True) for v in obj]
+        if kind is dict:
+            return {route(k, False): route(v, True) for k, v in obj.items()}
+        if kind in _SEQUENCE_CODES:
+            return ext(_SEQUENCE_CODES[kind], [route(v, False) for v in obj])
+        if kind is complex:
+            return ext(EXT_COMPLEX, [obj.real, obj.imag])
+        if isinstance(obj, np.ndarray):
+            code = _dtype_code(obj.dtype, where)
+            view, fortran = _array_bytes(obj)
+            return ext(EXT_ARRAY, [out_of_band(view), code, list(obj.shape), fortran])
+        if isinstance(obj, np.generic):
+            code = _dtype_code(obj.dtype, where)
+            return ext(EXT_NP_SCALAR, [code, np.asarray(obj).tobytes()])
+        raise EncodeError(
+            f"{where}: cannot encode a value of type {kind.__module__}.{kind.__qualname__} "
+            "(supported: None, bool, int, float, complex, str, bytes, bytearray, list, tuple, "
+            "dict, set, frozenset, numpy arrays and scalars of non-object dtypes)"
+        )
+
+    return Encoded(_packb(route(value, True), where), buffers)
+
+
+def _packb(obj: Any, where: str) -> bytes:
+    try:
+        return bytes(msgpack.packb(obj, strict_types=True, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as e:
+        raise EncodeError(f"{where}: cannot encode: {e}") from None
+
+
+_SEQUENCE_CODES: dict[type[Any], int] = {tuple: EXT_TUPLE, set: EXT_SET, frozenset: EXT_FROZENSET}
+
+
+class _BytesBox:
+    """Stands for a bytes value while its bytes arrive (bytes objects are immutable)."""
+
+    __slots__ = ("buffer",)
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(size)
+
+
+@dataclass
+class Decoded:
+    """A parsed structure whose buffers wait to be filled."""
+
+    raw: Any
+    regions: list[memoryview]
+    """Writable byte regions, in the order their bytes follow the structure."""
+    patches: list[tuple[Any, Any, _BytesBox]]
+
+    @property
+    def payload_size(self) -> int:
+        return sum(r.nbytes for r in self.regions)
+
+    def value(self) -> Any:
+        """The value, once every region is filled (bytes values are made bytes here)."""
+        for parent, key, box in self.patches:
+            parent[key] = bytes(box.buffer)
+        self.patches.clear()
+        if isinstance(self.raw, _BytesBox):
+            self.raw = bytes(self.raw.buffer)
+        return self.raw
+
+
+def decode_structure(structure: bytes, *, max_payload: int) -> Decoded:
+    """Parse ``structure`` from a peer and preallocate its buffers (at most ``max_payload`` bytes).
+
+    Raises:
+        ProtocolError: malformed structure, an unsupported dtype, a bad shape, a buffer index out
+            of order, or announced buffers larger than ``max_payload``.
+    """
+    regions: list[memoryview] = []
+    patches: list[tuple[Any, Any, _BytesBox]] = []
+    budget = [max_payload]
+
+    def claim(index: Any, size: Any) -> None:
+        if index != len(regions):
+            raise ProtocolError(f"buffer index {index!r} out of order (expected {len(regions)})")
+        if type(size) is not int or size < 0:
+            raise ProtocolError(f"malformed buffer length {size!r}")
+        if size > budget[0]:
+            raise ProtocolError(
+                f"value claims {size} more payload bytes than the entry carries ({budget[0]} left)"
+            )
+        budget[0] -= size
+
+    def unpack(data: bytes) -> Any:
+        return msgpack.unpackb(
+            data,
+            ext_hook=ext_hook,
+            list_hook=list_hook,
+            object_hook=object_hook,
+            raw=False,
+            strict_map_key=False,
+        )
+
+    def list_hook(items: list[Any]) -> list[Any]:
+        for i, item in enumerate(items):
+            if isinstance(item, _BytesBox):
+                patches.append((items, i, item))
+        return items
+
+    def object_hook(mapping: dict[Any, Any]) -> dict[Any, Any]:
+        for key, item in mapping.items():
+            if isinstance(item, _BytesBox):
+                patches.append((mapping, key, item))
+        return mapping
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == EXT_ARRAY:
+            index, dtype_code, shape_list, fortran = _fields(unpack(data), 4, "array")
+            dtype = _parse_dtype(dtype_code)
+            shape = _parse_shape(shape_list)
+            nbytes = math.prod(shape) * dtype.itemsize
+            claim(index, nbytes)
+            flat = np.empty(nbytes, dtype=np.uint8)
+            regions.append(flat.data)
+            order: Literal["C", "F"] = "F" if fortran is True else "C"
+            if dtype.itemsize == 0 or nbytes == 0:
+                return np.empty(shape, dtype=dtype, order=order)
+            return flat.view(dtype).reshape(shape, order=order)
+        if code in (EXT_BYTES, EXT_BYTEARRAY):
+            index, length = _fields(unpack(data), 2, "bytes")
+            claim(index, length)
+            if code == EXT_BYTEARRAY:
+                array = bytearray(length)
+                regions.append(memoryview(array))
+                return array
+            box = _BytesBox(length)
+            regions.append(memoryview(box.buffer))
+            return box
+        if code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET):
+            items = _list(unpack(data), "sequence")
+            if any(isinstance(v, _BytesBox) for v in items):
+                raise ProtocolError("out-of-band bytes inside a tuple or set")
+            maker = {EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset}[code]
+            try:
+                return maker(items)
+            except TypeError as e:  # an unhashable member of a set
+                raise ProtocolError(f"malformed set: {e}") from None
+        if code == EXT_BIGINT:
+            text = data.decode("ascii", errors="replace")
+            if len(text) > 10_000 or not text.removeprefix("-").isdigit():
+                raise ProtocolError("malformed big integer")
+            return int(text)
+        if code == EXT_COMPLEX:
+            real, imag = _fields(unpack(data), 2, "complex")
+            if type(real) is not float or type(imag) is not float:
+                raise ProtocolError("malformed complex")
+            return complex(real, imag)
+        if code == EXT_NP_SCALAR:
+            dtype_code, raw = _fields(unpack(data), 2, "numpy scalar")
+            dtype = _parse_dtype(dtype_code)
+            if type(raw) is not bytes or len(raw) != dtype.itemsize:
+                raise ProtocolError("malformed numpy scalar")
+            return np.frombuffer(raw, dtype=dtype, count=1)[0] if dtype.itemsize else dtype.type()
+        raise ProtocolError(f"unknown ext type {code}")
+
+    try:
+        value = unpack(structure)
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises assorted errors on garbage
+        raise ProtocolError(f"malformed value structure: {e}") from None
+    return Decoded(value, regions, patches)
+
+
+def decode(encoded: Encoded) -> Any:
+    """Decode an :class:`Encoded` in one go (tests, small values)."""
+    decoded = decode_structure(encoded.structure, max_payload=encoded.size)
+    if len(decoded.regions) != len(encoded.buffers):
+        raise ProtocolError("buffer count mismatch")
+    for region, buffer in zip(decoded.regions, encoded.buffers, strict=True):
+        if region.nbytes != buffer.nbytes:
+            raise ProtocolError("buffer length mismatch")
+        region[:] = buffer.cast("B") if buffer.format != "B" else buffer
+    return decoded.value()
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ProtocolError(f"malformed {what}")
+    return value
+
+
+def _fields(value: Any, count: int, what: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) != count:
+        raise ProtocolError(f"malformed {what} header")
+    return value
+
+
+def _parse_dtype(code: Any) -> np.dtype[Any]:
+    if not isinstance(code, str) or len(code) > 32:
+        raise ProtocolError(f"malformed dtype {code!r}")
+    try:
+        dtype = np.dtype(code)
+    except TypeError:
+        raise ProtocolError(f"unknown dtype {code!r}") from None
+    if dtype.kind not in ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
+        raise ProtocolError(f"dtype {code!r} is not allowed")
+    return dtype
+
+
+def _parse_shape(shape: Any) -> tuple[int, ...]:
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(n) is int and 0 <= n < 2**62 for n in shape)
+    ):
+        raise ProtocolError(f"malformed shape {shape!r}")
+    return tuple(shape)

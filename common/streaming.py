@@ -1,0 +1,82 @@
+"""The two halves every kind of object is streamed with, as in NVIDIA FLARE's ObjectStreamer.
+
+An :class:`ObjectStreamer` (the producing half) cuts an object into pieces, each some bytes and
+an optional small ``meta`` mapping. An :class:`ObjectAssembler` (the consuming half) takes the
+pieces in order and returns the result. Files and containers are built on these two; a new kind
+(records from a generator, a database table row by row...) is one subclass of each, registered
+under a kind name, and gets the transport, window, verification and resends for free.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+MetaValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One chunk's worth of an object: at most ``chunk_size`` bytes, and what they are."""
+
+    data: bytes
+    meta: Mapping[str, MetaValue] | None = None
+
+
+class ObjectStreamer(ABC):
+    """The producing half: the pieces of one object, in order.
+
+    Subclasses set :attr:`kind` and :attr:`name`, and implement :meth:`pieces`. If they know the
+    object's total ``size`` and ``chunk_count`` up front they set them in :meth:`prepare` (the
+    receiver then checks them as the stream goes); if they can produce any piece by number they
+    set :attr:`random_access` and implement :meth:`piece`, which lets the sender resend without
+    keeping a copy. Otherwise the sender keeps the last ``window`` pieces to resend from.
+    """
+
+    kind: ClassVar[str]
+    random_access: ClassVar[bool] = False
+
+    name: str
+    size: int | None = None
+    chunk_count: int | None = None
+
+    def prepare(self, chunk_size: int) -> None:
+        """Called once before streaming, with the chunk size pieces must not exceed."""
+        self.chunk_size = chunk_size
+
+    def info(self) -> dict[str, MetaValue]:
+        """A small, flat description sent with the offer (at most 16 entries)."""
+        return {}
+
+    @abstractmethod
+    def pieces(self) -> Iterator[Piece]:
+        """The pieces, in order; each ``data`` at most ``chunk_size`` bytes."""
+
+    def piece(self, seq: int) -> Piece:
+        """Piece number ``seq`` (only for ``random_access`` streamers)."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the streamer holds (files...)."""
+
+
+class ObjectAssembler(ABC):
+    """The consuming half: takes the pieces of one object in order and returns the result.
+
+    ``take`` is called for each piece in sequence (``offset`` is the byte position of its data
+    in the whole); ``finish`` once every piece arrived and the whole was verified (size and
+    SHA-256); ``discard`` if the stream failed, to drop anything partial.
+    """
+
+    @abstractmethod
+    def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
+        """Take the next piece."""
+
+    @abstractmethod
+    def finish(self) -> Any:
+        """Return the object (or a path to it)."""
+
+    def discard(self) -> None:  # noqa: B027 - optional hook
+        """Drop whatever was assembled so far."""

@@ -1,0 +1,178 @@
+"""The consuming half for containers: entries rebuilt in place, kept or handed to a callback.
+
+Each entry's bytes are its msgpack structure followed by its payloads (see
+``producer/container_source.py``). The structure is collected, parsed with the safe codec, which
+preallocates every array and bytes buffer it announces, and the payload bytes that follow are
+written straight into those buffers: no second copy. With ``on_entry`` each entry is handed over
+as soon as it is complete and not kept, so a container larger than memory can be processed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.codec import Decoded, decode_structure
+from common.errors import ProtocolError
+from common.protocol import Offer
+from common.streaming import ObjectAssembler
+
+CONTAINER_TYPES = ("dict", "list", "set")
+
+
+@dataclass(frozen=True)
+class ContainerEntry:
+    """One complete entry of a container being received."""
+
+    name: str
+    """The container's name."""
+    container_type: str
+    """``dict``, ``list`` or ``set``."""
+    index: int
+    """Position in the stream (0-based)."""
+    key: Any
+    """The dict key, the list index, or ``None`` for a set member."""
+    value: Any
+
+
+OnEntry = Callable[[ContainerEntry], None]
+
+
+class _EntryInProgress:
+    def __init__(self, index: int, head: int, size: int) -> None:
+        self.index = index
+        self.head = head
+        self.size = size
+        self.received = 0
+        self.parts = 1
+        self.structure = bytearray()
+        self.decoded: Decoded | None = None
+        self.region = 0  # region being filled
+        self.region_offset = 0
+
+    def feed(self, data: memoryview) -> None:
+        if self.received + len(data) > self.size:
+            raise ProtocolError(
+                f"entry {self.index}: {self.received + len(data)} bytes > announced {self.size}"
+            )
+        self.received += len(data)
+        if self.decoded is None:
+            need = self.head - len(self.structure)
+            self.structure += data[:need]
+            data = data[need:]
+            if len(self.structure) < self.head:
+                return
+            payload = self.size - self.head
+            self.decoded = decode_structure(bytes(self.structure), max_payload=payload)
+            if self.decoded.payload_size != payload:
+                raise ProtocolError(
+                    f"entry {self.index}: its value announces {self.decoded.payload_size} "
+                    f"payload bytes, the entry carries {payload}"
+                )
+            self.structure = bytearray()
+        regions = self.decoded.regions
+        while data:
+            region = regions[self.region]
+            room = region.nbytes - self.region_offset
+            if room == 0:
+                self.region += 1
+                self.region_offset = 0
+                continue
+            take = min(room, len(data))
+            region[self.region_offset : self.region_offset + take] = data[:take]
+            self.region_offset += take
+            data = data[take:]
+
+    @property
+    def complete(self) -> bool:
+        return self.decoded is not None and self.received == self.size
+
+
+class ContainerAssembler(ObjectAssembler):
+    """Rebuilds a dict, list or set from its entries (or hands each to ``on_entry``)."""
+
+    def __init__(self, offer: Offer, on_entry: OnEntry | None = None) -> None:
+        info = offer.info or {}
+        container_type = info.get("container")
+        entries = info.get("entries")
+        if container_type not in CONTAINER_TYPES:
+            raise ProtocolError(f"container offer with container type {container_type!r}")
+        if type(entries) is not int or entries < 0:
+            raise ProtocolError(f"container offer with entry count {entries!r}")
+        if offer.chunk_count is not None and entries > offer.chunk_count:
+            raise ProtocolError(f"{entries} entries cannot fit in {offer.chunk_count} chunks")
+        self.name = offer.name
+        self.container_type = str(container_type)
+        self.entries = entries
+        self.on_entry = on_entry
+        self.done = 0
+        self._current: _EntryInProgress | None = None
+        self._items: list[Any] = []
+        self._dict: dict[Any, Any] = {}
+
+    def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
+        meta = meta or {}
+        index = meta.get("entry")
+        if "head" in meta:
+            if self._current is not None:
+                raise ProtocolError(f"entry {index} starts before entry {self._current.index} ends")
+            head, size = meta.get("head"), meta.get("size")
+            if index != self.done or index >= self.entries:
+                raise ProtocolError(f"entry {index} out of order (expected {self.done})")
+            if type(head) is not int or type(size) is not int or not 1 <= head <= size:
+                raise ProtocolError(f"entry {index}: bad head {head!r} / size {size!r}")
+            self._current = _EntryInProgress(index, head, size)
+        else:
+            current = self._current
+            if current is None or index != current.index or meta.get("part") != current.parts:
+                raise ProtocolError(f"unexpected piece {dict(meta)!r} of container {self.name!r}")
+            current.parts += 1
+        assert self._current is not None
+        self._current.feed(memoryview(data))
+        if self._current.complete:
+            self._emit(self._current)
+            self._current = None
+
+    def _emit(self, entry: _EntryInProgress) -> None:
+        assert entry.decoded is not None
+        value = entry.decoded.value()
+        key: Any
+        if self.container_type == "dict":
+            if not (isinstance(value, list) and len(value) == 2 and type(value[0]) in (str, int)):
+                raise ProtocolError(f"entry {entry.index}: not a (str or int key, value) pair")
+            key, value = value
+        elif self.container_type == "list":
+            key = entry.index
+        else:
+            key = None
+        self.done += 1
+        if self.on_entry is not None:
+            self.on_entry(ContainerEntry(self.name, self.container_type, entry.index, key, value))
+        elif self.container_type == "dict":
+            self._dict[key] = value
+        else:
+            self._items.append(value)
+
+    def finish(self) -> Any:
+        if self._current is not None or self.done != self.entries:
+            raise ProtocolError(
+                f"container {self.name!r}: {self.done} complete entries != announced {self.entries}"
+            )
+        if self.on_entry is not None:
+            return None
+        if self.container_type == "dict":
+            return self._dict
+        if self.container_type == "set":
+            try:
+                return set(self._items)
+            except TypeError as e:
+                raise ProtocolError(
+                    f"container {self.name!r}: unhashable set member: {e}"
+                ) from None
+        return self._items
+
+    def discard(self) -> None:
+        self._dict.clear()
+        self._items.clear()
+        self._current = None

@@ -1,0 +1,120 @@
+"""The producing half for containers: a dict, list or set, entry by entry, big entries chunked.
+
+Every entry is encoded up front (so a value the codec cannot carry is refused before anything is
+sent, naming its key and type) into a small msgpack structure plus views of its array and bytes
+payloads, never copies. An entry's bytes are its structure followed by its payloads; they are cut
+into chunks of at most ``chunk_size``, and a chunk never spans two entries. Any chunk can be
+rebuilt from its number (random access), so resends cost no memory.
+
+Piece meta: the first chunk of entry ``i`` carries ``{"entry": i, "head": len(structure),
+"size": entry bytes}``, the others ``{"entry": i, "part": p}``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+from common.codec import Encoded, EncodeError, encode
+from common.protocol import CONTAINER_KIND
+from common.streaming import MetaValue, ObjectStreamer, Piece
+
+CONTAINER_TYPES = {dict: "dict", list: "list", set: "set"}
+
+
+@dataclass
+class _Entry:
+    regions: list[memoryview]
+    starts: list[int]  # byte offset of each region within the entry
+    head: int
+    size: int
+
+
+def _entry(encoded: Encoded) -> _Entry:
+    regions = [memoryview(encoded.structure), *(b.cast("B") for b in encoded.buffers)]
+    sizes = [r.nbytes for r in regions]
+    starts = [0, *accumulate(sizes)][:-1]
+    return _Entry(regions, starts, len(encoded.structure), sum(sizes))
+
+
+class ContainerSource(ObjectStreamer):
+    """A dict (str or int keys), list or set, streamed entry by entry."""
+
+    kind = CONTAINER_KIND
+    random_access = True
+
+    def __init__(self, container: dict[Any, Any] | list[Any] | set[Any], name: str) -> None:
+        container_type = CONTAINER_TYPES.get(type(container))
+        if container_type is None:
+            raise EncodeError(
+                f"container {name!r}: a {type(container).__name__} is not a dict, list or set"
+            )
+        self.container = container
+        self.container_type = container_type
+        self.name = name
+        self._entries: list[_Entry] = []
+        self._first_seq: list[int] = []
+
+    def _encoded_entries(self) -> Iterator[Encoded]:
+        container = self.container
+        if isinstance(container, dict):
+            for key, value in container.items():
+                if type(key) not in (str, int):
+                    raise EncodeError(
+                        f"container {self.name!r}: key {key!r} is a {type(key).__name__}; "
+                        "dict keys must be str or int"
+                    )
+                yield encode([key, value], where=f"container {self.name!r}, key {key!r}")
+        elif isinstance(container, list):
+            for index, value in enumerate(container):
+                yield encode(value, where=f"container {self.name!r}, index {index}")
+        else:
+            for value in container:
+                yield encode(value, where=f"container {self.name!r}, member {value!r:.40}")
+
+    def prepare(self, chunk_size: int) -> None:
+        super().prepare(chunk_size)
+        self._entries = [_entry(e) for e in self._encoded_entries()]
+        parts = [max(1, -(-e.size // chunk_size)) for e in self._entries]
+        self._first_seq = [0, *accumulate(parts)][:-1]
+        self.chunk_count = sum(parts)
+        self.size = sum(e.size for e in self._entries)
+
+    def info(self) -> dict[str, MetaValue]:
+        return {"container": self.container_type, "entries": len(self.container)}
+
+    def pieces(self) -> Iterator[Piece]:
+        for seq in range(self.chunk_count or 0):
+            yield self.piece(seq)
+
+    def piece(self, seq: int) -> Piece:
+        index = bisect.bisect_right(self._first_seq, seq) - 1
+        entry = self._entries[index]
+        part = seq - self._first_seq[index]
+        start = part * self.chunk_size
+        end = min(start + self.chunk_size, entry.size)
+        meta: dict[str, MetaValue] = (
+            {"entry": index, "head": entry.head, "size": entry.size}
+            if part == 0
+            else {"entry": index, "part": part}
+        )
+        return Piece(_gather(entry, start, end), meta)
+
+
+def _gather(entry: _Entry, start: int, end: int) -> bytes:
+    """Bytes ``start:end`` of an entry, across its regions (one copy, into the result)."""
+    first = bisect.bisect_right(entry.starts, start) - 1
+    pieces = []
+    for i in range(max(first, 0), len(entry.regions)):
+        region_start = entry.starts[i]
+        if region_start >= end:
+            break
+        region = entry.regions[i]
+        lo = max(start - region_start, 0)
+        hi = min(end - region_start, region.nbytes)
+        if hi > lo:
+            pieces.append(region[lo:hi])
+    return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
