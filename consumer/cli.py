@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, StopFlag
-from common.errors import TransferFailed
+from common.errors import ErrorCode, ObjstreamError, TransferFailed
 from common.settings import Settings
+from consumer.container_assembler import ContainerEntry
+from consumer.container_files import ContainerFile
 from consumer.receiver import Received, Receiver
 
 log = logging.getLogger(__name__)
@@ -25,8 +29,10 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     listen = sub.add_parser(
         "listen",
         parents=[parent],
-        help="receive the files streamed to a site",
-        description="Receive the files streamed to a site into a directory. Each is written "
+        help="receive the files and containers streamed to a site",
+        description="Receive the files and containers streamed to a site into a directory. "
+        "Containers are saved under their name in the format its suffix names (.npz, "
+        ".safetensors, .json; .npz is added to other names), entry by entry. Each file is written "
         "to a partial file, verified (size, SHA-256), then renamed to the sender's base name "
         "(sanitized; an existing file is never overwritten: NAME-1.EXT, NAME-2.EXT... instead). "
         "Without --count it runs until SIGINT/SIGTERM.",
@@ -55,6 +61,39 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"timeout": args.timeout}
 
 
+class ContainerFiles:
+    """Writes the containers a listener receives into its dest, entry by entry."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.open: dict[str, ContainerFile] = {}
+
+    def on_entry(self, entry: ContainerEntry) -> None:
+        writer = self.open.get(entry.stream_id)
+        if writer is None:
+            writer = self.open[entry.stream_id] = ContainerFile(
+                self.dest, entry.stream_id, entry.name
+            )
+        writer.add(entry)
+
+    def commit(self, item: Received) -> Received:
+        """Finish the file of a received container; the result names its path."""
+        writer = self.open.pop(item.stream_id, None) or ContainerFile(
+            self.dest, item.stream_id, item.name
+        )
+        try:
+            path = writer.commit(item.container_type or "dict")
+        except BaseException:
+            writer.discard()
+            raise
+        return dataclasses.replace(item, path=path)
+
+    def discard(self, stream_id: str) -> None:
+        writer = self.open.pop(stream_id, None)
+        if writer is not None:
+            writer.discard()
+
+
 def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
     if isinstance(item, TransferFailed):
         if args.json:
@@ -72,25 +111,25 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
             )
         print(f"objstream: error: {item}", file=sys.stderr, flush=True)
         return
+    what = item.kind
+    if item.kind == "container":
+        what = f"container ({item.container_type}, {item.entry_count} entries)"
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": True,
-                    "stream_id": item.stream_id,
-                    "name": item.name,
-                    "path": str(item.path),
-                    "bytes": item.size,
-                    "sha256": item.sha256,
-                    "sender": item.sender,
-                }
-            ),
-            flush=True,
-        )
+        record = {
+            "ok": True,
+            "stream_id": item.stream_id,
+            "kind": item.kind,
+            "name": item.name,
+            "path": str(item.path),
+            "bytes": item.size,
+            "sha256": item.sha256,
+            "sender": item.sender,
+        }
+        print(json.dumps(record), flush=True)
     else:
         print(
-            f"received {item.name} from {item.sender} -> {item.path} ({item.size} bytes, "
-            f"sha256 {item.sha256} verified)",
+            f"received {what} {item.name} from {item.sender} -> {item.path} ({item.size} "
+            f"bytes, sha256 {item.sha256} verified)",
             flush=True,
         )
 
@@ -100,7 +139,8 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
     stop.install()
     done = failed = 0
     idle_since = time.monotonic()
-    with Receiver(args.site, args.dest, settings) as receiver:
+    containers = ContainerFiles(Path(args.dest))
+    with Receiver(args.site, args.dest, settings, on_entry=containers.on_entry) as receiver:
         log.info(
             "listening for site %s on %s (namespace %s)",
             args.site,
@@ -108,9 +148,19 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
             settings.namespace,
         )
         while not stop and (args.count is None or done < args.count):
+            item: Received | TransferFailed | None
             try:
-                item: Received | TransferFailed | None = receiver.receive(timeout=0.5)
+                received = receiver.receive(timeout=0.5)
+                if received is not None and received.kind == "container":
+                    try:
+                        received = containers.commit(received)
+                    except (ObjstreamError, OSError) as e:
+                        raise TransferFailed(
+                            received.sender, received.stream_id, ErrorCode.IO, f"saving: {e}"
+                        ) from e
+                item = received
             except TransferFailed as e:
+                containers.discard(e.stream_id)
                 item = e
             if item is None:
                 busy = receiver.active_streams > 0

@@ -25,6 +25,7 @@ CONTAINER_TYPES = ("dict", "list", "set")
 class ContainerEntry:
     """One complete entry of a container being received."""
 
+    stream_id: str
     name: str
     """The container's name."""
     container_type: str
@@ -102,6 +103,7 @@ class ContainerAssembler(ObjectAssembler):
             raise ProtocolError(f"container offer with entry count {entries!r}")
         if offer.chunk_count is not None and entries > offer.chunk_count:
             raise ProtocolError(f"{entries} entries cannot fit in {offer.chunk_count} chunks")
+        self.stream_id = offer.stream_id
         self.name = offer.name
         self.container_type = str(container_type)
         self.entries = entries
@@ -148,7 +150,11 @@ class ContainerAssembler(ObjectAssembler):
             key = None
         self.done += 1
         if self.on_entry is not None:
-            self.on_entry(ContainerEntry(self.name, self.container_type, entry.index, key, value))
+            self.on_entry(
+                ContainerEntry(
+                    self.stream_id, self.name, self.container_type, entry.index, key, value
+                )
+            )
         elif self.container_type == "dict":
             self._dict[key] = value
         else:

@@ -55,23 +55,11 @@ class PartialFile:
 
     def commit(self, base_name: str) -> Path:
         """Make the content durable and give it its final name; returns the final path."""
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        # Partial files are private while incomplete; the final file gets the usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.path, 0o666 & ~umask)
-        for name in candidate_names(base_name):
-            final = confined(self.dest, name)
-            try:
-                os.link(self.path, final, follow_symlinks=False)
-            except FileExistsError:
-                continue
-            os.unlink(self.path)
-            _fsync_dir(self.dest)
-            return final
-        raise DestinationFull(errno.EEXIST, f"no free name for {base_name!r} in {self.dest}")
+        try:
+            return commit_partial(self._fd, self.path, self.dest, base_name)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
     def discard(self) -> None:
         """Close and remove the partial file."""
@@ -82,6 +70,29 @@ class PartialFile:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def commit_partial(fd: int, partial: Path, dest: Path, base_name: str) -> Path:
+    """fsync ``partial`` (open as ``fd``), link it to the first free name, drop the partial name.
+
+    The destination-collision policy: never overwrite; ``NAME``, then ``STEM-1.EXT``... (``link``
+    fails if anything exists under the name, even a dangling symlink, so nothing is clobbered).
+    """
+    os.fsync(fd)
+    # Partial files are private while incomplete; the final file gets the usual mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)
+    for name in candidate_names(base_name):
+        final = confined(dest, name)
+        try:
+            os.link(partial, final, follow_symlinks=False)
+        except FileExistsError:
+            continue
+        os.unlink(partial)
+        _fsync_dir(dest)
+        return final
+    raise DestinationFull(errno.EEXIST, f"no free name for {base_name!r} in {dest}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 from common.cli import size_arg
 from common.settings import Settings
-from producer.streamer import FileStreamer
+from producer.container_files import load_container
+from producer.sender import TargetResult
+from producer.streamer import ContainerStreamer, FileStreamer
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "producer", help="send objects to other sites", description="The sending side."
     )
-    sub = side.add_subparsers(dest="command", required=True, metavar="{send-file}")
+    sub = side.add_subparsers(dest="command", required=True, metavar="{send-file,send-container}")
     send = sub.add_parser(
         "send-file",
         parents=[parent],
@@ -27,6 +30,12 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     send.add_argument("path", metavar="PATH", help="file to send")
+    _common_send_options(send)
+    send.set_defaults(handler=send_file, settings_overrides=_overrides)
+    _add_container_command(sub, parent)
+
+
+def _common_send_options(send: argparse.ArgumentParser) -> None:
     send.add_argument("--site", required=True, help="this site's name")
     send.add_argument(
         "--to",
@@ -54,7 +63,22 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         help="fail a target after this long without progress (default 60)",
     )
     send.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    send.set_defaults(handler=send_file, settings_overrides=_overrides)
+
+
+def _add_container_command(sub: Any, parent: argparse.ArgumentParser) -> None:
+    container = sub.add_parser(
+        "send-container",
+        parents=[parent],
+        help="stream a container (.npz, .safetensors or .json) entry by entry",
+        description="Stream the dict (or list) stored in PATH entry by entry; big arrays are "
+        "chunked. The container's name is the file's base name, and `objstream consumer listen` "
+        "saves it under that name in the same format. Exit codes as for send-file.",
+        epilog="example:\n  objstream producer send-container --site server --to site-1 model.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    container.add_argument("path", metavar="PATH", help=".npz, .safetensors or .json file")
+    _common_send_options(container)
+    container.set_defaults(handler=send_container, settings_overrides=_overrides)
 
 
 def _sites(text: str) -> list[str]:
@@ -68,11 +92,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"chunk_size": args.chunk_size, "window": args.window, "timeout": args.timeout}
 
 
-def send_file(args: argparse.Namespace, settings: Settings) -> int:
-    started = time.monotonic()
-    with FileStreamer(args.site, settings) as streamer:
-        results = streamer.stream_file(args.to, args.path)
-    seconds = time.monotonic() - started
+def _report(args: argparse.Namespace, what: str, results: list[TargetResult], start: float) -> int:
+    seconds = time.monotonic() - start
     size = results[0].size
     rate = size / (1024 * 1024) / seconds if seconds > 0 else 0.0
     if args.json:
@@ -92,10 +113,27 @@ def send_file(args: argparse.Namespace, settings: Settings) -> int:
                 }
             )
         )
-    else:
-        for r in results:
-            print(
-                f"sent {args.path} to {r.site} as {r.stored_as}: {size} bytes in "
-                f"{seconds:.2f} s ({rate:.1f} MiB/s), sha256 {r.sha256} verified"
-            )
+        return 0
+    for r in results:
+        where = f" as {r.stored_as}" if r.stored_as else ""
+        print(
+            f"sent {what} {args.path} to {r.site}{where}: {size} bytes in {seconds:.2f} s "
+            f"({rate:.1f} MiB/s), sha256 {r.sha256} verified"
+        )
     return 0
+
+
+def send_file(args: argparse.Namespace, settings: Settings) -> int:
+    started = time.monotonic()
+    with FileStreamer(args.site, settings) as streamer:
+        results = streamer.stream_file(args.to, args.path)
+    return _report(args, "file", results, started)
+
+
+def send_container(args: argparse.Namespace, settings: Settings) -> int:
+    path = Path(args.path)
+    container = load_container(path)
+    started = time.monotonic()
+    with ContainerStreamer(args.site, settings) as streamer:
+        results = streamer.stream_container(args.to, container, path.name)
+    return _report(args, "container", results, started)
