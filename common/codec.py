@@ -130,7 +130,10 @@ def encode(value: Any, where: str = "value") -> Encoded:
             "dict, set, frozenset, numpy arrays and scalars of non-object dtypes)"
         )
 
-    return Encoded(_packb(route(value, True), where), buffers)
+    try:
+        return Encoded(_packb(route(value, True), where), list(buffers))
+    finally:
+        buffers.clear()  # route() refers to itself: a cycle; it must not keep the views alive
 
 
 def _packb(obj: Any, where: str) -> bytes:
@@ -275,7 +278,14 @@ def decode_structure(structure: bytes, *, max_payload: int) -> Decoded:
         raise
     except Exception as e:  # msgpack raises assorted errors on garbage
         raise ProtocolError(f"malformed value structure: {e}") from None
-    return Decoded(value, regions, patches)
+    finally:
+        # The hooks above form a reference cycle (unpack <-> ext_hook) that only the cyclic GC
+        # frees; hand the buffers over and empty the lists it holds, or every received entry
+        # would stay in memory until the next collection.
+        owned_regions, owned_patches = list(regions), list(patches)
+        regions.clear()
+        patches.clear()
+    return Decoded(value, owned_regions, owned_patches)
 
 
 def decode(encoded: Encoded) -> Any:

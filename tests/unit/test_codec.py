@@ -243,3 +243,24 @@ def test_decoder_preallocates_regions_to_fill_in_place():
     assert out[0].dtype == array.dtype
     assert out[1] == bytearray(b"abc")
     assert out[2] == b"z" * 5000
+
+
+def test_nothing_keeps_decoded_or_encoded_buffers_alive_without_the_gc():
+    """Received entries must be freed as soon as they are dropped (flat memory)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        source = np.arange(1000, dtype="f8")
+        encoded = encode({"w": source})
+        decoded = decode_structure(encoded.structure, max_payload=encoded.size)
+        decoded.regions[0][:] = encoded.buffers[0]
+        value = decoded.value()["w"]
+        received = weakref.ref(value.base if value.base is not None else value)
+        sent = weakref.ref(source)
+        del value, decoded, encoded, source
+        assert received() is None
+        assert sent() is None
+    finally:
+        gc.enable()
