@@ -104,3 +104,14 @@ class ObjectTooLarge(ObjstreamError):
             f"{name!r} is {size} bytes, larger than the limit of {limit} bytes "
             "(OBJSTREAM_MAX_OBJECT_SIZE)"
         )
+
+
+class Refused(ObjstreamError):
+    """A serving site refused a retrieval request (``code``: not_found, forbidden, ...)."""
+
+    def __init__(self, site: str, name: str, code: str, detail: str) -> None:
+        self.site = site
+        self.name = name
+        self.code = code
+        self.detail = detail
+        super().__init__(f"site {site!r} refused {name!r}: {code}{': ' + detail if detail else ''}")

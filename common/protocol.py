@@ -52,9 +52,22 @@ class MessageType(StrEnum):
     PROGRESS = "progress"
     DONE = "done"
     ABORT = "abort"
+    REQUEST = "request"
+    REPLY = "reply"
 
 
-class _Header(BaseModel):
+class Refusal(StrEnum):
+    """Why a serving site refuses a retrieval request."""
+
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    OUTSIDE_SOURCE_DIR = "outside_source_dir"
+    TOO_LARGE = "too_large"
+    BUSY = "busy"
+    UNSUPPORTED = "unsupported"
+
+
+class _Versioned(BaseModel):
     """Common base: frozen, no unknown fields, carries the protocol version."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -62,7 +75,21 @@ class _Header(BaseModel):
     objstream: Literal[1] = Field(
         PROTOCOL_VERSION, description="Protocol version; receivers refuse others."
     )
+
+    @property
+    def ident(self) -> str:
+        """What the message is about (its correlation id)."""
+        raise NotImplementedError
+
+
+class _Header(_Versioned):
+    """Messages of one stream."""
+
     stream_id: StreamId
+
+    @property
+    def ident(self) -> str:
+        return self.stream_id
 
 
 class Offer(_Header):
@@ -149,17 +176,49 @@ class Abort(_Header):
     reason: str = Field("", max_length=2000)
 
 
-Message = Offer | Chunk | End | Progress | Done | Abort
+class Request(_Versioned):
+    """Requester -> owner's service queue: please stream me this object."""
 
-MODELS: dict[MessageType, type[_Header]] = {
+    request_id: StreamId = Field(description="uuid4 hex chosen by the requester.")
+    kind: Literal["file", "container"]
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
+    resume_from: Count = Field(0, description="First chunk wanted (0: the whole object).")
+    requester: SiteName
+
+    @property
+    def ident(self) -> str:
+        return self.request_id
+
+
+class Reply(_Versioned):
+    """Owner -> requester's private queue: accepted (a stream follows) or refused."""
+
+    request_id: StreamId
+    ok: bool
+    stream_id: StreamId | None = Field(None, description="The stream that follows, if ok.")
+    size: ByteCount | None = None
+    entries: Count | None = Field(None, description="Containers: number of entries.")
+    code: Refusal | None = Field(None, description="Why not, if not ok.")
+    detail: str = Field("", max_length=2000)
+
+    @property
+    def ident(self) -> str:
+        return self.request_id
+
+
+Message = Offer | Chunk | End | Progress | Done | Abort | Request | Reply
+
+MODELS: dict[MessageType, type[_Versioned]] = {
     MessageType.OFFER: Offer,
     MessageType.CHUNK: Chunk,
     MessageType.END: End,
     MessageType.PROGRESS: Progress,
     MessageType.DONE: Done,
     MessageType.ABORT: Abort,
+    MessageType.REQUEST: Request,
+    MessageType.REPLY: Reply,
 }
-TYPES: dict[type[_Header], MessageType] = {model: t for t, model in MODELS.items()}
+TYPES: dict[type[_Versioned], MessageType] = {model: t for t, model in MODELS.items()}
 
 
 def new_stream_id() -> str:
@@ -167,7 +226,7 @@ def new_stream_id() -> str:
     return uuid.uuid4().hex
 
 
-def to_headers(message: _Header) -> dict[str, Any]:
+def to_headers(message: _Versioned) -> dict[str, Any]:
     """The AMQP headers table for ``message`` (None fields are left out)."""
     return message.model_dump(mode="json", exclude_none=True)
 
@@ -202,7 +261,7 @@ def parse(message_type: str | None, headers: Mapping[str, Any] | None) -> Messag
 
 
 def properties(
-    message: _Header,
+    message: _Versioned,
     *,
     persistent: bool = True,
     message_id: str | None = None,
@@ -212,8 +271,8 @@ def properties(
     return pika.BasicProperties(
         type=TYPES[type(message)].value,
         headers=to_headers(message),
-        message_id=message_id or message.stream_id,
-        correlation_id=message.stream_id,
+        message_id=message_id or message.ident,
+        correlation_id=message.ident,
         reply_to=reply_to,
         content_type=CONTENT_TYPE,
         delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,

@@ -44,6 +44,24 @@ class Topology:
     def inbox_key(site: str) -> str:
         return f"site.{site}"
 
+    def service_queue(self, site: str) -> str:
+        """Where retrieval requests to ``site`` wait for its serving workers.
+
+        Separate from the inbox, so a site can run receivers and servers side by side, each
+        consuming only what it handles.
+        """
+        return f"{self.namespace}.serve.{site}"
+
+    @staticmethod
+    def service_key(site: str) -> str:
+        return f"serve.{site}"
+
+    def declare_service_queue(self, channel: Any, site: str) -> str:
+        name = self.service_queue(site)
+        channel.queue_declare(name, durable=True)
+        channel.queue_bind(name, self.exchange, routing_key=self.service_key(site))
+        return name
+
     def data_queue(self, stream_id: str) -> str:
         return f"{self.namespace}.stream.{stream_id}"
 

@@ -1,6 +1,18 @@
-"""The receiving and requesting side: take objects streamed to a site."""
+"""The receiving and requesting side: take objects streamed to a site, or ask for them."""
 
-from consumer.file_sink import PartialFile
+from common.streaming import ObjectAssembler
+from consumer.container_assembler import ContainerAssembler, ContainerEntry
+from consumer.file_sink import FileAssembler, PartialFile
 from consumer.receiver import Received, Receiver
+from consumer.retriever import Retriever
 
-__all__ = ["PartialFile", "Received", "Receiver"]
+__all__ = [
+    "ContainerAssembler",
+    "ContainerEntry",
+    "FileAssembler",
+    "ObjectAssembler",
+    "PartialFile",
+    "Received",
+    "Receiver",
+    "Retriever",
+]

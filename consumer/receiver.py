@@ -104,6 +104,7 @@ class _Stream:
     unacked_tag: int = 0  # highest delivery tag not yet acked (0: none)
     reported: int = 0
     closing: bool = False
+    timeout: float = 60.0  # seconds without data before the stream fails
 
     @property
     def report_every(self) -> int:
@@ -135,6 +136,7 @@ class Receiver:
         *,
         on_entry: OnEntry | None = None,
         assemblers: Mapping[str, AssemblerFactory] | None = None,
+        listen: bool = True,
     ) -> None:
         if not re.match(NAME_PATTERN, site):
             raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
@@ -153,16 +155,19 @@ class Receiver:
         self._streams: dict[str, _Stream] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._outcomes: deque[Received | TransferFailed] = deque()
+        self._stream_timeouts: dict[str, float] = {}  # per-stream progress timeouts (retrievals)
+        self._inbox_tag: str | None = None
+        self._listen = listen
         self._connection = connect(self.settings, f"objstream consumer {site}")
         try:
             self._control = self._connection.channel()
             self.topology.declare_base(self._control)
-            self._inbox = self.topology.declare_inbox(self._control, site)
-            self._inbox_channel = self._connection.channel()
-            # One offer at a time, acked once accepted: the limit on streams is exact.
-            self._inbox_channel.basic_qos(prefetch_count=1)
-            self._inbox_tag: str | None = None
-            self._resume_inbox()
+            if listen:
+                self._inbox = self.topology.declare_inbox(self._control, site)
+                self._inbox_channel = self._connection.channel()
+                # One offer at a time, acked once accepted: the limit on streams is exact.
+                self._inbox_channel.basic_qos(prefetch_count=1)
+                self._resume_inbox()
         except BaseException:
             self._connection.close()
             raise
@@ -233,6 +238,8 @@ class Receiver:
     # -- inbox ------------------------------------------------------------------------------------
 
     def _resume_inbox(self) -> None:
+        if not self._listen:
+            return
         if self._inbox_tag is None and len(self._streams) < self.settings.max_streams:
             self._inbox_tag = self._inbox_channel.basic_consume(self._inbox, self._on_offer)
 
@@ -304,7 +311,13 @@ class Receiver:
                 f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}",
             )
             return
-        stream = _Stream(offer, props.reply_to, Reassembler(offer), assembler)
+        stream = _Stream(
+            offer,
+            props.reply_to,
+            Reassembler(offer),
+            assembler,
+            timeout=self._stream_timeouts.pop(sid, self.settings.timeout),
+        )
         stream.reassembler.accept()
         stream.channel = self._connection.channel()
         stream.channel.basic_qos(prefetch_count=offer.window)
@@ -337,9 +350,9 @@ class Receiver:
             return  # a late duplicate (a resent end, say); acked with the rest
         try:
             message = parse(props.type, props.headers)
-            if message.stream_id != stream.offer.stream_id:
+            if message.ident != stream.offer.stream_id:
                 raise ProtocolError(
-                    f"message for stream {message.stream_id} on the data queue of "
+                    f"message for stream {message.ident} on the data queue of "
                     f"{stream.offer.stream_id}"
                 )
             if isinstance(message, Chunk):
@@ -483,11 +496,11 @@ class Receiver:
         now = time.monotonic()
         for sid, stream in list(self._streams.items()):
             if not stream.closing:
-                if now - stream.last_activity > self.settings.timeout:
+                if now - stream.last_activity > stream.timeout:
                     self._fail(
                         stream,
                         ErrorCode.TIMEOUT,
-                        f"no data from {stream.offer.sender} for {self.settings.timeout:g} s",
+                        f"no data from {stream.offer.sender} for {stream.timeout:g} s",
                     )
                 elif stream.unacked_tag and now - stream.last_flush > FLUSH_INTERVAL:
                     self._flush(stream)

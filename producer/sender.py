@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 import zlib
 from collections import deque
@@ -49,6 +50,8 @@ from common.streaming import ObjectStreamer, Piece
 from common.topology import Topology
 
 log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.05  # seconds between looks at the reply queue while publishing
 
 
 @dataclass(frozen=True)
@@ -173,8 +176,15 @@ class _PieceReader:
 class StreamSender:
     """Sends sources to target sites over one connection."""
 
-    def __init__(self, connection: Any, settings: Settings, site: str) -> None:
+    def __init__(
+        self,
+        connection: Any,
+        settings: Settings,
+        site: str,
+        cancel: threading.Event | None = None,
+    ) -> None:
         self.settings = settings
+        self._cancel = cancel  # set: stop every stream (receivers are told to drop them)
         self.site = site
         self.topology = Topology.from_settings(settings)
         self._connection = connection
@@ -182,6 +192,8 @@ class StreamSender:
         self.topology.declare_base(self._channel)
         self._reply_queue = self.topology.declare_reply_queue(self._channel)
         self._cursors: dict[str, _Cursor] = {}
+        self._offer_to: str | None = None
+        self._stream_id: str | None = None
         self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
 
     def send(
@@ -192,8 +204,14 @@ class StreamSender:
         timeout: float | None = None,
         window: int | None = None,
         chunk_size: int | None = None,
+        stream_id: str | None = None,
+        offer_to: str | None = None,
     ) -> list[TargetResult]:
         """Stream ``source`` to every target; return when each has a verdict.
+
+        ``stream_id`` and ``offer_to`` serve retrievals (one target): the stream id promised in
+        the reply, and the requester's private queue, where the offer goes instead of the
+        target site's inbox.
 
         Raises:
             SendFailed: at least one target failed (every outcome is in ``results``).
@@ -204,6 +222,10 @@ class StreamSender:
             raise ValueError("no target sites given")
         if len(set(targets)) != len(targets):
             raise ValueError(f"target sites repeat: {list(targets)}")
+        if (stream_id or offer_to) and len(targets) != 1:
+            raise ValueError("stream_id and offer_to go with exactly one target")
+        self._offer_to = offer_to
+        self._stream_id = stream_id
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
         if source.size is not None and source.size > self.settings.max_object_size:
             raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
@@ -225,7 +247,7 @@ class StreamSender:
         source = reader.streamer
         cursors = []
         for target in targets:
-            cursor = _Cursor(target, new_stream_id())
+            cursor = _Cursor(target, self._stream_id or new_stream_id())
             self._cursors[cursor.stream_id] = cursor
             cursors.append(cursor)
             self._offer(source, cursor, timeout, window)
@@ -241,6 +263,18 @@ class StreamSender:
             active = [c for c in cursors if not c.finished]
             if not active:
                 break
+            if self._cancel is not None and self._cancel.is_set():
+                for cursor in active:
+                    self._finish_failed(
+                        cursor,
+                        TransferFailed(
+                            cursor.site,
+                            cursor.stream_id,
+                            ErrorCode.ABORTED,
+                            f"site {self.site} is shutting down",
+                        ),
+                    )
+                continue
             floor = min(c.stored for c in active)
             reader.release_before(floor)
             now = time.monotonic()
@@ -274,7 +308,8 @@ class StreamSender:
     # -- per target -----------------------------------------------------------------------------
 
     def _offer(self, source: ObjectStreamer, cursor: _Cursor, timeout: float, window: int) -> None:
-        self.topology.declare_inbox(self._channel, cursor.site)
+        if not self._offer_to:
+            self.topology.declare_inbox(self._channel, cursor.site)
         self.topology.declare_data_queue(self._channel, cursor.stream_id)
         try:
             offer = Offer(
@@ -294,15 +329,26 @@ class StreamSender:
         props = properties(offer, reply_to=self._reply_queue)
         # An offer nobody took within the timeout is void: the sender has given up by then.
         props.expiration = str(int(timeout * 1000))
-        self._channel.basic_publish(
-            self.topology.exchange, self.topology.inbox_key(cursor.site), b"", props
-        )
+        if self._offer_to:
+            self._channel.basic_publish("", self._offer_to, b"", props)
+        else:
+            self._channel.basic_publish(
+                self.topology.exchange, self.topology.inbox_key(cursor.site), b"", props
+            )
 
     def _pump(self, reader: _PieceReader, cursor: _Cursor, limit: int) -> None:
         """Publish what the window allows, then the end once every chunk went out."""
         key = self.topology.data_key(cursor.stream_id)
         persistent = self.settings.persistent_chunks
+        polled = time.monotonic()
         while cursor.next_seq < limit:
+            if time.monotonic() - polled > POLL_INTERVAL:
+                # Slow reads must not keep replies waiting: a receiver that gave up (or asked
+                # for a resend) is heard within one read, not one window.
+                self._connection.process_data_events(time_limit=0)
+                polled = time.monotonic()
+                if cursor.finished:
+                    return
             seq = cursor.next_seq
             piece = reader.get(seq)
             if piece is None:
@@ -380,9 +426,9 @@ class StreamSender:
         except ProtocolError as e:
             dead_letter(channel, self.topology, props, body, str(e))
             return
-        cursor = self._cursors.get(message.stream_id)
+        cursor = self._cursors.get(message.ident)
         if cursor is None or cursor.finished:
-            log.debug("ignoring %s for stream %s (not in flight)", props.type, message.stream_id)
+            log.debug("ignoring %s for stream %s (not in flight)", props.type, message.ident)
             return
         if isinstance(message, Progress):
             self._on_progress(cursor, message)

@@ -1,0 +1,168 @@
+"""Retrieving: ask another site for a named file or container, and receive it.
+
+A :class:`Retriever` is a receiver that does not listen on its site's inbox: it sends a request to
+the owner's service queue and takes the reply, and the stream that follows, on its own private
+queue. So a retrieval never competes with ``listen`` workers of the same site, and several
+retrievers (one per thread) can run on one site at the same time.
+
+The timeout is progress-based: the retrieval fails after ``timeout`` seconds without a reply or
+without data, not after a total deadline; the owner is then told to stop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import pika
+import pika.exceptions
+
+from common.broker import dead_letter
+from common.errors import BrokerUnreachable, ProtocolError, Refused, TimedOut, TransferFailed
+from common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
+from common.settings import Settings
+from consumer.container_assembler import OnEntry
+from consumer.receiver import Received, Receiver
+
+
+class Retriever(Receiver):
+    """Retrieves objects for ``site``; files are stored in ``dest``.
+
+    ::
+
+        with Retriever("site-1", "/data/in", settings) as retriever:
+            path = retriever.retrieve_file("server", "big.bin", timeout=60)
+            model = retriever.retrieve_container("server", "model", timeout=60)
+    """
+
+    def __init__(
+        self,
+        site: str,
+        dest: str | Path,
+        settings: Settings | None = None,
+        *,
+        on_entry: OnEntry | None = None,
+    ) -> None:
+        super().__init__(site, dest, settings, on_entry=on_entry, listen=False)
+        self._user = pika.URLParameters(self.settings.url).credentials.username
+        self._replies: dict[str, Reply] = {}
+        self._expected: set[str] = set()
+        try:
+            self._private = self.topology.declare_reply_queue(self._control)
+            self._control.basic_consume(self._private, self._on_private, auto_ack=True)
+        except BaseException:
+            self._connection.close()
+            raise
+
+    def retrieve_file(self, from_site: str, file_name: str, timeout: float | None = None) -> Path:
+        """Fetch ``file_name`` from ``from_site``'s source dir; returns where it is stored.
+
+        Raises:
+            Refused: the owner said no (``code``: not_found, forbidden, outside_source_dir...).
+            TimedOut: no reply, or no data, for ``timeout`` seconds.
+            TransferFailed: the stream failed (checksum...).
+        """
+        received = self._retrieve("file", from_site, file_name, timeout)
+        assert received.path is not None
+        return received.path
+
+    def retrieve_container(self, from_site: str, name: str, timeout: float | None = None) -> Any:
+        """Fetch the container registered as ``name`` at ``from_site``; returns it.
+
+        With ``on_entry``, entries go to the callback as they complete and ``None`` is returned.
+        Raises as :meth:`retrieve_file`.
+        """
+        return self._retrieve("container", from_site, name, timeout).value
+
+    def retrieve(
+        self,
+        kind: Literal["file", "container"],
+        from_site: str,
+        name: str,
+        timeout: float | None = None,
+    ) -> Received:
+        """The general form: returns the :class:`Received` record (path, value, size, sha256)."""
+        return self._retrieve(kind, from_site, name, timeout)
+
+    def _retrieve(
+        self, kind: Literal["file", "container"], from_site: str, name: str, timeout: float | None
+    ) -> Received:
+        timeout = timeout or self.settings.timeout
+        request = Request(request_id=new_stream_id(), kind=kind, name=name, requester=self.site)
+        try:
+            return self._run(request, from_site, timeout)
+        except pika.exceptions.AMQPError as e:
+            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+
+    def _run(self, request: Request, from_site: str, timeout: float) -> Received:
+        self.topology.declare_service_queue(self._control, from_site)
+        props = properties(request, persistent=False, reply_to=self._private)
+        # A request nobody answers within the timeout is void: the requester has given up.
+        props.expiration = str(max(1, int(timeout * 1000)))
+        props.user_id = self._user  # RabbitMQ checks it against the connection's user
+        self._control.basic_publish(
+            self.topology.exchange, self.topology.service_key(from_site), b"", props
+        )
+        reply = self._wait_reply(request, from_site, timeout)
+        if not reply.ok:
+            raise Refused(from_site, request.name, str(reply.code), reply.detail)
+        assert reply.stream_id is not None
+        sid = reply.stream_id
+        self._expected.add(sid)
+        self._stream_timeouts[sid] = timeout
+        try:
+            return self._wait_outcome(sid, from_site, timeout)
+        finally:
+            self._expected.discard(sid)
+            self._stream_timeouts.pop(sid, None)
+
+    def _wait_reply(self, request: Request, from_site: str, timeout: float) -> Reply:
+        deadline = time.monotonic() + timeout
+        while request.request_id not in self._replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimedOut(
+                    from_site,
+                    request.request_id,
+                    timeout,
+                    f"site {from_site!r} did not answer the request for {request.name!r}",
+                )
+            self._connection.process_data_events(time_limit=min(left, 0.2))
+        return self._replies.pop(request.request_id)
+
+    def _wait_outcome(self, sid: str, from_site: str, timeout: float) -> Received:
+        deadline = time.monotonic() + timeout  # until the offer arrives; then the stream's own
+        while True:
+            for outcome in list(self._outcomes):
+                if outcome.stream_id == sid:
+                    self._outcomes.remove(outcome)
+                    if isinstance(outcome, TransferFailed):
+                        if outcome.code == "timeout":
+                            raise TimedOut(from_site, sid, timeout, outcome.detail)
+                        raise outcome
+                    return outcome
+            if sid not in self._streams and sid in self._expected:
+                if time.monotonic() > deadline:
+                    raise TimedOut(from_site, sid, timeout, "the accepted stream never started")
+            self._connection.process_data_events(time_limit=0.2)
+            self._housekeeping()
+
+    def _on_private(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        try:
+            message = parse(props.type, props.headers)
+        except ProtocolError as e:
+            dead_letter(self._control, self.topology, props, body, str(e))
+            return
+        if isinstance(message, Reply):
+            self._replies[message.request_id] = message
+        elif isinstance(message, Offer) and message.stream_id in self._expected:
+            self._take_offer(props, body)
+        else:
+            dead_letter(
+                self._control,
+                self.topology,
+                props,
+                body,
+                f"unexpected {props.type} on the private queue of a retriever",
+            )

@@ -1,0 +1,305 @@
+"""Serving retrievals: a site answers requests for named files and containers.
+
+The owner registers what it serves (``ContainerRetriever(server).add_container("model", model)``,
+``FileRetriever(server, source_dir=...)``) and runs :meth:`RetrievalServer.serve`. Requests come
+on the site's service queue ``{ns}.serve.{site}``; each is validated before any data moves and
+answered at once with a ``reply``: accepted (stream id, size, entries) or refused with a typed
+reason. An accepted request is then streamed exactly like a push stream (same window, checks and
+verdict) on its own thread and connection, so many requesters are served at once; the offer goes
+to the requester's private queue, so no other receiver of its site can take it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.broker import connect, dead_letter
+from common.codec import EncodeError
+from common.errors import ConfigError, ObjstreamError, ProtocolError, SendFailed
+from common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
+from common.settings import NAME_PATTERN, Settings
+from common.streaming import ObjectStreamer
+from common.topology import Topology
+from producer.container_source import ContainerSource
+from producer.sender import StreamSender
+from producer.sources import FileSource
+
+log = logging.getLogger(__name__)
+
+
+class _Refuse(Exception):
+    def __init__(self, code: Refusal, detail: str) -> None:
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Served:
+    value: Any
+    allow: frozenset[str] | None
+
+
+def _allow(users: Iterable[str] | None) -> frozenset[str] | None:
+    return None if users is None else frozenset(users)
+
+
+class RetrievalServer:
+    """The serving worker of ``site``: answers retrieval requests until stopped."""
+
+    def __init__(self, site: str, settings: Settings | None = None) -> None:
+        if not re.match(NAME_PATTERN, site):
+            raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
+        self.site = site
+        self.settings = settings or Settings()
+        self.topology = Topology.from_settings(self.settings)
+        self._containers: dict[str, _Served] = {}
+        self._source_dir: _Served | None = None
+        self._workers: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.accepted = 0
+        self.refused = 0
+        self._connection = connect(self.settings, f"objstream server {site}")
+        try:
+            self._channel = self._connection.channel()
+            self.topology.declare_base(self._channel)
+            self._queue = self.topology.declare_service_queue(self._channel, site)
+            self._channel.basic_qos(prefetch_count=16)
+        except BaseException:
+            self._connection.close()
+            raise
+
+    # -- what is served ---------------------------------------------------------------------------
+
+    def add_container(self, name: str, container: Any, allow: Iterable[str] | None = None) -> None:
+        """Serve ``container`` (dict, list or set) under ``name``.
+
+        ``allow``: broker user names that may retrieve it (``None``: any authenticated user).
+
+        Raises:
+            EncodeError: the container holds a value the codec cannot carry (checked now, not
+                when somebody asks).
+        """
+        ContainerSource(container, name).prepare(int(self.settings.chunk_size))
+        self._containers[name] = _Served(container, _allow(allow))
+
+    def set_source_dir(
+        self, source_dir: str | os.PathLike[str], allow: Iterable[str] | None = None
+    ) -> None:
+        """Serve the files under ``source_dir`` (names resolved inside it, nowhere else)."""
+        root = Path(source_dir).resolve()
+        if not root.is_dir():
+            raise ConfigError(f"source dir {source_dir} is not a directory")
+        self._source_dir = _Served(root, _allow(allow))
+
+    # -- serving ----------------------------------------------------------------------------------
+
+    def serve(self, stop: Callable[[], bool] = lambda: False, poll: float = 0.2) -> None:
+        """Answer requests until ``stop()`` is true; then stop the streams in progress."""
+        tag = self._channel.basic_consume(self._queue, self._on_request)
+        log.info("site %s serving retrievals on %s", self.site, self._queue)
+        try:
+            while not stop():
+                self._connection.process_data_events(time_limit=poll)
+        finally:
+            if self._channel.is_open:
+                self._channel.basic_cancel(tag)
+
+    @property
+    def active(self) -> int:
+        """Streams being served right now."""
+        with self._lock:
+            return len(self._workers)
+
+    def close(self, wait: float = 30.0) -> None:
+        """Stop the streams in progress (their requesters are told) and disconnect."""
+        self._stopping.set()
+        for worker in list(self._workers):
+            worker.join(wait)
+        if self._connection.is_open:
+            self._connection.close()
+
+    def __enter__(self) -> RetrievalServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- one request ------------------------------------------------------------------------------
+
+    def _on_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        try:
+            self._handle(props, body)
+        finally:
+            channel.basic_ack(method.delivery_tag)
+
+    def _handle(self, props: Any, body: bytes) -> None:
+        try:
+            request = parse(props.type, props.headers)
+            if not isinstance(request, Request):
+                raise ProtocolError(f"unexpected {props.type} message on a service queue")
+            if not isinstance(props.reply_to, str) or not props.reply_to:
+                raise ProtocolError("request without reply_to")
+        except ProtocolError as e:
+            dead_letter(self._channel, self.topology, props, body, str(e))
+            return
+        user = props.user_id if isinstance(props.user_id, str) else None
+        try:
+            source = self._source_for(request, user)
+        except _Refuse as refusal:
+            self.refused += 1
+            log.info(
+                "refused %s %r to %s (user %s): %s %s",
+                request.kind,
+                request.name,
+                request.requester,
+                user,
+                refusal.code,
+                refusal.detail,
+            )
+            self._reply(
+                props.reply_to,
+                Reply(
+                    request_id=request.request_id,
+                    ok=False,
+                    code=refusal.code,
+                    detail=refusal.detail,
+                ),
+            )
+            return
+        stream_id = new_stream_id()
+        self.accepted += 1
+        entries = len(source.container) if isinstance(source, ContainerSource) else None
+        self._reply(
+            props.reply_to,
+            Reply(
+                request_id=request.request_id,
+                ok=True,
+                stream_id=stream_id,
+                size=source.size,
+                entries=entries,
+            ),
+        )
+        worker = threading.Thread(
+            target=self._stream,
+            args=(source, request, props.reply_to, stream_id),
+            name=f"serve-{request.requester}-{stream_id[:8]}",
+            daemon=True,
+        )
+        with self._lock:
+            self._workers.add(worker)
+        worker.start()
+
+    def _source_for(self, request: Request, user: str | None) -> ObjectStreamer:
+        """The validated source for ``request``, or a refusal."""
+        with self._lock:
+            busy = len(self._workers) >= self.settings.max_streams
+        if request.resume_from:
+            raise _Refuse(Refusal.UNSUPPORTED, "resume_from is not supported by this server yet")
+        if request.kind == "container":
+            served = self._containers.get(request.name)
+            if served is None:
+                raise _Refuse(Refusal.NOT_FOUND, f"no container {request.name!r} at {self.site}")
+            self._check_user(served, user)
+            source: ObjectStreamer = ContainerSource(served.value, request.name)
+            source.prepare(int(self.settings.chunk_size))
+        else:
+            source = self._file_source(request.name, user)
+        if source.size is not None and source.size > self.settings.max_object_size:
+            source.close()
+            raise _Refuse(
+                Refusal.TOO_LARGE,
+                f"{source.size} bytes exceed the limit of {int(self.settings.max_object_size)}",
+            )
+        if busy:
+            source.close()
+            raise _Refuse(
+                Refusal.BUSY, f"{self.settings.max_streams} streams in progress; try again later"
+            )
+        return source
+
+    def _file_source(self, name: str, user: str | None) -> FileSource:
+        served = self._source_dir
+        if served is None:
+            raise _Refuse(Refusal.NOT_FOUND, f"site {self.site} serves no files")
+        self._check_user(served, user)
+        root: Path = served.value
+        if "\x00" in name or os.path.isabs(name):
+            raise _Refuse(Refusal.OUTSIDE_SOURCE_DIR, f"{name!r} is not a relative name")
+        path = (root / name).resolve()  # follows symlinks: a link out of the dir is refused
+        if path == root or not path.is_relative_to(root):
+            raise _Refuse(Refusal.OUTSIDE_SOURCE_DIR, f"{name!r} is outside the source dir")
+        if not path.is_file():
+            raise _Refuse(Refusal.NOT_FOUND, f"no file {name!r} at {self.site}")
+        try:
+            return FileSource(path)
+        except OSError as e:
+            raise _Refuse(Refusal.NOT_FOUND, f"cannot read {name!r}: {e.strerror}") from None
+
+    @staticmethod
+    def _check_user(served: _Served, user: str | None) -> None:
+        if served.allow is not None and user not in served.allow:
+            raise _Refuse(Refusal.FORBIDDEN, f"user {user!r} may not retrieve it")
+
+    def _reply(self, reply_to: str, reply: Reply) -> None:
+        self._channel.basic_publish("", reply_to, b"", properties(reply, persistent=False))
+
+    def _stream(self, source: ObjectStreamer, request: Request, reply_to: str, sid: str) -> None:
+        try:
+            connection = connect(
+                self.settings, f"objstream server {self.site} -> {request.requester}"
+            )
+            try:
+                sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping)
+                sender.send(source, [request.requester], stream_id=sid, offer_to=reply_to)
+                log.info(
+                    "served %s %r to %s (stream %s)",
+                    request.kind,
+                    request.name,
+                    request.requester,
+                    sid,
+                )
+            finally:
+                if connection.is_open:
+                    connection.close()
+        except SendFailed as e:
+            log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
+        except (ObjstreamError, EncodeError, OSError) as e:
+            log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
+        finally:
+            source.close()
+            with self._lock:
+                self._workers.discard(threading.current_thread())
+
+
+class ContainerRetriever:
+    """Registers containers with a server, as in NVIDIA FLARE::
+
+    ContainerRetriever(server).add_container("model", model_dict)
+    """
+
+    def __init__(self, server: RetrievalServer) -> None:
+        self.server = server
+
+    def add_container(self, name: str, container: Any, allow: Iterable[str] | None = None) -> None:
+        self.server.add_container(name, container, allow)
+
+
+class FileRetriever:
+    """Serves the files of ``source_dir`` through a server."""
+
+    def __init__(
+        self,
+        server: RetrievalServer,
+        source_dir: str | os.PathLike[str],
+        allow: Iterable[str] | None = None,
+    ) -> None:
+        self.server = server
+        server.set_source_dir(source_dir, allow)

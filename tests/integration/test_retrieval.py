@@ -1,0 +1,268 @@
+"""Retrievers: a site asks another for a named file or container, through the broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pika
+import pytest
+
+from common.errors import Refused, TimedOut, TransferFailed
+from common.protocol import Request, new_stream_id, properties
+from common.settings import KiB, MiB, Settings
+from common.topology import Topology
+from consumer import Retriever
+from producer import ContainerRetriever, FileRetriever, RetrievalServer
+from tests.conftest import random_file, sha256_of
+
+
+class BackgroundServer:
+    """A :class:`RetrievalServer` serving in its own thread, with its own connection."""
+
+    def __init__(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.server: RetrievalServer | None = None
+        self._thread = threading.Thread(target=self._run, args=(site, settings, setup), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "server did not start"
+
+    def _run(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
+        with RetrievalServer(site, settings) as server:
+            setup(server)
+            self.server = server
+            self._ready.set()
+            server.serve(stop=self._stop.is_set)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+@pytest.fixture
+def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
+    servers: list[BackgroundServer] = []
+
+    def start(settings: Settings, setup: Callable[[RetrievalServer], None], site: str = "server"):
+        declared.sites.add(site)
+        server = BackgroundServer(site, settings, setup)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _cleanup_service_queue(settings: Settings, site: str) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        connection.channel().queue_delete(Topology.from_settings(settings).service_queue(site))
+    finally:
+        connection.close()
+
+
+@pytest.fixture(autouse=True)
+def _service_queues(settings: Settings) -> Iterator[None]:
+    yield
+    for site in ("server", "nobody"):
+        _cleanup_service_queue(settings, site)
+
+
+def test_retrieve_a_file_and_a_container(tmp_path, settings, start_server):
+    src = tmp_path / "src"
+    src.mkdir()
+    digest = random_file(src / "big.bin", 5 * MiB + 1)
+    model = {f"layer-{i}": np.full((256, 256), i, dtype=np.float32) for i in range(4)}
+
+    def setup(server: RetrievalServer) -> None:
+        FileRetriever(server, source_dir=src)
+        ContainerRetriever(server).add_container("model", model)
+
+    start_server(settings, setup)
+    with Retriever("site-1", tmp_path / "out", settings) as retriever:
+        path = retriever.retrieve_file("server", "big.bin", timeout=20)
+        got = retriever.retrieve_container("server", "model", timeout=20)
+    assert path == (tmp_path / "out" / "big.bin").resolve()
+    assert sha256_of(path) == digest
+    assert list(got) == list(model)
+    assert all(np.array_equal(got[k], model[k]) and got[k].dtype == np.float32 for k in model)
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("missing.bin", "not_found"),
+        ("../etc/passwd", "outside_source_dir"),
+        ("/etc/passwd", "outside_source_dir"),
+        ("sub/../../secret", "outside_source_dir"),
+        ("link-out", "outside_source_dir"),
+        ("sub", "not_found"),
+    ],
+)
+def test_refusals_are_fast_and_typed(tmp_path, settings, start_server, name, code):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (tmp_path / "secret").write_text("no")
+    (src / "link-out").symlink_to(tmp_path / "secret")
+    start_server(settings, lambda server: FileRetriever(server, source_dir=src))
+    with Retriever("site-1", tmp_path / "out", settings) as retriever:
+        started = time.monotonic()
+        with pytest.raises(Refused) as caught:
+            retriever.retrieve_file("server", name, timeout=20)
+        assert time.monotonic() - started < 1.0
+    assert caught.value.code == code
+    assert caught.value.site == "server"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_unknown_container_is_not_found(tmp_path, settings, start_server):
+    start_server(settings, lambda server: None)
+    with Retriever("site-1", tmp_path, settings) as retriever, pytest.raises(Refused) as caught:
+        retriever.retrieve_container("server", "nope", timeout=10)
+    assert caught.value.code == "not_found"
+
+
+def test_allow_list_uses_the_broker_authenticated_user(tmp_path, settings, start_server):
+    user = pika.URLParameters(settings.url).credentials.username
+
+    def setup(server: RetrievalServer) -> None:
+        ContainerRetriever(server).add_container("secret", {"a": 1}, allow=["alice"])
+        ContainerRetriever(server).add_container("shared", {"a": 2}, allow=[user])
+
+    start_server(settings, setup)
+    with Retriever("site-1", tmp_path, settings) as retriever:
+        with pytest.raises(Refused) as caught:
+            retriever.retrieve_container("server", "secret", timeout=10)
+        assert retriever.retrieve_container("server", "shared", timeout=10) == {"a": 2}
+    assert caught.value.code == "forbidden"
+    assert repr(user) in caught.value.detail
+
+
+def test_eight_requesters_get_equal_copies_at_once(tmp_path, settings, start_server):
+    rng = np.random.default_rng(5)
+    model = {f"w{i}": rng.standard_normal(2 * MiB, dtype=np.float32) for i in range(8)}  # 64 MiB
+    start_server(settings, lambda server: ContainerRetriever(server).add_container("m", model))
+    results: dict[int, object] = {}
+
+    def fetch(i: int) -> None:
+        try:
+            with Retriever(f"site-{i}", tmp_path / str(i), settings) as retriever:
+                results[i] = retriever.retrieve_container("server", "m", timeout=60)
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert sorted(results) == list(range(8))
+    for got in results.values():
+        assert isinstance(got, dict), got
+        assert all(np.array_equal(got[k], model[k]) for k in model)
+
+
+def test_requester_timing_out_is_reported_and_the_owner_stops(
+    tmp_path, settings, start_server, monkeypatch
+):
+    """The owner's disk stalls after a few chunks: the requester gives up after its timeout
+    without progress, and tells the owner, which stops long before its own timeout."""
+    from producer.sources import FileSource
+
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "f.bin", 2 * MiB)
+    read = FileSource.read_chunk
+
+    def stalling_read(self: FileSource, seq: int) -> bytes:
+        if seq >= 3:
+            time.sleep(3)
+        return read(self, seq)
+
+    monkeypatch.setattr(FileSource, "read_chunk", stalling_read)
+    small = settings.model_copy(update={"chunk_size": 64 * KiB})  # owner's timeout: 20 s
+    server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    with Retriever("site-1", tmp_path / "out", settings) as retriever:
+        started = time.monotonic()
+        with pytest.raises(TimedOut) as caught:
+            retriever.retrieve_file("server", "f.bin", timeout=1)
+    assert "timed out after 1 s without progress" in str(caught.value)
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 10
+    while server.server is not None and server.server.active:
+        assert time.monotonic() < deadline, "the owner kept streaming"
+        time.sleep(0.1)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_owner_dying_mid_stream_is_reported(tmp_path, settings, start_server):
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "f.bin", 64 * MiB)
+    small = settings.model_copy(update={"chunk_size": 64 * KiB, "window": 4})
+    server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with Retriever("site-1", tmp_path / "out", settings) as retriever:
+                retriever.retrieve_file("server", "f.bin", timeout=3)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=fetch)
+    t.start()
+    time.sleep(1.0)
+    server.stop()  # the owner shuts down: its streams are aborted
+    t.join(60)
+    assert outcome, "the retrieval must not succeed"
+    assert isinstance(outcome[0], TransferFailed | TimedOut)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_an_expired_request_is_never_served(tmp_path, settings, start_server, declared):
+    """A request whose requester gave up (its expiration passed) is dropped by the broker."""
+    topo = Topology.from_settings(settings)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        channel = connection.channel()
+        topo.declare_base(channel)
+        topo.declare_service_queue(channel, "server")
+        reply = topo.declare_reply_queue(channel)
+        request = Request(
+            request_id=new_stream_id(), kind="container", name="m", requester="site-1"
+        )
+        props = properties(request, reply_to=reply)
+        props.expiration = "200"
+        channel.basic_publish(topo.exchange, topo.service_key("server"), b"", props)
+        time.sleep(0.5)
+        server = start_server(
+            settings, lambda s: ContainerRetriever(s).add_container("m", {"a": 1})
+        )
+        time.sleep(1.0)
+        method, _, _ = channel.basic_get(reply, auto_ack=True)
+        assert method is None, "an expired request got a reply"
+        assert server.server is not None
+        assert server.server.accepted == 0
+    finally:
+        connection.close()
+
+
+def test_no_server_times_out_naming_the_site(tmp_path, settings):
+    with Retriever("site-1", tmp_path, settings) as retriever, pytest.raises(TimedOut) as caught:
+        retriever.retrieve_file("nobody", "x", timeout=1)
+    assert "'nobody' did not answer" in str(caught.value)
+
+
+def test_a_listener_of_the_same_site_does_not_steal_the_stream(
+    tmp_path, settings, start_server, start_receiver
+):
+    listener = start_receiver("site-1", tmp_path / "listen")
+    start_server(settings, lambda s: ContainerRetriever(s).add_container("m", [1, 2, 3]))
+    with Retriever("site-1", tmp_path / "out", settings) as retriever:
+        assert retriever.retrieve_container("server", "m", timeout=10) == [1, 2, 3]
+    assert listener.outcomes == []
