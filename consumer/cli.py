@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -14,9 +13,9 @@ from typing import Any
 from common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, StopFlag
 from common.errors import ErrorCode, ObjstreamError, TransferFailed
 from common.settings import Settings
-from consumer.container_assembler import ContainerEntry
-from consumer.container_files import ContainerFile
+from consumer.container_files import ContainerFiles
 from consumer.receiver import Received, Receiver
+from consumer.retriever import Retriever
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,9 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "consumer", help="receive objects from other sites", description="The receiving side."
     )
-    sub = side.add_subparsers(dest="command", required=True, metavar="{listen}")
+    sub = side.add_subparsers(
+        dest="command", required=True, metavar="{listen,retrieve-file,retrieve-container}"
+    )
     listen = sub.add_parser(
         "listen",
         parents=[parent],
@@ -55,43 +56,96 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object per object received"
     )
     listen.set_defaults(handler=listen_cmd, settings_overrides=_overrides)
+    _add_retrieve_commands(sub, parent)
+
+
+def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
+    rf = sub.add_parser(
+        "retrieve-file",
+        parents=[parent],
+        help="ask another site for a file from its source dir",
+        description="Ask OWNER (running `objstream producer serve`) for the file NAME and store "
+        "it in DIR; prints the stored path. A refusal (not_found, forbidden, "
+        "outside_source_dir, too_large, busy) exits 1 at once; no progress for --timeout "
+        "seconds exits 4.",
+        epilog="example:\n  objstream consumer retrieve-file --site site-1 --from server "
+        "big.bin --dest /tmp/in",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rf.add_argument("name", metavar="NAME", help="file name, relative to the owner's source dir")
+    rf.add_argument("--dest", required=True, metavar="DIR", help="directory to store into")
+    _retrieve_options(rf)
+    rf.set_defaults(handler=retrieve_file_cmd, settings_overrides=_overrides)
+
+    rc = sub.add_parser(
+        "retrieve-container",
+        parents=[parent],
+        help="ask another site for a named container",
+        description="Ask OWNER for the container NAME and write it to PATH, in the format the "
+        "suffix names (.npz, .safetensors, .json), entry by entry; prints the stored path "
+        "(an existing file is never overwritten: NAME-1.EXT... instead).",
+        epilog="example:\n  objstream consumer retrieve-container --site site-1 --from server "
+        "model --out model.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rc.add_argument("name", metavar="NAME", help="the container's name at the owner")
+    rc.add_argument("--out", required=True, metavar="PATH", help="file to write")
+    _retrieve_options(rc)
+    rc.set_defaults(handler=retrieve_container_cmd, settings_overrides=_overrides)
+
+
+def _retrieve_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--site", required=True, help="this site's name")
+    cmd.add_argument(
+        "--from", dest="owner", required=True, metavar="OWNER", help="the site that serves it"
+    )
+    cmd.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="give up after this long without progress (default 60)",
+    )
+    cmd.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -> None:
+    rate = item.size / (1024 * 1024) / seconds if seconds > 0 else 0.0
+    if args.json:
+        print(json.dumps({
+            "ok": True, "kind": item.kind, "name": item.name, "path": str(item.path),
+            "bytes": item.size, "seconds": round(seconds, 3), "mib_per_s": round(rate, 1),
+            "sha256": item.sha256, "from": item.sender,
+        }))  # fmt: skip
+    else:
+        print(item.path)
+
+
+def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    started = time.monotonic()
+    with Retriever(args.site, args.dest, settings) as retriever:
+        item = retriever.retrieve("file", args.owner, args.name, args.timeout)
+    _print_retrieved(args, item, time.monotonic() - started)
+    return EXIT_OK
+
+
+def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    out = Path(args.out)
+    files = ContainerFiles(out.parent if str(out.parent) else Path("."), name=out.name)
+    started = time.monotonic()
+    with Retriever(args.site, files.dest, settings, on_entry=files.on_entry) as retriever:
+        try:
+            item = retriever.retrieve("container", args.owner, args.name, args.timeout)
+        except BaseException:
+            for stream_id in list(files.open):
+                files.discard(stream_id)
+            raise
+    item = files.commit(item)
+    _print_retrieved(args, item, time.monotonic() - started)
+    return EXIT_OK
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"timeout": args.timeout}
-
-
-class ContainerFiles:
-    """Writes the containers a listener receives into its dest, entry by entry."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
-        self.open: dict[str, ContainerFile] = {}
-
-    def on_entry(self, entry: ContainerEntry) -> None:
-        writer = self.open.get(entry.stream_id)
-        if writer is None:
-            writer = self.open[entry.stream_id] = ContainerFile(
-                self.dest, entry.stream_id, entry.name
-            )
-        writer.add(entry)
-
-    def commit(self, item: Received) -> Received:
-        """Finish the file of a received container; the result names its path."""
-        writer = self.open.pop(item.stream_id, None) or ContainerFile(
-            self.dest, item.stream_id, item.name
-        )
-        try:
-            path = writer.commit(item.container_type or "dict")
-        except BaseException:
-            writer.discard()
-            raise
-        return dataclasses.replace(item, path=path)
-
-    def discard(self, stream_id: str) -> None:
-        writer = self.open.pop(stream_id, None)
-        if writer is not None:
-            writer.discard()
 
 
 def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:

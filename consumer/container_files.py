@@ -9,6 +9,7 @@ partial file first and is committed like a received file: fsync, then a link to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -22,6 +23,7 @@ from common.errors import ObjstreamError
 from common.naming import partial_name, safe_basename
 from consumer.container_assembler import ContainerEntry
 from consumer.file_sink import commit_partial
+from consumer.receiver import Received
 
 # numpy dtype -> safetensors dtype name (little-endian data only)
 SAFETENSORS_DTYPES = {
@@ -160,3 +162,42 @@ def _jsonable(value: Any, key: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise SaveError(f"entry {key!r}: a {type(value).__name__} cannot be saved as .json")
+
+
+class ContainerFiles:
+    """Writes received containers into ``dest``, entry by entry, one file per stream.
+
+    Pass :meth:`on_entry` as the receiver's ``on_entry``; call :meth:`commit` with each received
+    container (its file gets its final name) and :meth:`discard` with each failed stream id.
+    Files are named after the container, or ``name`` when given.
+    """
+
+    def __init__(self, dest: Path, name: str | None = None) -> None:
+        self.dest = dest
+        self.name = name
+        self.open: dict[str, ContainerFile] = {}
+
+    def on_entry(self, entry: ContainerEntry) -> None:
+        writer = self.open.get(entry.stream_id)
+        if writer is None:
+            writer = self.open[entry.stream_id] = ContainerFile(
+                self.dest, entry.stream_id, self.name or entry.name
+            )
+        writer.add(entry)
+
+    def commit(self, item: Received) -> Received:
+        """Finish the file of a received container; the result names its path."""
+        writer = self.open.pop(item.stream_id, None) or ContainerFile(
+            self.dest, item.stream_id, self.name or item.name
+        )
+        try:
+            path = writer.commit(item.container_type or "dict")
+        except BaseException:
+            writer.discard()
+            raise
+        return dataclasses.replace(item, path=path)
+
+    def discard(self, stream_id: str) -> None:
+        writer = self.open.pop(stream_id, None)
+        if writer is not None:
+            writer.discard()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import pika
 import pika.exceptions
@@ -224,7 +224,7 @@ class Receiver:
             for stream in self._streams.values():
                 stream.assembler.discard()
 
-    def __enter__(self) -> Receiver:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -321,7 +321,16 @@ class Receiver:
         stream.reassembler.accept()
         stream.channel = self._connection.channel()
         stream.channel.basic_qos(prefetch_count=offer.window)
-        queue = self.topology.declare_data_queue(stream.channel, sid)
+        queue = self.topology.data_queue(sid)
+        try:
+            # Passive: the sender declared it, with its own idle TTL (which may differ from ours).
+            stream.channel.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            assembler.discard()
+            self._reply_refusal(
+                offer, props.reply_to, ErrorCode.PROTOCOL, f"data queue {queue} is gone: {e}"
+            )
+            return
         stream.consumer_tag = stream.channel.basic_consume(queue, partial(self._on_data, stream))
         self._streams[sid] = stream
         log.info(

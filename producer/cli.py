@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common.cli import size_arg
+from common.cli import StopFlag, size_arg
+from common.errors import ConfigError
 from common.settings import Settings
 from producer.container_files import load_container
 from producer.sender import TargetResult
+from producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
 from producer.streamer import ContainerStreamer, FileStreamer
 
 
@@ -33,6 +36,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     _common_send_options(send)
     send.set_defaults(handler=send_file, settings_overrides=_overrides)
     _add_container_command(sub, parent)
+    _add_serve_command(sub, parent)
 
 
 def _common_send_options(send: argparse.ArgumentParser) -> None:
@@ -79,6 +83,45 @@ def _add_container_command(sub: Any, parent: argparse.ArgumentParser) -> None:
     container.add_argument("path", metavar="PATH", help=".npz, .safetensors or .json file")
     _common_send_options(container)
     container.set_defaults(handler=send_container, settings_overrides=_overrides)
+
+
+def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
+    serve = sub.add_parser(
+        "serve",
+        parents=[parent],
+        help="serve files and containers to sites that retrieve them",
+        description="Answer retrieval requests for this site until SIGINT/SIGTERM: files from "
+        "--source-dir (names resolved inside it; '..', absolute paths and symlinks out are "
+        "refused) and containers loaded from .npz/.safetensors/.json files. With --allow, only "
+        "those broker users (as authenticated by RabbitMQ) may retrieve anything.",
+        epilog="example:\n  objstream producer serve --site server --source-dir /data "
+        "--container model=model.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--site", required=True, help="this site's name")
+    serve.add_argument("--source-dir", metavar="DIR", help="serve the files under DIR")
+    serve.add_argument(
+        "--container",
+        action="append",
+        default=[],
+        type=_named_path,
+        metavar="NAME=PATH",
+        help="serve the container in PATH (.npz, .safetensors, .json) as NAME; repeatable",
+    )
+    serve.add_argument(
+        "--allow",
+        action="append",
+        metavar="USER",
+        help="broker user allowed to retrieve (repeatable; default: any authenticated user)",
+    )
+    serve.set_defaults(handler=serve_cmd, settings_overrides=lambda args: {})
+
+
+def _named_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, Path(path)
 
 
 def _sites(text: str) -> list[str]:
@@ -137,3 +180,23 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
     with ContainerStreamer(args.site, settings) as streamer:
         results = streamer.stream_container(args.to, container, path.name)
     return _report(args, "container", results, started)
+
+
+def serve_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.source_dir and not args.container:
+        raise ConfigError("nothing to serve: give --source-dir and/or --container NAME=PATH")
+    stop = StopFlag()
+    stop.install()
+    with RetrievalServer(args.site, settings) as server:
+        if args.source_dir:
+            FileRetriever(server, source_dir=args.source_dir, allow=args.allow)
+        for name, path in args.container:
+            ContainerRetriever(server).add_container(name, load_container(path), allow=args.allow)
+        print(
+            f"serving site {args.site} on {settings.masked_url} (namespace {settings.namespace});"
+            " stop with Ctrl-C",
+            file=sys.stderr,
+            flush=True,
+        )
+        server.serve(stop=lambda: bool(stop))
+    return 0

@@ -111,6 +111,7 @@ def declared(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Dec
         topo = record.topology
         for site in record.sites:
             channel.queue_delete(topo.inbox(site))
+            channel.queue_delete(topo.service_queue(site))
         for sid in record.streams:
             channel.queue_delete(topo.data_queue(sid))
         channel.queue_delete(topo.dead)

@@ -21,6 +21,7 @@ def _env(settings) -> dict[str, str]:
         OBJSTREAM_URL=settings.url,
         OBJSTREAM_NAMESPACE=settings.namespace,
         OBJSTREAM_LOG_LEVEL="warning",
+        OBJSTREAM_STREAM_TTL="120",  # leftovers of failed tests vanish by themselves
     )
     return env
 

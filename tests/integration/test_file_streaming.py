@@ -259,3 +259,17 @@ def test_one_target_missing_does_not_hide_the_other_success(
     assert not missing.ok
     assert missing.site == "absent"
     assert sha256_of(receiver.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
+
+
+def test_receiver_with_another_stream_ttl_setting_still_receives(
+    tmp_path, settings, start_receiver
+):
+    """The data queue is the sender's: a receiver configured differently must not redeclare it."""
+    src = tmp_path / "x.bin"
+    digest = random_file(src, 100 * KiB)
+    receiver = start_receiver(
+        "site-1", tmp_path / "in", settings.model_copy(update={"stream_ttl": 999})
+    )
+    [result] = _send(settings, ["site-1"], src)
+    assert result.ok
+    assert sha256_of(receiver.wait_for(1)[0].path) == digest  # type: ignore[union-attr]

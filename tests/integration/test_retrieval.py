@@ -57,21 +57,6 @@ def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
         server.stop()
 
 
-def _cleanup_service_queue(settings: Settings, site: str) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
-    try:
-        connection.channel().queue_delete(Topology.from_settings(settings).service_queue(site))
-    finally:
-        connection.close()
-
-
-@pytest.fixture(autouse=True)
-def _service_queues(settings: Settings) -> Iterator[None]:
-    yield
-    for site in ("server", "nobody"):
-        _cleanup_service_queue(settings, site)
-
-
 def test_retrieve_a_file_and_a_container(tmp_path, settings, start_server):
     src = tmp_path / "src"
     src.mkdir()
@@ -199,32 +184,45 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_owner_dying_mid_stream_is_reported(tmp_path, settings, start_server):
+def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_server, monkeypatch):
+    from common.errors import ErrorCode
+    from producer.sources import FileSource
+
     src = tmp_path / "src"
     src.mkdir()
-    random_file(src / "f.bin", 64 * MiB)
-    small = settings.model_copy(update={"chunk_size": 64 * KiB, "window": 4})
+    random_file(src / "f.bin", 4 * MiB)
+    read = FileSource.read_chunk
+
+    def slow_read(self: FileSource, seq: int) -> bytes:
+        time.sleep(0.05)  # a slow disk: the stream takes seconds
+        return read(self, seq)
+
+    monkeypatch.setattr(FileSource, "read_chunk", slow_read)
+    small = settings.model_copy(update={"chunk_size": 64 * KiB})
     server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
     outcome: list[BaseException] = []
 
     def fetch() -> None:
         try:
             with Retriever("site-1", tmp_path / "out", settings) as retriever:
-                retriever.retrieve_file("server", "f.bin", timeout=3)
+                retriever.retrieve_file("server", "f.bin", timeout=10)
         except BaseException as e:
             outcome.append(e)
 
     t = threading.Thread(target=fetch)
     t.start()
     time.sleep(1.0)
-    server.stop()  # the owner shuts down: its streams are aborted
-    t.join(60)
-    assert outcome, "the retrieval must not succeed"
-    assert isinstance(outcome[0], TransferFailed | TimedOut)
+    server.stop()  # the owner shuts down: its streams are aborted, requesters told
+    t.join(30)
+    [error] = outcome
+    assert isinstance(error, TransferFailed)
+    assert error.code == ErrorCode.ABORTED
+    assert "shutting down" in error.detail
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_an_expired_request_is_never_served(tmp_path, settings, start_server, declared):
+    declared.sites.add("server")
     """A request whose requester gave up (its expiration passed) is dropped by the broker."""
     topo = Topology.from_settings(settings)
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
@@ -252,7 +250,8 @@ def test_an_expired_request_is_never_served(tmp_path, settings, start_server, de
         connection.close()
 
 
-def test_no_server_times_out_naming_the_site(tmp_path, settings):
+def test_no_server_times_out_naming_the_site(tmp_path, settings, declared):
+    declared.sites.add("nobody")
     with Retriever("site-1", tmp_path, settings) as retriever, pytest.raises(TimedOut) as caught:
         retriever.retrieve_file("nobody", "x", timeout=1)
     assert "'nobody' did not answer" in str(caught.value)
