@@ -33,7 +33,7 @@ EXIT_USAGE = 2  # bad command line or configuration
 EXIT_BROKER = 3  # broker unreachable or authentication refused
 EXIT_TIMEOUT = 4  # timed out without progress
 
-SIDES = ("producer", "consumer")
+SIDES = ("producer", "consumer", "job")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -83,10 +83,12 @@ def build_parser(sides: Sequence[str] = SIDES) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"objstream {_version()}")
-    commands = parser.add_subparsers(dest="side", required=True, metavar="{producer,consumer}")
+    commands = parser.add_subparsers(
+        dest="side", required=True, metavar="{" + ",".join(sides) + "}"
+    )
     parent = global_options()
     for side in sides:
-        module = importlib.import_module(f"{side}.cli")
+        module = importlib.import_module(f"{'jobs' if side == 'job' else side}.cli")
         module.add_commands(commands, parent)
     return parser
 

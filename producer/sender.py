@@ -458,9 +458,8 @@ class StreamSender:
         cursor.finished = True
         cursor.stored_as = done.stored_as
         if done.ok:
-            log.info(
-                "site %s stored stream %s as %r", cursor.site, cursor.stream_id, done.stored_as
-            )
+            where = f" as {done.stored_as!r}" if done.stored_as else ""
+            log.info("site %s stored stream %s%s", cursor.site, cursor.stream_id, where)
             return
         cursor.error = TransferFailed(
             cursor.site, cursor.stream_id, done.code or ErrorCode.PROTOCOL, done.detail

@@ -1,0 +1,229 @@
+"""``objstream job ...``: the example jobs, both sides or one (``--role``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from typing import Any
+
+from common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, size_arg
+from common.settings import MiB, Settings
+from jobs import dict_streaming, file_streaming
+from jobs.runner import Result, Side, peak_rss_mib
+
+ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
+              "AuthenticationRefused": EXIT_BROKER}  # fmt: skip
+
+
+def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
+    group = commands.add_parser(
+        "job", help="run the example jobs (file_streaming, dict_streaming)",
+        description="The example jobs. Each runs a producer and a consumer as separate "
+        "processes against the broker, verifies the result and prints one line (or one JSON "
+        "object with --json); it exits 0 only on success. With --role, only one side runs (as "
+        "the docker compose workers do).",
+    )  # fmt: skip
+    sub = group.add_subparsers(
+        dest="command", required=True, metavar="{file_streaming,dict_streaming,demo}"
+    )
+    fs = sub.add_parser(
+        "file_streaming", parents=[parent, _job_options()],
+        help="stream a generated file from producer to consumer (no retriever)",
+        description="The producer creates a temporary file and streams it straight to the "
+        "consumer with the file streamer; the consumer verifies it (SHA-256 of what landed).",
+        epilog="example:\n  objstream job file_streaming --size 256MiB",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    fs.add_argument(
+        "--size",
+        type=size_arg,
+        default=100 * MiB,
+        metavar="SIZE",
+        help="file size (default 100MiB)",
+    )
+    fs.add_argument(
+        "--chunk-size", type=size_arg, metavar="SIZE", help="bytes per chunk (default 1MiB)"
+    )
+    fs.set_defaults(handler=run_file_streaming, settings_overrides=_overrides)
+
+    ds = sub.add_parser(
+        "dict_streaming", parents=[parent, _job_options()],
+        help="retrieve the container 'model' from the producer through the retriever",
+        description="The producer registers a container 'model' (entries layer-0, layer-1, ... "
+        "of random float32 arrays) with the container retriever; the consumer is given the "
+        "task retrieve_dict for 'model', retrieves it and verifies every entry.",
+        epilog="example:\n  objstream job dict_streaming --entries 10 --entry-size 16MiB",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    _dict_options(ds)
+    ds.set_defaults(handler=run_dict_streaming, settings_overrides=_overrides)
+
+    demo = sub.add_parser(
+        "demo", parents=[parent, _job_options()],
+        help="file_streaming, then dict_streaming (what docker compose runs)",
+        description="Runs file_streaming, then dict_streaming, with their defaults.",
+        epilog="example:\n  objstream job demo --role consumer --dest /data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    demo.add_argument(
+        "--size",
+        type=size_arg,
+        default=100 * MiB,
+        metavar="SIZE",
+        help="file_streaming's file size (default 100MiB)",
+    )
+    demo.add_argument("--chunk-size", type=size_arg, metavar="SIZE", help=argparse.SUPPRESS)
+    _dict_options(demo)
+    demo.set_defaults(handler=run_demo, settings_overrides=_overrides)
+
+
+def _job_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("job options")
+    group.add_argument(
+        "--role",
+        choices=["both", "producer", "consumer"],
+        default="both",
+        help="which side(s) to run here (default both)",
+    )
+    group.add_argument(
+        "--producer-site",
+        default="server",
+        metavar="SITE",
+        help="the producer's site name (default server)",
+    )
+    group.add_argument(
+        "--consumer-site",
+        default="site-1",
+        metavar="SITE",
+        help="the consumer's site name (default site-1)",
+    )
+    group.add_argument(
+        "--dest",
+        metavar="DIR",
+        help="where the consumer stores what it receives (default a temp dir)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the generated data")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="give up after this long without progress (default 120)",
+    )
+    group.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return options
+
+
+def _dict_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--entries", type=int, default=10, metavar="N", help="entries in the container (default 10)"
+    )
+    cmd.add_argument(
+        "--entry-size",
+        type=size_arg,
+        default=16 * MiB,
+        metavar="SIZE",
+        help="bytes per entry (default 16MiB)",
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"timeout": args.timeout}
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+def _sides(args: argparse.Namespace, producer: tuple[Any, dict[str, Any]],
+           consumer: tuple[Any, dict[str, Any]]) -> dict[str, Result]:  # fmt: skip
+    """Run the chosen side(s); both: the consumer first, each in its own process."""
+    if args.role == "producer":
+        return {"producer": {**producer[0](**producer[1]), "peak_rss_mib": peak_rss_mib()}}
+    if args.role == "consumer":
+        return {"consumer": {**consumer[0](**consumer[1]), "peak_rss_mib": peak_rss_mib()}}
+    consumer_side = Side(consumer[0], **consumer[1])
+    producer_side = Side(producer[0], **producer[1])
+    wait = args.timeout * 4 + 60
+    return {"producer": producer_side.result(wait), "consumer": consumer_side.result(wait)}
+
+
+def _dest(args: argparse.Namespace) -> str:
+    return args.dest or tempfile.mkdtemp(prefix="objstream-job-")
+
+
+def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
+    sides = _sides(
+        args,
+        (file_streaming.producer_side, {
+            "settings": settings, "site": args.producer_site, "to": args.consumer_site,
+            "size": args.size, "chunk_size": args.chunk_size or int(settings.chunk_size),
+            "seed": args.seed,
+        }),
+        (file_streaming.consumer_side, {
+            "settings": settings, "site": args.consumer_site, "dest": _dest(args),
+            "timeout": args.timeout,
+        }),
+    )  # fmt: skip
+    return _report(args, "file_streaming", sides)
+
+
+def run_dict_streaming(args: argparse.Namespace, settings: Settings) -> int:
+    sides = _sides(
+        args,
+        (dict_streaming.producer_side, {
+            "settings": settings, "site": args.producer_site, "entries": args.entries,
+            "entry_size": args.entry_size, "seed": args.seed, "count": 1,
+            "timeout": args.timeout,
+        }),
+        (dict_streaming.consumer_side, {
+            "settings": settings, "site": args.consumer_site, "owner": args.producer_site,
+            "entries": args.entries, "entry_size": args.entry_size, "seed": args.seed,
+            "timeout": args.timeout, "dest": _dest(args),
+        }),
+    )  # fmt: skip
+    return _report(args, "dict_streaming", sides)
+
+
+def run_demo(args: argparse.Namespace, settings: Settings) -> int:
+    code = run_file_streaming(args, settings)
+    if code != EXIT_OK:
+        return code
+    return run_dict_streaming(args, settings)
+
+
+def _report(args: argparse.Namespace, job: str, sides: dict[str, Result]) -> int:
+    ok = all(side.get("ok") for side in sides.values())
+    producer, consumer = sides.get("producer", {}), sides.get("consumer", {})
+    size = consumer.get("bytes") or producer.get("bytes") or 0
+    seconds = consumer.get("seconds") or producer.get("seconds")
+    if job == "file_streaming" and "producer" in sides:
+        seconds = producer.get("seconds")
+    if job == "file_streaming" and len(sides) == 2 and ok:
+        ok = producer.get("sha256") == consumer.get("sha256")
+    rate = round(size / MiB / seconds, 1) if size and seconds else None
+    summary: dict[str, Any] = {
+        "job": job, "ok": ok, "role": args.role, "bytes": size, "seconds": seconds,
+        "mib_per_s": rate, "checksum_verified": ok,
+        "peak_rss_mib": {name: side.get("peak_rss_mib") for name, side in sides.items()},
+    }  # fmt: skip
+    errors = [f"{name}: {side['error']}" for name, side in sides.items() if side.get("error")]
+    if errors:
+        summary["errors"] = errors
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    elif ok:
+        memory = ", ".join(f"{name} {rss} MiB" for name, rss in summary["peak_rss_mib"].items())
+        timing = f" in {seconds:.2f} s ({rate} MiB/s)" if seconds and rate else ""
+        print(
+            f"{job} ({args.role}): {size} bytes{timing}, checksum verified; peak RSS {memory}",
+            flush=True,
+        )
+    if not ok:
+        for line in errors or [f"{job}: verification failed"]:
+            print(f"objstream: error: {job} {line}", file=sys.stderr, flush=True)
+        kinds = {side.get("error_type") for side in sides.values()}
+        return next((ERROR_EXIT[k] for k in kinds if k in ERROR_EXIT), EXIT_FAILED)
+    return EXIT_OK

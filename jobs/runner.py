@@ -1,0 +1,49 @@
+"""Running one side of a job in a process of its own and collecting its result."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from common.errors import ObjstreamError
+
+Result = dict[str, Any]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size, in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _child(target: Callable[..., Result], kwargs: dict[str, Any], out: Any) -> None:
+    try:
+        result = target(**kwargs)
+    except ObjstreamError as e:
+        result = {"ok": False, "error": str(e), "error_type": type(e).__name__}
+    except Exception as e:  # reported to the parent, which prints one line
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+    result["peak_rss_mib"] = peak_rss_mib()
+    out.put(result)
+
+
+class Side:
+    """One side of a job running in a spawned process."""
+
+    def __init__(self, target: Callable[..., Result], **kwargs: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self._out = ctx.Queue()
+        self._process = ctx.Process(target=_child, args=(target, kwargs, self._out), daemon=True)
+        self._process.start()
+
+    def result(self, timeout: float) -> Result:
+        try:
+            result: Result = self._out.get(timeout=timeout)
+        except Exception:
+            self._process.kill()
+            return {"ok": False, "error": f"no result within {timeout:g} s"}
+        finally:
+            self._process.join(10)
+        return result

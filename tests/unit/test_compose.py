@@ -1,0 +1,82 @@
+"""compose.yaml and the Dockerfile, checked without a Docker engine."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.conftest import RABBITMQ_IMAGE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+def test_services_and_the_pinned_broker_image(compose):
+    services = compose["services"]
+    assert set(services) == {"rabbitmq", "producer", "consumer"}
+    assert services["rabbitmq"]["image"] == RABBITMQ_IMAGE  # the tests' container fixture
+    assert RABBITMQ_IMAGE.endswith("-management")
+
+
+def test_broker_has_a_healthcheck_and_workers_wait_for_it(compose):
+    services = compose["services"]
+    health = services["rabbitmq"]["healthcheck"]
+    assert health["test"][0] == "CMD"
+    assert "rabbitmq-diagnostics" in health["test"]
+    for worker in ("producer", "consumer"):
+        assert services[worker]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+        assert services[worker]["build"] == "."
+
+
+def test_workers_run_both_example_jobs(compose):
+    services = compose["services"]
+    assert services["producer"]["command"][:5] == ["objstream", "job", "demo", "--role", "producer"]
+    assert services["consumer"]["command"][:5] == ["objstream", "job", "demo", "--role", "consumer"]
+
+
+def test_credentials_come_from_the_environment(compose):
+    services = compose["services"]
+    broker_env = services["rabbitmq"]["environment"]
+    assert broker_env["RABBITMQ_DEFAULT_USER"].startswith("${")
+    assert broker_env["RABBITMQ_DEFAULT_PASS"].startswith("${")
+    for worker in ("producer", "consumer"):
+        url = services[worker]["environment"]["OBJSTREAM_URL"]
+        assert re.search(r"\$\{OBJSTREAM_PASSWORD:-[^}]+\}@rabbitmq:5672", url)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "PASSWORD" not in dockerfile
+    assert "amqp://" not in dockerfile
+
+
+def test_data_goes_to_named_volumes(compose):
+    assert set(compose["volumes"]) >= {"rabbitmq-data", "consumer-data"}
+    assert "consumer-data:/data" in compose["services"]["consumer"]["volumes"]
+
+
+def test_image_is_slim_and_runs_as_a_non_root_user():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
+    assert lines[next(i for i, line in enumerate(lines) if line.startswith("FROM"))].endswith(
+        "-slim-bookworm"
+    )
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users
+    assert users[-1] not in ("root", "0")
+    install = [line for line in lines if "pip install" in line]
+    assert install == ["RUN pip install . && rm -rf /src"]  # runtime deps only, no [test]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_docker_compose_config_validates():
+    run = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
