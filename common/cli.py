@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -118,6 +119,43 @@ def exit_code_for(error: ObjstreamError) -> int:
     if isinstance(error, SendFailed) and all(isinstance(f, TimedOut) for f in error.failures):
         return EXIT_TIMEOUT
     return EXIT_FAILED
+
+
+class ProgressBars:
+    """A progress bar per stream on stderr when it is a terminal (and quiet otherwise).
+
+    Pass an instance as the ``progress`` hook of a streamer, receiver or retriever. Bars show up
+    only for transfers that last more than half a second.
+    """
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, site: str, stream_id: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        bar = self._bars.get(stream_id)
+        if bar is None:
+            from tqdm import tqdm
+
+            # A terminal may report a size of 0 x 0 (a fresh pty), where tqdm would draw
+            # nothing at all: give it the usual fallback size instead.
+            size = shutil.get_terminal_size()
+            bar = self._bars[stream_id] = tqdm(
+                total=total, desc=site, unit="B", unit_scale=True, unit_divisor=1024,
+                delay=0.5, file=sys.stderr, leave=False, ncols=min(size.columns or 80, 100),
+                nrows=size.lines or 24,
+            )  # fmt: skip
+        bar.update(done - bar.n)
+        if total is not None and done >= total:
+            bar.close()
+            del self._bars[stream_id]
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
 
 
 class StopFlag:

@@ -10,11 +10,15 @@ under a kind name, and gets the transport, window, verification and resends for 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 MetaValue = str | int | float | bool
+
+ProgressHook = Callable[[str, str, int, "int | None"], None]
+"""Called as ``hook(peer_site, stream_id, bytes_stored, total_bytes_or_None)`` as a stream
+advances (for progress bars); it must be quick and must not raise."""
 
 
 @dataclass(frozen=True)

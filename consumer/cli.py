@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, StopFlag
+from common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
 from common.errors import ErrorCode, ObjstreamError, TransferFailed
 from common.settings import Settings
 from consumer.container_files import ContainerFiles
@@ -122,8 +122,10 @@ def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -
 
 def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
-    with Retriever(args.site, args.dest, settings) as retriever:
+    bars = ProgressBars()
+    with Retriever(args.site, args.dest, settings, progress=bars) as retriever:
         item = retriever.retrieve("file", args.owner, args.name, args.timeout)
+    bars.close()
     _print_retrieved(args, item, time.monotonic() - started)
     return EXIT_OK
 
@@ -132,7 +134,10 @@ def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out)
     files = ContainerFiles(out.parent if str(out.parent) else Path("."), name=out.name)
     started = time.monotonic()
-    with Retriever(args.site, files.dest, settings, on_entry=files.on_entry) as retriever:
+    bars = ProgressBars()
+    with Retriever(
+        args.site, files.dest, settings, on_entry=files.on_entry, progress=bars
+    ) as retriever:
         try:
             item = retriever.retrieve("container", args.owner, args.name, args.timeout)
         except BaseException:
@@ -194,7 +199,10 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
     done = failed = 0
     idle_since = time.monotonic()
     containers = ContainerFiles(Path(args.dest))
-    with Receiver(args.site, args.dest, settings, on_entry=containers.on_entry) as receiver:
+    bars = ProgressBars()
+    with Receiver(
+        args.site, args.dest, settings, on_entry=containers.on_entry, progress=bars
+    ) as receiver:
         log.info(
             "listening for site %s on %s (namespace %s)",
             args.site,

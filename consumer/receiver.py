@@ -46,7 +46,7 @@ from common.protocol import (
 )
 from common.reassembly import ChunkVerdict, Failure, Reassembler
 from common.settings import NAME_PATTERN, Settings
-from common.streaming import ObjectAssembler
+from common.streaming import ObjectAssembler, ProgressHook
 from common.topology import Topology
 from consumer.container_assembler import ContainerAssembler, OnEntry
 from consumer.file_sink import FileAssembler
@@ -137,6 +137,7 @@ class Receiver:
         on_entry: OnEntry | None = None,
         assemblers: Mapping[str, AssemblerFactory] | None = None,
         listen: bool = True,
+        progress: ProgressHook | None = None,
     ) -> None:
         if not re.match(NAME_PATTERN, site):
             raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
@@ -155,6 +156,7 @@ class Receiver:
         self._streams: dict[str, _Stream] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._outcomes: deque[Received | TransferFailed] = deque()
+        self._progress = progress
         self._stream_timeouts: dict[str, float] = {}  # per-stream progress timeouts (retrievals)
         self._inbox_tag: str | None = None
         self._listen = listen
@@ -420,6 +422,11 @@ class Receiver:
             "", stream.reply_to, b"", properties(progress, persistent=False)
         )
         stream.reported = stored
+        if self._progress is not None:
+            offer = stream.offer
+            self._progress(
+                offer.sender, offer.stream_id, stream.reassembler.stored_bytes, offer.size
+            )
 
     def _finish(self, stream: _Stream) -> None:
         failure = stream.reassembler.verify()
@@ -438,6 +445,13 @@ class Receiver:
             return
         stream.reassembler.mark_done()
         offer = stream.offer
+        if self._progress is not None:
+            self._progress(
+                offer.sender,
+                offer.stream_id,
+                stream.reassembler.stored_bytes,
+                stream.reassembler.stored_bytes,
+            )
         path = result if isinstance(result, Path) else None
         size = stream.reassembler.stored_bytes
         log.info(

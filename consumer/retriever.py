@@ -22,6 +22,7 @@ from common.broker import dead_letter
 from common.errors import BrokerUnreachable, ProtocolError, Refused, TimedOut, TransferFailed
 from common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
 from common.settings import Settings
+from common.streaming import ProgressHook
 from consumer.container_assembler import OnEntry
 from consumer.receiver import Received, Receiver
 
@@ -43,8 +44,9 @@ class Retriever(Receiver):
         settings: Settings | None = None,
         *,
         on_entry: OnEntry | None = None,
+        progress: ProgressHook | None = None,
     ) -> None:
-        super().__init__(site, dest, settings, on_entry=on_entry, listen=False)
+        super().__init__(site, dest, settings, on_entry=on_entry, listen=False, progress=progress)
         self._user = pika.URLParameters(self.settings.url).credentials.username
         self._replies: dict[str, Reply] = {}
         self._expected: set[str] = set()

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.cli import StopFlag, size_arg
+from common.cli import ProgressBars, StopFlag, size_arg
 from common.errors import ConfigError
 from common.settings import Settings
 from producer.container_files import load_container
@@ -168,8 +168,10 @@ def _report(args: argparse.Namespace, what: str, results: list[TargetResult], st
 
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
-    with FileStreamer(args.site, settings) as streamer:
+    bars = ProgressBars()
+    with FileStreamer(args.site, settings, progress=bars) as streamer:
         results = streamer.stream_file(args.to, args.path)
+    bars.close()
     return _report(args, "file", results, started)
 
 
@@ -177,8 +179,10 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
     path = Path(args.path)
     container = load_container(path)
     started = time.monotonic()
-    with ContainerStreamer(args.site, settings) as streamer:
+    bars = ProgressBars()
+    with ContainerStreamer(args.site, settings, progress=bars) as streamer:
         results = streamer.stream_container(args.to, container, path.name)
+    bars.close()
     return _report(args, "container", results, started)
 
 

@@ -46,7 +46,7 @@ from common.protocol import (
     properties,
 )
 from common.settings import Settings
-from common.streaming import ObjectStreamer, Piece
+from common.streaming import ObjectStreamer, Piece, ProgressHook
 from common.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,11 @@ class StreamSender:
         settings: Settings,
         site: str,
         cancel: threading.Event | None = None,
+        progress: ProgressHook | None = None,
     ) -> None:
         self.settings = settings
+        self._progress = progress
+        self._reader: _PieceReader | None = None
         self._cancel = cancel  # set: stop every stream (receivers are told to drop them)
         self.site = site
         self.topology = Topology.from_settings(settings)
@@ -229,9 +232,10 @@ class StreamSender:
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
         if source.size is not None and source.size > self.settings.max_object_size:
             raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
+        self._reader = _PieceReader(source)
         try:
             return self._send(
-                _PieceReader(source),
+                self._reader,
                 list(targets),
                 timeout or self.settings.timeout,
                 window or self.settings.window,
@@ -443,6 +447,7 @@ class StreamSender:
         cursor.contacted = True
         if progress.stored > cursor.stored:
             cursor.stored = progress.stored
+            self._report(cursor)
         cursor.last_progress = time.monotonic()
         if progress.resend_from is not None:
             log.info(
@@ -453,11 +458,22 @@ class StreamSender:
             )
             self._rewind(cursor, max(progress.resend_from, cursor.stored))
 
+    def _report(self, cursor: _Cursor, complete: bool = False) -> None:
+        if self._progress is None or self._reader is None:
+            return
+        streamer = self._reader.streamer
+        total = streamer.size
+        stored = cursor.stored * streamer.chunk_size
+        if complete or (total is not None and stored > total):
+            stored = self._reader.size if total is None else total
+        self._progress(cursor.site, cursor.stream_id, stored, total)
+
     def _on_done(self, cursor: _Cursor, done: Done) -> None:
         cursor.contacted = True
         cursor.finished = True
         cursor.stored_as = done.stored_as
         if done.ok:
+            self._report(cursor, complete=True)
             where = f" as {done.stored_as!r}" if done.stored_as else ""
             log.info("site %s stored stream %s%s", cursor.site, cursor.stream_id, where)
             return

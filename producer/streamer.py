@@ -19,7 +19,7 @@ from typing import Any, Self
 
 from common.broker import connect
 from common.settings import Settings, check_chunk_size, parse_size
-from common.streaming import ObjectStreamer
+from common.streaming import ObjectStreamer, ProgressHook
 from producer.container_source import ContainerSource
 from producer.sender import StreamSender, TargetResult
 from producer.sources import FileSource
@@ -28,12 +28,14 @@ from producer.sources import FileSource
 class Streamer:
     """Streams objects of any kind (an :class:`ObjectStreamer`) from ``site`` to other sites."""
 
-    def __init__(self, site: str, settings: Settings | None = None) -> None:
+    def __init__(
+        self, site: str, settings: Settings | None = None, *, progress: ProgressHook | None = None
+    ) -> None:
         self.settings = settings or Settings()
         self.site = site
         self._connection = connect(self.settings, f"objstream producer {site}")
         try:
-            self._sender = StreamSender(self._connection, self.settings, site)
+            self._sender = StreamSender(self._connection, self.settings, site, progress=progress)
         except BaseException:
             self.close()
             raise

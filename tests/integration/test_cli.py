@@ -256,3 +256,49 @@ def test_listen_stops_cleanly_on_sigterm(tmp_path, settings, declared):
     assert listener.returncode == 0, err
     assert "Traceback" not in err
     assert Path(tmp_path).is_dir()
+
+
+def test_progress_bar_on_a_terminal_and_quiet_otherwise(tmp_path, settings, declared):
+    import os
+    import pty
+
+    declared.sites.add("site-1")
+    src = tmp_path / "big.bin"
+    random_file(src, 64 * MiB)
+    env = _env(settings)
+    args = ["producer", "send-file", "--site", "server", "--to", "site-1", "--chunk-size",
+            "32KiB", "--window", "2", str(src)]  # fmt: skip
+    outputs = []
+    for on_tty in (True, False):
+        listener = subprocess.Popen(
+            ["objstream", "consumer", "listen", "--site", "site-1", "--dest",
+             str(tmp_path / f"in-{on_tty}"), "--count", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        if on_tty:
+            master, slave = pty.openpty()
+            sender = subprocess.Popen(
+                ["objstream", *args], env=env, stdout=subprocess.PIPE, stderr=slave
+            )
+            os.close(slave)
+            chunks = []
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the other end is closed
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            os.close(master)
+            sender.wait(60)
+            outputs.append(b"".join(chunks).decode(errors="replace"))
+        else:
+            run = _objstream(*args, env=env)
+            outputs.append(run.stderr)
+        listener.wait(60)
+        assert sender.returncode == 0 if on_tty else run.returncode == 0
+    on_terminal, piped = outputs
+    assert "%|" in on_terminal
+    assert "site-1" in on_terminal
+    assert "%|" not in piped
