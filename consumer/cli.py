@@ -22,7 +22,11 @@ log = logging.getLogger(__name__)
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
-        "consumer", help="receive objects from other sites", description="The receiving side."
+        "consumer",
+        epilog="example:\n  objstream consumer listen --site site-1 --dest /tmp/in",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="receive objects from other sites",
+        description="The receiving side.",
     )
     sub = side.add_subparsers(
         dest="command", required=True, metavar="{listen,retrieve-file,retrieve-container}"

@@ -19,7 +19,10 @@ ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     group = commands.add_parser(
-        "job", help="run the example jobs (file_streaming, dict_streaming)",
+        "job",
+        epilog="example:\n  objstream job file_streaming --size 256MiB",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="run the example jobs (file_streaming, dict_streaming)",
         description="The example jobs. Each runs a producer and a consumer as separate "
         "processes against the broker, verifies the result and prints one line (or one JSON "
         "object with --json); it exits 0 only on success. With --role, only one side runs (as "

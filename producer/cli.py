@@ -20,7 +20,11 @@ from producer.streamer import ContainerStreamer, FileStreamer
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
-        "producer", help="send objects to other sites", description="The sending side."
+        "producer",
+        epilog="example:\n  objstream producer send-file --site server --to site-1 big.bin",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="send objects to other sites",
+        description="The sending side.",
     )
     sub = side.add_subparsers(dest="command", required=True, metavar="{send-file,send-container}")
     send = sub.add_parser(
