@@ -18,6 +18,8 @@ from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 from typing import Any
 
+import pika.exceptions
+
 from common.errors import (
     AuthenticationRefused,
     BrokerUnreachable,
@@ -33,6 +35,7 @@ EXIT_FAILED = 1  # transfer failed: checksum, refused, not found, peer failure
 EXIT_USAGE = 2  # bad command line or configuration
 EXIT_BROKER = 3  # broker unreachable or authentication refused
 EXIT_TIMEOUT = 4  # timed out without progress
+EXIT_INTERRUPTED = 130  # Ctrl-C (the shell convention: 128 + SIGINT)
 
 SIDES = ("producer", "consumer", "job")
 
@@ -107,6 +110,14 @@ def configure_logging(level: str) -> None:
     # pika logs connection failures with tracebacks at ERROR; we report them in one line
     # ourselves, so its own records only show with --log-level debug.
     logging.getLogger("pika").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+
+
+def settings_url(args: argparse.Namespace) -> str:
+    """The broker URL in effect for ``args``, password masked (for error lines)."""
+    try:
+        return load_settings(url=getattr(args, "url", None)).masked_url
+    except ObjstreamError:
+        return "(invalid URL)"
 
 
 def exit_code_for(error: ObjstreamError) -> int:
@@ -195,6 +206,16 @@ def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int
             f"objstream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
         )
         return EXIT_FAILED
+    except pika.exceptions.AMQPError as e:
+        # Raised outside a transfer (declaring queues, say): the broker said no.
+        logging.getLogger(__name__).debug("failed", exc_info=True)
+        print(
+            f"objstream: error: the broker at {settings_url(args)} refused: {e!r}", file=sys.stderr
+        )
+        return EXIT_BROKER
+    except KeyboardInterrupt:
+        print("objstream: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def run(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> None:

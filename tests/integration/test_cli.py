@@ -302,3 +302,22 @@ def test_progress_bar_on_a_terminal_and_quiet_otherwise(tmp_path, settings, decl
     assert "%|" in on_terminal
     assert "site-1" in on_terminal
     assert "%|" not in piped
+
+
+def test_a_broker_refusal_is_one_line_exit_3(tmp_path, settings, declared):
+    """A queue of the namespace declared otherwise by someone else: no traceback."""
+    import pika
+
+    from common.topology import Topology
+
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        connection.channel().queue_declare(Topology.from_settings(settings).dead, durable=False)
+    finally:
+        connection.close()
+    run = _objstream("consumer", "listen", "--site", "site-1", "--dest", str(tmp_path),
+                     "--count", "1", env=_env(settings))  # fmt: skip
+    assert run.returncode == EXIT_BROKER
+    [line] = run.stderr.strip().splitlines()
+    assert "refused" in line and "PRECONDITION_FAILED" in line
+    assert "guest:guest" not in line
