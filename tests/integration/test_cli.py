@@ -319,5 +319,6 @@ def test_a_broker_refusal_is_one_line_exit_3(tmp_path, settings, declared):
                      "--count", "1", env=_env(settings))  # fmt: skip
     assert run.returncode == EXIT_BROKER
     [line] = run.stderr.strip().splitlines()
-    assert "refused" in line and "PRECONDITION_FAILED" in line
+    assert "refused" in line
+    assert "PRECONDITION_FAILED" in line
     assert "guest:guest" not in line
