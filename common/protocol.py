@@ -92,8 +92,23 @@ class _Header(_Versioned):
         return self.stream_id
 
 
+# Objects up to this size travel inside their offer: one message, no data queue (small-object
+# latency is then one message each way plus the receiver's fsync).
+INLINE_MAX = 64 * 1024
+
+
+class Inline(BaseModel):
+    """An offer that carries the whole object in its body (at most one chunk, INLINE_MAX)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    crc32: int = Field(ge=0, lt=2**32, description="zlib.crc32 of the body.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the content.")
+    meta: Meta | None = Field(None, description="The meta of its one piece.")
+
+
 class Offer(_Header):
-    """Sender -> receiver inbox: a stream is coming on its data queue."""
+    """Sender -> receiver inbox: a stream is coming on its data queue (or is in the body)."""
 
     kind: Kind = Field(description="What the stream carries: file, container, or a custom kind.")
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="Sender's name for it.")
@@ -104,9 +119,15 @@ class Offer(_Header):
     sender: SiteName = Field(description="Sending site.")
     target: SiteName = Field(description="Receiving site.")
     info: Meta | None = Field(None, description="Kind-specific description (container type...).")
+    inline: Inline | None = Field(None, description="Set: the body is the whole content.")
 
     @model_validator(mode="after")
     def _count_matches_size(self) -> Offer:
+        if self.inline is not None and (
+            self.size is None or self.chunk_count is None or self.chunk_count > 1
+            or self.size > INLINE_MAX
+        ):  # fmt: skip
+            raise ValueError(f"an inline offer carries at most one chunk of {INLINE_MAX} bytes")
         if (self.size is None) != (self.chunk_count is None):
             raise ValueError("size and chunk_count are either both given or both left out")
         if self.size is None or self.chunk_count is None:

@@ -39,6 +39,7 @@ from common.protocol import (
     Chunk,
     Done,
     End,
+    Inline,
     Offer,
     Progress,
     parse,
@@ -266,14 +267,14 @@ class Receiver:
         try:
             offer = parse(props.type, props.headers)
             if not isinstance(offer, Offer):
-                raise ProtocolError(f"unexpected {props.type} message on inbox {self._inbox}")
+                raise ProtocolError(f"unexpected {props.type} message where offers arrive")
             if offer.target != self.site:
                 raise ProtocolError(
                     f"offer for site {offer.target!r} on the inbox of {self.site!r}"
                 )
             if not isinstance(props.reply_to, str) or not props.reply_to:
                 raise ProtocolError("offer without reply_to")
-            if body:
+            if body and offer.inline is None:
                 raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
         except ProtocolError as e:
             dead_letter(self._control, self.topology, props, body, str(e))
@@ -321,6 +322,10 @@ class Receiver:
             timeout=self._stream_timeouts.pop(sid, self.settings.timeout),
         )
         stream.reassembler.accept()
+        if offer.inline is not None:
+            self._streams[sid] = stream
+            self._take_inline(stream, offer.inline, body)
+            return
         stream.channel = self._connection.channel()
         stream.channel.basic_qos(prefetch_count=offer.window)
         queue = self.topology.data_queue(sid)
@@ -384,18 +389,49 @@ class Receiver:
         elif stream.reassembler.stored - stream.reported >= stream.report_every:
             self._flush(stream)
 
+    def _take_inline(self, stream: _Stream, inline: Inline, body: bytes) -> None:
+        """A small object that came whole inside its offer: store, verify, commit at once."""
+        offer = stream.offer
+        assert offer.chunk_count is not None
+        assert offer.size is not None
+        try:
+            if offer.chunk_count:
+                outcome = stream.reassembler.chunk(0, inline.crc32, body)
+                if outcome.verdict is not ChunkVerdict.WRITE:  # corrupt: nothing to resend from
+                    self._fail(stream, ErrorCode.CHECKSUM, outcome.detail)
+                    return
+                if not self._store(stream, 0, outcome.offset, body, inline.meta):
+                    return
+            elif body:
+                raise ProtocolError("inline offer of 0 chunks with a body")
+            end = End(stream_id=offer.stream_id, chunk_count=offer.chunk_count, size=offer.size,
+                      sha256=inline.sha256)  # fmt: skip
+            stream.reassembler.record_end(end)
+        except ProtocolError as e:
+            self._fail(stream, ErrorCode.PROTOCOL, str(e))
+            return
+        self._finish(stream)
+
+    def _store(
+        self, stream: _Stream, seq: int, offset: int, body: bytes, meta: Mapping[str, Any] | None
+    ) -> bool:
+        """Hand a chunk to the assembler; on failure fail the stream and return False."""
+        try:
+            stream.assembler.take(offset, body, meta)
+            return True
+        except ProtocolError as e:
+            self._fail(stream, ErrorCode.PROTOCOL, str(e))
+        except OSError as e:
+            self._fail(stream, ErrorCode.IO, f"storing chunk {seq}: {e.strerror or e}")
+        except Exception as e:  # an on_entry callback or a custom assembler failed
+            log.debug("assembler failed", exc_info=True)
+            self._fail(stream, ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
+        return False
+
     def _on_chunk(self, stream: _Stream, chunk: Chunk, props: Any, body: bytes) -> None:
         outcome = stream.reassembler.chunk(chunk.seq, chunk.crc32, body)
         if outcome.verdict is ChunkVerdict.WRITE:
-            try:
-                stream.assembler.take(outcome.offset, body, chunk.meta)
-            except ProtocolError as e:
-                self._fail(stream, ErrorCode.PROTOCOL, str(e))
-            except OSError as e:
-                self._fail(stream, ErrorCode.IO, f"storing chunk {chunk.seq}: {e.strerror or e}")
-            except Exception as e:  # an on_entry callback or a custom assembler failed
-                log.debug("assembler failed", exc_info=True)
-                self._fail(stream, ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
+            self._store(stream, chunk.seq, outcome.offset, body, chunk.meta)
             return
         if outcome.verdict is ChunkVerdict.CORRUPT:
             dead_letter(self._control, self.topology, props, body, outcome.detail)
@@ -530,7 +566,8 @@ class Receiver:
             if stream.closing:
                 del self._streams[sid]
                 self._remember(sid)
-                if stream.channel.is_open:
-                    stream.channel.close()
-                self._control.queue_delete(self.topology.data_queue(sid))
+                if stream.channel is not None:  # inline streams have none
+                    if stream.channel.is_open:
+                        stream.channel.close()
+                    self._control.queue_delete(self.topology.data_queue(sid))
         self._resume_inbox()

@@ -35,10 +35,12 @@ from common.errors import (
     TransferFailed,
 )
 from common.protocol import (
+    INLINE_MAX,
     Abort,
     Chunk,
     Done,
     End,
+    Inline,
     Offer,
     Progress,
     new_stream_id,
@@ -65,6 +67,7 @@ class TargetResult:
     sha256: str
     stored_as: str | None = None
     error: TransferFailed | None = None
+    inline: bool = False  # the object went inside the offer
 
 
 @dataclass
@@ -82,6 +85,7 @@ class _Cursor:
     finished: bool = False
     stored_as: str | None = None
     error: TransferFailed | None = None
+    inline: bool = False  # the object went inside the offer
 
 
 class _SharedDigest:
@@ -196,6 +200,7 @@ class StreamSender:
         self._reply_queue = self.topology.declare_reply_queue(self._channel)
         self._cursors: dict[str, _Cursor] = {}
         self._offer_to: str | None = None
+        self._declared_inboxes: set[str] = set()
         self._stream_id: str | None = None
         self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
 
@@ -254,7 +259,7 @@ class StreamSender:
             cursor = _Cursor(target, self._stream_id or new_stream_id())
             self._cursors[cursor.stream_id] = cursor
             cursors.append(cursor)
-            self._offer(source, cursor, timeout, window)
+            self._offer(reader, cursor, timeout, window)
         log.info(
             "streaming %s %r (%s bytes, %s chunks) to %s",
             source.kind,
@@ -311,10 +316,34 @@ class StreamSender:
 
     # -- per target -----------------------------------------------------------------------------
 
-    def _offer(self, source: ObjectStreamer, cursor: _Cursor, timeout: float, window: int) -> None:
-        if not self._offer_to:
+    def _offer(self, reader: _PieceReader, cursor: _Cursor, timeout: float, window: int) -> None:
+        source = reader.streamer
+        if not self._offer_to and cursor.site not in self._declared_inboxes:
             self.topology.declare_inbox(self._channel, cursor.site)
-        self.topology.declare_data_queue(self._channel, cursor.stream_id)
+            self._declared_inboxes.add(cursor.site)
+        body = b""
+        inline = None
+        count = reader.count
+        if (
+            reader.lockstep is False
+            and count is not None
+            and count <= 1
+            and (source.size is not None and source.size <= INLINE_MAX)
+        ):
+            # Small enough to ride in the offer: no data queue, one message each way.
+            piece = reader.get(0) if count else Piece(b"")
+            assert piece is not None
+            body = piece.data
+            inline = Inline(
+                crc32=zlib.crc32(body),
+                sha256=reader.digest.hexdigest(),
+                meta=dict(piece.meta) if piece.meta else None,
+            )
+            cursor.inline = True
+            cursor.next_seq = count
+            cursor.end_sent = True
+        else:
+            self.topology.declare_data_queue(self._channel, cursor.stream_id)
         try:
             offer = Offer(
                 stream_id=cursor.stream_id,
@@ -327,6 +356,7 @@ class StreamSender:
                 sender=self.site,
                 target=cursor.site,
                 info=source.info() or None,
+                inline=inline,
             )
         except ValidationError as e:
             raise ObjstreamError(f"cannot offer {source.kind} {source.name!r}: {e}") from None
@@ -334,10 +364,10 @@ class StreamSender:
         # An offer nobody took within the timeout is void: the sender has given up by then.
         props.expiration = str(int(timeout * 1000))
         if self._offer_to:
-            self._channel.basic_publish("", self._offer_to, b"", props)
+            self._channel.basic_publish("", self._offer_to, body, props)
         else:
             self._channel.basic_publish(
-                self.topology.exchange, self.topology.inbox_key(cursor.site), b"", props
+                self.topology.exchange, self.topology.inbox_key(cursor.site), body, props
             )
 
     def _pump(self, reader: _PieceReader, cursor: _Cursor, limit: int) -> None:
@@ -388,7 +418,12 @@ class StreamSender:
         # Resend only once the receiver is known to read: before that the chunks wait in the
         # durable data queue and resending would only pile up duplicates.
         resend_after = self.settings.resend_after
-        if cursor.contacted and silent > resend_after and now - cursor.last_resend > resend_after:
+        if (
+            cursor.contacted
+            and not cursor.inline
+            and silent > resend_after
+            and now - cursor.last_resend > resend_after
+        ):
             log.info(
                 "no progress from %s for %.1f s; resending stream %s from chunk %d",
                 cursor.site,
@@ -407,7 +442,9 @@ class StreamSender:
 
     def _finish_failed(self, cursor: _Cursor, error: TransferFailed) -> None:
         log.warning("%s", error)
-        if cursor.contacted:
+        if cursor.inline:
+            pass  # no data queue: the offer was the whole stream (and has expired by now)
+        elif cursor.contacted:
             # A receiver is on it: tell it to drop the partial object (it deletes the queue).
             abort = Abort(stream_id=cursor.stream_id, reason=str(error))
             self._channel.basic_publish(
@@ -481,5 +518,6 @@ class StreamSender:
             cursor.site, cursor.stream_id, done.code or ErrorCode.PROTOCOL, done.detail
         )
         log.warning("%s", cursor.error)
-        # The receiver normally deletes it; make sure a refused stream leaves nothing behind.
-        self._channel.queue_delete(self.topology.data_queue(cursor.stream_id))
+        if not cursor.inline:
+            # The receiver normally deletes it; make sure a refused stream leaves nothing behind.
+            self._channel.queue_delete(self.topology.data_queue(cursor.stream_id))

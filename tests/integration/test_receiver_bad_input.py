@@ -212,3 +212,55 @@ def test_the_window_bounds_what_the_producer_puts_in_the_broker(tmp_path, settin
             channel.queue_declare(topo.data_queue(sid), passive=True)
     finally:
         connection.close()
+
+
+def _inline_offer(peer, body: bytes, *, crc32=None, sha256=None):
+    import zlib
+
+    from common.protocol import Inline, Offer
+
+    offer = Offer(
+        stream_id=peer.stream_id, kind="file", name="small.bin", size=len(body),
+        chunk_size=max(len(body), 1), chunk_count=1 if body else 0, window=4, sender="raw",
+        target="site-1",
+        inline=Inline(crc32=zlib.crc32(body) if crc32 is None else crc32,
+                      sha256=sha256 or hashlib.sha256(body).hexdigest()),
+    )  # fmt: skip
+    peer.publish_inbox(body, properties(offer, reply_to=peer.reply))
+
+
+def test_small_objects_ride_inside_the_offer(tmp_path, settings, start_receiver, declared):
+    """No data queue is made for an object that fits in its offer."""
+    receiver = start_receiver("site-1", tmp_path / "in")
+    src = tmp_path / "small.bin"
+    random_file(src, 10 * KiB)
+    with FileStreamer("server", settings) as streamer:
+        [result] = streamer.stream_file("site-1", src)
+    [received] = receiver.wait_for(1)
+    assert received.path.read_bytes() == src.read_bytes()  # type: ignore[union-attr]
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        queue = Topology.from_settings(settings).data_queue(result.stream_id)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+            connection.channel().queue_declare(queue, passive=True)
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "code"),
+    [({"crc32": 1}, "checksum"), ({"sha256": "0" * 64}, "checksum")],
+    ids=["crc", "sha256"],
+)
+def test_a_corrupt_inline_object_fails_and_leaves_no_file(
+    tmp_path, start_receiver, raw_peer, options, code
+):
+    dest = tmp_path / "in"
+    receiver = start_receiver("site-1", dest)
+    peer = raw_peer("site-1")
+    _inline_offer(peer, b"tiny payload", **options)
+    [failed] = receiver.wait_for(1)
+    assert isinstance(failed, TransferFailed)
+    assert failed.code == code
+    assert peer.verdict()["code"] == code
+    assert list(dest.iterdir()) == []

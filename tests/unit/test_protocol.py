@@ -110,3 +110,20 @@ def test_models_are_frozen():
 def test_chunk_length_of_the_last_chunk():
     offer = Offer(**_offer())
     assert [offer.chunk_length(s) for s in range(3)] == [4, 4, 2]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"size": 70_000, "chunk_size": 70_000, "chunk_count": 1},
+        {"size": 10, "chunk_size": 4, "chunk_count": 3},
+        {"size": None, "chunk_count": None, "kind": "records"},
+    ],
+    ids=["too-big", "several-chunks", "unknown-size"],
+)
+def test_inline_offers_carry_one_small_chunk_only(changes):
+    from common.protocol import Inline
+
+    inline = Inline(crc32=0, sha256="0" * 64)
+    with pytest.raises(ValueError, match="inline offer carries at most one chunk"):
+        Offer(**_offer(inline=inline, **changes))

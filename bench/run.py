@@ -1,0 +1,338 @@
+"""objstream's benchmark suite: one run, one table, one plot.
+
+    python bench/run.py [--runs 3] [--large] [--quick] [--out bench/results]
+
+Against the broker at OBJSTREAM_URL (default amqp://guest:guest@localhost:5672/%2F) it measures
+the raw pika ceiling (stock pika, 1 MiB transient messages, no confirms, prefetch 64, manual
+acks; and persistent with 32 windowed confirms), file streaming (256 MiB, 1 GiB, 4 GiB with
+--large), container streaming (10 x 100 MiB float32), many small objects (1,000 files of 10 KiB
+pushed; 1,000 retrievals of a 1 KiB container), 4 producers to 4 consumers at once, and a sweep
+of chunk sizes and windows. Every side is a process of its own; every figure is the median of
+--runs runs. It prints a markdown table (with file streaming's ratio to the raw ceiling), and
+writes it with a PNG plot of throughput against chunk size to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pika
+
+from bench import sides
+from common.settings import mask_url
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+CTX = mp.get_context("spawn")
+URL = os.environ.get("OBJSTREAM_URL", "amqp://guest:guest@localhost:5672/%2F")
+
+
+# -- running sides in processes ------------------------------------------------------------------
+
+
+def _child(fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any], out: Any) -> None:
+    try:
+        out.put(fn(**kwargs))
+    except BaseException as e:  # the parent reports it
+        out.put({"error": f"{type(e).__name__}: {e}"})
+
+
+class Proc:
+    def __init__(self, fn: Callable[..., dict[str, Any]], **kwargs: Any) -> None:
+        self.out = CTX.Queue()
+        self.process = CTX.Process(target=_child, args=(fn, kwargs, self.out), daemon=True)
+        self.process.start()
+
+    def result(self, timeout: float = 600) -> dict[str, Any]:
+        result: dict[str, Any] = self.out.get(timeout=timeout)
+        self.process.join(30)
+        if "error" in result:
+            raise RuntimeError(result["error"])
+        return result
+
+
+def _ready(n: int = 1) -> tuple[Any, Callable[[], None]]:
+    queue = CTX.Queue()
+
+    def wait() -> None:
+        for _ in range(n):
+            queue.get(timeout=120)
+
+    return queue, wait
+
+
+def _namespace() -> str:
+    ns = f"bench-{uuid.uuid4().hex[:8]}"
+    NAMESPACES.append(ns)
+    return ns
+
+
+NAMESPACES: list[str] = []
+
+
+# -- the benchmarks ------------------------------------------------------------------------------
+
+
+def raw(count: int, size: int, confirmed: bool) -> dict[str, float]:
+    queue = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    connection.channel().queue_declare(queue, durable=confirmed)
+    try:
+        ready, wait = _ready()
+        consumer = Proc(sides.raw_consume, url=URL, queue=queue, count=count, ready=ready)
+        wait()
+        if confirmed:
+            producer = Proc(sides.raw_publish_confirmed, url=URL, queue=queue, count=count,
+                            size=size, window=32)  # fmt: skip
+        else:
+            producer = Proc(sides.raw_publish, url=URL, queue=queue, count=count, size=size)
+        p, c = producer.result(), consumer.result()
+    finally:
+        connection.channel().queue_delete(queue)
+        connection.close()
+    return {"mib_s": count * size / MiB / (c["end"] - p["start"])}
+
+
+def file_stream(path: Path, chunk_size: int = MiB, window: int = 32) -> dict[str, float]:
+    ns = _namespace()
+    with tempfile.TemporaryDirectory(prefix="bench-in-") as dest:
+        ready, wait = _ready()
+        consumer = Proc(sides.receive, url=URL, namespace=ns, site="site-1", dest=dest, count=1,
+                        ready=ready)  # fmt: skip
+        wait()
+        producer = Proc(sides.send_file, url=URL, namespace=ns, targets=["site-1"],
+                        path=str(path), chunk_size=chunk_size, window=window)  # fmt: skip
+        p, c = producer.result(), consumer.result()
+    return {"mib_s": p["bytes"] / MiB / (p["end"] - p["start"]),
+            "sender_rss": p["peak_rss_mib"], "receiver_rss": c["peak_rss_mib"]}  # fmt: skip
+
+
+def container_stream(entries: int, entry_size: int) -> dict[str, float]:
+    ns = _namespace()
+    ready, wait = _ready()
+    consumer = Proc(sides.receive, url=URL, namespace=ns, site="site-1", dest="/tmp", count=1,
+                    ready=ready, keep=True)  # fmt: skip
+    wait()
+    producer = Proc(sides.send_container, url=URL, namespace=ns, entries=entries,
+                    entry_size=entry_size)  # fmt: skip
+    p, c = producer.result(), consumer.result()
+    total = entries * entry_size / MiB
+    return {"mib_s": total / (p["end"] - p["start"]),
+            "sender_rss": p["peak_rss_mib"], "receiver_rss": c["peak_rss_mib"],
+            "container_mib": total}  # fmt: skip
+
+
+def _latency_figures(result: dict[str, Any], count: int) -> dict[str, float]:
+    latencies = sorted(result["latencies"])
+    return {
+        "objects_s": count / (result["end"] - result["start"]),
+        "median_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+    }
+
+
+def small_files(directory: Path, count: int) -> dict[str, float]:
+    ns = _namespace()
+    with tempfile.TemporaryDirectory(prefix="bench-in-") as dest:
+        ready, wait = _ready()
+        consumer = Proc(sides.receive, url=URL, namespace=ns, site="site-1", dest=dest,
+                        count=count, ready=ready)  # fmt: skip
+        wait()
+        producer = Proc(sides.send_small_files, url=URL, namespace=ns,
+                        directory=str(directory), count=count)  # fmt: skip
+        p = producer.result()
+        consumer.result()
+    return _latency_figures(p, count)
+
+
+def small_retrievals(count: int) -> dict[str, float]:
+    ns = _namespace()
+    ready, wait = _ready()
+    stop = CTX.Event()
+    server = Proc(sides.serve_container, url=URL, namespace=ns, size=1024, ready=ready, stop=stop)
+    wait()
+    requester = Proc(sides.retrieve_many, url=URL, namespace=ns, count=count)
+    r = requester.result()
+    stop.set()
+    server.result()
+    return _latency_figures(r, count)
+
+
+def concurrent(path: Path, pairs: int) -> dict[str, float]:
+    ns = _namespace()
+    with tempfile.TemporaryDirectory(prefix="bench-in-") as dest:
+        ready, wait = _ready(pairs)
+        consumers = [Proc(sides.receive, url=URL, namespace=ns, site=f"site-{i}",
+                          dest=f"{dest}/{i}", count=1, ready=ready)
+                     for i in range(pairs)]  # fmt: skip
+        wait()
+        producers = [Proc(sides.send_file, url=URL, namespace=ns, targets=[f"site-{i}"],
+                          path=str(path), chunk_size=MiB, window=32)
+                     for i in range(pairs)]  # fmt: skip
+        results = [p.result() for p in producers]
+        for c in consumers:
+            c.result()
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {"mib_s": sum(r["bytes"] for r in results) / MiB / span}
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def median_of(runs: int, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    samples = [fn() for _ in range(runs)]
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
+def make_file(directory: Path, size: int) -> Path:
+    path = directory / f"data-{size}.bin"
+    block = os.urandom(4 * MiB)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(len(block), left)
+            f.write(block[:n])
+            left -= n
+    return path
+
+
+def cleanup() -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(URL))
+    try:
+        channel = connection.channel()
+        for ns in NAMESPACES:
+            for queue in [f"{ns}.dead", f"{ns}.serve.server",
+                          *(f"{ns}.site.site-{i}" for i in ("1", "0", "2", "3"))]:  # fmt: skip
+                channel.queue_delete(queue)
+            channel.exchange_delete(f"{ns}.dead")
+            channel.exchange_delete(ns)
+    finally:
+        connection.close()
+
+
+def plot(sweep: dict[tuple[int, int], float], ceiling: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    chunks = sorted({c for c, _ in sweep})
+    for window in sorted({w for _, w in sweep}):
+        ax.plot([c / 1024 for c in chunks], [sweep[(c, window)] for c in chunks], marker="o",
+                label=f"objstream, window {window}")  # fmt: skip
+    ax.axhline(ceiling, color="grey", linestyle="--", label="raw pika ceiling (1 MiB, transient)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([c / 1024 for c in chunks], [f"{c // 1024} KiB" for c in chunks])
+    ax.set_xlabel("chunk size")
+    ax.set_ylabel("MiB/s (file to file, verified)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("File streaming, 256 MiB, loopback")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--large", action="store_true", help="also stream a 4 GiB file")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    quick = args.quick
+    started = time.monotonic()
+    rows: list[tuple[str, str]] = []
+
+    def row(name: str, text: str) -> None:
+        rows.append((name, text))
+        print(f"| {name} | {text} |", flush=True)
+
+    print(f"# objstream benchmarks against {mask_url(URL)} ({args.runs} runs, median)\n")
+    print("| benchmark | result |\n|---|---|")
+    raw_count = 128 if quick else 1024
+    ceiling = median_of(args.runs, lambda: raw(raw_count, MiB, confirmed=False))["mib_s"]
+    row(f"raw pika, {raw_count} x 1 MiB transient, no confirms", f"{ceiling:.0f} MiB/s")
+    confirmed = median_of(args.runs, lambda: raw(raw_count, MiB, confirmed=True))["mib_s"]
+    row(f"raw pika, {raw_count} x 1 MiB persistent, 32 windowed confirms",
+        f"{confirmed:.0f} MiB/s")  # fmt: skip
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        data = Path(tmp)
+        sizes = [32 * MiB] if quick else [256 * MiB, GiB] + ([4 * GiB] if args.large else [])
+        files = {size: make_file(data, size) for size in sizes}
+        file_figures: dict[int, dict[str, float]] = {}
+        for size, path in files.items():
+            f = file_figures[size] = median_of(args.runs, lambda p=path: file_stream(p))
+            row(
+                f"file streaming {size // MiB} MiB (1 MiB chunks, window 32)",
+                f"{f['mib_s']:.0f} MiB/s = {f['mib_s'] / ceiling:.0%} of the raw ceiling; "
+                f"peak RSS sender {f['sender_rss']:.0f} MiB, receiver {f['receiver_rss']:.0f} MiB",
+            )
+
+        entries, entry_size = (4, 16 * MiB) if quick else (10, 100 * MiB)
+        c = median_of(args.runs, lambda: container_stream(entries, entry_size))
+        row(f"container {entries} x {entry_size // MiB} MiB float32",
+            f"{c['mib_s']:.0f} MiB/s; peak RSS sender {c['sender_rss']:.0f} MiB "
+            f"(container + {c['sender_rss'] - c['container_mib']:.0f}), receiver "
+            f"{c['receiver_rss']:.0f} MiB (container + "
+            f"{c['receiver_rss'] - c['container_mib']:.0f})")  # fmt: skip
+
+        count = 100 if quick else 1000
+        small = data / "small"
+        small.mkdir()
+        for i in range(count):
+            (small / f"f{i:04d}.bin").write_bytes(os.urandom(10 * 1024))
+        s = median_of(args.runs, lambda: small_files(small, count))
+        row(f"{count} files of 10 KiB pushed",
+            f"{s['objects_s']:.0f} objects/s; latency median {s['median_ms']:.1f} ms, "
+            f"p99 {s['p99_ms']:.1f} ms")  # fmt: skip
+        r = median_of(args.runs, lambda: small_retrievals(count))
+        row(f"{count} retrievals of a 1 KiB container",
+            f"{r['objects_s']:.0f} objects/s; round trip median {r['median_ms']:.1f} ms, "
+            f"p99 {r['p99_ms']:.1f} ms")  # fmt: skip
+
+        sweep_file = files[min(sizes, key=lambda s: abs(s - 256 * MiB))]
+        cc = median_of(args.runs, lambda: concurrent(sweep_file, 4))
+        row(f"4 producers -> 4 consumers, {sweep_file.stat().st_size // MiB} MiB each",
+            f"{cc['mib_s']:.0f} MiB/s aggregate")  # fmt: skip
+
+        sweep: dict[tuple[int, int], float] = {}
+        for chunk in (256 * 1024, MiB, 4 * MiB):
+            for window in (8, 32, 128):
+                sweep[(chunk, window)] = median_of(
+                    args.runs, lambda c=chunk, w=window: file_stream(sweep_file, c, w)
+                )["mib_s"]
+        cells = " ".join(f"{c // 1024}K/w{w}: {v:.0f};" for (c, w), v in sorted(sweep.items()))
+        row("sweep, MiB/s (chunk/window)", cells.rstrip(";"))
+    cleanup()
+
+    seconds = time.monotonic() - started
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    table = "\n".join(
+        [f"Benchmarks, {time.strftime('%Y-%m-%d')}, {machine}; {args.runs} runs per figure "
+         f"(median); took {seconds:.0f} s.\n", "| benchmark | result |", "|---|---|",
+         *(f"| {name} | {text} |" for name, text in rows)]
+    )  # fmt: skip
+    (args.out / "results.md").write_text(table + "\n")
+    plot(sweep, ceiling, args.out / "throughput.png")
+    print(f"\nwrote {args.out / 'results.md'} and {args.out / 'throughput.png'} in {seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""The processes the benchmarks run: each function is one side, run in a spawned process.
+
+Every side returns a dict with its timings (``time.monotonic()``, which is one clock for all
+processes on Linux) and its peak RSS in MiB.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pika
+
+Result = dict[str, Any]
+MiB = 1024 * 1024
+
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _settings(url: str, namespace: str, **extra: Any) -> Any:
+    from common.settings import Settings
+
+    return Settings(url=url, namespace=namespace, stream_ttl=600, **extra)
+
+
+# -- the raw pika ceiling: stock pika, no framing, no reassembly ---------------------------------
+
+
+def raw_consume(url: str, queue: str, count: int, ready: Any) -> Result:
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=64)
+    got = {"n": 0, "bytes": 0, "first": 0.0, "last": 0.0}
+
+    def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
+        if got["n"] == 0:
+            got["first"] = time.monotonic()
+        got["n"] += 1
+        got["bytes"] += len(body)
+        ch.basic_ack(method.delivery_tag)
+        if got["n"] == count:
+            got["last"] = time.monotonic()
+            ch.stop_consuming()
+
+    channel.basic_consume(queue, on_message)
+    ready.put("ready")
+    channel.start_consuming()
+    connection.close()
+    return {"bytes": got["bytes"], "end": got["last"], "peak_rss_mib": peak_rss_mib()}
+
+
+def raw_publish(url: str, queue: str, count: int, size: int) -> Result:
+    body = os.urandom(size)
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    props = pika.BasicProperties(delivery_mode=1)
+    start = time.monotonic()
+    for _ in range(count):
+        channel.basic_publish("", queue, body, props)
+    connection.close()
+    return {"start": start, "peak_rss_mib": peak_rss_mib()}
+
+
+def raw_publish_confirmed(url: str, queue: str, count: int, size: int, window: int) -> Result:
+    """Persistent messages with up to ``window`` unconfirmed publishes (an async publisher)."""
+    body = os.urandom(size)
+    props = pika.BasicProperties(delivery_mode=2)
+    state: dict[str, Any] = {"sent": 0, "acked": 0, "start": 0.0}
+
+    def pump() -> None:
+        channel = state["channel"]
+        while state["sent"] < count and state["sent"] - state["acked"] < window:
+            channel.basic_publish("", queue, body, props)
+            state["sent"] += 1
+
+    def on_ack(frame: Any) -> None:
+        tag = frame.method.delivery_tag
+        state["acked"] = max(state["acked"], tag) if frame.method.multiple else state["acked"] + 1
+        if state["acked"] >= count:
+            connection.close()
+        else:
+            pump()
+
+    def on_channel(channel: Any) -> None:
+        state["channel"] = channel
+        channel.confirm_delivery(on_ack)
+        state["start"] = time.monotonic()
+        pump()
+
+    connection = pika.SelectConnection(
+        pika.URLParameters(url),
+        on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel),
+        on_close_callback=lambda conn, reason: conn.ioloop.stop(),
+    )
+    connection.ioloop.start()
+    return {"start": state["start"], "peak_rss_mib": peak_rss_mib()}
+
+
+# -- objstream sides ----------------------------------------------------------------------------
+
+
+def receive(url: str, namespace: str, site: str, dest: str, count: int, ready: Any,
+            keep: bool = False) -> Result:  # fmt: skip
+    """Receive ``count`` objects for ``site``; files are deleted as they arrive."""
+    from consumer import Receiver
+
+    ends = []
+    with Receiver(site, dest, _settings(url, namespace)) as receiver:
+        ready.put("ready")
+        for _ in range(count):
+            item = receiver.receive(timeout=300)
+            assert item is not None, "nothing arrived"
+            ends.append(time.monotonic())
+            if item.path is not None and not keep:
+                item.path.unlink()
+            entries = item.entry_count
+            del item
+    return {"end": ends[-1], "entries": entries, "peak_rss_mib": peak_rss_mib()}
+
+
+def send_file(url: str, namespace: str, targets: list[str], path: str, chunk_size: int,
+              window: int) -> Result:  # fmt: skip
+    from producer import FileStreamer
+
+    with FileStreamer("server", _settings(url, namespace)) as streamer:
+        start = time.monotonic()
+        results = streamer.stream_file(targets, path, chunk_size=chunk_size, window=window)
+        end = time.monotonic()
+    assert all(r.ok for r in results)
+    return {"start": start, "end": end, "bytes": results[0].size, "peak_rss_mib": peak_rss_mib()}
+
+
+def send_container(url: str, namespace: str, entries: int, entry_size: int) -> Result:
+    import numpy as np
+
+    from producer import ContainerStreamer
+
+    rng = np.random.default_rng(0)
+    model = {f"layer-{i}": rng.standard_normal(entry_size // 4, dtype=np.float32)
+             for i in range(entries)}  # fmt: skip
+    with ContainerStreamer("server", _settings(url, namespace)) as streamer:
+        start = time.monotonic()
+        [result] = streamer.stream_container("site-1", model, "model")
+        end = time.monotonic()
+    assert result.ok
+    return {"start": start, "end": end, "bytes": entries * entry_size,
+            "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+
+
+def send_small_files(url: str, namespace: str, directory: str, count: int) -> Result:
+    from producer import FileStreamer
+
+    paths = sorted(Path(directory).iterdir())[:count]
+    latencies = []
+    with FileStreamer("server", _settings(url, namespace)) as streamer:
+        start = time.monotonic()
+        for path in paths:
+            t0 = time.monotonic()
+            streamer.stream_file("site-1", path)
+            latencies.append(time.monotonic() - t0)
+        end = time.monotonic()
+    return {"start": start, "end": end, "latencies": latencies, "peak_rss_mib": peak_rss_mib()}
+
+
+def serve_container(url: str, namespace: str, size: int, ready: Any, stop: Any) -> Result:
+    from producer import ContainerRetriever, RetrievalServer
+
+    with RetrievalServer("server", _settings(url, namespace, max_streams=64)) as server:
+        ContainerRetriever(server).add_container("small", {"blob": os.urandom(size)})
+        ready.put("ready")
+        server.serve(stop=stop.is_set, poll=0.05)
+        served = server.accepted
+    return {"served": served, "peak_rss_mib": peak_rss_mib()}
+
+
+def retrieve_many(url: str, namespace: str, count: int) -> Result:
+    from consumer import Retriever
+
+    latencies = []
+    with Retriever("site-1", "/tmp", _settings(url, namespace)) as retriever:
+        retriever.retrieve_container("server", "small", timeout=30)  # connections are up
+        start = time.monotonic()
+        for _ in range(count):
+            t0 = time.monotonic()
+            retriever.retrieve_container("server", "small", timeout=30)
+            latencies.append(time.monotonic() - t0)
+        end = time.monotonic()
+    return {"start": start, "end": end, "latencies": latencies, "peak_rss_mib": peak_rss_mib()}
