@@ -50,6 +50,8 @@ class Retriever(Receiver):
         self._user = pika.URLParameters(self.settings.url).credentials.username
         self._replies: dict[str, Reply] = {}
         self._expected: set[str] = set()
+        self._owners: set[str] = set()
+        self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
         try:
             self._private = self.topology.declare_reply_queue(self._control)
             self._control.basic_consume(self._private, self._on_private, auto_ack=True)
@@ -98,7 +100,10 @@ class Retriever(Receiver):
             raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
 
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
-        self.topology.declare_service_queue(self._control, from_site)
+        if from_site not in self._owners:
+            # So the request waits for a server that starts a little later (until it expires).
+            self.topology.declare_service_queue(self._control, from_site)
+            self._owners.add(from_site)
         props = properties(request, persistent=False, reply_to=self._private)
         # A request nobody answers within the timeout is void: the requester has given up.
         props.expiration = str(max(1, int(timeout * 1000)))
@@ -106,13 +111,15 @@ class Retriever(Receiver):
         self._control.basic_publish(
             self.topology.exchange, self.topology.service_key(from_site), b"", props
         )
-        reply = self._wait_reply(request, from_site, timeout)
+        self._pending[request.request_id] = timeout
+        try:
+            reply = self._wait_reply(request, from_site, timeout)
+        finally:
+            self._pending.pop(request.request_id, None)
         if not reply.ok:
             raise Refused(from_site, request.name, str(reply.code), reply.detail)
         assert reply.stream_id is not None
         sid = reply.stream_id
-        self._expected.add(sid)
-        self._stream_timeouts[sid] = timeout
         try:
             return self._wait_outcome(sid, from_site, timeout)
         finally:
@@ -157,7 +164,14 @@ class Retriever(Receiver):
             dead_letter(self._control, self.topology, props, body, str(e))
             return
         if isinstance(message, Reply):
+            timeout = self._pending.get(message.request_id)
+            if timeout is None:
+                return  # the answer to a request we gave up on
             self._replies[message.request_id] = message
+            if message.ok and message.stream_id:
+                # Expect the offer now: it may come in the same batch of events as this reply.
+                self._expected.add(message.stream_id)
+                self._stream_timeouts[message.stream_id] = timeout
         elif isinstance(message, Offer) and message.stream_id in self._expected:
             self._take_offer(props, body)
         else:

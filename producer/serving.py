@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import threading
 from collections.abc import Callable, Iterable
@@ -22,7 +23,7 @@ from typing import Any
 
 from common.broker import connect, dead_letter
 from common.codec import EncodeError
-from common.errors import ConfigError, ObjstreamError, ProtocolError, SendFailed
+from common.errors import BrokerUnreachable, ConfigError, ObjstreamError, ProtocolError, SendFailed
 from common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
 from common.settings import NAME_PATTERN, Settings
 from common.streaming import ObjectStreamer
@@ -61,7 +62,13 @@ class RetrievalServer:
         self.topology = Topology.from_settings(self.settings)
         self._containers: dict[str, _Served] = {}
         self._source_dir: _Served | None = None
+        # Streams run on a pool of worker threads, each with its own connection, kept warm
+        # between requests (a new connection per request cost more than the whole transfer of
+        # a small object).
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._workers: set[threading.Thread] = set()
+        self._idle = 0
+        self._busy = 0  # requests accepted and not finished
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self.accepted = 0
@@ -114,13 +121,15 @@ class RetrievalServer:
 
     @property
     def active(self) -> int:
-        """Streams being served right now."""
+        """Streams being served (or about to be) right now."""
         with self._lock:
-            return len(self._workers)
+            return self._busy
 
     def close(self, wait: float = 30.0) -> None:
         """Stop the streams in progress (their requesters are told) and disconnect."""
         self._stopping.set()
+        for _ in list(self._workers):
+            self._jobs.put(None)
         for worker in list(self._workers):
             worker.join(wait)
         if self._connection.is_open:
@@ -187,20 +196,22 @@ class RetrievalServer:
                 entries=entries,
             ),
         )
-        worker = threading.Thread(
-            target=self._stream,
-            args=(source, request, props.reply_to, stream_id),
-            name=f"serve-{request.requester}-{stream_id[:8]}",
-            daemon=True,
-        )
         with self._lock:
-            self._workers.add(worker)
-        worker.start()
+            self._busy += 1
+            start_worker = self._idle == 0 and len(self._workers) < self.settings.max_streams
+            if start_worker:
+                worker = threading.Thread(
+                    target=self._work, name=f"serve-{self.site}-{len(self._workers)}", daemon=True
+                )
+                self._workers.add(worker)
+        self._jobs.put(_Job(source, request, props.reply_to, stream_id))
+        if start_worker:
+            worker.start()
 
     def _source_for(self, request: Request, user: str | None) -> ObjectStreamer:
         """The validated source for ``request``, or a refusal."""
         with self._lock:
-            busy = len(self._workers) >= self.settings.max_streams
+            busy = self._busy >= self.settings.max_streams
         if request.resume_from:
             raise _Refuse(Refusal.UNSUPPORTED, "resume_from is not supported by this server yet")
         if request.kind == "container":
@@ -251,32 +262,79 @@ class RetrievalServer:
     def _reply(self, reply_to: str, reply: Reply) -> None:
         self._channel.basic_publish("", reply_to, b"", properties(reply, persistent=False))
 
-    def _stream(self, source: ObjectStreamer, request: Request, reply_to: str, sid: str) -> None:
+    def _work(self) -> None:
+        """A pool worker: one connection, many streams, one at a time."""
         try:
-            connection = connect(
-                self.settings, f"objstream server {self.site} -> {request.requester}"
-            )
-            try:
-                sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping)
-                sender.send(source, [request.requester], stream_id=sid, offer_to=reply_to)
-                log.info(
-                    "served %s %r to %s (stream %s)",
-                    request.kind,
-                    request.name,
-                    request.requester,
-                    sid,
-                )
-            finally:
-                if connection.is_open:
-                    connection.close()
-        except SendFailed as e:
-            log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
-        except (ObjstreamError, EncodeError, OSError) as e:
-            log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
-        finally:
-            source.close()
+            connection = connect(self.settings, f"objstream server {self.site} worker")
+            sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping)
+        except ObjstreamError as e:
+            log.error("site %s: a serving worker cannot connect: %s", self.site, e)
+            self._drain_one()
             with self._lock:
                 self._workers.discard(threading.current_thread())
+            return
+        try:
+            while not self._stopping.is_set():
+                with self._lock:
+                    self._idle += 1
+                try:
+                    job = self._jobs.get(timeout=1.0)
+                except queue.Empty:
+                    connection.process_data_events(time_limit=0)  # heartbeats while idle
+                    continue
+                finally:
+                    with self._lock:
+                        self._idle -= 1
+                if job is None:
+                    break
+                if not self._serve_one(sender, job):
+                    break  # the connection is gone; a new worker takes the next request
+        finally:
+            with self._lock:
+                self._workers.discard(threading.current_thread())
+            if connection.is_open:
+                connection.close()
+
+    def _drain_one(self) -> None:
+        """A worker could not start: fail the request it was started for."""
+        try:
+            job = self._jobs.get_nowait()
+        except queue.Empty:
+            return
+        if job is not None:
+            job.source.close()
+            with self._lock:
+                self._busy -= 1
+
+    def _serve_one(self, sender: StreamSender, job: _Job) -> bool:
+        request = job.request
+        try:
+            sender.send(job.source, [request.requester], stream_id=job.stream_id,
+                        offer_to=job.reply_to)  # fmt: skip
+            log.info("served %s %r to %s (stream %s)", request.kind, request.name,
+                     request.requester, job.stream_id)  # fmt: skip
+            return True
+        except SendFailed as e:
+            log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
+            return True
+        except BrokerUnreachable as e:
+            log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
+            return False
+        except (ObjstreamError, EncodeError, OSError) as e:
+            log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
+            return True
+        finally:
+            job.source.close()
+            with self._lock:
+                self._busy -= 1
+
+
+@dataclass(frozen=True)
+class _Job:
+    source: ObjectStreamer
+    request: Request
+    reply_to: str
+    stream_id: str
 
 
 class ContainerRetriever:
