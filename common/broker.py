@@ -6,7 +6,7 @@ One connection per thread (pika is not thread-safe): every worker calls :func:`c
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Self
 
 import pika
 import pika.exceptions
@@ -36,6 +36,19 @@ def _tune_pika_reads() -> None:
         _AsyncTransportBase._MAX_RECV_BYTES = PIKA_RECV_BYTES
         # Bytes consumed per event-loop turn before pika lets other events run.
         _AsyncTransportBase._MAX_CONSUME_BYTES = 4 * PIKA_RECV_BYTES
+
+
+class Closing:
+    """Base of the objects that hold a connection: ``with X(...) as x:`` closes it at the end."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def connect(settings: Settings, name: str) -> pika.BlockingConnection:

@@ -17,13 +17,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import pika
 import pika.exceptions
 
-from common.broker import connect, dead_letter
+from common.broker import Closing, connect, dead_letter
 from common.errors import (
     BrokerUnreachable,
     ConfigError,
@@ -112,7 +111,7 @@ class _Stream:
         return max(1, self.offer.window // 4)
 
 
-class Receiver:
+class Receiver(Closing):
     """Receives the objects streamed to ``site`` into the directory ``dest``.
 
     Use :meth:`receive` (or iterate) to get each object as it completes::
@@ -226,17 +225,6 @@ class Receiver:
         finally:
             for stream in self._streams.values():
                 stream.assembler.discard()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- inbox ------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.broker import connect, dead_letter
+from common.broker import Closing, connect, dead_letter
 from common.codec import EncodeError
 from common.errors import BrokerUnreachable, ConfigError, ObjstreamError, ProtocolError, SendFailed
 from common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
@@ -51,7 +51,7 @@ def _allow(users: Iterable[str] | None) -> frozenset[str] | None:
     return None if users is None else frozenset(users)
 
 
-class RetrievalServer:
+class RetrievalServer(Closing):
     """The serving worker of ``site``: answers retrieval requests until stopped."""
 
     def __init__(self, site: str, settings: Settings | None = None) -> None:
@@ -134,12 +134,6 @@ class RetrievalServer:
             worker.join(wait)
         if self._connection.is_open:
             self._connection.close()
-
-    def __enter__(self) -> RetrievalServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- one request ------------------------------------------------------------------------------
 

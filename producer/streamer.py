@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
-from common.broker import connect
+from common.broker import Closing, connect
 from common.settings import Settings, check_chunk_size, parse_size
 from common.streaming import ObjectStreamer, ProgressHook
 from producer.container_source import ContainerSource
@@ -25,7 +24,7 @@ from producer.sender import StreamSender, TargetResult
 from producer.sources import FileSource
 
 
-class Streamer:
+class Streamer(Closing):
     """Streams objects of any kind (an :class:`ObjectStreamer`) from ``site`` to other sites."""
 
     def __init__(
@@ -78,17 +77,6 @@ class Streamer:
         """Close the broker connection."""
         if self._connection.is_open:
             self._connection.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class FileStreamer(Streamer):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.data import write_random_file
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
@@ -15,17 +17,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
-def random_file(path: Path, size: int, block: int = 4 * 1024 * 1024) -> str:
+def random_file(path: Path, size: int) -> str:
     """Write ``size`` random bytes to ``path`` (block by block); returns their SHA-256."""
-    sha = hashlib.sha256()
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            data = os.urandom(min(block, left))
-            f.write(data)
-            sha.update(data)
-            left -= len(data)
-    return sha.hexdigest()
+    return write_random_file(path, size, seed=int.from_bytes(os.urandom(8), "little"))
 
 
 def sha256_of(path: Path) -> str:
