@@ -15,6 +15,7 @@ import hashlib
 import zlib
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import Any
 
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import End, Offer
@@ -89,6 +90,19 @@ class Reassembler:
         self.failure: Failure | None = None
         self._sha = hashlib.sha256()
         self._resend_asked_at: int | None = None
+
+    @classmethod
+    def resumed(cls, offer: Offer, stored: int, stored_bytes: int, prefix_sha: Any) -> Reassembler:
+        """A receiving reassembler that already holds chunks ``0 .. stored-1``.
+
+        ``prefix_sha`` is a hashlib SHA-256 object fed with those chunks' bytes.
+        """
+        reassembler = cls(offer)
+        reassembler.accept()
+        reassembler.stored = stored
+        reassembler.stored_bytes = stored_bytes
+        reassembler._sha = prefix_sha
+        return reassembler
 
     def _apply(self, event: Event) -> None:
         try:

@@ -50,6 +50,7 @@ from common.streaming import ObjectAssembler, ProgressHook
 from common.topology import Topology
 from consumer.container_assembler import ContainerAssembler, OnEntry
 from consumer.file_sink import FileAssembler
+from consumer.resume import StreamState, find_resumable
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
@@ -105,6 +106,7 @@ class _Stream:
     reported: int = 0
     closing: bool = False
     timeout: float = 60.0  # seconds without data before the stream fails
+    state: StreamState | None = None  # files: what a successor needs after a crash
 
     @property
     def report_every(self) -> int:
@@ -169,6 +171,7 @@ class Receiver(Closing):
                 self._inbox_channel = self._connection.channel()
                 # One offer at a time, acked once accepted: the limit on streams is exact.
                 self._inbox_channel.basic_qos(prefetch_count=1)
+                self._resume_streams()
                 self._resume_inbox()
         except BaseException:
             self._connection.close()
@@ -314,20 +317,19 @@ class Receiver(Closing):
             self._streams[sid] = stream
             self._take_inline(stream, offer.inline, body)
             return
-        stream.channel = self._connection.channel()
-        stream.channel.basic_qos(prefetch_count=offer.window)
-        queue = self.topology.data_queue(sid)
+        if offer.kind == FILE_KIND:
+            try:  # what a receiver started after a crash needs to take over
+                stream.state = StreamState.create(self.dest, offer, props.reply_to)
+            except OSError as e:
+                assembler.discard()
+                self._reply_refusal(offer, props.reply_to, ErrorCode.IO, f"state file: {e}")
+                return
         try:
-            # Passive: the sender declared it, with its own idle TTL (which may differ from ours).
-            stream.channel.queue_declare(queue, passive=True)
+            self._consume(stream)
         except pika.exceptions.ChannelClosedByBroker as e:
-            assembler.discard()
-            self._reply_refusal(
-                offer, props.reply_to, ErrorCode.PROTOCOL, f"data queue {queue} is gone: {e}"
-            )
+            self._drop(stream)
+            self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL, f"data queue gone: {e}")
             return
-        stream.consumer_tag = stream.channel.basic_consume(queue, partial(self._on_data, stream))
-        self._streams[sid] = stream
         log.info(
             "receiving %s %r (%d bytes) from %s as stream %s",
             offer.kind,
@@ -337,6 +339,54 @@ class Receiver(Closing):
             sid,
         )
         self._send_progress(stream)  # first contact: the sender may resend from here on
+
+    def _consume(self, stream: _Stream) -> None:
+        """Start reading the stream's data queue on a channel of its own."""
+        stream.channel = self._connection.channel()
+        stream.channel.basic_qos(prefetch_count=stream.offer.window)
+        queue = self.topology.data_queue(stream.offer.stream_id)
+        # Passive: the sender declared it, with its own idle TTL (which may differ from ours).
+        stream.channel.queue_declare(queue, passive=True)
+        stream.consumer_tag = stream.channel.basic_consume(queue, partial(self._on_data, stream))
+        self._streams[stream.offer.stream_id] = stream
+
+    @staticmethod
+    def _drop(stream: _Stream) -> None:
+        stream.assembler.discard()
+        if stream.state is not None:
+            stream.state.remove()
+
+    def _resume_streams(self) -> None:
+        """Take over the file streams a receiver of this directory left when it died."""
+        for item in find_resumable(self.dest):
+            offer = item.offer
+            try:
+                sha = item.prefix_sha256()
+                assembler = FileAssembler(self.dest, offer, reopen=True)
+            except OSError as e:
+                log.warning("cannot resume stream %s: %s", offer.stream_id, e)
+                item.state.remove()
+                item.partial.unlink(missing_ok=True)
+                continue
+            stream = _Stream(
+                offer,
+                item.reply_to,
+                Reassembler.resumed(offer, item.stored, item.stored_bytes, sha),
+                assembler,
+                timeout=self.settings.timeout,
+                state=item.state,
+            )
+            try:
+                self._consume(stream)
+            except pika.exceptions.ChannelClosedByBroker:
+                log.warning("stream %s cannot resume: its data queue is gone", offer.stream_id)
+                self._drop(stream)
+                continue
+            log.info(
+                "resuming %s %r from %s at chunk %d of %s",
+                offer.kind, offer.name, offer.sender, item.stored, offer.chunk_count,
+            )  # fmt: skip
+            self._send_progress(stream)  # tells the sender where to go on from
 
     def _reply_refusal(self, offer: Offer, reply_to: str, code: ErrorCode, detail: str) -> None:
         log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
@@ -430,6 +480,8 @@ class Receiver(Closing):
 
     def _flush(self, stream: _Stream) -> None:
         """Ack what was delivered (all of it is stored or judged), then report progress."""
+        if stream.state is not None:  # before the ack: a crash then only redelivers
+            stream.state.save(stream.reassembler.stored, stream.reassembler.stored_bytes)
         if stream.unacked_tag:
             stream.channel.basic_ack(stream.unacked_tag, multiple=True)
             stream.unacked_tag = 0
@@ -525,6 +577,8 @@ class Receiver(Closing):
         )
 
     def _end(self, stream: _Stream, done: Done, outcome: Received | TransferFailed) -> None:
+        if stream.state is not None:
+            stream.state.remove()
         if stream.unacked_tag:
             stream.channel.basic_ack(stream.unacked_tag, multiple=True)
             stream.unacked_tag = 0

@@ -1,0 +1,136 @@
+"""Resuming a file stream after the receiving process died.
+
+Next to each partial file the receiver keeps a small state file, ``.objstream-<id>.state``:
+a first line with the offer (JSON) and the sender's reply queue, written once, and a fixed-width
+second line ``stored stored_bytes``, overwritten in place (one ``pwrite``, which a killed process
+cannot tear) each time the receiver reports progress. A receiver holds an exclusive ``flock`` on
+the state file while it works on the stream, so a receiver starting later (or a second one on
+the same directory) resumes only streams whose owner is gone. The prefix's SHA-256 is recomputed
+from the partial file; chunks the old process had not acked are redelivered by the broker, and
+anything else missing is resent by the sender on request.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from common.naming import PARTIAL_PREFIX, partial_name
+from common.protocol import FILE_KIND, Offer, to_headers
+
+log = logging.getLogger(__name__)
+
+STATE_SUFFIX = ".state"
+COUNTS_WIDTH = 48  # the fixed-width "stored stored_bytes" line, newline included
+
+
+def state_path(dest: Path, stream_id: str) -> Path:
+    return dest / f"{PARTIAL_PREFIX}{stream_id}{STATE_SUFFIX}"
+
+
+class StreamState:
+    """The state file of one stream, locked by this process while it is open."""
+
+    def __init__(self, path: Path, fd: int, header_length: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._header_length = header_length
+
+    @classmethod
+    def create(cls, dest: Path, offer: Offer, reply_to: str) -> StreamState:
+        path = state_path(dest, offer.stream_id)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        header = json.dumps({"offer": to_headers(offer), "reply_to": reply_to}).encode() + b"\n"
+        os.pwrite(fd, header, 0)
+        state = cls(path, fd, len(header))
+        state.save(0, 0)
+        return state
+
+    def save(self, stored: int, stored_bytes: int) -> None:
+        line = f"{stored} {stored_bytes}".ljust(COUNTS_WIDTH - 1).encode() + b"\n"
+        os.pwrite(self._fd, line, self._header_length)
+
+    def remove(self) -> None:
+        if self._fd >= 0:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # releases the lock
+            self._fd = -1
+
+
+@dataclass
+class Resumable:
+    """A stream found on disk whose receiver is gone."""
+
+    offer: Offer
+    reply_to: str
+    stored: int
+    stored_bytes: int
+    state: StreamState
+    partial: Path
+
+    def prefix_sha256(self) -> Any:
+        """SHA-256 of the bytes already stored (read back from the partial file)."""
+        sha = hashlib.sha256()
+        left = self.stored_bytes
+        with open(self.partial, "rb") as f:
+            while left:
+                block = f.read(min(left, 4 << 20))
+                if not block:
+                    raise OSError(f"{self.partial} is shorter than its state says")
+                sha.update(block)
+                left -= len(block)
+        return sha
+
+
+def find_resumable(dest: Path) -> list[Resumable]:
+    """Streams in ``dest`` left by a receiver that died, now locked by this process.
+
+    Unreadable state files (or ones for another kind than files) are left alone and logged.
+    """
+    found = []
+    for path in sorted(dest.glob(f"{PARTIAL_PREFIX}*{STATE_SUFFIX}")):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)  # a live receiver owns it
+            continue
+        try:
+            item = _load(dest, path, fd)
+        except (OSError, ValueError, ValidationError) as e:
+            log.warning("cannot resume from %s: %s", path, e)
+            os.close(fd)
+            continue
+        found.append(item)
+    return found
+
+
+def _load(dest: Path, path: Path, fd: int) -> Resumable:
+    with os.fdopen(os.dup(fd), "rb") as f:
+        header = f.readline()
+        counts = f.readline()
+    data = json.loads(header)
+    offer = Offer.model_validate(data["offer"])
+    reply_to = data["reply_to"]
+    if offer.kind != FILE_KIND or not isinstance(reply_to, str):
+        raise ValueError("only file streams resume")
+    stored, stored_bytes = (int(n) for n in counts.split())
+    partial = dest / partial_name(offer.stream_id)
+    if not partial.is_file() or partial.stat().st_size < stored_bytes:
+        raise ValueError(f"partial file {partial} is missing or short")
+    if offer.size is None or stored_bytes != min(stored * offer.chunk_size, offer.size):
+        raise ValueError("inconsistent counts")
+    return Resumable(offer, reply_to, stored, stored_bytes, StreamState(path, fd, len(header)),
+                     partial)  # fmt: skip

@@ -1,0 +1,68 @@
+"""The state kept next to a partial file, and who may take a stream over."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from common.naming import partial_name
+from common.protocol import Offer, new_stream_id
+from common.reassembly import Reassembler
+from consumer.resume import StreamState, find_resumable
+
+
+def _offer(size: int = 10, chunk_size: int = 4) -> Offer:
+    return Offer(stream_id=new_stream_id(), kind="file", name="f.bin", size=size,
+                 chunk_size=chunk_size, chunk_count=-(-size // chunk_size), window=4,
+                 sender="server", target="site-1")  # fmt: skip
+
+
+def test_a_stream_whose_owner_lives_is_not_taken_over(tmp_path):
+    offer = _offer()
+    (tmp_path / partial_name(offer.stream_id)).write_bytes(b"abcdefgh")
+    state = StreamState.create(tmp_path, offer, "amq.gen-reply")
+    state.save(2, 8)
+    assert find_resumable(tmp_path) == []  # locked by its (living) owner
+    state.remove()
+    assert not state.path.exists()
+
+
+def test_a_dead_owners_stream_is_found_with_its_counts(tmp_path):
+    offer = _offer()
+    (tmp_path / partial_name(offer.stream_id)).write_bytes(b"abcdefgh")
+    state = StreamState.create(tmp_path, offer, "amq.gen-reply")
+    state.save(1, 4)
+    state.save(2, 8)
+    os.close(state._fd)  # the process died: the lock goes with it
+    [item] = find_resumable(tmp_path)
+    assert (item.offer, item.reply_to, item.stored, item.stored_bytes) == (
+        offer,
+        "amq.gen-reply",
+        2,
+        8,
+    )
+    assert item.prefix_sha256().hexdigest() == hashlib.sha256(b"abcdefgh").hexdigest()
+    assert find_resumable(tmp_path) == []  # now ours
+
+
+def test_inconsistent_or_garbled_state_is_left_alone(tmp_path):
+    offer = _offer()
+    (tmp_path / partial_name(offer.stream_id)).write_bytes(b"ab")  # shorter than the state says
+    state = StreamState.create(tmp_path, offer, "q")
+    state.save(2, 8)
+    os.close(state._fd)
+    (tmp_path / ".objstream-garbage.state").write_text("not json\n1 2\n")
+    assert find_resumable(tmp_path) == []
+
+
+def test_a_resumed_reassembler_goes_on_from_the_stored_prefix():
+    import zlib
+
+    offer = _offer(size=10, chunk_size=4)
+    data = b"abcdefghij"
+    sha = hashlib.sha256(data[:8])
+    r = Reassembler.resumed(offer, stored=2, stored_bytes=8, prefix_sha=sha)
+    assert r.chunk(1, zlib.crc32(b"efgh"), b"efgh").verdict.value == "duplicate"
+    outcome = r.chunk(2, zlib.crc32(b"ij"), b"ij")
+    assert outcome.offset == 8
+    assert r.sha256 == hashlib.sha256(data).hexdigest()
