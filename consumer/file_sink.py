@@ -86,6 +86,14 @@ class PartialFile:
             os.close(self._fd)
             self._fd = -1
 
+    def suspend(self) -> None:
+        """Close, keeping the partial file (written so far, and synced) for a successor."""
+        self._wait_sync()
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
     def discard(self) -> None:
         """Close and remove the partial file."""
         self._wait_sync()
@@ -147,6 +155,10 @@ class FileAssembler(ObjectAssembler):
 
     def finish(self) -> Path:
         return self.sink.commit(safe_basename(self.name))
+
+    def suspend(self) -> None:
+        """Keep what was received for the next receiver (see :mod:`consumer.resume`)."""
+        self.sink.suspend()
 
     def discard(self) -> None:
         self.sink.discard()

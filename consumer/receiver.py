@@ -215,12 +215,24 @@ class Receiver(Closing):
     def active_streams(self) -> int:
         return len(self._streams)
 
-    def close(self) -> None:
-        """Stop: streams in progress fail (their senders are told), the connection closes."""
+    def close(self, checkpoint: bool = True) -> None:
+        """Stop and disconnect.
+
+        With ``checkpoint`` (the default), file streams in progress are left for the next
+        receiver of this site and directory: what was written is acked and recorded, and that
+        receiver takes over from there (the sender waits, up to its timeout). Other streams fail
+        and their senders are told.
+        """
         try:
             if self._connection.is_open:
                 for stream in list(self._streams.values()):
-                    self._fail(stream, ErrorCode.ABORTED, f"receiver of site {self.site} shut down")
+                    if stream.closing:
+                        continue
+                    if checkpoint and stream.state is not None:
+                        self._suspend(stream)
+                    else:
+                        reason = f"receiver of site {self.site} shut down"
+                        self._fail(stream, ErrorCode.ABORTED, reason)
                 self._housekeeping()
                 self._connection.close()
         except pika.exceptions.AMQPError:
@@ -228,6 +240,21 @@ class Receiver(Closing):
         finally:
             for stream in self._streams.values():
                 stream.assembler.discard()
+
+    def _suspend(self, stream: _Stream) -> None:
+        """Checkpoint a file stream and let go of it (kept on disk for a successor)."""
+        self._flush(stream)
+        del self._streams[stream.offer.stream_id]
+        if stream.channel is not None and stream.channel.is_open:
+            stream.channel.close()  # nothing unacked is lost: the broker requeues it
+        assert isinstance(stream.assembler, FileAssembler)
+        assert stream.state is not None
+        stream.assembler.suspend()
+        stream.state.release()
+        log.info(
+            "left stream %s (%r) at chunk %d for the next receiver of %s",
+            stream.offer.stream_id, stream.offer.name, stream.reassembler.stored, self.dest,
+        )  # fmt: skip
 
     # -- inbox ------------------------------------------------------------------------------------
 

@@ -59,6 +59,13 @@ class StreamState:
         line = f"{stored} {stored_bytes}".ljust(COUNTS_WIDTH - 1).encode() + b"\n"
         os.pwrite(self._fd, line, self._header_length)
 
+    def release(self) -> None:
+        """Let go of the stream, keeping the file (and the lock goes): a successor resumes it."""
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
     def remove(self) -> None:
         if self._fd >= 0:
             self.path.unlink(missing_ok=True)

@@ -59,6 +59,11 @@ class Retriever(Receiver):
             self._connection.close()
             raise
 
+    def close(self, checkpoint: bool = False) -> None:
+        """Stop and disconnect; retrievals in progress fail (a retrieval belongs to its caller,
+        so nothing is left behind for another process by default)."""
+        super().close(checkpoint=checkpoint)
+
     def retrieve_file(self, from_site: str, file_name: str, timeout: float | None = None) -> Path:
         """Fetch ``file_name`` from ``from_site``'s source dir; returns where it is stored.
 

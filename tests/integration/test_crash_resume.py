@@ -8,6 +8,7 @@ import threading
 import time
 
 import pika
+import pytest
 
 from common.settings import KiB, MiB
 from producer import FileStreamer
@@ -23,9 +24,12 @@ def _listen(env, dest):
     )  # fmt: skip
 
 
-def test_a_new_receiver_resumes_where_the_killed_one_stopped(
-    tmp_path, settings, declared, monkeypatch
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_a_new_receiver_resumes_where_the_old_one_stopped(
+    tmp_path, settings, declared, monkeypatch, how
 ):
+    """SIGKILL: the state on disk is what the dead one last recorded. SIGTERM: the receiver
+    checkpoints, exits 0 and leaves the stream for its successor."""
     declared.sites.add("site-1")
     src = tmp_path / "big.bin"
     size = 256 * MiB
@@ -54,8 +58,11 @@ def test_a_new_receiver_resumes_where_the_killed_one_stopped(
     while not partials() or partials()[0].stat().st_size < size // 3:
         assert time.monotonic() < deadline, "the transfer never got going"
         time.sleep(0.01)
-    first.send_signal(signal.SIGKILL)
+    first.send_signal(how)
     first.wait(10)
+    if how == signal.SIGTERM:
+        assert first.returncode == 0, first.stderr.read()  # type: ignore[union-attr]
+        assert list(dest.glob(".objstream-*.state")), "no checkpoint was left"
     stored_before = len(published)
     second = _listen(env, dest)
     _out, err = second.communicate(timeout=120)
