@@ -6,6 +6,7 @@ One connection per thread (pika is not thread-safe): every worker calls :func:`c
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Self
 
 import pika
@@ -68,16 +69,29 @@ def connect(settings: Settings, name: str) -> pika.BlockingConnection:
     params.client_properties = {"connection_name": name, "product": "objstream"}
     params.connection_attempts = 1
     params.blocked_connection_timeout = max(settings.timeout, 30.0)
-    try:
-        connection = pika.BlockingConnection(params)
-    except pika.exceptions.ProbableAuthenticationError as e:
-        raise AuthenticationRefused(settings.masked_url) from e
-    except pika.exceptions.ProbableAccessDeniedError as e:
-        raise AuthenticationRefused(settings.masked_url) from e
-    except pika.exceptions.AMQPConnectionError as e:
-        raise BrokerUnreachable(settings.masked_url, _describe(e)) from e
-    log.debug("connected to %s as %r", settings.masked_url, name)
-    return connection
+    deadline = time.monotonic() + settings.connect_wait
+    delay = 0.5
+    while True:
+        try:
+            connection = pika.BlockingConnection(params)
+        except pika.exceptions.ProbableAuthenticationError as e:
+            raise AuthenticationRefused(settings.masked_url) from e
+        except pika.exceptions.ProbableAccessDeniedError as e:
+            raise AuthenticationRefused(settings.masked_url) from e
+        except pika.exceptions.AMQPConnectionError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerUnreachable(settings.masked_url, _describe(e)) from e
+            wait = min(delay, left)
+            log.warning(
+                "broker at %s unreachable (%s); retrying in %.1f s (giving up in %.0f s)",
+                settings.masked_url, _describe(e), wait, left,
+            )  # fmt: skip
+            time.sleep(wait)
+            delay = min(delay * 2, 10.0)
+            continue
+        log.debug("connected to %s as %r", settings.masked_url, name)
+        return connection
 
 
 def _describe(error: BaseException) -> str:

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
         3600.0, gt=0, description="Seconds an unused data queue lives before the broker drops it."
     )
     heartbeat: int = Field(60, ge=0, description="AMQP heartbeat in seconds.")
+    connect_wait: float = Field(
+        0.0, ge=0, description="Seconds to keep retrying a broker that is down at start (0: none)."
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("chunk_size", "max_object_size", mode="before")

@@ -6,13 +6,16 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+import pytest
 
 from common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
 from common.settings import KiB, MiB
 from tests.conftest import random_file, sha256_of
-from tests.rabbitmq_node import free_port
+from tests.rabbitmq_node import LocalRabbitNode, free_port
 
 
 def _env(settings) -> dict[str, str]:
@@ -322,3 +325,34 @@ def test_a_broker_refusal_is_one_line_exit_3(tmp_path, settings, declared):
     assert "refused" in line
     assert "PRECONDITION_FAILED" in line
     assert "guest:guest" not in line
+
+
+@pytest.mark.skipif(not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary")
+def test_a_worker_started_before_the_broker_waits_for_it(tmp_path):
+    """OBJSTREAM_CONNECT_WAIT: retry with backoff and a clear log line, then work normally."""
+    from common.settings import Settings
+    from producer import FileStreamer
+
+    node = LocalRabbitNode()
+    try:
+        env = {**os.environ, "OBJSTREAM_URL": node.url, "OBJSTREAM_CONNECT_WAIT": "90",
+               "OBJSTREAM_NAMESPACE": "wait-test"}  # fmt: skip
+        listener = subprocess.Popen(
+            ["objstream", "consumer", "listen", "--site", "site-1", "--dest", str(tmp_path / "in"),
+             "--count", "1"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(2)
+        assert listener.poll() is None, listener.communicate()
+        node.start()
+        src = tmp_path / "x.bin"
+        random_file(src, 100 * KiB)
+        settings = Settings(url=node.url, namespace="wait-test", connect_wait=30)
+        with FileStreamer("server", settings) as streamer:
+            streamer.stream_file("site-1", src)
+        _, err = listener.communicate(timeout=60)
+        assert listener.returncode == 0, err
+        assert "unreachable (Connection refused); retrying in" in err
+        assert (tmp_path / "in" / "x.bin").read_bytes() == src.read_bytes()
+    finally:
+        node.cleanup()
