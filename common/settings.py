@@ -6,7 +6,7 @@ caller of the Python API) and passed down.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator
@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     )
     stream_ttl: float = Field(
         3600.0, gt=0, description="Seconds an unused data queue lives before the broker drops it."
+    )
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        description="Queue type of inboxes, service and data queues; quorum for a cluster.",
     )
     heartbeat: int = Field(60, ge=0, description="AMQP heartbeat in seconds.")
     connect_wait: float = Field(

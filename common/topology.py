@@ -22,10 +22,16 @@ class Topology:
 
     namespace: str
     stream_ttl_ms: int
+    queue_type: str = "classic"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
-        return cls(settings.namespace, int(settings.stream_ttl * 1000))
+        return cls(settings.namespace, int(settings.stream_ttl * 1000), settings.queue_type)
+
+    @property
+    def _type_arguments(self) -> dict[str, Any]:
+        # Quorum queues replicate across a RabbitMQ cluster, so streams survive a node's death.
+        return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
 
     @property
     def exchange(self) -> str:
@@ -58,7 +64,7 @@ class Topology:
 
     def declare_service_queue(self, channel: Any, site: str) -> str:
         name = self.service_queue(site)
-        channel.queue_declare(name, durable=True)
+        channel.queue_declare(name, durable=True, arguments=self._type_arguments or None)
         channel.queue_bind(name, self.exchange, routing_key=self.service_key(site))
         return name
 
@@ -87,14 +93,15 @@ class Topology:
     def declare_inbox(self, channel: Any, site: str) -> str:
         """Declare and bind the inbox of ``site``; returns its name."""
         name = self.inbox(site)
-        channel.queue_declare(name, durable=True)
+        channel.queue_declare(name, durable=True, arguments=self._type_arguments or None)
         channel.queue_bind(name, self.exchange, routing_key=self.inbox_key(site))
         return name
 
     def declare_data_queue(self, channel: Any, stream_id: str) -> str:
         """Declare and bind the data queue of a stream; it expires when unused for the TTL."""
         name = self.data_queue(stream_id)
-        channel.queue_declare(name, durable=True, arguments={"x-expires": self.stream_ttl_ms})
+        arguments = {"x-expires": self.stream_ttl_ms, **self._type_arguments}
+        channel.queue_declare(name, durable=True, arguments=arguments)
         channel.queue_bind(name, self.exchange, routing_key=self.data_key(stream_id))
         return name
 

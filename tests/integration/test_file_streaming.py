@@ -273,3 +273,24 @@ def test_receiver_with_another_stream_ttl_setting_still_receives(
     [result] = _send(settings, ["site-1"], src)
     assert result.ok
     assert sha256_of(receiver.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
+
+
+def test_a_transfer_on_quorum_queues(tmp_path, settings, start_receiver, broker_url):
+    """OBJSTREAM_QUEUE_TYPE=quorum: inboxes and data queues replicate (a one-node cluster here)."""
+    import pika as _pika
+
+    quorum = settings.model_copy(update={"queue_type": "quorum"})
+    src = tmp_path / "q.bin"
+    digest = random_file(src, 3 * MiB + 1)
+    receiver = start_receiver("site-1", tmp_path / "in", quorum)
+    with FileStreamer("server", quorum) as streamer:
+        [result] = streamer.stream_file("site-1", src, chunk_size=256 * KiB)
+    assert result.ok
+    assert sha256_of(receiver.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
+    # The inbox really is a quorum queue: redeclaring it as classic is refused.
+    connection = _pika.BlockingConnection(_pika.URLParameters(broker_url))
+    try:
+        with pytest.raises(_pika.exceptions.ChannelClosedByBroker, match="x-queue-type"):
+            connection.channel().queue_declare(f"{settings.namespace}.site.site-1", durable=True)
+    finally:
+        connection.close()
