@@ -50,7 +50,7 @@ from common.streaming import ObjectAssembler, ProgressHook
 from common.topology import Topology
 from consumer.container_assembler import ContainerAssembler, OnEntry
 from consumer.file_sink import FileAssembler
-from consumer.resume import StreamState, find_resumable
+from consumer.resume import StreamState, find_resumable, remove_abandoned
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
@@ -384,7 +384,9 @@ class Receiver(Closing):
             stream.state.remove()
 
     def _resume_streams(self) -> None:
-        """Take over the file streams a receiver of this directory left when it died."""
+        """Take over the file streams a receiver of this directory left when it died; remove
+        what was abandoned longer ago than the stream TTL (its data queue is gone by then)."""
+        remove_abandoned(self.dest, self.settings.stream_ttl)
         for item in find_resumable(self.dest):
             offer = item.offer
             try:

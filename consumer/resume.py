@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,41 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
         raise ValueError("inconsistent counts")
     return Resumable(offer, reply_to, stored, stored_bytes, StreamState(path, fd, len(header)),
                      partial)  # fmt: skip
+
+
+def remove_abandoned(dest: Path, ttl: float) -> list[Path]:
+    """Delete partial files (and their state) untouched for longer than ``ttl`` seconds.
+
+    Only files nobody holds: a state file locked by a live receiver is left alone. Returns what
+    was removed.
+    """
+    removed: list[Path] = []
+    cutoff = time.time() - ttl
+    for partial in dest.glob(f"{PARTIAL_PREFIX}*.part"):
+        state = partial.with_suffix(STATE_SUFFIX)
+        try:
+            if max(partial.stat().st_mtime, _mtime(state)) > cutoff:
+                continue
+            if state.exists():
+                fd = os.open(state, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live receiver holds it
+                finally:
+                    os.close(fd)
+                state.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)
+        except OSError as e:
+            log.debug("cannot clean %s: %s", partial, e)
+            continue
+        log.info("removed %s, abandoned for more than %g s", partial, ttl)
+        removed.append(partial)
+    return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -264,3 +264,21 @@ def test_a_corrupt_inline_object_fails_and_leaves_no_file(
     assert failed.code == code
     assert peer.verdict()["code"] == code
     assert list(dest.iterdir()) == []
+
+
+def test_offers_beyond_max_streams_wait_rather_than_fail(tmp_path, settings, start_receiver,
+                                                         raw_peer):  # fmt: skip
+    receiver = start_receiver("site-1", tmp_path / "in",
+                              settings.model_copy(update={"max_streams": 2}))  # fmt: skip
+    a, b, c = raw_peer("site-1"), raw_peer("site-1"), raw_peer("site-1")
+    for peer in (a, b, c):
+        peer.offer(f"{id(peer)}.bin", size=4, chunk_size=4)
+    assert a.replies(until="progress", timeout=10)
+    assert b.replies(until="progress", timeout=10)
+    with pytest.raises(AssertionError, match="no progress reply"):
+        c.replies(until="progress", timeout=2)  # waits in the inbox: two streams in flight
+    a.chunk(0, b"abcd")
+    a.end(1, 4, hashlib.sha256(b"abcd").hexdigest())
+    assert a.verdict()["ok"] is True
+    assert c.replies(until="progress", timeout=10)  # a slot freed: now it is taken
+    assert len(receiver.wait_for(1)) == 1

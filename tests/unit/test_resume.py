@@ -66,3 +66,25 @@ def test_a_resumed_reassembler_goes_on_from_the_stored_prefix():
     outcome = r.chunk(2, zlib.crc32(b"ij"), b"ij")
     assert outcome.offset == 8
     assert r.sha256 == hashlib.sha256(data).hexdigest()
+
+
+def test_abandoned_partials_older_than_the_ttl_are_removed(tmp_path):
+    import time
+
+    from consumer.resume import remove_abandoned
+
+    old, fresh, held = _offer(), _offer(), _offer()
+    for offer in (old, fresh, held):
+        (tmp_path / partial_name(offer.stream_id)).write_bytes(b"x")
+    state_old = StreamState.create(tmp_path, old, "q")
+    os.close(state_old._fd)
+    state_held = StreamState.create(tmp_path, held, "q")  # a live receiver keeps it locked
+    past = time.time() - 7200
+    for offer in (old, held):
+        for path in tmp_path.glob(f"*{offer.stream_id}*"):
+            os.utime(path, (past, past))
+    removed = remove_abandoned(tmp_path, ttl=3600)
+    assert [p.name for p in removed] == [partial_name(old.stream_id)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [partial_name(fresh.stream_id), partial_name(held.stream_id), state_held.path.name]
+    )
