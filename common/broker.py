@@ -19,6 +19,13 @@ from common.topology import Topology
 
 log = logging.getLogger(__name__)
 
+# What a lost connection (broker restart, connection closed by the broker) raises in pika.
+CONNECTION_LOST = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.StreamLostError,
+    pika.exceptions.ConnectionClosed,
+)
+
 # pika reads its socket 4 KiB at a time and appends each read to a bytes buffer, which copies the
 # partial frame again on every read: about 16 copies of every byte of a 128 KiB body frame. Reads
 # of 256 KiB cut that to one or two: for a 1 GiB file the receiver's CPU fell from 5.1-5.8 s to

@@ -22,7 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from common.broker import Closing, connect, dead_letter
+from common.broker import CONNECTION_LOST, Closing, connect, dead_letter
 from common.errors import (
     BrokerUnreachable,
     ConfigError,
@@ -187,17 +187,19 @@ class Receiver(Closing):
             BrokerUnreachable: the broker connection was lost.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while not self._outcomes:
-                wait = 0.2
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        return None
+        while not self._outcomes:
+            wait = 0.2
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+                if wait <= 0:
+                    return None
+            try:
                 self._connection.process_data_events(time_limit=wait)
                 self._housekeeping()
-        except pika.exceptions.AMQPError as e:
-            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+            except CONNECTION_LOST as e:
+                self._recover(e)
+            except pika.exceptions.AMQPError as e:
+                raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
         outcome = self._outcomes.popleft()
         if isinstance(outcome, TransferFailed):
             raise outcome
@@ -240,6 +242,44 @@ class Receiver(Closing):
         finally:
             for stream in self._streams.values():
                 stream.assembler.discard()
+
+    def _recover(self, error: BaseException) -> None:
+        """Reconnect after a lost connection (broker restart...) and go on with every stream."""
+        if not self._listen:  # a retriever's private queue died with the connection
+            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {error!r}")
+        log.warning("connection to the broker lost (%s); reconnecting", error)
+        deadline = time.monotonic() + self.settings.timeout
+        while True:
+            try:
+                self._connection = connect(self.settings, f"objstream consumer {self.site}")
+                self._control = self._connection.channel()
+                self.topology.declare_base(self._control)
+                self._inbox = self.topology.declare_inbox(self._control, self.site)
+                self._inbox_channel = self._connection.channel()
+                self._inbox_channel.basic_qos(prefetch_count=1)
+                break
+            except (ObjstreamError, pika.exceptions.AMQPError) as e:
+                if time.monotonic() > deadline:
+                    detail = f"no reconnection within {self.settings.timeout:g} s: {e}"
+                    raise BrokerUnreachable(self.settings.masked_url, detail) from e
+                time.sleep(1.0)
+        self._inbox_tag = None
+        now = time.monotonic()
+        for stream in list(self._streams.values()):
+            if stream.closing or stream.channel is None:
+                continue
+            stream.unacked_tag = 0  # delivery tags of the old channel mean nothing now
+            stream.last_activity = now
+            try:
+                self._consume(stream)
+            except pika.exceptions.ChannelClosedByBroker:
+                self._fail(stream, ErrorCode.PROTOCOL, "the data queue is gone after a reconnect")
+                continue
+            # Chunks in flight may be gone with the broker: ask for them from here at once.
+            self._send_progress(stream, resend_from=stream.reassembler.stored)
+        self._resume_inbox()
+        log.info("reconnected to %s; %d stream(s) go on", self.settings.masked_url,
+                 len(self._streams))  # fmt: skip
 
     def _suspend(self, stream: _Stream) -> None:
         """Checkpoint a file stream and let go of it (kept on disk for a successor)."""

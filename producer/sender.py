@@ -15,7 +15,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ import pika
 import pika.exceptions
 from pydantic import ValidationError
 
-from common.broker import dead_letter
+from common.broker import CONNECTION_LOST, dead_letter
 from common.errors import (
     BrokerUnreachable,
     ErrorCode,
@@ -187,22 +187,76 @@ class StreamSender:
         site: str,
         cancel: threading.Event | None = None,
         progress: ProgressHook | None = None,
+        reconnect: Callable[[], Any] | None = None,
     ) -> None:
         self.settings = settings
+        self._reconnect = reconnect  # set: survive a lost connection (broker restart...)
         self._progress = progress
         self._reader: _PieceReader | None = None
         self._cancel = cancel  # set: stop every stream (receivers are told to drop them)
         self.site = site
         self.topology = Topology.from_settings(settings)
         self._connection = connection
-        self._channel = connection.channel()
-        self.topology.declare_base(self._channel)
-        self._reply_queue = self.topology.declare_reply_queue(self._channel)
         self._cursors: dict[str, _Cursor] = {}
         self._offer_to: str | None = None
         self._declared_inboxes: set[str] = set()
         self._stream_id: str | None = None
+        # With reconnection, replies must outlive the connection: a named queue that expires
+        # when unused, instead of an exclusive one that dies with it.
+        self._reply_queue = (
+            f"{self.topology.namespace}.reply.{new_stream_id()}" if reconnect else ""
+        )
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        self._channel = self._connection.channel()
+        self.topology.declare_base(self._channel)
+        if self._reconnect is None:
+            self._reply_queue = self.topology.declare_reply_queue(self._channel)
+        else:
+            ttl_ms = int((2 * self.settings.timeout + 60) * 1000)
+            self._channel.queue_declare(self._reply_queue, durable=True,
+                                        arguments={"x-expires": ttl_ms})  # fmt: skip
+        self._declared_inboxes.clear()
         self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
+
+    def close(self) -> None:
+        """Remove a named reply queue and close the connection."""
+        try:
+            if self._reconnect is not None and self._connection.is_open:
+                self._channel.queue_delete(self._reply_queue)
+        except pika.exceptions.AMQPError:
+            log.debug("reply queue already gone", exc_info=True)
+        finally:
+            if self._connection.is_open:
+                self._connection.close()
+
+    def _recover(self, error: BaseException, active: list[_Cursor], timeout: float) -> None:
+        """Reconnect after a lost connection and pick every stream up where it was."""
+        if self._reconnect is None:
+            raise error
+        log.warning("connection to the broker lost (%s); reconnecting", error)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._connection = self._reconnect()
+                self._open_channel()
+                break
+            except (ObjstreamError, pika.exceptions.AMQPError) as e:
+                if time.monotonic() > deadline:
+                    detail = f"no reconnection within {timeout:g} s: {e}"
+                    raise BrokerUnreachable(self.settings.masked_url, detail) from e
+                time.sleep(1.0)
+        now = time.monotonic()
+        for cursor in active:
+            cursor.last_progress = now  # the outage is not the receiver's silence
+            if cursor.inline:
+                continue
+            self.topology.declare_data_queue(self._channel, cursor.stream_id)
+            # Transient chunks in flight may be gone with the broker: go again from what the
+            # receiver reported stored (duplicates are dropped there).
+            self._rewind(cursor, cursor.stored)
+        log.info("reconnected to %s; %d stream(s) go on", self.settings.masked_url, len(active))
 
     def send(
         self,
@@ -272,34 +326,10 @@ class StreamSender:
             active = [c for c in cursors if not c.finished]
             if not active:
                 break
-            if self._cancel is not None and self._cancel.is_set():
-                for cursor in active:
-                    self._finish_failed(
-                        cursor,
-                        TransferFailed(
-                            cursor.site,
-                            cursor.stream_id,
-                            ErrorCode.ABORTED,
-                            f"site {self.site} is shutting down",
-                        ),
-                    )
-                continue
-            floor = min(c.stored for c in active)
-            reader.release_before(floor)
-            now = time.monotonic()
-            can_send = False
-            for cursor in active:
-                limit = cursor.stored + window
-                if reader.lockstep:
-                    limit = min(limit, floor + window)
-                self._pump(reader, cursor, limit)
-                self._check_silence(cursor, now, timeout)
-                can_send |= (
-                    not cursor.finished
-                    and cursor.next_seq < limit
-                    and (reader.count is None or cursor.next_seq < reader.count)
-                )
-            self._connection.process_data_events(time_limit=0 if can_send else 0.05)
+            try:
+                self._turn(reader, active, timeout, window)
+            except CONNECTION_LOST as e:
+                self._recover(e, active, timeout)
 
         complete = reader.count is not None and reader.digest.hashed == reader.count
         sha256 = reader.digest.hexdigest() if complete else ""
@@ -313,6 +343,35 @@ class StreamSender:
         if failures:
             raise SendFailed(failures, list(results))
         return results
+
+    def _turn(
+        self, reader: _PieceReader, active: list[_Cursor], timeout: float, window: int
+    ) -> None:
+        """One round: publish what the windows allow, check silences, take replies."""
+        if self._cancel is not None and self._cancel.is_set():
+            for cursor in active:
+                self._finish_failed(
+                    cursor,
+                    TransferFailed(cursor.site, cursor.stream_id, ErrorCode.ABORTED,
+                                   f"site {self.site} is shutting down"),
+                )  # fmt: skip
+            return
+        floor = min(c.stored for c in active)
+        reader.release_before(floor)
+        now = time.monotonic()
+        can_send = False
+        for cursor in active:
+            limit = cursor.stored + window
+            if reader.lockstep:
+                limit = min(limit, floor + window)
+            self._pump(reader, cursor, limit)
+            self._check_silence(cursor, now, timeout)
+            can_send |= (
+                not cursor.finished
+                and cursor.next_seq < limit
+                and (reader.count is None or cursor.next_seq < reader.count)
+            )
+        self._connection.process_data_events(time_limit=0 if can_send else 0.05)
 
     # -- per target -----------------------------------------------------------------------------
 

@@ -32,9 +32,16 @@ class Streamer(Closing):
     ) -> None:
         self.settings = settings or Settings()
         self.site = site
-        self._connection = connect(self.settings, f"objstream producer {site}")
+        name = f"objstream producer {site}"
+        self._connection = connect(self.settings, name)
         try:
-            self._sender = StreamSender(self._connection, self.settings, site, progress=progress)
+            self._sender = StreamSender(
+                self._connection,
+                self.settings,
+                site,
+                progress=progress,
+                reconnect=lambda: connect(self.settings, name),
+            )
         except BaseException:
             self.close()
             raise
@@ -75,7 +82,10 @@ class Streamer(Closing):
 
     def close(self) -> None:
         """Close the broker connection."""
-        if self._connection.is_open:
+        sender = getattr(self, "_sender", None)
+        if sender is not None:
+            sender.close()
+        elif self._connection.is_open:
             self._connection.close()
 
 

@@ -107,16 +107,46 @@ class LocalRabbitNode:
             check=False,
         )
 
+    def _beam_pids(self) -> list[int]:
+        """The Erlang VM(s) of this node: found by the node name in their environment (the
+        Debian wrapper starts them through su, in a session of their own)."""
+        marker = f"RABBITMQ_NODENAME={self.nodename}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    if (entry / "comm").read_text().strip().startswith("beam"):
+                        pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL the node, no goodbye (its data dir stays for a restart with ``start()``)."""
+        for pid in self._beam_pids():
+            os.kill(pid, 9)
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, 9)
+            self.process.wait()
+            self.process = None
+        deadline = time.monotonic() + 30
+        while port_open("127.0.0.1", self.port) or self._beam_pids():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"node {self.nodename} did not die")
+            time.sleep(0.1)
+
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.ctl("stop")
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+                pass
+        if self._beam_pids():  # whatever is left of it (a failed stop), no goodbye
+            self.kill()
         self.process = None
 
     def cleanup(self) -> None:

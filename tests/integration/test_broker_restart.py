@@ -1,0 +1,65 @@
+"""The broker dies mid-stream (SIGKILL) and comes back: both sides reconnect and the file
+arrives bit-exact. On a throwaway local node, never the shared broker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from common.settings import KiB, MiB, Settings
+from producer import FileStreamer
+from tests.conftest import random_file, sha256_of
+from tests.integration.conftest import BackgroundReceiver
+from tests.rabbitmq_node import LocalRabbitNode
+
+pytestmark = pytest.mark.skipif(
+    not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary"
+)
+
+
+def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    node = LocalRabbitNode()
+    node.start()
+    try:
+        settings = Settings(url=node.url, namespace="restart", timeout=90, resend_after=2,
+                            connect_wait=60)  # fmt: skip
+        size = 128 * MiB
+        src = tmp_path / "big.bin"
+        digest = random_file(src, size)
+        dest = tmp_path / "in"
+        receiver = BackgroundReceiver("site-1", dest, settings)
+        outcome: list[object] = []
+
+        def send() -> None:
+            try:
+                with FileStreamer("server", settings) as streamer:
+                    outcome.append(streamer.stream_file("site-1", src, chunk_size=256 * KiB,
+                                                        window=8))  # fmt: skip
+            except Exception as e:
+                outcome.append(e)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        deadline = time.monotonic() + 60
+        while not (parts := list(dest.glob(".objstream-*.part"))) or (
+            parts[0].stat().st_size < size // 4
+        ):
+            assert time.monotonic() < deadline, "the transfer never got going"
+            time.sleep(0.01)
+        node.kill()
+        time.sleep(1)
+        node.start()
+        sender.join(180)
+        assert outcome, "the sender did not return"
+        assert not isinstance(outcome[0], Exception), outcome[0]
+        [received] = receiver.wait_for(1, timeout=60)
+        assert sha256_of(received.path) == digest  # type: ignore[union-attr]
+        receiver.stop()
+        lost = [r for r in caplog.records if "connection to the broker lost" in r.getMessage()]
+        assert {r.name for r in lost} == {"producer.sender", "consumer.receiver"}, caplog.text
+    finally:
+        node.cleanup()
