@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
+def _transfer_with(interrupt, tmp_path, caplog, expect_lost: set[str]) -> None:
     caplog.set_level(logging.INFO)
     node = LocalRabbitNode()
     node.start()
@@ -50,9 +50,7 @@ def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
         ):
             assert time.monotonic() < deadline, "the transfer never got going"
             time.sleep(0.01)
-        node.kill()
-        time.sleep(1)
-        node.start()
+        interrupt(node)
         sender.join(180)
         assert outcome, "the sender did not return"
         assert not isinstance(outcome[0], Exception), outcome[0]
@@ -60,6 +58,29 @@ def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
         assert sha256_of(received.path) == digest  # type: ignore[union-attr]
         receiver.stop()
         lost = [r for r in caplog.records if "connection to the broker lost" in r.getMessage()]
-        assert {r.name for r in lost} == {"producer.sender", "consumer.receiver"}, caplog.text
+        assert {r.name for r in lost} == expect_lost, caplog.text
     finally:
         node.cleanup()
+
+
+def _restart(node: LocalRabbitNode) -> None:
+    node.kill()
+    time.sleep(1)
+    node.start()
+
+
+def _close_consumer_connection(node: LocalRabbitNode) -> None:
+    listed = node.ctl("list_connections", "pid", "client_properties").stdout
+    pids = [line.split("\t")[0] for line in listed.splitlines() if "objstream consumer" in line]
+    assert pids, listed
+    for pid in pids:
+        node.ctl("close_connection", pid, "closed by the test")
+
+
+def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
+    _transfer_with(_restart, tmp_path, caplog, {"producer.sender", "consumer.receiver"})
+
+
+def test_a_connection_closed_by_the_broker_mid_stream(tmp_path, caplog):
+    """rabbitmqctl close_connection on the receiver: it reconnects and finishes the file."""
+    _transfer_with(_close_consumer_connection, tmp_path, caplog, {"consumer.receiver"})
