@@ -216,7 +216,7 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
         while not stop and (args.count is None or done < args.count):
             item: Received | TransferFailed | None
             try:
-                received = receiver.receive(timeout=0.5)
+                received = receiver.receive(timeout=0.2)  # look at the stop flag often
                 if received is not None and received.kind == "container":
                     try:
                         received = containers.commit(received)
