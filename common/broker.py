@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Self
 
 import pika
 import pika.exceptions
 
-from common.errors import AuthenticationRefused, BrokerUnreachable, ConfigError
+from common.errors import AuthenticationRefused, BrokerUnreachable, ConfigError, ObjstreamError
 from common.protocol import REASON_HEADER
 from common.settings import Settings
 from common.topology import Topology
@@ -99,6 +100,24 @@ def connect(settings: Settings, name: str) -> pika.BlockingConnection:
             continue
         log.debug("connected to %s as %r", settings.masked_url, name)
         return connection
+
+
+def reestablish(settings: Settings, within: float, setup: Callable[[], None]) -> None:
+    """Run ``setup`` (reconnect, reopen channels...) until it works or ``within`` s have passed.
+
+    Raises:
+        BrokerUnreachable: it still failed at the deadline.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            setup()
+            return
+        except (ObjstreamError, pika.exceptions.AMQPError) as e:
+            if time.monotonic() > deadline:
+                detail = f"no reconnection within {within:g} s: {e}"
+                raise BrokerUnreachable(settings.masked_url, detail) from e
+            time.sleep(1.0)
 
 
 def _describe(error: BaseException) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from common.broker import CONNECTION_LOST, Closing, connect, dead_letter
+from common.broker import CONNECTION_LOST, Closing, connect, dead_letter, reestablish
 from common.errors import (
     BrokerUnreachable,
     ConfigError,
@@ -248,21 +248,16 @@ class Receiver(Closing):
         if not self._listen:  # a retriever's private queue died with the connection
             raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {error!r}")
         log.warning("connection to the broker lost (%s); reconnecting", error)
-        deadline = time.monotonic() + self.settings.timeout
-        while True:
-            try:
-                self._connection = connect(self.settings, f"objstream consumer {self.site}")
-                self._control = self._connection.channel()
-                self.topology.declare_base(self._control)
-                self._inbox = self.topology.declare_inbox(self._control, self.site)
-                self._inbox_channel = self._connection.channel()
-                self._inbox_channel.basic_qos(prefetch_count=1)
-                break
-            except (ObjstreamError, pika.exceptions.AMQPError) as e:
-                if time.monotonic() > deadline:
-                    detail = f"no reconnection within {self.settings.timeout:g} s: {e}"
-                    raise BrokerUnreachable(self.settings.masked_url, detail) from e
-                time.sleep(1.0)
+
+        def setup() -> None:
+            self._connection = connect(self.settings, f"objstream consumer {self.site}")
+            self._control = self._connection.channel()
+            self.topology.declare_base(self._control)
+            self._inbox = self.topology.declare_inbox(self._control, self.site)
+            self._inbox_channel = self._connection.channel()
+            self._inbox_channel.basic_qos(prefetch_count=1)
+
+        reestablish(self.settings, self.settings.timeout, setup)
         self._inbox_tag = None
         now = time.monotonic()
         for stream in list(self._streams.values()):

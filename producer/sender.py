@@ -23,7 +23,7 @@ import pika
 import pika.exceptions
 from pydantic import ValidationError
 
-from common.broker import CONNECTION_LOST, dead_letter
+from common.broker import CONNECTION_LOST, dead_letter, reestablish
 from common.errors import (
     BrokerUnreachable,
     ErrorCode,
@@ -236,17 +236,13 @@ class StreamSender:
         if self._reconnect is None:
             raise error
         log.warning("connection to the broker lost (%s); reconnecting", error)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self._connection = self._reconnect()
-                self._open_channel()
-                break
-            except (ObjstreamError, pika.exceptions.AMQPError) as e:
-                if time.monotonic() > deadline:
-                    detail = f"no reconnection within {timeout:g} s: {e}"
-                    raise BrokerUnreachable(self.settings.masked_url, detail) from e
-                time.sleep(1.0)
+        reconnect = self._reconnect
+
+        def setup() -> None:
+            self._connection = reconnect()
+            self._open_channel()
+
+        reestablish(self.settings, timeout, setup)
         now = time.monotonic()
         for cursor in active:
             cursor.last_progress = now  # the outage is not the receiver's silence
