@@ -98,7 +98,8 @@ def test_refusals_are_fast_and_typed(tmp_path, settings, start_server, name, cod
         started = time.monotonic()
         with pytest.raises(Refused) as caught:
             retriever.retrieve_file("server", name, timeout=20)
-        assert time.monotonic() - started < 1.0
+        # At once, not after the 20 s timeout (typically a few ms; loose for a loaded CI machine).
+        assert time.monotonic() - started < 5
     assert caught.value.code == code
     assert caught.value.site == "server"
     assert list((tmp_path / "out").iterdir()) == []
