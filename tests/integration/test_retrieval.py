@@ -266,3 +266,42 @@ def test_a_listener_of_the_same_site_does_not_steal_the_stream(
     with Retriever("site-1", tmp_path / "out", settings) as retriever:
         assert retriever.retrieve_container("server", "m", timeout=10) == [1, 2, 3]
     assert listener.outcomes == []
+
+
+def test_a_killed_requester_does_not_leave_the_owner_streaming(
+    tmp_path, settings, start_server, monkeypatch
+):
+    """SIGKILL, no goodbye: the owner's own timeout without progress stops the stream."""
+    import signal
+    import subprocess
+
+    from producer.sources import FileSource
+    from tests.integration.test_cli import _env
+
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "f.bin", 8 * MiB)
+    read = FileSource.read_chunk
+
+    def slow_read(self: FileSource, seq: int) -> bytes:
+        time.sleep(0.05)  # a slow disk: the stream takes seconds
+        return read(self, seq)
+
+    monkeypatch.setattr(FileSource, "read_chunk", slow_read)
+    owner = settings.model_copy(update={"chunk_size": 64 * KiB, "timeout": 3})
+    server = start_server(owner, lambda s: FileRetriever(s, source_dir=src))
+    requester = subprocess.Popen(
+        ["objstream", "consumer", "retrieve-file", "--site", "site-1", "--from", "server",
+         "f.bin", "--dest", str(tmp_path / "out")],
+        env=_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while server.server is None or not server.server.active:
+        assert time.monotonic() < deadline, "the retrieval never started"
+        time.sleep(0.05)
+    requester.send_signal(signal.SIGKILL)
+    requester.wait(10)
+    deadline = time.monotonic() + 20
+    while server.server.active:
+        assert time.monotonic() < deadline, "the owner kept streaming to a dead requester"
+        time.sleep(0.1)
