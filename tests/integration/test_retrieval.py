@@ -42,6 +42,20 @@ class BackgroundServer:
         self._thread.join(30)
 
 
+def _slow_disk(monkeypatch: pytest.MonkeyPatch, seconds: float, from_seq: int = 0) -> None:
+    """The owner's reads of chunk ``from_seq`` on take ``seconds`` each."""
+    from producer.sources import FileSource
+
+    read = FileSource.read_chunk
+
+    def slow_read(self: FileSource, seq: int) -> bytes:
+        if seq >= from_seq:
+            time.sleep(seconds)
+        return read(self, seq)
+
+    monkeypatch.setattr(FileSource, "read_chunk", slow_read)
+
+
 @pytest.fixture
 def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
     servers: list[BackgroundServer] = []
@@ -157,19 +171,11 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
 ):
     """The owner's disk stalls after a few chunks: the requester gives up after its timeout
     without progress, and tells the owner, which stops long before its own timeout."""
-    from producer.sources import FileSource
 
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "f.bin", 2 * MiB)
-    read = FileSource.read_chunk
-
-    def stalling_read(self: FileSource, seq: int) -> bytes:
-        if seq >= 3:
-            time.sleep(3)
-        return read(self, seq)
-
-    monkeypatch.setattr(FileSource, "read_chunk", stalling_read)
+    _slow_disk(monkeypatch, seconds=3, from_seq=3)
     small = settings.model_copy(update={"chunk_size": 64 * KiB})  # owner's timeout: 20 s
     server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
     with Retriever("site-1", tmp_path / "out", settings) as retriever:
@@ -187,18 +193,11 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
 
 def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_server, monkeypatch):
     from common.errors import ErrorCode
-    from producer.sources import FileSource
 
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "f.bin", 4 * MiB)
-    read = FileSource.read_chunk
-
-    def slow_read(self: FileSource, seq: int) -> bytes:
-        time.sleep(0.05)  # a slow disk: the stream takes seconds
-        return read(self, seq)
-
-    monkeypatch.setattr(FileSource, "read_chunk", slow_read)
+    _slow_disk(monkeypatch, seconds=0.05)  # the stream takes seconds
     small = settings.model_copy(update={"chunk_size": 64 * KiB})
     server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
     outcome: list[BaseException] = []
@@ -275,19 +274,12 @@ def test_a_killed_requester_does_not_leave_the_owner_streaming(
     import signal
     import subprocess
 
-    from producer.sources import FileSource
     from tests.integration.test_cli import _env
 
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "f.bin", 8 * MiB)
-    read = FileSource.read_chunk
-
-    def slow_read(self: FileSource, seq: int) -> bytes:
-        time.sleep(0.05)  # a slow disk: the stream takes seconds
-        return read(self, seq)
-
-    monkeypatch.setattr(FileSource, "read_chunk", slow_read)
+    _slow_disk(monkeypatch, seconds=0.05)  # the stream takes seconds
     owner = settings.model_copy(update={"chunk_size": 64 * KiB, "timeout": 3})
     server = start_server(owner, lambda s: FileRetriever(s, source_dir=src))
     requester = subprocess.Popen(
