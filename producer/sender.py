@@ -67,7 +67,6 @@ class TargetResult:
     sha256: str
     stored_as: str | None = None
     error: TransferFailed | None = None
-    inline: bool = False  # the object went inside the offer
 
 
 @dataclass
@@ -151,7 +150,7 @@ class _PieceReader:
             try:
                 piece = next(self._iterator)
             except StopIteration:
-                self._finish_count(seq)
+                self.count = seq  # now the number of pieces is known
                 return None
             self._kept.append(piece)
             self._produced += 1
@@ -166,9 +165,6 @@ class _PieceReader:
                 f"{self.streamer.kind} {self.streamer.name!r}: piece {seq} has "
                 f"{len(piece.data)} bytes, more than the chunk size {self.streamer.chunk_size}"
             )
-
-    def _finish_count(self, produced: int) -> None:
-        self.count = produced
 
     def release_before(self, seq: int) -> None:
         """Every target stored the pieces before ``seq``: forget them."""
