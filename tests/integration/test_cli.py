@@ -29,6 +29,17 @@ def _env(settings) -> dict[str, str]:
     return env
 
 
+def _listener(
+    env: dict[str, str], site: str, dest: Path | str, *extra: str, quiet: bool = False
+) -> subprocess.Popen[str]:
+    """``objstream consumer listen`` in a process of its own."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(
+        ["objstream", "consumer", "listen", "--site", site, "--dest", str(dest), *extra],
+        env=env, stdout=output, stderr=output, text=True,
+    )  # fmt: skip
+
+
 def _objstream(
     *args: str, env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess:
@@ -246,13 +257,7 @@ def test_listen_stops_cleanly_on_sigterm(tmp_path, settings, declared):
     import time
 
     declared.sites.add("site-9")
-    listener = subprocess.Popen(
-        ["objstream", "consumer", "listen", "--site", "site-9", "--dest", str(tmp_path)],
-        env=_env(settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    listener = _listener(_env(settings), "site-9", tmp_path)
     time.sleep(2)
     listener.send_signal(signal.SIGTERM)
     _, err = listener.communicate(timeout=20)
@@ -273,11 +278,7 @@ def test_progress_bar_on_a_terminal_and_quiet_otherwise(tmp_path, settings, decl
             "32KiB", "--window", "2", str(src)]  # fmt: skip
     outputs = []
     for on_tty in (True, False):
-        listener = subprocess.Popen(
-            ["objstream", "consumer", "listen", "--site", "site-1", "--dest",
-             str(tmp_path / f"in-{on_tty}"), "--count", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        listener = _listener(env, "site-1", tmp_path / f"in-{on_tty}", "--count", "1", quiet=True)
         if on_tty:
             master, slave = pty.openpty()
             sender = subprocess.Popen(
@@ -337,11 +338,7 @@ def test_a_worker_started_before_the_broker_waits_for_it(tmp_path):
     try:
         env = {**os.environ, "OBJSTREAM_URL": node.url, "OBJSTREAM_CONNECT_WAIT": "90",
                "OBJSTREAM_NAMESPACE": "wait-test"}  # fmt: skip
-        listener = subprocess.Popen(
-            ["objstream", "consumer", "listen", "--site", "site-1", "--dest", str(tmp_path / "in"),
-             "--count", "1"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        listener = _listener(env, "site-1", tmp_path / "in", "--count", "1")
         time.sleep(2)
         assert listener.poll() is None, listener.communicate()
         node.start()

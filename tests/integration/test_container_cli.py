@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.integration.test_cli import _env, _objstream
+from tests.integration.test_cli import _env, _listener, _objstream
 
 
 def _round_trip(tmp_path, settings, declared, src, *extra):
     declared.sites.add("site-1")
     dest = tmp_path / "in"
     env = _env(settings)
-    listener = subprocess.Popen(
-        ["objstream", "consumer", "listen", "--site", "site-1", "--dest", str(dest), "--count",
-         "1", "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    listener = _listener(env, "site-1", dest, "--count", "1", "--json")
     try:
         sent = _objstream(
             "producer", "send-container", "--site", "server", "--to", "site-1",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import threading
 import time
 
@@ -13,15 +12,7 @@ import pytest
 from common.settings import KiB, MiB
 from producer import FileStreamer
 from tests.conftest import random_file, sha256_of
-from tests.integration.test_cli import _env
-
-
-def _listen(env, dest):
-    return subprocess.Popen(
-        ["objstream", "consumer", "listen", "--site", "site-1", "--dest", str(dest),
-         "--count", "1", "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+from tests.integration.test_cli import _env, _listener
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
@@ -52,7 +43,7 @@ def test_a_new_receiver_resumes_where_the_old_one_stopped(
     monkeypatch.setattr(pika.adapters.blocking_connection.BlockingChannel, "basic_publish",
                         counting)  # fmt: skip
     outcome: list[object] = []
-    first = _listen(env, dest)
+    first = _listener(env, "site-1", dest, "--count", "1", "--json")
     sender = threading.Thread(target=lambda: outcome.append(_send(settings, src, chunk, window)))
     sender.start()
     partials = lambda: list(dest.glob(".objstream-*.part"))  # noqa: E731
@@ -66,7 +57,7 @@ def test_a_new_receiver_resumes_where_the_old_one_stopped(
         assert first.returncode == 0, first.stderr.read()  # type: ignore[union-attr]
         assert list(dest.glob(".objstream-*.state")), "no checkpoint was left"
     stored_before = len(published)
-    second = _listen(env, dest)
+    second = _listener(env, "site-1", dest, "--count", "1", "--json")
     _out, err = second.communicate(timeout=120)
     sender.join(120)
     assert second.returncode == 0, err
