@@ -120,9 +120,18 @@ class Offer(_Header):
     target: SiteName = Field(description="Receiving site.")
     info: Meta | None = Field(None, description="Kind-specific description (container type...).")
     inline: Inline | None = Field(None, description="Set: the body is the whole content.")
+    resume_from: Count = Field(
+        0, description="Chunks before this one are not sent: the receiver kept them (retrievals)."
+    )
 
     @model_validator(mode="after")
     def _count_matches_size(self) -> Offer:
+        if self.resume_from and (self.chunk_count is None or self.resume_from > self.chunk_count):
+            raise ValueError(
+                f"resume_from {self.resume_from} needs a known chunk_count at least as large"
+            )
+        if self.resume_from and self.inline is not None:
+            raise ValueError("an inline offer cannot resume")
         if self.inline is not None and (
             self.size is None or self.chunk_count is None or self.chunk_count > 1
             or self.size > INLINE_MAX
@@ -203,8 +212,24 @@ class Request(_Versioned):
     request_id: StreamId = Field(description="uuid4 hex chosen by the requester.")
     kind: Literal["file", "container"]
     name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
-    resume_from: Count = Field(0, description="First chunk wanted (0: the whole object).")
+    resume_from: Count = Field(
+        0, description="First chunk wanted (0: the whole object); the requester has the rest."
+    )
+    chunk_size: int | None = Field(
+        None, ge=1, le=MAX_CHUNK_SIZE, description="With resume_from: the chunk size it counts in."
+    )
+    prefix_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="With resume_from: hex SHA-256 of the bytes the requester has.",
+    )
     requester: SiteName
+
+    @model_validator(mode="after")
+    def _resume_is_complete(self) -> Request:
+        if self.resume_from and (self.chunk_size is None or self.prefix_sha256 is None):
+            raise ValueError("resume_from needs chunk_size and prefix_sha256")
+        return self
 
     @property
     def ident(self) -> str:

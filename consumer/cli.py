@@ -118,9 +118,12 @@ def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -
         print(json.dumps({
             "ok": True, "kind": item.kind, "name": item.name, "path": str(item.path),
             "bytes": item.size, "seconds": round(seconds, 3), "mib_per_s": round(rate, 1),
-            "sha256": item.sha256, "from": item.sender,
+            "sha256": item.sha256, "from": item.sender, "resumed_bytes": item.resumed_bytes,
         }))  # fmt: skip
     else:
+        if item.resumed_bytes:
+            print(f"objstream: resumed: {item.resumed_bytes} of {item.size} bytes were kept "
+                  "from an earlier attempt", file=sys.stderr)  # fmt: skip
         print(item.path)
 
 
@@ -187,6 +190,7 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
             "bytes": item.size,
             "sha256": item.sha256,
             "sender": item.sender,
+            "resumed_bytes": item.resumed_bytes,
         }
         print(json.dumps(record), flush=True)
     else:

@@ -50,7 +50,7 @@ from common.streaming import ObjectAssembler, ProgressHook
 from common.topology import Topology
 from consumer.container_assembler import ContainerAssembler, OnEntry
 from consumer.file_sink import FileAssembler
-from consumer.resume import StreamState, find_resumable, remove_abandoned
+from consumer.resume import Resumable, StreamState, adopt, find_resumable, remove_abandoned
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
 FLUSH_INTERVAL = 0.05  # seconds: acks/progress never wait longer than this
+CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
+# Failures after which a file's verified prefix is kept (the sender went away, not bad data).
+KEEP_PREFIX_ON = frozenset({ErrorCode.TIMEOUT, ErrorCode.ABORTED})
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class Received:
     custom kinds: what their assembler returned."""
     info: Mapping[str, Any] = field(default_factory=dict)
     """The sender's description of the object (containers: ``container``, ``entries``)."""
+    resumed_bytes: int = 0
+    """Bytes that were already here from an earlier attempt (a resumed stream)."""
 
     @property
     def container_type(self) -> str | None:
@@ -107,6 +112,7 @@ class _Stream:
     closing: bool = False
     timeout: float = 60.0  # seconds without data before the stream fails
     state: StreamState | None = None  # files: what a successor needs after a crash
+    resumed_bytes: int = 0  # bytes kept from an earlier attempt
 
     @property
     def report_every(self) -> int:
@@ -160,6 +166,10 @@ class Receiver(Closing):
         self._outcomes: deque[Received | TransferFailed] = deque()
         self._progress = progress
         self._stream_timeouts: dict[str, float] = {}  # per-stream progress timeouts (retrievals)
+        # Retrievals: the name asked for, and the kept prefix a resumed stream continues.
+        self._requested: dict[str, str] = {}
+        self._kept_for: dict[str, tuple[Resumable, Any]] = {}
+        self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
         self._inbox_tag: str | None = None
         self._listen = listen
         self._connection = connect(self.settings, f"objstream consumer {site}")
@@ -354,8 +364,26 @@ class Receiver(Closing):
                 f"site {self.site} does not receive objects of kind {offer.kind!r}",
             )
             return
+        kept = self._kept_for.pop(sid, None)
+        if kept is not None and not offer.resume_from:
+            log.info("%s %r comes whole (it changed at %s); dropping the %d bytes kept",
+                     offer.kind, offer.name, offer.sender, kept[0].stored_bytes)  # fmt: skip
+            kept[0].state.remove()
+            kept[0].partial.unlink(missing_ok=True)
+            kept = None
+        if offer.resume_from and (kept is None or not _continues(kept[0], offer)):
+            if kept is not None:
+                kept[0].state.release()
+            self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL,
+                                f"the offer resumes from chunk {offer.resume_from}, but no "
+                                "partial file to match is kept here")  # fmt: skip
+            return
         try:
-            assembler = factory(offer)
+            if kept is not None:
+                stream = self._adopt(offer, props.reply_to, *kept)
+            else:
+                stream = _Stream(offer, props.reply_to, Reassembler(offer), factory(offer))
+                stream.reassembler.accept()
         except ProtocolError as e:
             self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL, str(e))
             return
@@ -367,23 +395,18 @@ class Receiver(Closing):
                 f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}",
             )
             return
-        stream = _Stream(
-            offer,
-            props.reply_to,
-            Reassembler(offer),
-            assembler,
-            timeout=self._stream_timeouts.pop(sid, self.settings.timeout),
-        )
-        stream.reassembler.accept()
+        stream.timeout = self._stream_timeouts.pop(sid, self.settings.timeout)
         if offer.inline is not None:
             self._streams[sid] = stream
             self._take_inline(stream, offer.inline, body)
             return
-        if offer.kind == FILE_KIND:
+        if offer.kind == FILE_KIND and stream.state is None:
             try:  # what a receiver started after a crash needs to take over
-                stream.state = StreamState.create(self.dest, offer, props.reply_to)
+                stream.state = StreamState.create(
+                    self.dest, offer, props.reply_to, self._requested.get(sid)
+                )
             except OSError as e:
-                assembler.discard()
+                stream.assembler.discard()
                 self._reply_refusal(offer, props.reply_to, ErrorCode.IO, f"state file: {e}")
                 return
         try:
@@ -401,6 +424,20 @@ class Receiver(Closing):
             sid,
         )
         self._send_progress(stream)  # first contact: the sender may resend from here on
+
+    def _adopt(self, offer: Offer, reply_to: str, kept: Resumable, sha: Any) -> _Stream:
+        """A resumed retrieval: the kept prefix becomes the start of stream ``offer``."""
+        state = adopt(kept, self.dest, offer, reply_to)
+        try:
+            assembler = FileAssembler(self.dest, offer, reopen=True)
+        except OSError:
+            state.remove()
+            raise
+        log.info("resuming %r from %s at chunk %d of %s (%d bytes kept)", offer.name,
+                 offer.sender, kept.stored, offer.chunk_count, kept.stored_bytes)  # fmt: skip
+        reassembler = Reassembler.resumed(offer, kept.stored, kept.stored_bytes, sha)
+        return _Stream(offer, reply_to, reassembler, assembler, state=state,
+                       resumed_bytes=kept.stored_bytes)  # fmt: skip
 
     def _consume(self, stream: _Stream) -> None:
         """Start reading the stream's data queue on a channel of its own."""
@@ -439,12 +476,18 @@ class Receiver(Closing):
                 assembler,
                 timeout=self.settings.timeout,
                 state=item.state,
+                resumed_bytes=item.stored_bytes,
             )
             try:
                 self._consume(stream)
             except pika.exceptions.ChannelClosedByBroker:
-                log.warning("stream %s cannot resume: its data queue is gone", offer.stream_id)
-                self._drop(stream)
+                # Its sender gave up on it, or it failed for want of a sender: what is verified
+                # stays, for a retrieval of the same file from that site to resume.
+                log.info("stream %s (%r from %s) has no data queue any more; its %d bytes are "
+                         "kept", offer.stream_id, offer.name, offer.sender,
+                         item.stored_bytes)  # fmt: skip
+                assembler.suspend()
+                item.state.release()
                 continue
             log.info(
                 "resuming %s %r from %s at chunk %d of %s",
@@ -620,12 +663,30 @@ class Receiver(Closing):
                 path=path,
                 value=result,
                 info=dict(offer.info or {}),
+                resumed_bytes=stream.resumed_bytes,
             ),
         )
 
     def _fail(self, stream: _Stream, code: ErrorCode, detail: str) -> None:
         stream.reassembler.fail(Failure(code, detail))
-        stream.assembler.discard()
+        if (
+            stream.state is not None
+            and code in KEEP_PREFIX_ON
+            and stream.reassembler.stored
+            and isinstance(stream.assembler, FileAssembler)
+        ):
+            # The sender went away (or so it seems): what arrived is verified chunk by chunk;
+            # keep it, so asking the sender for the file again moves only the rest.
+            stored_bytes = stream.reassembler.stored_bytes
+            stream.state.save(stream.reassembler.stored, stored_bytes)
+            stream.assembler.suspend()
+            stream.state.release()
+            stream.state = None
+            offer = stream.offer
+            detail += (f"; the {stored_bytes} bytes received are kept: retrieving "
+                       f"{offer.name!r} from {offer.sender} resumes there")  # fmt: skip
+        else:
+            stream.assembler.discard()
         log.warning(
             "stream %s from %s failed (%s): %s",
             stream.offer.stream_id,
@@ -659,6 +720,9 @@ class Receiver(Closing):
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if now > self._next_cleanup:
+            self._next_cleanup = now + CLEANUP_INTERVAL
+            remove_abandoned(self.dest, self.settings.stream_ttl)
         for sid, stream in list(self._streams.items()):
             if not stream.closing:
                 if now - stream.last_activity > stream.timeout:
@@ -677,3 +741,15 @@ class Receiver(Closing):
                         stream.channel.close()
                     self._control.queue_delete(self.topology.data_queue(sid))
         self._resume_inbox()
+
+
+def _continues(kept: Resumable, offer: Offer) -> bool:
+    """Does ``offer`` pick up exactly where the kept prefix ends?"""
+    return (
+        offer.kind == FILE_KIND
+        and offer.sender == kept.offer.sender
+        and offer.resume_from == kept.stored
+        and offer.chunk_size == kept.offer.chunk_size
+        and offer.size is not None
+        and kept.stored_bytes == min(kept.stored * offer.chunk_size, offer.size)
+    )

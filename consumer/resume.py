@@ -1,13 +1,18 @@
-"""Resuming a file stream after the receiving process died.
+"""Resuming a file stream after the receiving process died, or after its sender did.
 
 Next to each partial file the receiver keeps a small state file, ``.objstream-<id>.state``:
-a first line with the offer (JSON) and the sender's reply queue, written once, and a fixed-width
+a first line with the offer (JSON), the sender's reply queue and the name it was asked for
+(retrievals), written once, and a fixed-width
 second line ``stored stored_bytes``, overwritten in place (one ``pwrite``, which a killed process
 cannot tear) each time the receiver reports progress. A receiver holds an exclusive ``flock`` on
 the state file while it works on the stream, so a receiver starting later (or a second one on
 the same directory) resumes only streams whose owner is gone. The prefix's SHA-256 is recomputed
 from the partial file; chunks the old process had not acked are redelivered by the broker, and
 anything else missing is resent by the sender on request.
+
+When the *sender* goes away (a stream that timed out or was aborted), the verified prefix is kept
+the same way, and :func:`find_kept` finds it when the same object is retrieved from the same site
+again: the request then carries ``resume_from`` and the prefix's SHA-256, and only the rest moves.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,15 +52,24 @@ class StreamState:
         self._header_length = header_length
 
     @classmethod
-    def create(cls, dest: Path, offer: Offer, reply_to: str) -> StreamState:
+    def create(
+        cls, dest: Path, offer: Offer, reply_to: str, requested: str | None = None
+    ) -> StreamState:
+        """``requested``: the name a retrieval asked for (push streams: the offer's name)."""
         path = state_path(dest, offer.stream_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        header = json.dumps({"offer": to_headers(offer), "reply_to": reply_to}).encode() + b"\n"
+        record = {"offer": to_headers(offer), "reply_to": reply_to, "requested": requested}
+        header = json.dumps(record).encode() + b"\n"
         os.pwrite(fd, header, 0)
         state = cls(path, fd, len(header))
         state.save(0, 0)
         return state
+
+    @property
+    def locked(self) -> bool:
+        """This process still holds the state (neither released nor removed)."""
+        return self._fd >= 0
 
     def save(self, stored: int, stored_bytes: int) -> None:
         line = f"{stored} {stored_bytes}".ljust(COUNTS_WIDTH - 1).encode() + b"\n"
@@ -84,6 +99,8 @@ class Resumable:
     stored_bytes: int
     state: StreamState
     partial: Path
+    requested: str
+    """The name to ask the sender for to resume it."""
 
     def prefix_sha256(self) -> Any:
         """SHA-256 of the bytes already stored (read back from the partial file)."""
@@ -104,7 +121,40 @@ def find_resumable(dest: Path) -> list[Resumable]:
 
     Unreadable state files (or ones for another kind than files) are left alone and logged.
     """
-    found = []
+    return list(_unowned(dest))
+
+
+def find_kept(dest: Path, sender: str, requested: str) -> Resumable | None:
+    """The kept prefix of file ``requested`` from site ``sender`` in ``dest``, if nobody holds
+    it (locked by this process then); the one with the most bytes if there are several."""
+    best: Resumable | None = None
+    for item in _unowned(dest):
+        if item.offer.sender != sender or item.requested != requested:
+            item.state.release()
+        elif best is None or item.stored_bytes > best.stored_bytes:
+            if best is not None:
+                best.state.release()
+            best = item
+        else:
+            item.state.release()
+    return best
+
+
+def adopt(kept: Resumable, dest: Path, offer: Offer, reply_to: str) -> StreamState:
+    """Make the kept prefix the start of the new stream ``offer``: its partial file and state
+    take the new stream's names (the old state goes last, so a crash in between loses nothing
+    but this attempt)."""
+    state = StreamState.create(dest, offer, reply_to, kept.requested)
+    state.save(kept.stored, kept.stored_bytes)
+    # Bytes past the verified prefix (written after the last record) must not outlive it.
+    os.truncate(kept.partial, kept.stored_bytes)
+    os.rename(kept.partial, dest / partial_name(offer.stream_id))
+    kept.state.remove()
+    return state
+
+
+def _unowned(dest: Path) -> Iterator[Resumable]:
+    """Every readable stream state in ``dest`` whose receiver is gone, locked as it is yielded."""
     for path in sorted(dest.glob(f"{PARTIAL_PREFIX}*{STATE_SUFFIX}")):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -121,8 +171,7 @@ def find_resumable(dest: Path) -> list[Resumable]:
             log.warning("cannot resume from %s: %s", path, e)
             os.close(fd)
             continue
-        found.append(item)
-    return found
+        yield item
 
 
 def _load(dest: Path, path: Path, fd: int) -> Resumable:
@@ -132,7 +181,8 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
     data = json.loads(header)
     offer = Offer.model_validate(data["offer"])
     reply_to = data["reply_to"]
-    if offer.kind != FILE_KIND or not isinstance(reply_to, str):
+    requested = data.get("requested") or offer.name
+    if offer.kind != FILE_KIND or not isinstance(reply_to, str) or not isinstance(requested, str):
         raise ValueError("only file streams resume")
     stored, stored_bytes = (int(n) for n in counts.split())
     partial = dest / partial_name(offer.stream_id)
@@ -140,8 +190,8 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
         raise ValueError(f"partial file {partial} is missing or short")
     if offer.size is None or stored_bytes != min(stored * offer.chunk_size, offer.size):
         raise ValueError("inconsistent counts")
-    return Resumable(offer, reply_to, stored, stored_bytes, StreamState(path, fd, len(header)),
-                     partial)  # fmt: skip
+    state = StreamState(path, fd, len(header))
+    return Resumable(offer, reply_to, stored, stored_bytes, state, partial, requested)
 
 
 def remove_abandoned(dest: Path, ttl: float) -> list[Path]:

@@ -7,10 +7,16 @@ retrievers (one per thread) can run on one site at the same time.
 
 The timeout is progress-based: the retrieval fails after ``timeout`` seconds without a reply or
 without data, not after a total deadline; the owner is then told to stop.
+
+A file retrieval that fails because the owner went away (timeout, abort) keeps what it verified;
+asking for the same file from the same site again (in the same directory) resumes: the request
+says ``resume_from`` with the kept prefix's SHA-256, and the owner sends only the rest (or the
+whole file if it changed meanwhile).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +31,9 @@ from common.settings import Settings
 from common.streaming import ProgressHook
 from consumer.container_assembler import OnEntry
 from consumer.receiver import Received, Receiver
+from consumer.resume import Resumable, find_kept
+
+log = logging.getLogger(__name__)
 
 
 class Retriever(Receiver):
@@ -52,6 +61,7 @@ class Retriever(Receiver):
         self._expected: set[str] = set()
         self._owners: set[str] = set()
         self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
+        self._asking: dict[str, tuple[str, tuple[Resumable, Any] | None]] = {}  # id -> name, kept
         try:
             self._private = self.topology.declare_reply_queue(self._control)
             self._control.basic_consume(self._private, self._on_private, auto_ack=True)
@@ -105,6 +115,42 @@ class Retriever(Receiver):
             raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
 
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
+        kept = self._kept(from_site, request.name) if request.kind == "file" else None
+        try:
+            return self._ask(request, from_site, timeout, kept)
+        finally:
+            if kept is not None and kept[0].state.locked:
+                kept[0].state.release()  # not taken up: still there for the next attempt
+
+    def _kept(self, from_site: str, name: str) -> tuple[Resumable, Any] | None:
+        """The kept prefix of ``name`` from ``from_site`` and its SHA-256, if there is one."""
+        item = find_kept(self.dest, from_site, name)
+        if item is None:
+            return None
+        try:
+            return item, item.prefix_sha256()
+        except OSError as e:
+            log.warning("cannot resume %r from %s: %s", name, item.partial, e)
+            item.state.remove()
+            item.partial.unlink(missing_ok=True)
+            return None
+
+    def _ask(
+        self,
+        request: Request,
+        from_site: str,
+        timeout: float,
+        kept: tuple[Resumable, Any] | None,
+    ) -> Received:
+        if kept is not None:
+            item, sha = kept
+            log.info("asking %s for the rest of %r: %d bytes are kept", from_site, request.name,
+                     item.stored_bytes)  # fmt: skip
+            request = request.model_copy(update={
+                "resume_from": item.stored,
+                "chunk_size": item.offer.chunk_size,
+                "prefix_sha256": sha.copy().hexdigest(),
+            })  # fmt: skip
         if from_site not in self._owners:
             # So the request waits for a server that starts a little later (until it expires).
             self.topology.declare_service_queue(self._control, from_site)
@@ -117,10 +163,12 @@ class Retriever(Receiver):
             self.topology.exchange, self.topology.service_key(from_site), b"", props
         )
         self._pending[request.request_id] = timeout
+        self._asking[request.request_id] = (request.name, kept)
         try:
             reply = self._wait_reply(request, from_site, timeout)
         finally:
             self._pending.pop(request.request_id, None)
+            self._asking.pop(request.request_id, None)
         if not reply.ok:
             raise Refused(from_site, request.name, str(reply.code), reply.detail)
         assert reply.stream_id is not None
@@ -130,6 +178,8 @@ class Retriever(Receiver):
         finally:
             self._expected.discard(sid)
             self._stream_timeouts.pop(sid, None)
+            self._requested.pop(sid, None)
+            self._kept_for.pop(sid, None)
 
     def _wait_reply(self, request: Request, from_site: str, timeout: float) -> Reply:
         deadline = time.monotonic() + timeout
@@ -177,6 +227,10 @@ class Retriever(Receiver):
                 # Expect the offer now: it may come in the same batch of events as this reply.
                 self._expected.add(message.stream_id)
                 self._stream_timeouts[message.stream_id] = timeout
+                name, kept = self._asking[message.request_id]
+                self._requested[message.stream_id] = name
+                if kept is not None:
+                    self._kept_for[message.stream_id] = kept
         elif isinstance(message, Offer) and message.stream_id in self._expected:
             self._take_offer(props, body)
         else:

@@ -99,6 +99,9 @@ class _SharedDigest:
         self._sha = hashlib.sha256()
         self.hashed = 0
 
+    def prefix_matches(self, expected: str) -> bool:
+        return self._sha.copy().hexdigest() == expected
+
     def feed(self, seq: int, data: bytes) -> None:
         if seq == self.hashed:
             self._sha.update(data)
@@ -197,6 +200,7 @@ class StreamSender:
         self._offer_to: str | None = None
         self._declared_inboxes: set[str] = set()
         self._stream_id: str | None = None
+        self._start = 0  # first chunk sent (a resumed retrieval skips what the requester has)
         # With reconnection, replies must outlive the connection: a named queue that expires
         # when unused, instead of an exclusive one that dies with it.
         self._reply_queue = (
@@ -260,12 +264,16 @@ class StreamSender:
         chunk_size: int | None = None,
         stream_id: str | None = None,
         offer_to: str | None = None,
+        resume_from: int = 0,
+        prefix_sha256: str | None = None,
     ) -> list[TargetResult]:
         """Stream ``source`` to every target; return when each has a verdict.
 
         ``stream_id`` and ``offer_to`` serve retrievals (one target): the stream id promised in
         the reply, and the requester's private queue, where the offer goes instead of the
-        target site's inbox.
+        target site's inbox. ``resume_from`` and ``prefix_sha256`` resume a retrieval: if the
+        source's first ``resume_from`` chunks still hash to ``prefix_sha256``, only the rest is
+        sent; otherwise (the source changed) the whole.
 
         Raises:
             SendFailed: at least one target failed (every outcome is in ``results``).
@@ -284,6 +292,7 @@ class StreamSender:
         if source.size is not None and source.size > self.settings.max_object_size:
             raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
         self._reader = _PieceReader(source)
+        self._start = self._resume_point(self._reader, resume_from, prefix_sha256)
         try:
             return self._send(
                 self._reader,
@@ -296,13 +305,40 @@ class StreamSender:
         finally:
             self._cursors.clear()
 
+    def _resume_point(self, reader: _PieceReader, resume_from: int, expected: str | None) -> int:
+        """Where a resumed retrieval starts: ``resume_from`` if the requester's prefix is still
+        the source's (hashed here, as the end's SHA-256 covers the whole), else 0."""
+        if not resume_from or expected is None:
+            return 0
+        source = reader.streamer
+        if not source.random_access or reader.count is None or resume_from > reader.count:
+            log.info("%s %r cannot resume from chunk %d; sending it whole", source.kind,
+                     source.name, resume_from)  # fmt: skip
+            return 0
+        try:
+            for seq in range(resume_from):
+                reader.get(seq)  # feeds the digest, one chunk at a time
+        except (OSError, ObjstreamError) as e:
+            log.info("%s %r: cannot read the kept prefix (%s); sending it whole", source.kind,
+                     source.name, e)  # fmt: skip
+            reader.digest = _SharedDigest()
+            return 0
+        if not reader.digest.prefix_matches(expected):
+            log.info("%s %r changed since the requester's first %d chunks; sending it whole",
+                     source.kind, source.name, resume_from)  # fmt: skip
+            reader.digest = _SharedDigest()
+            return 0
+        log.info("%s %r resumes from chunk %d of %d", source.kind, source.name, resume_from,
+                 reader.count)  # fmt: skip
+        return resume_from
+
     def _send(
         self, reader: _PieceReader, targets: list[str], timeout: float, window: int
     ) -> list[TargetResult]:
         source = reader.streamer
         cursors = []
         for target in targets:
-            cursor = _Cursor(target, self._stream_id or new_stream_id())
+            cursor = _Cursor(target, self._stream_id or new_stream_id(), self._start, self._start)
             self._cursors[cursor.stream_id] = cursor
             cursors.append(cursor)
             self._offer(reader, cursor, timeout, window)
@@ -377,6 +413,7 @@ class StreamSender:
         count = reader.count
         if (
             reader.lockstep is False
+            and not self._start
             and count is not None
             and count <= 1
             and (source.size is not None and source.size <= INLINE_MAX)
@@ -408,6 +445,7 @@ class StreamSender:
                 target=cursor.site,
                 info=source.info() or None,
                 inline=inline,
+                resume_from=self._start,
             )
         except ValidationError as e:
             raise ObjstreamError(f"cannot offer {source.kind} {source.name!r}: {e}") from None

@@ -34,6 +34,8 @@ from producer.sources import FileSource
 
 log = logging.getLogger(__name__)
 
+MIN_RESUME_CHUNK = 4096  # bytes: the smallest chunk size a resumed retrieval may ask for
+
 
 class _Refuse(Exception):
     def __init__(self, code: Refusal, detail: str) -> None:
@@ -206,8 +208,15 @@ class RetrievalServer(Closing):
         """The validated source for ``request``, or a refusal."""
         with self._lock:
             busy = self._busy >= self.settings.max_streams
-        if request.resume_from:
-            raise _Refuse(Refusal.UNSUPPORTED, "resume_from is not supported by this server yet")
+        if request.resume_from and request.kind != "file":
+            raise _Refuse(Refusal.UNSUPPORTED, "only files resume; ask for the container whole")
+        if request.resume_from and (request.chunk_size or 0) < MIN_RESUME_CHUNK:
+            # The requester picks the chunk size of a resumed stream; not one that costs a
+            # message per few bytes.
+            raise _Refuse(
+                Refusal.UNSUPPORTED,
+                f"resuming in chunks of {request.chunk_size} bytes (at least {MIN_RESUME_CHUNK})",
+            )
         if request.kind == "container":
             served = self._containers.get(request.name)
             if served is None:
@@ -303,8 +312,16 @@ class RetrievalServer(Closing):
     def _serve_one(self, sender: StreamSender, job: _Job) -> bool:
         request = job.request
         try:
-            sender.send(job.source, [request.requester], stream_id=job.stream_id,
-                        offer_to=job.reply_to)  # fmt: skip
+            sender.send(
+                job.source,
+                [request.requester],
+                stream_id=job.stream_id,
+                offer_to=job.reply_to,
+                # A resumed retrieval keeps the requester's chunk size: its kept chunks count in it.
+                chunk_size=request.chunk_size if request.resume_from else None,
+                resume_from=request.resume_from,
+                prefix_sha256=request.prefix_sha256,
+            )
             log.info("served %s %r to %s (stream %s)", request.kind, request.name,
                      request.requester, job.stream_id)  # fmt: skip
             return True

@@ -28,3 +28,16 @@ def sha256_of(path: Path) -> str:
         while block := f.read(4 * 1024 * 1024):
             sha.update(block)
     return sha.hexdigest()
+
+
+def final_files(dest: Path) -> list[Path]:
+    """What is in ``dest`` under a final name (partial and state files left out)."""
+    return sorted(p for p in dest.iterdir() if not p.name.startswith(".objstream-"))
+
+
+def kept_bytes(dest: Path) -> dict[str, bytes]:
+    """Partial files kept in ``dest`` (by name), with their content; each has a state file."""
+    kept = {p.name: p.read_bytes() for p in dest.glob(".objstream-*.part")}
+    for name in kept:
+        assert (dest / name.replace(".part", ".state")).is_file(), f"{name} has no state"
+    return kept

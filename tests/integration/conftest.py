@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from common.errors import TransferFailed
 from common.settings import Settings
 from common.topology import Topology
 from consumer.receiver import Received, Receiver
+from producer import RetrievalServer
 from tests.integration.rawpeer import RawPeer
 from tests.rabbitmq_node import LocalRabbitNode
 
@@ -234,3 +236,70 @@ def raw_peer(settings: Settings, declared: Declared) -> Iterator[Callable[[str],
     yield make
     for peer in peers:
         peer.close()
+
+
+def count_published_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sequence numbers of the chunk messages this process publishes from now on."""
+    published: list[int] = []
+    channel_class = pika.adapters.blocking_connection.BlockingChannel
+    original = channel_class.basic_publish
+
+    def counting(self, exchange, routing_key, body, properties=None, mandatory=False):  # type: ignore[no-untyped-def]
+        if properties is not None and properties.type == "chunk":
+            published.append(properties.headers["seq"])
+        return original(self, exchange, routing_key, body, properties, mandatory)
+
+    monkeypatch.setattr(channel_class, "basic_publish", counting)
+    return published
+
+
+class BackgroundServer:
+    """A :class:`RetrievalServer` serving in its own thread, with its own connection."""
+
+    def __init__(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.server: RetrievalServer | None = None
+        self._thread = threading.Thread(target=self._run, args=(site, settings, setup), daemon=True)
+        self._thread.start()
+        assert self._ready.wait(30), "server did not start"
+
+    def _run(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
+        with RetrievalServer(site, settings) as server:
+            setup(server)
+            self.server = server
+            self._ready.set()
+            server.serve(stop=self._stop.is_set)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def slow_disk(monkeypatch: pytest.MonkeyPatch, seconds: float, from_seq: int = 0) -> None:
+    """The owner's reads of chunk ``from_seq`` on take ``seconds`` each."""
+    from producer.sources import FileSource
+
+    read = FileSource.read_chunk
+
+    def slow_read(self: FileSource, seq: int) -> bytes:
+        if seq >= from_seq:
+            time.sleep(seconds)
+        return read(self, seq)
+
+    monkeypatch.setattr(FileSource, "read_chunk", slow_read)
+
+
+@pytest.fixture
+def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
+    servers: list[BackgroundServer] = []
+
+    def start(settings: Settings, setup: Callable[[RetrievalServer], None], site: str = "server"):
+        declared.sites.add(site)
+        server = BackgroundServer(site, settings, setup)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

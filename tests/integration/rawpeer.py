@@ -39,6 +39,7 @@ class RawPeer:
         kind: str = "file",
         chunk_count: int | None = None,
         info: dict[str, Any] | None = None,
+        resume_from: int = 0,
     ) -> None:
         if chunk_count is None and size is not None:
             chunk_count = -(-size // chunk_size)
@@ -53,6 +54,7 @@ class RawPeer:
             sender="raw",
             target=self.target,
             info=info,
+            resume_from=resume_from,
         )
         self.publish_inbox(b"", properties(offer, reply_to=self.reply))
 

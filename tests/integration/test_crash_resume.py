@@ -6,12 +6,12 @@ import signal
 import threading
 import time
 
-import pika
 import pytest
 
 from common.settings import KiB, MiB
 from producer import FileStreamer
 from tests.conftest import random_file, sha256_of
+from tests.integration.conftest import count_published_chunks
 from tests.integration.test_cli import _env, _listener
 
 
@@ -32,16 +32,7 @@ def test_a_new_receiver_resumes_where_the_old_one_stopped(
     chunk, window = 64 * KiB, 4
     chunks = size // chunk
 
-    published: list[int] = []
-    original = pika.adapters.blocking_connection.BlockingChannel.basic_publish
-
-    def counting(self, exchange, routing_key, body, properties=None, mandatory=False):
-        if properties is not None and properties.type == "chunk":
-            published.append(properties.headers["seq"])
-        return original(self, exchange, routing_key, body, properties, mandatory)
-
-    monkeypatch.setattr(pika.adapters.blocking_connection.BlockingChannel, "basic_publish",
-                        counting)  # fmt: skip
+    published = count_published_chunks(monkeypatch)
     outcome: list[object] = []
     first = _listener(env, "site-1", dest, "--count", "1", "--json")
     sender = threading.Thread(target=lambda: outcome.append(_send(settings, src, chunk, window)))

@@ -15,14 +15,14 @@ from common.settings import KiB
 from common.topology import Topology
 from consumer.receiver import Received
 from producer import FileStreamer
-from tests.conftest import random_file, sha256_of
+from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 
 
 def _reasons(dead_letters) -> list[str]:
     return [str(h.get("x-objstream-reason")) for h, _ in dead_letters()]
 
 
-def test_abort_from_the_sender_fails_the_stream_and_removes_the_partial(
+def test_abort_from_the_sender_fails_the_stream_and_keeps_only_the_verified_prefix(
     tmp_path, start_receiver, raw_peer
 ):
     dest = tmp_path / "in"
@@ -36,6 +36,22 @@ def test_abort_from_the_sender_fails_the_stream_and_removes_the_partial(
     assert isinstance(failed, TransferFailed)
     assert failed.code == ErrorCode.ABORTED
     assert "disk on fire" in failed.detail
+    assert "4 bytes received are kept" in failed.detail
+    assert final_files(dest) == []
+    assert list(kept_bytes(dest).values()) == [b"abcd"]
+
+
+def test_an_offer_to_resume_what_is_not_kept_is_refused(tmp_path, start_receiver, raw_peer):
+    dest = tmp_path / "in"
+    receiver = start_receiver("site-1", dest)
+    peer = raw_peer("site-1")
+    peer.offer("f.bin", size=8, chunk_size=4, resume_from=1)
+
+    [failed] = receiver.wait_for(1)
+    assert isinstance(failed, TransferFailed)
+    assert failed.code == ErrorCode.PROTOCOL
+    assert "no partial file to match is kept here" in failed.detail
+    assert peer.verdict()["code"] == "protocol"
     assert list(dest.iterdir()) == []
 
 
@@ -52,7 +68,8 @@ def test_silent_sender_times_out_on_the_receiver(tmp_path, settings, start_recei
     verdict = peer.verdict()
     assert verdict["ok"] is False
     assert verdict["code"] == "timeout"
-    assert list(dest.iterdir()) == []
+    assert final_files(dest) == []
+    assert list(kept_bytes(dest).values()) == [b"abcd"]
 
 
 def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import numpy as np
 import pika
@@ -12,63 +11,12 @@ import pytest
 
 from common.errors import Refused, TimedOut, TransferFailed
 from common.protocol import Request, new_stream_id, properties
-from common.settings import KiB, MiB, Settings
+from common.settings import KiB, MiB
 from common.topology import Topology
 from consumer import Retriever
 from producer import ContainerRetriever, FileRetriever, RetrievalServer
-from tests.conftest import random_file, sha256_of
-
-
-class BackgroundServer:
-    """A :class:`RetrievalServer` serving in its own thread, with its own connection."""
-
-    def __init__(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self.server: RetrievalServer | None = None
-        self._thread = threading.Thread(target=self._run, args=(site, settings, setup), daemon=True)
-        self._thread.start()
-        assert self._ready.wait(30), "server did not start"
-
-    def _run(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
-        with RetrievalServer(site, settings) as server:
-            setup(server)
-            self.server = server
-            self._ready.set()
-            server.serve(stop=self._stop.is_set)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-
-def _slow_disk(monkeypatch: pytest.MonkeyPatch, seconds: float, from_seq: int = 0) -> None:
-    """The owner's reads of chunk ``from_seq`` on take ``seconds`` each."""
-    from producer.sources import FileSource
-
-    read = FileSource.read_chunk
-
-    def slow_read(self: FileSource, seq: int) -> bytes:
-        if seq >= from_seq:
-            time.sleep(seconds)
-        return read(self, seq)
-
-    monkeypatch.setattr(FileSource, "read_chunk", slow_read)
-
-
-@pytest.fixture
-def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
-    servers: list[BackgroundServer] = []
-
-    def start(settings: Settings, setup: Callable[[RetrievalServer], None], site: str = "server"):
-        declared.sites.add(site)
-        server = BackgroundServer(site, settings, setup)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+from tests.conftest import final_files, kept_bytes, random_file, sha256_of
+from tests.integration.conftest import slow_disk
 
 
 def test_retrieve_a_file_and_a_container(tmp_path, settings, start_server):
@@ -175,7 +123,7 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "f.bin", 2 * MiB)
-    _slow_disk(monkeypatch, seconds=3, from_seq=3)
+    slow_disk(monkeypatch, seconds=3, from_seq=3)
     small = settings.model_copy(update={"chunk_size": 64 * KiB})  # owner's timeout: 20 s
     server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
     with Retriever("site-1", tmp_path / "out", settings) as retriever:
@@ -188,7 +136,9 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
     while server.server is not None and server.server.active:
         assert time.monotonic() < deadline, "the owner kept streaming"
         time.sleep(0.1)
-    assert list((tmp_path / "out").iterdir()) == []
+    assert final_files(tmp_path / "out") == []
+    [kept] = kept_bytes(tmp_path / "out").values()  # the three chunks before the stall
+    assert kept == (src / "f.bin").read_bytes()[: 3 * 64 * KiB]
 
 
 def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_server, monkeypatch):
@@ -197,7 +147,7 @@ def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_se
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "f.bin", 4 * MiB)
-    _slow_disk(monkeypatch, seconds=0.05)  # the stream takes seconds
+    slow_disk(monkeypatch, seconds=0.05)  # the stream takes seconds
     small = settings.model_copy(update={"chunk_size": 64 * KiB})
     server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
     outcome: list[BaseException] = []
@@ -218,7 +168,10 @@ def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_se
     assert isinstance(error, TransferFailed)
     assert error.code == ErrorCode.ABORTED
     assert "shutting down" in error.detail
-    assert list((tmp_path / "out").iterdir()) == []
+    assert final_files(tmp_path / "out") == []
+    [kept] = kept_bytes(tmp_path / "out").values()  # what arrived, verified, for a retry
+    assert 0 < len(kept) < 4 * MiB
+    assert kept == (src / "f.bin").read_bytes()[: len(kept)]
 
 
 def test_an_expired_request_is_never_served(tmp_path, settings, start_server, declared):
@@ -279,7 +232,7 @@ def test_a_killed_requester_does_not_leave_the_owner_streaming(
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "f.bin", 8 * MiB)
-    _slow_disk(monkeypatch, seconds=0.05)  # the stream takes seconds
+    slow_disk(monkeypatch, seconds=0.05)  # the stream takes seconds
     owner = settings.model_copy(update={"chunk_size": 64 * KiB, "timeout": 3})
     server = start_server(owner, lambda s: FileRetriever(s, source_dir=src))
     requester = subprocess.Popen(

@@ -12,7 +12,7 @@ import pytest
 
 from common.cli import EXIT_FAILED
 from common.settings import MiB
-from tests.conftest import random_file, sha256_of
+from tests.conftest import final_files, random_file, sha256_of
 from tests.integration.test_cli import _env, _objstream
 
 
@@ -128,7 +128,7 @@ def test_owner_killed_mid_stream_times_out_cleanly(tmp_path, settings, declared)
                 retriever.retrieve_file("server", "f.bin", timeout=2)
         assert time.monotonic() - started < 15
         assert "without progress" in str(caught.value)
-        assert list((tmp_path / "out").iterdir()) == []
+        assert final_files(tmp_path / "out") == []
     finally:
         server.kill()
         server.wait()

@@ -127,3 +127,24 @@ def test_inline_offers_carry_one_small_chunk_only(changes):
     inline = Inline(crc32=0, sha256="0" * 64)
     with pytest.raises(ValueError, match="inline offer carries at most one chunk"):
         Offer(**_offer(inline=inline, **changes))
+
+
+def test_a_resumed_offer_stays_within_its_chunks():
+    assert Offer(**_offer(resume_from=3)).resume_from == 3  # everything kept: only the end
+    with pytest.raises(ValueError, match="resume_from 4"):
+        Offer(**_offer(resume_from=4))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"chunk_size": 4096}, {"prefix_sha256": "0" * 64}],
+    ids=["neither", "no-digest", "no-chunk-size"],
+)
+def test_a_resume_request_says_what_it_has(changes):
+    from common.protocol import Request
+
+    fields = {"request_id": new_stream_id(), "kind": "file", "name": "f", "requester": "s"}
+    with pytest.raises(ValueError, match="resume_from needs chunk_size and prefix_sha256"):
+        Request(**fields, resume_from=2, **changes)
+    both = {"chunk_size": 4096, "prefix_sha256": "0" * 64}
+    assert Request(**fields, resume_from=2, **both).resume_from == 2

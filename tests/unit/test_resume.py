@@ -8,7 +8,7 @@ import os
 from common.naming import partial_name
 from common.protocol import Offer, new_stream_id
 from common.reassembly import Reassembler
-from consumer.resume import StreamState, find_resumable
+from consumer.resume import StreamState, adopt, find_kept, find_resumable
 
 
 def _offer(size: int = 10, chunk_size: int = 4) -> Offer:
@@ -88,3 +88,42 @@ def test_abandoned_partials_older_than_the_ttl_are_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [partial_name(fresh.stream_id), partial_name(held.stream_id), state_held.path.name]
     )
+
+
+def _kept(tmp_path, content: bytes, stored: int, sender: str = "server", requested=None):
+    offer = _offer(size=10).model_copy(update={"sender": sender})
+    (tmp_path / partial_name(offer.stream_id)).write_bytes(content)
+    state = StreamState.create(tmp_path, offer, "q", requested)
+    state.save(stored, stored * 4)
+    state.release()
+    return offer
+
+
+def test_a_kept_prefix_is_found_by_sender_and_requested_name(tmp_path):
+    _kept(tmp_path, b"abcd", 1)  # a push of f.bin: found under its own name
+    _kept(tmp_path, b"abcdefgh", 2, requested="sub/f.bin")
+    _kept(tmp_path, b"abcdefgh", 2, sender="other")
+    assert find_kept(tmp_path, "server", "nothing") is None
+    item = find_kept(tmp_path, "server", "f.bin")
+    assert item is not None
+    assert item.stored == 1
+    assert find_kept(tmp_path, "server", "f.bin") is None  # this process holds it now
+    item.state.release()
+    deeper = find_kept(tmp_path, "server", "sub/f.bin")
+    assert deeper is not None
+    assert (deeper.stored, deeper.requested) == (2, "sub/f.bin")
+
+
+def test_adopting_a_prefix_renames_it_and_cuts_what_was_never_recorded(tmp_path):
+    _kept(tmp_path, b"abcdefgh-unrecorded", 2)
+    kept = find_kept(tmp_path, "server", "f.bin")
+    assert kept is not None
+    offer = _offer(size=12).model_copy(update={"resume_from": 2})
+    state = adopt(kept, tmp_path, offer, "q2")
+    assert (tmp_path / partial_name(offer.stream_id)).read_bytes() == b"abcdefgh"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [partial_name(offer.stream_id), state.path.name]
+    )
+    state.release()
+    [item] = find_resumable(tmp_path)
+    assert (item.offer, item.reply_to, item.stored, item.stored_bytes) == (offer, "q2", 2, 8)

@@ -1,0 +1,276 @@
+"""A sender that dies mid-file: the receiver keeps the verified prefix, and asking the owner for
+the file again (``resume_from``) moves only the rest."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pika
+import pytest
+
+from common.errors import ErrorCode, TimedOut, TransferFailed
+from common.protocol import Request, new_stream_id, parse, properties
+from common.settings import KiB, MiB
+from common.topology import Topology
+from consumer import Retriever
+from producer import ContainerRetriever, FileRetriever
+from tests.conftest import final_files, kept_bytes, random_file, sha256_of
+from tests.integration.conftest import count_published_chunks, slow_disk
+from tests.integration.test_cli import _env, _objstream
+
+CHUNK = 64 * KiB
+
+
+def _wait_for_partial(dest: Path, at_least: int, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        partials = list(dest.glob(".objstream-*.part")) if dest.exists() else []
+        if partials and partials[0].stat().st_size >= at_least:
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended first: {process.stderr.read()}")  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the transfer never got going"
+        time.sleep(0.01)
+
+
+def _slow_env(settings) -> dict[str, str]:
+    # Small chunks, a small window: a 64 MiB file takes seconds, so the kill lands mid-stream.
+    return {**_env(settings), "OBJSTREAM_CHUNK_SIZE": "64KiB", "OBJSTREAM_WINDOW": "2"}
+
+
+def _kept_prefix(dest: Path, source: Path) -> int:
+    """Checks what the failed stream left and returns its length in chunks."""
+    assert final_files(dest) == []
+    [kept] = kept_bytes(dest).values()
+    assert len(kept) % CHUNK == 0
+    assert 0 < len(kept) < source.stat().st_size
+    with open(source, "rb") as f:
+        assert kept == f.read(len(kept))  # exactly the source's first bytes
+    return len(kept) // CHUNK
+
+
+def test_owner_killed_mid_file_then_asked_again_sends_only_the_rest(
+    tmp_path, settings, declared, start_server, monkeypatch
+):
+    declared.sites.add("server")
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 64 * MiB
+    digest = random_file(src / "big.bin", size)
+    out = tmp_path / "out"
+    owner = subprocess.Popen(
+        ["objstream", "producer", "serve", "--site", "server", "--source-dir", str(src)],
+        env=_slow_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    failures: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with Retriever("site-1", out, settings) as retriever:
+                retriever.retrieve_file("server", "big.bin", timeout=3)
+        except BaseException as e:
+            failures.append(e)
+
+    try:
+        fetcher = threading.Thread(target=fetch)
+        fetcher.start()
+        _wait_for_partial(out, size // 4, owner)
+        owner.kill()  # SIGKILL: no abort, no goodbye
+    finally:
+        owner.kill()
+        owner.wait()
+    fetcher.join(30)
+    [error] = failures
+    assert isinstance(error, TimedOut), error
+    assert "are kept" in str(error)
+    kept_chunks = _kept_prefix(out, src / "big.bin")
+
+    # The owner restarted, with another default chunk size: the requester's counts win.
+    published = count_published_chunks(monkeypatch)
+    start_server(settings, lambda s: FileRetriever(s, source_dir=src))
+    with Retriever("site-1", out, settings) as retriever:
+        item = retriever.retrieve("file", "server", "big.bin", timeout=20)
+    assert item.path is not None
+    assert sha256_of(item.path) == digest
+    assert item.resumed_bytes == kept_chunks * CHUNK
+    chunks = size // CHUNK
+    assert min(published) == kept_chunks  # nothing before the kept prefix moved again
+    assert len(published) <= chunks - kept_chunks + 4, (len(published), chunks, kept_chunks)
+    assert [p.name for p in out.iterdir()] == ["big.bin"]  # no partial or state left
+
+
+def test_a_source_changed_since_is_sent_whole(tmp_path, settings, start_server, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "f.bin", 4 * MiB)
+    slow_disk(monkeypatch, seconds=0.02)
+    small = settings.model_copy(update={"chunk_size": CHUNK})
+    server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    out = tmp_path / "out"
+    failures: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with Retriever("site-1", out, settings) as retriever:
+                retriever.retrieve_file("server", "f.bin", timeout=10)
+        except BaseException as e:
+            failures.append(e)
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    _wait_for_partial(out, 10 * CHUNK)
+    server.stop()  # the owner shuts down: the stream is aborted, the prefix kept
+    fetcher.join(30)
+    [error] = failures
+    assert isinstance(error, TransferFailed)
+    assert error.code == ErrorCode.ABORTED
+    _kept_prefix(out, src / "f.bin")
+
+    monkeypatch.undo()  # the disk is fast again
+    digest = random_file(src / "f.bin", 4 * MiB)  # same name, same size, other bytes
+    published = count_published_chunks(monkeypatch)
+    start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    with Retriever("site-1", out, settings) as retriever:
+        item = retriever.retrieve("file", "server", "f.bin", timeout=20)
+    assert item.path is not None
+    assert sha256_of(item.path) == digest
+    assert item.resumed_bytes == 0
+    assert sorted(published) == list(range(4 * MiB // CHUNK))  # all of it, once
+    assert [p.name for p in out.iterdir()] == ["f.bin"]
+
+
+def test_a_push_whose_producer_died_is_finished_by_a_retrieval(
+    tmp_path, settings, declared, start_receiver, start_server, monkeypatch
+):
+    """A push stream's prefix is kept the same way; once the producer site serves the file,
+    retrieving it resumes."""
+    declared.sites.update({"site-1", "server"})
+    src = tmp_path / "src"
+    src.mkdir()
+    size = 64 * MiB
+    digest = random_file(src / "big.bin", size)
+    dest = tmp_path / "in"
+    receiver = start_receiver("site-1", dest, settings.model_copy(update={"timeout": 3}))
+    producer = subprocess.Popen(
+        ["objstream", "producer", "send-file", "--site", "server", "--to", "site-1",
+         str(src / "big.bin")],
+        env=_slow_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_partial(dest, size // 4, producer)
+    finally:
+        producer.kill()
+        producer.wait()
+    [failed] = receiver.wait_for(1)
+    assert isinstance(failed, TransferFailed)
+    assert failed.code == ErrorCode.TIMEOUT
+    kept_chunks = _kept_prefix(dest, src / "big.bin")
+
+    published = count_published_chunks(monkeypatch)
+    start_server(settings, lambda s: FileRetriever(s, source_dir=src))
+    with Retriever("site-1", dest, settings) as retriever:
+        item = retriever.retrieve("file", "server", "big.bin", timeout=20)
+    assert item.path is not None
+    assert sha256_of(item.path) == digest
+    assert item.resumed_bytes == kept_chunks * CHUNK
+    assert min(published) == kept_chunks
+    assert [p.name for p in dest.iterdir()] == ["big.bin"]
+
+
+def test_a_killed_requester_is_resumed_by_the_next_one(
+    tmp_path, settings, start_server, monkeypatch
+):
+    src = tmp_path / "src"
+    src.mkdir()
+    digest = random_file(src / "f.bin", 8 * MiB)
+    slow_disk(monkeypatch, seconds=0.01)
+    small = settings.model_copy(update={"chunk_size": CHUNK, "window": 2})
+    start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    out = tmp_path / "out"
+    requester = subprocess.Popen(
+        ["objstream", "consumer", "retrieve-file", "--site", "site-1", "--from", "server",
+         "--dest", str(out), "f.bin"],
+        env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_partial(out, 2 * MiB, requester)
+    finally:
+        requester.kill()
+        requester.wait()
+    assert final_files(out) == []
+
+    monkeypatch.undo()
+    with Retriever("site-1", out, settings) as retriever:
+        item = retriever.retrieve("file", "server", "f.bin", timeout=20)
+    assert item.path is not None
+    assert sha256_of(item.path) == digest
+    assert item.resumed_bytes >= CHUNK  # what the killed one had recorded
+    assert [p.name for p in out.iterdir()] == ["f.bin"]
+
+
+def test_the_cli_says_it_resumed(tmp_path, settings, start_server, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    digest = random_file(src / "f.bin", 2 * MiB)
+    slow_disk(monkeypatch, seconds=3, from_seq=4)
+    small = settings.model_copy(update={"chunk_size": CHUNK})
+    server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    out = tmp_path / "out"
+    env = _env(settings)
+    args = ("consumer", "retrieve-file", "--site", "site-1", "--from", "server", "--dest",
+            str(out))  # fmt: skip
+    first = _objstream(*args, "--timeout", "1", "f.bin", env=env)
+    assert first.returncode == 4, first.stderr  # timed out without progress
+    assert "are kept" in first.stderr
+    server.stop()
+    monkeypatch.undo()
+    start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    second = _objstream(*args, "--json", "f.bin", env=_env(settings))
+    assert second.returncode == 0, second.stderr
+    assert '"resumed_bytes": 262144' in second.stdout  # the 4 chunks before the stall
+    assert sha256_of(out / "f.bin") == digest
+
+
+@pytest.mark.parametrize(
+    ("kind", "chunk_size", "words"),
+    [("container", 64 * KiB, "only files resume"), ("file", 16, "at least 4096")],
+)
+def test_resume_requests_the_owner_cannot_serve_are_refused(
+    tmp_path, settings, start_server, kind, chunk_size, words
+):
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "m", 1 * MiB)
+
+    def setup(server) -> None:
+        FileRetriever(server, source_dir=src)
+        ContainerRetriever(server).add_container("m", {"a": 1})
+
+    start_server(settings, setup)
+    topo = Topology.from_settings(settings)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        channel = connection.channel()
+        reply_queue = topo.declare_reply_queue(channel)
+        request = Request(
+            request_id=new_stream_id(), kind=kind, name="m", requester="site-1",
+            resume_from=1, chunk_size=chunk_size, prefix_sha256="0" * 64,
+        )  # fmt: skip
+        props = properties(request, persistent=False, reply_to=reply_queue)
+        channel.basic_publish(topo.exchange, topo.service_key("server"), b"", props)
+        deadline = time.monotonic() + 10
+        while True:
+            method, props, _ = channel.basic_get(reply_queue, auto_ack=True)
+            if method is not None:
+                break
+            assert time.monotonic() < deadline, "no reply"
+            time.sleep(0.05)
+        reply = parse(props.type, props.headers)
+        assert reply.ok is False  # type: ignore[union-attr]
+        assert reply.code == "unsupported"  # type: ignore[union-attr]
+        assert words in reply.detail  # type: ignore[union-attr]
+    finally:
+        connection.close()
