@@ -72,7 +72,12 @@ class ObjectAssembler(ABC):
     ``take`` is called for each piece in sequence (``offset`` is the byte position of its data
     in the whole); ``finish`` once every piece arrived and the whole was verified (size and
     SHA-256); ``discard`` if the stream failed, to drop anything partial.
+
+    A ``resumable`` assembler keeps what it took on disk: ``suspend`` leaves it there for a
+    receiver that takes the stream over after this one stopped or died.
     """
+
+    resumable: ClassVar[bool] = False
 
     @abstractmethod
     def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
@@ -84,3 +89,7 @@ class ObjectAssembler(ABC):
 
     def discard(self) -> None:  # noqa: B027 - optional hook
         """Drop whatever was assembled so far."""
+
+    def suspend(self) -> None:
+        """Close, keeping what was taken for a successor (``resumable`` assemblers only)."""
+        raise NotImplementedError

@@ -209,7 +209,12 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
     containers = ContainerFiles(Path(args.dest))
     bars = ProgressBars()
     with Receiver(
-        args.site, args.dest, settings, on_entry=containers.on_entry, progress=bars
+        args.site,
+        args.dest,
+        settings,
+        on_entry=containers.on_entry,
+        progress=bars,
+        spool_containers=True,  # so a container survives this process, as a file does
     ) as receiver:
         log.info(
             "listening for site %s on %s (namespace %s)",

@@ -50,13 +50,14 @@ class ContainerFile:
     def __init__(self, dest: Path, stream_id: str, name: str) -> None:
         self.dest = dest.resolve()
         self.name = final_name(name)
-        self.path = self.dest / partial_name(stream_id)
+        # Not the stream's own partial name: a spooled stream (consumer.container_spool) holds it.
+        self.path = self.dest / partial_name(f"{stream_id}-out")
         self.format = Path(self.name).suffix.lower()
         self._file: BinaryIO = open(self.path, "xb")
         self._zip: zipfile.ZipFile | None = None
         self._json: Any = None
         self._tensors: list[tuple[str, str, list[int], int, int]] = []
-        self._data_path = self.dest / (partial_name(stream_id) + ".data")
+        self._data_path = self.dest / partial_name(f"{stream_id}-data")
         self._data: BinaryIO | None = None
         if self.format == ".npz":
             self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)

@@ -8,7 +8,7 @@ import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from common.naming import candidate_names, confined, partial_name, safe_basename
 from common.protocol import Offer
@@ -144,6 +144,8 @@ def _fsync_dir(path: Path) -> None:
 
 class FileAssembler(ObjectAssembler):
     """The consuming half for files: pieces go to a :class:`PartialFile` at their offsets."""
+
+    resumable: ClassVar[bool] = True
 
     def __init__(self, dest: Path, offer: Offer, *, reopen: bool = False) -> None:
         assert offer.size is not None  # the protocol requires it for files

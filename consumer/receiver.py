@@ -49,6 +49,7 @@ from common.settings import NAME_PATTERN, Settings
 from common.streaming import ObjectAssembler, ProgressHook
 from common.topology import Topology
 from consumer.container_assembler import ContainerAssembler, OnEntry
+from consumer.container_spool import ContainerSpool
 from consumer.file_sink import FileAssembler
 from consumer.resume import Resumable, StreamState, adopt, find_resumable, remove_abandoned
 
@@ -131,7 +132,10 @@ class Receiver(Closing):
     goes on and can be asked for the next object.
 
     Files go to ``dest``; containers come back in :attr:`Received.value`, or entry by entry to
-    ``on_entry`` (then they are not kept). ``assemblers`` adds custom kinds: a mapping from a
+    ``on_entry`` (then they are not kept). With ``spool_containers`` a container goes to
+    ``dest`` first and is decoded once complete, so that it survives this process like a file
+    does (at the cost of its size on disk while in transit; see
+    :mod:`consumer.container_spool`). ``assemblers`` adds custom kinds: a mapping from a
     kind name to a factory that takes the :class:`Offer` and returns an
     :class:`~common.streaming.ObjectAssembler`.
     """
@@ -146,6 +150,7 @@ class Receiver(Closing):
         assemblers: Mapping[str, AssemblerFactory] | None = None,
         listen: bool = True,
         progress: ProgressHook | None = None,
+        spool_containers: bool = False,
     ) -> None:
         if not re.match(NAME_PATTERN, site):
             raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
@@ -156,9 +161,11 @@ class Receiver(Closing):
         if not self.dest.is_dir():
             raise ConfigError(f"destination {self.dest} is not a directory")
         self.topology = Topology.from_settings(self.settings)
+        self._on_entry = on_entry
+        self._spool_containers = spool_containers
         self._assemblers: dict[str, AssemblerFactory] = {
             FILE_KIND: lambda offer: FileAssembler(self.dest, offer),
-            CONTAINER_KIND: lambda offer: ContainerAssembler(offer, on_entry),
+            CONTAINER_KIND: self._container_assembler,
             **(assemblers or {}),
         }
         self._streams: dict[str, _Stream] = {}
@@ -230,10 +237,10 @@ class Receiver(Closing):
     def close(self, checkpoint: bool = True) -> None:
         """Stop and disconnect.
 
-        With ``checkpoint`` (the default), file streams in progress are left for the next
-        receiver of this site and directory: what was written is acked and recorded, and that
-        receiver takes over from there (the sender waits, up to its timeout). Other streams fail
-        and their senders are told.
+        With ``checkpoint`` (the default), file streams (and spooled containers) in progress
+        are left for the next receiver of this site and directory: what was written is acked
+        and recorded, and that receiver takes over from there (the sender waits, up to its
+        timeout). Other streams fail and their senders are told.
         """
         try:
             if self._connection.is_open:
@@ -287,12 +294,12 @@ class Receiver(Closing):
                  len(self._streams))  # fmt: skip
 
     def _suspend(self, stream: _Stream) -> None:
-        """Checkpoint a file stream and let go of it (kept on disk for a successor)."""
+        """Checkpoint a stream kept on disk (a file, a spooled container) and let go of it."""
         self._flush(stream)
         del self._streams[stream.offer.stream_id]
         if stream.channel is not None and stream.channel.is_open:
             stream.channel.close()  # nothing unacked is lost: the broker requeues it
-        assert isinstance(stream.assembler, FileAssembler)
+        assert stream.assembler.resumable
         assert stream.state is not None
         stream.assembler.suspend()
         stream.state.release()
@@ -400,7 +407,7 @@ class Receiver(Closing):
             self._streams[sid] = stream
             self._take_inline(stream, offer.inline, body)
             return
-        if offer.kind == FILE_KIND and stream.state is None:
+        if stream.assembler.resumable and stream.state is None:
             try:  # what a receiver started after a crash needs to take over
                 stream.state = StreamState.create(
                     self.dest, offer, props.reply_to, self._requested.get(sid)
@@ -424,6 +431,11 @@ class Receiver(Closing):
             sid,
         )
         self._send_progress(stream)  # first contact: the sender may resend from here on
+
+    def _container_assembler(self, offer: Offer) -> ObjectAssembler:
+        if self._spool_containers and offer.inline is None:
+            return ContainerSpool(self.dest, offer, self._on_entry)
+        return ContainerAssembler(offer, self._on_entry)
 
     def _adopt(self, offer: Offer, reply_to: str, kept: Resumable, sha: Any) -> _Stream:
         """A resumed retrieval: the kept prefix becomes the start of stream ``offer``."""
@@ -456,15 +468,18 @@ class Receiver(Closing):
             stream.state.remove()
 
     def _resume_streams(self) -> None:
-        """Take over the file streams a receiver of this directory left when it died; remove
-        what was abandoned longer ago than the stream TTL (its data queue is gone by then)."""
+        """Take over the streams a receiver of this directory left when it died; remove what
+        was abandoned longer ago than the stream TTL (its data queue is gone by then)."""
         remove_abandoned(self.dest, self.settings.stream_ttl)
         for item in find_resumable(self.dest):
             offer = item.offer
+            if offer.kind == CONTAINER_KIND and not self._spool_containers:
+                item.state.release()  # for a receiver that spools containers
+                continue
             try:
                 sha = item.prefix_sha256()
-                assembler = FileAssembler(self.dest, offer, reopen=True)
-            except OSError as e:
+                assembler = self._reopen(item)
+            except (OSError, ValueError) as e:
                 log.warning("cannot resume stream %s: %s", offer.stream_id, e)
                 item.state.remove()
                 item.partial.unlink(missing_ok=True)
@@ -481,19 +496,30 @@ class Receiver(Closing):
             try:
                 self._consume(stream)
             except pika.exceptions.ChannelClosedByBroker:
-                # Its sender gave up on it, or it failed for want of a sender: what is verified
-                # stays, for a retrieval of the same file from that site to resume.
-                log.info("stream %s (%r from %s) has no data queue any more; its %d bytes are "
-                         "kept", offer.stream_id, offer.name, offer.sender,
-                         item.stored_bytes)  # fmt: skip
-                assembler.suspend()
-                item.state.release()
+                if offer.kind == FILE_KIND:
+                    # Its sender gave up on it, or it failed for want of a sender: what is
+                    # verified stays, for a retrieval of the same file from that site to resume.
+                    log.info("stream %s (%r from %s) has no data queue any more; its %d bytes "
+                             "are kept", offer.stream_id, offer.name, offer.sender,
+                             item.stored_bytes)  # fmt: skip
+                    assembler.suspend()
+                    item.state.release()
+                else:
+                    log.info("stream %s (%r from %s) has no data queue any more; dropped",
+                             offer.stream_id, offer.name, offer.sender)  # fmt: skip
+                    self._drop(stream)
                 continue
             log.info(
                 "resuming %s %r from %s at chunk %d of %s",
                 offer.kind, offer.name, offer.sender, item.stored, offer.chunk_count,
             )  # fmt: skip
             self._send_progress(stream)  # tells the sender where to go on from
+
+    def _reopen(self, item: Resumable) -> ObjectAssembler:
+        if item.offer.kind == FILE_KIND:
+            return FileAssembler(self.dest, item.offer, reopen=True)
+        return ContainerSpool(self.dest, item.offer, self._on_entry, reopen=True,
+                              stored=item.stored, stored_bytes=item.stored_bytes)  # fmt: skip
 
     def _reply_refusal(self, offer: Offer, reply_to: str, code: ErrorCode, detail: str) -> None:
         log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)

@@ -1,4 +1,5 @@
-"""Resuming a file stream after the receiving process died, or after its sender did.
+"""Resuming a file stream (or a spooled container) after the receiving process died, or a
+file stream after its sender did.
 
 Next to each partial file the receiver keeps a small state file, ``.objstream-<id>.state``:
 a first line with the offer (JSON), the sender's reply queue and the name it was asked for
@@ -31,7 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from common.naming import PARTIAL_PREFIX, partial_name
-from common.protocol import FILE_KIND, Offer, to_headers
+from common.protocol import CONTAINER_KIND, FILE_KIND, Offer, to_headers
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,11 @@ def find_kept(dest: Path, sender: str, requested: str) -> Resumable | None:
     it (locked by this process then); the one with the most bytes if there are several."""
     best: Resumable | None = None
     for item in _unowned(dest):
-        if item.offer.sender != sender or item.requested != requested:
+        if (
+            item.offer.kind != FILE_KIND
+            or item.offer.sender != sender
+            or item.requested != requested
+        ):
             item.state.release()
         elif best is None or item.stored_bytes > best.stored_bytes:
             if best is not None:
@@ -182,13 +187,17 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
     offer = Offer.model_validate(data["offer"])
     reply_to = data["reply_to"]
     requested = data.get("requested") or offer.name
-    if offer.kind != FILE_KIND or not isinstance(reply_to, str) or not isinstance(requested, str):
-        raise ValueError("only file streams resume")
+    if offer.kind not in (FILE_KIND, CONTAINER_KIND) or not isinstance(reply_to, str):
+        raise ValueError(f"streams of kind {offer.kind!r} do not resume")
+    if not isinstance(requested, str):
+        raise ValueError("no name to ask for")
     stored, stored_bytes = (int(n) for n in counts.split())
     partial = dest / partial_name(offer.stream_id)
     if not partial.is_file() or partial.stat().st_size < stored_bytes:
         raise ValueError(f"partial file {partial} is missing or short")
-    if offer.size is None or stored_bytes != min(stored * offer.chunk_size, offer.size):
+    if offer.size is None or stored_bytes > offer.size or stored_bytes > stored * offer.chunk_size:
+        raise ValueError("inconsistent counts")
+    if offer.kind == FILE_KIND and stored_bytes != min(stored * offer.chunk_size, offer.size):
         raise ValueError("inconsistent counts")
     state = StreamState(path, fd, len(header))
     return Resumable(offer, reply_to, stored, stored_bytes, state, partial, requested)
@@ -217,6 +226,8 @@ def remove_abandoned(dest: Path, ttl: float) -> list[Path]:
                     os.close(fd)
                 state.unlink(missing_ok=True)
             partial.unlink(missing_ok=True)
+            for sibling in dest.glob(f"{partial.name.removesuffix('.part')}.*"):
+                sibling.unlink(missing_ok=True)  # a spooled container's chunk metas
         except OSError as e:
             log.debug("cannot clean %s: %s", partial, e)
             continue

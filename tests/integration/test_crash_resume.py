@@ -69,3 +69,64 @@ def _send(settings, src, chunk, window):
             return streamer.stream_file("site-1", src, chunk_size=chunk, window=window)
     except Exception as e:
         return e
+
+
+def test_a_container_is_resumed_by_the_next_listener(tmp_path, settings, declared, monkeypatch):
+    """``listen`` spools a container like a file: a listener killed half way is followed by
+    one that takes it over, and the .npz it writes holds every array exactly."""
+    import numpy as np
+
+    from producer import ContainerStreamer
+
+    declared.sites.add("site-1")
+    rng = np.random.default_rng(7)
+    model = {
+        "w0": rng.standard_normal((4096, 4096), dtype=np.float32),  # 64 MiB each
+        "w1": rng.standard_normal((4096, 4096), dtype=np.float32),
+        "b": np.arange(10, dtype=">i8"),
+        "w2": rng.standard_normal((2048, 8192), dtype=np.float32),
+    }
+    size = sum(a.nbytes for a in model.values())
+    dest = tmp_path / "in"
+    env = _env(settings)
+    chunk, window = 64 * KiB, 4
+    published = count_published_chunks(monkeypatch)
+    outcome: list[object] = []
+
+    def send() -> None:
+        try:
+            with ContainerStreamer("server", settings) as streamer:
+                result = streamer.stream_container(
+                    "site-1", model, "model", chunk_size=chunk, window=window
+                )
+            outcome.append(result)
+        except Exception as e:
+            outcome.append(e)
+
+    first = _listener(env, "site-1", dest, "--count", "1", "--json")
+    sender = threading.Thread(target=send)
+    sender.start()
+    spool = lambda: list(dest.glob(".objstream-*.part"))  # noqa: E731
+    deadline = time.monotonic() + 60
+    while not spool() or spool()[0].stat().st_size < size // 3:
+        assert time.monotonic() < deadline, "the transfer never got going"
+        time.sleep(0.01)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    sent_before = len(published)
+    second = _listener(env, "site-1", dest, "--count", "1", "--json")
+    _out, err = second.communicate(timeout=120)
+    sender.join(120)
+    assert second.returncode == 0, err
+    assert outcome, "the sender did not return"
+    assert not isinstance(outcome[0], Exception), outcome
+    with np.load(dest / "model.npz", allow_pickle=False) as got:
+        assert sorted(got.files) == sorted(model)
+        for key, array in model.items():
+            assert got[key].dtype == array.dtype
+            assert np.array_equal(got[key], array)
+    assert [p.name for p in dest.iterdir()] == ["model.npz"]  # spool, metas, state all gone
+    chunks = len(set(published))
+    resent = len(published) - chunks
+    assert resent <= 2 * window + 2, (resent, sent_before)
+    assert sent_before > chunks // 3
