@@ -179,15 +179,14 @@ class Receiver(Closing):
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
         self._inbox_tag: str | None = None
         self._listen = listen
+        self.reconnects = 0
+        """How often the connection was lost and re-established."""
         self._connection = connect(self.settings, f"objstream consumer {site}")
         try:
             self._control = self._connection.channel()
             self.topology.declare_base(self._control)
+            self._open_queues()
             if listen:
-                self._inbox = self.topology.declare_inbox(self._control, site)
-                self._inbox_channel = self._connection.channel()
-                # One offer at a time, acked once accepted: the limit on streams is exact.
-                self._inbox_channel.basic_qos(prefetch_count=1)
                 self._resume_streams()
                 self._resume_inbox()
         except BaseException:
@@ -262,19 +261,16 @@ class Receiver(Closing):
 
     def _recover(self, error: BaseException) -> None:
         """Reconnect after a lost connection (broker restart...) and go on with every stream."""
-        if not self._listen:  # a retriever's private queue died with the connection
-            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {error!r}")
         log.warning("connection to the broker lost (%s); reconnecting", error)
 
         def setup() -> None:
             self._connection = connect(self.settings, f"objstream consumer {self.site}")
             self._control = self._connection.channel()
             self.topology.declare_base(self._control)
-            self._inbox = self.topology.declare_inbox(self._control, self.site)
-            self._inbox_channel = self._connection.channel()
-            self._inbox_channel.basic_qos(prefetch_count=1)
+            self._open_queues()
 
         reestablish(self.settings, self.settings.timeout, setup)
+        self.reconnects += 1
         self._inbox_tag = None
         now = time.monotonic()
         for stream in list(self._streams.values()):
@@ -292,6 +288,14 @@ class Receiver(Closing):
         self._resume_inbox()
         log.info("reconnected to %s; %d stream(s) go on", self.settings.masked_url,
                  len(self._streams))  # fmt: skip
+
+    def _open_queues(self) -> None:
+        """Declare and open what this receiver consumes besides data queues (its inbox)."""
+        if self._listen:
+            self._inbox = self.topology.declare_inbox(self._control, self.site)
+            self._inbox_channel = self._connection.channel()
+            # One offer at a time, acked once accepted: the limit on streams is exact.
+            self._inbox_channel.basic_qos(prefetch_count=1)
 
     def _suspend(self, stream: _Stream) -> None:
         """Checkpoint a stream kept on disk (a file, a spooled container) and let go of it."""

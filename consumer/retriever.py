@@ -12,6 +12,9 @@ A file retrieval that fails because the owner went away (timeout, abort) keeps w
 asking for the same file from the same site again (in the same directory) resumes: the request
 says ``resume_from`` with the kept prefix's SHA-256, and the owner sends only the rest (or the
 whole file if it changed meanwhile).
+
+A lost connection (broker restart...) is re-established as in :class:`Receiver`; a request whose
+reply or offer had not arrived yet is sent again.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Literal
 import pika
 import pika.exceptions
 
-from common.broker import dead_letter
+from common.broker import CONNECTION_LOST, dead_letter
 from common.errors import BrokerUnreachable, ProtocolError, Refused, TimedOut, TransferFailed
 from common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
 from common.settings import Settings
@@ -34,6 +37,12 @@ from consumer.receiver import Received, Receiver
 from consumer.resume import Resumable, find_kept
 
 log = logging.getLogger(__name__)
+
+MAX_ASKS = 3  # requests for one retrieval, when reconnects lose the offer
+
+
+class _OfferLost(Exception):
+    """The connection was lost between the reply and the offer: ask again."""
 
 
 class Retriever(Receiver):
@@ -59,15 +68,15 @@ class Retriever(Receiver):
         self._user = pika.URLParameters(self.settings.url).credentials.username
         self._replies: dict[str, Reply] = {}
         self._expected: set[str] = set()
-        self._owners: set[str] = set()
         self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
         self._asking: dict[str, tuple[str, tuple[Resumable, Any] | None]] = {}  # id -> name, kept
-        try:
-            self._private = self.topology.declare_reply_queue(self._control)
-            self._control.basic_consume(self._private, self._on_private, auto_ack=True)
-        except BaseException:
-            self._connection.close()
-            raise
+
+    def _open_queues(self) -> None:
+        # A private, exclusive queue for replies and offers: it dies with the connection, so
+        # after a reconnect a request still unanswered (or an offer not yet here) is asked again.
+        self._private = self.topology.declare_reply_queue(self._control)
+        self._control.basic_consume(self._private, self._on_private, auto_ack=True)
+        self._owners: set[str] = set()
 
     def close(self, checkpoint: bool = False) -> None:
         """Stop and disconnect; retrievals in progress fail (a retrieval belongs to its caller,
@@ -117,6 +126,12 @@ class Retriever(Receiver):
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
         kept = self._kept(from_site, request.name) if request.kind == "file" else None
         try:
+            for _ in range(MAX_ASKS - 1):
+                try:
+                    return self._ask(request, from_site, timeout, kept)
+                except _OfferLost:
+                    log.info("asking %s for %r again after a reconnect", from_site, request.name)
+                    request = request.model_copy(update={"request_id": new_stream_id()})
             return self._ask(request, from_site, timeout, kept)
         finally:
             if kept is not None and kept[0].state.locked:
@@ -151,17 +166,7 @@ class Retriever(Receiver):
                 "chunk_size": item.offer.chunk_size,
                 "prefix_sha256": sha.copy().hexdigest(),
             })  # fmt: skip
-        if from_site not in self._owners:
-            # So the request waits for a server that starts a little later (until it expires).
-            self.topology.declare_service_queue(self._control, from_site)
-            self._owners.add(from_site)
-        props = properties(request, persistent=False, reply_to=self._private)
-        # A request nobody answers within the timeout is void: the requester has given up.
-        props.expiration = str(max(1, int(timeout * 1000)))
-        props.user_id = self._user  # RabbitMQ checks it against the connection's user
-        self._control.basic_publish(
-            self.topology.exchange, self.topology.service_key(from_site), b"", props
-        )
+        self._publish(request, from_site, timeout)
         self._pending[request.request_id] = timeout
         self._asking[request.request_id] = (request.name, kept)
         try:
@@ -175,15 +180,45 @@ class Retriever(Receiver):
         sid = reply.stream_id
         try:
             return self._wait_outcome(sid, from_site, timeout)
+        except _OfferLost:
+            if kept is not None:  # not taken up: the next request resumes from it
+                self._kept_for.pop(sid, None)
+            raise
         finally:
             self._expected.discard(sid)
             self._stream_timeouts.pop(sid, None)
             self._requested.pop(sid, None)
             self._kept_for.pop(sid, None)
 
+    def _publish(self, request: Request, from_site: str, timeout: float) -> None:
+        if from_site not in self._owners:
+            # So the request waits for a server that starts a little later (until it expires).
+            self.topology.declare_service_queue(self._control, from_site)
+            self._owners.add(from_site)
+        props = properties(request, persistent=False, reply_to=self._private)
+        # A request nobody answers within the timeout is void: the requester has given up.
+        props.expiration = str(max(1, int(timeout * 1000)))
+        props.user_id = self._user  # RabbitMQ checks it against the connection's user
+        self._control.basic_publish(
+            self.topology.exchange, self.topology.service_key(from_site), b"", props
+        )
+
+    def _events(self, time_limit: float) -> None:
+        """Process broker events for up to ``time_limit`` s, reconnecting if the connection
+        was lost."""
+        try:
+            self._connection.process_data_events(time_limit=time_limit)
+            self._housekeeping()
+        except CONNECTION_LOST as e:
+            self._recover(e)
+
     def _wait_reply(self, request: Request, from_site: str, timeout: float) -> Reply:
         deadline = time.monotonic() + timeout
+        reconnects = self.reconnects
         while request.request_id not in self._replies:
+            if self.reconnects != reconnects:  # the request (or its reply) may be lost
+                reconnects = self.reconnects
+                self._publish(request, from_site, timeout)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimedOut(
@@ -192,11 +227,12 @@ class Retriever(Receiver):
                     timeout,
                     f"site {from_site!r} did not answer the request for {request.name!r}",
                 )
-            self._connection.process_data_events(time_limit=min(left, 0.2))
+            self._events(min(left, 0.2))
         return self._replies.pop(request.request_id)
 
     def _wait_outcome(self, sid: str, from_site: str, timeout: float) -> Received:
         deadline = time.monotonic() + timeout  # until the offer arrives; then the stream's own
+        reconnects = self.reconnects
         while True:
             for outcome in list(self._outcomes):
                 if outcome.stream_id == sid:
@@ -207,10 +243,11 @@ class Retriever(Receiver):
                         raise outcome
                     return outcome
             if sid not in self._streams and sid in self._expected:
+                if self.reconnects != reconnects:
+                    raise _OfferLost  # it went to the private queue that is gone now
                 if time.monotonic() > deadline:
                     raise TimedOut(from_site, sid, timeout, "the accepted stream never started")
-            self._connection.process_data_events(time_limit=0.2)
-            self._housekeeping()
+            self._events(0.2)
 
     def _on_private(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         try:

@@ -220,6 +220,11 @@ class StreamSender:
         self._declared_inboxes.clear()
         self._channel.basic_consume(self._reply_queue, self._on_reply, auto_ack=True)
 
+    @property
+    def connection(self) -> Any:
+        """The connection in use (a new one after a reconnect)."""
+        return self._connection
+
     def close(self) -> None:
         """Remove a named reply queue and close the connection."""
         try:

@@ -11,6 +11,7 @@ to the requester's private queue, so no other receiver of its site can take it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.broker import Closing, connect, dead_letter
+import pika.exceptions
+
+from common.broker import CONNECTION_LOST, Closing, connect, dead_letter, reestablish
 from common.codec import EncodeError
 from common.errors import BrokerUnreachable, ConfigError, ObjstreamError, ProtocolError, SendFailed
 from common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
@@ -75,15 +78,7 @@ class RetrievalServer(Closing):
         self._stopping = threading.Event()
         self.accepted = 0
         self.refused = 0
-        self._connection = connect(self.settings, f"objstream server {site}")
-        try:
-            self._channel = self._connection.channel()
-            self.topology.declare_base(self._channel)
-            self._queue = self.topology.declare_service_queue(self._channel, site)
-            self._channel.basic_qos(prefetch_count=16)
-        except BaseException:
-            self._connection.close()
-            raise
+        self._open()
 
     # -- what is served ---------------------------------------------------------------------------
 
@@ -111,15 +106,38 @@ class RetrievalServer(Closing):
     # -- serving ----------------------------------------------------------------------------------
 
     def serve(self, stop: Callable[[], bool] = lambda: False, poll: float = 0.2) -> None:
-        """Answer requests until ``stop()`` is true; then stop the streams in progress."""
-        tag = self._channel.basic_consume(self._queue, self._on_request)
+        """Answer requests until ``stop()`` is true; then stop the streams in progress.
+
+        A lost connection (broker restart...) is re-established, retrying for up to the
+        ``timeout`` setting; streams in progress reconnect on their own.
+
+        Raises:
+            BrokerUnreachable: the broker stayed away longer than that.
+        """
         log.info("site %s serving retrievals on %s", self.site, self._queue)
-        try:
-            while not stop():
-                self._connection.process_data_events(time_limit=poll)
-        finally:
+        while not stop():
+            tag = self._channel.basic_consume(self._queue, self._on_request)
+            try:
+                while not stop():
+                    self._connection.process_data_events(time_limit=poll)
+            except CONNECTION_LOST as e:
+                log.warning("connection to the broker lost (%s); reconnecting", e)
+                reestablish(self.settings, self.settings.timeout, self._open)
+                log.info("site %s serving again on %s", self.site, self._queue)
+                continue
             if self._channel.is_open:
                 self._channel.basic_cancel(tag)
+
+    def _open(self) -> None:
+        self._connection = connect(self.settings, f"objstream server {self.site}")
+        try:
+            self._channel = self._connection.channel()
+            self.topology.declare_base(self._channel)
+            self._queue = self.topology.declare_service_queue(self._channel, self.site)
+            self._channel.basic_qos(prefetch_count=16)
+        except BaseException:
+            self._connection.close()
+            raise
 
     @property
     def active(self) -> int:
@@ -267,9 +285,13 @@ class RetrievalServer(Closing):
 
     def _work(self) -> None:
         """A pool worker: one connection, many streams, one at a time."""
+        name = f"objstream server {self.site} worker"
         try:
-            connection = connect(self.settings, f"objstream server {self.site} worker")
-            sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping)
+            connection = connect(self.settings, name)
+            # A stream in progress survives a lost connection (the sender reconnects); an idle
+            # worker whose connection is lost just ends, and the next request starts another.
+            sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping,
+                                  reconnect=lambda: connect(self.settings, name))  # fmt: skip
         except ObjstreamError as e:
             log.error("site %s: a serving worker cannot connect: %s", self.site, e)
             self._drain_one()
@@ -283,7 +305,7 @@ class RetrievalServer(Closing):
                 try:
                     job = self._jobs.get(timeout=1.0)
                 except queue.Empty:
-                    connection.process_data_events(time_limit=0)  # heartbeats while idle
+                    sender.connection.process_data_events(time_limit=0)  # heartbeats while idle
                     continue
                 finally:
                     with self._lock:
@@ -292,11 +314,13 @@ class RetrievalServer(Closing):
                     break
                 if not self._serve_one(sender, job):
                     break  # the connection is gone; a new worker takes the next request
+        except CONNECTION_LOST as e:
+            log.info("site %s: an idle serving worker lost its connection (%s)", self.site, e)
         finally:
             with self._lock:
                 self._workers.discard(threading.current_thread())
-            if connection.is_open:
-                connection.close()
+            with contextlib.suppress(pika.exceptions.AMQPError):
+                sender.close()
 
     def _drain_one(self) -> None:
         """A worker could not start: fail the request it was started for."""

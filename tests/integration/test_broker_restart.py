@@ -10,9 +10,10 @@ import time
 import pytest
 
 from common.settings import KiB, MiB, Settings
-from producer import FileStreamer
+from consumer import Retriever
+from producer import FileRetriever, FileStreamer
 from tests.conftest import random_file, sha256_of
-from tests.integration.conftest import BackgroundReceiver
+from tests.integration.conftest import BackgroundReceiver, BackgroundServer
 from tests.rabbitmq_node import LocalRabbitNode
 
 pytestmark = pytest.mark.skipif(
@@ -84,3 +85,53 @@ def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
 def test_a_connection_closed_by_the_broker_mid_stream(tmp_path, caplog):
     """rabbitmqctl close_connection on the receiver: it reconnects and finishes the file."""
     _transfer_with(_close_consumer_connection, tmp_path, caplog, {"consumer.receiver"})
+
+
+def test_a_retrieval_survives_the_broker_restarting(tmp_path, caplog):
+    """Owner and requester both reconnect; the file arrives bit-exact, and the owner goes on
+    serving new requests."""
+    caplog.set_level(logging.INFO)
+    node = LocalRabbitNode()
+    node.start()
+    server = None
+    try:
+        settings = Settings(url=node.url, namespace="restart", timeout=90, resend_after=2,
+                            connect_wait=60, chunk_size=256 * KiB, window=8)  # fmt: skip
+        size = 128 * MiB
+        src = tmp_path / "src"
+        src.mkdir()
+        digest = random_file(src / "big.bin", size)
+        (src / "small.txt").write_bytes(b"after the restart\n")
+        server = BackgroundServer("server", settings, lambda s: FileRetriever(s, source_dir=src))
+        dest = tmp_path / "in"
+        outcome: list[object] = []
+
+        def fetch() -> None:
+            try:
+                with Retriever("site-1", dest, settings) as retriever:
+                    outcome.append(retriever.retrieve_file("server", "big.bin", timeout=90))
+            except Exception as e:
+                outcome.append(e)
+
+        fetcher = threading.Thread(target=fetch)
+        fetcher.start()
+        deadline = time.monotonic() + 60
+        while not (parts := list(dest.glob(".objstream-*.part"))) or (
+            parts[0].stat().st_size < size // 4
+        ):
+            assert time.monotonic() < deadline, "the transfer never got going"
+            time.sleep(0.01)
+        _restart(node)
+        fetcher.join(180)
+        assert outcome, "the retrieval did not return"
+        assert not isinstance(outcome[0], Exception), outcome[0]
+        assert sha256_of(dest / "big.bin") == digest
+        with Retriever("site-1", dest, settings) as retriever:
+            path = retriever.retrieve_file("server", "small.txt", timeout=30)
+        assert path.read_bytes() == b"after the restart\n"
+        lost = {r.name for r in caplog.records if "connection to the broker lost" in r.getMessage()}
+        assert {"consumer.receiver", "producer.sender", "producer.serving"} <= lost, caplog.text
+    finally:
+        if server is not None:
+            server.stop()
+        node.cleanup()
