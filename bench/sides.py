@@ -25,6 +25,12 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 3)
+
+
 def _settings(url: str, namespace: str, **extra: Any) -> Any:
     from common.settings import Settings
 
@@ -54,7 +60,12 @@ def raw_consume(url: str, queue: str, count: int, ready: Any) -> Result:
     ready.put("ready")
     channel.start_consuming()
     connection.close()
-    return {"bytes": got["bytes"], "end": got["last"], "peak_rss_mib": peak_rss_mib()}
+    return {
+        "bytes": got["bytes"],
+        "end": got["last"],
+        "peak_rss_mib": peak_rss_mib(),
+        "cpu_s": cpu_seconds(),
+    }
 
 
 def raw_publish(url: str, queue: str, count: int, size: int) -> Result:
@@ -66,7 +77,7 @@ def raw_publish(url: str, queue: str, count: int, size: int) -> Result:
     for _ in range(count):
         channel.basic_publish("", queue, body, props)
     connection.close()
-    return {"start": start, "peak_rss_mib": peak_rss_mib()}
+    return {"start": start, "peak_rss_mib": peak_rss_mib(), "cpu_s": cpu_seconds()}
 
 
 def raw_publish_confirmed(url: str, queue: str, count: int, size: int, window: int) -> Result:
@@ -101,7 +112,7 @@ def raw_publish_confirmed(url: str, queue: str, count: int, size: int, window: i
         on_close_callback=lambda conn, reason: conn.ioloop.stop(),
     )
     connection.ioloop.start()
-    return {"start": state["start"], "peak_rss_mib": peak_rss_mib()}
+    return {"start": state["start"], "peak_rss_mib": peak_rss_mib(), "cpu_s": cpu_seconds()}
 
 
 # -- objstream sides ----------------------------------------------------------------------------
@@ -123,7 +134,12 @@ def receive(url: str, namespace: str, site: str, dest: str, count: int, ready: A
                 item.path.unlink()
             entries = item.entry_count
             del item
-    return {"end": ends[-1], "entries": entries, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "end": ends[-1],
+        "entries": entries,
+        "peak_rss_mib": peak_rss_mib(),
+        "cpu_s": cpu_seconds(),
+    }
 
 
 def send_file(url: str, namespace: str, targets: list[str], path: str, chunk_size: int,
@@ -135,7 +151,13 @@ def send_file(url: str, namespace: str, targets: list[str], path: str, chunk_siz
         results = streamer.stream_file(targets, path, chunk_size=chunk_size, window=window)
         end = time.monotonic()
     assert all(r.ok for r in results)
-    return {"start": start, "end": end, "bytes": results[0].size, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "start": start,
+        "end": end,
+        "bytes": results[0].size,
+        "peak_rss_mib": peak_rss_mib(),
+        "cpu_s": cpu_seconds(),
+    }
 
 
 def send_container(url: str, namespace: str, entries: int, entry_size: int) -> Result:
@@ -152,7 +174,7 @@ def send_container(url: str, namespace: str, entries: int, entry_size: int) -> R
         end = time.monotonic()
     assert result.ok
     return {"start": start, "end": end, "bytes": entries * entry_size,
-            "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+            "peak_rss_mib": peak_rss_mib(), "cpu_s": cpu_seconds()}  # fmt: skip
 
 
 def send_small_files(url: str, namespace: str, directory: str, count: int) -> Result:
@@ -167,7 +189,13 @@ def send_small_files(url: str, namespace: str, directory: str, count: int) -> Re
             streamer.stream_file("site-1", path)
             latencies.append(time.monotonic() - t0)
         end = time.monotonic()
-    return {"start": start, "end": end, "latencies": latencies, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "start": start,
+        "end": end,
+        "latencies": latencies,
+        "peak_rss_mib": peak_rss_mib(),
+        "cpu_s": cpu_seconds(),
+    }
 
 
 def serve_container(url: str, namespace: str, size: int, ready: Any, stop: Any) -> Result:
@@ -178,7 +206,7 @@ def serve_container(url: str, namespace: str, size: int, ready: Any, stop: Any) 
         ready.put("ready")
         server.serve(stop=stop.is_set, poll=0.05)
         served = server.accepted
-    return {"served": served, "peak_rss_mib": peak_rss_mib()}
+    return {"served": served, "peak_rss_mib": peak_rss_mib(), "cpu_s": cpu_seconds()}
 
 
 def retrieve_many(url: str, namespace: str, count: int) -> Result:
@@ -193,4 +221,10 @@ def retrieve_many(url: str, namespace: str, count: int) -> Result:
             retriever.retrieve_container("server", "small", timeout=30)
             latencies.append(time.monotonic() - t0)
         end = time.monotonic()
-    return {"start": start, "end": end, "latencies": latencies, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "start": start,
+        "end": end,
+        "latencies": latencies,
+        "peak_rss_mib": peak_rss_mib(),
+        "cpu_s": cpu_seconds(),
+    }

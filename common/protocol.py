@@ -102,7 +102,7 @@ class Inline(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    crc32: int = Field(ge=0, lt=2**32, description="zlib.crc32 of the body.")
+    crc32: int = Field(ge=0, lt=2**32, description="CRC-32 (zlib.crc32) of the body.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the content.")
     meta: Meta | None = Field(None, description="The meta of its one piece.")
 
@@ -168,7 +168,7 @@ class Chunk(_Header):
     """Sender -> data queue: one piece of content; the body holds the raw bytes."""
 
     seq: Seq = Field(description="0-based, contiguous chunk number.")
-    crc32: int = Field(ge=0, lt=2**32, description="zlib.crc32 of the body.")
+    crc32: int = Field(ge=0, lt=2**32, description="CRC-32 (zlib.crc32) of the body.")
     meta: Meta | None = Field(None, description="What the piece is (for containers: entry...).")
 
 

@@ -12,11 +12,11 @@ verdict, so it can always resend).
 from __future__ import annotations
 
 import hashlib
-import zlib
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
+from common import checksum
 from common.errors import ErrorCode, ProtocolError
 from common.protocol import End, Offer
 
@@ -152,7 +152,7 @@ class Reassembler:
                 resend_from=self._ask_resend(),
                 detail=f"chunk {seq} ahead of missing chunk {self.stored}",
             )
-        actual = zlib.crc32(body)
+        actual = checksum.crc32(body)
         if actual != crc32:
             return ChunkOutcome(
                 ChunkVerdict.CORRUPT,

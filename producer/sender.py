@@ -13,7 +13,6 @@ import hashlib
 import logging
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import pika
 import pika.exceptions
 from pydantic import ValidationError
 
+from common import checksum
 from common.broker import CONNECTION_LOST, dead_letter, reestablish
 from common.errors import (
     BrokerUnreachable,
@@ -428,7 +428,7 @@ class StreamSender:
             assert piece is not None
             body = piece.data
             inline = Inline(
-                crc32=zlib.crc32(body),
+                crc32=checksum.crc32(body),
                 sha256=reader.digest.hexdigest(),
                 meta=dict(piece.meta) if piece.meta else None,
             )
@@ -484,7 +484,7 @@ class StreamSender:
             header = Chunk(
                 stream_id=cursor.stream_id,
                 seq=seq,
-                crc32=zlib.crc32(piece.data),
+                crc32=checksum.crc32(piece.data),
                 meta=dict(piece.meta) if piece.meta else None,
             )
             props = properties(
