@@ -39,6 +39,7 @@ from consumer.resume import Resumable, find_kept
 log = logging.getLogger(__name__)
 
 MAX_ASKS = 3  # requests for one retrieval, when reconnects lose the offer
+MAX_EARLY = 16  # offers kept while waiting for the reply that names them
 
 
 class _OfferLost(Exception):
@@ -70,6 +71,7 @@ class Retriever(Receiver):
         self._expected: set[str] = set()
         self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
         self._asking: dict[str, tuple[str, tuple[Resumable, Any] | None]] = {}  # id -> name, kept
+        self._early: dict[str, tuple[Any, bytes]] = {}  # offers that came before their reply
 
     def _open_queues(self) -> None:
         # A private, exclusive queue for replies and offers: it dies with the connection, so
@@ -174,6 +176,8 @@ class Retriever(Receiver):
         finally:
             self._pending.pop(request.request_id, None)
             self._asking.pop(request.request_id, None)
+            if not self._pending:
+                self._drop_early()
         if not reply.ok:
             raise Refused(from_site, request.name, str(reply.code), reply.detail)
         assert reply.stream_id is not None
@@ -249,6 +253,13 @@ class Retriever(Receiver):
                     raise TimedOut(from_site, sid, timeout, "the accepted stream never started")
             self._events(0.2)
 
+    def _drop_early(self) -> None:
+        """Offers kept for a reply that never came are not for us."""
+        for props, body in self._early.values():
+            reason = "offer on the private queue of a retriever for no request of its"
+            dead_letter(self._control, self.topology, props, body, reason)
+        self._early.clear()
+
     def _on_private(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
         try:
             message = parse(props.type, props.headers)
@@ -268,8 +279,15 @@ class Retriever(Receiver):
                 self._requested[message.stream_id] = name
                 if kept is not None:
                     self._kept_for[message.stream_id] = kept
+                early = self._early.pop(message.stream_id, None)
+                if early is not None:
+                    self._take_offer(*early)
         elif isinstance(message, Offer) and message.stream_id in self._expected:
             self._take_offer(props, body)
+        elif isinstance(message, Offer) and self._pending and len(self._early) < MAX_EARLY:
+            # The owner replies on one connection and streams on another, so its offer can
+            # overtake its reply: keep it until the reply says whether it is ours.
+            self._early[message.stream_id] = (props, body)
         else:
             dead_letter(
                 self._control,

@@ -250,3 +250,57 @@ def test_a_killed_requester_does_not_leave_the_owner_streaming(
     while server.server.active:
         assert time.monotonic() < deadline, "the owner kept streaming to a dead requester"
         time.sleep(0.1)
+
+
+def test_an_offer_that_overtakes_its_reply_is_still_taken(tmp_path, settings, declared):
+    """An owner replies on one connection and streams on another: the broker may deliver the
+    offer first. A hand-made owner sends them in that order on purpose."""
+    import hashlib
+    import zlib
+
+    from common.protocol import Inline, Offer, Reply, parse
+
+    declared.sites.add("server")
+    topo = Topology.from_settings(settings)
+    content = b"overtaken\n"
+    outcome: list[object] = []
+
+    def owner() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+        try:
+            channel = connection.channel()
+            topo.declare_base(channel)
+            queue = topo.declare_service_queue(channel, "server")
+            deadline = time.monotonic() + 20
+            while (got := channel.basic_get(queue, auto_ack=True))[0] is None:
+                assert time.monotonic() < deadline, "no request came"
+                time.sleep(0.02)
+            _, props, _ = got
+            request = parse(props.type, props.headers)
+            sid = new_stream_id()
+            offer = Offer(
+                stream_id=sid, kind="file", name="x.txt", size=len(content),
+                chunk_size=1024, chunk_count=1, window=1, sender="server", target="site-1",
+                inline=Inline(crc32=zlib.crc32(content),
+                              sha256=hashlib.sha256(content).hexdigest()),
+            )  # fmt: skip
+            verdicts = topo.declare_reply_queue(channel)
+            channel.basic_publish("", props.reply_to, content,
+                                  properties(offer, reply_to=verdicts))  # fmt: skip
+            reply = Reply(request_id=request.ident, ok=True, stream_id=sid, size=len(content))
+            channel.basic_publish("", props.reply_to, b"", properties(reply))
+            while (got := channel.basic_get(verdicts, auto_ack=True))[0] is None:
+                assert time.monotonic() < deadline, "no verdict came"
+                time.sleep(0.02)
+            outcome.append(got[2:] and got[1].headers)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    with Retriever("site-1", tmp_path / "out", settings) as retriever:
+        path = retriever.retrieve_file("server", "x.txt", timeout=20)
+    thread.join(20)
+    assert path.read_bytes() == content
+    [verdict] = outcome
+    assert verdict["ok"] is True  # type: ignore[index]
