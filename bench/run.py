@@ -103,7 +103,9 @@ def raw(count: int, size: int, confirmed: bool) -> dict[str, float]:
     finally:
         connection.channel().queue_delete(queue)
         connection.close()
-    return {"mib_s": count * size / MiB / (c["end"] - p["start"])}
+    gib = count * size / GiB
+    return {"mib_s": count * size / MiB / (c["end"] - p["start"]),
+            "sender_cpu": p["cpu_s"] / gib, "receiver_cpu": c["cpu_s"] / gib}  # fmt: skip
 
 
 def file_stream(path: Path, chunk_size: int = MiB, window: int = 32) -> dict[str, float]:
@@ -116,8 +118,10 @@ def file_stream(path: Path, chunk_size: int = MiB, window: int = 32) -> dict[str
         producer = Proc(sides.send_file, url=URL, namespace=ns, targets=["site-1"],
                         path=str(path), chunk_size=chunk_size, window=window)  # fmt: skip
         p, c = producer.result(), consumer.result()
+    gib = p["bytes"] / GiB
     return {"mib_s": p["bytes"] / MiB / (p["end"] - p["start"]),
-            "sender_rss": p["peak_rss_mib"], "receiver_rss": c["peak_rss_mib"]}  # fmt: skip
+            "sender_rss": p["peak_rss_mib"], "receiver_rss": c["peak_rss_mib"],
+            "sender_cpu": p["cpu_s"] / gib, "receiver_cpu": c["cpu_s"] / gib}  # fmt: skip
 
 
 def container_stream(entries: int, entry_size: int) -> dict[str, float]:
@@ -265,8 +269,11 @@ def main() -> int:
     print(f"# objstream benchmarks against {mask_url(URL)} ({args.runs} runs, median)\n")
     print("| benchmark | result |\n|---|---|")
     raw_count = 128 if quick else 1024
-    ceiling = median_of(args.runs, lambda: raw(raw_count, MiB, confirmed=False))["mib_s"]
-    row(f"raw pika, {raw_count} x 1 MiB transient, no confirms", f"{ceiling:.0f} MiB/s")
+    bare = median_of(args.runs, lambda: raw(raw_count, MiB, confirmed=False))
+    ceiling = bare["mib_s"]
+    row(f"raw pika, {raw_count} x 1 MiB transient, no confirms",
+        f"{ceiling:.0f} MiB/s; CPU per GiB publisher {bare['sender_cpu']:.2f} s, "
+        f"consumer {bare['receiver_cpu']:.2f} s")  # fmt: skip
     confirmed = median_of(args.runs, lambda: raw(raw_count, MiB, confirmed=True))["mib_s"]
     row(f"raw pika, {raw_count} x 1 MiB persistent, 32 windowed confirms",
         f"{confirmed:.0f} MiB/s")  # fmt: skip
@@ -281,7 +288,8 @@ def main() -> int:
             row(
                 f"file streaming {size // MiB} MiB (1 MiB chunks, window 32)",
                 f"{f['mib_s']:.0f} MiB/s = {f['mib_s'] / ceiling:.0%} of the raw ceiling; "
-                f"peak RSS sender {f['sender_rss']:.0f} MiB, receiver {f['receiver_rss']:.0f} MiB",
+                f"peak RSS sender {f['sender_rss']:.0f} MiB, receiver {f['receiver_rss']:.0f} MiB; "
+                f"CPU per GiB sender {f['sender_cpu']:.2f} s, receiver {f['receiver_cpu']:.2f} s",
             )
 
         entries, entry_size = (4, 16 * MiB) if quick else (10, 100 * MiB)

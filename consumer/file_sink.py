@@ -16,7 +16,7 @@ from common.streaming import ObjectAssembler
 
 log = logging.getLogger(__name__)
 
-SYNC_EVERY = 64 * 1024 * 1024  # bytes written between background fdatasyncs
+SYNC_EVERY = 16 * 1024 * 1024  # bytes written between background fdatasyncs
 
 
 class DestinationFull(OSError):
