@@ -3,8 +3,9 @@
 from common.streaming import ObjectAssembler
 from consumer.container_assembler import ContainerAssembler, ContainerEntry
 from consumer.file_sink import FileAssembler, PartialFile
-from consumer.receiver import Received, Receiver
+from consumer.receiver import Receiver
 from consumer.retriever import Retriever
+from consumer.streams import Received
 
 __all__ = [
     "ContainerAssembler",

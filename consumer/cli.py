@@ -14,8 +14,9 @@ from common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFla
 from common.errors import ErrorCode, ObjstreamError, TransferFailed
 from common.settings import Settings
 from consumer.container_files import ContainerFiles
-from consumer.receiver import Received, Receiver
+from consumer.receiver import Receiver
 from consumer.retriever import Retriever
+from consumer.streams import Received
 
 log = logging.getLogger(__name__)
 

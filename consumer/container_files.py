@@ -23,7 +23,7 @@ from common.errors import ObjstreamError
 from common.naming import partial_name, safe_basename
 from consumer.container_assembler import ContainerEntry
 from consumer.file_sink import commit_partial
-from consumer.receiver import Received
+from consumer.streams import Received
 
 # numpy dtype -> safetensors dtype name (little-endian data only)
 SAFETENSORS_DTYPES = {

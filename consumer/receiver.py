@@ -14,7 +14,6 @@ import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,9 @@ from common.topology import Topology
 from consumer.container_assembler import ContainerAssembler, OnEntry
 from consumer.container_spool import ContainerSpool
 from consumer.file_sink import FileAssembler
-from consumer.resume import Resumable, StreamState, adopt, find_resumable, remove_abandoned
+from consumer.resume import Resumable, StreamState, remove_abandoned
+from consumer.streams import Received, Stream
+from consumer.takeover import TakeOver, continues
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
@@ -64,63 +65,7 @@ CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
 KEEP_PREFIX_ON = frozenset({ErrorCode.TIMEOUT, ErrorCode.ABORTED})
 
 
-@dataclass(frozen=True)
-class Received:
-    """An object that arrived and was verified."""
-
-    stream_id: str
-    kind: str
-    """``file``, ``container`` or a custom kind."""
-    name: str
-    """The name the sender gave it."""
-    size: int
-    sha256: str
-    sender: str
-    path: Path | None = None
-    """Files: where it is stored (the sanitized base name, maybe with a ``-N`` suffix)."""
-    value: Any = None
-    """Containers: the dict, list or set (``None`` when entries went to ``on_entry``);
-    custom kinds: what their assembler returned."""
-    info: Mapping[str, Any] = field(default_factory=dict)
-    """The sender's description of the object (containers: ``container``, ``entries``)."""
-    resumed_bytes: int = 0
-    """Bytes that were already here from an earlier attempt (a resumed stream)."""
-
-    @property
-    def container_type(self) -> str | None:
-        """``dict``, ``list`` or ``set`` for containers."""
-        value = self.info.get("container")
-        return value if isinstance(value, str) else None
-
-    @property
-    def entry_count(self) -> int | None:
-        value = self.info.get("entries")
-        return value if isinstance(value, int) else None
-
-
-@dataclass
-class _Stream:
-    offer: Offer
-    reply_to: str
-    reassembler: Reassembler
-    assembler: ObjectAssembler
-    channel: Any = None
-    consumer_tag: str = ""
-    last_activity: float = field(default_factory=time.monotonic)
-    last_flush: float = field(default_factory=time.monotonic)
-    unacked_tag: int = 0  # highest delivery tag not yet acked (0: none)
-    reported: int = 0
-    closing: bool = False
-    timeout: float = 60.0  # seconds without data before the stream fails
-    state: StreamState | None = None  # files: what a successor needs after a crash
-    resumed_bytes: int = 0  # bytes kept from an earlier attempt
-
-    @property
-    def report_every(self) -> int:
-        return max(1, self.offer.window // 4)
-
-
-class Receiver(Closing):
+class Receiver(TakeOver, Closing):
     """Receives the objects streamed to ``site`` into the directory ``dest``.
 
     Use :meth:`receive` (or iterate) to get each object as it completes::
@@ -168,7 +113,7 @@ class Receiver(Closing):
             CONTAINER_KIND: self._container_assembler,
             **(assemblers or {}),
         }
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, Stream] = {}
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._outcomes: deque[Received | TransferFailed] = deque()
         self._progress = progress
@@ -297,21 +242,6 @@ class Receiver(Closing):
             # One offer at a time, acked once accepted: the limit on streams is exact.
             self._inbox_channel.basic_qos(prefetch_count=1)
 
-    def _suspend(self, stream: _Stream) -> None:
-        """Checkpoint a stream kept on disk (a file, a spooled container) and let go of it."""
-        self._flush(stream)
-        del self._streams[stream.offer.stream_id]
-        if stream.channel is not None and stream.channel.is_open:
-            stream.channel.close()  # nothing unacked is lost: the broker requeues it
-        assert stream.assembler.resumable
-        assert stream.state is not None
-        stream.assembler.suspend()
-        stream.state.release()
-        log.info(
-            "left stream %s (%r) at chunk %d for the next receiver of %s",
-            stream.offer.stream_id, stream.offer.name, stream.reassembler.stored, self.dest,
-        )  # fmt: skip
-
     # -- inbox ------------------------------------------------------------------------------------
 
     def _resume_inbox(self) -> None:
@@ -382,7 +312,7 @@ class Receiver(Closing):
             kept[0].state.remove()
             kept[0].partial.unlink(missing_ok=True)
             kept = None
-        if offer.resume_from and (kept is None or not _continues(kept[0], offer)):
+        if offer.resume_from and (kept is None or not continues(kept[0], offer)):
             if kept is not None:
                 kept[0].state.release()
             self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL,
@@ -393,7 +323,7 @@ class Receiver(Closing):
             if kept is not None:
                 stream = self._adopt(offer, props.reply_to, *kept)
             else:
-                stream = _Stream(offer, props.reply_to, Reassembler(offer), factory(offer))
+                stream = Stream(offer, props.reply_to, Reassembler(offer), factory(offer))
                 stream.reassembler.accept()
         except ProtocolError as e:
             self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL, str(e))
@@ -441,21 +371,7 @@ class Receiver(Closing):
             return ContainerSpool(self.dest, offer, self._on_entry)
         return ContainerAssembler(offer, self._on_entry)
 
-    def _adopt(self, offer: Offer, reply_to: str, kept: Resumable, sha: Any) -> _Stream:
-        """A resumed retrieval: the kept prefix becomes the start of stream ``offer``."""
-        state = adopt(kept, self.dest, offer, reply_to)
-        try:
-            assembler = FileAssembler(self.dest, offer, reopen=True)
-        except OSError:
-            state.remove()
-            raise
-        log.info("resuming %r from %s at chunk %d of %s (%d bytes kept)", offer.name,
-                 offer.sender, kept.stored, offer.chunk_count, kept.stored_bytes)  # fmt: skip
-        reassembler = Reassembler.resumed(offer, kept.stored, kept.stored_bytes, sha)
-        return _Stream(offer, reply_to, reassembler, assembler, state=state,
-                       resumed_bytes=kept.stored_bytes)  # fmt: skip
-
-    def _consume(self, stream: _Stream) -> None:
+    def _consume(self, stream: Stream) -> None:
         """Start reading the stream's data queue on a channel of its own."""
         stream.channel = self._connection.channel()
         stream.channel.basic_qos(prefetch_count=stream.offer.window)
@@ -464,66 +380,6 @@ class Receiver(Closing):
         stream.channel.queue_declare(queue, passive=True)
         stream.consumer_tag = stream.channel.basic_consume(queue, partial(self._on_data, stream))
         self._streams[stream.offer.stream_id] = stream
-
-    @staticmethod
-    def _drop(stream: _Stream) -> None:
-        stream.assembler.discard()
-        if stream.state is not None:
-            stream.state.remove()
-
-    def _resume_streams(self) -> None:
-        """Take over the streams a receiver of this directory left when it died; remove what
-        was abandoned longer ago than the stream TTL (its data queue is gone by then)."""
-        remove_abandoned(self.dest, self.settings.stream_ttl)
-        for item in find_resumable(self.dest):
-            offer = item.offer
-            if offer.kind == CONTAINER_KIND and not self._spool_containers:
-                item.state.release()  # for a receiver that spools containers
-                continue
-            try:
-                sha = item.prefix_sha256()
-                assembler = self._reopen(item)
-            except (OSError, ValueError) as e:
-                log.warning("cannot resume stream %s: %s", offer.stream_id, e)
-                item.state.remove()
-                item.partial.unlink(missing_ok=True)
-                continue
-            stream = _Stream(
-                offer,
-                item.reply_to,
-                Reassembler.resumed(offer, item.stored, item.stored_bytes, sha),
-                assembler,
-                timeout=self.settings.timeout,
-                state=item.state,
-                resumed_bytes=item.stored_bytes,
-            )
-            try:
-                self._consume(stream)
-            except pika.exceptions.ChannelClosedByBroker:
-                if offer.kind == FILE_KIND:
-                    # Its sender gave up on it, or it failed for want of a sender: what is
-                    # verified stays, for a retrieval of the same file from that site to resume.
-                    log.info("stream %s (%r from %s) has no data queue any more; its %d bytes "
-                             "are kept", offer.stream_id, offer.name, offer.sender,
-                             item.stored_bytes)  # fmt: skip
-                    assembler.suspend()
-                    item.state.release()
-                else:
-                    log.info("stream %s (%r from %s) has no data queue any more; dropped",
-                             offer.stream_id, offer.name, offer.sender)  # fmt: skip
-                    self._drop(stream)
-                continue
-            log.info(
-                "resuming %s %r from %s at chunk %d of %s",
-                offer.kind, offer.name, offer.sender, item.stored, offer.chunk_count,
-            )  # fmt: skip
-            self._send_progress(stream)  # tells the sender where to go on from
-
-    def _reopen(self, item: Resumable) -> ObjectAssembler:
-        if item.offer.kind == FILE_KIND:
-            return FileAssembler(self.dest, item.offer, reopen=True)
-        return ContainerSpool(self.dest, item.offer, self._on_entry, reopen=True,
-                              stored=item.stored, stored_bytes=item.stored_bytes)  # fmt: skip
 
     def _reply_refusal(self, offer: Offer, reply_to: str, code: ErrorCode, detail: str) -> None:
         log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
@@ -534,7 +390,7 @@ class Receiver(Closing):
 
     # -- data -------------------------------------------------------------------------------------
 
-    def _on_data(self, stream: _Stream, channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_data(self, stream: Stream, channel: Any, method: Any, props: Any, body: bytes) -> None:
         stream.last_activity = time.monotonic()
         stream.unacked_tag = method.delivery_tag
         if stream.reassembler.finished:
@@ -564,7 +420,7 @@ class Receiver(Closing):
         elif stream.reassembler.stored - stream.reported >= stream.report_every:
             self._flush(stream)
 
-    def _take_inline(self, stream: _Stream, inline: Inline, body: bytes) -> None:
+    def _take_inline(self, stream: Stream, inline: Inline, body: bytes) -> None:
         """A small object that came whole inside its offer: store, verify, commit at once."""
         offer = stream.offer
         assert offer.chunk_count is not None
@@ -588,7 +444,7 @@ class Receiver(Closing):
         self._finish(stream)
 
     def _store(
-        self, stream: _Stream, seq: int, offset: int, body: bytes, meta: Mapping[str, Any] | None
+        self, stream: Stream, seq: int, offset: int, body: bytes, meta: Mapping[str, Any] | None
     ) -> bool:
         """Hand a chunk to the assembler; on failure fail the stream and return False."""
         try:
@@ -603,7 +459,7 @@ class Receiver(Closing):
             self._fail(stream, ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
         return False
 
-    def _on_chunk(self, stream: _Stream, chunk: Chunk, props: Any, body: bytes) -> None:
+    def _on_chunk(self, stream: Stream, chunk: Chunk, props: Any, body: bytes) -> None:
         outcome = stream.reassembler.chunk(chunk.seq, chunk.crc32, body)
         if outcome.verdict is ChunkVerdict.WRITE:
             self._store(stream, chunk.seq, outcome.offset, body, chunk.meta)
@@ -615,7 +471,7 @@ class Receiver(Closing):
         if outcome.resend_from is not None:
             self._send_progress(stream, resend_from=outcome.resend_from)
 
-    def _flush(self, stream: _Stream) -> None:
+    def _flush(self, stream: Stream) -> None:
         """Ack what was delivered (all of it is stored or judged), then report progress."""
         if stream.state is not None:  # before the ack: a crash then only redelivers
             stream.state.save(stream.reassembler.stored, stream.reassembler.stored_bytes)
@@ -626,7 +482,7 @@ class Receiver(Closing):
             self._send_progress(stream)
         stream.last_flush = time.monotonic()
 
-    def _send_progress(self, stream: _Stream, resend_from: int | None = None) -> None:
+    def _send_progress(self, stream: Stream, resend_from: int | None = None) -> None:
         stored = stream.reassembler.stored
         progress = Progress(
             stream_id=stream.offer.stream_id, site=self.site, stored=stored, resend_from=resend_from
@@ -641,7 +497,7 @@ class Receiver(Closing):
                 offer.sender, offer.stream_id, stream.reassembler.stored_bytes, offer.size
             )
 
-    def _finish(self, stream: _Stream) -> None:
+    def _finish(self, stream: Stream) -> None:
         failure = stream.reassembler.verify()
         result: Any = None
         if failure is None:
@@ -697,24 +553,12 @@ class Receiver(Closing):
             ),
         )
 
-    def _fail(self, stream: _Stream, code: ErrorCode, detail: str) -> None:
+    def _fail(self, stream: Stream, code: ErrorCode, detail: str) -> None:
         stream.reassembler.fail(Failure(code, detail))
-        if (
-            stream.state is not None
-            and code in KEEP_PREFIX_ON
-            and stream.reassembler.stored
-            and isinstance(stream.assembler, FileAssembler)
-        ):
-            # The sender went away (or so it seems): what arrived is verified chunk by chunk;
-            # keep it, so asking the sender for the file again moves only the rest.
-            stored_bytes = stream.reassembler.stored_bytes
-            stream.state.save(stream.reassembler.stored, stored_bytes)
-            stream.assembler.suspend()
-            stream.state.release()
-            stream.state = None
-            offer = stream.offer
-            detail += (f"; the {stored_bytes} bytes received are kept: retrieving "
-                       f"{offer.name!r} from {offer.sender} resumes there")  # fmt: skip
+        if code in KEEP_PREFIX_ON and self._keep_prefix(stream):
+            detail += (f"; the {stream.reassembler.stored_bytes} bytes received are kept: "
+                       f"retrieving {stream.offer.name!r} from {stream.offer.sender} resumes "
+                       "there")  # fmt: skip
         else:
             stream.assembler.discard()
         log.warning(
@@ -731,7 +575,7 @@ class Receiver(Closing):
             TransferFailed(offer.sender, offer.stream_id, code, detail),
         )
 
-    def _end(self, stream: _Stream, done: Done, outcome: Received | TransferFailed) -> None:
+    def _end(self, stream: Stream, done: Done, outcome: Received | TransferFailed) -> None:
         if stream.state is not None:
             stream.state.remove()
         if stream.unacked_tag:
@@ -771,15 +615,3 @@ class Receiver(Closing):
                         stream.channel.close()
                     self._control.queue_delete(self.topology.data_queue(sid))
         self._resume_inbox()
-
-
-def _continues(kept: Resumable, offer: Offer) -> bool:
-    """Does ``offer`` pick up exactly where the kept prefix ends?"""
-    return (
-        offer.kind == FILE_KIND
-        and offer.sender == kept.offer.sender
-        and offer.resume_from == kept.stored
-        and offer.chunk_size == kept.offer.chunk_size
-        and offer.size is not None
-        and kept.stored_bytes == min(kept.stored * offer.chunk_size, offer.size)
-    )

@@ -33,8 +33,9 @@ from common.protocol import Offer, Reply, Request, new_stream_id, parse, propert
 from common.settings import Settings
 from common.streaming import ProgressHook
 from consumer.container_assembler import OnEntry
-from consumer.receiver import Received, Receiver
+from consumer.receiver import Receiver
 from consumer.resume import Resumable, find_kept
+from consumer.streams import Received
 
 log = logging.getLogger(__name__)
 

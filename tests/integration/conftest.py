@@ -27,7 +27,8 @@ import pytest
 from common.errors import TransferFailed
 from common.settings import Settings
 from common.topology import Topology
-from consumer.receiver import Received, Receiver
+from consumer.receiver import Receiver
+from consumer.streams import Received
 from producer import RetrievalServer
 from tests.integration.rawpeer import RawPeer
 from tests.rabbitmq_node import LocalRabbitNode

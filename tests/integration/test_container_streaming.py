@@ -16,7 +16,7 @@ from common.settings import KiB
 from common.streaming import ObjectAssembler, ObjectStreamer, Piece
 from common.topology import Topology
 from consumer.container_assembler import ContainerEntry
-from consumer.receiver import Received
+from consumer.streams import Received
 from producer import ContainerStreamer, Streamer
 from tests.integration.test_codec_helpers import same
 

@@ -11,7 +11,7 @@ import pytest
 
 from common.errors import ErrorCode, SendFailed, TimedOut, TransferFailed
 from common.settings import KiB, MiB, Settings
-from consumer.receiver import Received
+from consumer.streams import Received
 from producer import FileStreamer
 from tests.conftest import random_file, sha256_of
 

@@ -13,7 +13,7 @@ from common.errors import ErrorCode, SendFailed, TransferFailed
 from common.protocol import properties
 from common.settings import KiB
 from common.topology import Topology
-from consumer.receiver import Received
+from consumer.streams import Received
 from producer import FileStreamer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 

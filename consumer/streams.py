@@ -1,0 +1,72 @@
+"""What the receiving side keeps per stream, and the record it hands out for each object."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.protocol import Offer
+from common.reassembly import Reassembler
+from common.streaming import ObjectAssembler
+from consumer.resume import StreamState
+
+
+@dataclass(frozen=True)
+class Received:
+    """An object that arrived and was verified."""
+
+    stream_id: str
+    kind: str
+    """``file``, ``container`` or a custom kind."""
+    name: str
+    """The name the sender gave it."""
+    size: int
+    sha256: str
+    sender: str
+    path: Path | None = None
+    """Files: where it is stored (the sanitized base name, maybe with a ``-N`` suffix)."""
+    value: Any = None
+    """Containers: the dict, list or set (``None`` when entries went to ``on_entry``);
+    custom kinds: what their assembler returned."""
+    info: Mapping[str, Any] = field(default_factory=dict)
+    """The sender's description of the object (containers: ``container``, ``entries``)."""
+    resumed_bytes: int = 0
+    """Bytes that were already here from an earlier attempt (a resumed stream)."""
+
+    @property
+    def container_type(self) -> str | None:
+        """``dict``, ``list`` or ``set`` for containers."""
+        value = self.info.get("container")
+        return value if isinstance(value, str) else None
+
+    @property
+    def entry_count(self) -> int | None:
+        value = self.info.get("entries")
+        return value if isinstance(value, int) else None
+
+
+@dataclass
+class Stream:
+    """One stream being received: its judge, its assembler, its channel and its timers."""
+
+    offer: Offer
+    reply_to: str
+    reassembler: Reassembler
+    assembler: ObjectAssembler
+    channel: Any = None
+    consumer_tag: str = ""
+    last_activity: float = field(default_factory=time.monotonic)
+    last_flush: float = field(default_factory=time.monotonic)
+    unacked_tag: int = 0  # highest delivery tag not yet acked (0: none)
+    reported: int = 0
+    closing: bool = False
+    timeout: float = 60.0  # seconds without data before the stream fails
+    state: StreamState | None = None  # files: what a successor needs after a crash
+    resumed_bytes: int = 0  # bytes kept from an earlier attempt
+
+    @property
+    def report_every(self) -> int:
+        return max(1, self.offer.window // 4)
