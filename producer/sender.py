@@ -9,12 +9,10 @@ last stored chunk; if it stays silent for ``timeout`` seconds, that target fails
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +48,7 @@ from common.protocol import (
 from common.settings import Settings
 from common.streaming import ObjectStreamer, Piece, ProgressHook
 from common.topology import Topology
+from producer.pieces import PieceReader, SharedDigest
 
 log = logging.getLogger(__name__)
 
@@ -87,95 +86,6 @@ class _Cursor:
     inline: bool = False  # the object went inside the offer
 
 
-class _SharedDigest:
-    """One SHA-256 of the source, fed by whichever cursor first reads each chunk in order.
-
-    Every cursor reads chunks 0..n-1 in order at least once (resends only go back), so the
-    leading cursor always reads the next unhashed chunk: the source is hashed once, however many
-    targets there are.
-    """
-
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-        self.hashed = 0
-
-    def prefix_matches(self, expected: str) -> bool:
-        return self._sha.copy().hexdigest() == expected
-
-    def feed(self, seq: int, data: bytes) -> None:
-        if seq == self.hashed:
-            self._sha.update(data)
-            self.hashed += 1
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
-
-
-class _PieceReader:
-    """Pieces by number, for the cursors: straight from a random-access streamer, or from the
-    streamer's iterator with the last pieces kept for resends.
-
-    For an iterator, every target is held within one window of the slowest (``lockstep``), so
-    the kept pieces never exceed one window.
-    """
-
-    def __init__(self, streamer: ObjectStreamer) -> None:
-        self.streamer = streamer
-        self.digest = _SharedDigest()
-        self.lockstep = not streamer.random_access
-        self.count = streamer.chunk_count
-        self.size = streamer.size if streamer.size is not None else 0
-        self._produced = 0
-        self._kept: deque[Piece] = deque()  # pieces _kept_from .. _produced-1
-        self._kept_from = 0
-        self._iterator: Iterator[Piece] | None = None
-        if streamer.random_access:
-            if streamer.chunk_count is None or streamer.size is None:
-                raise ObjstreamError(
-                    f"{streamer.kind} {streamer.name!r}: random access "
-                    "streamers must know size and chunk_count"
-                )
-        else:
-            self._iterator = iter(streamer.pieces())
-
-    def get(self, seq: int) -> Piece | None:
-        """Piece ``seq``, or ``None`` past the last one."""
-        if self.count is not None and seq >= self.count:
-            return None
-        if self._iterator is None:
-            piece = self.streamer.piece(seq)
-        elif seq < self._produced:
-            if seq < self._kept_from:
-                raise AssertionError(f"piece {seq} was already released")
-            return self._kept[seq - self._kept_from]
-        else:
-            assert seq == self._produced
-            try:
-                piece = next(self._iterator)
-            except StopIteration:
-                self.count = seq  # now the number of pieces is known
-                return None
-            self._kept.append(piece)
-            self._produced += 1
-            self.size += len(piece.data)
-        self._check(seq, piece)
-        self.digest.feed(seq, piece.data)
-        return piece
-
-    def _check(self, seq: int, piece: Piece) -> None:
-        if len(piece.data) > self.streamer.chunk_size:
-            raise ObjstreamError(
-                f"{self.streamer.kind} {self.streamer.name!r}: piece {seq} has "
-                f"{len(piece.data)} bytes, more than the chunk size {self.streamer.chunk_size}"
-            )
-
-    def release_before(self, seq: int) -> None:
-        """Every target stored the pieces before ``seq``: forget them."""
-        while self._kept and self._kept_from < seq:
-            self._kept.popleft()
-            self._kept_from += 1
-
-
 class StreamSender:
     """Sends sources to target sites over one connection."""
 
@@ -191,7 +101,7 @@ class StreamSender:
         self.settings = settings
         self._reconnect = reconnect  # set: survive a lost connection (broker restart...)
         self._progress = progress
-        self._reader: _PieceReader | None = None
+        self._reader: PieceReader | None = None
         self._cancel = cancel  # set: stop every stream (receivers are told to drop them)
         self.site = site
         self.topology = Topology.from_settings(settings)
@@ -296,7 +206,7 @@ class StreamSender:
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
         if source.size is not None and source.size > self.settings.max_object_size:
             raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
-        self._reader = _PieceReader(source)
+        self._reader = PieceReader(source)
         self._start = self._resume_point(self._reader, resume_from, prefix_sha256)
         try:
             return self._send(
@@ -310,7 +220,7 @@ class StreamSender:
         finally:
             self._cursors.clear()
 
-    def _resume_point(self, reader: _PieceReader, resume_from: int, expected: str | None) -> int:
+    def _resume_point(self, reader: PieceReader, resume_from: int, expected: str | None) -> int:
         """Where a resumed retrieval starts: ``resume_from`` if the requester's prefix is still
         the source's (hashed here, as the end's SHA-256 covers the whole), else 0."""
         if not resume_from or expected is None:
@@ -326,19 +236,19 @@ class StreamSender:
         except (OSError, ObjstreamError) as e:
             log.info("%s %r: cannot read the kept prefix (%s); sending it whole", source.kind,
                      source.name, e)  # fmt: skip
-            reader.digest = _SharedDigest()
+            reader.digest = SharedDigest()
             return 0
         if not reader.digest.prefix_matches(expected):
             log.info("%s %r changed since the requester's first %d chunks; sending it whole",
                      source.kind, source.name, resume_from)  # fmt: skip
-            reader.digest = _SharedDigest()
+            reader.digest = SharedDigest()
             return 0
         log.info("%s %r resumes from chunk %d of %d", source.kind, source.name, resume_from,
                  reader.count)  # fmt: skip
         return resume_from
 
     def _send(
-        self, reader: _PieceReader, targets: list[str], timeout: float, window: int
+        self, reader: PieceReader, targets: list[str], timeout: float, window: int
     ) -> list[TargetResult]:
         source = reader.streamer
         cursors = []
@@ -378,7 +288,7 @@ class StreamSender:
         return results
 
     def _turn(
-        self, reader: _PieceReader, active: list[_Cursor], timeout: float, window: int
+        self, reader: PieceReader, active: list[_Cursor], timeout: float, window: int
     ) -> None:
         """One round: publish what the windows allow, check silences, take replies."""
         if self._cancel is not None and self._cancel.is_set():
@@ -408,7 +318,7 @@ class StreamSender:
 
     # -- per target -----------------------------------------------------------------------------
 
-    def _offer(self, reader: _PieceReader, cursor: _Cursor, timeout: float, window: int) -> None:
+    def _offer(self, reader: PieceReader, cursor: _Cursor, timeout: float, window: int) -> None:
         source = reader.streamer
         if not self._offer_to and cursor.site not in self._declared_inboxes:
             self.topology.declare_inbox(self._channel, cursor.site)
@@ -464,7 +374,7 @@ class StreamSender:
                 self.topology.exchange, self.topology.inbox_key(cursor.site), body, props
             )
 
-    def _pump(self, reader: _PieceReader, cursor: _Cursor, limit: int) -> None:
+    def _pump(self, reader: PieceReader, cursor: _Cursor, limit: int) -> None:
         """Publish what the window allows, then the end once every chunk went out."""
         key = self.topology.data_key(cursor.stream_id)
         persistent = self.settings.persistent_chunks

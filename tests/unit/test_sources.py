@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from producer.sender import _SharedDigest
+from producer.pieces import SharedDigest
 from producer.sources import FileSource, SourceChanged
 
 
@@ -42,7 +42,7 @@ def test_shared_digest_hashes_each_chunk_once_whatever_the_resends():
     import hashlib
 
     chunks = [b"a", b"b", b"c"]
-    digest = _SharedDigest()
+    digest = SharedDigest()
     # Two targets interleaved, one rewinding: each chunk still counted once, in order.
     for seq in [0, 0, 1, 0, 1, 2, 1, 2, 2]:
         digest.feed(seq, chunks[seq])
