@@ -21,7 +21,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from common.broker import CONNECTION_LOST, Closing, connect, dead_letter, reestablish
+from common.broker import Closing, connect, connection_lost, dead_letter, reestablish
 from common.errors import (
     BrokerUnreachable,
     ConfigError,
@@ -157,10 +157,10 @@ class Receiver(TakeOver, Closing):
             try:
                 self._connection.process_data_events(time_limit=wait)
                 self._housekeeping()
-            except CONNECTION_LOST as e:
-                self._recover(e)
             except pika.exceptions.AMQPError as e:
-                raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+                if not connection_lost(e, self._connection):
+                    raise BrokerUnreachable(self.settings.masked_url, f"broker error: {e!r}") from e
+                self._recover(e)
         outcome = self._outcomes.popleft()
         if isinstance(outcome, TransferFailed):
             raise outcome

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import pika
 import pika.exceptions
 
-from common.broker import CONNECTION_LOST, dead_letter
+from common.broker import connection_lost, dead_letter
 from common.errors import BrokerUnreachable, ProtocolError, Refused, TimedOut, TransferFailed
 from common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
 from common.settings import Settings
@@ -214,7 +214,9 @@ class Retriever(Receiver):
         try:
             self._connection.process_data_events(time_limit=time_limit)
             self._housekeeping()
-        except CONNECTION_LOST as e:
+        except pika.exceptions.AMQPError as e:
+            if not connection_lost(e, self._connection):
+                raise
             self._recover(e)
 
     def _wait_reply(self, request: Request, from_site: str, timeout: float) -> Reply:

@@ -21,7 +21,7 @@ import pika.exceptions
 from pydantic import ValidationError
 
 from common import checksum
-from common.broker import CONNECTION_LOST, dead_letter, reestablish
+from common.broker import connection_lost, dead_letter, reestablish
 from common.errors import (
     BrokerUnreachable,
     ErrorCode,
@@ -271,7 +271,9 @@ class StreamSender:
                 break
             try:
                 self._turn(reader, active, timeout, window)
-            except CONNECTION_LOST as e:
+            except pika.exceptions.AMQPError as e:
+                if not connection_lost(e, self._connection):
+                    raise
                 self._recover(e, active, timeout)
 
         complete = reader.count is not None and reader.digest.hashed == reader.count

@@ -24,7 +24,7 @@ from typing import Any
 
 import pika.exceptions
 
-from common.broker import CONNECTION_LOST, Closing, connect, dead_letter, reestablish
+from common.broker import Closing, connect, connection_lost, dead_letter, reestablish
 from common.codec import EncodeError
 from common.errors import BrokerUnreachable, ConfigError, ObjstreamError, ProtocolError, SendFailed
 from common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
@@ -120,7 +120,9 @@ class RetrievalServer(Closing):
             try:
                 while not stop():
                     self._connection.process_data_events(time_limit=poll)
-            except CONNECTION_LOST as e:
+            except pika.exceptions.AMQPError as e:
+                if not connection_lost(e, self._connection):
+                    raise
                 log.warning("connection to the broker lost (%s); reconnecting", e)
                 reestablish(self.settings, self.settings.timeout, self._open)
                 log.info("site %s serving again on %s", self.site, self._queue)
@@ -314,7 +316,7 @@ class RetrievalServer(Closing):
                     break
                 if not self._serve_one(sender, job):
                     break  # the connection is gone; a new worker takes the next request
-        except CONNECTION_LOST as e:
+        except pika.exceptions.AMQPError as e:
             log.info("site %s: an idle serving worker lost its connection (%s)", self.site, e)
         finally:
             with self._lock:
