@@ -10,6 +10,7 @@ partial file first and is committed like a received file: fsync, then a link to 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import struct
@@ -22,7 +23,7 @@ import numpy as np
 from common.errors import ObjstreamError
 from common.naming import partial_name, safe_basename
 from consumer.container_assembler import ContainerEntry
-from consumer.file_sink import commit_partial
+from consumer.file_sink import ReadBehind, WriteBehindFile, commit_partial
 from consumer.streams import Received
 
 # numpy dtype -> safetensors dtype name (little-endian data only)
@@ -53,7 +54,7 @@ class ContainerFile:
         # Not the stream's own partial name: a spooled stream (consumer.container_spool) holds it.
         self.path = self.dest / partial_name(f"{stream_id}-out")
         self.format = Path(self.name).suffix.lower()
-        self._file: BinaryIO = open(self.path, "xb")
+        self._file: BinaryIO = _write_behind(self.path)
         self._zip: zipfile.ZipFile | None = None
         self._json: Any = None
         self._tensors: list[tuple[str, str, list[int], int, int]] = []
@@ -62,7 +63,7 @@ class ContainerFile:
         if self.format == ".npz":
             self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
         elif self.format == ".safetensors":
-            self._data = open(self._data_path, "xb")
+            self._data = _write_behind(self._data_path)
 
     def add(self, entry: ContainerEntry) -> None:
         """Write one entry."""
@@ -109,6 +110,8 @@ class ContainerFile:
         else:
             self._write_safetensors()
         self._file.flush()
+        raw = self._file.raw  # type: ignore[attr-defined]
+        raw.behind.wait()
         fd = self._file.fileno()
         try:
             return commit_partial(fd, self.path, self.dest, self.name)
@@ -125,7 +128,7 @@ class ContainerFile:
         text += b" " * (-len(text) % 8)  # the spec pads the header to 8 bytes
         self._file.write(struct.pack("<Q", len(text)) + text)
         self._data.close()
-        with open(self._data_path, "rb") as data:
+        with ReadBehind(self._data_path) as data:
             while block := data.read(4 << 20):
                 self._file.write(block)
         os.unlink(self._data_path)
@@ -140,6 +143,11 @@ class ContainerFile:
                 pass
         for path in (self.path, self._data_path):
             path.unlink(missing_ok=True)
+
+
+def _write_behind(path: Path) -> BinaryIO:
+    """A new file, buffered, that writes itself back and out of the page cache as it grows."""
+    return io.BufferedWriter(WriteBehindFile(path, "xb"), buffer_size=1 << 20)
 
 
 def _as_array(value: Any, key: str, fmt: str) -> np.ndarray[Any, Any]:

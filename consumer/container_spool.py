@@ -25,7 +25,7 @@ from common.naming import PARTIAL_PREFIX
 from common.protocol import Offer
 from common.streaming import ObjectAssembler
 from consumer.container_assembler import ContainerAssembler, OnEntry
-from consumer.file_sink import PartialFile
+from consumer.file_sink import PartialFile, ReadBehind
 
 READ_BLOCK = 1 << 20
 
@@ -94,12 +94,12 @@ class ContainerSpool(ObjectAssembler):
         assembler = ContainerAssembler(self.offer, self.on_entry)
         offset = 0
         try:
-            with open(self.sink.path, "rb") as spool, open(self.meta_path, "rb") as metas:
+            with ReadBehind(self.sink.path) as spool, open(self.meta_path, "rb") as metas:
                 for line in metas:
                     length, meta = json.loads(line)
                     data = spool.read(length)
                     if len(data) != length:
-                        raise ObjstreamError(f"spool of {self.offer.name!r} is short")
+                        raise ObjstreamError(f"spool of {self.offer.name!r} does not match")
                     assembler.take(offset, data, meta)
                     offset += length
             result = assembler.finish()
