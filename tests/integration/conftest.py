@@ -304,3 +304,19 @@ def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+def wait_for_partial(dest: Path, at_least: int, process: Any = None, timeout: float = 60) -> None:
+    """Wait until a partial file in ``dest`` holds ``at_least`` bytes (a stream is that far).
+
+    ``process``: a subprocess doing the transfer; if it ends first, fail with its stderr.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        partials = list(dest.glob(".objstream-*.part")) if dest.exists() else []
+        if partials and partials[0].stat().st_size >= at_least:
+            return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process ended first: {process.stderr.read()}")
+        assert time.monotonic() < deadline, "the transfer never got going"
+        time.sleep(0.01)

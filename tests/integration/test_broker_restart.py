@@ -13,7 +13,7 @@ from common.settings import KiB, MiB, Settings
 from consumer import Retriever
 from producer import FileRetriever, FileStreamer
 from tests.conftest import random_file, sha256_of
-from tests.integration.conftest import BackgroundReceiver, BackgroundServer
+from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
 from tests.rabbitmq_node import LocalRabbitNode
 
 pytestmark = pytest.mark.skipif(
@@ -45,12 +45,7 @@ def _transfer_with(interrupt, tmp_path, caplog, expect_lost: set[str]) -> None:
 
         sender = threading.Thread(target=send)
         sender.start()
-        deadline = time.monotonic() + 60
-        while not (parts := list(dest.glob(".objstream-*.part"))) or (
-            parts[0].stat().st_size < size // 4
-        ):
-            assert time.monotonic() < deadline, "the transfer never got going"
-            time.sleep(0.01)
+        wait_for_partial(dest, size // 4)
         interrupt(node)
         sender.join(180)
         assert outcome, "the sender did not return"
@@ -115,12 +110,7 @@ def test_a_retrieval_survives_the_broker_restarting(tmp_path, caplog):
 
         fetcher = threading.Thread(target=fetch)
         fetcher.start()
-        deadline = time.monotonic() + 60
-        while not (parts := list(dest.glob(".objstream-*.part"))) or (
-            parts[0].stat().st_size < size // 4
-        ):
-            assert time.monotonic() < deadline, "the transfer never got going"
-            time.sleep(0.01)
+        wait_for_partial(dest, size // 4)
         _restart(node)
         fetcher.join(180)
         assert outcome, "the retrieval did not return"

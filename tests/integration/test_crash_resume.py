@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 import pytest
 
 from common.settings import KiB, MiB
 from producer import FileStreamer
 from tests.conftest import random_file, sha256_of
-from tests.integration.conftest import count_published_chunks
+from tests.integration.conftest import count_published_chunks, wait_for_partial
 from tests.integration.test_cli import _env, _listener
 
 
@@ -37,11 +36,7 @@ def test_a_new_receiver_resumes_where_the_old_one_stopped(
     first = _listener(env, "site-1", dest, "--count", "1", "--json")
     sender = threading.Thread(target=lambda: outcome.append(_send(settings, src, chunk, window)))
     sender.start()
-    partials = lambda: list(dest.glob(".objstream-*.part"))  # noqa: E731
-    deadline = time.monotonic() + 60
-    while not partials() or partials()[0].stat().st_size < size // 3:
-        assert time.monotonic() < deadline, "the transfer never got going"
-        time.sleep(0.01)
+    wait_for_partial(dest, size // 3)
     first.send_signal(how)
     first.wait(10)
     if how == signal.SIGTERM:
@@ -106,11 +101,7 @@ def test_a_container_is_resumed_by_the_next_listener(tmp_path, settings, declare
     first = _listener(env, "site-1", dest, "--count", "1", "--json")
     sender = threading.Thread(target=send)
     sender.start()
-    spool = lambda: list(dest.glob(".objstream-*.part"))  # noqa: E731
-    deadline = time.monotonic() + 60
-    while not spool() or spool()[0].stat().st_size < size // 3:
-        assert time.monotonic() < deadline, "the transfer never got going"
-        time.sleep(0.01)
+    wait_for_partial(dest, size // 3)  # the spool
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     sent_before = len(published)

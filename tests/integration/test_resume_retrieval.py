@@ -18,22 +18,10 @@ from common.topology import Topology
 from consumer import Retriever
 from producer import ContainerRetriever, FileRetriever
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
-from tests.integration.conftest import count_published_chunks, slow_disk
+from tests.integration.conftest import count_published_chunks, slow_disk, wait_for_partial
 from tests.integration.test_cli import _env, _objstream
 
 CHUNK = 64 * KiB
-
-
-def _wait_for_partial(dest: Path, at_least: int, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        partials = list(dest.glob(".objstream-*.part")) if dest.exists() else []
-        if partials and partials[0].stat().st_size >= at_least:
-            return
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"the process ended first: {process.stderr.read()}")  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "the transfer never got going"
-        time.sleep(0.01)
 
 
 def _slow_env(settings) -> dict[str, str]:
@@ -50,6 +38,21 @@ def _kept_prefix(dest: Path, source: Path) -> int:
     with open(source, "rb") as f:
         assert kept == f.read(len(kept))  # exactly the source's first bytes
     return len(kept) // CHUNK
+
+
+def _retrieve_the_rest(settings, start_server, monkeypatch, src, dest, kept_chunks, digest):
+    """Serve ``src`` (again) and retrieve big.bin into ``dest``: only what was not kept moves."""
+    published = count_published_chunks(monkeypatch)
+    start_server(settings, lambda s: FileRetriever(s, source_dir=src))
+    with Retriever("site-1", dest, settings) as retriever:
+        item = retriever.retrieve("file", "server", "big.bin", timeout=20)
+    assert item.path is not None
+    assert sha256_of(item.path) == digest
+    assert item.resumed_bytes == kept_chunks * CHUNK
+    chunks = item.size // CHUNK
+    assert min(published) == kept_chunks  # nothing before the kept prefix moved again
+    assert len(published) <= chunks - kept_chunks + 4, (len(published), chunks, kept_chunks)
+    assert [p.name for p in dest.iterdir()] == ["big.bin"]  # no partial or state left
 
 
 def test_owner_killed_mid_file_then_asked_again_sends_only_the_rest(
@@ -77,7 +80,7 @@ def test_owner_killed_mid_file_then_asked_again_sends_only_the_rest(
     try:
         fetcher = threading.Thread(target=fetch)
         fetcher.start()
-        _wait_for_partial(out, size // 4, owner)
+        wait_for_partial(out, size // 4, owner)
         owner.kill()  # SIGKILL: no abort, no goodbye
     finally:
         owner.kill()
@@ -89,17 +92,7 @@ def test_owner_killed_mid_file_then_asked_again_sends_only_the_rest(
     kept_chunks = _kept_prefix(out, src / "big.bin")
 
     # The owner restarted, with another default chunk size: the requester's counts win.
-    published = count_published_chunks(monkeypatch)
-    start_server(settings, lambda s: FileRetriever(s, source_dir=src))
-    with Retriever("site-1", out, settings) as retriever:
-        item = retriever.retrieve("file", "server", "big.bin", timeout=20)
-    assert item.path is not None
-    assert sha256_of(item.path) == digest
-    assert item.resumed_bytes == kept_chunks * CHUNK
-    chunks = size // CHUNK
-    assert min(published) == kept_chunks  # nothing before the kept prefix moved again
-    assert len(published) <= chunks - kept_chunks + 4, (len(published), chunks, kept_chunks)
-    assert [p.name for p in out.iterdir()] == ["big.bin"]  # no partial or state left
+    _retrieve_the_rest(settings, start_server, monkeypatch, src, out, kept_chunks, digest)
 
 
 def test_a_source_changed_since_is_sent_whole(tmp_path, settings, start_server, monkeypatch):
@@ -121,7 +114,7 @@ def test_a_source_changed_since_is_sent_whole(tmp_path, settings, start_server, 
 
     fetcher = threading.Thread(target=fetch)
     fetcher.start()
-    _wait_for_partial(out, 10 * CHUNK)
+    wait_for_partial(out, 10 * CHUNK)
     server.stop()  # the owner shuts down: the stream is aborted, the prefix kept
     fetcher.join(30)
     [error] = failures
@@ -160,7 +153,7 @@ def test_a_push_whose_producer_died_is_finished_by_a_retrieval(
         env=_slow_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _wait_for_partial(dest, size // 4, producer)
+        wait_for_partial(dest, size // 4, producer)
     finally:
         producer.kill()
         producer.wait()
@@ -169,15 +162,7 @@ def test_a_push_whose_producer_died_is_finished_by_a_retrieval(
     assert failed.code == ErrorCode.TIMEOUT
     kept_chunks = _kept_prefix(dest, src / "big.bin")
 
-    published = count_published_chunks(monkeypatch)
-    start_server(settings, lambda s: FileRetriever(s, source_dir=src))
-    with Retriever("site-1", dest, settings) as retriever:
-        item = retriever.retrieve("file", "server", "big.bin", timeout=20)
-    assert item.path is not None
-    assert sha256_of(item.path) == digest
-    assert item.resumed_bytes == kept_chunks * CHUNK
-    assert min(published) == kept_chunks
-    assert [p.name for p in dest.iterdir()] == ["big.bin"]
+    _retrieve_the_rest(settings, start_server, monkeypatch, src, dest, kept_chunks, digest)
 
 
 def test_a_killed_requester_is_resumed_by_the_next_one(
@@ -196,7 +181,7 @@ def test_a_killed_requester_is_resumed_by_the_next_one(
         env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        _wait_for_partial(out, 2 * MiB, requester)
+        wait_for_partial(out, 2 * MiB, requester)
     finally:
         requester.kill()
         requester.wait()
