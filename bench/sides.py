@@ -179,21 +179,8 @@ def send_small_files(url: str, namespace: str, directory: str, count: int) -> Re
     from producer import FileStreamer
 
     paths = sorted(Path(directory).iterdir())[:count]
-    latencies = []
     with FileStreamer("server", _settings(url, namespace)) as streamer:
-        start = time.monotonic()
-        for path in paths:
-            t0 = time.monotonic()
-            streamer.stream_file("site-1", path)
-            latencies.append(time.monotonic() - t0)
-        end = time.monotonic()
-    return {
-        "start": start,
-        "end": end,
-        "latencies": latencies,
-        "peak_rss_mib": peak_rss_mib(),
-        "cpu_s": cpu_seconds(),
-    }
+        return _timed([lambda p=p: streamer.stream_file("site-1", p) for p in paths])
 
 
 def serve_container(url: str, namespace: str, size: int, ready: Any, stop: Any) -> Result:
@@ -210,19 +197,19 @@ def serve_container(url: str, namespace: str, size: int, ready: Any, stop: Any) 
 def retrieve_many(url: str, namespace: str, count: int) -> Result:
     from consumer import Retriever
 
-    latencies = []
     with Retriever("site-1", "/tmp", _settings(url, namespace)) as retriever:
         retriever.retrieve_container("server", "small", timeout=30)  # connections are up
-        start = time.monotonic()
-        for _ in range(count):
-            t0 = time.monotonic()
-            retriever.retrieve_container("server", "small", timeout=30)
-            latencies.append(time.monotonic() - t0)
-        end = time.monotonic()
-    return {
-        "start": start,
-        "end": end,
-        "latencies": latencies,
-        "peak_rss_mib": peak_rss_mib(),
-        "cpu_s": cpu_seconds(),
-    }
+        return _timed([lambda: retriever.retrieve_container("server", "small", timeout=30)] * count)
+
+
+def _timed(calls: list[Any]) -> Result:
+    """Run ``calls`` one after the other; the span and each call's latency."""
+    latencies = []
+    start = time.monotonic()
+    for call in calls:
+        t0 = time.monotonic()
+        call()
+        latencies.append(time.monotonic() - t0)
+    end = time.monotonic()
+    return {"start": start, "end": end, "latencies": latencies,
+            "peak_rss_mib": peak_rss_mib(), "cpu_s": cpu_seconds()}  # fmt: skip

@@ -120,7 +120,7 @@ class Receiver(TakeOver, Closing):
         self._stream_timeouts: dict[str, float] = {}  # per-stream progress timeouts (retrievals)
         # Retrievals: the name asked for, and the kept prefix a resumed stream continues.
         self._requested: dict[str, str] = {}
-        self._kept_for: dict[str, tuple[Resumable, Any]] = {}
+        self._kept_for: dict[str, Resumable] = {}
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
         self._inbox_tag: str | None = None
         self._listen = listen
@@ -308,20 +308,19 @@ class Receiver(TakeOver, Closing):
         kept = self._kept_for.pop(sid, None)
         if kept is not None and not offer.resume_from:
             log.info("%s %r comes whole (it changed at %s); dropping the %d bytes kept",
-                     offer.kind, offer.name, offer.sender, kept[0].stored_bytes)  # fmt: skip
-            kept[0].state.remove()
-            kept[0].partial.unlink(missing_ok=True)
+                     offer.kind, offer.name, offer.sender, kept.stored_bytes)  # fmt: skip
+            kept.discard()
             kept = None
-        if offer.resume_from and (kept is None or not continues(kept[0], offer)):
+        if offer.resume_from and (kept is None or not continues(kept, offer)):
             if kept is not None:
-                kept[0].state.release()
+                kept.state.release()
             self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL,
                                 f"the offer resumes from chunk {offer.resume_from}, but no "
                                 "partial file to match is kept here")  # fmt: skip
             return
         try:
             if kept is not None:
-                stream = self._adopt(offer, props.reply_to, *kept)
+                stream = self._adopt(offer, props.reply_to, kept)
             else:
                 stream = Stream(offer, props.reply_to, Reassembler(offer), factory(offer))
                 stream.reassembler.accept()

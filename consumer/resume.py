@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,21 @@ class Resumable:
     partial: Path
     requested: str
     """The name to ask the sender for to resume it."""
+    _sha: Any = field(default=None, init=False, repr=False, compare=False)
 
     def prefix_sha256(self) -> Any:
-        """SHA-256 of the bytes already stored (read back from the partial file)."""
+        """SHA-256 (a hashlib object) of the bytes already stored, read back from the partial
+        file once; the reassembler that resumes the stream takes this object over."""
+        if self._sha is None:
+            self._sha = self._hash_prefix()
+        return self._sha
+
+    def discard(self) -> None:
+        """Give the prefix up: its state and partial file go."""
+        self.state.remove()
+        self.partial.unlink(missing_ok=True)
+
+    def _hash_prefix(self) -> Any:
         sha = hashlib.sha256()
         left = self.stored_bytes
         with open(self.partial, "rb") as f:

@@ -71,7 +71,7 @@ class Retriever(Receiver):
         self._replies: dict[str, Reply] = {}
         self._expected: set[str] = set()
         self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
-        self._asking: dict[str, tuple[str, tuple[Resumable, Any] | None]] = {}  # id -> name, kept
+        self._asking: dict[str, tuple[str, Resumable | None]] = {}  # id -> name, kept
         self._early: dict[str, tuple[Any, bytes]] = {}  # offers that came before their reply
 
     def _open_queues(self) -> None:
@@ -137,37 +137,36 @@ class Retriever(Receiver):
                     request = request.model_copy(update={"request_id": new_stream_id()})
             return self._ask(request, from_site, timeout, kept)
         finally:
-            if kept is not None and kept[0].state.locked:
-                kept[0].state.release()  # not taken up: still there for the next attempt
+            if kept is not None and kept.state.locked:
+                kept.state.release()  # not taken up: still there for the next attempt
 
-    def _kept(self, from_site: str, name: str) -> tuple[Resumable, Any] | None:
-        """The kept prefix of ``name`` from ``from_site`` and its SHA-256, if there is one."""
+    def _kept(self, from_site: str, name: str) -> Resumable | None:
+        """The kept prefix of ``name`` from ``from_site``, hashed, if there is one."""
         item = find_kept(self.dest, from_site, name)
         if item is None:
             return None
         try:
-            return item, item.prefix_sha256()
+            item.prefix_sha256()
         except OSError as e:
             log.warning("cannot resume %r from %s: %s", name, item.partial, e)
-            item.state.remove()
-            item.partial.unlink(missing_ok=True)
+            item.discard()
             return None
+        return item
 
     def _ask(
         self,
         request: Request,
         from_site: str,
         timeout: float,
-        kept: tuple[Resumable, Any] | None,
+        kept: Resumable | None,
     ) -> Received:
         if kept is not None:
-            item, sha = kept
             log.info("asking %s for the rest of %r: %d bytes are kept", from_site, request.name,
-                     item.stored_bytes)  # fmt: skip
+                     kept.stored_bytes)  # fmt: skip
             request = request.model_copy(update={
-                "resume_from": item.stored,
-                "chunk_size": item.offer.chunk_size,
-                "prefix_sha256": sha.copy().hexdigest(),
+                "resume_from": kept.stored,
+                "chunk_size": kept.offer.chunk_size,
+                "prefix_sha256": kept.prefix_sha256().copy().hexdigest(),
             })  # fmt: skip
         self._publish(request, from_site, timeout)
         self._pending[request.request_id] = timeout
@@ -185,10 +184,6 @@ class Retriever(Receiver):
         sid = reply.stream_id
         try:
             return self._wait_outcome(sid, from_site, timeout)
-        except _OfferLost:
-            if kept is not None:  # not taken up: the next request resumes from it
-                self._kept_for.pop(sid, None)
-            raise
         finally:
             self._expected.discard(sid)
             self._stream_timeouts.pop(sid, None)

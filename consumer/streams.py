@@ -67,6 +67,16 @@ class Stream:
     state: StreamState | None = None  # files: what a successor needs after a crash
     resumed_bytes: int = 0  # bytes kept from an earlier attempt
 
+    def leave_on_disk(self) -> None:
+        """Record what is stored, close the assembler keeping its file, and let the state go:
+        the stream is on disk for whoever takes it over (or resumes it) next."""
+        assert self.state is not None
+        assert self.assembler.resumable
+        self.state.save(self.reassembler.stored, self.reassembler.stored_bytes)
+        self.assembler.suspend()
+        self.state.release()
+        self.state = None
+
     @property
     def report_every(self) -> int:
         return max(1, self.offer.window // 4)

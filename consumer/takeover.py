@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pika.exceptions
 
@@ -53,10 +52,7 @@ class TakeOver:
         del self._streams[stream.offer.stream_id]
         if stream.channel is not None and stream.channel.is_open:
             stream.channel.close()  # nothing unacked is lost: the broker requeues it
-        assert stream.assembler.resumable
-        assert stream.state is not None
-        stream.assembler.suspend()
-        stream.state.release()
+        stream.leave_on_disk()
         log.info(
             "left stream %s (%r) at chunk %d for the next receiver of %s",
             stream.offer.stream_id, stream.offer.name, stream.reassembler.stored, self.dest,
@@ -76,8 +72,7 @@ class TakeOver:
                 assembler = self._reopen(item)
             except (OSError, ValueError) as e:
                 log.warning("cannot resume stream %s: %s", offer.stream_id, e)
-                item.state.remove()
-                item.partial.unlink(missing_ok=True)
+                item.discard()
                 continue
             stream = Stream(
                 offer,
@@ -97,8 +92,7 @@ class TakeOver:
                     log.info("stream %s (%r from %s) has no data queue any more; its %d bytes "
                              "are kept", offer.stream_id, offer.name, offer.sender,
                              item.stored_bytes)  # fmt: skip
-                    assembler.suspend()
-                    item.state.release()
+                    stream.leave_on_disk()
                 else:
                     log.info("stream %s (%r from %s) has no data queue any more; dropped",
                              offer.stream_id, offer.name, offer.sender)  # fmt: skip
@@ -116,7 +110,7 @@ class TakeOver:
         return ContainerSpool(self.dest, item.offer, self._on_entry, reopen=True,
                               stored=item.stored, stored_bytes=item.stored_bytes)  # fmt: skip
 
-    def _adopt(self, offer: Offer, reply_to: str, kept: Resumable, sha: Any) -> Stream:
+    def _adopt(self, offer: Offer, reply_to: str, kept: Resumable) -> Stream:
         """A resumed retrieval: the kept prefix becomes the start of stream ``offer``."""
         state = adopt(kept, self.dest, offer, reply_to)
         try:
@@ -126,6 +120,7 @@ class TakeOver:
             raise
         log.info("resuming %r from %s at chunk %d of %s (%d bytes kept)", offer.name,
                  offer.sender, kept.stored, offer.chunk_count, kept.stored_bytes)  # fmt: skip
+        sha = kept.prefix_sha256()
         reassembler = Reassembler.resumed(offer, kept.stored, kept.stored_bytes, sha)
         return Stream(offer, reply_to, reassembler, assembler, state=state,
                        resumed_bytes=kept.stored_bytes)  # fmt: skip
@@ -139,10 +134,7 @@ class TakeOver:
             or not isinstance(stream.assembler, FileAssembler)
         ):
             return False
-        stream.state.save(stream.reassembler.stored, stream.reassembler.stored_bytes)
-        stream.assembler.suspend()
-        stream.state.release()
-        stream.state = None
+        stream.leave_on_disk()
         return True
 
     @staticmethod

@@ -32,23 +32,9 @@ def test_a_new_receiver_resumes_where_the_old_one_stopped(
     chunks = size // chunk
 
     published = count_published_chunks(monkeypatch)
-    outcome: list[object] = []
-    first = _listener(env, "site-1", dest, "--count", "1", "--json")
-    sender = threading.Thread(target=lambda: outcome.append(_send(settings, src, chunk, window)))
-    sender.start()
-    wait_for_partial(dest, size // 3)
-    first.send_signal(how)
-    first.wait(10)
-    if how == signal.SIGTERM:
-        assert first.returncode == 0, first.stderr.read()  # type: ignore[union-attr]
-        assert list(dest.glob(".objstream-*.state")), "no checkpoint was left"
-    stored_before = len(published)
-    second = _listener(env, "site-1", dest, "--count", "1", "--json")
-    _out, err = second.communicate(timeout=120)
-    sender.join(120)
-    assert second.returncode == 0, err
-    assert outcome, "the sender did not return"
-    assert not isinstance(outcome[0], Exception), outcome
+    stored_before = _interrupt_and_take_over(
+        env, dest, size // 3, how, lambda: _send(settings, src, chunk, window), published
+    )
     assert sha256_of(dest / "big.bin") == digest
     assert not list(dest.glob(".objstream-*"))  # no partial or state file left
     resent = len(published) - chunks
@@ -56,6 +42,29 @@ def test_a_new_receiver_resumes_where_the_old_one_stopped(
     # redelivered what the dead receiver had not acked), of the third or more stored before.
     assert resent <= 2 * window + 2, (resent, stored_before)
     assert stored_before > chunks // 3
+
+
+def _interrupt_and_take_over(env, dest, at, how, send, published) -> int:
+    """A listener takes the stream ``send()`` pushes; once ``at`` bytes are in, it gets ``how``
+    and a second listener finishes the stream. Returns the chunks published before that."""
+    outcome: list[object] = []
+    first = _listener(env, "site-1", dest, "--count", "1", "--json")
+    sender = threading.Thread(target=lambda: outcome.append(send()))
+    sender.start()
+    wait_for_partial(dest, at)
+    first.send_signal(how)
+    first.wait(10)
+    if how == signal.SIGTERM:
+        assert first.returncode == 0, first.stderr.read()
+        assert list(dest.glob(".objstream-*.state")), "no checkpoint was left"
+    sent_before = len(published)
+    second = _listener(env, "site-1", dest, "--count", "1", "--json")
+    _out, err = second.communicate(timeout=120)
+    sender.join(120)
+    assert second.returncode == 0, err
+    assert outcome, "the sender did not return"
+    assert not isinstance(outcome[0], Exception), outcome
+    return sent_before
 
 
 def _send(settings, src, chunk, window):
@@ -86,31 +95,18 @@ def test_a_container_is_resumed_by_the_next_listener(tmp_path, settings, declare
     env = _env(settings)
     chunk, window = 64 * KiB, 4
     published = count_published_chunks(monkeypatch)
-    outcome: list[object] = []
 
-    def send() -> None:
+    def send() -> object:
         try:
             with ContainerStreamer("server", settings) as streamer:
-                result = streamer.stream_container(
+                return streamer.stream_container(
                     "site-1", model, "model", chunk_size=chunk, window=window
                 )
-            outcome.append(result)
         except Exception as e:
-            outcome.append(e)
+            return e
 
-    first = _listener(env, "site-1", dest, "--count", "1", "--json")
-    sender = threading.Thread(target=send)
-    sender.start()
-    wait_for_partial(dest, size // 3)  # the spool
-    first.send_signal(signal.SIGKILL)
-    first.wait(10)
-    sent_before = len(published)
-    second = _listener(env, "site-1", dest, "--count", "1", "--json")
-    _out, err = second.communicate(timeout=120)
-    sender.join(120)
-    assert second.returncode == 0, err
-    assert outcome, "the sender did not return"
-    assert not isinstance(outcome[0], Exception), outcome
+    # The partial file here is the spool.
+    sent_before = _interrupt_and_take_over(env, dest, size // 3, signal.SIGKILL, send, published)
     with np.load(dest / "model.npz", allow_pickle=False) as got:
         assert sorted(got.files) == sorted(model)
         for key, array in model.items():

@@ -29,6 +29,22 @@ def _slow_env(settings) -> dict[str, str]:
     return {**_env(settings), "OBJSTREAM_CHUNK_SIZE": "64KiB", "OBJSTREAM_WINDOW": "2"}
 
 
+def _fetch_in_background(settings, out, name, timeout):
+    """Retrieve ``name`` from "server" on a thread; what it raises goes to the list."""
+    failures: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with Retriever("site-1", out, settings) as retriever:
+                retriever.retrieve_file("server", name, timeout=timeout)
+        except BaseException as e:
+            failures.append(e)
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    return fetcher, failures
+
+
 def _kept_prefix(dest: Path, source: Path) -> int:
     """Checks what the failed stream left and returns its length in chunks."""
     assert final_files(dest) == []
@@ -68,18 +84,8 @@ def test_owner_killed_mid_file_then_asked_again_sends_only_the_rest(
         ["objstream", "producer", "serve", "--site", "server", "--source-dir", str(src)],
         env=_slow_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    failures: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            with Retriever("site-1", out, settings) as retriever:
-                retriever.retrieve_file("server", "big.bin", timeout=3)
-        except BaseException as e:
-            failures.append(e)
-
     try:
-        fetcher = threading.Thread(target=fetch)
-        fetcher.start()
+        fetcher, failures = _fetch_in_background(settings, out, "big.bin", timeout=3)
         wait_for_partial(out, size // 4, owner)
         owner.kill()  # SIGKILL: no abort, no goodbye
     finally:
@@ -103,17 +109,7 @@ def test_a_source_changed_since_is_sent_whole(tmp_path, settings, start_server, 
     small = settings.model_copy(update={"chunk_size": CHUNK})
     server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
     out = tmp_path / "out"
-    failures: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            with Retriever("site-1", out, settings) as retriever:
-                retriever.retrieve_file("server", "f.bin", timeout=10)
-        except BaseException as e:
-            failures.append(e)
-
-    fetcher = threading.Thread(target=fetch)
-    fetcher.start()
+    fetcher, failures = _fetch_in_background(settings, out, "f.bin", timeout=10)
     wait_for_partial(out, 10 * CHUNK)
     server.stop()  # the owner shuts down: the stream is aborted, the prefix kept
     fetcher.join(30)
