@@ -16,6 +16,7 @@ COPY common ./common
 COPY producer ./producer
 COPY consumer ./consumer
 COPY jobs ./jobs
+COPY objstream ./objstream
 RUN pip install . && rm -rf /src
 
 USER objstream

@@ -33,8 +33,8 @@ def _peak_rss_mib() -> float:
 def _sender(namespace: str, entries: int, entry_size: int, out: Any) -> None:
     import numpy as np
 
-    from common.settings import Settings
-    from producer import ContainerStreamer
+    from objstream.common.settings import Settings
+    from objstream.producer import ContainerStreamer
 
     settings = Settings(namespace=namespace)
     rng = np.random.default_rng(0)
@@ -59,8 +59,8 @@ def _sender(namespace: str, entries: int, entry_size: int, out: Any) -> None:
 
 
 def _receiver(namespace: str, on_entry: bool, out: Any) -> None:
-    from common.settings import Settings
-    from consumer import Receiver
+    from objstream.common.settings import Settings
+    from objstream.consumer import Receiver
 
     settings = Settings(namespace=namespace)
     digests: dict[str, str] = {}
@@ -78,7 +78,7 @@ def _receiver(namespace: str, on_entry: bool, out: Any) -> None:
 
 
 def main() -> int:
-    from common.settings import parse_size
+    from objstream.common.settings import parse_size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entries", type=int, default=8)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pika
 
 from bench import sides
-from common.settings import mask_url
+from objstream.common.settings import mask_url
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

@@ -32,7 +32,7 @@ def cpu_seconds() -> float:
 
 
 def _settings(url: str, namespace: str, **extra: Any) -> Any:
-    from common.settings import Settings
+    from objstream.common.settings import Settings
 
     return Settings(url=url, namespace=namespace, stream_ttl=600, **extra)
 
@@ -122,7 +122,7 @@ def raw_publish_confirmed(url: str, queue: str, count: int, size: int, window: i
 def receive(url: str, namespace: str, site: str, dest: str, count: int, ready: Any,
             keep: bool = False) -> Result:  # fmt: skip
     """Receive ``count`` objects for ``site``; files are deleted as they arrive."""
-    from consumer import Receiver
+    from objstream.consumer import Receiver
 
     ends = []
     with Receiver(site, dest, _settings(url, namespace)) as receiver:
@@ -146,7 +146,7 @@ def receive(url: str, namespace: str, site: str, dest: str, count: int, ready: A
 
 def send_file(url: str, namespace: str, targets: list[str], path: str, chunk_size: int,
               window: int) -> Result:  # fmt: skip
-    from producer import FileStreamer
+    from objstream.producer import FileStreamer
 
     with FileStreamer("server", _settings(url, namespace)) as streamer:
         start, cpu_before = time.monotonic(), cpu_seconds()
@@ -161,7 +161,7 @@ def send_file(url: str, namespace: str, targets: list[str], path: str, chunk_siz
 def send_container(url: str, namespace: str, entries: int, entry_size: int) -> Result:
     import numpy as np
 
-    from producer import ContainerStreamer
+    from objstream.producer import ContainerStreamer
 
     rng = np.random.default_rng(0)
     model = {f"layer-{i}": rng.standard_normal(entry_size // 4, dtype=np.float32)
@@ -176,7 +176,7 @@ def send_container(url: str, namespace: str, entries: int, entry_size: int) -> R
 
 
 def send_small_files(url: str, namespace: str, directory: str, count: int) -> Result:
-    from producer import FileStreamer
+    from objstream.producer import FileStreamer
 
     paths = sorted(Path(directory).iterdir())[:count]
     with FileStreamer("server", _settings(url, namespace)) as streamer:
@@ -184,7 +184,7 @@ def send_small_files(url: str, namespace: str, directory: str, count: int) -> Re
 
 
 def serve_container(url: str, namespace: str, size: int, ready: Any, stop: Any) -> Result:
-    from producer import ContainerRetriever, RetrievalServer
+    from objstream.producer import ContainerRetriever, RetrievalServer
 
     with RetrievalServer("server", _settings(url, namespace, max_streams=64)) as server:
         ContainerRetriever(server).add_container("small", {"blob": os.urandom(size)})
@@ -195,7 +195,7 @@ def serve_container(url: str, namespace: str, size: int, ready: Any, stop: Any) 
 
 
 def retrieve_many(url: str, namespace: str, count: int) -> Result:
-    from consumer import Retriever
+    from objstream.consumer import Retriever
 
     with Retriever("site-1", "/tmp", _settings(url, namespace)) as retriever:
         retriever.retrieve_container("server", "small", timeout=30)  # connections are up

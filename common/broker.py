@@ -13,10 +13,15 @@ from typing import Any, Self
 import pika
 import pika.exceptions
 
-from common.errors import AuthenticationRefused, BrokerUnreachable, ConfigError, ObjstreamError
-from common.protocol import REASON_HEADER
-from common.settings import Settings
-from common.topology import Topology
+from objstream.common.errors import (
+    AuthenticationRefused,
+    BrokerUnreachable,
+    ConfigError,
+    ObjstreamError,
+)
+from objstream.common.protocol import REASON_HEADER
+from objstream.common.settings import Settings
+from objstream.common.topology import Topology
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The ``objstream`` command line: global options, exit codes, one-line errors.
 
 ``objstream producer ...`` and ``objstream consumer ...`` are defined in ``producer/cli.py`` and
-``consumer/cli.py``; ``python -m producer`` / ``python -m consumer`` run the same commands.
+``consumer/cli.py``; ``python -m objstream.producer`` / ``python -m objstream.consumer``
+run the same commands.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import pika.exceptions
 
-from common.errors import (
+from objstream.common.errors import (
     AuthenticationRefused,
     BrokerUnreachable,
     ConfigError,
@@ -28,7 +29,7 @@ from common.errors import (
     SendFailed,
     TimedOut,
 )
-from common.settings import Settings, load_settings, parse_size
+from objstream.common.settings import Settings, load_settings, parse_size
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # transfer failed: checksum, refused, not found, peer failure
@@ -92,7 +93,7 @@ def build_parser(sides: Sequence[str] = SIDES) -> argparse.ArgumentParser:
     )
     parent = global_options()
     for side in sides:
-        module = importlib.import_module(f"{'jobs' if side == 'job' else side}.cli")
+        module = importlib.import_module(f"objstream.{'jobs' if side == 'job' else side}.cli")
         module.add_commands(commands, parent)
     return parser
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import msgpack
 import numpy as np
 
-from common.errors import ObjstreamError, ProtocolError
+from objstream.common.errors import ObjstreamError, ProtocolError
 
 # msgpack ext type codes
 EXT_ARRAY = 1  # [buffer index, dtype str, shape, fortran]

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 import pika
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.errors import ErrorCode, ProtocolError
-from common.settings import MAX_CHUNK_SIZE, NAME_PATTERN
+from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.settings import MAX_CHUNK_SIZE, NAME_PATTERN
 
 PROTOCOL_VERSION: Literal[1] = 1
 VERSION_HEADER = "objstream"

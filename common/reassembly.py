@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-from common import checksum
-from common.errors import ErrorCode, ProtocolError
-from common.protocol import End, Offer
+from objstream.common import checksum
+from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.protocol import End, Offer
 
 
 class State(StrEnum):

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.errors import ConfigError
+from objstream.common.errors import ConfigError
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common.settings import Settings
+from objstream.common.settings import Settings
 
 # The dead-letter queue keeps the newest messages up to these bounds; it never grows unbounded.
 DEAD_MAX_LENGTH = 10_000

@@ -1,7 +1,7 @@
-"""``python -m consumer ...`` is ``objstream consumer ...``."""
+"""``python -m objstream.consumer ...`` is ``objstream consumer ...``."""
 
 import sys
 
-from common.cli import run
+from objstream.common.cli import run
 
 run(["consumer", *sys.argv[1:]], sides=["consumer"])

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
-from common.errors import ErrorCode, ObjstreamError, TransferFailed
-from common.settings import Settings
-from consumer.container_files import ContainerFiles
-from consumer.receiver import Receiver
-from consumer.retriever import Retriever
-from consumer.streams import Received
+from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
+from objstream.common.errors import ErrorCode, ObjstreamError, TransferFailed
+from objstream.common.settings import Settings
+from objstream.consumer.container_files import ContainerFiles
+from objstream.consumer.receiver import Receiver
+from objstream.consumer.retriever import Retriever
+from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
 

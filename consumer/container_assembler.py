@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.codec import Decoded, decode_structure
-from common.errors import ProtocolError
-from common.protocol import Offer
-from common.streaming import ObjectAssembler
+from objstream.common.codec import Decoded, decode_structure
+from objstream.common.errors import ProtocolError
+from objstream.common.protocol import Offer
+from objstream.common.streaming import ObjectAssembler
 
 CONTAINER_TYPES = ("dict", "list", "set")
 

@@ -20,11 +20,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from common.errors import ObjstreamError
-from common.naming import partial_name, safe_basename
-from consumer.container_assembler import ContainerEntry
-from consumer.file_sink import ReadBehind, WriteBehindFile, commit_partial
-from consumer.streams import Received
+from objstream.common.errors import ObjstreamError
+from objstream.common.naming import partial_name, safe_basename
+from objstream.consumer.container_assembler import ContainerEntry
+from objstream.consumer.file_sink import ReadBehind, WriteBehindFile, commit_partial
+from objstream.consumer.streams import Received
 
 # numpy dtype -> safetensors dtype name (little-endian data only)
 SAFETENSORS_DTYPES = {

@@ -2,10 +2,10 @@
 
 ``listen`` receives containers this way. Each chunk's bytes go to a partial file exactly as a
 file stream's do, so the state file, the take-over after a crash and the prefix's SHA-256 work
-unchanged (see :mod:`consumer.resume`); each chunk's length and meta go to a side file, one JSON
-line per chunk. Once the whole stream is verified, the spool is read back chunk by chunk into a
-:class:`~consumer.container_assembler.ContainerAssembler` (which hands the entries to
-``on_entry`` or builds the container) and removed.
+unchanged (see :mod:`~objstream.consumer.resume`); each chunk's length and meta go to a side
+file, one JSON line per chunk. Once the whole stream is verified, the spool is read back chunk
+by chunk into a :class:`~objstream.consumer.container_assembler.ContainerAssembler` (which
+hands the entries to ``on_entry`` or builds the container) and removed.
 
 The price: the container's size on disk a second time while it is in transit, and one more read
 of it at the end. Memory stays what the entry decoding needs (one entry at a time with
@@ -20,12 +20,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from common.errors import ObjstreamError
-from common.naming import PARTIAL_PREFIX
-from common.protocol import Offer
-from common.streaming import ObjectAssembler
-from consumer.container_assembler import ContainerAssembler, OnEntry
-from consumer.file_sink import PartialFile, ReadBehind
+from objstream.common.errors import ObjstreamError
+from objstream.common.naming import PARTIAL_PREFIX
+from objstream.common.protocol import Offer
+from objstream.common.streaming import ObjectAssembler
+from objstream.consumer.container_assembler import ContainerAssembler, OnEntry
+from objstream.consumer.file_sink import PartialFile, ReadBehind
 
 READ_BLOCK = 1 << 20
 

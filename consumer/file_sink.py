@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from common.naming import candidate_names, confined, partial_name, safe_basename
-from common.protocol import Offer
-from common.streaming import ObjectAssembler
+from objstream.common.naming import candidate_names, confined, partial_name, safe_basename
+from objstream.common.protocol import Offer
+from objstream.common.streaming import ObjectAssembler
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class FileAssembler(ObjectAssembler):
         return self.sink.commit(safe_basename(self.name))
 
     def suspend(self) -> None:
-        """Keep what was received for the next receiver (see :mod:`consumer.resume`)."""
+        """Keep what was received for the next receiver (see :mod:`objstream.consumer.resume`)."""
         self.sink.suspend()
 
     def discard(self) -> None:

@@ -3,7 +3,8 @@
 One receiver holds one connection and works in the thread that calls :meth:`Receiver.receive`.
 Each accepted stream gets its own channel on its data queue (prefetch = the sender's window), so
 acks always go to the channel that delivered. Chunks are judged by the pure
-:class:`common.reassembly.Reassembler` and written by :class:`consumer.file_sink.PartialFile`; the
+:class:`~objstream.common.reassembly.Reassembler` and written by
+:class:`~objstream.consumer.file_sink.PartialFile`; the
 receiver only moves bytes and messages between them and the broker.
 """
 
@@ -21,8 +22,8 @@ from typing import Any
 import pika
 import pika.exceptions
 
-from common.broker import Closing, connect, connection_lost, dead_letter, reestablish
-from common.errors import (
+from objstream.common.broker import Closing, connect, connection_lost, dead_letter, reestablish
+from objstream.common.errors import (
     BrokerUnreachable,
     ConfigError,
     ErrorCode,
@@ -30,7 +31,7 @@ from common.errors import (
     ProtocolError,
     TransferFailed,
 )
-from common.protocol import (
+from objstream.common.protocol import (
     CONTAINER_KIND,
     FILE_KIND,
     Abort,
@@ -43,16 +44,16 @@ from common.protocol import (
     parse,
     properties,
 )
-from common.reassembly import ChunkVerdict, Failure, Reassembler
-from common.settings import NAME_PATTERN, Settings
-from common.streaming import ObjectAssembler, ProgressHook
-from common.topology import Topology
-from consumer.container_assembler import ContainerAssembler, OnEntry
-from consumer.container_spool import ContainerSpool
-from consumer.file_sink import FileAssembler
-from consumer.resume import Resumable, StreamState, remove_abandoned
-from consumer.streams import Received, Stream
-from consumer.takeover import TakeOver, continues
+from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler
+from objstream.common.settings import NAME_PATTERN, Settings
+from objstream.common.streaming import ObjectAssembler, ProgressHook
+from objstream.common.topology import Topology
+from objstream.consumer.container_assembler import ContainerAssembler, OnEntry
+from objstream.consumer.container_spool import ContainerSpool
+from objstream.consumer.file_sink import FileAssembler
+from objstream.consumer.resume import Resumable, StreamState, remove_abandoned
+from objstream.consumer.streams import Received, Stream
+from objstream.consumer.takeover import TakeOver, continues
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
@@ -80,9 +81,9 @@ class Receiver(TakeOver, Closing):
     ``on_entry`` (then they are not kept). With ``spool_containers`` a container goes to
     ``dest`` first and is decoded once complete, so that it survives this process like a file
     does (at the cost of its size on disk while in transit; see
-    :mod:`consumer.container_spool`). ``assemblers`` adds custom kinds: a mapping from a
+    :mod:`objstream.consumer.container_spool`). ``assemblers`` adds custom kinds: a mapping from a
     kind name to a factory that takes the :class:`Offer` and returns an
-    :class:`~common.streaming.ObjectAssembler`.
+    :class:`~objstream.common.streaming.ObjectAssembler`.
     """
 
     def __init__(

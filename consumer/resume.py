@@ -31,8 +31,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.naming import PARTIAL_PREFIX, partial_name
-from common.protocol import CONTAINER_KIND, FILE_KIND, Offer, to_headers
+from objstream.common.naming import PARTIAL_PREFIX, partial_name
+from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, to_headers
 
 log = logging.getLogger(__name__)
 

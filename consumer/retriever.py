@@ -27,15 +27,21 @@ from typing import Any, Literal
 import pika
 import pika.exceptions
 
-from common.broker import connection_lost, dead_letter
-from common.errors import BrokerUnreachable, ProtocolError, Refused, TimedOut, TransferFailed
-from common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
-from common.settings import Settings
-from common.streaming import ProgressHook
-from consumer.container_assembler import OnEntry
-from consumer.receiver import Receiver
-from consumer.resume import Resumable, find_kept
-from consumer.streams import Received
+from objstream.common.broker import connection_lost, dead_letter
+from objstream.common.errors import (
+    BrokerUnreachable,
+    ProtocolError,
+    Refused,
+    TimedOut,
+    TransferFailed,
+)
+from objstream.common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
+from objstream.common.settings import Settings
+from objstream.common.streaming import ProgressHook
+from objstream.consumer.container_assembler import OnEntry
+from objstream.consumer.receiver import Receiver
+from objstream.consumer.resume import Resumable, find_kept
+from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.protocol import Offer
-from common.reassembly import Reassembler
-from common.streaming import ObjectAssembler
-from consumer.resume import StreamState
+from objstream.common.protocol import Offer
+from objstream.common.reassembly import Reassembler
+from objstream.common.streaming import ObjectAssembler
+from objstream.consumer.resume import StreamState
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Taking streams over: a receiver's half of resuming.
 
-Three cases, all resting on the state file next to the partial file (:mod:`consumer.resume`):
+Three cases, all resting on the state file next to the partial file
+(:mod:`objstream.consumer.resume`):
 a receiver that stops checkpoints its streams for a successor (:meth:`TakeOver._suspend`); a
 receiver that starts takes over what a dead one left (:meth:`TakeOver._resume_streams`); and a
 file stream whose sender went away keeps its verified prefix, which a retrieval of the same file
@@ -14,21 +15,21 @@ from pathlib import Path
 
 import pika.exceptions
 
-from common.protocol import CONTAINER_KIND, FILE_KIND, Offer
-from common.reassembly import Reassembler
-from common.settings import Settings
-from common.streaming import ObjectAssembler
-from consumer.container_assembler import OnEntry
-from consumer.container_spool import ContainerSpool
-from consumer.file_sink import FileAssembler
-from consumer.resume import Resumable, adopt, find_resumable, remove_abandoned
-from consumer.streams import Stream
+from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
+from objstream.common.reassembly import Reassembler
+from objstream.common.settings import Settings
+from objstream.common.streaming import ObjectAssembler
+from objstream.consumer.container_assembler import OnEntry
+from objstream.consumer.container_spool import ContainerSpool
+from objstream.consumer.file_sink import FileAssembler
+from objstream.consumer.resume import Resumable, adopt, find_resumable, remove_abandoned
+from objstream.consumer.streams import Stream
 
 log = logging.getLogger(__name__)
 
 
 class TakeOver:
-    """The take-over half of :class:`consumer.receiver.Receiver`."""
+    """The take-over half of :class:`objstream.consumer.receiver.Receiver`."""
 
     dest: Path
     settings: Settings

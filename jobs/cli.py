@@ -8,10 +8,10 @@ import sys
 import tempfile
 from typing import Any
 
-from common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, size_arg
-from common.settings import MiB, Settings
-from jobs import dict_streaming, file_streaming
-from jobs.runner import Result, Side, peak_rss_mib
+from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, size_arg
+from objstream.common.settings import MiB, Settings
+from objstream.jobs import dict_streaming, file_streaming
+from objstream.jobs.runner import Result, Side, peak_rss_mib
 
 ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
               "AuthenticationRefused": EXIT_BROKER}  # fmt: skip

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from common.settings import Settings
-from consumer import ContainerEntry, Retriever
-from jobs.data import layer
-from jobs.runner import Result
-from producer import ContainerRetriever, RetrievalServer
+from objstream.common.settings import Settings
+from objstream.consumer import ContainerEntry, Retriever
+from objstream.jobs.data import layer
+from objstream.jobs.runner import Result
+from objstream.producer import ContainerRetriever, RetrievalServer
 
 MODEL = "model"
 

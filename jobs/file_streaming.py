@@ -7,11 +7,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.settings import Settings
-from consumer import Receiver
-from jobs.data import file_sha256, write_random_file
-from jobs.runner import Result
-from producer import FileStreamer
+from objstream.common.settings import Settings
+from objstream.consumer import Receiver
+from objstream.jobs.data import file_sha256, write_random_file
+from objstream.jobs.runner import Result
+from objstream.producer import FileStreamer
 
 
 def producer_side(

@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from common.errors import ObjstreamError
+from objstream.common.errors import ObjstreamError
 
 Result = dict[str, Any]
 

@@ -1,11 +1,11 @@
 """The sending and serving side: stream objects to other sites."""
 
-from common.streaming import ObjectStreamer, Piece
-from producer.container_source import ContainerSource
-from producer.sender import StreamSender, TargetResult
-from producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
-from producer.sources import FileSource
-from producer.streamer import ContainerStreamer, FileStreamer, Streamer
+from objstream.common.streaming import ObjectStreamer, Piece
+from objstream.producer.container_source import ContainerSource
+from objstream.producer.sender import StreamSender, TargetResult
+from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
+from objstream.producer.sources import FileSource
+from objstream.producer.streamer import ContainerStreamer, FileStreamer, Streamer
 
 __all__ = [
     "ContainerRetriever",

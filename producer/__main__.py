@@ -1,7 +1,7 @@
-"""``python -m producer ...`` is ``objstream producer ...``."""
+"""``python -m objstream.producer ...`` is ``objstream producer ...``."""
 
 import sys
 
-from common.cli import run
+from objstream.common.cli import run
 
 run(["producer", *sys.argv[1:]], sides=["producer"])

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.cli import ProgressBars, StopFlag, size_arg
-from common.errors import ConfigError
-from common.settings import Settings
-from producer.container_files import load_container
-from producer.sender import TargetResult
-from producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
-from producer.streamer import ContainerStreamer, FileStreamer
+from objstream.common.cli import ProgressBars, StopFlag, size_arg
+from objstream.common.errors import ConfigError
+from objstream.common.settings import Settings
+from objstream.producer.container_files import load_container
+from objstream.producer.sender import TargetResult
+from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
+from objstream.producer.streamer import ContainerStreamer, FileStreamer
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:

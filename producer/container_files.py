@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import ObjstreamError
+from objstream.common.errors import ObjstreamError
 
 SUFFIXES = (".npz", ".safetensors", ".json")
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from common.codec import Encoded, EncodeError, encode
-from common.protocol import CONTAINER_KIND
-from common.streaming import MetaValue, ObjectStreamer, Piece
+from objstream.common.codec import Encoded, EncodeError, encode
+from objstream.common.protocol import CONTAINER_KIND
+from objstream.common.streaming import MetaValue, ObjectStreamer, Piece
 
 CONTAINER_TYPES = {dict: "dict", list: "list", set: "set"}
 

@@ -11,8 +11,8 @@ import hashlib
 from collections import deque
 from collections.abc import Iterator
 
-from common.errors import ObjstreamError
-from common.streaming import ObjectStreamer, Piece
+from objstream.common.errors import ObjstreamError
+from objstream.common.streaming import ObjectStreamer, Piece
 
 
 class SharedDigest:

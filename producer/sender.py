@@ -20,9 +20,9 @@ import pika
 import pika.exceptions
 from pydantic import ValidationError
 
-from common import checksum
-from common.broker import connection_lost, dead_letter, reestablish
-from common.errors import (
+from objstream.common import checksum
+from objstream.common.broker import connection_lost, dead_letter, reestablish
+from objstream.common.errors import (
     BrokerUnreachable,
     ErrorCode,
     ObjectTooLarge,
@@ -32,7 +32,7 @@ from common.errors import (
     TimedOut,
     TransferFailed,
 )
-from common.protocol import (
+from objstream.common.protocol import (
     INLINE_MAX,
     Abort,
     Chunk,
@@ -45,10 +45,10 @@ from common.protocol import (
     parse,
     properties,
 )
-from common.settings import Settings
-from common.streaming import ObjectStreamer, Piece, ProgressHook
-from common.topology import Topology
-from producer.pieces import PieceReader, SharedDigest
+from objstream.common.settings import Settings
+from objstream.common.streaming import ObjectStreamer, Piece, ProgressHook
+from objstream.common.topology import Topology
+from objstream.producer.pieces import PieceReader, SharedDigest
 
 log = logging.getLogger(__name__)
 

@@ -24,16 +24,22 @@ from typing import Any
 
 import pika.exceptions
 
-from common.broker import Closing, connect, connection_lost, dead_letter, reestablish
-from common.codec import EncodeError
-from common.errors import BrokerUnreachable, ConfigError, ObjstreamError, ProtocolError, SendFailed
-from common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
-from common.settings import NAME_PATTERN, Settings
-from common.streaming import ObjectStreamer
-from common.topology import Topology
-from producer.container_source import ContainerSource
-from producer.sender import StreamSender
-from producer.sources import FileSource
+from objstream.common.broker import Closing, connect, connection_lost, dead_letter, reestablish
+from objstream.common.codec import EncodeError
+from objstream.common.errors import (
+    BrokerUnreachable,
+    ConfigError,
+    ObjstreamError,
+    ProtocolError,
+    SendFailed,
+)
+from objstream.common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
+from objstream.common.settings import NAME_PATTERN, Settings
+from objstream.common.streaming import ObjectStreamer
+from objstream.common.topology import Topology
+from objstream.producer.container_source import ContainerSource
+from objstream.producer.sender import StreamSender
+from objstream.producer.sources import FileSource
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import ObjstreamError
-from common.protocol import FILE_KIND
-from common.streaming import ObjectStreamer, Piece
+from objstream.common.errors import ObjstreamError
+from objstream.common.protocol import FILE_KIND
+from objstream.common.streaming import ObjectStreamer, Piece
 
 
 class SourceChanged(ObjstreamError):

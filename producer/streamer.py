@@ -16,12 +16,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from common.broker import Closing, connect
-from common.settings import Settings, check_chunk_size, parse_size
-from common.streaming import ObjectStreamer, ProgressHook
-from producer.container_source import ContainerSource
-from producer.sender import StreamSender, TargetResult
-from producer.sources import FileSource
+from objstream.common.broker import Closing, connect
+from objstream.common.settings import Settings, check_chunk_size, parse_size
+from objstream.common.streaming import ObjectStreamer, ProgressHook
+from objstream.producer.container_source import ContainerSource
+from objstream.producer.sender import StreamSender, TargetResult
+from objstream.producer.sources import FileSource
 
 
 class Streamer(Closing):
@@ -119,7 +119,7 @@ class ContainerStreamer(Streamer):
 
         Values may be None, bool, int, float, complex, str, bytes, bytearray, lists, tuples,
         dicts, sets and numpy arrays of non-object dtypes, nested freely. A value that cannot be
-        encoded is refused (:class:`common.codec.EncodeError`, naming the key and the type)
-        before anything is sent. Takes the options of :meth:`Streamer.stream_object`.
+        encoded is refused (:class:`~objstream.common.codec.EncodeError`, naming the key and the
+        type) before anything is sent. Takes the options of :meth:`Streamer.stream_object`.
         """
         return self.stream_object(targets, ContainerSource(container, name), **options)

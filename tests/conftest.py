@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.data import write_random_file
+from objstream.jobs.data import write_random_file
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,12 +24,12 @@ from typing import Any
 import pika
 import pytest
 
-from common.errors import TransferFailed
-from common.settings import Settings
-from common.topology import Topology
-from consumer.receiver import Receiver
-from consumer.streams import Received
-from producer import RetrievalServer
+from objstream.common.errors import TransferFailed
+from objstream.common.settings import Settings
+from objstream.common.topology import Topology
+from objstream.consumer.receiver import Receiver
+from objstream.consumer.streams import Received
+from objstream.producer import RetrievalServer
 from tests.integration.rawpeer import RawPeer
 from tests.rabbitmq_node import LocalRabbitNode
 
@@ -279,7 +279,7 @@ class BackgroundServer:
 
 def slow_disk(monkeypatch: pytest.MonkeyPatch, seconds: float, from_seq: int = 0) -> None:
     """The owner's reads of chunk ``from_seq`` on take ``seconds`` each."""
-    from producer.sources import FileSource
+    from objstream.producer.sources import FileSource
 
     read = FileSource.read_chunk
 

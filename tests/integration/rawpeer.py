@@ -12,9 +12,9 @@ from typing import Any
 
 import pika
 
-from common.protocol import Abort, Chunk, End, Offer, new_stream_id, properties
-from common.settings import Settings
-from common.topology import Topology
+from objstream.common.protocol import Abort, Chunk, End, Offer, new_stream_id, properties
+from objstream.common.settings import Settings
+from objstream.common.topology import Topology
 
 
 class RawPeer:

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from common.settings import KiB, MiB, Settings
-from consumer import Retriever
-from producer import FileRetriever, FileStreamer
+from objstream.common.settings import KiB, MiB, Settings
+from objstream.consumer import Retriever
+from objstream.producer import FileRetriever, FileStreamer
 from tests.conftest import random_file, sha256_of
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
 from tests.rabbitmq_node import LocalRabbitNode
@@ -74,12 +74,14 @@ def _close_consumer_connection(node: LocalRabbitNode) -> None:
 
 
 def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
-    _transfer_with(_restart, tmp_path, caplog, {"producer.sender", "consumer.receiver"})
+    _transfer_with(
+        _restart, tmp_path, caplog, {"objstream.producer.sender", "objstream.consumer.receiver"}
+    )
 
 
 def test_a_connection_closed_by_the_broker_mid_stream(tmp_path, caplog):
     """rabbitmqctl close_connection on the receiver: it reconnects and finishes the file."""
-    _transfer_with(_close_consumer_connection, tmp_path, caplog, {"consumer.receiver"})
+    _transfer_with(_close_consumer_connection, tmp_path, caplog, {"objstream.consumer.receiver"})
 
 
 def test_a_retrieval_survives_the_broker_restarting(tmp_path, caplog):
@@ -120,7 +122,11 @@ def test_a_retrieval_survives_the_broker_restarting(tmp_path, caplog):
             path = retriever.retrieve_file("server", "small.txt", timeout=30)
         assert path.read_bytes() == b"after the restart\n"
         lost = {r.name for r in caplog.records if "connection to the broker lost" in r.getMessage()}
-        assert {"consumer.receiver", "producer.sender", "producer.serving"} <= lost, caplog.text
+        assert {
+            "objstream.consumer.receiver",
+            "objstream.producer.sender",
+            "objstream.producer.serving",
+        } <= lost, caplog.text
     finally:
         if server is not None:
             server.stop()

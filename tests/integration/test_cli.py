@@ -12,8 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
-from common.settings import KiB, MiB
+from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
+from objstream.common.settings import KiB, MiB
 from tests.conftest import random_file, sha256_of
 from tests.rabbitmq_node import LocalRabbitNode, free_port
 
@@ -106,7 +106,7 @@ def test_listen_and_send_file_as_separate_processes(tmp_path, settings, declared
 def test_python_m_producer_is_objstream_producer(settings):
     env = _env(settings)
     a = subprocess.run(
-        [sys.executable, "-m", "producer", "send-file", "--help"],
+        [sys.executable, "-m", "objstream.producer", "send-file", "--help"],
         env=env,
         capture_output=True,
         text=True,
@@ -312,7 +312,7 @@ def test_a_broker_refusal_is_one_line_exit_3(tmp_path, settings, declared):
     """A queue of the namespace declared otherwise by someone else: no traceback."""
     import pika
 
-    from common.topology import Topology
+    from objstream.common.topology import Topology
 
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
@@ -331,8 +331,8 @@ def test_a_broker_refusal_is_one_line_exit_3(tmp_path, settings, declared):
 @pytest.mark.skipif(not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary")
 def test_a_worker_started_before_the_broker_waits_for_it(tmp_path):
     """OBJSTREAM_CONNECT_WAIT: retry with backoff and a clear log line, then work normally."""
-    from common.settings import Settings
-    from producer import FileStreamer
+    from objstream.common.settings import Settings
+    from objstream.producer import FileStreamer
 
     node = LocalRabbitNode()
     try:

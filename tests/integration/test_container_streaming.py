@@ -10,14 +10,14 @@ import numpy as np
 import pika
 import pytest
 
-from common.codec import EncodeError, encode
-from common.errors import ErrorCode, TransferFailed
-from common.settings import KiB
-from common.streaming import ObjectAssembler, ObjectStreamer, Piece
-from common.topology import Topology
-from consumer.container_assembler import ContainerEntry
-from consumer.streams import Received
-from producer import ContainerStreamer, Streamer
+from objstream.common.codec import EncodeError, encode
+from objstream.common.errors import ErrorCode, TransferFailed
+from objstream.common.settings import KiB
+from objstream.common.streaming import ObjectAssembler, ObjectStreamer, Piece
+from objstream.common.topology import Topology
+from objstream.consumer.container_assembler import ContainerEntry
+from objstream.consumer.streams import Received
+from objstream.producer import ContainerStreamer, Streamer
 from tests.integration.test_codec_helpers import same
 
 
@@ -249,7 +249,7 @@ def test_a_custom_kind_streams_end_to_end(tmp_path, settings, declared):
 
 
 def test_a_kind_the_receiver_does_not_know_is_refused(tmp_path, settings, start_receiver):
-    from common.errors import SendFailed
+    from objstream.common.errors import SendFailed
 
     start_receiver("site-1", tmp_path / "in")
     with Streamer("server", settings) as streamer, pytest.raises(SendFailed) as caught:

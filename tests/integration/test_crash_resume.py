@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from common.settings import KiB, MiB
-from producer import FileStreamer
+from objstream.common.settings import KiB, MiB
+from objstream.producer import FileStreamer
 from tests.conftest import random_file, sha256_of
 from tests.integration.conftest import count_published_chunks, wait_for_partial
 from tests.integration.test_cli import _env, _listener
@@ -80,7 +80,7 @@ def test_a_container_is_resumed_by_the_next_listener(tmp_path, settings, declare
     one that takes it over, and the .npz it writes holds every array exactly."""
     import numpy as np
 
-    from producer import ContainerStreamer
+    from objstream.producer import ContainerStreamer
 
     declared.sites.add("site-1")
     rng = np.random.default_rng(7)

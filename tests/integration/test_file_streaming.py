@@ -9,10 +9,10 @@ from pathlib import Path
 import pika
 import pytest
 
-from common.errors import ErrorCode, SendFailed, TimedOut, TransferFailed
-from common.settings import KiB, MiB, Settings
-from consumer.streams import Received
-from producer import FileStreamer
+from objstream.common.errors import ErrorCode, SendFailed, TimedOut, TransferFailed
+from objstream.common.settings import KiB, MiB, Settings
+from objstream.consumer.streams import Received
+from objstream.producer import FileStreamer
 from tests.conftest import random_file, sha256_of
 
 

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from common.protocol import MessageType
-from common.settings import KiB
-from producer import FileStreamer
+from objstream.common.protocol import MessageType
+from objstream.common.settings import KiB
+from objstream.producer import FileStreamer
 from tests.conftest import random_file, sha256_of
 
 FIELDS = ["objstream", "stream_id", "kind", "name", "size", "chunk_size", "chunk_count",

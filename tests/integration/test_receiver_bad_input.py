@@ -9,12 +9,12 @@ import time
 import pika
 import pytest
 
-from common.errors import ErrorCode, SendFailed, TransferFailed
-from common.protocol import properties
-from common.settings import KiB
-from common.topology import Topology
-from consumer.streams import Received
-from producer import FileStreamer
+from objstream.common.errors import ErrorCode, SendFailed, TransferFailed
+from objstream.common.protocol import properties
+from objstream.common.settings import KiB
+from objstream.common.topology import Topology
+from objstream.consumer.streams import Received
+from objstream.producer import FileStreamer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 
 
@@ -115,7 +115,7 @@ def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(
 def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
     tmp_path, settings, start_receiver, raw_peer, dead_letters, mutate, reason
 ):
-    from common.protocol import Offer
+    from objstream.common.protocol import Offer
 
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
@@ -234,7 +234,7 @@ def test_the_window_bounds_what_the_producer_puts_in_the_broker(tmp_path, settin
 def _inline_offer(peer, body: bytes, *, crc32=None, sha256=None):
     import zlib
 
-    from common.protocol import Inline, Offer
+    from objstream.common.protocol import Inline, Offer
 
     offer = Offer(
         stream_id=peer.stream_id, kind="file", name="small.bin", size=len(body),

@@ -11,12 +11,12 @@ from pathlib import Path
 import pika
 import pytest
 
-from common.errors import ErrorCode, TimedOut, TransferFailed
-from common.protocol import Request, new_stream_id, parse, properties
-from common.settings import KiB, MiB
-from common.topology import Topology
-from consumer import Retriever
-from producer import ContainerRetriever, FileRetriever
+from objstream.common.errors import ErrorCode, TimedOut, TransferFailed
+from objstream.common.protocol import Request, new_stream_id, parse, properties
+from objstream.common.settings import KiB, MiB
+from objstream.common.topology import Topology
+from objstream.consumer import Retriever
+from objstream.producer import ContainerRetriever, FileRetriever
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 from tests.integration.conftest import count_published_chunks, slow_disk, wait_for_partial
 from tests.integration.test_cli import _env, _objstream

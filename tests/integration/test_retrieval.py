@@ -9,12 +9,12 @@ import numpy as np
 import pika
 import pytest
 
-from common.errors import Refused, TimedOut, TransferFailed
-from common.protocol import Request, new_stream_id, properties
-from common.settings import KiB, MiB
-from common.topology import Topology
-from consumer import Retriever
-from producer import ContainerRetriever, FileRetriever, RetrievalServer
+from objstream.common.errors import Refused, TimedOut, TransferFailed
+from objstream.common.protocol import Request, new_stream_id, properties
+from objstream.common.settings import KiB, MiB
+from objstream.common.topology import Topology
+from objstream.consumer import Retriever
+from objstream.producer import ContainerRetriever, FileRetriever, RetrievalServer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 from tests.integration.conftest import slow_disk
 
@@ -142,7 +142,7 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
 
 
 def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_server, monkeypatch):
-    from common.errors import ErrorCode
+    from objstream.common.errors import ErrorCode
 
     src = tmp_path / "src"
     src.mkdir()
@@ -258,7 +258,7 @@ def test_an_offer_that_overtakes_its_reply_is_still_taken(tmp_path, settings, de
     import hashlib
     import zlib
 
-    from common.protocol import Inline, Offer, Reply, parse
+    from objstream.common.protocol import Inline, Offer, Reply, parse
 
     declared.sites.add("server")
     topo = Topology.from_settings(settings)

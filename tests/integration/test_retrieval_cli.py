@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from common.cli import EXIT_FAILED
-from common.settings import MiB
+from objstream.common.cli import EXIT_FAILED
+from objstream.common.settings import MiB
 from tests.conftest import final_files, random_file, sha256_of
 from tests.integration.test_cli import _env, _objstream
 
@@ -106,8 +106,8 @@ def test_refusals_exit_1_within_2_seconds_with_one_line(tmp_path, serving, name,
 
 def test_owner_killed_mid_stream_times_out_cleanly(tmp_path, settings, declared):
     """SIGKILL, no goodbye: the requester sees no progress for its timeout and says so."""
-    from common.errors import TimedOut
-    from consumer import Retriever
+    from objstream.common.errors import TimedOut
+    from objstream.consumer import Retriever
 
     declared.sites.add("server")
     src = tmp_path / "src"

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common.codec import OUT_OF_BAND_BYTES, EncodeError, decode, decode_structure, encode
-from common.errors import ProtocolError
+from objstream.common.codec import OUT_OF_BAND_BYTES, EncodeError, decode, decode_structure, encode
+from objstream.common.errors import ProtocolError
 
 
 def _same(a, b) -> bool:

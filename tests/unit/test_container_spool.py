@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.protocol import Offer, new_stream_id
-from consumer.container_spool import ContainerSpool, meta_path
-from producer.container_source import ContainerSource
+from objstream.common.protocol import Offer, new_stream_id
+from objstream.consumer.container_spool import ContainerSpool, meta_path
+from objstream.producer.container_source import ContainerSource
 
 CHUNK = 4096
 
@@ -74,7 +74,7 @@ def test_metas_that_do_not_add_up_are_refused(tmp_path):
 
 
 def test_a_failing_entry_callback_fails_the_stream_cleanly(tmp_path):
-    from common.errors import ObjstreamError
+    from objstream.common.errors import ObjstreamError
 
     offer, pieces = _stream(MODEL)
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from common.naming import partial_name
-from consumer.file_sink import PartialFile
+from objstream.common.naming import partial_name
+from objstream.consumer.file_sink import PartialFile
 
 SID = "0" * 32
 

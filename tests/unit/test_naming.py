@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.naming import FALLBACK_NAME, candidate_names, confined, safe_basename
+from objstream.common.naming import FALLBACK_NAME, candidate_names, confined, safe_basename
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pika
 import pytest
 
-from common.errors import ErrorCode, ProtocolError
-from common.protocol import (
+from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.protocol import (
     Chunk,
     Done,
     End,
@@ -122,7 +122,7 @@ def test_chunk_length_of_the_last_chunk():
     ids=["too-big", "several-chunks", "unknown-size"],
 )
 def test_inline_offers_carry_one_small_chunk_only(changes):
-    from common.protocol import Inline
+    from objstream.common.protocol import Inline
 
     inline = Inline(crc32=0, sha256="0" * 64)
     with pytest.raises(ValueError, match="inline offer carries at most one chunk"):
@@ -141,7 +141,7 @@ def test_a_resumed_offer_stays_within_its_chunks():
     ids=["neither", "no-digest", "no-chunk-size"],
 )
 def test_a_resume_request_says_what_it_has(changes):
-    from common.protocol import Request
+    from objstream.common.protocol import Request
 
     fields = {"request_id": new_stream_id(), "kind": "file", "name": "f", "requester": "s"}
     with pytest.raises(ValueError, match="resume_from needs chunk_size and prefix_sha256"):

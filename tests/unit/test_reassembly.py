@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.errors import ErrorCode, ProtocolError
-from common.protocol import End, Offer, new_stream_id
-from common.reassembly import TRANSITIONS, ChunkVerdict, Reassembler, State
+from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.protocol import End, Offer, new_stream_id
+from objstream.common.reassembly import TRANSITIONS, ChunkVerdict, Reassembler, State
 
 
 def _split(data: bytes, size: int) -> list[bytes]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 
-from common.naming import partial_name
-from common.protocol import Offer, new_stream_id
-from common.reassembly import Reassembler
-from consumer.resume import StreamState, adopt, find_kept, find_resumable
+from objstream.common.naming import partial_name
+from objstream.common.protocol import Offer, new_stream_id
+from objstream.common.reassembly import Reassembler
+from objstream.consumer.resume import StreamState, adopt, find_kept, find_resumable
 
 
 def _offer(size: int = 10, chunk_size: int = 4) -> Offer:
@@ -71,7 +71,7 @@ def test_a_resumed_reassembler_goes_on_from_the_stored_prefix():
 def test_abandoned_partials_older_than_the_ttl_are_removed(tmp_path):
     import time
 
-    from consumer.resume import remove_abandoned
+    from objstream.consumer.resume import remove_abandoned
 
     old, fresh, held = _offer(), _offer(), _offer()
     for offer in (old, fresh, held):

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.errors import ConfigError
-from common.settings import MiB, Settings, load_settings, mask_url, parse_size
+from objstream.common.errors import ConfigError
+from objstream.common.settings import MiB, Settings, load_settings, mask_url, parse_size
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from producer.pieces import SharedDigest
-from producer.sources import FileSource, SourceChanged
+from objstream.producer.pieces import SharedDigest
+from objstream.producer.sources import FileSource, SourceChanged
 
 
 @pytest.mark.parametrize(("size", "count"), [(0, 0), (1, 1), (4, 1), (5, 2), (12, 3)])
