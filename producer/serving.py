@@ -38,7 +38,7 @@ from objstream.common.settings import NAME_PATTERN, Settings
 from objstream.common.streaming import ObjectStreamer
 from objstream.common.topology import Topology
 from objstream.producer.container_source import ContainerSource
-from objstream.producer.sender import StreamSender
+from objstream.producer.sender import ReplyQueue, StreamSender
 from objstream.producer.sources import FileSource
 
 log = logging.getLogger(__name__)
@@ -299,7 +299,8 @@ class RetrievalServer(Closing):
             # A stream in progress survives a lost connection (the sender reconnects); an idle
             # worker whose connection is lost just ends, and the next request starts another.
             sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping,
-                                  reconnect=lambda: connect(self.settings, name))  # fmt: skip
+                                  reconnect=lambda: connect(self.settings, name),
+                                  replies=ReplyQueue.NAMED)  # fmt: skip
         except ObjstreamError as e:
             log.error("site %s: a serving worker cannot connect: %s", self.site, e)
             self._drain_one()
@@ -313,7 +314,7 @@ class RetrievalServer(Closing):
                 try:
                     job = self._jobs.get(timeout=1.0)
                 except queue.Empty:
-                    sender.connection.process_data_events(time_limit=0)  # heartbeats while idle
+                    sender.process_events(0)  # heartbeats while idle
                     continue
                 finally:
                     with self._lock:

@@ -20,7 +20,7 @@ from objstream.common.broker import Closing, connect
 from objstream.common.settings import Settings, check_chunk_size, parse_size
 from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.producer.container_source import ContainerSource
-from objstream.producer.sender import StreamSender, TargetResult
+from objstream.producer.sender import ReplyQueue, StreamSender, TargetResult
 from objstream.producer.sources import FileSource
 
 
@@ -41,6 +41,7 @@ class Streamer(Closing):
                 site,
                 progress=progress,
                 reconnect=lambda: connect(self.settings, name),
+                replies=ReplyQueue.NAMED,
             )
         except BaseException:
             self.close()
