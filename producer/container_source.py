@@ -13,6 +13,7 @@ Piece meta: the first chunk of entry ``i`` carries ``{"entry": i, "head": len(st
 from __future__ import annotations
 
 import bisect
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import accumulate
@@ -55,7 +56,7 @@ class ContainerSource(ObjectStreamer):
         self.container = container
         self.container_type = container_type
         self.name = name
-        self._entries: list[_Entry] = []
+        self._entries: list[_Entry] | None = None  # encoded once, whatever the chunk size
         self._first_seq: list[int] = []
 
     def _encoded_entries(self) -> Iterator[Encoded]:
@@ -76,12 +77,28 @@ class ContainerSource(ObjectStreamer):
                 yield encode(value, where=f"container {self.name!r}, member {value!r:.40}")
 
     def prepare(self, chunk_size: int) -> None:
+        """Encode the entries (the first time only) and cut them into chunks of ``chunk_size``.
+
+        Raises:
+            EncodeError: an entry holds a value the codec cannot carry.
+        """
         super().prepare(chunk_size)
-        self._entries = [_entry(e) for e in self._encoded_entries()]
+        if self._entries is None:
+            self._entries = [_entry(e) for e in self._encoded_entries()]
         parts = [max(1, -(-e.size // chunk_size)) for e in self._entries]
         self._first_seq = [0, *accumulate(parts)][:-1]
         self.chunk_count = sum(parts)
         self.size = sum(e.size for e in self._entries)
+
+    def reuse(self) -> ContainerSource:
+        """Another source over the same encoding (for serving it again without encoding again).
+
+        The encoded entries are read-only views, so any number of copies may stream at once,
+        each with its own chunk size.
+        """
+        twin = copy.copy(self)
+        twin._first_seq = list(self._first_seq)
+        return twin
 
     def info(self) -> dict[str, MetaValue]:
         return {"container": self.container_type, "entries": len(self.container)}
@@ -91,6 +108,7 @@ class ContainerSource(ObjectStreamer):
             yield self.piece(seq)
 
     def piece(self, seq: int) -> Piece:
+        assert self._entries is not None, "prepare() first"
         index = bisect.bisect_right(self._first_seq, seq) - 1
         entry = self._entries[index]
         part = seq - self._first_seq[index]

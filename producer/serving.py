@@ -93,12 +93,16 @@ class RetrievalServer(Closing):
 
         ``allow``: broker user names that may retrieve it (``None``: any authenticated user).
 
+        The container is encoded now, once, and served as it is now: requests share that
+        encoding (no request waits for it); to serve changes, add it again.
+
         Raises:
             EncodeError: the container holds a value the codec cannot carry (checked now, not
                 when somebody asks).
         """
-        ContainerSource(container, name).prepare(int(self.settings.chunk_size))
-        self._containers[name] = _Served(container, _allow(allow))
+        source = ContainerSource(container, name)
+        source.prepare(int(self.settings.chunk_size))
+        self._containers[name] = _Served(source, _allow(allow))
 
     def set_source_dir(
         self, source_dir: str | os.PathLike[str], allow: Iterable[str] | None = None
@@ -248,8 +252,8 @@ class RetrievalServer(Closing):
             if served is None:
                 raise _Refuse(Refusal.NOT_FOUND, f"no container {request.name!r} at {self.site}")
             self._check_user(served, user)
-            source: ObjectStreamer = ContainerSource(served.value, request.name)
-            source.prepare(int(self.settings.chunk_size))
+            prepared: ContainerSource = served.value
+            source: ObjectStreamer = prepared.reuse()  # encoded when added, not here
         else:
             source = self._file_source(request.name, user)
         if source.size is not None and source.size > self.settings.max_object_size:

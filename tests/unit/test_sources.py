@@ -48,3 +48,64 @@ def test_shared_digest_hashes_each_chunk_once_whatever_the_resends():
         digest.feed(seq, chunks[seq])
     assert digest.hashed == 3
     assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_a_container_is_encoded_once_however_often_it_is_served(monkeypatch):
+    from objstream.producer import container_source
+
+    calls = []
+    real = container_source.encode
+
+    def counting(value, where=""):
+        calls.append(where)
+        return real(value, where=where)
+
+    monkeypatch.setattr(container_source, "encode", counting)
+    source = container_source.ContainerSource({"a": b"x" * 100, "b": [1, 2]}, "m")
+    source.prepare(64)
+    assert len(calls) == 2
+    whole = b"".join(source.piece(s).data for s in range(source.chunk_count or 0))
+    twins = [source.reuse() for _ in range(3)]
+    twins[0].prepare(16)  # another chunk size: cut again, not encoded again
+    assert len(calls) == 2
+    assert twins[0].chunk_count != source.chunk_count
+    for twin in twins:
+        assert b"".join(twin.piece(s).data for s in range(twin.chunk_count or 0)) == whole
+
+
+def test_the_resume_prefix_is_hashed_while_the_connection_keeps_working(tmp_path):
+    """The prefix hash runs on a worker thread; meanwhile the connection processes events
+    (heartbeats) instead of starving."""
+    import hashlib
+    import time
+
+    from objstream.producer.pieces import PieceReader
+    from objstream.producer.sender import StreamSender
+
+    data = bytes(range(256)) * 64
+    path = tmp_path / "f"
+    path.write_bytes(data)
+
+    class SlowFile(FileSource):
+        def piece(self, seq):
+            time.sleep(0.05)  # a slow disk
+            return super().piece(seq)
+
+    class Connection:
+        events = 0
+
+        def process_data_events(self, time_limit):
+            self.events += 1
+            time.sleep(time_limit)
+
+    source = SlowFile(path)
+    source.prepare(1024)
+    sender = StreamSender.__new__(StreamSender)
+    sender._connection = connection = Connection()
+    reader = PieceReader(source)
+    prefix = hashlib.sha256(data[: 8 * 1024]).hexdigest()
+    assert sender._resume_point(reader, 8, prefix) == 8
+    assert connection.events >= 3  # 8 reads of 50 ms: the connection was served meanwhile
+    assert reader.digest.hashed == 8
+    assert sender._resume_point(PieceReader(source), 8, "0" * 64) == 0  # changed: whole
+    source.close()
