@@ -30,6 +30,7 @@ import pika.exceptions
 from objstream.common.broker import connection_lost, dead_letter
 from objstream.common.errors import (
     BrokerUnreachable,
+    FailureCode,
     ProtocolError,
     Refused,
     TimedOut,
@@ -185,7 +186,7 @@ class Retriever(Receiver):
             if not self._pending:
                 self._drop_early()
         if not reply.ok:
-            raise Refused(from_site, request.name, str(reply.code), reply.detail)
+            raise Refused(from_site, request.name, reply.code or FailureCode.PROTOCOL, reply.detail)
         assert reply.stream_id is not None
         sid = reply.stream_id
         try:
