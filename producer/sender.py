@@ -18,14 +18,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
-
-import pika.exceptions
 
 from objstream.common import checksum
-from objstream.common.broker import connection_lost, dead_letter, reestablish
+from objstream.common.amqp import Channel, Connection, Delivery, dead_letter, reestablish
 from objstream.common.errors import (
-    BrokerUnreachable,
+    ConnectionLost,
     ObjectTooLarge,
     ObjstreamError,
     ProtocolError,
@@ -39,10 +36,11 @@ from objstream.common.protocol import (
     Inline,
     Message,
     Offer,
+    Properties,
     new_stream_id,
     parse,
-    properties,
 )
+from objstream.common.protocol import envelope as properties
 from objstream.common.send_session import (
     Action,
     DeclareDataQueue,
@@ -103,12 +101,12 @@ class StreamSender:
 
     def __init__(
         self,
-        connection: Any,
+        connection: Connection,
         settings: Settings,
         site: str,
         cancel: threading.Event | None = None,
         progress: ProgressHook | None = None,
-        reconnect: Callable[[], Any] | None = None,
+        reconnect: Callable[[], Connection] | None = None,
         *,
         replies: ReplyQueue = ReplyQueue.PRIVATE,
     ) -> None:
@@ -124,7 +122,7 @@ class StreamSender:
         self._connection = connection
         self._declared_inboxes: set[str] = set()
         # Replies as they arrive (parsed), for the transfer in progress to take.
-        self.replies: deque[tuple[Message, Any, bytes]] = deque()
+        self.replies: deque[tuple[Message, Delivery]] = deque()
         self.reply_queue = (
             f"{self.topology.namespace}.reply.{new_stream_id()}"
             if replies is ReplyQueue.NAMED
@@ -135,40 +133,39 @@ class StreamSender:
     # -- the connection ---------------------------------------------------------------------------
 
     def _open_channel(self) -> None:
-        self._channel = self._connection.channel()
+        self._channel: Channel = self._connection.channel()
         self.topology.declare_base(self._channel)
         if self._replies_mode is ReplyQueue.PRIVATE:
             self.reply_queue = self.topology.declare_reply_queue(self._channel)
         else:
             ttl_ms = int((2 * self.settings.timeout + 60) * 1000)
-            self._channel.queue_declare(self.reply_queue, durable=True,
+            self._channel.declare_queue(self.reply_queue, durable=True,
                                         arguments={"x-expires": ttl_ms})  # fmt: skip
         self._declared_inboxes.clear()
-        self._channel.basic_consume(self.reply_queue, self._on_reply, auto_ack=True)
+        self._channel.consume(self.reply_queue, self._on_reply, auto_ack=True)
 
     @property
-    def connection(self) -> Any:
+    def connection(self) -> Connection:
         """The connection in use (a new one after a reconnect)."""
         return self._connection
 
     def close(self) -> None:
-        """Remove a named reply queue and close the connection."""
+        """Remove a named reply queue and close the connection. Never raises."""
         try:
-            if self._replies_mode is ReplyQueue.NAMED and self._connection.is_open:
-                self._channel.queue_delete(self.reply_queue)
-        except pika.exceptions.AMQPError:
+            if self._replies_mode is ReplyQueue.NAMED and self._channel.is_open:
+                self._channel.delete_queue(self.reply_queue)
+        except ObjstreamError:
             log.debug("reply queue already gone", exc_info=True)
         finally:
-            if self._connection.is_open:
-                self._connection.close()
+            self._connection.close()
 
     def process_events(self, time_limit: float) -> None:
         """Let the connection work (heartbeats, replies) for up to ``time_limit`` seconds."""
-        self._connection.process_data_events(time_limit=time_limit)
+        self._connection.process_events(time_limit)
 
-    def recover(self, error: BaseException, within: float) -> None:
+    def recover(self, error: ConnectionLost, within: float) -> None:
         """Reconnect after a lost connection (or re-raise ``error`` if this sender cannot)."""
-        if self._reconnect is None or not connection_lost(error, self._connection):
+        if self._reconnect is None:
             raise error
         log.warning("connection to the broker lost (%s); reconnecting", error)
         reconnect = self._reconnect
@@ -179,20 +176,20 @@ class StreamSender:
 
         reestablish(self.settings, within, setup)
 
-    def _on_reply(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_reply(self, delivery: Delivery) -> None:
         try:
-            message = parse(props.type, props.headers)
+            message = parse(delivery.props.type, delivery.props.headers)
         except ProtocolError as e:
-            dead_letter(channel, self.topology, props, body, str(e))
+            dead_letter(delivery.channel, self.topology, delivery, str(e))
             return
-        self.replies.append((message, props, body))
+        self.replies.append((message, delivery))
 
     # -- what the transfers publish ---------------------------------------------------------------
 
     def publish(
-        self, routing_key: str, body: bytes, props: Any, exchange: str | None = None
+        self, routing_key: str, body: bytes, props: Properties, exchange: str | None = None
     ) -> None:
-        self._channel.basic_publish(
+        self._channel.publish(
             self.topology.exchange if exchange is None else exchange, routing_key, body, props
         )
 
@@ -205,10 +202,10 @@ class StreamSender:
         self.topology.declare_data_queue(self._channel, stream_id)
 
     def delete_data_queue(self, stream_id: str) -> None:
-        self._channel.queue_delete(self.topology.data_queue(stream_id))
+        self._channel.delete_queue(self.topology.data_queue(stream_id))
 
-    def dead_letter(self, props: Any, body: bytes, reason: str) -> None:
-        dead_letter(self._channel, self.topology, props, body, reason)
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        dead_letter(self._channel, self.topology, delivery, reason)
 
     # -- sending ----------------------------------------------------------------------------------
 
@@ -236,7 +233,8 @@ class StreamSender:
         Raises:
             SendFailed: at least one target failed (every outcome is in ``results``).
             ObjectTooLarge: the source exceeds ``max_object_size``.
-            BrokerUnreachable: the broker connection was lost.
+            BrokerUnreachable: the broker connection was lost (and not regained).
+            BrokerRefused: the broker refused an operation (its reply code and words).
         """
         if not targets:
             raise ValueError("no target sites given")
@@ -247,17 +245,16 @@ class StreamSender:
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
         if source.size is not None and source.size > self.settings.max_object_size:
             raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
-        try:
-            reader = PieceReader(source)
-            start = self._resume_point(reader, resume_from, prefix_sha256)
-            ids = [(t, stream_id or new_stream_id()) for t in targets]
-            transfer = _Transfer(
-                self, reader, ids, start, offer_to,
-                timeout or self.settings.timeout, window or self.settings.window,
-            )  # fmt: skip
-            return transfer.run()
-        except pika.exceptions.AMQPError as e:
-            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+        if not self._channel.is_open:  # the broker closed it over an earlier send's operation
+            self._open_channel()
+        reader = PieceReader(source)
+        start = self._resume_point(reader, resume_from, prefix_sha256)
+        ids = [(t, stream_id or new_stream_id()) for t in targets]
+        transfer = _Transfer(
+            self, reader, ids, start, offer_to,
+            timeout or self.settings.timeout, window or self.settings.window,
+        )  # fmt: skip
+        return transfer.run()
 
     def _resume_point(self, reader: PieceReader, resume_from: int, expected: str | None) -> int:
         """Where a resumed retrieval starts: ``resume_from`` if the requester's prefix is still
@@ -354,7 +351,7 @@ class _Transfer:
         while not session.finished:
             try:
                 self._turn()
-            except pika.exceptions.AMQPError as e:
+            except ConnectionLost as e:
                 sender.recover(e, self.timeout)
                 active = [t for t in session.targets if t.active]
                 self._do(session.reconnected(time.monotonic()))
@@ -402,11 +399,11 @@ class _Transfer:
     def _take_replies(self) -> None:
         replies = self.sender.replies
         while replies:
-            message, props, body = replies.popleft()
+            message, delivery = replies.popleft()
             try:
                 actions = self.session.receive(message, time.monotonic())
             except ProtocolError as e:
-                self.sender.dead_letter(props, body, str(e))
+                self.sender.dead_letter(delivery, str(e))
                 continue
             self._do(actions)
 
@@ -439,9 +436,8 @@ class _Transfer:
     def _publish_offer(self, offer: Offer, expiration_ms: int) -> None:
         sender = self.sender
         body = self.inline_body if offer.inline is not None else b""
-        props = properties(offer, reply_to=sender.reply_queue)
         # An offer nobody took within the timeout is void: the sender has given up by then.
-        props.expiration = str(expiration_ms)
+        props = properties(offer, reply_to=sender.reply_queue, expiration_s=expiration_ms / 1000)
         if self.offer_to:
             sender.publish(self.offer_to, body, props, exchange="")
         else:

@@ -11,7 +11,6 @@ to the requester's private queue, so no other receiver of its site can take it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import queue
@@ -22,18 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pika.exceptions
-
-from objstream.common.broker import Closing, connect, connection_lost, dead_letter, reestablish
+from objstream.common.amqp import Delivery, connect, dead_letter, reestablish
+from objstream.common.broker import Closing
 from objstream.common.codec import EncodeError
 from objstream.common.errors import (
     BrokerUnreachable,
     ConfigError,
+    ConnectionLost,
+    FailureCode,
     ObjstreamError,
     ProtocolError,
     SendFailed,
 )
-from objstream.common.protocol import Refusal, Reply, Request, new_stream_id, parse, properties
+from objstream.common.protocol import Reply, Request, envelope, new_stream_id, parse
 from objstream.common.settings import NAME_PATTERN, Settings
 from objstream.common.streaming import ObjectStreamer
 from objstream.common.topology import Topology
@@ -47,7 +47,7 @@ MIN_RESUME_CHUNK = 4096  # bytes: the smallest chunk size a resumed retrieval ma
 
 
 class _Refuse(Exception):
-    def __init__(self, code: Refusal, detail: str) -> None:
+    def __init__(self, code: FailureCode, detail: str) -> None:
         self.code = code
         self.detail = detail
 
@@ -126,19 +126,17 @@ class RetrievalServer(Closing):
         """
         log.info("site %s serving retrievals on %s", self.site, self._queue)
         while not stop():
-            tag = self._channel.basic_consume(self._queue, self._on_request)
+            tag = self._channel.consume(self._queue, self._on_request)
             try:
                 while not stop():
-                    self._connection.process_data_events(time_limit=poll)
-            except pika.exceptions.AMQPError as e:
-                if not connection_lost(e, self._connection):
-                    raise
+                    self._connection.process_events(poll)
+            except ConnectionLost as e:
                 log.warning("connection to the broker lost (%s); reconnecting", e)
                 reestablish(self.settings, self.settings.timeout, self._open)
                 log.info("site %s serving again on %s", self.site, self._queue)
                 continue
             if self._channel.is_open:
-                self._channel.basic_cancel(tag)
+                self._channel.cancel(tag)
 
     def _open(self) -> None:
         self._connection = connect(self.settings, f"objstream server {self.site}")
@@ -146,7 +144,7 @@ class RetrievalServer(Closing):
             self._channel = self._connection.channel()
             self.topology.declare_base(self._channel)
             self._queue = self.topology.declare_service_queue(self._channel, self.site)
-            self._channel.basic_qos(prefetch_count=16)
+            self._channel.qos(16)
         except BaseException:
             self._connection.close()
             raise
@@ -164,18 +162,18 @@ class RetrievalServer(Closing):
             self._jobs.put(None)
         for worker in list(self._workers):
             worker.join(wait)
-        if self._connection.is_open:
-            self._connection.close()
+        self._connection.close()
 
     # -- one request ------------------------------------------------------------------------------
 
-    def _on_request(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_request(self, delivery: Delivery) -> None:
         try:
-            self._handle(props, body)
+            self._handle(delivery)
         finally:
-            channel.basic_ack(method.delivery_tag)
+            delivery.channel.ack(delivery.tag)
 
-    def _handle(self, props: Any, body: bytes) -> None:
+    def _handle(self, delivery: Delivery) -> None:
+        props = delivery.props
         try:
             request = parse(props.type, props.headers)
             if not isinstance(request, Request):
@@ -183,9 +181,9 @@ class RetrievalServer(Closing):
             if not isinstance(props.reply_to, str) or not props.reply_to:
                 raise ProtocolError("request without reply_to")
         except ProtocolError as e:
-            dead_letter(self._channel, self.topology, props, body, str(e))
+            dead_letter(self._channel, self.topology, delivery, str(e))
             return
-        user = props.user_id if isinstance(props.user_id, str) else None
+        user = props.user_id
         try:
             source = self._source_for(request, user)
         except _Refuse as refusal:
@@ -239,18 +237,20 @@ class RetrievalServer(Closing):
         with self._lock:
             busy = self._busy >= self.settings.max_streams
         if request.resume_from and request.kind != "file":
-            raise _Refuse(Refusal.UNSUPPORTED, "only files resume; ask for the container whole")
+            raise _Refuse(FailureCode.UNSUPPORTED, "only files resume; ask for the container whole")
         if request.resume_from and (request.chunk_size or 0) < MIN_RESUME_CHUNK:
             # The requester picks the chunk size of a resumed stream; not one that costs a
             # message per few bytes.
             raise _Refuse(
-                Refusal.UNSUPPORTED,
+                FailureCode.UNSUPPORTED,
                 f"resuming in chunks of {request.chunk_size} bytes (at least {MIN_RESUME_CHUNK})",
             )
         if request.kind == "container":
             served = self._containers.get(request.name)
             if served is None:
-                raise _Refuse(Refusal.NOT_FOUND, f"no container {request.name!r} at {self.site}")
+                raise _Refuse(
+                    FailureCode.NOT_FOUND, f"no container {request.name!r} at {self.site}"
+                )
             self._check_user(served, user)
             prepared: ContainerSource = served.value
             source: ObjectStreamer = prepared.reuse()  # encoded when added, not here
@@ -259,41 +259,42 @@ class RetrievalServer(Closing):
         if source.size is not None and source.size > self.settings.max_object_size:
             source.close()
             raise _Refuse(
-                Refusal.TOO_LARGE,
+                FailureCode.TOO_LARGE,
                 f"{source.size} bytes exceed the limit of {int(self.settings.max_object_size)}",
             )
         if busy:
             source.close()
             raise _Refuse(
-                Refusal.BUSY, f"{self.settings.max_streams} streams in progress; try again later"
+                FailureCode.BUSY,
+                f"{self.settings.max_streams} streams in progress; try again later",
             )
         return source
 
     def _file_source(self, name: str, user: str | None) -> FileSource:
         served = self._source_dir
         if served is None:
-            raise _Refuse(Refusal.NOT_FOUND, f"site {self.site} serves no files")
+            raise _Refuse(FailureCode.NOT_FOUND, f"site {self.site} serves no files")
         self._check_user(served, user)
         root: Path = served.value
         if "\x00" in name or os.path.isabs(name):
-            raise _Refuse(Refusal.OUTSIDE_SOURCE_DIR, f"{name!r} is not a relative name")
+            raise _Refuse(FailureCode.OUTSIDE_SOURCE_DIR, f"{name!r} is not a relative name")
         path = (root / name).resolve()  # follows symlinks: a link out of the dir is refused
         if path == root or not path.is_relative_to(root):
-            raise _Refuse(Refusal.OUTSIDE_SOURCE_DIR, f"{name!r} is outside the source dir")
+            raise _Refuse(FailureCode.OUTSIDE_SOURCE_DIR, f"{name!r} is outside the source dir")
         if not path.is_file():
-            raise _Refuse(Refusal.NOT_FOUND, f"no file {name!r} at {self.site}")
+            raise _Refuse(FailureCode.NOT_FOUND, f"no file {name!r} at {self.site}")
         try:
             return FileSource(path)
         except OSError as e:
-            raise _Refuse(Refusal.NOT_FOUND, f"cannot read {name!r}: {e.strerror}") from None
+            raise _Refuse(FailureCode.NOT_FOUND, f"cannot read {name!r}: {e.strerror}") from None
 
     @staticmethod
     def _check_user(served: _Served, user: str | None) -> None:
         if served.allow is not None and user not in served.allow:
-            raise _Refuse(Refusal.FORBIDDEN, f"user {user!r} may not retrieve it")
+            raise _Refuse(FailureCode.FORBIDDEN, f"user {user!r} may not retrieve it")
 
     def _reply(self, reply_to: str, reply: Reply) -> None:
-        self._channel.basic_publish("", reply_to, b"", properties(reply, persistent=False))
+        self._channel.publish("", reply_to, b"", envelope(reply, persistent=False))
 
     def _work(self) -> None:
         """A pool worker: one connection, many streams, one at a time."""
@@ -327,13 +328,12 @@ class RetrievalServer(Closing):
                     break
                 if not self._serve_one(sender, job):
                     break  # the connection is gone; a new worker takes the next request
-        except pika.exceptions.AMQPError as e:
+        except ObjstreamError as e:
             log.info("site %s: an idle serving worker lost its connection (%s)", self.site, e)
         finally:
             with self._lock:
                 self._workers.discard(threading.current_thread())
-            with contextlib.suppress(pika.exceptions.AMQPError):
-                sender.close()
+            sender.close()
 
     def _drain_one(self) -> None:
         """A worker could not start: fail the request it was started for."""

@@ -16,7 +16,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from objstream.common.broker import Closing, connect
+from objstream.common.amqp import connect
+from objstream.common.broker import Closing
 from objstream.common.settings import Settings, check_chunk_size, parse_size
 from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.producer.container_source import ContainerSource
@@ -86,7 +87,7 @@ class Streamer(Closing):
         sender = getattr(self, "_sender", None)
         if sender is not None:
             sender.close()
-        elif self._connection.is_open:
+        else:
             self._connection.close()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from objstream.common.broker import connect
+from objstream.common.amqp import connect
 from objstream.common.settings import KiB
 from objstream.producer.sender import StreamSender
 from objstream.producer.sources import FileSource

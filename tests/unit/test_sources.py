@@ -94,7 +94,7 @@ def test_the_resume_prefix_is_hashed_while_the_connection_keeps_working(tmp_path
     class Connection:
         events = 0
 
-        def process_data_events(self, time_limit):
+        def process_events(self, time_limit):
             self.events += 1
             time.sleep(time_limit)
 
