@@ -304,93 +304,99 @@ def test_illegal_transitions_raise() -> None:
 
 # -- a whole transfer over a bad link, against the receiving side's reassembler ------------------
 
+CHUNK = 7
+Wire = tuple[str, int, bytes]  # ("chunk", seq, body) or ("end", count, b"")
 
-def _transfer_over_a_bad_link(
-    rnd: random.Random, data: bytes, sites: tuple[str, ...], random_access: bool
-) -> dict[str, bytes]:
-    """Drive a SendSession and one Reassembler per site through links that lose, duplicate,
-    reorder and corrupt messages both ways; return what each site stored."""
-    chunk = 7
-    pieces = [data[i : i + chunk] for i in range(0, len(data), chunk)]
-    facts = SourceFacts("blob", "x", chunk, len(data), len(pieces), random_access)
-    if not random_access:
-        facts = SourceFacts("blob", "x", chunk, None, None, False)
-    ids = {site: new_stream_id() for site in sites}
-    session = SendSession.create(facts, list(ids.items()), sender="me", window=4, timeout=1e6,
-                                 resend_after=1.0, now=0.0)  # fmt: skip
-    receivers: dict[str, Reassembler] = {}
-    stored: dict[str, bytearray] = {site: bytearray() for site in sites}
-    to_site: dict[str, list[tuple[str, int, bytes]]] = {site: [] for site in sites}
-    replies: list[Progress | Done] = []
 
-    def heard(site: str) -> bool:
+class _BadLink:
+    """A SendSession and one Reassembler per site, joined by links that lose, duplicate,
+    reorder and corrupt messages both ways."""
+
+    def __init__(
+        self, rnd: random.Random, data: bytes, sites: tuple[str, ...], random_access: bool
+    ):
+        self.rnd, self.data, self.sites = rnd, data, sites
+        self.pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        count = len(self.pieces) if random_access else None
+        size = len(data) if random_access else None
+        facts = SourceFacts("blob", "x", CHUNK, size, count, random_access)
+        self.ids = {site: new_stream_id() for site in sites}
+        self.session = SendSession.create(facts, list(self.ids.items()), sender="me", window=4,
+                                          timeout=1e6, resend_after=1.0, now=0.0)  # fmt: skip
+        self.receivers: dict[str, Reassembler] = {}
+        self.stored: dict[str, bytearray] = {site: bytearray() for site in sites}
+        self.to_site: dict[str, list[Wire]] = {site: [] for site in sites}
+        self.replies: list[Progress | Done] = []
+
+    def heard(self, site: str) -> bool:
         # Before a receiver reads the durable data queue, nothing in it is lost; after, a
         # broker restart can lose transient chunks (and replies).
-        return session.targets[sites.index(site)].heard
+        return self.session.targets[self.sites.index(site)].heard
 
-    def send(site: str, message: tuple[str, int, bytes]) -> None:
-        if heard(site) and rnd.random() < 0.1:
+    def send(self, site: str, message: Wire) -> None:
+        rnd = self.rnd
+        if self.heard(site) and rnd.random() < 0.1:
             return  # lost
         kind, seq, body = message
         if rnd.random() < 0.05 and kind == "chunk" and body:
             message = (kind, seq, bytes([body[0] ^ 1]) + body[1:])  # corrupt (crc mismatch)
-        to_site[site].insert(rnd.randrange(len(to_site[site]) + 1), message)  # reordered
+        queue = self.to_site[site]
+        queue.insert(rnd.randrange(len(queue) + 1), message)  # reordered
         if rnd.random() < 0.05:
-            to_site[site].append(message)  # duplicated
+            queue.append(message)  # duplicated
 
-    def act(actions: list[Action]) -> None:
+    def act(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, PublishOffer):
-                receivers[a.site] = Reassembler(a.offer)
-                receivers[a.site].accept()
+                self.receivers[a.site] = Reassembler(a.offer)
+                self.receivers[a.site].accept()
+            elif isinstance(a, PublishChunk) and a.seq >= len(self.pieces):
+                self.session.source_ended(len(self.pieces))  # the driver found no such piece
             elif isinstance(a, PublishChunk):
-                if a.seq >= len(pieces):
-                    session.source_ended(len(pieces))
-                else:
-                    send(a.site, ("chunk", a.seq, pieces[a.seq]))
+                self.send(a.site, ("chunk", a.seq, self.pieces[a.seq]))
             elif isinstance(a, PublishEnd):
-                send(a.site, ("end", len(pieces), b""))
+                self.send(a.site, ("end", len(self.pieces), b""))
 
-    def receive(site: str, kind: str, seq: int, body: bytes) -> None:
-        r = receivers[site]
-        sid = ids[site]
+    def receive(self, site: str, kind: str, seq: int, body: bytes) -> None:
+        r, sid = self.receivers[site], self.ids[site]
         if r.finished:  # a resend after a lost verdict: say it again
-            replies.append(Done(stream_id=sid, site=site, ok=r.state is RState.DONE))
+            self.replies.append(Done(stream_id=sid, site=site, ok=r.state is RState.DONE))
             return
         if kind == "end":
-            r.record_end(End(stream_id=sid, chunk_count=seq, size=len(data),
-                             sha256=hashlib.sha256(data).hexdigest()))  # fmt: skip
+            sha = hashlib.sha256(self.data).hexdigest()
+            r.record_end(End(stream_id=sid, chunk_count=seq, size=len(self.data), sha256=sha))
         else:
-            outcome = r.chunk(seq, zlib.crc32(pieces[seq]), body)
+            outcome = r.chunk(seq, zlib.crc32(self.pieces[seq]), body)
             if outcome.verdict is ChunkVerdict.WRITE:
-                stored[site] += body
-            replies.append(Progress(stream_id=sid, site=site, stored=r.stored,
-                                    resend_from=outcome.resend_from))  # fmt: skip
+                self.stored[site] += body
+            self.replies.append(Progress(stream_id=sid, site=site, stored=r.stored,
+                                         resend_from=outcome.resend_from))  # fmt: skip
         if r.complete:
             ok = r.verify() is None
             if ok:
                 r.mark_done()
-            replies.append(Done(stream_id=sid, site=site, ok=ok))
+            self.replies.append(Done(stream_id=sid, site=site, ok=ok))
 
-    act(session.start_actions())
-    now = 0.0
-    for _ in range(20000):
-        if session.finished:
-            break
-        now += 0.1
-        act(session.next_publications())
-        for site in sites:
-            if to_site[site] and rnd.random() < 0.7:
-                receive(site, *to_site[site].pop(0))
-        rnd.shuffle(replies)
-        while replies:
-            reply = replies.pop()
-            if not heard(reply.site) or rnd.random() < 0.9:  # replies get lost too
-                act(session.receive(reply, now))
-        act(session.tick(now))
-    assert session.finished, (session.targets, session.count, now)
-    assert [_state(session, i) for i in range(len(sites))] == [TargetState.DONE] * len(sites)
-    return {site: bytes(b) for site, b in stored.items()}
+    def run(self) -> dict[str, bytes]:
+        session, rnd = self.session, self.rnd
+        self.act(session.start_actions())
+        now = 0.0
+        while not session.finished and now < 2000:
+            now += 0.1
+            self.act(session.next_publications())
+            for site in self.sites:
+                if self.to_site[site] and rnd.random() < 0.7:
+                    self.receive(site, *self.to_site[site].pop(0))
+            rnd.shuffle(self.replies)
+            while self.replies:
+                reply = self.replies.pop()
+                if not self.heard(reply.site) or rnd.random() < 0.9:  # replies get lost too
+                    self.act(session.receive(reply, now))
+            self.act(session.tick(now))
+        assert session.finished, (session.targets, session.count, now)
+        states = [t.state for t in session.targets]
+        assert states == [TargetState.DONE] * len(self.sites)
+        return {site: bytes(b) for site, b in self.stored.items()}
 
 
 @given(
@@ -404,5 +410,5 @@ def test_a_whole_transfer_survives_a_bad_link(
     seed: int, data: bytes, targets: int, random_access: bool
 ) -> None:
     sites = tuple(f"s{i}" for i in range(targets))
-    got = _transfer_over_a_bad_link(random.Random(seed), data, sites, random_access)
+    got = _BadLink(random.Random(seed), data, sites, random_access).run()
     assert got == dict.fromkeys(sites, data)
