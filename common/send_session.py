@@ -1,24 +1,16 @@
 """The sending side of streams, without I/O: feed it replies and clock ticks, get back actions.
 
-Like h11's connection object (and :mod:`objstream.common.reassembly` on the receiving side), a
-:class:`SendSession` holds the protocol *policy* of one object sent to N targets, and nothing
-else: it never reads the source, never touches the broker, files or the clock (``now`` is passed
-in). The driver (:mod:`objstream.producer.sender`) performs the actions it returns and feeds it
-what comes back.
+Like h11's connection object (and :mod:`objstream.common.reassembly`), a :class:`SendSession`
+holds the protocol *policy* of one object sent to N targets and nothing else: it never reads the
+source, never touches the broker, files or the clock (``now`` is passed in). The driver
+(:mod:`objstream.producer.sender`) performs the actions it returns and feeds it what comes back.
 
-Per target, a row of the table :attr:`SendSession.targets` holds a cursor (``next_seq``: the next
-message to publish, where message ``chunk_count`` is the end), what the target reported stored,
-and an explicit :class:`TargetState`, changed only through :data:`TRANSITIONS`:
-
-- at most ``window`` chunks are published beyond what a target reported stored; a source without
-  random access (an iterator) also keeps every target within one window of the slowest
-  (``lockstep``), so the driver keeps at most a window of pieces, released as the slowest advances;
-- a target silent for ``resend_after`` seconds gets a resend from what it stored, but only once it
-  made contact (before, the chunks wait in the durable data queue);
-- a target silent for ``timeout`` seconds fails alone ("never took the offer" if it never spoke);
-  the others go on;
-- a failed target's receiver is told to drop the stream (abort), or its data queue is deleted when
-  nobody took the offer or the receiver refused it.
+Per target, a row of :attr:`SendSession.targets` holds a cursor (``next_seq``; message number
+``chunk_count`` is the end), what the target stored, and a :class:`TargetState` changed only
+through :data:`TRANSITIONS`. At most ``window`` chunks go beyond what a target stored (for an
+iterator source, beyond what the slowest stored: ``lockstep``). A silent target gets a resend
+after ``resend_after`` s, once it made contact; after ``timeout`` s it fails alone, and its
+receiver is told to drop the stream (abort), or its queue is deleted if nobody took the offer.
 """
 
 from __future__ import annotations
@@ -204,6 +196,15 @@ def fits_inline(facts: SourceFacts, start: int = 0) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class Pacing:
+    """How fast the session goes and how long it waits (from the settings or the call)."""
+
+    window: int  # chunks in flight beyond what a target stored
+    timeout: float  # seconds of silence after which a target fails
+    resend_after: float  # seconds of silence (after contact) before resending
+
+
 @dataclass
 class Target:
     """One row of the session's table: the stream to one target."""
@@ -245,9 +246,7 @@ class SendSession:
         facts: the source's description.
         targets: ``(site, stream_id)`` per target.
         sender: this site's name.
-        window: chunks in flight beyond what a target stored.
-        timeout: seconds of silence after which a target fails.
-        resend_after: seconds of silence (after contact) before resending.
+        pacing: window, timeout and resend delay.
         start: first chunk sent (a resumed retrieval skips what the requester has).
         inline: the object rides in the offer (see :func:`fits_inline`); the driver computed it.
     """
@@ -255,9 +254,7 @@ class SendSession:
     facts: SourceFacts
     targets: list[Target]
     sender: str
-    window: int
-    timeout: float
-    resend_after: float
+    pacing: Pacing
     start: int = 0
     inline: Inline | None = None
     count: int | None = field(init=False)
@@ -271,18 +268,16 @@ class SendSession:
         targets: Sequence[tuple[str, str]],
         *,
         sender: str,
-        window: int,
-        timeout: float,
-        resend_after: float,
+        pacing: Pacing,
         start: int = 0,
         inline: Inline | None = None,
         now: float,
     ) -> SendSession:
-        """A session whose offers are out at ``now`` (call :meth:`start` for the actions)."""
+        """A session whose offers go out at ``now`` (:meth:`start_actions` gives them)."""
         if inline is not None and not fits_inline(facts, start):
             raise ValueError(f"{facts.kind} {facts.name!r} does not fit in an offer")
         rows = [Target(site, stream_id, start, start, now) for site, stream_id in targets]
-        return cls(facts, rows, sender, window, timeout, resend_after, start, inline)
+        return cls(facts, rows, sender, pacing, start, inline)
 
     def __post_init__(self) -> None:
         self.count = self.facts.chunk_count
@@ -319,7 +314,9 @@ class SendSession:
                 actions.append(DeclareDataQueue(target.stream_id))
             else:
                 target.next_seq = (self.count or 0) + 1  # the offer was the whole stream
-            actions.append(PublishOffer(target.site, self._offer(target), int(self.timeout * 1000)))
+            actions.append(
+                PublishOffer(target.site, self._offer(target), int(self.pacing.timeout * 1000))
+            )
         return actions
 
     def _offer(self, target: Target) -> Offer:
@@ -332,7 +329,7 @@ class SendSession:
                 size=facts.size,
                 chunk_size=facts.chunk_size,
                 chunk_count=facts.chunk_count,
-                window=self.window,
+                window=self.pacing.window,
                 sender=self.sender,
                 target=target.site,
                 info=dict(facts.info) if facts.info else None,
@@ -404,17 +401,18 @@ class SendSession:
     def tick(self, now: float) -> list[Action]:
         """Check every target's silence: resend, or fail it after the timeout."""
         actions: list[Action] = []
+        timeout, resend_after = self.pacing.timeout, self.pacing.resend_after
         for target in self._active():
             silent = now - target.quiet_since
-            if silent > self.timeout:
+            if silent > timeout:
                 detail = "" if target.heard else f"site {target.site!r} never took the offer"
                 actions += self._fail(target, TimedOut(target.site, target.stream_id,
-                                                       self.timeout, detail))  # fmt: skip
+                                                       timeout, detail))  # fmt: skip
             elif (
                 target.heard
                 and self.inline is None
-                and silent > self.resend_after
-                and now - target.last_resend > self.resend_after
+                and silent > resend_after
+                and now - target.last_resend > resend_after
             ):
                 log.info("no progress from %s for %.1f s; resending stream %s from chunk %d",
                          target.site, silent, target.stream_id, target.stored)  # fmt: skip
@@ -460,9 +458,9 @@ class SendSession:
             self._released = floor
             actions.append(ReleaseBefore(floor))
         for target in active:
-            limit = target.stored + self.window
+            limit = target.stored + self.pacing.window
             if self.lockstep:
-                limit = min(limit, floor + self.window)
+                limit = min(limit, floor + self.pacing.window)
             seq = target.next_seq
             if self.count is not None and seq == self.count:
                 target.next_seq = seq + 1

@@ -45,6 +45,7 @@ from objstream.common.send_session import (
     Action,
     DeclareDataQueue,
     DeleteDataQueue,
+    Pacing,
     PublishAbort,
     PublishChunk,
     PublishEnd,
@@ -104,10 +105,10 @@ class StreamSender:
         connection: Connection,
         settings: Settings,
         site: str,
+        *,
         cancel: threading.Event | None = None,
         progress: ProgressHook | None = None,
         reconnect: Callable[[], Connection] | None = None,
-        *,
         replies: ReplyQueue = ReplyQueue.PRIVATE,
     ) -> None:
         if reconnect is not None and replies is not ReplyQueue.NAMED:
@@ -250,11 +251,12 @@ class StreamSender:
         reader = PieceReader(source)
         start = self._resume_point(reader, resume_from, prefix_sha256)
         ids = [(t, stream_id or new_stream_id()) for t in targets]
-        transfer = _Transfer(
-            self, reader, ids, start, offer_to,
-            timeout or self.settings.timeout, window or self.settings.window,
-        )  # fmt: skip
-        return transfer.run()
+        pacing = Pacing(
+            window or self.settings.window,
+            timeout or self.settings.timeout,
+            self.settings.resend_after,
+        )
+        return _Transfer(self, reader, ids, start=start, offer_to=offer_to, pacing=pacing).run()
 
     def _resume_point(self, reader: PieceReader, resume_from: int, expected: str | None) -> int:
         """Where a resumed retrieval starts: ``resume_from`` if the requester's prefix is still
@@ -306,15 +308,15 @@ class _Transfer:
         sender: StreamSender,
         reader: PieceReader,
         targets: list[tuple[str, str]],
+        *,
         start: int,
         offer_to: str | None,
-        timeout: float,
-        window: int,
+        pacing: Pacing,
     ) -> None:
         self.sender = sender
         self.reader = reader
         self.offer_to = offer_to
-        self.timeout = timeout
+        self.timeout = pacing.timeout
         source = reader.streamer
         facts = SourceFacts(
             source.kind, source.name, source.chunk_size, source.size, source.chunk_count,
@@ -323,8 +325,7 @@ class _Transfer:
         self.inline_body = b""
         inline = self._inline(facts, start)
         self.session = SendSession.create(
-            facts, targets, sender=sender.site, window=window, timeout=timeout,
-            resend_after=sender.settings.resend_after, start=start, inline=inline,
+            facts, targets, sender=sender.site, pacing=pacing, start=start, inline=inline,
             now=time.monotonic(),
         )  # fmt: skip
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from objstream.common.amqp import connect
-from objstream.common.settings import KiB
+from objstream.common.settings import KiB, Settings
+from objstream.consumer.streams import Received
 from objstream.producer.sender import StreamSender
 from objstream.producer.sources import FileSource
 from tests.conftest import random_file, sha256_of
+from tests.integration.conftest import BackgroundReceiver
 
 CHUNK = 64 * KiB
 
@@ -27,7 +33,12 @@ class SlowPrefix(FileSource):
         return super().read_chunk(seq)
 
 
-def test_a_slow_prefix_hash_does_not_starve_heartbeats(tmp_path, settings, start_receiver, caplog):
+def test_a_slow_prefix_hash_does_not_starve_heartbeats(
+    tmp_path: Path,
+    settings: Settings,
+    start_receiver: Callable[..., BackgroundReceiver],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.INFO)
     beating = settings.model_copy(update={"heartbeat": 2})
     src = tmp_path / "big.bin"
@@ -46,4 +57,6 @@ def test_a_slow_prefix_hash_does_not_starve_heartbeats(tmp_path, settings, start
     assert result.ok
     assert "changed since the requester's first 10 chunks" in caplog.text
     [received] = receiver.wait_for(1)
+    assert isinstance(received, Received)
+    assert received.path is not None
     assert sha256_of(received.path) == digest

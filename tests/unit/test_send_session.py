@@ -19,6 +19,7 @@ from objstream.common.send_session import (
     Action,
     DeclareDataQueue,
     DeleteDataQueue,
+    Pacing,
     PublishAbort,
     PublishChunk,
     PublishEnd,
@@ -59,9 +60,7 @@ def _session(
         facts or _facts(),
         list(ids.items()),
         sender="me",
-        window=window,
-        timeout=timeout,
-        resend_after=resend_after,
+        pacing=Pacing(window, timeout, resend_after),
         start=start,
         inline=inline,
         now=0.0,
@@ -321,8 +320,8 @@ class _BadLink:
         size = len(data) if random_access else None
         facts = SourceFacts("blob", "x", CHUNK, size, count, random_access)
         self.ids = {site: new_stream_id() for site in sites}
-        self.session = SendSession.create(facts, list(self.ids.items()), sender="me", window=4,
-                                          timeout=1e6, resend_after=1.0, now=0.0)  # fmt: skip
+        self.session = SendSession.create(facts, list(self.ids.items()), sender="me",
+                                          pacing=Pacing(4, 1e6, 1.0), now=0.0)  # fmt: skip
         self.receivers: dict[str, Reassembler] = {}
         self.stored: dict[str, bytearray] = {site: bytearray() for site in sites}
         self.to_site: dict[str, list[Wire]] = {site: [] for site in sites}

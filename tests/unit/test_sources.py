@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from objstream.common.streaming import Piece
 from objstream.producer.pieces import SharedDigest
 from objstream.producer.sources import FileSource, SourceChanged
 
@@ -52,13 +53,16 @@ def test_shared_digest_hashes_each_chunk_once_whatever_the_resends() -> None:
     assert digest.hexdigest() == hashlib.sha256(b"abc").hexdigest()
 
 
-def test_a_container_is_encoded_once_however_often_it_is_served(monkeypatch):
+def test_a_container_is_encoded_once_however_often_it_is_served(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from objstream.common import codec
     from objstream.producer import container_source
 
-    calls = []
-    real = container_source.encode
+    calls: list[str] = []
+    real = codec.encode
 
-    def counting(value, where=""):
+    def counting(value: object, where: str = "") -> codec.Encoded:
         calls.append(where)
         return real(value, where=where)
 
@@ -75,7 +79,7 @@ def test_a_container_is_encoded_once_however_often_it_is_served(monkeypatch):
         assert b"".join(twin.piece(s).data for s in range(twin.chunk_count or 0)) == whole
 
 
-def test_the_resume_prefix_is_hashed_while_the_connection_keeps_working(tmp_path):
+def test_the_resume_prefix_is_hashed_while_the_connection_keeps_working(tmp_path: Path) -> None:
     """The prefix hash runs on a worker thread; meanwhile the connection processes events
     (heartbeats) instead of starving."""
     import hashlib
@@ -89,21 +93,22 @@ def test_the_resume_prefix_is_hashed_while_the_connection_keeps_working(tmp_path
     path.write_bytes(data)
 
     class SlowFile(FileSource):
-        def piece(self, seq):
+        def piece(self, seq: int) -> Piece:
             time.sleep(0.05)  # a slow disk
             return super().piece(seq)
 
     class Connection:
         events = 0
 
-        def process_events(self, time_limit):
+        def process_events(self, time_limit: float) -> None:
             self.events += 1
             time.sleep(time_limit)
 
     source = SlowFile(path)
     source.prepare(1024)
     sender = StreamSender.__new__(StreamSender)
-    sender._connection = connection = Connection()
+    connection = Connection()
+    sender._connection = connection  # type: ignore[assignment]
     reader = PieceReader(source)
     prefix = hashlib.sha256(data[: 8 * 1024]).hexdigest()
     assert sender._resume_point(reader, 8, prefix) == 8
