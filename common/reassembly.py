@@ -29,6 +29,7 @@ class State(StrEnum):
     VERIFYING = "verifying"
     DONE = "done"
     FAILED = "failed"
+    SUSPENDED = "suspended"  # left on disk, checkpointed, for the receiver that takes it over
 
 
 class Event(StrEnum):
@@ -38,6 +39,7 @@ class Event(StrEnum):
     COMPLETE = "complete"  # every chunk stored and the end known
     VERIFIED = "verified"
     FAIL = "fail"
+    SUSPEND = "suspend"  # this receiver stops; a successor goes on from the checkpoint
 
 
 # The legal transitions; anything else is "can't handle EVENT in state STATE".
@@ -48,6 +50,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RECEIVING, Event.END): State.RECEIVING,
     (State.RECEIVING, Event.COMPLETE): State.VERIFYING,
     (State.RECEIVING, Event.FAIL): State.FAILED,
+    (State.RECEIVING, Event.SUSPEND): State.SUSPENDED,
     (State.VERIFYING, Event.VERIFIED): State.DONE,
     (State.VERIFYING, Event.FAIL): State.FAILED,
 }
@@ -114,7 +117,7 @@ class Reassembler:
 
     @property
     def finished(self) -> bool:
-        return self.state in (State.DONE, State.FAILED)
+        return self.state in (State.DONE, State.FAILED, State.SUSPENDED)
 
     def accept(self) -> None:
         self._apply(Event.ACCEPT)
@@ -245,6 +248,10 @@ class Reassembler:
     def mark_done(self) -> None:
         """The verified content is committed under its final name."""
         self._apply(Event.VERIFIED)
+
+    def suspend(self) -> None:
+        """This receiver lets go of the stream; what is stored stays for a successor."""
+        self._apply(Event.SUSPEND)
 
     def fail(self, failure: Failure) -> None:
         """Mark the stream failed (no-op if it already ended)."""
