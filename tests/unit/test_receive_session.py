@@ -49,8 +49,10 @@ class Driver:
                        sha256=hashlib.sha256(data).hexdigest())  # fmt: skip
         reassembler = Reassembler(self.offer)
         reassembler.accept()
-        self.session = ReceiveSession(reassembler, "b", now=0.0, timeout=5.0, window=window,
-                                      checkpoints=checkpoints, keeps_prefix=keeps_prefix)  # fmt: skip
+        self.session = ReceiveSession(
+            reassembler, "b", now=0.0, timeout=5.0, window=window,
+            checkpoints=checkpoints, keeps_prefix=keeps_prefix,
+        )  # fmt: skip
         self.disk = bytearray(len(data))
         self.fail_commit = fail_commit
         self.log: list[Action] = []
@@ -108,10 +110,12 @@ def test_in_order_transfer_commits_then_sends_ok() -> None:
     kinds = [type(a) for a in d.log]
     # The verdict only after the commit, and the state file goes before it.
     assert kinds.index(Commit) < kinds.index(RemoveCheckpoint) < kinds.index(SendVerdict)
-    assert d.verdict.done.ok and d.verdict.done.stored_as == "x"
+    assert d.verdict.done.ok
+    assert d.verdict.done.stored_as == "x"
     assert d.acked == d.tag  # everything delivered is acked
     finished = d.of(Finished)[-1]
-    assert finished.ok and finished.path == Path("/in/x")
+    assert finished.ok
+    assert finished.path == Path("/in/x")
 
 
 def test_progress_every_quarter_window() -> None:
@@ -181,7 +185,8 @@ def test_corrupt_chunk_dead_lettered_and_resend_asked() -> None:
     d.chunk(0)
     d.chunk(1, crc=123)
     (dead,) = d.of(DeadLetter)
-    assert dead.tag == 2 and "crc32" in dead.reason
+    assert dead.tag == 2
+    assert "crc32" in dead.reason
     assert d.of(SendProgress)[-1].resend_from == 1
 
 
@@ -227,11 +232,9 @@ def test_timeout_keeps_verified_prefix() -> None:
     d.run(d.session.tick(6.5))
     assert d.of(LeaveOnDisk) == [LeaveOnDisk(4, 40)]
     done = d.verdict.done
-    assert (
-        not done.ok
-        and done.code == ErrorCode.TIMEOUT
-        and "40 bytes received are kept" in done.detail
-    )
+    assert not done.ok
+    assert done.code == ErrorCode.TIMEOUT
+    assert "40 bytes received are kept" in done.detail
     assert d.session.tick(100.0) == []
 
 
@@ -239,7 +242,8 @@ def test_timeout_without_prefix_discards() -> None:
     d = Driver(bytes(100), keeps_prefix=False)
     d.chunk(0)
     d.run(d.session.tick(10.0))
-    assert d.of(Discard) and not d.of(LeaveOnDisk)
+    assert d.of(Discard)
+    assert not d.of(LeaveOnDisk)
 
 
 def test_abort_keeps_prefix_and_acks() -> None:
@@ -264,7 +268,9 @@ def test_commit_failure_turns_into_failed_verdict() -> None:
     d.send_end()
     assert d.session.state is State.FAILED
     done = d.verdict.done
-    assert not done.ok and done.code == ErrorCode.IO and done.detail == "disk full"
+    assert not done.ok
+    assert done.code == ErrorCode.IO
+    assert done.detail == "disk full"
     assert d.of(Discard)
     assert not d.of(RemoveCheckpoint)
 
@@ -278,7 +284,8 @@ def test_no_timeout_and_no_messages_while_committing() -> None:
     assert d.session.tick(1000.0) == []
     assert d.session.receive(3, d.end, b"", 1000.0) == []
     out = d.session.committed({"a": 1})
-    assert isinstance(out[-1], Finished) and out[-1].value == {"a": 1}
+    assert isinstance(out[-1], Finished)
+    assert out[-1].value == {"a": 1}
     assert Ack(3) in out
 
 
@@ -297,7 +304,8 @@ def test_suspend_checkpoints_and_leaves_on_disk() -> None:
     d.chunk(0)
     d.chunk(1)
     d.run(d.session.suspend(0.1))
-    assert d.checkpoint == (2, 20) and d.acked == 2
+    assert d.checkpoint == (2, 20)
+    assert d.acked == 2
     assert d.of(LeaveOnDisk) == [LeaveOnDisk(2, 20)]
     assert d.session.state is State.SUSPENDED
     assert not d.of(SendVerdict)
@@ -326,7 +334,8 @@ def test_inline_commits_at_once() -> None:
     assert [type(a) for a in actions] == [Write, Commit]
     bad = Driver(data)
     actions = bad.session.inline(Inline(crc32=1, sha256=inline.sha256), data)
-    assert isinstance(actions[-1], Finished) and actions[-1].code == ErrorCode.CHECKSUM
+    assert isinstance(actions[-1], Finished)
+    assert actions[-1].code == ErrorCode.CHECKSUM
 
 
 def test_chunk_beyond_count_is_a_protocol_error() -> None:
