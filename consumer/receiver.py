@@ -1,11 +1,12 @@
 """``Receiver``: the receiving side of a site. Takes offers from the site's inbox and streams in.
 
 One receiver holds one connection and works in the thread that calls :meth:`Receiver.receive`.
-Each accepted stream gets its own channel on its data queue (prefetch = the sender's window), so
-acks always go to the channel that delivered. Chunks are judged by the pure
-:class:`~objstream.common.reassembly.Reassembler` and written by
-:class:`~objstream.consumer.file_sink.PartialFile`; the
-receiver only moves bytes and messages between them and the broker.
+It is built from parts: a :class:`~objstream.consumer.stream_table.StreamTable` drives one
+:class:`~objstream.common.receive_session.ReceiveSession` per stream on a channel of its own
+(prefetch: the receiver's ``receive_window``, never more), a
+:class:`~objstream.consumer.takeover.ResumeStore` holds state files and kept prefixes, and the
+inbox (here) turns offers into streams. Chunks are judged by the session and written by the
+stream's assembler; the receiver only moves bytes and messages between them and the broker.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,46 +26,39 @@ from objstream.common.errors import (
     BrokerUnreachable,
     ConfigError,
     ErrorCode,
-    ObjstreamError,
     ProtocolError,
     TransferFailed,
 )
-from objstream.common.protocol import (
-    CONTAINER_KIND,
-    FILE_KIND,
-    Abort,
-    Chunk,
-    Done,
-    End,
-    Inline,
-    Offer,
-    Progress,
-    parse,
-    properties,
-)
-from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler
+from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, parse
+from objstream.common.reassembly import Reassembler
 from objstream.common.settings import NAME_PATTERN, Settings
 from objstream.common.streaming import ObjectAssembler, ProgressHook
 from objstream.common.topology import Topology
 from objstream.consumer.container_assembler import ContainerAssembler, OnEntry
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.file_sink import FileAssembler
-from objstream.consumer.resume import Resumable, StreamState, remove_abandoned
+from objstream.consumer.resume import Resumable, StreamState
+from objstream.consumer.stream_table import Save, StreamTable
 from objstream.consumer.streams import Received, Stream
-from objstream.consumer.takeover import TakeOver, continues
+from objstream.consumer.takeover import Reopened, ResumeStore, continues, keeps_prefix
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
 log = logging.getLogger(__name__)
 
-RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
-FLUSH_INTERVAL = 0.05  # seconds: acks/progress never wait longer than this
 CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
-# Failures after which a file's verified prefix is kept (the sender went away, not bad data).
-KEEP_PREFIX_ON = frozenset({ErrorCode.TIMEOUT, ErrorCode.ABORTED})
 
 
-class Receiver(TakeOver, Closing):
+class Refusal(Exception):
+    """An offer this receiver does not take: the sender gets ``code`` and ``detail``."""
+
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class Receiver(Closing):
     """Receives the objects streamed to ``site`` into the directory ``dest``.
 
     Use :meth:`receive` (or iterate) to get each object as it completes::
@@ -83,7 +75,9 @@ class Receiver(TakeOver, Closing):
     does (at the cost of its size on disk while in transit; see
     :mod:`objstream.consumer.container_spool`). ``assemblers`` adds custom kinds: a mapping from a
     kind name to a factory that takes the :class:`Offer` and returns an
-    :class:`~objstream.common.streaming.ObjectAssembler`.
+    :class:`~objstream.common.streaming.ObjectAssembler`. ``save`` runs on each object once it is
+    verified and before the sender is told it arrived (see
+    :data:`~objstream.consumer.stream_table.Save`): a save that fails fails the transfer.
     """
 
     def __init__(
@@ -94,9 +88,9 @@ class Receiver(TakeOver, Closing):
         *,
         on_entry: OnEntry | None = None,
         assemblers: Mapping[str, AssemblerFactory] | None = None,
-        listen: bool = True,
         progress: ProgressHook | None = None,
         spool_containers: bool = False,
+        save: Save | None = None,
     ) -> None:
         if not re.match(NAME_PATTERN, site):
             raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
@@ -114,30 +108,50 @@ class Receiver(TakeOver, Closing):
             CONTAINER_KIND: self._container_assembler,
             **(assemblers or {}),
         }
-        self._streams: dict[str, Stream] = {}
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._outcomes: deque[Received | TransferFailed] = deque()
-        self._progress = progress
-        self._stream_timeouts: dict[str, float] = {}  # per-stream progress timeouts (retrievals)
-        # Retrievals: the name asked for, and the kept prefix a resumed stream continues.
-        self._requested: dict[str, str] = {}
-        self._kept_for: dict[str, Resumable] = {}
+        self._table = StreamTable(site, self.settings, self.topology, progress=progress,
+                                  save=save)  # fmt: skip
+        self._store = ResumeStore(self.dest, self.settings, on_entry=on_entry,
+                                  spool_containers=spool_containers)  # fmt: skip
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
-        self._inbox_tag: str | None = None
-        self._listen = listen
         self.reconnects = 0
         """How often the connection was lost and re-established."""
-        self._connection = connect(self.settings, f"objstream consumer {site}")
+        # Hashing what a dead receiver left can take long: done before connecting, so that no
+        # heartbeat waits for it.
+        left_over = self._store.left_over() if self._listens else []
         try:
-            self._control = self._connection.channel()
-            self.topology.declare_base(self._control)
-            self._open_queues()
-            if listen:
-                self._resume_streams()
-                self._resume_inbox()
+            self._connect()
+        except BaseException:
+            for item in left_over:
+                item.state.release()
+                item.assembler.suspend()
+            raise
+        try:
+            self._take_over(left_over)
+            self._resume_inbox()
         except BaseException:
             self._connection.close()
             raise
+
+    _listens = True  # a Retriever takes no offers from the inbox and no streams over
+
+    def _connect(self) -> None:
+        self._connection = connect(self.settings, f"objstream consumer {self.site}")
+        try:
+            self._control = self._connection.channel()
+            self.topology.declare_base(self._control)
+            self._table.bind(self._connection, self._control)
+            self._open_queues()
+        except BaseException:
+            self._connection.close()
+            raise
+
+    def _open_queues(self) -> None:
+        """Declare and open what this receiver consumes besides data queues (its inbox)."""
+        self._inbox_tag: str | None = None
+        self._inbox = self.topology.declare_inbox(self._control, self.site)
+        self._inbox_channel = self._connection.channel()
+        # One offer at a time, acked once accepted: the limit on streams is exact.
+        self._inbox_channel.basic_qos(prefetch_count=1)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -149,20 +163,18 @@ class Receiver(TakeOver, Closing):
             BrokerUnreachable: the broker connection was lost.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._outcomes:
+        outcomes = self._table.outcomes
+        while not outcomes:
             wait = 0.2
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     return None
             try:
-                self._connection.process_data_events(time_limit=wait)
-                self._housekeeping()
+                self._events(wait)
             except pika.exceptions.AMQPError as e:
-                if not connection_lost(e, self._connection):
-                    raise BrokerUnreachable(self.settings.masked_url, f"broker error: {e!r}") from e
-                self._recover(e)
-        outcome = self._outcomes.popleft()
+                raise BrokerUnreachable(self.settings.masked_url, f"broker error: {e!r}") from e
+        outcome = outcomes.popleft()
         if isinstance(outcome, TransferFailed):
             raise outcome
         return outcome
@@ -177,7 +189,7 @@ class Receiver(TakeOver, Closing):
 
     @property
     def active_streams(self) -> int:
-        return len(self._streams)
+        return len(self._table)
 
     def close(self, checkpoint: bool = True) -> None:
         """Stop and disconnect.
@@ -189,66 +201,91 @@ class Receiver(TakeOver, Closing):
         """
         try:
             if self._connection.is_open:
-                for stream in list(self._streams.values()):
+                for stream in list(self._table.streams.values()):
                     if stream.closing:
                         continue
-                    if checkpoint and stream.state is not None:
-                        self._suspend(stream)
+                    if checkpoint:
+                        self._table.suspend(stream)
                     else:
                         reason = f"receiver of site {self.site} shut down"
-                        self._fail(stream, ErrorCode.ABORTED, reason)
-                self._housekeeping()
+                        self._table.fail(stream, ErrorCode.ABORTED, reason)
+                self._table.tick()
                 self._connection.close()
         except pika.exceptions.AMQPError:
             log.debug("connection already gone while closing", exc_info=True)
         finally:
-            for stream in self._streams.values():
+            for stream in self._table.streams.values():
                 stream.assembler.discard()
+
+    # -- the connection ---------------------------------------------------------------------------
+
+    def _events(self, time_limit: float) -> None:
+        """Process broker events for up to ``time_limit`` s, reconnecting if the connection
+        was lost."""
+        try:
+            self._connection.process_data_events(time_limit=time_limit)
+            self._housekeeping()
+        except pika.exceptions.AMQPError as e:
+            if not connection_lost(e, self._connection):
+                raise
+            self._recover(e)
 
     def _recover(self, error: BaseException) -> None:
         """Reconnect after a lost connection (broker restart...) and go on with every stream."""
         log.warning("connection to the broker lost (%s); reconnecting", error)
-
-        def setup() -> None:
-            self._connection = connect(self.settings, f"objstream consumer {self.site}")
-            self._control = self._connection.channel()
-            self.topology.declare_base(self._control)
-            self._open_queues()
-
-        reestablish(self.settings, self.settings.timeout, setup)
+        reestablish(self.settings, self.settings.timeout, self._connect)
         self.reconnects += 1
-        self._inbox_tag = None
-        now = time.monotonic()
-        for stream in list(self._streams.values()):
-            if stream.closing or stream.channel is None:
-                continue
-            stream.unacked_tag = 0  # delivery tags of the old channel mean nothing now
-            stream.last_activity = now
-            try:
-                self._consume(stream)
-            except pika.exceptions.ChannelClosedByBroker:
-                self._fail(stream, ErrorCode.PROTOCOL, "the data queue is gone after a reconnect")
-                continue
-            # Chunks in flight may be gone with the broker: ask for them from here at once.
-            self._send_progress(stream, resend_from=stream.reassembler.stored)
+        self._table.reconnected()
         self._resume_inbox()
         log.info("reconnected to %s; %d stream(s) go on", self.settings.masked_url,
-                 len(self._streams))  # fmt: skip
+                 len(self._table))  # fmt: skip
 
-    def _open_queues(self) -> None:
-        """Declare and open what this receiver consumes besides data queues (its inbox)."""
-        if self._listen:
-            self._inbox = self.topology.declare_inbox(self._control, self.site)
-            self._inbox_channel = self._connection.channel()
-            # One offer at a time, acked once accepted: the limit on streams is exact.
-            self._inbox_channel.basic_qos(prefetch_count=1)
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now > self._next_cleanup:
+            self._next_cleanup = now + CLEANUP_INTERVAL
+            self._store.cleanup()
+        self._table.tick()
+        self._resume_inbox()
+
+    # -- taking streams over ----------------------------------------------------------------------
+
+    def _take_over(self, left_over: list[Reopened]) -> None:
+        """Go on with the streams a dead receiver of this directory left."""
+        for item in left_over:
+            offer = item.offer
+            stream = self._stream(item, self.settings.timeout)
+            try:
+                self._table.consume(stream)
+            except pika.exceptions.ChannelClosedByBroker:
+                if offer.kind == FILE_KIND:
+                    # Its sender gave up on it, or it failed for want of a sender: what is
+                    # verified stays, for a retrieval of the same file from that site to resume.
+                    log.info("stream %s (%r from %s) has no data queue any more; its %d bytes "
+                             "are kept", offer.stream_id, offer.name, offer.sender,
+                             item.resumed_bytes)  # fmt: skip
+                    stream.leave_on_disk()
+                else:
+                    log.info("stream %s (%r from %s) has no data queue any more; dropped",
+                             offer.stream_id, offer.name, offer.sender)  # fmt: skip
+                    self._store.drop(stream.assembler, stream.state)
+                continue
+            log.info("resuming %s %r from %s at chunk %d of %s", offer.kind, offer.name,
+                     offer.sender, item.reassembler.stored, offer.chunk_count)  # fmt: skip
+            self._table.start(stream)  # tells the sender where to go on from
+
+    def _stream(self, item: Reopened, timeout: float) -> Stream:
+        session = self._table.session(item.reassembler, timeout=timeout, checkpoints=True,
+                                      keeps_prefix=keeps_prefix(item.assembler))  # fmt: skip
+        return Stream(item.offer, item.reply_to, session, item.assembler, state=item.state,
+                      resumed_bytes=item.resumed_bytes)  # fmt: skip
 
     # -- inbox ------------------------------------------------------------------------------------
 
     def _resume_inbox(self) -> None:
-        if not self._listen:
+        if not self._listens:
             return
-        if self._inbox_tag is None and len(self._streams) < self.settings.max_streams:
+        if self._inbox_tag is None and len(self._table) < self.settings.max_streams:
             self._inbox_tag = self._inbox_channel.basic_consume(self._inbox, self._on_offer)
 
     def _pause_inbox(self) -> None:
@@ -257,7 +294,7 @@ class Receiver(TakeOver, Closing):
             self._inbox_tag = None
 
     def _on_offer(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        if len(self._streams) >= self.settings.max_streams:
+        if len(self._table) >= self.settings.max_streams:
             channel.basic_nack(method.delivery_tag, requeue=True)  # wait for a free slot
             self._pause_inbox()
             return
@@ -265,353 +302,115 @@ class Receiver(TakeOver, Closing):
             self._take_offer(props, body)
         finally:
             channel.basic_ack(method.delivery_tag)
-        if len(self._streams) >= self.settings.max_streams:
+        if len(self._table) >= self.settings.max_streams:
             self._pause_inbox()
 
-    def _take_offer(self, props: Any, body: bytes) -> None:
+    def _parse_offer(self, props: Any, body: bytes) -> Offer:
+        offer = parse(props.type, props.headers)
+        if not isinstance(offer, Offer):
+            raise ProtocolError(f"unexpected {props.type} message where offers arrive")
+        if offer.target != self.site:
+            raise ProtocolError(f"offer for site {offer.target!r} on the inbox of {self.site!r}")
+        if not isinstance(props.reply_to, str) or not props.reply_to:
+            raise ProtocolError("offer without reply_to")
+        if body and offer.inline is None:
+            raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
+        return offer
+
+    def _take_offer(
+        self,
+        props: Any,
+        body: bytes,
+        *,
+        timeout: float | None = None,
+        requested: str | None = None,
+        kept: Resumable | None = None,
+    ) -> None:
+        """An offer: refuse it, or start its stream. A retrieval passes its own ``timeout``,
+        the name it asked for and the kept prefix the stream may continue."""
         try:
-            offer = parse(props.type, props.headers)
-            if not isinstance(offer, Offer):
-                raise ProtocolError(f"unexpected {props.type} message where offers arrive")
-            if offer.target != self.site:
-                raise ProtocolError(
-                    f"offer for site {offer.target!r} on the inbox of {self.site!r}"
-                )
-            if not isinstance(props.reply_to, str) or not props.reply_to:
-                raise ProtocolError("offer without reply_to")
-            if body and offer.inline is None:
-                raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
+            offer = self._parse_offer(props, body)
         except ProtocolError as e:
             dead_letter(self._control, self.topology, props, body, str(e))
             return
-        sid = offer.stream_id
-        if sid in self._streams or sid in self._recent:
-            log.debug("duplicate offer for stream %s ignored", sid)
+        if self._table.known(offer.stream_id):
+            log.debug("duplicate offer for stream %s ignored", offer.stream_id)
             return
-        if offer.size is not None and offer.size > self.settings.max_object_size:
-            self._reply_refusal(
-                offer,
-                props.reply_to,
-                ErrorCode.TOO_LARGE,
-                f"{offer.size} bytes exceed site {self.site}'s limit of "
-                f"{int(self.settings.max_object_size)} bytes",
-            )
+        try:
+            stream = self._open_stream(offer, props.reply_to, kept, timeout, requested)
+        except Refusal as e:
+            if kept is not None and kept.state.locked:
+                kept.state.release()  # not taken up: there for the next attempt
+            self._table.refuse(offer, props.reply_to, e.code, e.detail)
             return
-        factory = self._assemblers.get(offer.kind)
-        if factory is None:
-            self._reply_refusal(
-                offer,
-                props.reply_to,
-                ErrorCode.REFUSED,
-                f"site {self.site} does not receive objects of kind {offer.kind!r}",
-            )
+        if offer.inline is not None:
+            self._table.take_inline(stream, body)
             return
-        kept = self._kept_for.pop(sid, None)
+        try:
+            self._table.consume(stream)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            self._store.drop(stream.assembler, stream.state)
+            self._table.refuse(offer, props.reply_to, ErrorCode.PROTOCOL, f"data queue gone: {e}")
+            return
+        log.info("receiving %s %r (%d bytes) from %s as stream %s", offer.kind, offer.name,
+                 offer.size, offer.sender, offer.stream_id)  # fmt: skip
+        self._table.start(stream)  # first contact: the sender may resend from here on
+
+    def _open_stream(
+        self,
+        offer: Offer,
+        reply_to: str,
+        kept: Resumable | None,
+        timeout: float | None,
+        requested: str | None,
+    ) -> Stream:
+        """The stream for an accepted offer (its assembler, reassembler and state file).
+
+        Raises:
+            Refusal: the offer is not taken.
+        """
+        self._check_offer(offer)
         if kept is not None and not offer.resume_from:
             log.info("%s %r comes whole (it changed at %s); dropping the %d bytes kept",
                      offer.kind, offer.name, offer.sender, kept.stored_bytes)  # fmt: skip
             kept.discard()
             kept = None
         if offer.resume_from and (kept is None or not continues(kept, offer)):
-            if kept is not None:
-                kept.state.release()
-            self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL,
-                                f"the offer resumes from chunk {offer.resume_from}, but no "
-                                "partial file to match is kept here")  # fmt: skip
-            return
+            raise Refusal(ErrorCode.PROTOCOL, f"the offer resumes from chunk {offer.resume_from}, "
+                          "but no partial file to match is kept here")  # fmt: skip
+        timeout = self.settings.timeout if timeout is None else timeout
         try:
             if kept is not None:
-                stream = self._adopt(offer, props.reply_to, kept)
-            else:
-                stream = Stream(offer, props.reply_to, Reassembler(offer), factory(offer))
-                stream.reassembler.accept()
+                return self._stream(self._store.adopt(offer, reply_to, kept), timeout)
+            assembler = self._assemblers[offer.kind](offer)
         except ProtocolError as e:
-            self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL, str(e))
-            return
+            raise Refusal(ErrorCode.PROTOCOL, str(e)) from e
         except OSError as e:
-            self._reply_refusal(
-                offer,
-                props.reply_to,
-                ErrorCode.IO,
-                f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}",
-            )
-            return
-        stream.timeout = self._stream_timeouts.pop(sid, self.settings.timeout)
-        if offer.inline is not None:
-            self._streams[sid] = stream
-            self._take_inline(stream, offer.inline, body)
-            return
-        if stream.assembler.resumable and stream.state is None:
+            detail = f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}"
+            raise Refusal(ErrorCode.IO, detail) from e
+        reassembler = Reassembler(offer)
+        reassembler.accept()
+        state = None
+        if assembler.resumable and offer.inline is None:
             try:  # what a receiver started after a crash needs to take over
-                stream.state = StreamState.create(
-                    self.dest, offer, props.reply_to, self._requested.get(sid)
-                )
+                state = StreamState.create(self.dest, offer, reply_to, requested)
             except OSError as e:
-                stream.assembler.discard()
-                self._reply_refusal(offer, props.reply_to, ErrorCode.IO, f"state file: {e}")
-                return
-        try:
-            self._consume(stream)
-        except pika.exceptions.ChannelClosedByBroker as e:
-            self._drop(stream)
-            self._reply_refusal(offer, props.reply_to, ErrorCode.PROTOCOL, f"data queue gone: {e}")
-            return
-        log.info(
-            "receiving %s %r (%d bytes) from %s as stream %s",
-            offer.kind,
-            offer.name,
-            offer.size,
-            offer.sender,
-            sid,
-        )
-        self._send_progress(stream)  # first contact: the sender may resend from here on
+                assembler.discard()
+                raise Refusal(ErrorCode.IO, f"state file: {e}") from e
+        session = self._table.session(reassembler, timeout=timeout, checkpoints=state is not None,
+                                      keeps_prefix=keeps_prefix(assembler))  # fmt: skip
+        return Stream(offer, reply_to, session, assembler, state=state)
+
+    def _check_offer(self, offer: Offer) -> None:
+        """Refuse what this site does not take (too large, of an unknown kind)."""
+        if offer.size is not None and offer.size > self.settings.max_object_size:
+            raise Refusal(ErrorCode.TOO_LARGE, f"{offer.size} bytes exceed site {self.site}'s "
+                          f"limit of {int(self.settings.max_object_size)} bytes")  # fmt: skip
+        if offer.kind not in self._assemblers:
+            detail = f"site {self.site} does not receive objects of kind {offer.kind!r}"
+            raise Refusal(ErrorCode.REFUSED, detail)
 
     def _container_assembler(self, offer: Offer) -> ObjectAssembler:
         if self._spool_containers and offer.inline is None:
             return ContainerSpool(self.dest, offer, self._on_entry)
         return ContainerAssembler(offer, self._on_entry)
-
-    def _consume(self, stream: Stream) -> None:
-        """Start reading the stream's data queue on a channel of its own."""
-        stream.channel = self._connection.channel()
-        stream.channel.basic_qos(prefetch_count=stream.offer.window)
-        queue = self.topology.data_queue(stream.offer.stream_id)
-        # Passive: the sender declared it, with its own idle TTL (which may differ from ours).
-        stream.channel.queue_declare(queue, passive=True)
-        stream.consumer_tag = stream.channel.basic_consume(queue, partial(self._on_data, stream))
-        self._streams[stream.offer.stream_id] = stream
-
-    def _reply_refusal(self, offer: Offer, reply_to: str, code: ErrorCode, detail: str) -> None:
-        log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
-        done = Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail)
-        self._control.basic_publish("", reply_to, b"", properties(done))
-        self._remember(offer.stream_id)
-        self._outcomes.append(TransferFailed(offer.sender, offer.stream_id, code, detail))
-
-    # -- data -------------------------------------------------------------------------------------
-
-    def _on_data(self, stream: Stream, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        stream.last_activity = time.monotonic()
-        stream.unacked_tag = method.delivery_tag
-        if stream.reassembler.finished:
-            return  # a late duplicate (a resent end, say); acked with the rest
-        try:
-            message = parse(props.type, props.headers)
-            if message.ident != stream.offer.stream_id:
-                raise ProtocolError(
-                    f"message for stream {message.ident} on the data queue of "
-                    f"{stream.offer.stream_id}"
-                )
-            if isinstance(message, Chunk):
-                self._on_chunk(stream, message, props, body)
-            elif isinstance(message, End):
-                stream.reassembler.record_end(message)
-            elif isinstance(message, Abort):
-                self._fail(stream, ErrorCode.ABORTED, f"sender gave up: {message.reason}")
-                return
-            else:
-                raise ProtocolError(f"unexpected {props.type} message on a data queue")
-        except ProtocolError as e:
-            dead_letter(self._control, self.topology, props, body, str(e))
-        if stream.reassembler.finished:
-            return
-        if stream.reassembler.complete:
-            self._finish(stream)
-        elif stream.reassembler.stored - stream.reported >= stream.report_every:
-            self._flush(stream)
-
-    def _take_inline(self, stream: Stream, inline: Inline, body: bytes) -> None:
-        """A small object that came whole inside its offer: store, verify, commit at once."""
-        offer = stream.offer
-        assert offer.chunk_count is not None
-        assert offer.size is not None
-        try:
-            if offer.chunk_count:
-                outcome = stream.reassembler.chunk(0, inline.crc32, body)
-                if outcome.verdict is not ChunkVerdict.WRITE:  # corrupt: nothing to resend from
-                    self._fail(stream, ErrorCode.CHECKSUM, outcome.detail)
-                    return
-                if not self._store(stream, 0, outcome.offset, body, inline.meta):
-                    return
-            elif body:
-                raise ProtocolError("inline offer of 0 chunks with a body")
-            end = End(stream_id=offer.stream_id, chunk_count=offer.chunk_count, size=offer.size,
-                      sha256=inline.sha256)  # fmt: skip
-            stream.reassembler.record_end(end)
-        except ProtocolError as e:
-            self._fail(stream, ErrorCode.PROTOCOL, str(e))
-            return
-        self._finish(stream)
-
-    def _store(
-        self, stream: Stream, seq: int, offset: int, body: bytes, meta: Mapping[str, Any] | None
-    ) -> bool:
-        """Hand a chunk to the assembler; on failure fail the stream and return False."""
-        try:
-            stream.assembler.take(offset, body, meta)
-            return True
-        except ProtocolError as e:
-            self._fail(stream, ErrorCode.PROTOCOL, str(e))
-        except OSError as e:
-            self._fail(stream, ErrorCode.IO, f"storing chunk {seq}: {e.strerror or e}")
-        except Exception as e:  # an on_entry callback or a custom assembler failed
-            log.debug("assembler failed", exc_info=True)
-            self._fail(stream, ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
-        return False
-
-    def _on_chunk(self, stream: Stream, chunk: Chunk, props: Any, body: bytes) -> None:
-        outcome = stream.reassembler.chunk(chunk.seq, chunk.crc32, body)
-        if outcome.verdict is ChunkVerdict.WRITE:
-            self._store(stream, chunk.seq, outcome.offset, body, chunk.meta)
-            return
-        if outcome.verdict is ChunkVerdict.CORRUPT:
-            dead_letter(self._control, self.topology, props, body, outcome.detail)
-        elif outcome.verdict is ChunkVerdict.AHEAD:
-            log.debug("stream %s: %s", stream.offer.stream_id, outcome.detail)
-        if outcome.resend_from is not None:
-            self._send_progress(stream, resend_from=outcome.resend_from)
-
-    def _flush(self, stream: Stream) -> None:
-        """Ack what was delivered (all of it is stored or judged), then report progress."""
-        if stream.state is not None:  # before the ack: a crash then only redelivers
-            stream.state.save(stream.reassembler.stored, stream.reassembler.stored_bytes)
-        if stream.unacked_tag:
-            stream.channel.basic_ack(stream.unacked_tag, multiple=True)
-            stream.unacked_tag = 0
-        if stream.reassembler.stored != stream.reported:
-            self._send_progress(stream)
-        stream.last_flush = time.monotonic()
-
-    def _send_progress(self, stream: Stream, resend_from: int | None = None) -> None:
-        stored = stream.reassembler.stored
-        progress = Progress(
-            stream_id=stream.offer.stream_id, site=self.site, stored=stored, resend_from=resend_from
-        )
-        self._control.basic_publish(
-            "", stream.reply_to, b"", properties(progress, persistent=False)
-        )
-        stream.reported = stored
-        if self._progress is not None:
-            offer = stream.offer
-            self._progress(
-                offer.sender, offer.stream_id, stream.reassembler.stored_bytes, offer.size
-            )
-
-    def _finish(self, stream: Stream) -> None:
-        failure = stream.reassembler.verify()
-        result: Any = None
-        if failure is None:
-            try:
-                result = stream.assembler.finish()
-            except OSError as e:
-                failure = Failure(ErrorCode.IO, f"committing into {self.dest}: {e.strerror or e}")
-            except ObjstreamError as e:
-                failure = Failure(ErrorCode.PROTOCOL, str(e))
-            if failure is not None:
-                stream.reassembler.fail(failure)
-        if failure is not None:
-            self._fail(stream, failure.code, failure.detail)
-            return
-        stream.reassembler.mark_done()
-        offer = stream.offer
-        if self._progress is not None:
-            self._progress(
-                offer.sender,
-                offer.stream_id,
-                stream.reassembler.stored_bytes,
-                stream.reassembler.stored_bytes,
-            )
-        path = result if isinstance(result, Path) else None
-        size = stream.reassembler.stored_bytes
-        log.info(
-            "stored %s %r from %s (%d bytes)%s",
-            offer.kind,
-            offer.name,
-            offer.sender,
-            size,
-            f" as {path}" if path else "",
-        )
-        self._end(
-            stream,
-            Done(
-                stream_id=offer.stream_id,
-                site=self.site,
-                ok=True,
-                stored_as=path.name if path else None,
-            ),
-            Received(
-                offer.stream_id,
-                offer.kind,
-                offer.name,
-                size,
-                stream.reassembler.sha256,
-                offer.sender,
-                path=path,
-                value=result,
-                info=dict(offer.info or {}),
-                resumed_bytes=stream.resumed_bytes,
-            ),
-        )
-
-    def _fail(self, stream: Stream, code: ErrorCode, detail: str) -> None:
-        stream.reassembler.fail(Failure(code, detail))
-        if code in KEEP_PREFIX_ON and self._keep_prefix(stream):
-            detail += (f"; the {stream.reassembler.stored_bytes} bytes received are kept: "
-                       f"retrieving {stream.offer.name!r} from {stream.offer.sender} resumes "
-                       "there")  # fmt: skip
-        else:
-            stream.assembler.discard()
-        log.warning(
-            "stream %s from %s failed (%s): %s",
-            stream.offer.stream_id,
-            stream.offer.sender,
-            code,
-            detail,
-        )
-        offer = stream.offer
-        self._end(
-            stream,
-            Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail),
-            TransferFailed(offer.sender, offer.stream_id, code, detail),
-        )
-
-    def _end(self, stream: Stream, done: Done, outcome: Received | TransferFailed) -> None:
-        if stream.state is not None:
-            stream.state.remove()
-        if stream.unacked_tag:
-            stream.channel.basic_ack(stream.unacked_tag, multiple=True)
-            stream.unacked_tag = 0
-        self._control.basic_publish("", stream.reply_to, b"", properties(done))
-        stream.closing = True  # the channel is closed outside its own callback
-        self._outcomes.append(outcome)
-
-    def _remember(self, stream_id: str) -> None:
-        self._recent[stream_id] = None
-        while len(self._recent) > RECENT_STREAMS:
-            self._recent.popitem(last=False)
-
-    # -- between event batches --------------------------------------------------------------------
-
-    def _housekeeping(self) -> None:
-        now = time.monotonic()
-        if now > self._next_cleanup:
-            self._next_cleanup = now + CLEANUP_INTERVAL
-            remove_abandoned(self.dest, self.settings.stream_ttl)
-        for sid, stream in list(self._streams.items()):
-            if not stream.closing:
-                if now - stream.last_activity > stream.timeout:
-                    self._fail(
-                        stream,
-                        ErrorCode.TIMEOUT,
-                        f"no data from {stream.offer.sender} for {stream.timeout:g} s",
-                    )
-                elif stream.unacked_tag and now - stream.last_flush > FLUSH_INTERVAL:
-                    self._flush(stream)
-            if stream.closing:
-                del self._streams[sid]
-                self._remember(sid)
-                if stream.channel is not None:  # inline streams have none
-                    if stream.channel.is_open:
-                        stream.channel.close()
-                    self._control.queue_delete(self.topology.data_queue(sid))
-        self._resume_inbox()

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pika
 import pika.exceptions
 
-from objstream.common.broker import connection_lost, dead_letter
+from objstream.common.broker import dead_letter
 from objstream.common.errors import (
     BrokerUnreachable,
+    ErrorCode,
     ProtocolError,
     Refused,
     TimedOut,
@@ -40,10 +43,13 @@ from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
 from objstream.consumer.container_assembler import OnEntry
 from objstream.consumer.receiver import Receiver
-from objstream.consumer.resume import Resumable, find_kept
+from objstream.consumer.resume import Resumable
+from objstream.consumer.stream_table import Save
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MAX_ASKS = 3  # requests for one retrieval, when reconnects lose the offer
 MAX_EARLY = 16  # offers kept while waiting for the reply that names them
@@ -71,14 +77,18 @@ class Retriever(Receiver):
         *,
         on_entry: OnEntry | None = None,
         progress: ProgressHook | None = None,
+        save: Save | None = None,
     ) -> None:
-        super().__init__(site, dest, settings, on_entry=on_entry, listen=False, progress=progress)
-        self._user = pika.URLParameters(self.settings.url).credentials.username
+        self._user = pika.URLParameters((settings or Settings()).url).credentials.username
         self._replies: dict[str, Reply] = {}
-        self._expected: set[str] = set()
+        # Accepted streams whose offer may come: stream id -> (timeout, name asked for, kept).
+        self._expected: dict[str, tuple[float, str, Resumable | None]] = {}
         self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
         self._asking: dict[str, tuple[str, Resumable | None]] = {}  # id -> name, kept
         self._early: dict[str, tuple[Any, bytes]] = {}  # offers that came before their reply
+        super().__init__(site, dest, settings, on_entry=on_entry, progress=progress, save=save)
+
+    _listens = False
 
     def _open_queues(self) -> None:
         # A private, exclusive queue for replies and offers: it dies with the connection, so
@@ -133,7 +143,9 @@ class Retriever(Receiver):
             raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
 
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
-        kept = self._kept(from_site, request.name) if request.kind == "file" else None
+        kept = None
+        if request.kind == "file":  # hashing the prefix may be slow: off the connection's thread
+            kept = self._off_thread(lambda: self._store.kept(from_site, request.name))
         try:
             for _ in range(MAX_ASKS - 1):
                 try:
@@ -146,18 +158,13 @@ class Retriever(Receiver):
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: still there for the next attempt
 
-    def _kept(self, from_site: str, name: str) -> Resumable | None:
-        """The kept prefix of ``name`` from ``from_site``, hashed, if there is one."""
-        item = find_kept(self.dest, from_site, name)
-        if item is None:
-            return None
-        try:
-            item.prefix_sha256()
-        except OSError as e:
-            log.warning("cannot resume %r from %s: %s", name, item.partial, e)
-            item.discard()
-            return None
-        return item
+    def _off_thread(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on a worker thread while this thread keeps the connection served."""
+        with ThreadPoolExecutor(1, thread_name_prefix="objstream-retriever") as pool:
+            future = pool.submit(work)
+            while not future.done():
+                self._events(0.05)
+            return future.result()
 
     def _ask(
         self,
@@ -191,10 +198,7 @@ class Retriever(Receiver):
         try:
             return self._wait_outcome(sid, from_site, timeout)
         finally:
-            self._expected.discard(sid)
-            self._stream_timeouts.pop(sid, None)
-            self._requested.pop(sid, None)
-            self._kept_for.pop(sid, None)
+            self._expected.pop(sid, None)
 
     def _publish(self, request: Request, from_site: str, timeout: float) -> None:
         if from_site not in self._owners:
@@ -208,17 +212,6 @@ class Retriever(Receiver):
         self._control.basic_publish(
             self.topology.exchange, self.topology.service_key(from_site), b"", props
         )
-
-    def _events(self, time_limit: float) -> None:
-        """Process broker events for up to ``time_limit`` s, reconnecting if the connection
-        was lost."""
-        try:
-            self._connection.process_data_events(time_limit=time_limit)
-            self._housekeeping()
-        except pika.exceptions.AMQPError as e:
-            if not connection_lost(e, self._connection):
-                raise
-            self._recover(e)
 
     def _wait_reply(self, request: Request, from_site: str, timeout: float) -> Reply:
         deadline = time.monotonic() + timeout
@@ -242,15 +235,16 @@ class Retriever(Receiver):
         deadline = time.monotonic() + timeout  # until the offer arrives; then the stream's own
         reconnects = self.reconnects
         while True:
-            for outcome in list(self._outcomes):
+            outcomes = self._table.outcomes
+            for outcome in list(outcomes):
                 if outcome.stream_id == sid:
-                    self._outcomes.remove(outcome)
+                    outcomes.remove(outcome)
                     if isinstance(outcome, TransferFailed):
-                        if outcome.code == "timeout":
+                        if outcome.code == ErrorCode.TIMEOUT:
                             raise TimedOut(from_site, sid, timeout, outcome.detail)
                         raise outcome
                     return outcome
-            if sid not in self._streams and sid in self._expected:
+            if sid not in self._table.streams and sid in self._expected:
                 if self.reconnects != reconnects:
                     raise _OfferLost  # it went to the private queue that is gone now
                 if time.monotonic() > deadline:
@@ -277,17 +271,13 @@ class Retriever(Receiver):
             self._replies[message.request_id] = message
             if message.ok and message.stream_id:
                 # Expect the offer now: it may come in the same batch of events as this reply.
-                self._expected.add(message.stream_id)
-                self._stream_timeouts[message.stream_id] = timeout
                 name, kept = self._asking[message.request_id]
-                self._requested[message.stream_id] = name
-                if kept is not None:
-                    self._kept_for[message.stream_id] = kept
+                self._expected[message.stream_id] = (timeout, name, kept)
                 early = self._early.pop(message.stream_id, None)
                 if early is not None:
-                    self._take_offer(*early)
+                    self._take_expected(message.stream_id, *early)
         elif isinstance(message, Offer) and message.stream_id in self._expected:
-            self._take_offer(props, body)
+            self._take_expected(message.stream_id, props, body)
         elif isinstance(message, Offer) and self._pending and len(self._early) < MAX_EARLY:
             # The owner replies on one connection and streams on another, so its offer can
             # overtake its reply: keep it until the reply says whether it is ours.
@@ -300,3 +290,7 @@ class Retriever(Receiver):
                 body,
                 f"unexpected {props.type} on the private queue of a retriever",
             )
+
+    def _take_expected(self, stream_id: str, props: Any, body: bytes) -> None:
+        timeout, name, kept = self._expected[stream_id]
+        self._take_offer(props, body, timeout=timeout, requested=name, kept=kept)
