@@ -1,0 +1,100 @@
+"""The receiver's own guarantees: the verdict only after the object is saved, and the receiver
+(not the sender) bounds what it buffers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pika
+import pytest
+
+from objstream.common.errors import ErrorCode, SendFailed
+from objstream.common.settings import KiB, Settings
+from objstream.consumer.container_files import ContainerFiles
+from objstream.consumer.streams import Received
+from objstream.producer import ContainerStreamer, FileStreamer
+from tests.integration.conftest import BackgroundReceiver
+
+
+def _model() -> dict[str, np.ndarray]:
+    return {f"w{i}": np.arange(2000, dtype=np.float32) * i for i in range(3)}
+
+
+def test_the_container_is_saved_before_the_sender_hears_ok(tmp_path, settings, declared):
+    declared.sites.add("site-1")
+    dest = tmp_path / "in"
+    dest.mkdir()
+    files = ContainerFiles(dest)
+    receiver = BackgroundReceiver("site-1", dest, settings, on_entry=files.on_entry,
+                                  spool_containers=True, save=files.save)  # fmt: skip
+    try:
+        with ContainerStreamer("server", settings) as streamer:
+            [result] = streamer.stream_container("site-1", _model(), "model", chunk_size=4 * KiB)
+        # Done(ok) came after the save: the file is there the moment the sender returns.
+        assert result.ok
+        assert result.stored_as == "model.npz"
+        assert (dest / "model.npz").is_file()
+        with np.load(dest / "model.npz") as saved:
+            assert sorted(saved.files) == ["w0", "w1", "w2"]
+        [received] = receiver.wait_for(1)
+        assert isinstance(received, Received)
+        assert received.path == (dest / "model.npz").resolve()
+    finally:
+        receiver.stop()
+
+
+def test_a_failed_save_is_a_failed_transfer_at_the_sender(tmp_path, settings, declared):
+    declared.sites.add("site-1")
+
+    def unwritable(item: Received) -> Received:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro" / "model.npz"))
+
+    receiver = BackgroundReceiver("site-1", tmp_path / "in", settings, save=unwritable)
+    try:
+        with (
+            ContainerStreamer("server", settings) as streamer,
+            pytest.raises(SendFailed) as raised,
+        ):
+            streamer.stream_container("site-1", _model(), "model", chunk_size=4 * KiB)
+        [failure] = raised.value.failures
+        assert failure.code == ErrorCode.IO
+        assert "Permission denied" in failure.detail
+        [outcome] = receiver.wait_for(1)
+        assert not isinstance(outcome, Received)
+        assert outcome.code == ErrorCode.IO
+    finally:
+        receiver.stop()
+
+
+def test_the_receiver_caps_the_prefetch_an_offer_asks_for(
+    tmp_path, settings, declared, monkeypatch
+):
+    declared.sites.add("site-1")
+    asked: list[int] = []
+    channel_class = pika.adapters.blocking_connection.BlockingChannel
+    original = channel_class.basic_qos
+
+    def recording(self, prefetch_size=0, prefetch_count=0, global_qos=False):  # type: ignore[no-untyped-def]
+        asked.append(prefetch_count)
+        return original(self, prefetch_size, prefetch_count, global_qos)
+
+    monkeypatch.setattr(channel_class, "basic_qos", recording)
+    capped = settings.model_copy(update={"receive_window": 64})
+    src = tmp_path / "src.bin"
+    src.write_bytes(np.random.default_rng(0).bytes(300 * KiB))
+    receiver = BackgroundReceiver("site-1", tmp_path / "in", capped)
+    try:
+        greedy = Settings(url=settings.url, namespace=settings.namespace, window=4096,
+                          timeout=settings.timeout, resend_after=settings.resend_after)  # fmt: skip
+        with FileStreamer("server", greedy) as streamer:
+            [result] = streamer.stream_file("site-1", src, chunk_size=KiB)
+        assert result.ok
+        [received] = receiver.wait_for(1)
+        assert isinstance(received, Received)
+        assert Path(received.path or "").read_bytes() == src.read_bytes()
+    finally:
+        receiver.stop()
+    # The inbox takes one offer at a time; the data channel gets the receiver's bound.
+    assert 64 in asked
+    assert max(asked) == 64
