@@ -200,6 +200,7 @@ class Receiver(Closing):
         timeout). Other streams fail and their senders are told.
         """
         try:
+            self._table.settle()
             if self._connection.is_open:
                 for stream in list(self._table.streams.values()):
                     if stream.closing:

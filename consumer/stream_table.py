@@ -11,9 +11,11 @@ itself. Its owner (:class:`~objstream.consumer.receiver.Receiver` or
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,10 @@ class StreamTable:
         self._save = save
         self._connection: Any = None
         self._control: Any = None
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="objstream-commit")
+        self._results: queue.SimpleQueue[tuple[Stream, Received | tuple[ErrorCode, str]]] = (
+            queue.SimpleQueue()
+        )
 
     def bind(self, connection: Any, control: Any) -> None:
         """The (new) connection and the channel progress and verdicts are published on."""
@@ -167,6 +173,7 @@ class StreamTable:
 
     def tick(self) -> None:
         """Between event batches: time-outs and flushes; close the streams that ended."""
+        self.drain()
         now = time.monotonic()
         for sid, stream in list(self.streams.items()):
             if not stream.closing:
@@ -270,14 +277,32 @@ class StreamTable:
             return stream.session.write_failed(ErrorCode.REFUSED, detail)
 
     def _commit(self, stream: Stream) -> list[Action]:
-        """Finish the object and save it where its user finds it; only then the verdict."""
-        offer, session = stream.offer, stream.session
+        """Finish the object on the commit thread (decoding a spooled container, fsync, the
+        save can take long); :meth:`drain` hands the outcome to the session."""
+        self._committer.submit(self._finish_object, stream)
+        return []
+
+    def _finish_object(self, stream: Stream) -> None:
+        """On the commit thread: finish and save; the session is told on the connection's."""
+        result: Received | tuple[ErrorCode, str]
         try:
-            value = stream.assembler.finish()
+            result = self._finished_object(stream)
         except OSError as e:
-            return session.commit_failed(ErrorCode.IO, f"committing: {e.strerror or e}")
+            result = (ErrorCode.IO, f"committing: {e.strerror or e}")
         except ObjstreamError as e:
-            return session.commit_failed(ErrorCode.PROTOCOL, str(e))
+            result = (ErrorCode.PROTOCOL, str(e))
+        except Exception as e:  # an on_entry callback or a custom assembler failed
+            log.debug("assembler failed", exc_info=True)
+            result = (ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
+        self._results.put((stream, result))
+        try:
+            self._connection.add_callback_threadsafe(self.drain)  # wakes the event loop
+        except Exception:  # the connection is gone: the next tick drains
+            log.debug("cannot wake the connection", exc_info=True)
+
+    def _finished_object(self, stream: Stream) -> Received | tuple[ErrorCode, str]:
+        offer, session = stream.offer, stream.session
+        value = stream.assembler.finish()
         received = Received(
             offer.stream_id, offer.kind, offer.name, session.stored_bytes,
             session.reassembler.sha256, offer.sender,
@@ -288,11 +313,29 @@ class StreamTable:
             try:
                 received = self._save(received)
             except (ObjstreamError, OSError) as e:
-                return session.commit_failed(ErrorCode.IO, f"saving: {e}")
-        stream.received = received
-        if self._progress is not None:
-            self._progress(offer.sender, offer.stream_id, received.size, received.size)
-        return session.committed(value, received.path)
+                return (ErrorCode.IO, f"saving: {e}")
+        return received
+
+    def drain(self) -> None:
+        """On the connection's thread: hand finished commits to their sessions."""
+        while True:
+            try:
+                stream, result = self._results.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(result, tuple):
+                self.run(stream, stream.session.commit_failed(*result))
+                continue
+            stream.received = result
+            offer = stream.offer
+            if self._progress is not None:
+                self._progress(offer.sender, offer.stream_id, result.size, result.size)
+            self.run(stream, stream.session.committed(result.value, result.path))
+
+    def settle(self) -> None:
+        """Wait for the commits under way and hand them over (before closing)."""
+        self._committer.shutdown(wait=True)
+        self.drain()
 
     def _send_progress(self, stream: Stream, action: SendProgress) -> None:
         offer = stream.offer
