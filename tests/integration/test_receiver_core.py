@@ -98,3 +98,49 @@ def test_the_receiver_caps_the_prefetch_an_offer_asks_for(
     # The inbox takes one offer at a time; the data channel gets the receiver's bound.
     assert 64 in asked
     assert max(asked) == 64
+
+
+def test_a_slow_prefix_hash_does_not_starve_the_heartbeat(
+    tmp_path, settings, start_server, monkeypatch
+):
+    """Hashing a kept prefix takes ~10 s here (throttled reads) with a 2 s heartbeat: it runs
+    off the connection's thread, so the connection survives and the retrieval completes."""
+    from objstream.consumer import Retriever
+    from objstream.consumer.resume import Resumable
+    from objstream.producer import FileRetriever
+    from tests.conftest import random_file, sha256_of
+    from tests.integration.conftest import slow_disk, wait_for_partial
+    from tests.integration.test_resume_retrieval import CHUNK, _fetch_in_background
+
+    src = tmp_path / "src"
+    src.mkdir()
+    digest = random_file(src / "f.bin", 4 * 1024 * KiB)
+    small = settings.model_copy(update={"chunk_size": CHUNK})
+    slow_disk(monkeypatch, seconds=0.02)
+    server = start_server(small, lambda s: FileRetriever(s, source_dir=src))
+    out = tmp_path / "out"
+    fetcher, failures = _fetch_in_background(settings, out, "f.bin", timeout=10)
+    wait_for_partial(out, 10 * CHUNK)
+    server.stop()  # aborted: the verified prefix is kept
+    fetcher.join(30)
+    assert len(failures) == 1
+    monkeypatch.undo()
+
+    hashed = Resumable._hash_prefix
+
+    def throttled(self: Resumable):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(10)  # a slow disk: ~10 s for the prefix
+        return hashed(self)
+
+    monkeypatch.setattr(Resumable, "_hash_prefix", throttled)
+    quick_beat = settings.model_copy(update={"heartbeat": 2})
+    start_server(small.model_copy(update={"heartbeat": 2}),
+                 lambda s: FileRetriever(s, source_dir=src))  # fmt: skip
+    with Retriever("site-1", out, quick_beat) as retriever:
+        item = retriever.retrieve("file", "server", "f.bin", timeout=30)
+        assert retriever.reconnects == 0  # the connection never dropped
+    assert item.resumed_bytes > 0
+    assert item.path is not None
+    assert sha256_of(item.path) == digest
