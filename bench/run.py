@@ -15,6 +15,7 @@ writes it with a PNG plot of throughput against chunk size to --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import platform
@@ -289,7 +290,7 @@ def main() -> int:
         files = {size: make_file(data, size) for size in sizes}
         file_figures: dict[int, dict[str, float]] = {}
         for size, path in files.items():
-            f = file_figures[size] = median_of(args.runs, lambda p=path: file_stream(p))
+            f = file_figures[size] = median_of(args.runs, functools.partial(file_stream, path))
             row(
                 f"file streaming {size // MiB} MiB (1 MiB chunks, window 32)",
                 f"{f['mib_s']:.0f} MiB/s = {f['mib_s'] / ceiling:.0%} of the raw ceiling; "
@@ -328,7 +329,7 @@ def main() -> int:
         for chunk in (256 * 1024, MiB, 4 * MiB):
             for window in (8, 32, 128):
                 sweep[(chunk, window)] = median_of(
-                    args.runs, lambda c=chunk, w=window: file_stream(sweep_file, c, w)
+                    args.runs, functools.partial(file_stream, sweep_file, chunk, window)
                 )["mib_s"]
         cells = " ".join(f"{c // 1024}K/w{w}: {v:.0f};" for (c, w), v in sorted(sweep.items()))
         row("sweep, MiB/s (chunk/window)", cells.rstrip(";"))

@@ -119,7 +119,7 @@ def raw_publish_confirmed(url: str, queue: str, count: int, size: int, window: i
 # -- objstream sides ----------------------------------------------------------------------------
 
 
-def receive(url: str, namespace: str, site: str, dest: str, count: int, ready: Any,
+def receive(url: str, namespace: str, *, site: str, dest: str, count: int, ready: Any,
             keep: bool = False) -> Result:  # fmt: skip
     """Receive ``count`` objects for ``site``; files are deleted as they arrive."""
     from objstream.consumer import Receiver
@@ -144,7 +144,7 @@ def receive(url: str, namespace: str, site: str, dest: str, count: int, ready: A
     }
 
 
-def send_file(url: str, namespace: str, targets: list[str], path: str, chunk_size: int,
+def send_file(url: str, namespace: str, *, targets: list[str], path: str, chunk_size: int,
               window: int) -> Result:  # fmt: skip
     from objstream.producer import FileStreamer
 

@@ -14,6 +14,7 @@ writable regions to fill; once they are filled, :meth:`Decoded.value` gives the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,58 +83,91 @@ def encode(value: Any, where: str = "value") -> Encoded:
         EncodeError: a part of the value has a type the codec does not carry; the message names
             ``where`` and the type.
     """
-    buffers: list[memoryview] = []
+    encoder = _Encoder(where)
+    return Encoded(_packb(encoder.route(value, True), where), encoder.buffers)
 
-    def out_of_band(view: memoryview) -> int:
-        buffers.append(view)
-        return len(buffers) - 1
 
-    def ext(code: int, obj: Any) -> msgpack.ExtType:
-        return msgpack.ExtType(code, _packb(obj, where))
+class _Encoder:
+    """One depth-first, in-order walk that turns everything msgpack does not carry natively into
+    ext markers, so buffers are numbered in the order the decoder meets them.
 
-    def route(obj: Any, patchable: bool) -> Any:
-        # One depth-first, in-order walk turns everything msgpack does not carry natively into
-        # ext markers, so buffers are numbered in the order the decoder meets them. Big bytes go
-        # out of band only as list items or dict values (mutable parents the decoder patches
-        # once the bytes have arrived); elsewhere they stay inline.
+    Big bytes go out of band only as list items or dict values (mutable parents the decoder
+    patches once the bytes have arrived); elsewhere they stay inline.
+    """
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.buffers: list[memoryview] = []
+
+    def route(self, obj: Any, patchable: bool) -> Any:
+        # By exact type: subclasses (numpy's float64 is a float) take the numpy branches or
+        # are refused, as they would not come back as what was sent.
         kind = type(obj)
-        if obj is None or kind in (bool, float, str):
+        if obj is None or kind in _NATIVE:  # the common case first, and cheap
             return obj
-        if kind is int:
-            if -(2**63) <= obj < 2**64:
-                return obj
-            return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
-        if kind is bytes:
-            if patchable and len(obj) >= OUT_OF_BAND_BYTES:
-                return ext(EXT_BYTES, [out_of_band(memoryview(obj)), len(obj)])
-            return obj
-        if kind is bytearray:
-            return ext(EXT_BYTEARRAY, [out_of_band(memoryview(obj)), len(obj)])
-        if kind is list:
-            return [route(v, True) for v in obj]
-        if kind is dict:
-            return {route(k, False): route(v, True) for k, v in obj.items()}
-        if kind in _SEQUENCE_CODES:
-            return ext(_SEQUENCE_CODES[kind], [route(v, False) for v in obj])
-        if kind is complex:
-            return ext(EXT_COMPLEX, [obj.real, obj.imag])
+        handler = _ENCODERS.get(kind)
+        if handler is not None:
+            return handler(self, obj, patchable)
         if isinstance(obj, np.ndarray):
-            code = _dtype_code(obj.dtype, where)
+            code = _dtype_code(obj.dtype, self.where)
             view, fortran = _array_bytes(obj)
-            return ext(EXT_ARRAY, [out_of_band(view), code, list(obj.shape), fortran])
+            return self._ext(EXT_ARRAY, [self._out_of_band(view), code, list(obj.shape), fortran])
         if isinstance(obj, np.generic):
-            code = _dtype_code(obj.dtype, where)
-            return ext(EXT_NP_SCALAR, [code, np.asarray(obj).tobytes()])
+            code = _dtype_code(obj.dtype, self.where)
+            return self._ext(EXT_NP_SCALAR, [code, np.asarray(obj).tobytes()])
         raise EncodeError(
-            f"{where}: cannot encode a value of type {kind.__module__}.{kind.__qualname__} "
+            f"{self.where}: cannot encode a value of type {kind.__module__}.{kind.__qualname__} "
             "(supported: None, bool, int, float, complex, str, bytes, bytearray, list, tuple, "
             "dict, set, frozenset, numpy arrays and scalars of non-object dtypes)"
         )
 
-    try:
-        return Encoded(_packb(route(value, True), where), list(buffers))
-    finally:
-        buffers.clear()  # route() refers to itself: a cycle; it must not keep the views alive
+    def _out_of_band(self, view: memoryview) -> int:
+        self.buffers.append(view)
+        return len(self.buffers) - 1
+
+    def _ext(self, code: int, obj: Any) -> msgpack.ExtType:
+        return msgpack.ExtType(code, _packb(obj, self.where))
+
+    def _int(self, obj: int, patchable: bool) -> Any:
+        if -(2**63) <= obj < 2**64:
+            return obj
+        return msgpack.ExtType(EXT_BIGINT, str(obj).encode())
+
+    def _bytes(self, obj: bytes, patchable: bool) -> Any:
+        if patchable and len(obj) >= OUT_OF_BAND_BYTES:
+            return self._ext(EXT_BYTES, [self._out_of_band(memoryview(obj)), len(obj)])
+        return obj
+
+    def _bytearray(self, obj: bytearray, patchable: bool) -> Any:
+        return self._ext(EXT_BYTEARRAY, [self._out_of_band(memoryview(obj)), len(obj)])
+
+    def _list(self, obj: list[Any], patchable: bool) -> Any:
+        return [self.route(v, True) for v in obj]
+
+    def _dict(self, obj: dict[Any, Any], patchable: bool) -> Any:
+        return {self.route(k, False): self.route(v, True) for k, v in obj.items()}
+
+    def _sequence(self, obj: tuple[Any, ...] | set[Any] | frozenset[Any], patchable: bool) -> Any:
+        return self._ext(_SEQUENCE_CODES[type(obj)], [self.route(v, False) for v in obj])
+
+    def _complex(self, obj: complex, patchable: bool) -> Any:
+        return self._ext(EXT_COMPLEX, [obj.real, obj.imag])
+
+
+_ENCODERS: dict[type[Any], Callable[[_Encoder, Any, bool], Any]] = {
+    int: _Encoder._int,
+    bytes: _Encoder._bytes,
+    bytearray: _Encoder._bytearray,
+    list: _Encoder._list,
+    dict: _Encoder._dict,
+    tuple: _Encoder._sequence,
+    set: _Encoder._sequence,
+    frozenset: _Encoder._sequence,
+    complex: _Encoder._complex,
+}
+"""How each type msgpack does not carry as is gets encoded, by exact type."""
+_NATIVE = frozenset({bool, float, str})
+"""Types msgpack carries as they are (and None)."""
 
 
 def _packb(obj: Any, where: str) -> bytes:
@@ -185,107 +219,143 @@ def decode_structure(structure: bytes, *, max_payload: int) -> Decoded:
         ProtocolError: malformed structure, an unsupported dtype, a bad shape, a buffer index out
             of order, or announced buffers larger than ``max_payload``.
     """
-    regions: list[memoryview] = []
-    patches: list[tuple[Any, Any, _BytesBox]] = []
-    budget = [max_payload]
-
-    def claim(index: Any, size: Any) -> None:
-        if index != len(regions):
-            raise ProtocolError(f"buffer index {index!r} out of order (expected {len(regions)})")
-        if type(size) is not int or size < 0:
-            raise ProtocolError(f"malformed buffer length {size!r}")
-        if size > budget[0]:
-            raise ProtocolError(
-                f"value claims {size} more payload bytes than the entry carries ({budget[0]} left)"
-            )
-        budget[0] -= size
-
-    def unpack(data: bytes) -> Any:
-        return msgpack.unpackb(
-            data,
-            ext_hook=ext_hook,
-            list_hook=list_hook,
-            object_hook=object_hook,
-            raw=False,
-            strict_map_key=False,
-        )
-
-    def list_hook(items: list[Any]) -> list[Any]:
-        for i, item in enumerate(items):
-            if isinstance(item, _BytesBox):
-                patches.append((items, i, item))
-        return items
-
-    def object_hook(mapping: dict[Any, Any]) -> dict[Any, Any]:
-        for key, item in mapping.items():
-            if isinstance(item, _BytesBox):
-                patches.append((mapping, key, item))
-        return mapping
-
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == EXT_ARRAY:
-            index, dtype_code, shape_list, fortran = _fields(unpack(data), 4, "array")
-            dtype = _parse_dtype(dtype_code)
-            shape = _parse_shape(shape_list)
-            nbytes = math.prod(shape) * dtype.itemsize
-            claim(index, nbytes)
-            flat = np.empty(nbytes, dtype=np.uint8)
-            regions.append(flat.data)
-            order: Literal["C", "F"] = "F" if fortran is True else "C"
-            if dtype.itemsize == 0 or nbytes == 0:
-                return np.empty(shape, dtype=dtype, order=order)
-            return flat.view(dtype).reshape(shape, order=order)
-        if code in (EXT_BYTES, EXT_BYTEARRAY):
-            index, length = _fields(unpack(data), 2, "bytes")
-            claim(index, length)
-            if code == EXT_BYTEARRAY:
-                array = bytearray(length)
-                regions.append(memoryview(array))
-                return array
-            box = _BytesBox(length)
-            regions.append(memoryview(box.buffer))
-            return box
-        if code in (EXT_TUPLE, EXT_SET, EXT_FROZENSET):
-            items = _list(unpack(data), "sequence")
-            if any(isinstance(v, _BytesBox) for v in items):
-                raise ProtocolError("out-of-band bytes inside a tuple or set")
-            maker = {EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset}[code]
-            try:
-                return maker(items)
-            except TypeError as e:  # an unhashable member of a set
-                raise ProtocolError(f"malformed set: {e}") from None
-        if code == EXT_BIGINT:
-            text = data.decode("ascii", errors="replace")
-            if len(text) > 10_000 or not text.removeprefix("-").isdigit():
-                raise ProtocolError("malformed big integer")
-            return int(text)
-        if code == EXT_COMPLEX:
-            real, imag = _fields(unpack(data), 2, "complex")
-            if type(real) is not float or type(imag) is not float:
-                raise ProtocolError("malformed complex")
-            return complex(real, imag)
-        if code == EXT_NP_SCALAR:
-            dtype_code, raw = _fields(unpack(data), 2, "numpy scalar")
-            dtype = _parse_dtype(dtype_code)
-            if type(raw) is not bytes or len(raw) != dtype.itemsize:
-                raise ProtocolError("malformed numpy scalar")
-            return np.frombuffer(raw, dtype=dtype, count=1)[0] if dtype.itemsize else dtype.type()
-        raise ProtocolError(f"unknown ext type {code}")
-
+    decoder = _Decoder(max_payload)
     try:
-        value = unpack(structure)
+        value = decoder.unpack(structure)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises assorted errors on garbage
         raise ProtocolError(f"malformed value structure: {e}") from None
     finally:
-        # The hooks above form a reference cycle (unpack <-> ext_hook) that only the cyclic GC
-        # frees; hand the buffers over and empty the lists it holds, or every received entry
-        # would stay in memory until the next collection.
-        owned_regions, owned_patches = list(regions), list(patches)
-        regions.clear()
-        patches.clear()
-    return Decoded(value, owned_regions, owned_patches)
+        # Hand the buffers over and empty the decoder: on an error, a traceback kept by the
+        # caller still refers to it, and must not keep the preallocated buffers alive.
+        regions, patches = decoder.take()
+    return Decoded(value, regions, patches)
+
+
+class _Decoder:
+    """The msgpack hooks of one :func:`decode_structure` call, and the buffers they allocate."""
+
+    def __init__(self, max_payload: int) -> None:
+        self.regions: list[memoryview] = []
+        self.patches: list[tuple[Any, Any, _BytesBox]] = []
+        self.budget = max_payload
+
+    def take(self) -> tuple[list[memoryview], list[tuple[Any, Any, _BytesBox]]]:
+        """The regions and patches so far; the decoder keeps none of them."""
+        regions, patches = list(self.regions), list(self.patches)
+        self.regions.clear()
+        self.patches.clear()
+        return regions, patches
+
+    def unpack(self, data: bytes) -> Any:
+        return msgpack.unpackb(
+            data,
+            ext_hook=self.ext_hook,
+            list_hook=self.list_hook,
+            object_hook=self.object_hook,
+            raw=False,
+            strict_map_key=False,
+        )
+
+    def claim(self, index: Any, size: Any) -> None:
+        if index != len(self.regions):
+            raise ProtocolError(
+                f"buffer index {index!r} out of order (expected {len(self.regions)})"
+            )
+        if type(size) is not int or size < 0:
+            raise ProtocolError(f"malformed buffer length {size!r}")
+        if size > self.budget:
+            raise ProtocolError(
+                f"value claims {size} more payload bytes than the entry carries "
+                f"({self.budget} left)"
+            )
+        self.budget -= size
+
+    def list_hook(self, items: list[Any]) -> list[Any]:
+        for i, item in enumerate(items):
+            if isinstance(item, _BytesBox):
+                self.patches.append((items, i, item))
+        return items
+
+    def object_hook(self, mapping: dict[Any, Any]) -> dict[Any, Any]:
+        for key, item in mapping.items():
+            if isinstance(item, _BytesBox):
+                self.patches.append((mapping, key, item))
+        return mapping
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        handler = _EXT_DECODERS.get(code)
+        if handler is None:
+            raise ProtocolError(f"unknown ext type {code}")
+        return handler(self, code, data)
+
+    def _array(self, code: int, data: bytes) -> Any:
+        index, dtype_code, shape_list, fortran = _fields(self.unpack(data), 4, "array")
+        dtype = _parse_dtype(dtype_code)
+        shape = _parse_shape(shape_list)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self.claim(index, nbytes)
+        flat = np.empty(nbytes, dtype=np.uint8)
+        self.regions.append(flat.data)
+        order: Literal["C", "F"] = "F" if fortran is True else "C"
+        if dtype.itemsize == 0 or nbytes == 0:
+            return np.empty(shape, dtype=dtype, order=order)
+        return flat.view(dtype).reshape(shape, order=order)
+
+    def _bytes(self, code: int, data: bytes) -> Any:
+        index, length = _fields(self.unpack(data), 2, "bytes")
+        self.claim(index, length)
+        if code == EXT_BYTEARRAY:
+            array = bytearray(length)
+            self.regions.append(memoryview(array))
+            return array
+        box = _BytesBox(length)
+        self.regions.append(memoryview(box.buffer))
+        return box
+
+    def _sequence(self, code: int, data: bytes) -> Any:
+        items = _list(self.unpack(data), "sequence")
+        if any(isinstance(v, _BytesBox) for v in items):
+            raise ProtocolError("out-of-band bytes inside a tuple or set")
+        maker = {EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset}[code]
+        try:
+            return maker(items)
+        except TypeError as e:  # an unhashable member of a set
+            raise ProtocolError(f"malformed set: {e}") from None
+
+    def _bigint(self, code: int, data: bytes) -> Any:
+        text = data.decode("ascii", errors="replace")
+        if len(text) > 10_000 or not text.removeprefix("-").isdigit():
+            raise ProtocolError("malformed big integer")
+        return int(text)
+
+    def _complex(self, code: int, data: bytes) -> Any:
+        real, imag = _fields(self.unpack(data), 2, "complex")
+        if type(real) is not float or type(imag) is not float:
+            raise ProtocolError("malformed complex")
+        return complex(real, imag)
+
+    def _np_scalar(self, code: int, data: bytes) -> Any:
+        dtype_code, raw = _fields(self.unpack(data), 2, "numpy scalar")
+        dtype = _parse_dtype(dtype_code)
+        if type(raw) is not bytes or len(raw) != dtype.itemsize:
+            raise ProtocolError("malformed numpy scalar")
+        return np.frombuffer(raw, dtype=dtype, count=1)[0] if dtype.itemsize else dtype.type()
+
+
+_EXT_DECODERS: dict[int, Callable[[_Decoder, int, bytes], Any]] = {
+    EXT_ARRAY: _Decoder._array,
+    EXT_BYTES: _Decoder._bytes,
+    EXT_BYTEARRAY: _Decoder._bytes,
+    EXT_TUPLE: _Decoder._sequence,
+    EXT_SET: _Decoder._sequence,
+    EXT_FROZENSET: _Decoder._sequence,
+    EXT_BIGINT: _Decoder._bigint,
+    EXT_COMPLEX: _Decoder._complex,
+    EXT_NP_SCALAR: _Decoder._np_scalar,
+}
+"""How each ext type is decoded."""
 
 
 def decode(encoded: Encoded) -> Any:

@@ -10,9 +10,11 @@ from __future__ import annotations
 from enum import StrEnum
 
 
-class ErrorCode(StrEnum):
-    """Machine-readable failure reasons, as they travel in ``done`` messages."""
+class FailureCode(StrEnum):
+    """Every machine-readable reason a stream or a request fails, as it travels on the wire
+    (``done.code``, ``reply.code``) and as :class:`TransferFailed` / :class:`Refused` carry it."""
 
+    # A stream failed (``done`` messages, :class:`TransferFailed`).
     CHECKSUM = "checksum"
     SIZE = "size"
     TIMEOUT = "timeout"
@@ -21,6 +23,16 @@ class ErrorCode(StrEnum):
     IO = "io"
     ABORTED = "aborted"
     PROTOCOL = "protocol"
+    # A retrieval request was refused (``reply`` messages, :class:`Refused`).
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    OUTSIDE_SOURCE_DIR = "outside_source_dir"
+    BUSY = "busy"
+    UNSUPPORTED = "unsupported"
+
+
+# The names the codes had before they were one vocabulary.
+ErrorCode = FailureCode
 
 
 class ObjstreamError(Exception):
@@ -43,6 +55,51 @@ class BrokerUnreachable(ObjstreamError):
         )
 
 
+class ConnectionLost(BrokerUnreachable):
+    """An open connection went away (broker restart, node death, closed by an operator).
+
+    Workers that can reconnect catch this one; where nobody does, it is "broker unreachable".
+    """
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(url, f"connection lost: {detail}")
+
+
+class BrokerRefused(ObjstreamError):
+    """The broker refused an operation and closed the channel (a channel-level AMQP error).
+
+    ``reply_code`` and ``reply_text`` are the broker's own (for example 406
+    PRECONDITION_FAILED when a queue exists with other arguments, 403 ACCESS_REFUSED when the
+    user lacks a permission, 404 NOT_FOUND for a queue that is gone); ``operation`` says what
+    was attempted.
+    """
+
+    def __init__(self, reply_code: int, reply_text: str, operation: str = "") -> None:
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+        self.operation = operation
+        where = f" {operation}" if operation else ""
+        super().__init__(f"broker refused{where}: {reply_code} {reply_text}")
+
+    @property
+    def access_refused(self) -> bool:
+        return self.reply_code == ACCESS_REFUSED
+
+    @property
+    def not_found(self) -> bool:
+        return self.reply_code == NOT_FOUND
+
+    @property
+    def precondition_failed(self) -> bool:
+        return self.reply_code == PRECONDITION_FAILED
+
+
+# AMQP 0-9-1 reply codes objstream tells apart.
+ACCESS_REFUSED = 403
+NOT_FOUND = 404
+PRECONDITION_FAILED = 406
+
+
 class AuthenticationRefused(ObjstreamError):
     """The broker refused the credentials."""
 
@@ -61,7 +118,7 @@ class ProtocolError(ObjstreamError):
 class TransferFailed(ObjstreamError):
     """A stream to or from one site ended without a verified object."""
 
-    def __init__(self, site: str, stream_id: str, code: ErrorCode, detail: str) -> None:
+    def __init__(self, site: str, stream_id: str, code: FailureCode, detail: str) -> None:
         self.site = site
         self.stream_id = stream_id
         self.code = code
@@ -76,7 +133,7 @@ class TimedOut(TransferFailed):
         self.seconds = seconds
         text = f"timed out after {seconds:g} s without progress"
         super().__init__(
-            site, stream_id, ErrorCode.TIMEOUT, f"{text}{'; ' + detail if detail else ''}"
+            site, stream_id, FailureCode.TIMEOUT, f"{text}{'; ' + detail if detail else ''}"
         )
 
 
@@ -109,7 +166,7 @@ class ObjectTooLarge(ObjstreamError):
 class Refused(ObjstreamError):
     """A serving site refused a retrieval request (``code``: not_found, forbidden, ...)."""
 
-    def __init__(self, site: str, name: str, code: str, detail: str) -> None:
+    def __init__(self, site: str, name: str, code: FailureCode, detail: str) -> None:
         self.site = site
         self.name = name
         self.code = code

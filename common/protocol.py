@@ -7,15 +7,17 @@ Payload bytes travel raw in message bodies; everything else travels in the AMQP 
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 import pika
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.settings import MAX_CHUNK_SIZE, NAME_PATTERN
 
 PROTOCOL_VERSION: Literal[1] = 1
@@ -56,15 +58,8 @@ class MessageType(StrEnum):
     REPLY = "reply"
 
 
-class Refusal(StrEnum):
-    """Why a serving site refuses a retrieval request."""
-
-    NOT_FOUND = "not_found"
-    FORBIDDEN = "forbidden"
-    OUTSIDE_SOURCE_DIR = "outside_source_dir"
-    TOO_LARGE = "too_large"
-    BUSY = "busy"
-    UNSUPPORTED = "unsupported"
+# Refusals of retrieval requests are codes of the one failure vocabulary.
+Refusal = FailureCode
 
 
 class _Versioned(BaseModel):
@@ -195,7 +190,7 @@ class Done(_Header):
 
     site: SiteName
     ok: bool
-    code: ErrorCode | None = Field(None, description="Why it failed, when ok is false.")
+    code: FailureCode | None = Field(None, description="Why it failed, when ok is false.")
     detail: str = Field("", max_length=2000)
     stored_as: str | None = Field(None, max_length=4096, description="Final name in the dest.")
 
@@ -244,7 +239,7 @@ class Reply(_Versioned):
     stream_id: StreamId | None = Field(None, description="The stream that follows, if ok.")
     size: ByteCount | None = None
     entries: Count | None = Field(None, description="Containers: number of entries.")
-    code: Refusal | None = Field(None, description="Why not, if not ok.")
+    code: FailureCode | None = Field(None, description="Why not, if not ok (a refusal code).")
     detail: str = Field("", max_length=2000)
 
     @property
@@ -306,6 +301,57 @@ def parse(message_type: str | None, headers: Mapping[str, Any] | None) -> Messag
         raise ProtocolError(f"invalid {kind} headers: {problems}") from None
 
 
+@dataclass(frozen=True)
+class Properties:
+    """The AMQP properties objstream sets and reads, independent of the AMQP client.
+
+    The adapter (:mod:`objstream.common.amqp`) turns these into pika's and back; values a peer
+    sent with the wrong type arrive as ``None``.
+    """
+
+    type: str | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    content_type: str | None = None
+    persistent: bool = True
+    expiration: str | None = None
+    """Milliseconds, as a decimal string (AMQP's convention)."""
+    user_id: str | None = None
+    """The publishing broker user; RabbitMQ refuses a message whose user_id is not the
+    connection's user."""
+    headers: Mapping[str, Any] | None = None
+
+    def replace(self, **changes: Any) -> Properties:
+        return dataclasses.replace(self, **changes)
+
+
+def envelope(
+    message: _Versioned,
+    *,
+    persistent: bool = True,
+    message_id: str | None = None,
+    reply_to: str | None = None,
+    expiration_s: float | None = None,
+    user_id: str | None = None,
+) -> Properties:
+    """The AMQP properties carrying ``message``: type, headers, ids, delivery mode.
+
+    ``expiration_s`` becomes the per-message TTL (at least 1 ms).
+    """
+    return Properties(
+        type=TYPES[type(message)].value,
+        headers=to_headers(message),
+        message_id=message_id or message.ident,
+        correlation_id=message.ident,
+        reply_to=reply_to,
+        content_type=CONTENT_TYPE,
+        persistent=persistent,
+        expiration=None if expiration_s is None else str(max(1, int(expiration_s * 1000))),
+        user_id=user_id,
+    )
+
+
 def properties(
     message: _Versioned,
     *,
@@ -313,7 +359,8 @@ def properties(
     message_id: str | None = None,
     reply_to: str | None = None,
 ) -> pika.BasicProperties:
-    """AMQP properties carrying ``message`` (type, headers, ids)."""
+    """pika properties carrying ``message``; for code not yet moved to the adapter
+    (:func:`envelope` is the adapter's form)."""
     return pika.BasicProperties(
         type=TYPES[type(message)].value,
         headers=to_headers(message),

@@ -64,8 +64,8 @@ class Topology:
 
     def declare_service_queue(self, channel: Any, site: str) -> str:
         name = self.service_queue(site)
-        channel.queue_declare(name, durable=True, arguments=self._type_arguments or None)
-        channel.queue_bind(name, self.exchange, routing_key=self.service_key(site))
+        _declare_queue(channel, name, durable=True, arguments=self._type_arguments or None)
+        _bind(channel, name, self.exchange, self.service_key(site))
         return name
 
     def data_queue(self, stream_id: str) -> str:
@@ -77,9 +77,10 @@ class Topology:
 
     def declare_base(self, channel: Any) -> None:
         """Declare the exchange and the dead-letter exchange and queue."""
-        channel.exchange_declare(self.exchange, exchange_type="direct", durable=True)
-        channel.exchange_declare(self.dead, exchange_type="fanout", durable=True)
-        channel.queue_declare(
+        _declare_exchange(channel, self.exchange, "direct")
+        _declare_exchange(channel, self.dead, "fanout")
+        _declare_queue(
+            channel,
             self.dead,
             durable=True,
             arguments={
@@ -88,25 +89,46 @@ class Topology:
                 "x-overflow": "drop-head",
             },
         )
-        channel.queue_bind(self.dead, self.dead)
+        _bind(channel, self.dead, self.dead, "")
 
     def declare_inbox(self, channel: Any, site: str) -> str:
         """Declare and bind the inbox of ``site``; returns its name."""
         name = self.inbox(site)
-        channel.queue_declare(name, durable=True, arguments=self._type_arguments or None)
-        channel.queue_bind(name, self.exchange, routing_key=self.inbox_key(site))
+        _declare_queue(channel, name, durable=True, arguments=self._type_arguments or None)
+        _bind(channel, name, self.exchange, self.inbox_key(site))
         return name
 
     def declare_data_queue(self, channel: Any, stream_id: str) -> str:
         """Declare and bind the data queue of a stream; it expires when unused for the TTL."""
         name = self.data_queue(stream_id)
         arguments = {"x-expires": self.stream_ttl_ms, **self._type_arguments}
-        channel.queue_declare(name, durable=True, arguments=arguments)
-        channel.queue_bind(name, self.exchange, routing_key=self.data_key(stream_id))
+        _declare_queue(channel, name, durable=True, arguments=arguments)
+        _bind(channel, name, self.exchange, self.data_key(stream_id))
         return name
 
     @staticmethod
     def declare_reply_queue(channel: Any) -> str:
         """Declare this process's private reply queue (exclusive, server-named)."""
-        result = channel.queue_declare("", exclusive=True, auto_delete=True)
-        return str(result.method.queue)
+        return _declare_queue(channel, "", exclusive=True, auto_delete=True)
+
+
+# Issue 11, transitional: channels are either the adapter's (objstream.common.amqp.Channel) or,
+# in code not yet moved to it, pika's. Remove the pika branch once nothing passes pika channels.
+def _declare_queue(channel: Any, name: str, **options: Any) -> str:
+    if hasattr(channel, "declare_queue"):
+        return str(channel.declare_queue(name, **options))
+    return str(channel.queue_declare(name, **options).method.queue)
+
+
+def _bind(channel: Any, queue: str, exchange: str, routing_key: str) -> None:
+    if hasattr(channel, "bind_queue"):
+        channel.bind_queue(queue, exchange, routing_key)
+    else:
+        channel.queue_bind(queue, exchange, routing_key=routing_key)
+
+
+def _declare_exchange(channel: Any, name: str, kind: str) -> None:
+    if hasattr(channel, "declare_exchange"):
+        channel.declare_exchange(name, kind, durable=True)
+    else:
+        channel.exchange_declare(name, exchange_type=kind, durable=True)

@@ -32,7 +32,7 @@ import pika.exceptions
 from objstream.common.broker import dead_letter
 from objstream.common.errors import (
     BrokerUnreachable,
-    ErrorCode,
+    FailureCode,
     ProtocolError,
     Refused,
     TimedOut,
@@ -192,7 +192,7 @@ class Retriever(Receiver):
             if not self._pending:
                 self._drop_early()
         if not reply.ok:
-            raise Refused(from_site, request.name, str(reply.code), reply.detail)
+            raise Refused(from_site, request.name, reply.code or FailureCode.PROTOCOL, reply.detail)
         assert reply.stream_id is not None
         sid = reply.stream_id
         try:
@@ -240,7 +240,7 @@ class Retriever(Receiver):
                 if outcome.stream_id == sid:
                     outcomes.remove(outcome)
                     if isinstance(outcome, TransferFailed):
-                        if outcome.code == ErrorCode.TIMEOUT:
+                        if outcome.code == FailureCode.TIMEOUT:
                             raise TimedOut(from_site, sid, timeout, outcome.detail)
                         raise outcome
                     return outcome

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from objstream.common.errors import TransferFailed
+from objstream.consumer import Received
 from objstream.jobs.data import write_random_file
 
 
@@ -41,3 +43,16 @@ def kept_bytes(dest: Path) -> dict[str, bytes]:
     for name in kept:
         assert (dest / name.replace(".part", ".state")).is_file(), f"{name} has no state"
     return kept
+
+
+def as_received(outcome: Received | TransferFailed) -> Received:
+    """``outcome`` as an object that arrived; fails the test, showing the failure, otherwise."""
+    assert isinstance(outcome, Received), outcome
+    return outcome
+
+
+def stored_path(outcome: Received | TransferFailed) -> Path:
+    """Where the file ``outcome`` reports was stored; fails the test if it is not a stored file."""
+    path = as_received(outcome).path
+    assert path is not None, outcome
+    return path

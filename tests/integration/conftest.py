@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pika
 import pytest
+from pika.adapters.blocking_connection import BlockingChannel
 
 from objstream.common.errors import TransferFailed
 from objstream.common.settings import Settings
@@ -45,6 +47,29 @@ def _docker_answers() -> bool:
         return True
     except Exception:
         return False
+
+
+# The types of the factory fixtures, for the tests' annotations.
+DeadLetters = Callable[[], list[tuple[dict[str, object], bytes]]]
+"""``dead_letters``: drain the dead-letter queue."""
+MakeRawPeer = Callable[[str], RawPeer]
+"""``raw_peer``: a hand-driven protocol peer toward a target site."""
+
+
+class StartReceiver(Protocol):
+    """``start_receiver``: a :class:`BackgroundReceiver` for ``site`` writing into ``dest``."""
+
+    def __call__(
+        self, site: str, dest: Path, custom: Settings | None = None
+    ) -> BackgroundReceiver: ...
+
+
+class StartServer(Protocol):
+    """``start_server``: a :class:`BackgroundServer` set up by ``setup``."""
+
+    def __call__(
+        self, settings: Settings, setup: Callable[[RetrievalServer], object], site: str = "server"
+    ) -> BackgroundServer: ...
 
 
 @pytest.fixture(scope="session")
@@ -125,12 +150,12 @@ def declared(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Dec
 
 
 @pytest.fixture
-def dead_letters(settings: Settings) -> Callable[[], list[tuple[dict[str, object], bytes]]]:
+def dead_letters(settings: Settings) -> DeadLetters:
     """Drain ``{ns}.dead``: each dead-lettered message's headers and body."""
 
     def drain() -> list[tuple[dict[str, object], bytes]]:
         connection = pika.BlockingConnection(pika.URLParameters(settings.url))
-        found = []
+        found: list[tuple[dict[str, object], bytes]] = []
         try:
             channel = connection.channel()
             while True:
@@ -206,9 +231,7 @@ def _wait(condition: Callable[[], bool], timeout: float) -> None:
 
 
 @pytest.fixture
-def start_receiver(
-    settings: Settings, declared: Declared
-) -> Iterator[Callable[..., BackgroundReceiver]]:
+def start_receiver(settings: Settings, declared: Declared) -> Iterator[StartReceiver]:
     started: list[BackgroundReceiver] = []
 
     def start(site: str, dest: Path, custom: Settings | None = None) -> BackgroundReceiver:
@@ -223,7 +246,7 @@ def start_receiver(
 
 
 @pytest.fixture
-def raw_peer(settings: Settings, declared: Declared) -> Iterator[Callable[[str], RawPeer]]:
+def raw_peer(settings: Settings, declared: Declared) -> Iterator[MakeRawPeer]:
     """Make hand-driven protocol peers toward a target site; closed at teardown."""
     peers: list[RawPeer] = []
 
@@ -245,10 +268,17 @@ def count_published_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     channel_class = pika.adapters.blocking_connection.BlockingChannel
     original = channel_class.basic_publish
 
-    def counting(self, exchange, routing_key, body, properties=None, mandatory=False):  # type: ignore[no-untyped-def]
+    def counting(
+        self: BlockingChannel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties | None = None,
+        mandatory: bool = False,
+    ) -> None:
         if properties is not None and properties.type == "chunk":
             published.append(properties.headers["seq"])
-        return original(self, exchange, routing_key, body, properties, mandatory)
+        original(self, exchange, routing_key, body, properties, mandatory)
 
     monkeypatch.setattr(channel_class, "basic_publish", counting)
     return published
@@ -257,7 +287,9 @@ def count_published_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 class BackgroundServer:
     """A :class:`RetrievalServer` serving in its own thread, with its own connection."""
 
-    def __init__(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
+    def __init__(
+        self, site: str, settings: Settings, setup: Callable[[RetrievalServer], object]
+    ) -> None:
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.server: RetrievalServer | None = None
@@ -265,7 +297,9 @@ class BackgroundServer:
         self._thread.start()
         assert self._ready.wait(30), "server did not start"
 
-    def _run(self, site: str, settings: Settings, setup: Callable[[RetrievalServer], None]):
+    def _run(
+        self, site: str, settings: Settings, setup: Callable[[RetrievalServer], object]
+    ) -> None:
         with RetrievalServer(site, settings) as server:
             setup(server)
             self.server = server
@@ -292,10 +326,12 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch, seconds: float, from_seq: int = 0
 
 
 @pytest.fixture
-def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
+def start_server(declared: Declared) -> Iterator[StartServer]:
     servers: list[BackgroundServer] = []
 
-    def start(settings: Settings, setup: Callable[[RetrievalServer], None], site: str = "server"):
+    def start(
+        settings: Settings, setup: Callable[[RetrievalServer], object], site: str = "server"
+    ) -> BackgroundServer:
         declared.sites.add(site)
         server = BackgroundServer(site, settings, setup)
         servers.append(server)
@@ -306,7 +342,12 @@ def start_server(declared) -> Iterator[Callable[..., BackgroundServer]]:
         server.stop()
 
 
-def wait_for_partial(dest: Path, at_least: int, process: Any = None, timeout: float = 60) -> None:
+def wait_for_partial(
+    dest: Path,
+    at_least: int,
+    process: subprocess.Popen[str] | None = None,
+    timeout: float = 60,
+) -> None:
     """Wait until a partial file in ``dest`` holds ``at_least`` bytes (a stream is that far).
 
     ``process``: a subprocess doing the transfer; if it ends first, fail with its stderr.
@@ -317,6 +358,7 @@ def wait_for_partial(dest: Path, at_least: int, process: Any = None, timeout: fl
         if partials and partials[0].stat().st_size >= at_least:
             return
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the process ended first: {process.stderr.read()}")
+            stderr = process.stderr.read() if process.stderr else ""
+            raise AssertionError(f"the process ended first: {stderr}")
         assert time.monotonic() < deadline, "the transfer never got going"
         time.sleep(0.01)

@@ -6,13 +6,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.consumer import Retriever
 from objstream.producer import FileRetriever, FileStreamer
-from tests.conftest import random_file, sha256_of
+from tests.conftest import random_file, sha256_of, stored_path
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
 from tests.rabbitmq_node import LocalRabbitNode
 
@@ -21,7 +23,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _transfer_with(interrupt, tmp_path, caplog, expect_lost: set[str]) -> None:
+def _transfer_with(
+    interrupt: Callable[[LocalRabbitNode], None],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    expect_lost: set[str],
+) -> None:
     caplog.set_level(logging.INFO)
     node = LocalRabbitNode()
     node.start()
@@ -51,7 +58,7 @@ def _transfer_with(interrupt, tmp_path, caplog, expect_lost: set[str]) -> None:
         assert outcome, "the sender did not return"
         assert not isinstance(outcome[0], Exception), outcome[0]
         [received] = receiver.wait_for(1, timeout=60)
-        assert sha256_of(received.path) == digest  # type: ignore[union-attr]
+        assert sha256_of(stored_path(received)) == digest
         receiver.stop()
         lost = [r for r in caplog.records if "connection to the broker lost" in r.getMessage()]
         assert {r.name for r in lost} == expect_lost, caplog.text
@@ -73,18 +80,24 @@ def _close_consumer_connection(node: LocalRabbitNode) -> None:
         node.ctl("close_connection", pid, "closed by the test")
 
 
-def test_the_broker_killed_and_restarted_mid_stream(tmp_path, caplog):
+def test_the_broker_killed_and_restarted_mid_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _transfer_with(
         _restart, tmp_path, caplog, {"objstream.producer.sender", "objstream.consumer.receiver"}
     )
 
 
-def test_a_connection_closed_by_the_broker_mid_stream(tmp_path, caplog):
+def test_a_connection_closed_by_the_broker_mid_stream(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """rabbitmqctl close_connection on the receiver: it reconnects and finishes the file."""
     _transfer_with(_close_consumer_connection, tmp_path, caplog, {"objstream.consumer.receiver"})
 
 
-def test_a_retrieval_survives_the_broker_restarting(tmp_path, caplog):
+def test_a_retrieval_survives_the_broker_restarting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Owner and requester both reconnect; the file arrives bit-exact, and the owner goes on
     serving new requests."""
     caplog.set_level(logging.INFO)

@@ -13,12 +13,13 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
-from objstream.common.settings import KiB, MiB
+from objstream.common.settings import KiB, MiB, Settings
 from tests.conftest import random_file, sha256_of
+from tests.integration.conftest import Declared
 from tests.rabbitmq_node import LocalRabbitNode, free_port
 
 
-def _env(settings) -> dict[str, str]:
+def _env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         OBJSTREAM_URL=settings.url,
@@ -42,13 +43,15 @@ def _listener(
 
 def _objstream(
     *args: str, env: dict[str, str], timeout: float = 120
-) -> subprocess.CompletedProcess:
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["objstream", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
-def test_listen_and_send_file_as_separate_processes(tmp_path, settings, declared):
+def test_listen_and_send_file_as_separate_processes(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.add("site-1")
     src = tmp_path / "big.bin"
     digest = random_file(src, 8 * MiB + 5)
@@ -103,7 +106,7 @@ def test_listen_and_send_file_as_separate_processes(tmp_path, settings, declared
     assert sha256_of(dest / "big.bin") == digest
 
 
-def test_python_m_producer_is_objstream_producer(settings):
+def test_python_m_producer_is_objstream_producer(settings: Settings) -> None:
     env = _env(settings)
     a = subprocess.run(
         [sys.executable, "-m", "objstream.producer", "send-file", "--help"],
@@ -118,7 +121,9 @@ def test_python_m_producer_is_objstream_producer(settings):
     assert a.stdout == b.stdout
 
 
-def test_unreachable_broker_is_one_line_with_the_password_masked(tmp_path, settings):
+def test_unreachable_broker_is_one_line_with_the_password_masked(
+    tmp_path: Path, settings: Settings
+) -> None:
     src = tmp_path / "x.bin"
     random_file(src, 10)
     url = f"amqp://alice:s3cret-pw@127.0.0.1:{free_port()}/%2F"
@@ -143,7 +148,7 @@ def test_unreachable_broker_is_one_line_with_the_password_masked(tmp_path, setti
     assert line.startswith("objstream: error: broker unreachable at amqp://alice:***@127.0.0.1:")
 
 
-def test_wrong_password_is_authentication_refused(tmp_path, settings):
+def test_wrong_password_is_authentication_refused(tmp_path: Path, settings: Settings) -> None:
     parts = urlsplit(settings.url)
     bad = urlunsplit(parts._replace(netloc=f"guest:wrong-pw@{parts.hostname}:{parts.port}"))
 
@@ -167,7 +172,7 @@ def test_wrong_password_is_authentication_refused(tmp_path, settings):
     assert "Traceback" not in run.stderr
 
 
-def test_usage_errors_exit_2(tmp_path, settings):
+def test_usage_errors_exit_2(tmp_path: Path, settings: Settings) -> None:
     env = _env(settings)
     bad_size = _objstream(
         "producer", "send-file", "--site", "s", "--to", "t", "--chunk-size", "lots", "x", env=env
@@ -193,7 +198,9 @@ def test_usage_errors_exit_2(tmp_path, settings):
     assert "invalid site name" in bad_site.stderr
 
 
-def test_missing_file_is_one_line_exit_1(tmp_path, settings, declared):
+def test_missing_file_is_one_line_exit_1(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     run = _objstream(
         "producer",
         "send-file",
@@ -210,7 +217,9 @@ def test_missing_file_is_one_line_exit_1(tmp_path, settings, declared):
     assert "nope.bin" in run.stderr
 
 
-def test_listen_with_count_gives_up_after_the_timeout(tmp_path, settings, declared):
+def test_listen_with_count_gives_up_after_the_timeout(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.add("quiet")
     run = _objstream(
         "consumer",
@@ -230,7 +239,9 @@ def test_listen_with_count_gives_up_after_the_timeout(tmp_path, settings, declar
     assert "nothing arrived" in run.stderr
 
 
-def test_send_to_absent_site_times_out_with_exit_4(tmp_path, settings, declared):
+def test_send_to_absent_site_times_out_with_exit_4(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.add("absent")
     src = tmp_path / "x.bin"
     random_file(src, KiB)
@@ -252,7 +263,9 @@ def test_send_to_absent_site_times_out_with_exit_4(tmp_path, settings, declared)
     assert "Traceback" not in run.stderr
 
 
-def test_listen_stops_cleanly_on_sigterm(tmp_path, settings, declared):
+def test_listen_stops_cleanly_on_sigterm(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     import signal
     import time
 
@@ -266,7 +279,9 @@ def test_listen_stops_cleanly_on_sigterm(tmp_path, settings, declared):
     assert Path(tmp_path).is_dir()
 
 
-def test_progress_bar_on_a_terminal_and_quiet_otherwise(tmp_path, settings, declared):
+def test_progress_bar_on_a_terminal_and_quiet_otherwise(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     import os
     import pty
 
@@ -308,7 +323,9 @@ def test_progress_bar_on_a_terminal_and_quiet_otherwise(tmp_path, settings, decl
     assert "%|" not in piped
 
 
-def test_a_broker_refusal_is_one_line_exit_3(tmp_path, settings, declared):
+def test_a_broker_refusal_is_one_line_exit_3(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     """A queue of the namespace declared otherwise by someone else: no traceback."""
     import pika
 
@@ -329,7 +346,7 @@ def test_a_broker_refusal_is_one_line_exit_3(tmp_path, settings, declared):
 
 
 @pytest.mark.skipif(not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary")
-def test_a_worker_started_before_the_broker_waits_for_it(tmp_path):
+def test_a_worker_started_before_the_broker_waits_for_it(tmp_path: Path) -> None:
     """OBJSTREAM_CONNECT_WAIT: retry with backoff and a clear log line, then work normally."""
     from objstream.common.settings import Settings
     from objstream.producer import FileStreamer

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from objstream.common.settings import Settings
+from tests.integration.conftest import Declared
 from tests.integration.test_cli import _env, _listener, _objstream
 
 
-def _round_trip(tmp_path, settings, declared, src, *extra):
+def _round_trip(
+    tmp_path: Path, settings: Settings, declared: Declared, src: Path, *extra: str
+) -> tuple[Path, dict[str, Any]]:
     declared.sites.add("site-1")
     dest = tmp_path / "in"
     env = _env(settings)
@@ -31,7 +38,7 @@ def _round_trip(tmp_path, settings, declared, src, *extra):
     return dest, record
 
 
-def _model():
+def _model() -> dict[str, npt.NDArray[Any]]:
     rng = np.random.default_rng(3)
     return {
         "layer-0": rng.standard_normal((300, 200)).astype(np.float32),
@@ -40,10 +47,10 @@ def _model():
     }
 
 
-def test_npz_round_trip(tmp_path, settings, declared):
+def test_npz_round_trip(tmp_path: Path, settings: Settings, declared: Declared) -> None:
     model = _model()
     src = tmp_path / "model.npz"
-    np.savez(src, **model)
+    np.savez(src, **model)  # type: ignore[arg-type]  # numpy's stub: **model could name allow_pickle
     dest, record = _round_trip(tmp_path, settings, declared, src)
     assert record["path"] == str((dest / "model.npz").resolve())
     with np.load(dest / "model.npz", allow_pickle=False) as back:
@@ -53,7 +60,7 @@ def test_npz_round_trip(tmp_path, settings, declared):
             assert np.array_equal(back[key], value)
 
 
-def test_safetensors_round_trip(tmp_path, settings, declared):
+def test_safetensors_round_trip(tmp_path: Path, settings: Settings, declared: Declared) -> None:
     model = _model()
     src = tmp_path / "weights.safetensors"
     save_file(model, str(src))
@@ -70,14 +77,18 @@ def test_safetensors_round_trip(tmp_path, settings, declared):
     [{"epochs": 3, "layers": [1, 2, {"x": None}], "name": "ünï"}, [1, "two", [3.5]], {}],
     ids=["dict", "list", "empty"],
 )
-def test_json_round_trip(tmp_path, settings, declared, document):
+def test_json_round_trip(
+    tmp_path: Path, settings: Settings, declared: Declared, document: object
+) -> None:
     src = tmp_path / "config.json"
     src.write_text(json.dumps(document), encoding="utf-8")
     dest, _ = _round_trip(tmp_path, settings, declared, src)
     assert json.loads((dest / "config.json").read_text(encoding="utf-8")) == document
 
 
-def test_existing_container_file_is_not_overwritten(tmp_path, settings, declared):
+def test_existing_container_file_is_not_overwritten(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     src = tmp_path / "model.npz"
     np.savez(src, a=np.arange(3))
     (tmp_path / "in").mkdir()

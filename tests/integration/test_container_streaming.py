@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,21 +13,32 @@ import pytest
 
 from objstream.common.codec import EncodeError, encode
 from objstream.common.errors import ErrorCode, TransferFailed
-from objstream.common.settings import KiB
+from objstream.common.settings import KiB, Settings
 from objstream.common.streaming import ObjectAssembler, ObjectStreamer, Piece
 from objstream.common.topology import Topology
 from objstream.consumer.container_assembler import ContainerEntry
 from objstream.consumer.streams import Received
-from objstream.producer import ContainerStreamer, Streamer
+from objstream.producer import ContainerStreamer, Streamer, TargetResult
+from tests.conftest import as_received
+from tests.integration.conftest import Declared, MakeRawPeer, StartReceiver
+from tests.integration.rawpeer import RawPeer
 from tests.integration.test_codec_helpers import same
 
 
-def _send(settings, targets, container, name="model", **options):
+def _send(
+    settings: Settings,
+    targets: str | list[str],
+    container: dict[Any, Any] | list[Any] | set[Any],
+    name: str = "model",
+    **options: Any,
+) -> list[TargetResult]:
     with ContainerStreamer("server", settings) as streamer:
         return streamer.stream_container(targets, container, name, **options)
 
 
-def test_dict_of_arrays_with_entries_larger_than_a_chunk(tmp_path, settings, start_receiver):
+def test_dict_of_arrays_with_entries_larger_than_a_chunk(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     rng = np.random.default_rng(1)
     model = {
         "layer-0": rng.standard_normal((256, 300), dtype=np.float32),  # 300 KiB: 5 chunks
@@ -61,16 +73,23 @@ def test_dict_of_arrays_with_entries_larger_than_a_chunk(tmp_path, settings, sta
     [[], {}, set(), [1, "two", [3.0], None], {1, "two", (3, 4), b"five"}, [np.arange(5)] * 3],
     ids=["empty-list", "empty-dict", "empty-set", "list", "set", "list-of-arrays"],
 )
-def test_lists_sets_and_empty_containers(tmp_path, settings, start_receiver, container):
+def test_lists_sets_and_empty_containers(
+    tmp_path: Path,
+    settings: Settings,
+    start_receiver: StartReceiver,
+    container: dict[Any, Any] | list[Any] | set[Any],
+) -> None:
     receiver = start_receiver("site-1", tmp_path / "in")
     [result] = _send(settings, "site-1", container, "c", chunk_size=KiB)
     [received] = receiver.wait_for(1)
     assert result.ok
-    assert received.container_type == type(container).__name__  # type: ignore[union-attr]
-    assert same(container, received.value)  # type: ignore[union-attr]
+    assert as_received(received).container_type == type(container).__name__
+    assert same(container, as_received(received).value)
 
 
-def test_on_entry_gets_each_entry_in_order_and_nothing_is_kept(tmp_path, settings, start_receiver):
+def test_on_entry_gets_each_entry_in_order_and_nothing_is_kept(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     from tests.integration.conftest import BackgroundReceiver
 
     entries: list[ContainerEntry] = []
@@ -82,21 +101,21 @@ def test_on_entry_gets_each_entry_in_order_and_nothing_is_kept(tmp_path, setting
         [received] = receiver.wait_for(1)
     finally:
         receiver.stop()
-    assert received.value is None  # type: ignore[union-attr]
+    assert as_received(received).value is None
     assert [e.key for e in entries] == list(model)
     assert [e.index for e in entries] == list(range(5))
     assert all(np.array_equal(e.value, model[e.key]) for e in entries)
     assert {e.name for e in entries} == {"model"}
 
 
-def test_two_targets(tmp_path, settings, start_receiver):
+def test_two_targets(tmp_path: Path, settings: Settings, start_receiver: StartReceiver) -> None:
     model = {"w": np.arange(100_000, dtype=np.int32)}
     r1 = start_receiver("site-1", tmp_path / "a")
     r2 = start_receiver("site-2", tmp_path / "b")
     results = _send(settings, ["site-1", "site-2"], model, chunk_size=32 * KiB)
     assert all(r.ok for r in results)
     for receiver in (r1, r2):
-        assert np.array_equal(receiver.wait_for(1)[0].value["w"], model["w"])  # type: ignore[union-attr]
+        assert np.array_equal(as_received(receiver.wait_for(1)[0]).value["w"], model["w"])
 
 
 @pytest.mark.parametrize(
@@ -110,8 +129,8 @@ def test_two_targets(tmp_path, settings, start_receiver):
     ],
 )
 def test_unencodable_values_are_refused_before_anything_is_sent(
-    settings, declared, container, words
-):
+    settings: Settings, declared: Declared, container: Any, words: str
+) -> None:
     declared.sites.add("site-1")
     with pytest.raises(EncodeError, match=words):
         _send(settings, "site-1", container)
@@ -134,7 +153,12 @@ def _entry_chunks(values: list[bytes]) -> list[tuple[bytes, dict[str, Any]]]:
     return out
 
 
-def _send_raw_container(peer, chunks, entries, sha256=None):
+def _send_raw_container(
+    peer: RawPeer,
+    chunks: list[tuple[bytes, dict[str, Any]]],
+    entries: int,
+    sha256: str | None = None,
+) -> None:
     size = sum(len(b) for b, _ in chunks)
     peer.offer(
         "raw",
@@ -150,7 +174,9 @@ def _send_raw_container(peer, chunks, entries, sha256=None):
     peer.end(len(chunks), size, sha256 or hashlib.sha256(whole).hexdigest())
 
 
-def test_entry_count_mismatch_fails_the_stream(tmp_path, start_receiver, raw_peer):
+def test_entry_count_mismatch_fails_the_stream(
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
     first, (second, meta) = _entry_chunks([b"a", b"b"])
@@ -164,7 +190,9 @@ def test_entry_count_mismatch_fails_the_stream(tmp_path, start_receiver, raw_pee
     assert peer.verdict()["ok"] is False
 
 
-def test_more_entries_than_chunks_is_refused_at_the_offer(tmp_path, start_receiver, raw_peer):
+def test_more_entries_than_chunks_is_refused_at_the_offer(
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
     _send_raw_container(peer, _entry_chunks([b"a", b"b"]), entries=3)
@@ -174,7 +202,9 @@ def test_more_entries_than_chunks_is_refused_at_the_offer(tmp_path, start_receiv
     assert "3 entries cannot fit in 2 chunks" in failed.detail
 
 
-def test_digest_mismatch_fails_the_container(tmp_path, start_receiver, raw_peer):
+def test_digest_mismatch_fails_the_container(
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
     _send_raw_container(peer, _entry_chunks([b"a"]), entries=1, sha256="1" * 64)
@@ -183,7 +213,9 @@ def test_digest_mismatch_fails_the_container(tmp_path, start_receiver, raw_peer)
     assert failed.code == ErrorCode.CHECKSUM
 
 
-def test_entry_whose_header_claims_more_bytes_than_it_carries(tmp_path, start_receiver, raw_peer):
+def test_entry_whose_header_claims_more_bytes_than_it_carries(
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
     enc = encode(["k", np.zeros(1000, dtype=np.float64)])  # claims 8000 payload bytes
@@ -226,7 +258,9 @@ class RecordsAssembler(ObjectAssembler):
         return self.records
 
 
-def test_a_custom_kind_streams_end_to_end(tmp_path, settings, declared):
+def test_a_custom_kind_streams_end_to_end(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     from tests.integration.conftest import BackgroundReceiver
 
     declared.sites.add("site-1")
@@ -244,11 +278,13 @@ def test_a_custom_kind_streams_end_to_end(tmp_path, settings, declared):
         receiver.stop()
     assert result.ok
     assert result.size == sum(map(len, records))
-    assert received.kind == "records"
-    assert received.value == records
+    assert as_received(received).kind == "records"
+    assert as_received(received).value == records
 
 
-def test_a_kind_the_receiver_does_not_know_is_refused(tmp_path, settings, start_receiver):
+def test_a_kind_the_receiver_does_not_know_is_refused(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     from objstream.common.errors import SendFailed
 
     start_receiver("site-1", tmp_path / "in")

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from objstream.common.settings import KiB, MiB
-from objstream.producer import FileStreamer
+from objstream.common.settings import KiB, MiB, Settings
+from objstream.producer import FileStreamer, TargetResult
 from tests.conftest import random_file, sha256_of
-from tests.integration.conftest import count_published_chunks, wait_for_partial
+from tests.integration.conftest import Declared, count_published_chunks, wait_for_partial
 from tests.integration.test_cli import _env, _listener
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
 def test_a_new_receiver_resumes_where_the_old_one_stopped(
-    tmp_path, settings, declared, monkeypatch, how
-):
+    tmp_path: Path,
+    settings: Settings,
+    declared: Declared,
+    monkeypatch: pytest.MonkeyPatch,
+    how: signal.Signals,
+) -> None:
     """SIGKILL: the state on disk is what the dead one last recorded. SIGTERM: the receiver
     checkpoints, exits 0 and leaves the stream for its successor."""
     declared.sites.add("site-1")
@@ -44,7 +50,14 @@ def test_a_new_receiver_resumes_where_the_old_one_stopped(
     assert stored_before > chunks // 3
 
 
-def _interrupt_and_take_over(env, dest, at, how, send, published) -> int:
+def _interrupt_and_take_over(
+    env: dict[str, str],
+    dest: Path,
+    at: int,
+    how: signal.Signals,
+    send: Callable[[], object],
+    published: list[int],
+) -> int:
     """A listener takes the stream ``send()`` pushes; once ``at`` bytes are in, it gets ``how``
     and a second listener finishes the stream. Returns the chunks published before that."""
     outcome: list[object] = []
@@ -55,7 +68,7 @@ def _interrupt_and_take_over(env, dest, at, how, send, published) -> int:
     first.send_signal(how)
     first.wait(10)
     if how == signal.SIGTERM:
-        assert first.returncode == 0, first.stderr.read()
+        assert first.returncode == 0, first.stderr and first.stderr.read()
         assert list(dest.glob(".objstream-*.state")), "no checkpoint was left"
     sent_before = len(published)
     second = _listener(env, "site-1", dest, "--count", "1", "--json")
@@ -67,7 +80,7 @@ def _interrupt_and_take_over(env, dest, at, how, send, published) -> int:
     return sent_before
 
 
-def _send(settings, src, chunk, window):
+def _send(settings: Settings, src: Path, chunk: int, window: int) -> list[TargetResult] | Exception:
     try:
         with FileStreamer("server", settings) as streamer:
             return streamer.stream_file("site-1", src, chunk_size=chunk, window=window)
@@ -75,7 +88,9 @@ def _send(settings, src, chunk, window):
         return e
 
 
-def test_a_container_is_resumed_by_the_next_listener(tmp_path, settings, declared, monkeypatch):
+def test_a_container_is_resumed_by_the_next_listener(
+    tmp_path: Path, settings: Settings, declared: Declared, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``listen`` spools a container like a file: a listener killed half way is followed by
     one that takes it over, and the .npz it writes holds every array exactly."""
     import numpy as np

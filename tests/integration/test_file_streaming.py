@@ -5,20 +5,25 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
+from pika.adapters.blocking_connection import BlockingChannel
 
 from objstream.common.errors import ErrorCode, SendFailed, TimedOut, TransferFailed
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.consumer.streams import Received
-from objstream.producer import FileStreamer
-from tests.conftest import random_file, sha256_of
+from objstream.producer import FileStreamer, TargetResult
+from tests.conftest import as_received, random_file, sha256_of, stored_path
+from tests.integration.conftest import DeadLetters, Declared, MakeRawPeer, StartReceiver
 
 
-def _send(settings: Settings, targets: list[str], path: Path, **kwargs: object) -> list:
+def _send(
+    settings: Settings, targets: str | list[str], path: Path, **kwargs: Any
+) -> list[TargetResult]:
     with FileStreamer("server", settings) as streamer:
-        return streamer.stream_file(targets, path, **kwargs)  # type: ignore[arg-type]
+        return streamer.stream_file(targets, path, **kwargs)
 
 
 def _only_files(dest: Path) -> list[Path]:
@@ -30,7 +35,9 @@ def _only_files(dest: Path) -> list[Path]:
     [0, 1, 4 * KiB, 4 * KiB + 1, 10 * 4 * KiB - 1],
     ids=["empty", "one-byte", "exact-chunk", "chunk-plus-one", "many-chunks-minus-one"],
 )
-def test_boundary_sizes_arrive_identical(tmp_path, settings, start_receiver, declared, size):
+def test_boundary_sizes_arrive_identical(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver, declared: Declared, size: int
+) -> None:
     src = tmp_path / "src.bin"
     digest = random_file(src, size)
     receiver = start_receiver("site-1", tmp_path / "in")
@@ -41,13 +48,15 @@ def test_boundary_sizes_arrive_identical(tmp_path, settings, start_receiver, dec
     assert isinstance(received, Received)
     assert received.path == (tmp_path / "in" / "src.bin").resolve()
     assert received.size == size
-    assert received.sha256 == digest == result.sha256 == sha256_of(received.path)
+    assert received.sha256 == digest == result.sha256 == sha256_of(stored_path(received))
     assert result.ok
     assert result.stored_as == "src.bin"
     assert _only_files(tmp_path / "in") == [received.path]  # no partial file left behind
 
 
-def test_64_mib_random_file(tmp_path, settings, start_receiver):
+def test_64_mib_random_file(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     src = tmp_path / "big.bin"
     digest = random_file(src, 64 * MiB)
     receiver = start_receiver("site-1", tmp_path / "in")
@@ -56,10 +65,12 @@ def test_64_mib_random_file(tmp_path, settings, start_receiver):
 
     [received] = receiver.wait_for(1)
     assert result.ok
-    assert sha256_of(received.path) == digest
+    assert sha256_of(stored_path(received)) == digest
 
 
-def test_two_files_to_one_consumer_at_the_same_time(tmp_path, settings, start_receiver):
+def test_two_files_to_one_consumer_at_the_same_time(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     srcs = [tmp_path / "a.bin", tmp_path / "b.bin"]
     digests = [random_file(p, 3 * MiB + 7) for p in srcs]
     receiver = start_receiver("site-1", tmp_path / "in")
@@ -76,12 +87,14 @@ def test_two_files_to_one_consumer_at_the_same_time(tmp_path, settings, start_re
 
     outcomes = receiver.wait_for(2)
     assert set(results) == {"a.bin", "b.bin"}
-    assert {o.name: sha256_of(o.path) for o in outcomes} == dict(  # type: ignore[union-attr]
+    assert {as_received(o).name: sha256_of(stored_path(o)) for o in outcomes} == dict(
         zip(["a.bin", "b.bin"], digests, strict=True)
     )
 
 
-def test_consumer_that_starts_after_the_producer_began(tmp_path, settings, start_receiver):
+def test_consumer_that_starts_after_the_producer_began(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     src = tmp_path / "late.bin"
     digest = random_file(src, 2 * MiB)
     declared_sites = []
@@ -104,10 +117,12 @@ def test_consumer_that_starts_after_the_producer_began(tmp_path, settings, start
     [received] = receiver.wait_for(1)
     assert isinstance(outcome[0], list)
     assert outcome[0][0].ok
-    assert sha256_of(received.path) == digest
+    assert sha256_of(stored_path(received)) == digest
 
 
-def test_two_targets_each_get_and_confirm_the_whole_file(tmp_path, settings, start_receiver):
+def test_two_targets_each_get_and_confirm_the_whole_file(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     src = tmp_path / "model.bin"
     digest = random_file(src, 5 * MiB + 3)
     r1 = start_receiver("site-1", tmp_path / "in1")
@@ -117,8 +132,8 @@ def test_two_targets_each_get_and_confirm_the_whole_file(tmp_path, settings, sta
 
     assert [r.site for r in results] == ["site-1", "site-2"]
     assert all(r.ok and r.sha256 == digest for r in results)
-    assert sha256_of(r1.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
-    assert sha256_of(r2.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
+    assert sha256_of(stored_path(r1.wait_for(1)[0])) == digest
+    assert sha256_of(stored_path(r2.wait_for(1)[0])) == digest
 
 
 @pytest.mark.parametrize(
@@ -131,7 +146,13 @@ def test_two_targets_each_get_and_confirm_the_whole_file(tmp_path, settings, sta
         ("..\\..\\win.ini", "win.ini"),
     ],
 )
-def test_hostile_names_land_inside_dest(tmp_path, start_receiver, raw_peer, hostile, expected):
+def test_hostile_names_land_inside_dest(
+    tmp_path: Path,
+    start_receiver: StartReceiver,
+    raw_peer: MakeRawPeer,
+    hostile: str,
+    expected: str,
+) -> None:
     """A hand-made sender (raw pika, the documented protocol) offers a hostile name."""
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest)
@@ -143,11 +164,13 @@ def test_hostile_names_land_inside_dest(tmp_path, start_receiver, raw_peer, host
     [received] = receiver.wait_for(1)
     assert isinstance(received, Received)
     assert received.path == (dest / expected).resolve()
-    assert received.path.read_bytes() == body
+    assert stored_path(received).read_bytes() == body
     assert not (tmp_path / "etc").exists()
 
 
-def test_name_collision_gets_a_suffix_never_overwrites(tmp_path, settings, start_receiver):
+def test_name_collision_gets_a_suffix_never_overwrites(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     dest = tmp_path / "in"
     dest.mkdir()
     (dest / "data.bin").write_bytes(b"precious")
@@ -159,26 +182,37 @@ def test_name_collision_gets_a_suffix_never_overwrites(tmp_path, settings, start
 
     [received] = receiver.wait_for(1)
     assert result.stored_as == "data-1.bin"
-    assert received.path == (dest / "data-1.bin").resolve()
+    assert stored_path(received) == (dest / "data-1.bin").resolve()
     assert (dest / "data.bin").read_bytes() == b"precious"
-    assert sha256_of(received.path) == digest
+    assert sha256_of(stored_path(received)) == digest
 
 
 def test_chunk_corrupted_on_the_way_is_detected_and_resent(
-    tmp_path, settings, start_receiver, dead_letters, monkeypatch
-):
+    tmp_path: Path,
+    settings: Settings,
+    start_receiver: StartReceiver,
+    dead_letters: DeadLetters,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     src = tmp_path / "c.bin"
     digest = random_file(src, 1 * MiB)
     receiver = start_receiver("site-1", tmp_path / "in")
     flipped: list[int] = []
     original = pika.adapters.blocking_connection.BlockingChannel.basic_publish
 
-    def flip_one(self, exchange, routing_key, body, properties=None, mandatory=False):
+    def flip_one(
+        self: BlockingChannel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: pika.BasicProperties | None = None,
+        mandatory: bool = False,
+    ) -> None:
         if properties is not None and properties.type == "chunk" and not flipped:
             if properties.headers["seq"] == 5:
                 flipped.append(5)
                 body = bytes([body[0] ^ 0xFF]) + body[1:]  # CRC in the header stays the original
-        return original(self, exchange, routing_key, body, properties, mandatory)
+        original(self, exchange, routing_key, body, properties, mandatory)
 
     monkeypatch.setattr(
         pika.adapters.blocking_connection.BlockingChannel, "basic_publish", flip_one
@@ -188,12 +222,14 @@ def test_chunk_corrupted_on_the_way_is_detected_and_resent(
     [received] = receiver.wait_for(1)
     assert flipped == [5]
     assert result.ok
-    assert sha256_of(received.path) == digest
+    assert sha256_of(stored_path(received)) == digest
     reasons = [h.get("x-objstream-reason", "") for h, _ in dead_letters()]
     assert any("chunk 5" in str(r) and "crc32" in str(r) for r in reasons), reasons
 
 
-def test_wrong_digest_fails_and_leaves_no_file(tmp_path, start_receiver, raw_peer):
+def test_wrong_digest_fails_and_leaves_no_file(
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest)
     peer = raw_peer("site-1")
@@ -209,7 +245,9 @@ def test_wrong_digest_fails_and_leaves_no_file(tmp_path, start_receiver, raw_pee
     assert done["code"] == "checksum"
 
 
-def test_object_over_the_receivers_limit_is_refused_fast(tmp_path, settings, start_receiver):
+def test_object_over_the_receivers_limit_is_refused_fast(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     limited = settings.model_copy(update={"max_object_size": 1000})
     start_receiver("site-1", tmp_path / "in", limited)
     src = tmp_path / "big.bin"
@@ -226,7 +264,9 @@ def test_object_over_the_receivers_limit_is_refused_fast(tmp_path, settings, sta
     assert list((tmp_path / "in").iterdir()) == []
 
 
-def test_no_receiver_times_out_and_names_the_site(tmp_path, settings, declared):
+def test_no_receiver_times_out_and_names_the_site(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.add("nobody")
     src = tmp_path / "x.bin"
     random_file(src, 10)
@@ -242,8 +282,8 @@ def test_no_receiver_times_out_and_names_the_site(tmp_path, settings, declared):
 
 
 def test_one_target_missing_does_not_hide_the_other_success(
-    tmp_path, settings, start_receiver, declared
-):
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver, declared: Declared
+) -> None:
     declared.sites.add("absent")
     src = tmp_path / "x.bin"
     digest = random_file(src, 300 * KiB)
@@ -254,16 +294,18 @@ def test_one_target_missing_does_not_hide_the_other_success(
         _send(quick, ["site-1", "absent"], src, chunk_size=64 * KiB)
 
     ok, missing = caught.value.results
+    assert isinstance(ok, TargetResult)
+    assert isinstance(missing, TargetResult)
     assert ok.ok
     assert ok.site == "site-1"
     assert not missing.ok
     assert missing.site == "absent"
-    assert sha256_of(receiver.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
+    assert sha256_of(stored_path(receiver.wait_for(1)[0])) == digest
 
 
 def test_receiver_with_another_stream_ttl_setting_still_receives(
-    tmp_path, settings, start_receiver
-):
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
     """The data queue is the sender's: a receiver configured differently must not redeclare it."""
     src = tmp_path / "x.bin"
     digest = random_file(src, 100 * KiB)
@@ -272,10 +314,12 @@ def test_receiver_with_another_stream_ttl_setting_still_receives(
     )
     [result] = _send(settings, ["site-1"], src)
     assert result.ok
-    assert sha256_of(receiver.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
+    assert sha256_of(stored_path(receiver.wait_for(1)[0])) == digest
 
 
-def test_a_transfer_on_quorum_queues(tmp_path, settings, start_receiver, broker_url):
+def test_a_transfer_on_quorum_queues(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver, broker_url: str
+) -> None:
     """OBJSTREAM_QUEUE_TYPE=quorum: inboxes and data queues replicate (a one-node cluster here)."""
     import pika as _pika
 
@@ -286,7 +330,7 @@ def test_a_transfer_on_quorum_queues(tmp_path, settings, start_receiver, broker_
     with FileStreamer("server", quorum) as streamer:
         [result] = streamer.stream_file("site-1", src, chunk_size=256 * KiB)
     assert result.ok
-    assert sha256_of(receiver.wait_for(1)[0].path) == digest  # type: ignore[union-attr]
+    assert sha256_of(stored_path(receiver.wait_for(1)[0])) == digest
     # The inbox really is a quorum queue: redeclaring it as classic is refused.
     connection = _pika.BlockingConnection(_pika.URLParameters(broker_url))
     try:

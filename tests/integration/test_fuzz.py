@@ -4,6 +4,8 @@ a final name, dead-letters what it cannot use, and keeps serving."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import pika
 from hypothesis import HealthCheck, given
@@ -11,9 +13,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from objstream.common.protocol import MessageType
-from objstream.common.settings import KiB
+from objstream.common.settings import KiB, Settings
 from objstream.producer import FileStreamer
-from tests.conftest import random_file, sha256_of
+from tests.conftest import random_file, sha256_of, stored_path
+from tests.integration.conftest import DeadLetters, MakeRawPeer, StartReceiver
 
 FIELDS = ["objstream", "stream_id", "kind", "name", "size", "chunk_size", "chunk_count",
           "window", "sender", "target", "info", "inline", "seq", "crc32", "meta", "sha256",
@@ -29,8 +32,12 @@ types = st.sampled_from([t.value for t in MessageType]) | st.text(max_size=10) |
 
 
 def test_fuzzed_messages_never_hurt_the_receiver(
-    tmp_path, settings, start_receiver, raw_peer, dead_letters
-):
+    tmp_path: Path,
+    settings: Settings,
+    start_receiver: StartReceiver,
+    raw_peer: MakeRawPeer,
+    dead_letters: DeadLetters,
+) -> None:
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest)
     peer = raw_peer("site-1")
@@ -40,7 +47,7 @@ def test_fuzzed_messages_never_hurt_the_receiver(
     @hsettings(max_examples=300, deadline=None,
                suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
     @given(type_=types, headers=headers, body=st.binary(max_size=5000), to_data=st.booleans())
-    def throw(type_, headers, body, to_data):
+    def throw(type_: str | None, headers: dict[str, Any], body: bytes, to_data: bool) -> None:
         props = pika.BasicProperties(type=type_, headers=headers, reply_to=peer.reply)
         if to_data:
             peer.publish_data(body, props)
@@ -59,7 +66,7 @@ def test_fuzzed_messages_never_hurt_the_receiver(
     while not (good := [o for o in receiver.outcomes if getattr(o, "name", "") == "good.bin"]):
         assert time.monotonic() < deadline, receiver.outcomes
         time.sleep(0.05)
-    assert sha256_of(good[0].path) == digest  # type: ignore[union-attr]
+    assert sha256_of(stored_path(good[0])) == digest
     finals = [p.name for p in dest.iterdir() if not p.name.startswith(".objstream-")]
     assert finals == ["good.bin"]  # nothing else ever landed under a final name
     assert sent["n"] >= 300

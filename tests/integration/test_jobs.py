@@ -8,12 +8,14 @@ from pathlib import Path
 
 import yaml
 
+from objstream.common.settings import Settings
+from tests.integration.conftest import Declared
 from tests.integration.test_cli import _env, _objstream
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_file_streaming_job(settings, declared):
+def test_file_streaming_job(settings: Settings, declared: Declared) -> None:
     declared.sites.update({"server", "site-1"})
     run = _objstream(
         "job", "file_streaming", "--size", "8MiB", "--chunk-size", "256KiB", env=_env(settings)
@@ -24,7 +26,7 @@ def test_file_streaming_job(settings, declared):
     assert "checksum verified; peak RSS producer" in line
 
 
-def test_dict_streaming_job_json(settings, declared):
+def test_dict_streaming_job_json(settings: Settings, declared: Declared) -> None:
     declared.sites.update({"server", "site-1"})
     run = _objstream(
         "job",
@@ -45,7 +47,7 @@ def test_dict_streaming_job_json(settings, declared):
     assert set(result["peak_rss_mib"]) == {"producer", "consumer"}
 
 
-def test_a_job_fails_loudly_when_a_side_fails(settings, declared):
+def test_a_job_fails_loudly_when_a_side_fails(settings: Settings, declared: Declared) -> None:
     """A consumer that never gets its file: exit non-zero, one error line, no traceback."""
     declared.sites.update({"site-1"})
     run = _objstream(
@@ -56,7 +58,9 @@ def test_a_job_fails_loudly_when_a_side_fails(settings, declared):
     assert "Traceback" not in run.stderr
 
 
-def test_the_compose_workers_commands_run_end_to_end(tmp_path, settings, declared):
+def test_the_compose_workers_commands_run_end_to_end(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.update({"server", "site-1"})
     services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     env = _env(settings)

@@ -5,26 +5,31 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
 
 from objstream.common.errors import ErrorCode, SendFailed, TransferFailed
 from objstream.common.protocol import properties
-from objstream.common.settings import KiB
+from objstream.common.settings import KiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer.streams import Received
 from objstream.producer import FileStreamer
-from tests.conftest import final_files, kept_bytes, random_file, sha256_of
+from tests.conftest import final_files, kept_bytes, random_file, sha256_of, stored_path
+from tests.integration.conftest import DeadLetters, Declared, MakeRawPeer, StartReceiver
+from tests.integration.rawpeer import RawPeer
 
 
-def _reasons(dead_letters) -> list[str]:
+def _reasons(dead_letters: DeadLetters) -> list[str]:
     return [str(h.get("x-objstream-reason")) for h, _ in dead_letters()]
 
 
 def test_abort_from_the_sender_fails_the_stream_and_keeps_only_the_verified_prefix(
-    tmp_path, start_receiver, raw_peer
-):
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest)
     peer = raw_peer("site-1")
@@ -41,7 +46,9 @@ def test_abort_from_the_sender_fails_the_stream_and_keeps_only_the_verified_pref
     assert list(kept_bytes(dest).values()) == [b"abcd"]
 
 
-def test_an_offer_to_resume_what_is_not_kept_is_refused(tmp_path, start_receiver, raw_peer):
+def test_an_offer_to_resume_what_is_not_kept_is_refused(
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest)
     peer = raw_peer("site-1")
@@ -55,7 +62,9 @@ def test_an_offer_to_resume_what_is_not_kept_is_refused(tmp_path, start_receiver
     assert list(dest.iterdir()) == []
 
 
-def test_silent_sender_times_out_on_the_receiver(tmp_path, settings, start_receiver, raw_peer):
+def test_silent_sender_times_out_on_the_receiver(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest, settings.model_copy(update={"timeout": 1.5}))
     peer = raw_peer("site-1")
@@ -73,8 +82,8 @@ def test_silent_sender_times_out_on_the_receiver(tmp_path, settings, start_recei
 
 
 def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(
-    tmp_path, start_receiver, raw_peer
-):
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest)
     peer = raw_peer("site-1")
@@ -97,7 +106,7 @@ def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(
 
     [received] = receiver.wait_for(1)
     assert isinstance(received, Received)
-    assert received.path.read_bytes() == whole
+    assert stored_path(received).read_bytes() == whole
 
 
 @pytest.mark.parametrize(
@@ -113,8 +122,14 @@ def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(
     ],
 )
 def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
-    tmp_path, settings, start_receiver, raw_peer, dead_letters, mutate, reason
-):
+    tmp_path: Path,
+    settings: Settings,
+    start_receiver: StartReceiver,
+    raw_peer: MakeRawPeer,
+    dead_letters: DeadLetters,
+    mutate: Callable[[dict[str, Any]], object],
+    reason: str,
+) -> None:
     from objstream.common.protocol import Offer
 
     receiver = start_receiver("site-1", tmp_path / "in")
@@ -142,7 +157,7 @@ def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
     with FileStreamer("server", settings) as streamer:
         streamer.stream_file("site-1", src)
     [received] = receiver.wait_for(1)
-    assert sha256_of(received.path) == digest  # type: ignore[union-attr]
+    assert sha256_of(stored_path(received)) == digest
 
     reasons = _reasons(dead_letters)
     assert any(reason in r for r in reasons), reasons
@@ -168,8 +183,13 @@ def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
     ],
 )
 def test_bad_data_messages_are_dead_lettered_and_the_stream_survives(
-    tmp_path, start_receiver, raw_peer, dead_letters, send, reason
-):
+    tmp_path: Path,
+    start_receiver: StartReceiver,
+    raw_peer: MakeRawPeer,
+    dead_letters: DeadLetters,
+    send: Callable[[RawPeer], object],
+    reason: str,
+) -> None:
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
     peer.offer("ok.bin", size=8, chunk_size=4)
@@ -180,12 +200,14 @@ def test_bad_data_messages_are_dead_lettered_and_the_stream_survives(
 
     [received] = receiver.wait_for(1)
     assert isinstance(received, Received)
-    assert received.path.read_bytes() == b"abcdefgh"
+    assert stored_path(received).read_bytes() == b"abcdefgh"
     reasons = _reasons(dead_letters)
     assert any(reason in r for r in reasons), reasons
 
 
-def test_the_window_bounds_what_the_producer_puts_in_the_broker(tmp_path, settings, declared):
+def test_the_window_bounds_what_the_producer_puts_in_the_broker(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     """No receiver at all: the producer publishes the offer and exactly one window of chunks."""
     import threading
 
@@ -231,7 +253,9 @@ def test_the_window_bounds_what_the_producer_puts_in_the_broker(tmp_path, settin
         connection.close()
 
 
-def _inline_offer(peer, body: bytes, *, crc32=None, sha256=None):
+def _inline_offer(
+    peer: RawPeer, body: bytes, *, crc32: int | None = None, sha256: str | None = None
+) -> None:
     import zlib
 
     from objstream.common.protocol import Inline, Offer
@@ -246,7 +270,9 @@ def _inline_offer(peer, body: bytes, *, crc32=None, sha256=None):
     peer.publish_inbox(body, properties(offer, reply_to=peer.reply))
 
 
-def test_small_objects_ride_inside_the_offer(tmp_path, settings, start_receiver, declared):
+def test_small_objects_ride_inside_the_offer(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver, declared: Declared
+) -> None:
     """No data queue is made for an object that fits in its offer."""
     receiver = start_receiver("site-1", tmp_path / "in")
     src = tmp_path / "small.bin"
@@ -254,7 +280,7 @@ def test_small_objects_ride_inside_the_offer(tmp_path, settings, start_receiver,
     with FileStreamer("server", settings) as streamer:
         [result] = streamer.stream_file("site-1", src)
     [received] = receiver.wait_for(1)
-    assert received.path.read_bytes() == src.read_bytes()  # type: ignore[union-attr]
+    assert stored_path(received).read_bytes() == src.read_bytes()
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
         queue = Topology.from_settings(settings).data_queue(result.stream_id)
@@ -270,8 +296,12 @@ def test_small_objects_ride_inside_the_offer(tmp_path, settings, start_receiver,
     ids=["crc", "sha256"],
 )
 def test_a_corrupt_inline_object_fails_and_leaves_no_file(
-    tmp_path, start_receiver, raw_peer, options, code
-):
+    tmp_path: Path,
+    start_receiver: StartReceiver,
+    raw_peer: MakeRawPeer,
+    options: dict[str, Any],
+    code: str,
+) -> None:
     dest = tmp_path / "in"
     receiver = start_receiver("site-1", dest)
     peer = raw_peer("site-1")
@@ -283,22 +313,24 @@ def test_a_corrupt_inline_object_fails_and_leaves_no_file(
     assert list(dest.iterdir()) == []
 
 
-def test_offers_beyond_max_streams_wait_rather_than_fail(tmp_path, settings, start_receiver,
-                                                         raw_peer):  # fmt: skip
+def test_offers_beyond_max_streams_wait_rather_than_fail(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver, raw_peer: MakeRawPeer
+) -> None:
     receiver = start_receiver("site-1", tmp_path / "in",
                               settings.model_copy(update={"max_streams": 2}))  # fmt: skip
     peers = [raw_peer("site-1") for _ in range(3)]
     for peer in peers:
         peer.offer(f"{peer.stream_id}.bin", size=4, chunk_size=4)
 
-    def contacted(peer, timeout: float) -> bool:
+    def contacted(peer: RawPeer, timeout: float) -> bool:
         try:
             return bool(peer.replies(until="progress", timeout=timeout))
         except AssertionError:
             return False
 
     # Three connections publish: the broker may queue the offers in any order. Two are taken...
-    taken, waiting = [], []
+    taken: list[RawPeer] = []
+    waiting: list[RawPeer] = []
     for peer in peers:
         (taken if contacted(peer, 3) else waiting).append(peer)
     assert len(taken) == 2, "two streams in flight"

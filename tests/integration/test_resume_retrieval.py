@@ -13,23 +13,32 @@ import pytest
 
 from objstream.common.errors import ErrorCode, TimedOut, TransferFailed
 from objstream.common.protocol import Request, new_stream_id, parse, properties
-from objstream.common.settings import KiB, MiB
+from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Retriever
-from objstream.producer import ContainerRetriever, FileRetriever
+from objstream.producer import ContainerRetriever, FileRetriever, RetrievalServer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
-from tests.integration.conftest import count_published_chunks, slow_disk, wait_for_partial
+from tests.integration.conftest import (
+    Declared,
+    StartReceiver,
+    StartServer,
+    count_published_chunks,
+    slow_disk,
+    wait_for_partial,
+)
 from tests.integration.test_cli import _env, _objstream
 
 CHUNK = 64 * KiB
 
 
-def _slow_env(settings) -> dict[str, str]:
+def _slow_env(settings: Settings) -> dict[str, str]:
     # Small chunks, a small window: a 64 MiB file takes seconds, so the kill lands mid-stream.
     return {**_env(settings), "OBJSTREAM_CHUNK_SIZE": "64KiB", "OBJSTREAM_WINDOW": "2"}
 
 
-def _fetch_in_background(settings, out, name, timeout):
+def _fetch_in_background(
+    settings: Settings, out: Path, name: str, timeout: float
+) -> tuple[threading.Thread, list[BaseException]]:
     """Retrieve ``name`` from "server" on a thread; what it raises goes to the list."""
     failures: list[BaseException] = []
 
@@ -56,7 +65,15 @@ def _kept_prefix(dest: Path, source: Path) -> int:
     return len(kept) // CHUNK
 
 
-def _retrieve_the_rest(settings, start_server, monkeypatch, src, dest, kept_chunks, digest):
+def _retrieve_the_rest(
+    settings: Settings,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    src: Path,
+    dest: Path,
+    kept_chunks: int,
+    digest: str,
+) -> None:
     """Serve ``src`` (again) and retrieve big.bin into ``dest``: only what was not kept moves."""
     published = count_published_chunks(monkeypatch)
     start_server(settings, lambda s: FileRetriever(s, source_dir=src))
@@ -72,8 +89,12 @@ def _retrieve_the_rest(settings, start_server, monkeypatch, src, dest, kept_chun
 
 
 def test_owner_killed_mid_file_then_asked_again_sends_only_the_rest(
-    tmp_path, settings, declared, start_server, monkeypatch
-):
+    tmp_path: Path,
+    settings: Settings,
+    declared: Declared,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     declared.sites.add("server")
     src = tmp_path / "src"
     src.mkdir()
@@ -101,7 +122,9 @@ def test_owner_killed_mid_file_then_asked_again_sends_only_the_rest(
     _retrieve_the_rest(settings, start_server, monkeypatch, src, out, kept_chunks, digest)
 
 
-def test_a_source_changed_since_is_sent_whole(tmp_path, settings, start_server, monkeypatch):
+def test_a_source_changed_since_is_sent_whole(
+    tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "f.bin", 4 * MiB)
@@ -132,8 +155,13 @@ def test_a_source_changed_since_is_sent_whole(tmp_path, settings, start_server, 
 
 
 def test_a_push_whose_producer_died_is_finished_by_a_retrieval(
-    tmp_path, settings, declared, start_receiver, start_server, monkeypatch
-):
+    tmp_path: Path,
+    settings: Settings,
+    declared: Declared,
+    start_receiver: StartReceiver,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A push stream's prefix is kept the same way; once the producer site serves the file,
     retrieving it resumes."""
     declared.sites.update({"site-1", "server"})
@@ -162,8 +190,8 @@ def test_a_push_whose_producer_died_is_finished_by_a_retrieval(
 
 
 def test_a_killed_requester_is_resumed_by_the_next_one(
-    tmp_path, settings, start_server, monkeypatch
-):
+    tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     digest = random_file(src / "f.bin", 8 * MiB)
@@ -192,7 +220,9 @@ def test_a_killed_requester_is_resumed_by_the_next_one(
     assert [p.name for p in out.iterdir()] == ["f.bin"]
 
 
-def test_the_cli_says_it_resumed(tmp_path, settings, start_server, monkeypatch):
+def test_the_cli_says_it_resumed(
+    tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     digest = random_file(src / "f.bin", 2 * MiB)
@@ -220,13 +250,18 @@ def test_the_cli_says_it_resumed(tmp_path, settings, start_server, monkeypatch):
     [("container", 64 * KiB, "only files resume"), ("file", 16, "at least 4096")],
 )
 def test_resume_requests_the_owner_cannot_serve_are_refused(
-    tmp_path, settings, start_server, kind, chunk_size, words
-):
+    tmp_path: Path,
+    settings: Settings,
+    start_server: StartServer,
+    kind: str,
+    chunk_size: int,
+    words: str,
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     random_file(src / "m", 1 * MiB)
 
-    def setup(server) -> None:
+    def setup(server: RetrievalServer) -> None:
         FileRetriever(server, source_dir=src)
         ContainerRetriever(server).add_container("m", {"a": 1})
 

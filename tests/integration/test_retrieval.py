@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pika
@@ -11,15 +12,17 @@ import pytest
 
 from objstream.common.errors import Refused, TimedOut, TransferFailed
 from objstream.common.protocol import Request, new_stream_id, properties
-from objstream.common.settings import KiB, MiB
+from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Retriever
 from objstream.producer import ContainerRetriever, FileRetriever, RetrievalServer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
-from tests.integration.conftest import slow_disk
+from tests.integration.conftest import Declared, StartReceiver, StartServer, slow_disk
 
 
-def test_retrieve_a_file_and_a_container(tmp_path, settings, start_server):
+def test_retrieve_a_file_and_a_container(
+    tmp_path: Path, settings: Settings, start_server: StartServer
+) -> None:
     src = tmp_path / "src"
     src.mkdir()
     digest = random_file(src / "big.bin", 5 * MiB + 1)
@@ -50,7 +53,9 @@ def test_retrieve_a_file_and_a_container(tmp_path, settings, start_server):
         ("sub", "not_found"),
     ],
 )
-def test_refusals_are_fast_and_typed(tmp_path, settings, start_server, name, code):
+def test_refusals_are_fast_and_typed(
+    tmp_path: Path, settings: Settings, start_server: StartServer, name: str, code: str
+) -> None:
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (tmp_path / "secret").write_text("no")
@@ -67,14 +72,18 @@ def test_refusals_are_fast_and_typed(tmp_path, settings, start_server, name, cod
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_unknown_container_is_not_found(tmp_path, settings, start_server):
+def test_unknown_container_is_not_found(
+    tmp_path: Path, settings: Settings, start_server: StartServer
+) -> None:
     start_server(settings, lambda server: None)
     with Retriever("site-1", tmp_path, settings) as retriever, pytest.raises(Refused) as caught:
         retriever.retrieve_container("server", "nope", timeout=10)
     assert caught.value.code == "not_found"
 
 
-def test_allow_list_uses_the_broker_authenticated_user(tmp_path, settings, start_server):
+def test_allow_list_uses_the_broker_authenticated_user(
+    tmp_path: Path, settings: Settings, start_server: StartServer
+) -> None:
     user = pika.URLParameters(settings.url).credentials.username
 
     def setup(server: RetrievalServer) -> None:
@@ -90,7 +99,9 @@ def test_allow_list_uses_the_broker_authenticated_user(tmp_path, settings, start
     assert repr(user) in caught.value.detail
 
 
-def test_eight_requesters_get_equal_copies_at_once(tmp_path, settings, start_server):
+def test_eight_requesters_get_equal_copies_at_once(
+    tmp_path: Path, settings: Settings, start_server: StartServer
+) -> None:
     rng = np.random.default_rng(5)
     model = {f"w{i}": rng.standard_normal(2 * MiB, dtype=np.float32) for i in range(8)}  # 64 MiB
     start_server(settings, lambda server: ContainerRetriever(server).add_container("m", model))
@@ -115,8 +126,8 @@ def test_eight_requesters_get_equal_copies_at_once(tmp_path, settings, start_ser
 
 
 def test_requester_timing_out_is_reported_and_the_owner_stops(
-    tmp_path, settings, start_server, monkeypatch
-):
+    tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The owner's disk stalls after a few chunks: the requester gives up after its timeout
     without progress, and tells the owner, which stops long before its own timeout."""
 
@@ -141,7 +152,9 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
     assert kept == (src / "f.bin").read_bytes()[: 3 * 64 * KiB]
 
 
-def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_server, monkeypatch):
+def test_owner_shutting_down_mid_stream_is_reported(
+    tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from objstream.common.errors import ErrorCode
 
     src = tmp_path / "src"
@@ -174,7 +187,9 @@ def test_owner_shutting_down_mid_stream_is_reported(tmp_path, settings, start_se
     assert kept == (src / "f.bin").read_bytes()[: len(kept)]
 
 
-def test_an_expired_request_is_never_served(tmp_path, settings, start_server, declared):
+def test_an_expired_request_is_never_served(
+    tmp_path: Path, settings: Settings, start_server: StartServer, declared: Declared
+) -> None:
     declared.sites.add("server")
     """A request whose requester gave up (its expiration passed) is dropped by the broker."""
     topo = Topology.from_settings(settings)
@@ -203,7 +218,9 @@ def test_an_expired_request_is_never_served(tmp_path, settings, start_server, de
         connection.close()
 
 
-def test_no_server_times_out_naming_the_site(tmp_path, settings, declared):
+def test_no_server_times_out_naming_the_site(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.add("nobody")
     with Retriever("site-1", tmp_path, settings) as retriever, pytest.raises(TimedOut) as caught:
         retriever.retrieve_file("nobody", "x", timeout=1)
@@ -211,8 +228,8 @@ def test_no_server_times_out_naming_the_site(tmp_path, settings, declared):
 
 
 def test_a_listener_of_the_same_site_does_not_steal_the_stream(
-    tmp_path, settings, start_server, start_receiver
-):
+    tmp_path: Path, settings: Settings, start_server: StartServer, start_receiver: StartReceiver
+) -> None:
     listener = start_receiver("site-1", tmp_path / "listen")
     start_server(settings, lambda s: ContainerRetriever(s).add_container("m", [1, 2, 3]))
     with Retriever("site-1", tmp_path / "out", settings) as retriever:
@@ -221,8 +238,8 @@ def test_a_listener_of_the_same_site_does_not_steal_the_stream(
 
 
 def test_a_killed_requester_does_not_leave_the_owner_streaming(
-    tmp_path, settings, start_server, monkeypatch
-):
+    tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGKILL, no goodbye: the owner's own timeout without progress stops the stream."""
     import signal
     import subprocess
@@ -252,7 +269,9 @@ def test_a_killed_requester_does_not_leave_the_owner_streaming(
         time.sleep(0.1)
 
 
-def test_an_offer_that_overtakes_its_reply_is_still_taken(tmp_path, settings, declared):
+def test_an_offer_that_overtakes_its_reply_is_still_taken(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     """An owner replies on one connection and streams on another: the broker may deliver the
     offer first. A hand-made owner sends them in that order on purpose."""
     import hashlib

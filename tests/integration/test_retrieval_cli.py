@@ -6,24 +6,35 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from objstream.common.cli import EXIT_FAILED
-from objstream.common.settings import MiB
+from objstream.common.settings import MiB, Settings
 from tests.conftest import final_files, random_file, sha256_of
+from tests.integration.conftest import Declared
 from tests.integration.test_cli import _env, _objstream
+
+Serving = tuple[dict[str, str], str, dict[str, npt.NDArray[Any]]]
+"""``serving``: the environment to reach it, the served file's SHA-256, the served model."""
 
 
 @pytest.fixture
-def serving(tmp_path, settings, declared):
+def serving(tmp_path: Path, settings: Settings, declared: Declared) -> Iterator[Serving]:
     declared.sites.add("server")
     src = tmp_path / "src"
     src.mkdir()
     digest = random_file(src / "big.bin", 16 * MiB + 3)
-    model = {"w": np.arange(300_000, dtype=np.float32), "b": np.ones(7, dtype=np.int8)}
-    np.savez(tmp_path / "model.npz", **model)
+    model: dict[str, npt.NDArray[Any]] = {
+        "w": np.arange(300_000, dtype=np.float32),
+        "b": np.ones(7, dtype=np.int8),
+    }
+    np.savez(tmp_path / "model.npz", **model)  # type: ignore[arg-type]  # numpy's stub: **model could name allow_pickle
     env = _env(settings)
     server = subprocess.Popen(
         ["objstream", "producer", "serve", "--site", "server", "--source-dir", str(src),
@@ -39,7 +50,7 @@ def serving(tmp_path, settings, declared):
     assert "Traceback" not in err
 
 
-def test_retrieve_file_and_container(tmp_path, serving):
+def test_retrieve_file_and_container(tmp_path: Path, serving: Serving) -> None:
     env, digest, model = serving
     out = tmp_path / "out"
     got = _objstream(
@@ -81,7 +92,9 @@ def test_retrieve_file_and_container(tmp_path, serving):
 @pytest.mark.parametrize(
     ("name", "words"), [("missing.bin", "not_found"), ("../etc/passwd", "outside_source_dir")]
 )
-def test_refusals_exit_1_within_2_seconds_with_one_line(tmp_path, serving, name, words):
+def test_refusals_exit_1_within_2_seconds_with_one_line(
+    tmp_path: Path, serving: Serving, name: str, words: str
+) -> None:
     env, _, _ = serving
     started = time.monotonic()
     got = _objstream(
@@ -104,7 +117,9 @@ def test_refusals_exit_1_within_2_seconds_with_one_line(tmp_path, serving, name,
     assert words in line
 
 
-def test_owner_killed_mid_stream_times_out_cleanly(tmp_path, settings, declared):
+def test_owner_killed_mid_stream_times_out_cleanly(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     """SIGKILL, no goodbye: the requester sees no progress for its timeout and says so."""
     from objstream.common.errors import TimedOut
     from objstream.consumer import Retriever

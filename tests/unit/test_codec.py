@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +16,8 @@ from objstream.common.codec import OUT_OF_BAND_BYTES, EncodeError, decode, decod
 from objstream.common.errors import ProtocolError
 
 
-def _same(a, b) -> bool:
+def _same(a: Any, b: Any) -> bool:
+    """Whether two decoded values are the same, type and bits (arrays: layout too)."""
     if isinstance(a, np.ndarray):
         return (
             isinstance(b, np.ndarray)
@@ -26,7 +31,7 @@ def _same(a, b) -> bool:
     if isinstance(a, list | tuple):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, set | frozenset):
-        return a == b
+        return bool(a == b)
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, float | complex):
@@ -60,7 +65,7 @@ DTYPES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 3), (2, 0, 4), (1, 2, 3, 1)])
-def test_arrays_of_every_dtype_and_shape(dtype, shape):
+def test_arrays_of_every_dtype_and_shape(dtype: str, shape: tuple[int, ...]) -> None:
     rng = np.random.default_rng(7)
     raw = rng.integers(0, 256, size=int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype="u1")
     array = raw.view(dtype).reshape(shape) if raw.size else np.zeros(shape, dtype)
@@ -78,7 +83,9 @@ def test_arrays_of_every_dtype_and_shape(dtype, shape):
     ],
     ids=["fortran", "strided", "transposed", "reversed", "big-endian"],
 )
-def test_layouts_and_byte_orders(make):
+def test_layouts_and_byte_orders(
+    make: Callable[[npt.NDArray[np.float64]], npt.NDArray[Any]],
+) -> None:
     array = make(np.arange(24, dtype="<f8").reshape(4, 6))
     back = decode(encode(array))
     assert back.dtype == array.dtype
@@ -87,7 +94,7 @@ def test_layouts_and_byte_orders(make):
         assert back.flags.f_contiguous
 
 
-def test_contiguous_arrays_are_not_copied_on_encode():
+def test_contiguous_arrays_are_not_copied_on_encode() -> None:
     array = np.arange(1000, dtype="f4")
     encoded = encode({"w": array})
     assert np.shares_memory(np.frombuffer(encoded.buffers[0], dtype="f4"), array)
@@ -95,7 +102,7 @@ def test_contiguous_arrays_are_not_copied_on_encode():
     assert np.shares_memory(np.frombuffer(encode(fortran).buffers[0]), fortran)
 
 
-def test_big_bytes_travel_out_of_band_and_small_inline():
+def test_big_bytes_travel_out_of_band_and_small_inline() -> None:
     big = b"x" * OUT_OF_BAND_BYTES
     encoded = encode([big, b"small", (big,)])
     assert len(encoded.buffers) == 1
@@ -142,7 +149,7 @@ def test_big_bytes_travel_out_of_band_and_small_inline():
         [np.zeros(3), b"y" * 5000, (bytearray(b"q"), np.ones((2, 2), order="F"))],
     ],
 )
-def test_values_round_trip_exactly(value):
+def test_values_round_trip_exactly(value: object) -> None:
     assert _same(value, decode(encode(value)))
 
 
@@ -187,7 +194,7 @@ values = st.recursive(
 
 @settings(max_examples=300, deadline=None)
 @given(values)
-def test_property_any_supported_value_round_trips(value):
+def test_property_any_supported_value_round_trips(value: object) -> None:
     assert _same(value, decode(encode(value)))
 
 
@@ -206,7 +213,9 @@ class Custom:
         ({"w": range(3)}, "range"),
     ],
 )
-def test_unencodable_values_are_refused_naming_where_and_type(value, type_name):
+def test_unencodable_values_are_refused_naming_where_and_type(
+    value: dict[str, object], type_name: str
+) -> None:
     with pytest.raises(EncodeError, match=type_name) as caught:
         encode(value, where="key 'w'")
     assert "key 'w'" in str(caught.value)
@@ -223,7 +232,7 @@ def test_unencodable_values_are_refused_naming_where_and_type(value, type_name):
         (encode((1, 2)).structure.replace(b"\x04", b"\x05"), None),
     ],
 )
-def test_hostile_structures_are_protocol_errors(structure, words):
+def test_hostile_structures_are_protocol_errors(structure: bytes, words: str | None) -> None:
     if words is None:  # a tuple retagged as a set still decodes to something legal
         decode_structure(structure, max_payload=0)
         return
@@ -231,7 +240,7 @@ def test_hostile_structures_are_protocol_errors(structure, words):
         decode_structure(structure, max_payload=100)
 
 
-def test_decoder_preallocates_regions_to_fill_in_place():
+def test_decoder_preallocates_regions_to_fill_in_place() -> None:
     array = np.arange(10, dtype=">i2")
     encoded = encode([array, bytearray(b"abc"), b"z" * 5000])
     decoded = decode_structure(encoded.structure, max_payload=encoded.size)
@@ -245,7 +254,7 @@ def test_decoder_preallocates_regions_to_fill_in_place():
     assert out[2] == b"z" * 5000
 
 
-def test_nothing_keeps_decoded_or_encoded_buffers_alive_without_the_gc():
+def test_nothing_keeps_decoded_or_encoded_buffers_alive_without_the_gc() -> None:
     """Received entries must be freed as soon as they are dropped (flat memory)."""
     import gc
     import weakref

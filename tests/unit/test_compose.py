@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -16,18 +17,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return loaded
 
 
-def test_services_and_the_pinned_broker_image(compose):
+def test_services_and_the_pinned_broker_image(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert set(services) == {"rabbitmq", "producer", "consumer"}
     assert services["rabbitmq"]["image"] == RABBITMQ_IMAGE  # the tests' container fixture
     assert RABBITMQ_IMAGE.endswith("-management")
 
 
-def test_broker_has_a_healthcheck_and_workers_wait_for_it(compose):
+def test_broker_has_a_healthcheck_and_workers_wait_for_it(compose: dict[str, Any]) -> None:
     services = compose["services"]
     health = services["rabbitmq"]["healthcheck"]
     assert health["test"][0] == "CMD"
@@ -37,13 +39,13 @@ def test_broker_has_a_healthcheck_and_workers_wait_for_it(compose):
         assert services[worker]["build"] == "."
 
 
-def test_workers_run_both_example_jobs(compose):
+def test_workers_run_both_example_jobs(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["producer"]["command"][:5] == ["objstream", "job", "demo", "--role", "producer"]
     assert services["consumer"]["command"][:5] == ["objstream", "job", "demo", "--role", "consumer"]
 
 
-def test_credentials_come_from_the_environment(compose):
+def test_credentials_come_from_the_environment(compose: dict[str, Any]) -> None:
     services = compose["services"]
     broker_env = services["rabbitmq"]["environment"]
     assert broker_env["RABBITMQ_DEFAULT_USER"].startswith("${")
@@ -56,12 +58,12 @@ def test_credentials_come_from_the_environment(compose):
     assert "amqp://" not in dockerfile
 
 
-def test_data_goes_to_named_volumes(compose):
+def test_data_goes_to_named_volumes(compose: dict[str, Any]) -> None:
     assert set(compose["volumes"]) >= {"rabbitmq-data", "consumer-data"}
     assert "consumer-data:/data" in compose["services"]["consumer"]["volumes"]
 
 
-def test_image_is_slim_and_runs_as_a_non_root_user():
+def test_image_is_slim_and_runs_as_a_non_root_user() -> None:
     lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()]
     assert lines[next(i for i, line in enumerate(lines) if line.startswith("FROM"))].endswith(
         "-slim-bookworm"
@@ -74,7 +76,7 @@ def test_image_is_slim_and_runs_as_a_non_root_user():
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
-def test_docker_compose_config_validates():
+def test_docker_compose_config_validates() -> None:
     run = subprocess.run(
         ["docker-compose", "-f", str(ROOT / "compose.yaml"), "config", "-q"],
         capture_output=True, text=True, check=False,

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NoReturn
+
 import numpy as np
 import pytest
 
 from objstream.common.protocol import Offer, new_stream_id
+from objstream.common.streaming import Piece
+from objstream.consumer.container_assembler import ContainerEntry
 from objstream.consumer.container_spool import ContainerSpool, meta_path
 from objstream.producer.container_source import ContainerSource
 
 CHUNK = 4096
 
 
-def _stream(container):
+def _stream(container: dict[Any, Any] | list[Any] | set[Any]) -> tuple[Offer, list[Piece]]:
     source = ContainerSource(container, "m")
     source.prepare(CHUNK)
     offer = Offer(stream_id=new_stream_id(), kind="container", name="m", size=source.size,
@@ -21,7 +27,7 @@ def _stream(container):
     return offer, list(source.pieces())
 
 
-def _feed(spool, pieces, offset=0):
+def _feed(spool: ContainerSpool, pieces: Iterable[Piece], offset: int = 0) -> int:
     for piece in pieces:
         spool.take(offset, piece.data, piece.meta)
         offset += len(piece.data)
@@ -31,13 +37,13 @@ def _feed(spool, pieces, offset=0):
 MODEL = {"w": np.arange(5000, dtype=np.float32).reshape(50, 100), "name": "x", "n": [1, 2]}
 
 
-def _equal(got, want):
+def _equal(got: Any, want: dict[str, Any]) -> None:
     assert list(got) == list(want)
     assert np.array_equal(got["w"], want["w"])
     assert (got["name"], got["n"]) == (want["name"], want["n"])
 
 
-def test_a_spooled_container_is_decoded_at_the_end_and_leaves_nothing(tmp_path):
+def test_a_spooled_container_is_decoded_at_the_end_and_leaves_nothing(tmp_path: Path) -> None:
     offer, pieces = _stream(MODEL)
     spool = ContainerSpool(tmp_path, offer)
     _feed(spool, pieces)
@@ -45,9 +51,9 @@ def test_a_spooled_container_is_decoded_at_the_end_and_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_successor_takes_the_spool_over_from_the_recorded_count(tmp_path):
+def test_a_successor_takes_the_spool_over_from_the_recorded_count(tmp_path: Path) -> None:
     offer, pieces = _stream(MODEL)
-    entries = []
+    entries: list[ContainerEntry] = []
     first = ContainerSpool(tmp_path, offer)
     stored_bytes = _feed(first, pieces[:3])
     _feed(first, pieces[3:5], stored_bytes)  # written, but never recorded before the "crash"
@@ -60,7 +66,7 @@ def test_a_successor_takes_the_spool_over_from_the_recorded_count(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_metas_that_do_not_add_up_are_refused(tmp_path):
+def test_metas_that_do_not_add_up_are_refused(tmp_path: Path) -> None:
     offer, pieces = _stream(MODEL)
     first = ContainerSpool(tmp_path, offer)
     stored_bytes = _feed(first, pieces[:3])
@@ -73,12 +79,12 @@ def test_metas_that_do_not_add_up_are_refused(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2  # the spool is left for the caller to judge
 
 
-def test_a_failing_entry_callback_fails_the_stream_cleanly(tmp_path):
+def test_a_failing_entry_callback_fails_the_stream_cleanly(tmp_path: Path) -> None:
     from objstream.common.errors import ObjstreamError
 
     offer, pieces = _stream(MODEL)
 
-    def boom(entry):
+    def boom(entry: ContainerEntry) -> NoReturn:
         raise RuntimeError("disk on fire")
 
     spool = ContainerSpool(tmp_path, offer, boom)

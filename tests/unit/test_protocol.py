@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pika
 import pytest
 
@@ -8,6 +10,7 @@ from objstream.common.protocol import (
     Chunk,
     Done,
     End,
+    Message,
     MessageType,
     Offer,
     Progress,
@@ -20,7 +23,7 @@ from objstream.common.protocol import (
 SID = new_stream_id()
 
 
-def _offer(**changes):
+def _offer(**changes: Any) -> dict[str, Any]:
     fields = dict(
         stream_id=SID,
         kind="file",
@@ -47,7 +50,7 @@ def _offer(**changes):
         Done(stream_id=SID, site="site-1", ok=False, code=ErrorCode.CHECKSUM, detail="x"),
     ],
 )
-def test_round_trip_through_amqp_properties(message):
+def test_round_trip_through_amqp_properties(message: Message) -> None:
     props = properties(message)
     assert props.headers["objstream"] == 1
     # Through pika's own wire encoding and back, as the broker would deliver it.
@@ -56,14 +59,14 @@ def test_round_trip_through_amqp_properties(message):
     assert parse(decoded.type, decoded.headers) == message
 
 
-def test_none_fields_are_left_out_of_headers():
+def test_none_fields_are_left_out_of_headers() -> None:
     assert "resend_from" not in to_headers(Progress(stream_id=SID, site="s", stored=0))
 
 
-def test_chunk_ids_and_persistence():
+def test_chunk_ids_and_persistence() -> None:
     chunk = Chunk(stream_id=SID, seq=7, crc32=1)
     props = properties(chunk, persistent=False, message_id=f"{SID}:7")
-    assert props.type == MessageType.CHUNK == "chunk"
+    assert props.type == MessageType.CHUNK.value == "chunk"
     assert props.message_id == f"{SID}:7"
     assert props.correlation_id == SID
     assert props.delivery_mode == pika.DeliveryMode.Transient.value
@@ -96,18 +99,20 @@ def test_chunk_ids_and_persistence():
         ),
     ],
 )
-def test_invalid_messages_are_protocol_errors_with_a_reason(type_, headers, words):
+def test_invalid_messages_are_protocol_errors_with_a_reason(
+    type_: str | None, headers: dict[str, Any] | None, words: str
+) -> None:
     with pytest.raises(ProtocolError, match=words):
         parse(type_, headers)
 
 
-def test_models_are_frozen():
+def test_models_are_frozen() -> None:
     chunk = Chunk(stream_id=SID, seq=0, crc32=0)
     with pytest.raises(ValueError, match="frozen"):
         chunk.seq = 1  # type: ignore[misc]
 
 
-def test_chunk_length_of_the_last_chunk():
+def test_chunk_length_of_the_last_chunk() -> None:
     offer = Offer(**_offer())
     assert [offer.chunk_length(s) for s in range(3)] == [4, 4, 2]
 
@@ -121,7 +126,7 @@ def test_chunk_length_of_the_last_chunk():
     ],
     ids=["too-big", "several-chunks", "unknown-size"],
 )
-def test_inline_offers_carry_one_small_chunk_only(changes):
+def test_inline_offers_carry_one_small_chunk_only(changes: dict[str, Any]) -> None:
     from objstream.common.protocol import Inline
 
     inline = Inline(crc32=0, sha256="0" * 64)
@@ -129,7 +134,7 @@ def test_inline_offers_carry_one_small_chunk_only(changes):
         Offer(**_offer(inline=inline, **changes))
 
 
-def test_a_resumed_offer_stays_within_its_chunks():
+def test_a_resumed_offer_stays_within_its_chunks() -> None:
     assert Offer(**_offer(resume_from=3)).resume_from == 3  # everything kept: only the end
     with pytest.raises(ValueError, match="resume_from 4"):
         Offer(**_offer(resume_from=4))
@@ -140,7 +145,7 @@ def test_a_resumed_offer_stays_within_its_chunks():
     [{}, {"chunk_size": 4096}, {"prefix_sha256": "0" * 64}],
     ids=["neither", "no-digest", "no-chunk-size"],
 )
-def test_a_resume_request_says_what_it_has(changes):
+def test_a_resume_request_says_what_it_has(changes: dict[str, Any]) -> None:
     from objstream.common.protocol import Request
 
     fields = {"request_id": new_stream_id(), "kind": "file", "name": "f", "requester": "s"}

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from objstream.common.errors import ErrorCode, ProtocolError
 from objstream.common.protocol import End, Offer, new_stream_id
-from objstream.common.reassembly import TRANSITIONS, ChunkVerdict, Reassembler, State
+from objstream.common.reassembly import TRANSITIONS, ChunkOutcome, ChunkVerdict, Reassembler, State
 
 
 def _split(data: bytes, size: int) -> list[bytes]:
@@ -50,7 +50,7 @@ class Disk:
     def __init__(self, size: int) -> None:
         self.data = bytearray(size)
 
-    def feed(self, r: Reassembler, seq: int, body: bytes, crc: int | None = None):
+    def feed(self, r: Reassembler, seq: int, body: bytes, crc: int | None = None) -> ChunkOutcome:
         outcome = r.chunk(seq, zlib.crc32(body) if crc is None else crc, body)
         if outcome.verdict is ChunkVerdict.WRITE:
             self.data[outcome.offset : outcome.offset + len(body)] = body
@@ -58,7 +58,7 @@ class Disk:
 
 
 @pytest.mark.parametrize("size", [0, 1, 5, 10, 11, 49])
-def test_in_order_delivery_with_tiny_chunks(size):
+def test_in_order_delivery_with_tiny_chunks(size: int) -> None:
     data = bytes(range(size))
     r, chunks, end = _setup(data, 5)
     disk = Disk(size)
@@ -72,7 +72,7 @@ def test_in_order_delivery_with_tiny_chunks(size):
     assert bytes(disk.data) == data
 
 
-def test_end_before_the_last_chunk_waits():
+def test_end_before_the_last_chunk_waits() -> None:
     r, chunks, end = _setup(b"abcdefgh", 4)
     disk = Disk(8)
     disk.feed(r, 0, chunks[0])
@@ -82,7 +82,7 @@ def test_end_before_the_last_chunk_waits():
     assert r.complete
 
 
-def test_duplicate_is_dropped_and_changes_nothing():
+def test_duplicate_is_dropped_and_changes_nothing() -> None:
     r, chunks, _ = _setup(b"abcdefgh", 4)
     disk = Disk(8)
     disk.feed(r, 0, chunks[0])
@@ -91,7 +91,7 @@ def test_duplicate_is_dropped_and_changes_nothing():
     assert bytes(disk.data[:4]) == b"abcd"
 
 
-def test_chunk_ahead_of_a_gap_is_dropped_and_one_resend_asked_per_gap():
+def test_chunk_ahead_of_a_gap_is_dropped_and_one_resend_asked_per_gap() -> None:
     r, chunks, _ = _setup(b"aaaabbbbccccdddd", 4)
     disk = Disk(16)
     disk.feed(r, 0, chunks[0])
@@ -106,7 +106,7 @@ def test_chunk_ahead_of_a_gap_is_dropped_and_one_resend_asked_per_gap():
     assert bytes(disk.data) == b"aaaabbbbccccdddd"
 
 
-def test_corrupt_chunk_is_refused_with_observed_and_expected_crc():
+def test_corrupt_chunk_is_refused_with_observed_and_expected_crc() -> None:
     r, _chunks, _ = _setup(b"abcdefgh", 4)
     outcome = r.chunk(0, zlib.crc32(b"abcd"), b"abcX")
     assert outcome.verdict is ChunkVerdict.CORRUPT
@@ -115,7 +115,7 @@ def test_corrupt_chunk_is_refused_with_observed_and_expected_crc():
     assert r.stored == 0
 
 
-def test_wrong_digest_fails_the_stream():
+def test_wrong_digest_fails_the_stream() -> None:
     r, chunks, end = _setup(b"abcdefgh", 4)
     disk = Disk(8)
     for seq, body in enumerate(chunks):
@@ -135,13 +135,13 @@ def test_wrong_digest_fails_the_stream():
         (1, b"efghi", "5 bytes != expected 4"),
     ],
 )
-def test_impossible_chunks_are_protocol_errors(seq, body, words):
+def test_impossible_chunks_are_protocol_errors(seq: int, body: bytes, words: str) -> None:
     r, _, _ = _setup(b"abcdefgh", 4)
     with pytest.raises(ProtocolError, match=words):
         r.chunk(seq, zlib.crc32(body), body)
 
 
-def test_end_contradicting_the_offer_is_a_protocol_error():
+def test_end_contradicting_the_offer_is_a_protocol_error() -> None:
     r, _, end = _setup(b"abcdefgh", 4)
     with pytest.raises(ProtocolError, match="!= offered"):
         r.record_end(end.model_copy(update={"size": 9}))
@@ -151,7 +151,7 @@ def test_end_contradicting_the_offer_is_a_protocol_error():
         r.record_end(end.model_copy(update={"sha256": "1" * 64}))
 
 
-def test_illegal_events_say_which_and_in_what_state():
+def test_illegal_events_say_which_and_in_what_state() -> None:
     r, chunks, end = _setup(b"abcd", 4)
     r.chunk(0, zlib.crc32(chunks[0]), chunks[0])
     r.record_end(end)
@@ -165,7 +165,7 @@ def test_illegal_events_say_which_and_in_what_state():
         fresh2.chunk(0, 0, b"abcd")
 
 
-def test_transition_table_has_terminal_states():
+def test_transition_table_has_terminal_states() -> None:
     assert not any(state in (State.DONE, State.FAILED) for state, _ in TRANSITIONS)
 
 
@@ -175,7 +175,9 @@ def test_transition_table_has_terminal_states():
     chunk_size=st.integers(1, 40),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_any_mess_of_deliveries_ends_in_exactly_the_right_bytes(data, chunk_size, seed):
+def test_any_mess_of_deliveries_ends_in_exactly_the_right_bytes(
+    data: bytes, chunk_size: int, seed: int
+) -> None:
     """A lossy, duplicating, reordering, corrupting link plus the sender's resend rule."""
     rng = random.Random(seed)
     r, chunks, end = _setup(data, chunk_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 from objstream.common.naming import partial_name
 from objstream.common.protocol import Offer, new_stream_id
@@ -17,7 +18,7 @@ def _offer(size: int = 10, chunk_size: int = 4) -> Offer:
                  sender="server", target="site-1")  # fmt: skip
 
 
-def test_a_stream_whose_owner_lives_is_not_taken_over(tmp_path):
+def test_a_stream_whose_owner_lives_is_not_taken_over(tmp_path: Path) -> None:
     offer = _offer()
     (tmp_path / partial_name(offer.stream_id)).write_bytes(b"abcdefgh")
     state = StreamState.create(tmp_path, offer, "amq.gen-reply")
@@ -27,7 +28,7 @@ def test_a_stream_whose_owner_lives_is_not_taken_over(tmp_path):
     assert not state.path.exists()
 
 
-def test_a_dead_owners_stream_is_found_with_its_counts(tmp_path):
+def test_a_dead_owners_stream_is_found_with_its_counts(tmp_path: Path) -> None:
     offer = _offer()
     (tmp_path / partial_name(offer.stream_id)).write_bytes(b"abcdefgh")
     state = StreamState.create(tmp_path, offer, "amq.gen-reply")
@@ -45,7 +46,7 @@ def test_a_dead_owners_stream_is_found_with_its_counts(tmp_path):
     assert find_resumable(tmp_path) == []  # now ours
 
 
-def test_inconsistent_or_garbled_state_is_left_alone(tmp_path):
+def test_inconsistent_or_garbled_state_is_left_alone(tmp_path: Path) -> None:
     offer = _offer()
     (tmp_path / partial_name(offer.stream_id)).write_bytes(b"ab")  # shorter than the state says
     state = StreamState.create(tmp_path, offer, "q")
@@ -55,7 +56,7 @@ def test_inconsistent_or_garbled_state_is_left_alone(tmp_path):
     assert find_resumable(tmp_path) == []
 
 
-def test_a_resumed_reassembler_goes_on_from_the_stored_prefix():
+def test_a_resumed_reassembler_goes_on_from_the_stored_prefix() -> None:
     import zlib
 
     offer = _offer(size=10, chunk_size=4)
@@ -68,7 +69,7 @@ def test_a_resumed_reassembler_goes_on_from_the_stored_prefix():
     assert r.sha256 == hashlib.sha256(data).hexdigest()
 
 
-def test_abandoned_partials_older_than_the_ttl_are_removed(tmp_path):
+def test_abandoned_partials_older_than_the_ttl_are_removed(tmp_path: Path) -> None:
     import time
 
     from objstream.consumer.resume import remove_abandoned
@@ -90,7 +91,13 @@ def test_abandoned_partials_older_than_the_ttl_are_removed(tmp_path):
     )
 
 
-def _kept(tmp_path, content: bytes, stored: int, sender: str = "server", requested=None):
+def _kept(
+    tmp_path: Path,
+    content: bytes,
+    stored: int,
+    sender: str = "server",
+    requested: str | None = None,
+) -> Offer:
     offer = _offer(size=10).model_copy(update={"sender": sender})
     (tmp_path / partial_name(offer.stream_id)).write_bytes(content)
     state = StreamState.create(tmp_path, offer, "q", requested)
@@ -99,7 +106,7 @@ def _kept(tmp_path, content: bytes, stored: int, sender: str = "server", request
     return offer
 
 
-def test_a_kept_prefix_is_found_by_sender_and_requested_name(tmp_path):
+def test_a_kept_prefix_is_found_by_sender_and_requested_name(tmp_path: Path) -> None:
     _kept(tmp_path, b"abcd", 1)  # a push of f.bin: found under its own name
     _kept(tmp_path, b"abcdefgh", 2, requested="sub/f.bin")
     _kept(tmp_path, b"abcdefgh", 2, sender="other")
@@ -114,7 +121,7 @@ def test_a_kept_prefix_is_found_by_sender_and_requested_name(tmp_path):
     assert (deeper.stored, deeper.requested) == (2, "sub/f.bin")
 
 
-def test_adopting_a_prefix_renames_it_and_cuts_what_was_never_recorded(tmp_path):
+def test_adopting_a_prefix_renames_it_and_cuts_what_was_never_recorded(tmp_path: Path) -> None:
     _kept(tmp_path, b"abcdefgh-unrecorded", 2)
     kept = find_kept(tmp_path, "server", "f.bin")
     assert kept is not None

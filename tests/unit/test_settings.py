@@ -10,12 +10,12 @@ from objstream.common.settings import MiB, Settings, load_settings, mask_url, pa
     ("text", "size"),
     [("256KiB", 256 * 1024), ("4MiB", 4 * MiB), ("1048576", MiB), (4096, 4096), ("1 MiB", MiB)],
 )
-def test_parse_size(text, size):
+def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["lots", "-1", "4 parsecs", ""])
-def test_parse_size_refuses_non_sizes(text):
+def test_parse_size_refuses_non_sizes(text: str) -> None:
     with pytest.raises(ConfigError, match="not a size"):
         parse_size(text)
 
@@ -29,11 +29,11 @@ def test_parse_size_refuses_non_sizes(text):
         ("amqp://u:pw@[::1]:5672/", "amqp://u:***@[::1]:5672/"),
     ],
 )
-def test_mask_url(url, masked):
+def test_mask_url(url: str, masked: str) -> None:
     assert mask_url(url) == masked
 
 
-def test_environment_is_read_with_the_prefix(monkeypatch):
+def test_environment_is_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OBJSTREAM_URL", "amqp://a:secret@b:1/%2F")
     monkeypatch.setenv("OBJSTREAM_NAMESPACE", "prod")
     monkeypatch.setenv("OBJSTREAM_CHUNK_SIZE", "256KiB")
@@ -49,7 +49,7 @@ def test_environment_is_read_with_the_prefix(monkeypatch):
     assert "secret" not in s.masked_url
 
 
-def test_cli_overrides_win_and_none_means_not_given(monkeypatch):
+def test_cli_overrides_win_and_none_means_not_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OBJSTREAM_NAMESPACE", "from-env")
     assert load_settings(namespace=None).namespace == "from-env"
     assert load_settings(namespace="from-cli").namespace == "from-cli"
@@ -65,12 +65,12 @@ def test_cli_overrides_win_and_none_means_not_given(monkeypatch):
         ("log_level", "loud", "log level"),
     ],
 )
-def test_invalid_settings_name_the_setting(field, value, words):
+def test_invalid_settings_name_the_setting(field: str, value: object, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
         load_settings(**{field: value})
 
 
-def test_defaults():
+def test_defaults() -> None:
     s = Settings(_env_file=None)
     assert s.chunk_size == MiB
     assert s.namespace == "objstream"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from objstream.producer.pieces import SharedDigest
@@ -7,7 +9,7 @@ from objstream.producer.sources import FileSource, SourceChanged
 
 
 @pytest.mark.parametrize(("size", "count"), [(0, 0), (1, 1), (4, 1), (5, 2), (12, 3)])
-def test_chunks_cover_the_file_exactly(tmp_path, size, count):
+def test_chunks_cover_the_file_exactly(tmp_path: Path, size: int, count: int) -> None:
     path = tmp_path / "f"
     data = bytes(range(size))
     path.write_bytes(data)
@@ -21,7 +23,7 @@ def test_chunks_cover_the_file_exactly(tmp_path, size, count):
     source.close()
 
 
-def test_a_file_that_shrinks_while_streaming_is_caught(tmp_path):
+def test_a_file_that_shrinks_while_streaming_is_caught(tmp_path: Path) -> None:
     path = tmp_path / "f"
     path.write_bytes(b"x" * 10)
     source = FileSource(path)
@@ -33,12 +35,12 @@ def test_a_file_that_shrinks_while_streaming_is_caught(tmp_path):
     source.close()
 
 
-def test_directories_are_refused(tmp_path):
+def test_directories_are_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not a regular file"):
         FileSource(tmp_path)
 
 
-def test_shared_digest_hashes_each_chunk_once_whatever_the_resends():
+def test_shared_digest_hashes_each_chunk_once_whatever_the_resends() -> None:
     import hashlib
 
     chunks = [b"a", b"b", b"c"]

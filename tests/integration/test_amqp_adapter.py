@@ -1,0 +1,203 @@
+"""The AMQP adapter against a real broker: properties round-trip, and every pika failure comes
+out as one of objstream's errors, with the broker's own words."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from objstream.common.amqp import Channel, Connection, Delivery, connect, dead_letter
+from objstream.common.errors import (
+    AuthenticationRefused,
+    BrokerRefused,
+    BrokerUnreachable,
+    ConnectionLost,
+)
+from objstream.common.protocol import REASON_HEADER, Chunk, Properties, envelope, parse
+from objstream.common.settings import Settings
+from objstream.common.topology import Topology
+from tests.rabbitmq_node import free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def connection(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Connection]:
+    conn = connect(settings, f"test {request.node.name}")
+    yield conn
+    conn.close()
+
+
+def _queue(channel: Channel, **options: object) -> str:
+    name = f"objstream-test-adapter-{uuid.uuid4().hex[:10]}"
+    channel.declare_queue(name, **options)  # type: ignore[arg-type]
+    return name
+
+
+def _get_one(connection: Connection, channel: Channel, queue: str) -> Delivery:
+    got: list[Delivery] = []
+    channel.consume(queue, got.append)
+    deadline = time.monotonic() + 10
+    while not got and time.monotonic() < deadline:
+        connection.process_events(0.1)
+    assert got, f"nothing arrived on {queue}"
+    return got[0]
+
+
+def test_properties_and_body_round_trip(connection: Connection) -> None:
+    channel = connection.channel()
+    queue = _queue(channel, auto_delete=True)
+    chunk = Chunk(stream_id=uuid.uuid4().hex, seq=3, crc32=123)
+    props = envelope(chunk, persistent=False, message_id="m-1", reply_to="r", expiration_s=30)
+    channel.publish("", queue, b"\x00payload\xff", props)
+    delivery = _get_one(connection, channel, queue)
+    assert delivery.body == b"\x00payload\xff"
+    assert delivery.props.type == "chunk"
+    assert delivery.props.message_id == "m-1"
+    assert delivery.props.reply_to == "r"
+    assert delivery.props.expiration == "30000"
+    assert delivery.props.persistent is False
+    assert parse(delivery.props.type, delivery.props.headers) == chunk
+    delivery.channel.ack(delivery.tag)
+
+
+def test_a_queue_type_mismatch_is_precondition_failed_with_the_brokers_words(
+    connection: Connection,
+) -> None:
+    channel = connection.channel()
+    name = _queue(channel, durable=True)
+    try:
+        with pytest.raises(BrokerRefused) as caught:
+            channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+        error = caught.value
+        assert error.reply_code == 406
+        assert error.precondition_failed
+        assert "inequivalent arg 'x-queue-type'" in error.reply_text
+        assert f"declaring queue {name}" in str(error)
+        assert "unreachable" not in str(error)
+    finally:
+        connection.channel().delete_queue(name)
+
+
+def test_a_missing_queue_is_not_found(connection: Connection) -> None:
+    channel = connection.channel()
+    with pytest.raises(BrokerRefused) as caught:
+        channel.declare_queue("objstream-test-no-such-queue", passive=True)
+    assert caught.value.not_found
+    assert connection.is_open  # a channel error, not a lost connection
+    connection.channel().declare_queue("", exclusive=True)  # the connection still works
+
+
+def test_a_forged_user_id_is_refused(connection: Connection) -> None:
+    channel = connection.channel()
+    queue = _queue(channel, auto_delete=True)
+    channel.publish("", queue, b"", Properties(user_id="somebody-else"))
+
+    def next_call() -> None:
+        connection.process_events(1.0)  # the refusal comes back asynchronously...
+        channel.declare_queue(queue, passive=True)  # ...and the next call names it
+
+    with pytest.raises(BrokerRefused) as caught:
+        next_call()
+    assert caught.value.precondition_failed
+    assert "user_id" in caught.value.reply_text
+
+
+class _Proxy:
+    """A TCP relay to the broker whose sockets the test can cut (a network failure)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self._server.accept()
+                upstream = socket.create_connection(self._target)
+                self._sockets += [client, upstream]
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                b.sendall(data)
+
+    def cut(self) -> None:
+        self._server.close()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_a_connection_cut_under_a_consumer_is_connection_lost(settings: Settings) -> None:
+    parsed = urlsplit(settings.url)
+    proxy = _Proxy(parsed.hostname or "127.0.0.1", parsed.port or 5672)
+    url = parsed._replace(netloc=f"{parsed.username}:{parsed.password}@127.0.0.1:{proxy.port}")
+    connection = connect(settings.model_copy(update={"url": urlunsplit(url)}), "test cut")
+    try:
+        channel = connection.channel()
+        channel.declare_queue("", exclusive=True)
+        proxy.cut()
+
+        def keep_working() -> None:
+            for _ in range(50):
+                connection.process_events(0.1)
+                channel.declare_queue("", exclusive=True)
+
+        with pytest.raises(ConnectionLost) as caught:
+            keep_working()
+        assert isinstance(caught.value, BrokerUnreachable)  # what nobody recovers from is exit 3
+        assert "connection lost" in str(caught.value)
+        assert not connection.is_open
+    finally:
+        connection.close()
+
+
+def test_nothing_listening_is_broker_unreachable_naming_the_masked_url() -> None:
+    url = f"amqp://guest:s3cret@127.0.0.1:{free_port()}/%2F"
+    with pytest.raises(BrokerUnreachable) as caught:
+        connect(Settings(url=url, connect_wait=0), "test unreachable")
+    assert "127.0.0.1" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_wrong_credentials_are_authentication_refused(settings: Settings) -> None:
+    url = settings.url.replace("guest:guest@", "guest:wrong@")
+    with pytest.raises(AuthenticationRefused) as caught:
+        connect(Settings(url=url, connect_wait=0), "test auth")
+    assert "wrong" not in str(caught.value)
+
+
+def test_dead_letter_keeps_the_message_and_adds_the_reason(
+    connection: Connection, settings: Settings
+) -> None:
+    topology = Topology.from_settings(settings)
+    channel = connection.channel()
+    topology.declare_base(channel)
+    try:
+        source = _queue(channel, auto_delete=True)
+        channel.publish("", source, b"bad body", Properties(type="chunk", message_id="x:1"))
+        delivery = _get_one(connection, channel, source)
+        dead_letter(channel, topology, delivery, "chunk 1: crc32 0x1 != 0x2")
+        reader = connection.channel()
+        dead = _get_one(connection, reader, topology.dead)
+        assert dead.body == b"bad body"
+        assert dead.props.message_id == "x:1"
+        assert dead.props.headers is not None
+        assert dead.props.headers[REASON_HEADER] == "chunk 1: crc32 0x1 != 0x2"
+    finally:
+        connection.channel().delete_queue(topology.dead)
