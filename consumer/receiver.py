@@ -16,15 +16,13 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Self
 
-import pika
-import pika.exceptions
-
-from objstream.common.broker import Closing, connect, connection_lost, dead_letter, reestablish
+from objstream.common.amqp import Delivery, connect, dead_letter, reestablish
 from objstream.common.errors import (
-    BrokerUnreachable,
+    BrokerRefused,
     ConfigError,
+    ConnectionLost,
     ErrorCode,
     ProtocolError,
     TransferFailed,
@@ -58,7 +56,7 @@ class Refusal(Exception):
         self.detail = detail
 
 
-class Receiver(Closing):
+class Receiver:
     """Receives the objects streamed to ``site`` into the directory ``dest``.
 
     Use :meth:`receive` (or iterate) to get each object as it completes::
@@ -151,7 +149,7 @@ class Receiver(Closing):
         self._inbox = self.topology.declare_inbox(self._control, self.site)
         self._inbox_channel = self._connection.channel()
         # One offer at a time, acked once accepted: the limit on streams is exact.
-        self._inbox_channel.basic_qos(prefetch_count=1)
+        self._inbox_channel.qos(1)
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -170,14 +168,17 @@ class Receiver(Closing):
                 wait = min(wait, deadline - time.monotonic())
                 if wait <= 0:
                     return None
-            try:
-                self._events(wait)
-            except pika.exceptions.AMQPError as e:
-                raise BrokerUnreachable(self.settings.masked_url, f"broker error: {e!r}") from e
+            self._events(wait)
         outcome = outcomes.popleft()
         if isinstance(outcome, TransferFailed):
             raise outcome
         return outcome
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __iter__(self) -> Receiver:
         return self
@@ -212,7 +213,7 @@ class Receiver(Closing):
                         self._table.fail(stream, ErrorCode.ABORTED, reason)
                 self._table.tick()
                 self._connection.close()
-        except pika.exceptions.AMQPError:
+        except (ConnectionLost, BrokerRefused):
             log.debug("connection already gone while closing", exc_info=True)
         finally:
             for stream in self._table.streams.values():
@@ -224,11 +225,9 @@ class Receiver(Closing):
         """Process broker events for up to ``time_limit`` s, reconnecting if the connection
         was lost."""
         try:
-            self._connection.process_data_events(time_limit=time_limit)
+            self._connection.process_events(time_limit)
             self._housekeeping()
-        except pika.exceptions.AMQPError as e:
-            if not connection_lost(e, self._connection):
-                raise
+        except ConnectionLost as e:
             self._recover(e)
 
     def _recover(self, error: BaseException) -> None:
@@ -258,7 +257,7 @@ class Receiver(Closing):
             stream = self._stream(item, self.settings.timeout)
             try:
                 self._table.consume(stream)
-            except pika.exceptions.ChannelClosedByBroker:
+            except BrokerRefused:
                 if offer.kind == FILE_KIND:
                     # Its sender gave up on it, or it failed for want of a sender: what is
                     # verified stays, for a retrieval of the same file from that site to resume.
@@ -287,32 +286,33 @@ class Receiver(Closing):
         if not self._listens:
             return
         if self._inbox_tag is None and len(self._table) < self.settings.max_streams:
-            self._inbox_tag = self._inbox_channel.basic_consume(self._inbox, self._on_offer)
+            self._inbox_tag = self._inbox_channel.consume(self._inbox, self._on_offer)
 
     def _pause_inbox(self) -> None:
         if self._inbox_tag is not None:
-            self._inbox_channel.basic_cancel(self._inbox_tag)
+            self._inbox_channel.cancel(self._inbox_tag)
             self._inbox_tag = None
 
-    def _on_offer(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_offer(self, delivery: Delivery) -> None:
         if len(self._table) >= self.settings.max_streams:
-            channel.basic_nack(method.delivery_tag, requeue=True)  # wait for a free slot
+            delivery.channel.nack(delivery.tag, requeue=True)  # wait for a free slot
             self._pause_inbox()
             return
         try:
-            self._take_offer(props, body)
+            self._take_offer(delivery)
         finally:
-            channel.basic_ack(method.delivery_tag)
+            delivery.channel.ack(delivery.tag)
         if len(self._table) >= self.settings.max_streams:
             self._pause_inbox()
 
-    def _parse_offer(self, props: Any, body: bytes) -> Offer:
+    def _parse_offer(self, delivery: Delivery) -> Offer:
+        props, body = delivery.props, delivery.body
         offer = parse(props.type, props.headers)
         if not isinstance(offer, Offer):
             raise ProtocolError(f"unexpected {props.type} message where offers arrive")
         if offer.target != self.site:
             raise ProtocolError(f"offer for site {offer.target!r} on the inbox of {self.site!r}")
-        if not isinstance(props.reply_to, str) or not props.reply_to:
+        if not props.reply_to:
             raise ProtocolError("offer without reply_to")
         if body and offer.inline is None:
             raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
@@ -320,8 +320,7 @@ class Receiver(Closing):
 
     def _take_offer(
         self,
-        props: Any,
-        body: bytes,
+        delivery: Delivery,
         *,
         timeout: float | None = None,
         requested: str | None = None,
@@ -330,28 +329,30 @@ class Receiver(Closing):
         """An offer: refuse it, or start its stream. A retrieval passes its own ``timeout``,
         the name it asked for and the kept prefix the stream may continue."""
         try:
-            offer = self._parse_offer(props, body)
+            offer = self._parse_offer(delivery)
         except ProtocolError as e:
-            dead_letter(self._control, self.topology, props, body, str(e))
+            dead_letter(self._control, self.topology, delivery, str(e))
             return
+        reply_to = delivery.props.reply_to
+        assert reply_to is not None
         if self._table.known(offer.stream_id):
             log.debug("duplicate offer for stream %s ignored", offer.stream_id)
             return
         try:
-            stream = self._open_stream(offer, props.reply_to, kept, timeout, requested)
+            stream = self._open_stream(offer, reply_to, kept, timeout, requested)
         except Refusal as e:
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: there for the next attempt
-            self._table.refuse(offer, props.reply_to, e.code, e.detail)
+            self._table.refuse(offer, reply_to, e.code, e.detail)
             return
         if offer.inline is not None:
-            self._table.take_inline(stream, body)
+            self._table.take_inline(stream, delivery.body)
             return
         try:
             self._table.consume(stream)
-        except pika.exceptions.ChannelClosedByBroker as e:
+        except BrokerRefused as e:
             self._store.drop(stream.assembler, stream.state)
-            self._table.refuse(offer, props.reply_to, ErrorCode.PROTOCOL, f"data queue gone: {e}")
+            self._table.refuse(offer, reply_to, ErrorCode.PROTOCOL, f"data queue gone: {e}")
             return
         log.info("receiving %s %r (%d bytes) from %s as stream %s", offer.kind, offer.name,
                  offer.size, offer.sender, offer.stream_id)  # fmt: skip

@@ -26,19 +26,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-import pika
-import pika.exceptions
-
-from objstream.common.broker import dead_letter
+from objstream.common.amqp import Delivery, broker_user, dead_letter
 from objstream.common.errors import (
-    BrokerUnreachable,
     FailureCode,
     ProtocolError,
     Refused,
     TimedOut,
     TransferFailed,
 )
-from objstream.common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
+from objstream.common.protocol import Offer, Reply, Request, envelope, new_stream_id, parse
 from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
 from objstream.consumer.container_assembler import OnEntry
@@ -79,13 +75,13 @@ class Retriever(Receiver):
         progress: ProgressHook | None = None,
         save: Save | None = None,
     ) -> None:
-        self._user = pika.URLParameters((settings or Settings()).url).credentials.username
+        self._user = broker_user((settings or Settings()).url)
         self._replies: dict[str, Reply] = {}
         # Accepted streams whose offer may come: stream id -> (timeout, name asked for, kept).
         self._expected: dict[str, tuple[float, str, Resumable | None]] = {}
         self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
         self._asking: dict[str, tuple[str, Resumable | None]] = {}  # id -> name, kept
-        self._early: dict[str, tuple[Any, bytes]] = {}  # offers that came before their reply
+        self._early: dict[str, Delivery] = {}  # offers that came before their reply
         super().__init__(site, dest, settings, on_entry=on_entry, progress=progress, save=save)
 
     _listens = False
@@ -94,7 +90,7 @@ class Retriever(Receiver):
         # A private, exclusive queue for replies and offers: it dies with the connection, so
         # after a reconnect a request still unanswered (or an offer not yet here) is asked again.
         self._private = self.topology.declare_reply_queue(self._control)
-        self._control.basic_consume(self._private, self._on_private, auto_ack=True)
+        self._control.consume(self._private, self._on_private, auto_ack=True)
         self._owners: set[str] = set()
 
     def close(self, checkpoint: bool = False) -> None:
@@ -137,10 +133,7 @@ class Retriever(Receiver):
     ) -> Received:
         timeout = timeout or self.settings.timeout
         request = Request(request_id=new_stream_id(), kind=kind, name=name, requester=self.site)
-        try:
-            return self._run(request, from_site, timeout)
-        except pika.exceptions.AMQPError as e:
-            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+        return self._run(request, from_site, timeout)
 
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
         kept = None
@@ -205,11 +198,11 @@ class Retriever(Receiver):
             # So the request waits for a server that starts a little later (until it expires).
             self.topology.declare_service_queue(self._control, from_site)
             self._owners.add(from_site)
-        props = properties(request, persistent=False, reply_to=self._private)
         # A request nobody answers within the timeout is void: the requester has given up.
-        props.expiration = str(max(1, int(timeout * 1000)))
-        props.user_id = self._user  # RabbitMQ checks it against the connection's user
-        self._control.basic_publish(
+        # RabbitMQ checks user_id against the connection's user.
+        props = envelope(request, persistent=False, reply_to=self._private,
+                         expiration_s=timeout, user_id=self._user)  # fmt: skip
+        self._control.publish(
             self.topology.exchange, self.topology.service_key(from_site), b"", props
         )
 
@@ -253,16 +246,17 @@ class Retriever(Receiver):
 
     def _drop_early(self) -> None:
         """Offers kept for a reply that never came are not for us."""
-        for props, body in self._early.values():
+        for delivery in self._early.values():
             reason = "offer on the private queue of a retriever for no request of its"
-            dead_letter(self._control, self.topology, props, body, reason)
+            dead_letter(self._control, self.topology, delivery, reason)
         self._early.clear()
 
-    def _on_private(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_private(self, delivery: Delivery) -> None:
+        props = delivery.props
         try:
             message = parse(props.type, props.headers)
         except ProtocolError as e:
-            dead_letter(self._control, self.topology, props, body, str(e))
+            dead_letter(self._control, self.topology, delivery, str(e))
             return
         if isinstance(message, Reply):
             timeout = self._pending.get(message.request_id)
@@ -275,22 +269,21 @@ class Retriever(Receiver):
                 self._expected[message.stream_id] = (timeout, name, kept)
                 early = self._early.pop(message.stream_id, None)
                 if early is not None:
-                    self._take_expected(message.stream_id, *early)
+                    self._take_expected(message.stream_id, early)
         elif isinstance(message, Offer) and message.stream_id in self._expected:
-            self._take_expected(message.stream_id, props, body)
+            self._take_expected(message.stream_id, delivery)
         elif isinstance(message, Offer) and self._pending and len(self._early) < MAX_EARLY:
             # The owner replies on one connection and streams on another, so its offer can
             # overtake its reply: keep it until the reply says whether it is ours.
-            self._early[message.stream_id] = (props, body)
+            self._early[message.stream_id] = delivery
         else:
             dead_letter(
                 self._control,
                 self.topology,
-                props,
-                body,
+                delivery,
                 f"unexpected {props.type} on the private queue of a retriever",
             )
 
-    def _take_expected(self, stream_id: str, props: Any, body: bytes) -> None:
+    def _take_expected(self, stream_id: str, delivery: Delivery) -> None:
         timeout, name, kept = self._expected[stream_id]
-        self._take_offer(props, body, timeout=timeout, requested=name, kept=kept)
+        self._take_offer(delivery, timeout=timeout, requested=name, kept=kept)

@@ -18,13 +18,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import pika.exceptions
-
-from objstream.common.broker import dead_letter
-from objstream.common.errors import ErrorCode, ObjstreamError, ProtocolError, TransferFailed
-from objstream.common.protocol import Done, Offer, Progress, parse, properties
+from objstream.common.amqp import Channel, Connection, Delivery, dead_letter
+from objstream.common.errors import (
+    BrokerRefused,
+    ErrorCode,
+    ObjstreamError,
+    ProtocolError,
+    TransferFailed,
+)
+from objstream.common.protocol import Done, Offer, Progress, Properties, envelope, parse
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
     Ack,
@@ -55,8 +58,6 @@ Save = Callable[[Received], Received]
 it (a container into a ``.npz``...) and returns the record to hand out. If it raises
 (``OSError``, :class:`ObjstreamError`) the transfer fails with code ``io`` at the sender too."""
 
-Delivery = tuple[Any, bytes]  # (properties, body) of the message being handled
-
 
 class StreamTable:
     """Streams in progress, their sessions, and the outcomes of those that ended."""
@@ -78,14 +79,14 @@ class StreamTable:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._progress = progress
         self._save = save
-        self._connection: Any = None
-        self._control: Any = None
+        self._connection: Connection | None = None
+        self._control: Channel | None = None
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="objstream-commit")
         self._results: queue.SimpleQueue[tuple[Stream, Received | tuple[ErrorCode, str]]] = (
             queue.SimpleQueue()
         )
 
-    def bind(self, connection: Any, control: Any) -> None:
+    def bind(self, connection: Connection, control: Channel) -> None:
         """The (new) connection and the channel progress and verdicts are published on."""
         self._connection = connection
         self._control = control
@@ -125,14 +126,19 @@ class StreamTable:
         """Start reading the stream's data queue on a channel of its own.
 
         Raises:
-            pika.exceptions.ChannelClosedByBroker: the data queue is gone.
+            BrokerRefused: the data queue is gone (NOT_FOUND).
         """
-        stream.channel = self._connection.channel()
-        stream.channel.basic_qos(prefetch_count=self.window(stream.offer))
+        assert self._connection is not None
+        channel = stream.channel = self._connection.channel()
+        channel.qos(self.window(stream.offer))
         queue = self.topology.data_queue(stream.offer.stream_id)
-        # Passive: the sender declared it, with its own idle TTL (which may differ from ours).
-        stream.channel.queue_declare(queue, passive=True)
-        stream.consumer_tag = stream.channel.basic_consume(queue, partial(self._on_data, stream))
+        try:
+            # Passive: the sender declared it, with its own idle TTL (which may differ from ours).
+            channel.declare_queue(queue, passive=True)
+            stream.consumer_tag = channel.consume(queue, partial(self._on_data, stream))
+        except BrokerRefused:
+            channel.close()
+            raise
         self.streams[stream.offer.stream_id] = stream
 
     def start(self, stream: Stream) -> None:
@@ -149,7 +155,7 @@ class StreamTable:
         """Answer an offer this receiver does not take with a failed verdict."""
         log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
         done = Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail)
-        self._control.basic_publish("", reply_to, b"", properties(done))
+        self._publish(reply_to, envelope(done))
         self.remember(offer.stream_id)
         self.outcomes.append(TransferFailed(offer.sender, offer.stream_id, code, detail))
 
@@ -160,16 +166,16 @@ class StreamTable:
 
     # -- events -----------------------------------------------------------------------------------
 
-    def _on_data(self, stream: Stream, channel: Any, method: Any, props: Any, body: bytes) -> None:
+    def _on_data(self, stream: Stream, delivery: Delivery) -> None:
         now = time.monotonic()
-        tag = method.delivery_tag
+        tag = delivery.tag
         try:
-            message = parse(props.type, props.headers)
+            message = parse(delivery.props.type, delivery.props.headers)
         except ProtocolError as e:
             actions = stream.session.malformed(tag, str(e), now)
         else:
-            actions = stream.session.receive(tag, message, body, now)
-        self.run(stream, actions, (props, body))
+            actions = stream.session.receive(tag, message, delivery.body, now)
+        self.run(stream, actions, delivery)
 
     def tick(self) -> None:
         """Between event batches: time-outs and flushes; close the streams that ended."""
@@ -182,9 +188,9 @@ class StreamTable:
                 del self.streams[sid]
                 self.remember(sid)
                 if stream.channel is not None:  # inline streams have none
-                    if stream.channel.is_open:
-                        stream.channel.close()
-                    self._control.queue_delete(self.topology.data_queue(sid))
+                    stream.channel.close()
+                    assert self._control is not None
+                    self._control.delete_queue(self.topology.data_queue(sid))
 
     def reconnected(self) -> None:
         """After a reconnect: consume each stream again on the new connection, and ask for
@@ -196,7 +202,7 @@ class StreamTable:
             actions = stream.session.reconnected(now)
             try:
                 self.consume(stream)
-            except pika.exceptions.ChannelClosedByBroker:
+            except BrokerRefused:
                 self.fail(stream, ErrorCode.PROTOCOL, "the data queue is gone after a reconnect")
                 continue
             self.run(stream, actions)
@@ -209,7 +215,7 @@ class StreamTable:
         self.run(stream, stream.session.suspend(time.monotonic()))
         if stream.session.state is State.SUSPENDED:
             del self.streams[stream.offer.stream_id]
-            if stream.channel is not None and stream.channel.is_open:
+            if stream.channel is not None:
                 stream.channel.close()  # nothing unacked is lost: the broker requeues it
             log.info(
                 "left stream %s (%r) at chunk %d for the next receiver",
@@ -233,12 +239,14 @@ class StreamTable:
         if isinstance(action, Commit):
             return self._commit(stream)
         if isinstance(action, Ack):
-            stream.channel.basic_ack(action.tag, multiple=action.multiple)
+            assert stream.channel is not None
+            stream.channel.ack(action.tag, multiple=action.multiple)
         elif isinstance(action, SendProgress):
             self._send_progress(stream, action)
         elif isinstance(action, DeadLetter):
             assert delivery is not None
-            dead_letter(self._control, self.topology, delivery[0], delivery[1], action.reason)
+            assert self._control is not None
+            dead_letter(self._control, self.topology, delivery, action.reason)
         else:
             self._do_state(stream, action)
         return None
@@ -258,7 +266,7 @@ class StreamTable:
         elif isinstance(action, LeaveOnDisk):
             stream.leave_on_disk()
         elif isinstance(action, SendVerdict):
-            self._control.basic_publish("", stream.reply_to, b"", properties(action.done))
+            self._publish(stream.reply_to, envelope(action.done))
         elif isinstance(action, Finished):
             self._finished(stream, action)
 
@@ -296,8 +304,9 @@ class StreamTable:
             result = (ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
         self._results.put((stream, result))
         try:
-            self._connection.add_callback_threadsafe(self.drain)  # wakes the event loop
-        except Exception:  # the connection is gone: the next tick drains
+            assert self._connection is not None
+            self._connection.call_threadsafe(self.drain)  # wakes the event loop
+        except ObjstreamError:  # the connection is gone: the next tick drains
             log.debug("cannot wake the connection", exc_info=True)
 
     def _finished_object(self, stream: Stream) -> Received | tuple[ErrorCode, str]:
@@ -341,11 +350,13 @@ class StreamTable:
         offer = stream.offer
         progress = Progress(stream_id=offer.stream_id, site=self.site, stored=action.stored,
                             resend_from=action.resend_from)  # fmt: skip
-        self._control.basic_publish(
-            "", stream.reply_to, b"", properties(progress, persistent=False)
-        )
+        self._publish(stream.reply_to, envelope(progress, persistent=False))
         if self._progress is not None:
             self._progress(offer.sender, offer.stream_id, action.stored_bytes, offer.size)
+
+    def _publish(self, reply_to: str, props: Properties) -> None:
+        assert self._control is not None
+        self._control.publish("", reply_to, b"", props)
 
     def _finished(self, stream: Stream, finished: Finished) -> None:
         stream.closing = True  # the channel is closed outside its own callback

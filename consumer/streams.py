@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from objstream.common.amqp import Channel
 from objstream.common.protocol import Offer
 from objstream.common.reassembly import Reassembler
 from objstream.common.receive_session import ReceiveSession
@@ -56,7 +57,7 @@ class Stream:
     reply_to: str
     session: ReceiveSession
     assembler: ObjectAssembler
-    channel: Any = None
+    channel: Channel | None = None
     consumer_tag: str = ""
     closing: bool = False
     state: StreamState | None = None  # files: what a successor needs after a crash

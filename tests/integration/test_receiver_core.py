@@ -3,25 +3,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pika
 import pytest
 
+from objstream.common import amqp
 from objstream.common.errors import ErrorCode, SendFailed
 from objstream.common.settings import KiB, Settings
 from objstream.consumer.container_files import ContainerFiles
 from objstream.consumer.streams import Received
 from objstream.producer import ContainerStreamer, FileStreamer
-from tests.integration.conftest import BackgroundReceiver
+from tests.integration.conftest import BackgroundReceiver, BackgroundServer, Declared
 
 
-def _model() -> dict[str, np.ndarray]:
+def _model() -> dict[str, np.ndarray[Any, Any]]:
     return {f"w{i}": np.arange(2000, dtype=np.float32) * i for i in range(3)}
 
 
-def test_the_container_is_saved_before_the_sender_hears_ok(tmp_path, settings, declared):
+def test_the_container_is_saved_before_the_sender_hears_ok(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.add("site-1")
     dest = tmp_path / "in"
     dest.mkdir()
@@ -44,7 +48,9 @@ def test_the_container_is_saved_before_the_sender_hears_ok(tmp_path, settings, d
         receiver.stop()
 
 
-def test_a_failed_save_is_a_failed_transfer_at_the_sender(tmp_path, settings, declared):
+def test_a_failed_save_is_a_failed_transfer_at_the_sender(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
     declared.sites.add("site-1")
 
     def unwritable(item: Received) -> Received:
@@ -68,18 +74,17 @@ def test_a_failed_save_is_a_failed_transfer_at_the_sender(tmp_path, settings, de
 
 
 def test_the_receiver_caps_the_prefetch_an_offer_asks_for(
-    tmp_path, settings, declared, monkeypatch
-):
+    tmp_path: Path, settings: Settings, declared: Declared, monkeypatch: pytest.MonkeyPatch
+) -> None:
     declared.sites.add("site-1")
     asked: list[int] = []
-    channel_class = pika.adapters.blocking_connection.BlockingChannel
-    original = channel_class.basic_qos
+    original = amqp.Channel.qos
 
-    def recording(self, prefetch_size=0, prefetch_count=0, global_qos=False):  # type: ignore[no-untyped-def]
-        asked.append(prefetch_count)
-        return original(self, prefetch_size, prefetch_count, global_qos)
+    def recording(self: amqp.Channel, prefetch: int) -> None:
+        asked.append(prefetch)
+        original(self, prefetch)
 
-    monkeypatch.setattr(channel_class, "basic_qos", recording)
+    monkeypatch.setattr(amqp.Channel, "qos", recording)
     capped = settings.model_copy(update={"receive_window": 64})
     src = tmp_path / "src.bin"
     src.write_bytes(np.random.default_rng(0).bytes(300 * KiB))
@@ -101,8 +106,11 @@ def test_the_receiver_caps_the_prefetch_an_offer_asks_for(
 
 
 def test_a_slow_prefix_hash_does_not_starve_the_heartbeat(
-    tmp_path, settings, start_server, monkeypatch
-):
+    tmp_path: Path,
+    settings: Settings,
+    start_server: Callable[..., BackgroundServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Hashing a kept prefix takes ~10 s here (throttled reads) with a 2 s heartbeat: it runs
     off the connection's thread, so the connection survives and the retrieval completes."""
     from objstream.consumer import Retriever
@@ -128,7 +136,7 @@ def test_a_slow_prefix_hash_does_not_starve_the_heartbeat(
 
     hashed = Resumable._hash_prefix
 
-    def throttled(self: Resumable):  # type: ignore[no-untyped-def]
+    def throttled(self: Resumable) -> Any:
         import time
 
         time.sleep(10)  # a slow disk: ~10 s for the prefix
