@@ -1,9 +1,10 @@
 """Retrieving: ask another site for a named file or container, and receive it.
 
-A :class:`Retriever` is a receiver that does not listen on its site's inbox: it sends a request to
-the owner's service queue and takes the reply, and the stream that follows, on its own private
-queue. So a retrieval never competes with ``listen`` workers of the same site, and several
-retrievers (one per thread) can run on one site at the same time.
+A :class:`Retriever` is built like a receiver (on a
+:class:`~objstream.consumer.core.ConsumerCore`) but does not listen on its site's inbox: it sends
+a request to the owner's service queue and takes the reply, and the stream that follows, on its
+own private queue. So a retrieval never competes with ``listen`` workers of the same site, and
+several retrievers (one per thread) can run on one site at the same time.
 
 The timeout is progress-based: the retrieval fails after ``timeout`` seconds without a reply or
 without data, not after a total deadline; the owner is then told to stop.
@@ -13,8 +14,9 @@ asking for the same file from the same site again (in the same directory) resume
 says ``resume_from`` with the kept prefix's SHA-256, and the owner sends only the rest (or the
 whole file if it changed meanwhile).
 
-A lost connection (broker restart...) is re-established as in :class:`Receiver`; a request whose
-reply or offer had not arrived yet is sent again.
+A lost connection (broker restart...) is re-established as in a receiver; a request whose
+reply or offer had not arrived yet is sent again
+(:class:`~objstream.consumer.requests.RequestTracker`).
 """
 
 from __future__ import annotations
@@ -24,21 +26,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
-from objstream.common.amqp import Delivery, broker_user, dead_letter
-from objstream.common.errors import (
-    FailureCode,
-    ProtocolError,
-    Refused,
-    TimedOut,
-    TransferFailed,
-)
-from objstream.common.protocol import Offer, Reply, Request, envelope, new_stream_id, parse
+from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
+from objstream.common.protocol import Reply, Request, new_stream_id
 from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
 from objstream.consumer.container_assembler import OnEntry
-from objstream.consumer.receiver import Receiver
+from objstream.consumer.core import ConsumerCore
+from objstream.consumer.requests import Asked, RequestTracker
 from objstream.consumer.resume import Resumable
 from objstream.consumer.stream_table import Save
 from objstream.consumer.streams import Received
@@ -48,14 +44,13 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_ASKS = 3  # requests for one retrieval, when reconnects lose the offer
-MAX_EARLY = 16  # offers kept while waiting for the reply that names them
 
 
 class _OfferLost(Exception):
     """The connection was lost between the reply and the offer: ask again."""
 
 
-class Retriever(Receiver):
+class Retriever:
     """Retrieves objects for ``site``; files are stored in ``dest``.
 
     ::
@@ -63,6 +58,9 @@ class Retriever(Receiver):
         with Retriever("site-1", "/data/in", settings) as retriever:
             path = retriever.retrieve_file("server", "big.bin", timeout=60)
             model = retriever.retrieve_container("server", "model", timeout=60)
+
+    ``save`` runs on each retrieved object before the owner is told it arrived, as for a
+    :class:`~objstream.consumer.receiver.Receiver`.
     """
 
     def __init__(
@@ -75,28 +73,38 @@ class Retriever(Receiver):
         progress: ProgressHook | None = None,
         save: Save | None = None,
     ) -> None:
-        self._user = broker_user((settings or Settings()).url)
-        self._replies: dict[str, Reply] = {}
-        # Accepted streams whose offer may come: stream id -> (timeout, name asked for, kept).
-        self._expected: dict[str, tuple[float, str, Resumable | None]] = {}
-        self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
-        self._asking: dict[str, tuple[str, Resumable | None]] = {}  # id -> name, kept
-        self._early: dict[str, Delivery] = {}  # offers that came before their reply
-        super().__init__(site, dest, settings, on_entry=on_entry, progress=progress, save=save)
+        self._core = core = ConsumerCore(site, dest, settings, on_entry=on_entry,
+                                         progress=progress, save=save)  # fmt: skip
+        self._requests = RequestTracker(core)
+        core.start([self._requests])
 
-    _listens = False
+    @property
+    def settings(self) -> Settings:
+        return self._core.settings
 
-    def _open_queues(self) -> None:
-        # A private, exclusive queue for replies and offers: it dies with the connection, so
-        # after a reconnect a request still unanswered (or an offer not yet here) is asked again.
-        self._private = self.topology.declare_reply_queue(self._control)
-        self._control.consume(self._private, self._on_private, auto_ack=True)
-        self._owners: set[str] = set()
+    @property
+    def site(self) -> str:
+        return self._core.site
+
+    @property
+    def dest(self) -> Path:
+        return self._core.dest
+
+    @property
+    def reconnects(self) -> int:
+        """How often the connection was lost and re-established."""
+        return self._core.reconnects
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self, checkpoint: bool = False) -> None:
         """Stop and disconnect; retrievals in progress fail (a retrieval belongs to its caller,
         so nothing is left behind for another process by default)."""
-        super().close(checkpoint=checkpoint)
+        self._core.close(checkpoint)
 
     def retrieve_file(self, from_site: str, file_name: str, timeout: float | None = None) -> Path:
         """Fetch ``file_name`` from ``from_site``'s source dir; returns where it is stored.
@@ -138,7 +146,7 @@ class Retriever(Receiver):
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
         kept = None
         if request.kind == "file":  # hashing the prefix may be slow: off the connection's thread
-            kept = self._off_thread(lambda: self._store.kept(from_site, request.name))
+            kept = self._off_thread(lambda: self._core.store.kept(from_site, request.name))
         try:
             for _ in range(MAX_ASKS - 1):
                 try:
@@ -156,7 +164,7 @@ class Retriever(Receiver):
         with ThreadPoolExecutor(1, thread_name_prefix="objstream-retriever") as pool:
             future = pool.submit(work)
             while not future.done():
-                self._events(0.05)
+                self._core.events(0.05)
             return future.result()
 
     def _ask(
@@ -174,16 +182,12 @@ class Retriever(Receiver):
                 "chunk_size": kept.offer.chunk_size,
                 "prefix_sha256": kept.prefix_sha256().copy().hexdigest(),
             })  # fmt: skip
-        self._publish(request, from_site, timeout)
-        self._pending[request.request_id] = timeout
-        self._asking[request.request_id] = (request.name, kept)
+        asked = Asked(timeout, request.name, kept)
+        self._requests.publish(request, from_site, asked)
         try:
-            reply = self._wait_reply(request, from_site, timeout)
+            reply = self._wait_reply(request, from_site, asked)
         finally:
-            self._pending.pop(request.request_id, None)
-            self._asking.pop(request.request_id, None)
-            if not self._pending:
-                self._drop_early()
+            self._requests.give_up(request.request_id)
         if not reply.ok:
             raise Refused(from_site, request.name, reply.code or FailureCode.PROTOCOL, reply.detail)
         assert reply.stream_id is not None
@@ -191,99 +195,42 @@ class Retriever(Receiver):
         try:
             return self._wait_outcome(sid, from_site, timeout)
         finally:
-            self._expected.pop(sid, None)
+            self._requests.done_with(sid)
 
-    def _publish(self, request: Request, from_site: str, timeout: float) -> None:
-        if from_site not in self._owners:
-            # So the request waits for a server that starts a little later (until it expires).
-            self.topology.declare_service_queue(self._control, from_site)
-            self._owners.add(from_site)
-        # A request nobody answers within the timeout is void: the requester has given up.
-        # RabbitMQ checks user_id against the connection's user.
-        props = envelope(request, persistent=False, reply_to=self._private,
-                         expiration_s=timeout, user_id=self._user)  # fmt: skip
-        self._control.publish(
-            self.topology.exchange, self.topology.service_key(from_site), b"", props
-        )
-
-    def _wait_reply(self, request: Request, from_site: str, timeout: float) -> Reply:
-        deadline = time.monotonic() + timeout
+    def _wait_reply(self, request: Request, from_site: str, asked: Asked) -> Reply:
+        deadline = time.monotonic() + asked.timeout
         reconnects = self.reconnects
-        while request.request_id not in self._replies:
+        while (reply := self._requests.reply(request.request_id)) is None:
             if self.reconnects != reconnects:  # the request (or its reply) may be lost
                 reconnects = self.reconnects
-                self._publish(request, from_site, timeout)
+                self._requests.publish(request, from_site, asked)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimedOut(
                     from_site,
                     request.request_id,
-                    timeout,
+                    asked.timeout,
                     f"site {from_site!r} did not answer the request for {request.name!r}",
                 )
-            self._events(min(left, 0.2))
-        return self._replies.pop(request.request_id)
+            self._core.events(min(left, 0.2))
+        return reply
 
     def _wait_outcome(self, sid: str, from_site: str, timeout: float) -> Received:
         deadline = time.monotonic() + timeout  # until the offer arrives; then the stream's own
         reconnects = self.reconnects
+        table = self._core.table
         while True:
-            outcomes = self._table.outcomes
-            for outcome in list(outcomes):
+            for outcome in list(table.outcomes):
                 if outcome.stream_id == sid:
-                    outcomes.remove(outcome)
+                    table.outcomes.remove(outcome)
                     if isinstance(outcome, TransferFailed):
                         if outcome.code == FailureCode.TIMEOUT:
                             raise TimedOut(from_site, sid, timeout, outcome.detail)
                         raise outcome
                     return outcome
-            if sid not in self._table.streams and sid in self._expected:
+            if sid not in table.streams and self._requests.expecting(sid):
                 if self.reconnects != reconnects:
                     raise _OfferLost  # it went to the private queue that is gone now
                 if time.monotonic() > deadline:
                     raise TimedOut(from_site, sid, timeout, "the accepted stream never started")
-            self._events(0.2)
-
-    def _drop_early(self) -> None:
-        """Offers kept for a reply that never came are not for us."""
-        for delivery in self._early.values():
-            reason = "offer on the private queue of a retriever for no request of its"
-            dead_letter(self._control, self.topology, delivery, reason)
-        self._early.clear()
-
-    def _on_private(self, delivery: Delivery) -> None:
-        props = delivery.props
-        try:
-            message = parse(props.type, props.headers)
-        except ProtocolError as e:
-            dead_letter(self._control, self.topology, delivery, str(e))
-            return
-        if isinstance(message, Reply):
-            timeout = self._pending.get(message.request_id)
-            if timeout is None:
-                return  # the answer to a request we gave up on
-            self._replies[message.request_id] = message
-            if message.ok and message.stream_id:
-                # Expect the offer now: it may come in the same batch of events as this reply.
-                name, kept = self._asking[message.request_id]
-                self._expected[message.stream_id] = (timeout, name, kept)
-                early = self._early.pop(message.stream_id, None)
-                if early is not None:
-                    self._take_expected(message.stream_id, early)
-        elif isinstance(message, Offer) and message.stream_id in self._expected:
-            self._take_expected(message.stream_id, delivery)
-        elif isinstance(message, Offer) and self._pending and len(self._early) < MAX_EARLY:
-            # The owner replies on one connection and streams on another, so its offer can
-            # overtake its reply: keep it until the reply says whether it is ours.
-            self._early[message.stream_id] = delivery
-        else:
-            dead_letter(
-                self._control,
-                self.topology,
-                delivery,
-                f"unexpected {props.type} on the private queue of a retriever",
-            )
-
-    def _take_expected(self, stream_id: str, delivery: Delivery) -> None:
-        timeout, name, kept = self._expected[stream_id]
-        self._take_offer(delivery, timeout=timeout, requested=name, kept=kept)
+            self._core.events(0.2)
