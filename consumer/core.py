@@ -150,10 +150,12 @@ class ConsumerCore:
                         reason = f"receiver of site {self.site} shut down"
                         self.table.fail(stream, ErrorCode.ABORTED, reason)
                 self.table.tick()
+                self.table.settle()
                 self.connection.close()
         except (ConnectionLost, BrokerRefused):
             log.debug("connection already gone while closing", exc_info=True)
         finally:
+            self.table.shut_down()
             for stream in self.table.streams.values():
                 stream.assembler.discard()
 

@@ -81,7 +81,9 @@ class StreamTable:
         self._save = save
         self._connection: Connection | None = None
         self._control: Channel | None = None
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="objstream-commit")
+        # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
+        # for a successor, removal of partial files. FIFO, so settle() waits for all of it.
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="objstream-disk")
         self._results: queue.SimpleQueue[tuple[Stream, Received | tuple[ErrorCode, str]]] = (
             queue.SimpleQueue()
         )
@@ -260,11 +262,11 @@ class StreamTable:
             if stream.state is not None:
                 stream.state.remove()
         elif isinstance(action, Discard):
-            stream.assembler.discard()
-            if stream.state is not None:
-                stream.state.remove()
+            what = f"discarding stream {stream.offer.stream_id}"
+            self._on_disk(what, partial(_discard, stream))
         elif isinstance(action, LeaveOnDisk):
-            stream.leave_on_disk()
+            what = f"keeping stream {stream.offer.stream_id} on disk"
+            self._on_disk(what, stream.leave_on_disk)  # syncs the partial file
         elif isinstance(action, SendVerdict):
             self._publish(stream.reply_to, envelope(action.done))
         elif isinstance(action, Finished):
@@ -287,7 +289,7 @@ class StreamTable:
     def _commit(self, stream: Stream) -> list[Action]:
         """Finish the object on the commit thread (decoding a spooled container, fsync, the
         save can take long); :meth:`drain` hands the outcome to the session."""
-        self._committer.submit(self._finish_object, stream)
+        self._disk.submit(self._finish_object, stream)
         return []
 
     def _finish_object(self, stream: Stream) -> None:
@@ -305,7 +307,7 @@ class StreamTable:
         self._results.put((stream, result))
         try:
             assert self._connection is not None
-            self._connection.call_threadsafe(self.drain)  # wakes the event loop
+            self._connection.call_threadsafe(self._drained)  # wakes the event loop
         except ObjstreamError:  # the connection is gone: the next tick drains
             log.debug("cannot wake the connection", exc_info=True)
 
@@ -325,13 +327,16 @@ class StreamTable:
                 return (ErrorCode.IO, f"saving: {e}")
         return received
 
-    def drain(self) -> None:
-        """On the connection's thread: hand finished commits to their sessions."""
+    def drain(self) -> bool:
+        """On the connection's thread: hand finished commits to their sessions. Returns whether
+        there were any."""
+        handled = False
         while True:
             try:
                 stream, result = self._results.get_nowait()
             except queue.Empty:
-                return
+                return handled
+            handled = True
             if isinstance(result, tuple):
                 self.run(stream, stream.session.commit_failed(*result))
                 continue
@@ -341,10 +346,31 @@ class StreamTable:
                 self._progress(offer.sender, offer.stream_id, result.size, result.size)
             self.run(stream, stream.session.committed(result.value, result.path))
 
-    def settle(self) -> None:
-        """Wait for the commits under way and hand them over (before closing)."""
-        self._committer.shutdown(wait=True)
+    def _drained(self) -> None:
         self.drain()
+
+    def settle(self) -> None:
+        """Wait for the disk work under way, and hand finished commits to their sessions."""
+        while True:
+            self._disk.submit(lambda: None).result()
+            if not self.drain():
+                return
+
+    def shut_down(self) -> None:
+        """Finish the disk work still queued and stop the disk thread (when closing)."""
+        self._disk.shutdown(wait=True)
+        self.drain()
+
+    def _on_disk(self, what: str, work: Callable[[], None]) -> None:
+        """Run ``work`` on the disk thread; it concerns a stream that has ended here."""
+
+        def guarded() -> None:
+            try:
+                work()
+            except OSError as e:
+                log.warning("%s: %s", what, e)
+
+        self._disk.submit(guarded)
 
     def _send_progress(self, stream: Stream, action: SendProgress) -> None:
         offer = stream.offer
@@ -374,3 +400,9 @@ class StreamTable:
         self.outcomes.append(
             TransferFailed(offer.sender, offer.stream_id, finished.code, finished.detail)
         )
+
+
+def _discard(stream: Stream) -> None:
+    stream.assembler.discard()
+    if stream.state is not None:
+        stream.state.remove()
