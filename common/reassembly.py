@@ -17,7 +17,7 @@ from enum import Enum, StrEnum
 from typing import Any
 
 from objstream.common import checksum
-from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import End, Offer
 
 
@@ -77,7 +77,7 @@ class ChunkOutcome:
 class Failure:
     """Why a stream failed, as it goes into the ``done`` message."""
 
-    code: ErrorCode
+    code: FailureCode
     detail: str
 
 
@@ -234,11 +234,11 @@ class Reassembler:
         digest = self._sha.hexdigest()
         if self.stored_bytes != self.end.size:
             failure = Failure(
-                ErrorCode.SIZE, f"stored {self.stored_bytes} bytes != announced {self.end.size}"
+                FailureCode.SIZE, f"stored {self.stored_bytes} bytes != announced {self.end.size}"
             )
         elif digest != self.end.sha256:
             failure = Failure(
-                ErrorCode.CHECKSUM,
+                FailureCode.CHECKSUM,
                 f"stream {self.offer.stream_id}: sha256 {digest} != announced {self.end.sha256}",
             )
         if failure is not None:

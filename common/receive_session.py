@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import Abort, Chunk, Done, End, Inline
 from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, State
 
 FLUSH_INTERVAL = 0.05  # seconds: acks and progress never wait longer than this
 # Failures after which a file's verified prefix is kept (the sender went away, not bad data).
-KEEP_PREFIX_ON = frozenset({ErrorCode.TIMEOUT, ErrorCode.ABORTED})
+KEEP_PREFIX_ON = frozenset({FailureCode.TIMEOUT, FailureCode.ABORTED})
 
 
 # -- actions ---------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class Finished:
     """The stream is over for this receiver: close its channel, hand the outcome out."""
 
     ok: bool
-    code: ErrorCode | None = None
+    code: FailureCode | None = None
     detail: str = ""
     value: Any = None
     path: Path | None = None
@@ -223,7 +223,7 @@ class ReceiveSession:
             if isinstance(message, End):
                 self.reassembler.record_end(message)
             elif isinstance(message, Abort):
-                return self.fail(ErrorCode.ABORTED, f"sender gave up: {message.reason}")
+                return self.fail(FailureCode.ABORTED, f"sender gave up: {message.reason}")
             else:
                 raise ProtocolError(f"unexpected {type(message).__name__} message on a data queue")
         except ProtocolError as e:
@@ -246,7 +246,7 @@ class ReceiveSession:
             if offer.chunk_count:
                 outcome = self.reassembler.chunk(0, inline.crc32, body)
                 if outcome.verdict is not ChunkVerdict.WRITE:  # corrupt: nothing to resend from
-                    return self.fail(ErrorCode.CHECKSUM, outcome.detail)
+                    return self.fail(FailureCode.CHECKSUM, outcome.detail)
                 actions.append(Write(0, outcome.offset, body, inline.meta))
             elif body:
                 raise ProtocolError("inline offer of 0 chunks with a body")
@@ -254,7 +254,7 @@ class ReceiveSession:
                       sha256=inline.sha256)  # fmt: skip
             self.reassembler.record_end(end)
         except ProtocolError as e:
-            return self.fail(ErrorCode.PROTOCOL, str(e))
+            return self.fail(FailureCode.PROTOCOL, str(e))
         return actions + self._verify()
 
     def tick(self, now: float) -> list[Action]:
@@ -263,13 +263,13 @@ class ReceiveSession:
             return []  # committing: the driver reports back, the sender waits for the verdict
         if now - self.last_activity > self.timeout:
             return self.fail(
-                ErrorCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
+                FailureCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
             )
         if self.unacked_tag and now - self.last_flush > self.flush_interval:
             return self._flush(now)
         return []
 
-    def write_failed(self, code: ErrorCode, detail: str) -> list[Action]:
+    def write_failed(self, code: FailureCode, detail: str) -> list[Action]:
         """A :class:`Write` could not be carried out (disk full, a failing ``on_entry``...)."""
         return self.fail(code, detail)
 
@@ -285,7 +285,7 @@ class ReceiveSession:
         actions: list[Action] = [RemoveCheckpoint()] if self.checkpoints else []
         return actions + self._end(done, Finished(ok=True, value=value, path=path))
 
-    def commit_failed(self, code: ErrorCode, detail: str) -> list[Action]:
+    def commit_failed(self, code: FailureCode, detail: str) -> list[Action]:
         """The :class:`Commit` failed: the sender is told, nothing is kept."""
         return self.fail(code, detail)
 
@@ -293,12 +293,12 @@ class ReceiveSession:
         """This receiver stops: checkpoint, ack and report what is stored, and leave the stream
         on disk for the next receiver of the directory (which takes it over)."""
         if not self.checkpoints or self.state is not State.RECEIVING:
-            return self.fail(ErrorCode.ABORTED, f"receiver of site {self.site} shut down")
+            return self.fail(FailureCode.ABORTED, f"receiver of site {self.site} shut down")
         actions = self._flush(now)
         self.reassembler.suspend()
         return [*actions, LeaveOnDisk(self.stored, self.stored_bytes)]
 
-    def fail(self, code: ErrorCode, detail: str) -> list[Action]:
+    def fail(self, code: FailureCode, detail: str) -> list[Action]:
         """Fail the stream: keep a file's verified prefix if the sender went away, else drop
         what arrived; send the failed verdict."""
         if self.finished:
@@ -308,7 +308,7 @@ class ReceiveSession:
 
     # -- inside -----------------------------------------------------------------------------------
 
-    def _failed(self, code: ErrorCode, detail: str) -> list[Action]:
+    def _failed(self, code: FailureCode, detail: str) -> list[Action]:
         """The actions of a failure the reassembler has recorded."""
         actions: list[Action]
         if code in KEEP_PREFIX_ON and self.checkpoints and self.keeps_prefix and self.stored:

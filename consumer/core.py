@@ -22,7 +22,7 @@ from objstream.common.errors import (
     BrokerRefused,
     ConfigError,
     ConnectionLost,
-    ErrorCode,
+    FailureCode,
     ProtocolError,
 )
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, parse
@@ -48,7 +48,7 @@ CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
 class Refusal(Exception):
     """An offer this site does not take: the sender gets ``code`` and ``detail``."""
 
-    def __init__(self, code: ErrorCode, detail: str) -> None:
+    def __init__(self, code: FailureCode, detail: str) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
@@ -148,7 +148,7 @@ class ConsumerCore:
                         self.table.suspend(stream)
                     else:
                         reason = f"receiver of site {self.site} shut down"
-                        self.table.fail(stream, ErrorCode.ABORTED, reason)
+                        self.table.fail(stream, FailureCode.ABORTED, reason)
                 self.table.tick()
                 self.table.settle()
                 self.connection.close()
@@ -271,7 +271,7 @@ class ConsumerCore:
             self.table.consume(stream)
         except BrokerRefused as e:
             self.store.drop(stream.assembler, stream.state)
-            self.table.refuse(offer, reply_to, ErrorCode.PROTOCOL, f"data queue gone: {e}")
+            self.table.refuse(offer, reply_to, FailureCode.PROTOCOL, f"data queue gone: {e}")
             return
         log.info("receiving %s %r (%d bytes) from %s as stream %s", offer.kind, offer.name,
                  offer.size, offer.sender, offer.stream_id)  # fmt: skip
@@ -297,18 +297,19 @@ class ConsumerCore:
             kept.discard()
             kept = None
         if offer.resume_from and (kept is None or not continues(kept, offer)):
-            raise Refusal(ErrorCode.PROTOCOL, f"the offer resumes from chunk {offer.resume_from}, "
-                          "but no partial file to match is kept here")  # fmt: skip
+            detail = (f"the offer resumes from chunk {offer.resume_from}, but no partial file "
+                      "to match is kept here")  # fmt: skip
+            raise Refusal(FailureCode.PROTOCOL, detail)
         timeout = self.settings.timeout if timeout is None else timeout
         try:
             if kept is not None:
                 return self._stream(self.store.adopt(offer, reply_to, kept), timeout)
             assembler = self._assemblers[offer.kind](offer)
         except ProtocolError as e:
-            raise Refusal(ErrorCode.PROTOCOL, str(e)) from e
+            raise Refusal(FailureCode.PROTOCOL, str(e)) from e
         except OSError as e:
             detail = f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}"
-            raise Refusal(ErrorCode.IO, detail) from e
+            raise Refusal(FailureCode.IO, detail) from e
         reassembler = Reassembler(offer)
         reassembler.accept()
         state = None
@@ -317,7 +318,7 @@ class ConsumerCore:
                 state = StreamState.create(self.dest, offer, reply_to, requested)
             except OSError as e:
                 assembler.discard()
-                raise Refusal(ErrorCode.IO, f"state file: {e}") from e
+                raise Refusal(FailureCode.IO, f"state file: {e}") from e
         session = self.table.session(reassembler, timeout=timeout, checkpoints=state is not None,
                                       keeps_prefix=keeps_prefix(assembler))  # fmt: skip
         return Stream(offer, reply_to, session, assembler, state=state)
@@ -325,11 +326,11 @@ class ConsumerCore:
     def _check_offer(self, offer: Offer) -> None:
         """Refuse what this site does not take (too large, of an unknown kind)."""
         if offer.size is not None and offer.size > self.settings.max_object_size:
-            raise Refusal(ErrorCode.TOO_LARGE, f"{offer.size} bytes exceed site {self.site}'s "
+            raise Refusal(FailureCode.TOO_LARGE, f"{offer.size} bytes exceed site {self.site}'s "
                           f"limit of {int(self.settings.max_object_size)} bytes")  # fmt: skip
         if offer.kind not in self._assemblers:
             detail = f"site {self.site} does not receive objects of kind {offer.kind!r}"
-            raise Refusal(ErrorCode.REFUSED, detail)
+            raise Refusal(FailureCode.REFUSED, detail)
 
     def _container_assembler(self, offer: Offer) -> ObjectAssembler:
         if self._spool_containers and offer.inline is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from objstream.common.amqp import Channel, Connection, Delivery, dead_letter
 from objstream.common.errors import (
     BrokerRefused,
-    ErrorCode,
+    FailureCode,
     ObjstreamError,
     ProtocolError,
     TransferFailed,
@@ -84,7 +84,7 @@ class StreamTable:
         # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
         # for a successor, removal of partial files. FIFO, so settle() waits for all of it.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="objstream-disk")
-        self._results: queue.SimpleQueue[tuple[Stream, Received | tuple[ErrorCode, str]]] = (
+        self._results: queue.SimpleQueue[tuple[Stream, Received | tuple[FailureCode, str]]] = (
             queue.SimpleQueue()
         )
 
@@ -153,7 +153,7 @@ class StreamTable:
         self.streams[stream.offer.stream_id] = stream
         self.run(stream, stream.session.inline(stream.offer.inline, body))
 
-    def refuse(self, offer: Offer, reply_to: str, code: ErrorCode, detail: str) -> None:
+    def refuse(self, offer: Offer, reply_to: str, code: FailureCode, detail: str) -> None:
         """Answer an offer this receiver does not take with a failed verdict."""
         log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
         done = Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail)
@@ -205,11 +205,11 @@ class StreamTable:
             try:
                 self.consume(stream)
             except BrokerRefused:
-                self.fail(stream, ErrorCode.PROTOCOL, "the data queue is gone after a reconnect")
+                self.fail(stream, FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
                 continue
             self.run(stream, actions)
 
-    def fail(self, stream: Stream, code: ErrorCode, detail: str) -> None:
+    def fail(self, stream: Stream, code: FailureCode, detail: str) -> None:
         self.run(stream, stream.session.fail(code, detail))
 
     def suspend(self, stream: Stream) -> None:
@@ -277,14 +277,14 @@ class StreamTable:
             stream.assembler.take(write.offset, bytes(write.body), write.meta)
             return None
         except ProtocolError as e:
-            return stream.session.write_failed(ErrorCode.PROTOCOL, str(e))
+            return stream.session.write_failed(FailureCode.PROTOCOL, str(e))
         except OSError as e:
             detail = f"storing chunk {write.seq}: {e.strerror or e}"
-            return stream.session.write_failed(ErrorCode.IO, detail)
+            return stream.session.write_failed(FailureCode.IO, detail)
         except Exception as e:  # an on_entry callback or a custom assembler failed
             log.debug("assembler failed", exc_info=True)
             detail = f"the receiving side failed: {e!r}"
-            return stream.session.write_failed(ErrorCode.REFUSED, detail)
+            return stream.session.write_failed(FailureCode.REFUSED, detail)
 
     def _commit(self, stream: Stream) -> list[Action]:
         """Finish the object on the commit thread (decoding a spooled container, fsync, the
@@ -294,16 +294,16 @@ class StreamTable:
 
     def _finish_object(self, stream: Stream) -> None:
         """On the commit thread: finish and save; the session is told on the connection's."""
-        result: Received | tuple[ErrorCode, str]
+        result: Received | tuple[FailureCode, str]
         try:
             result = self._finished_object(stream)
         except OSError as e:
-            result = (ErrorCode.IO, f"committing: {e.strerror or e}")
+            result = (FailureCode.IO, f"committing: {e.strerror or e}")
         except ObjstreamError as e:
-            result = (ErrorCode.PROTOCOL, str(e))
+            result = (FailureCode.PROTOCOL, str(e))
         except Exception as e:  # an on_entry callback or a custom assembler failed
             log.debug("assembler failed", exc_info=True)
-            result = (ErrorCode.REFUSED, f"the receiving side failed: {e!r}")
+            result = (FailureCode.REFUSED, f"the receiving side failed: {e!r}")
         self._results.put((stream, result))
         try:
             assert self._connection is not None
@@ -311,7 +311,7 @@ class StreamTable:
         except ObjstreamError:  # the connection is gone: the next tick drains
             log.debug("cannot wake the connection", exc_info=True)
 
-    def _finished_object(self, stream: Stream) -> Received | tuple[ErrorCode, str]:
+    def _finished_object(self, stream: Stream) -> Received | tuple[FailureCode, str]:
         offer, session = stream.offer, stream.session
         value = stream.assembler.finish()
         received = Received(
@@ -324,7 +324,7 @@ class StreamTable:
             try:
                 received = self._save(received)
             except (ObjstreamError, OSError) as e:
-                return (ErrorCode.IO, f"saving: {e}")
+                return (FailureCode.IO, f"saving: {e}")
         return received
 
     def drain(self) -> bool:

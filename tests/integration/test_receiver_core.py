@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from objstream.common import amqp
-from objstream.common.errors import ErrorCode, SendFailed
+from objstream.common.errors import FailureCode, SendFailed
 from objstream.common.settings import KiB, Settings
 from objstream.consumer.container_files import ContainerFiles
 from objstream.consumer.streams import Received
@@ -64,11 +64,11 @@ def test_a_failed_save_is_a_failed_transfer_at_the_sender(
         ):
             streamer.stream_container("site-1", _model(), "model", chunk_size=4 * KiB)
         [failure] = raised.value.failures
-        assert failure.code == ErrorCode.IO
+        assert failure.code == FailureCode.IO
         assert "Permission denied" in failure.detail
         [outcome] = receiver.wait_for(1)
         assert not isinstance(outcome, Received)
-        assert outcome.code == ErrorCode.IO
+        assert outcome.code == FailureCode.IO
     finally:
         receiver.stop()
 

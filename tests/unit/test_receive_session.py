@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import Abort, Chunk, End, Inline, Offer, new_stream_id
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
@@ -74,7 +74,7 @@ class Driver:
                 self.checkpoint = (action.stored, action.stored_bytes)
             elif isinstance(action, Commit):
                 if self.fail_commit:
-                    self.run(self.session.commit_failed(ErrorCode.IO, "disk full"))
+                    self.run(self.session.commit_failed(FailureCode.IO, "disk full"))
                 else:
                     self.run(self.session.committed(Path("/in/x")))
                 return  # what followed the commit is void: the commit's outcome takes over
@@ -218,7 +218,7 @@ def test_checksum_mismatch_fails_and_discards() -> None:
     assert d.session.state is State.FAILED
     assert not d.of(Commit)
     assert d.of(Discard)
-    assert d.verdict.done.code == ErrorCode.CHECKSUM
+    assert d.verdict.done.code == FailureCode.CHECKSUM
 
 
 def test_timeout_keeps_verified_prefix() -> None:
@@ -233,7 +233,7 @@ def test_timeout_keeps_verified_prefix() -> None:
     assert d.of(LeaveOnDisk) == [LeaveOnDisk(4, 40)]
     done = d.verdict.done
     assert not done.ok
-    assert done.code == ErrorCode.TIMEOUT
+    assert done.code == FailureCode.TIMEOUT
     assert "40 bytes received are kept" in done.detail
     assert d.session.tick(100.0) == []
 
@@ -254,7 +254,7 @@ def test_abort_keeps_prefix_and_acks() -> None:
     d.run(d.session.receive(d.tag, Abort(stream_id=d.sid, reason="bye"), b"", 0.0))
     assert d.of(LeaveOnDisk) == [LeaveOnDisk(2, 20)]
     assert d.acked == d.tag
-    assert d.verdict.done.code == ErrorCode.ABORTED
+    assert d.verdict.done.code == FailureCode.ABORTED
     # Late messages are acked with the rest, and nothing else happens.
     d.chunk(2)
     assert d.session.unacked_tag == d.tag
@@ -269,7 +269,7 @@ def test_commit_failure_turns_into_failed_verdict() -> None:
     assert d.session.state is State.FAILED
     done = d.verdict.done
     assert not done.ok
-    assert done.code == ErrorCode.IO
+    assert done.code == FailureCode.IO
     assert done.detail == "disk full"
     assert d.of(Discard)
     assert not d.of(RemoveCheckpoint)
@@ -294,8 +294,8 @@ def test_write_failure_fails_with_its_code() -> None:
     actions = d.session.receive(1, Chunk(stream_id=d.sid, seq=0, crc32=zlib.crc32(bytes(10))),
                                 bytes(10), 0.0)  # fmt: skip
     assert isinstance(actions[0], Write)
-    d.run(d.session.write_failed(ErrorCode.IO, "no space"))
-    assert d.verdict.done.code == ErrorCode.IO
+    d.run(d.session.write_failed(FailureCode.IO, "no space"))
+    assert d.verdict.done.code == FailureCode.IO
     assert d.of(Discard)
 
 
@@ -315,7 +315,7 @@ def test_suspend_without_checkpoints_aborts() -> None:
     d = Driver(bytes(100), checkpoints=False)
     d.chunk(0)
     d.run(d.session.suspend(0.1))
-    assert d.verdict.done.code == ErrorCode.ABORTED
+    assert d.verdict.done.code == FailureCode.ABORTED
 
 
 def test_reconnect_asks_from_stored() -> None:
@@ -335,7 +335,7 @@ def test_inline_commits_at_once() -> None:
     bad = Driver(data)
     actions = bad.session.inline(Inline(crc32=1, sha256=inline.sha256), data)
     assert isinstance(actions[-1], Finished)
-    assert actions[-1].code == ErrorCode.CHECKSUM
+    assert actions[-1].code == FailureCode.CHECKSUM
 
 
 def test_chunk_beyond_count_is_a_protocol_error() -> None:
@@ -348,6 +348,6 @@ def test_chunk_beyond_count_is_a_protocol_error() -> None:
 
 def test_illegal_event_raises() -> None:
     d = Driver(bytes(10))
-    d.run(d.session.fail(ErrorCode.ABORTED, "x"))
+    d.run(d.session.fail(FailureCode.ABORTED, "x"))
     with pytest.raises(ProtocolError, match="can't handle"):
         d.session.reassembler.mark_done()
