@@ -17,7 +17,7 @@ from enum import Enum, StrEnum
 from typing import Any
 
 from objstream.common import checksum
-from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import End, Offer
 
 
@@ -29,6 +29,7 @@ class State(StrEnum):
     VERIFYING = "verifying"
     DONE = "done"
     FAILED = "failed"
+    SUSPENDED = "suspended"  # left on disk, checkpointed, for the receiver that takes it over
 
 
 class Event(StrEnum):
@@ -38,6 +39,7 @@ class Event(StrEnum):
     COMPLETE = "complete"  # every chunk stored and the end known
     VERIFIED = "verified"
     FAIL = "fail"
+    SUSPEND = "suspend"  # this receiver stops; a successor goes on from the checkpoint
 
 
 # The legal transitions; anything else is "can't handle EVENT in state STATE".
@@ -48,6 +50,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RECEIVING, Event.END): State.RECEIVING,
     (State.RECEIVING, Event.COMPLETE): State.VERIFYING,
     (State.RECEIVING, Event.FAIL): State.FAILED,
+    (State.RECEIVING, Event.SUSPEND): State.SUSPENDED,
     (State.VERIFYING, Event.VERIFIED): State.DONE,
     (State.VERIFYING, Event.FAIL): State.FAILED,
 }
@@ -74,7 +77,7 @@ class ChunkOutcome:
 class Failure:
     """Why a stream failed, as it goes into the ``done`` message."""
 
-    code: ErrorCode
+    code: FailureCode
     detail: str
 
 
@@ -114,7 +117,7 @@ class Reassembler:
 
     @property
     def finished(self) -> bool:
-        return self.state in (State.DONE, State.FAILED)
+        return self.state in (State.DONE, State.FAILED, State.SUSPENDED)
 
     def accept(self) -> None:
         self._apply(Event.ACCEPT)
@@ -231,11 +234,11 @@ class Reassembler:
         digest = self._sha.hexdigest()
         if self.stored_bytes != self.end.size:
             failure = Failure(
-                ErrorCode.SIZE, f"stored {self.stored_bytes} bytes != announced {self.end.size}"
+                FailureCode.SIZE, f"stored {self.stored_bytes} bytes != announced {self.end.size}"
             )
         elif digest != self.end.sha256:
             failure = Failure(
-                ErrorCode.CHECKSUM,
+                FailureCode.CHECKSUM,
                 f"stream {self.offer.stream_id}: sha256 {digest} != announced {self.end.sha256}",
             )
         if failure is not None:
@@ -245,6 +248,10 @@ class Reassembler:
     def mark_done(self) -> None:
         """The verified content is committed under its final name."""
         self._apply(Event.VERIFIED)
+
+    def suspend(self) -> None:
+        """This receiver lets go of the stream; what is stored stays for a successor."""
+        self._apply(Event.SUSPEND)
 
     def fail(self, failure: Failure) -> None:
         """Mark the stream failed (no-op if it already ended)."""

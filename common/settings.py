@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     window: int = Field(
         32, ge=1, le=4096, description="Chunks in flight beyond what the receiver stored."
     )
+    receive_window: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Most chunks a receiver lets the broker deliver ahead of its acks, per stream "
+        "(its prefetch); an offer with a larger window gets this many.",
+    )
     timeout: float = Field(
         60.0, gt=0, description="Seconds without progress after which a transfer fails."
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
-from objstream.common.errors import ErrorCode, ObjstreamError, TransferFailed
+from objstream.common.errors import TransferFailed
 from objstream.common.settings import Settings
 from objstream.consumer.container_files import ContainerFiles
 from objstream.consumer.receiver import Receiver
@@ -144,7 +144,7 @@ def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     bars = ProgressBars()
     with Retriever(
-        args.site, files.dest, settings, on_entry=files.on_entry, progress=bars
+        args.site, files.dest, settings, on_entry=files.on_entry, progress=bars, save=files.save
     ) as retriever:
         try:
             item = retriever.retrieve("container", args.owner, args.name, args.timeout)
@@ -152,7 +152,6 @@ def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
             for stream_id in list(files.open):
                 files.discard(stream_id)
             raise
-    item = files.commit(item)
     _print_retrieved(args, item, time.monotonic() - started)
     return EXIT_OK
 
@@ -216,6 +215,7 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
         on_entry=containers.on_entry,
         progress=bars,
         spool_containers=True,  # so a container survives this process, as a file does
+        save=containers.save,  # before the verdict: the sender hears of a failed save
     ) as receiver:
         log.info(
             "listening for site %s on %s (namespace %s)",
@@ -226,15 +226,7 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
         while not stop and (args.count is None or done < args.count):
             item: Received | TransferFailed | None
             try:
-                received = receiver.receive(timeout=0.2)  # look at the stop flag often
-                if received is not None and received.kind == "container":
-                    try:
-                        received = containers.commit(received)
-                    except (ObjstreamError, OSError) as e:
-                        raise TransferFailed(
-                            received.sender, received.stream_id, ErrorCode.IO, f"saving: {e}"
-                        ) from e
-                item = received
+                item = receiver.receive(timeout=0.2)  # look at the stop flag often
             except TransferFailed as e:
                 containers.discard(e.stream_id)
                 item = e

@@ -206,6 +206,10 @@ class ContainerFiles:
             raise
         return dataclasses.replace(item, path=path)
 
+    def save(self, item: Received) -> Received:
+        """A receiver's ``save``: commit containers, leave other objects as they are."""
+        return self.commit(item) if item.kind == "container" else item
+
     def discard(self, stream_id: str) -> None:
         writer = self.open.pop(stream_id, None)
         if writer is not None:

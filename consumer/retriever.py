@@ -1,9 +1,10 @@
 """Retrieving: ask another site for a named file or container, and receive it.
 
-A :class:`Retriever` is a receiver that does not listen on its site's inbox: it sends a request to
-the owner's service queue and takes the reply, and the stream that follows, on its own private
-queue. So a retrieval never competes with ``listen`` workers of the same site, and several
-retrievers (one per thread) can run on one site at the same time.
+A :class:`Retriever` is built like a receiver (on a
+:class:`~objstream.consumer.core.ConsumerCore`) but does not listen on its site's inbox: it sends
+a request to the owner's service queue and takes the reply, and the stream that follows, on its
+own private queue. So a retrieval never competes with ``listen`` workers of the same site, and
+several retrievers (one per thread) can run on one site at the same time.
 
 The timeout is progress-based: the retrieval fails after ``timeout`` seconds without a reply or
 without data, not after a total deadline; the owner is then told to stop.
@@ -13,48 +14,43 @@ asking for the same file from the same site again (in the same directory) resume
 says ``resume_from`` with the kept prefix's SHA-256, and the owner sends only the rest (or the
 whole file if it changed meanwhile).
 
-A lost connection (broker restart...) is re-established as in :class:`Receiver`; a request whose
-reply or offer had not arrived yet is sent again.
+A lost connection (broker restart...) is re-established as in a receiver; a request whose
+reply or offer had not arrived yet is sent again
+(:class:`~objstream.consumer.requests.RequestTracker`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self, TypeVar
 
-import pika
-import pika.exceptions
-
-from objstream.common.broker import connection_lost, dead_letter
-from objstream.common.errors import (
-    BrokerUnreachable,
-    FailureCode,
-    ProtocolError,
-    Refused,
-    TimedOut,
-    TransferFailed,
-)
-from objstream.common.protocol import Offer, Reply, Request, new_stream_id, parse, properties
+from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
+from objstream.common.protocol import Reply, Request, new_stream_id
 from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
 from objstream.consumer.container_assembler import OnEntry
-from objstream.consumer.receiver import Receiver
-from objstream.consumer.resume import Resumable, find_kept
+from objstream.consumer.core import ConsumerCore
+from objstream.consumer.requests import Asked, RequestTracker
+from objstream.consumer.resume import Resumable
+from objstream.consumer.stream_table import Save
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 MAX_ASKS = 3  # requests for one retrieval, when reconnects lose the offer
-MAX_EARLY = 16  # offers kept while waiting for the reply that names them
 
 
 class _OfferLost(Exception):
     """The connection was lost between the reply and the offer: ask again."""
 
 
-class Retriever(Receiver):
+class Retriever:
     """Retrieves objects for ``site``; files are stored in ``dest``.
 
     ::
@@ -62,6 +58,9 @@ class Retriever(Receiver):
         with Retriever("site-1", "/data/in", settings) as retriever:
             path = retriever.retrieve_file("server", "big.bin", timeout=60)
             model = retriever.retrieve_container("server", "model", timeout=60)
+
+    ``save`` runs on each retrieved object before the owner is told it arrived, as for a
+    :class:`~objstream.consumer.receiver.Receiver`.
     """
 
     def __init__(
@@ -72,26 +71,40 @@ class Retriever(Receiver):
         *,
         on_entry: OnEntry | None = None,
         progress: ProgressHook | None = None,
+        save: Save | None = None,
     ) -> None:
-        super().__init__(site, dest, settings, on_entry=on_entry, listen=False, progress=progress)
-        self._user = pika.URLParameters(self.settings.url).credentials.username
-        self._replies: dict[str, Reply] = {}
-        self._expected: set[str] = set()
-        self._pending: dict[str, float] = {}  # request id -> timeout, while awaiting the reply
-        self._asking: dict[str, tuple[str, Resumable | None]] = {}  # id -> name, kept
-        self._early: dict[str, tuple[Any, bytes]] = {}  # offers that came before their reply
+        self._core = core = ConsumerCore(site, dest, settings, on_entry=on_entry,
+                                         progress=progress, save=save)  # fmt: skip
+        self._requests = RequestTracker(core)
+        core.start([self._requests])
 
-    def _open_queues(self) -> None:
-        # A private, exclusive queue for replies and offers: it dies with the connection, so
-        # after a reconnect a request still unanswered (or an offer not yet here) is asked again.
-        self._private = self.topology.declare_reply_queue(self._control)
-        self._control.basic_consume(self._private, self._on_private, auto_ack=True)
-        self._owners: set[str] = set()
+    @property
+    def settings(self) -> Settings:
+        return self._core.settings
+
+    @property
+    def site(self) -> str:
+        return self._core.site
+
+    @property
+    def dest(self) -> Path:
+        return self._core.dest
+
+    @property
+    def reconnects(self) -> int:
+        """How often the connection was lost and re-established."""
+        return self._core.reconnects
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def close(self, checkpoint: bool = False) -> None:
         """Stop and disconnect; retrievals in progress fail (a retrieval belongs to its caller,
         so nothing is left behind for another process by default)."""
-        super().close(checkpoint=checkpoint)
+        self._core.close(checkpoint)
 
     def retrieve_file(self, from_site: str, file_name: str, timeout: float | None = None) -> Path:
         """Fetch ``file_name`` from ``from_site``'s source dir; returns where it is stored.
@@ -128,13 +141,12 @@ class Retriever(Receiver):
     ) -> Received:
         timeout = timeout or self.settings.timeout
         request = Request(request_id=new_stream_id(), kind=kind, name=name, requester=self.site)
-        try:
-            return self._run(request, from_site, timeout)
-        except pika.exceptions.AMQPError as e:
-            raise BrokerUnreachable(self.settings.masked_url, f"connection lost: {e!r}") from e
+        return self._run(request, from_site, timeout)
 
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
-        kept = self._kept(from_site, request.name) if request.kind == "file" else None
+        kept = None
+        if request.kind == "file":  # hashing the prefix may be slow: off the connection's thread
+            kept = self._off_thread(lambda: self._core.store.kept(from_site, request.name))
         try:
             for _ in range(MAX_ASKS - 1):
                 try:
@@ -147,18 +159,13 @@ class Retriever(Receiver):
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: still there for the next attempt
 
-    def _kept(self, from_site: str, name: str) -> Resumable | None:
-        """The kept prefix of ``name`` from ``from_site``, hashed, if there is one."""
-        item = find_kept(self.dest, from_site, name)
-        if item is None:
-            return None
-        try:
-            item.prefix_sha256()
-        except OSError as e:
-            log.warning("cannot resume %r from %s: %s", name, item.partial, e)
-            item.discard()
-            return None
-        return item
+    def _off_thread(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on a worker thread while this thread keeps the connection served."""
+        with ThreadPoolExecutor(1, thread_name_prefix="objstream-retriever") as pool:
+            future = pool.submit(work)
+            while not future.done():
+                self._core.events(0.05)
+            return future.result()
 
     def _ask(
         self,
@@ -175,16 +182,12 @@ class Retriever(Receiver):
                 "chunk_size": kept.offer.chunk_size,
                 "prefix_sha256": kept.prefix_sha256().copy().hexdigest(),
             })  # fmt: skip
-        self._publish(request, from_site, timeout)
-        self._pending[request.request_id] = timeout
-        self._asking[request.request_id] = (request.name, kept)
+        asked = Asked(timeout, request.name, kept)
+        self._requests.publish(request, from_site, asked)
         try:
-            reply = self._wait_reply(request, from_site, timeout)
+            reply = self._wait_reply(request, from_site, asked)
         finally:
-            self._pending.pop(request.request_id, None)
-            self._asking.pop(request.request_id, None)
-            if not self._pending:
-                self._drop_early()
+            self._requests.give_up(request.request_id)
         if not reply.ok:
             raise Refused(from_site, request.name, reply.code or FailureCode.PROTOCOL, reply.detail)
         assert reply.stream_id is not None
@@ -192,112 +195,42 @@ class Retriever(Receiver):
         try:
             return self._wait_outcome(sid, from_site, timeout)
         finally:
-            self._expected.discard(sid)
-            self._stream_timeouts.pop(sid, None)
-            self._requested.pop(sid, None)
-            self._kept_for.pop(sid, None)
+            self._requests.done_with(sid)
 
-    def _publish(self, request: Request, from_site: str, timeout: float) -> None:
-        if from_site not in self._owners:
-            # So the request waits for a server that starts a little later (until it expires).
-            self.topology.declare_service_queue(self._control, from_site)
-            self._owners.add(from_site)
-        props = properties(request, persistent=False, reply_to=self._private)
-        # A request nobody answers within the timeout is void: the requester has given up.
-        props.expiration = str(max(1, int(timeout * 1000)))
-        props.user_id = self._user  # RabbitMQ checks it against the connection's user
-        self._control.basic_publish(
-            self.topology.exchange, self.topology.service_key(from_site), b"", props
-        )
-
-    def _events(self, time_limit: float) -> None:
-        """Process broker events for up to ``time_limit`` s, reconnecting if the connection
-        was lost."""
-        try:
-            self._connection.process_data_events(time_limit=time_limit)
-            self._housekeeping()
-        except pika.exceptions.AMQPError as e:
-            if not connection_lost(e, self._connection):
-                raise
-            self._recover(e)
-
-    def _wait_reply(self, request: Request, from_site: str, timeout: float) -> Reply:
-        deadline = time.monotonic() + timeout
+    def _wait_reply(self, request: Request, from_site: str, asked: Asked) -> Reply:
+        deadline = time.monotonic() + asked.timeout
         reconnects = self.reconnects
-        while request.request_id not in self._replies:
+        while (reply := self._requests.reply(request.request_id)) is None:
             if self.reconnects != reconnects:  # the request (or its reply) may be lost
                 reconnects = self.reconnects
-                self._publish(request, from_site, timeout)
+                self._requests.publish(request, from_site, asked)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimedOut(
                     from_site,
                     request.request_id,
-                    timeout,
+                    asked.timeout,
                     f"site {from_site!r} did not answer the request for {request.name!r}",
                 )
-            self._events(min(left, 0.2))
-        return self._replies.pop(request.request_id)
+            self._core.events(min(left, 0.2))
+        return reply
 
     def _wait_outcome(self, sid: str, from_site: str, timeout: float) -> Received:
         deadline = time.monotonic() + timeout  # until the offer arrives; then the stream's own
         reconnects = self.reconnects
+        table = self._core.table
         while True:
-            for outcome in list(self._outcomes):
+            for outcome in list(table.outcomes):
                 if outcome.stream_id == sid:
-                    self._outcomes.remove(outcome)
+                    table.outcomes.remove(outcome)
                     if isinstance(outcome, TransferFailed):
-                        if outcome.code == "timeout":
+                        if outcome.code == FailureCode.TIMEOUT:
                             raise TimedOut(from_site, sid, timeout, outcome.detail)
                         raise outcome
                     return outcome
-            if sid not in self._streams and sid in self._expected:
+            if sid not in table.streams and self._requests.expecting(sid):
                 if self.reconnects != reconnects:
                     raise _OfferLost  # it went to the private queue that is gone now
                 if time.monotonic() > deadline:
                     raise TimedOut(from_site, sid, timeout, "the accepted stream never started")
-            self._events(0.2)
-
-    def _drop_early(self) -> None:
-        """Offers kept for a reply that never came are not for us."""
-        for props, body in self._early.values():
-            reason = "offer on the private queue of a retriever for no request of its"
-            dead_letter(self._control, self.topology, props, body, reason)
-        self._early.clear()
-
-    def _on_private(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
-        try:
-            message = parse(props.type, props.headers)
-        except ProtocolError as e:
-            dead_letter(self._control, self.topology, props, body, str(e))
-            return
-        if isinstance(message, Reply):
-            timeout = self._pending.get(message.request_id)
-            if timeout is None:
-                return  # the answer to a request we gave up on
-            self._replies[message.request_id] = message
-            if message.ok and message.stream_id:
-                # Expect the offer now: it may come in the same batch of events as this reply.
-                self._expected.add(message.stream_id)
-                self._stream_timeouts[message.stream_id] = timeout
-                name, kept = self._asking[message.request_id]
-                self._requested[message.stream_id] = name
-                if kept is not None:
-                    self._kept_for[message.stream_id] = kept
-                early = self._early.pop(message.stream_id, None)
-                if early is not None:
-                    self._take_offer(*early)
-        elif isinstance(message, Offer) and message.stream_id in self._expected:
-            self._take_offer(props, body)
-        elif isinstance(message, Offer) and self._pending and len(self._early) < MAX_EARLY:
-            # The owner replies on one connection and streams on another, so its offer can
-            # overtake its reply: keep it until the reply says whether it is ours.
-            self._early[message.stream_id] = (props, body)
-        else:
-            dead_letter(
-                self._control,
-                self.topology,
-                props,
-                body,
-                f"unexpected {props.type} on the private queue of a retriever",
-            )
+            self._core.events(0.2)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from objstream.common.amqp import Channel
 from objstream.common.protocol import Offer
 from objstream.common.reassembly import Reassembler
+from objstream.common.receive_session import ReceiveSession
 from objstream.common.streaming import ObjectAssembler
 from objstream.consumer.resume import StreamState
 
@@ -50,22 +51,22 @@ class Received:
 
 @dataclass
 class Stream:
-    """One stream being received: its judge, its assembler, its channel and its timers."""
+    """One stream being received: its session, its assembler, its channel and its state file."""
 
     offer: Offer
     reply_to: str
-    reassembler: Reassembler
+    session: ReceiveSession
     assembler: ObjectAssembler
-    channel: Any = None
+    channel: Channel | None = None
     consumer_tag: str = ""
-    last_activity: float = field(default_factory=time.monotonic)
-    last_flush: float = field(default_factory=time.monotonic)
-    unacked_tag: int = 0  # highest delivery tag not yet acked (0: none)
-    reported: int = 0
     closing: bool = False
-    timeout: float = 60.0  # seconds without data before the stream fails
     state: StreamState | None = None  # files: what a successor needs after a crash
     resumed_bytes: int = 0  # bytes kept from an earlier attempt
+    received: Received | None = None  # set once committed, handed out with the verdict
+
+    @property
+    def reassembler(self) -> Reassembler:
+        return self.session.reassembler
 
     def leave_on_disk(self) -> None:
         """Record what is stored, close the assembler keeping its file, and let the state go:
@@ -76,7 +77,3 @@ class Stream:
         self.assembler.suspend()
         self.state.release()
         self.state = None
-
-    @property
-    def report_every(self) -> int:
-        return max(1, self.offer.window // 4)

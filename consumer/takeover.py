@@ -1,19 +1,22 @@
-"""Taking streams over: a receiver's half of resuming.
+"""Taking streams over: a receiver's half of resuming, as a part it holds (not a mixin).
 
 Three cases, all resting on the state file next to the partial file
-(:mod:`objstream.consumer.resume`):
-a receiver that stops checkpoints its streams for a successor (:meth:`TakeOver._suspend`); a
-receiver that starts takes over what a dead one left (:meth:`TakeOver._resume_streams`); and a
-file stream whose sender went away keeps its verified prefix, which a retrieval of the same file
-later continues (:meth:`TakeOver._keep_prefix`, :meth:`TakeOver._adopt`).
+(:mod:`objstream.consumer.resume`): a receiver that stops checkpoints its streams for a successor
+(:meth:`~objstream.consumer.stream_table.StreamTable.suspend`); a receiver that starts takes over
+what a dead one left (:meth:`ResumeStore.left_over`); and a file stream whose sender went away
+keeps its verified prefix, which a retrieval of the same file later continues
+(:meth:`ResumeStore.kept`, :meth:`ResumeStore.adopt`).
+
+Everything here that reads a whole prefix back (to hash it) runs before the receiver connects,
+or on a worker thread: never on the connection's thread, whose heartbeats must go on.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-
-import pika.exceptions
+from typing import Any
 
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
 from objstream.common.reassembly import Reassembler
@@ -22,47 +25,56 @@ from objstream.common.streaming import ObjectAssembler
 from objstream.consumer.container_assembler import OnEntry
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.file_sink import FileAssembler
-from objstream.consumer.resume import Resumable, adopt, find_resumable, remove_abandoned
-from objstream.consumer.streams import Stream
+from objstream.consumer.resume import (
+    Resumable,
+    StreamState,
+    adopt,
+    find_kept,
+    find_resumable,
+    remove_abandoned,
+)
 
 log = logging.getLogger(__name__)
 
 
-class TakeOver:
-    """The take-over half of :class:`objstream.consumer.receiver.Receiver`."""
+@dataclass
+class Reopened:
+    """A stream on disk, ready to go on: what a :class:`~objstream.consumer.streams.Stream` is
+    built from."""
 
-    dest: Path
-    settings: Settings
-    _on_entry: OnEntry | None
-    _spool_containers: bool
-    _streams: dict[str, Stream]
+    offer: Offer
+    reply_to: str
+    reassembler: Reassembler
+    assembler: ObjectAssembler
+    state: StreamState
+    resumed_bytes: int
 
-    # Provided by the receiver.
-    def _consume(self, stream: Stream) -> None:
-        raise NotImplementedError
 
-    def _flush(self, stream: Stream) -> None:
-        raise NotImplementedError
+class ResumeStore:
+    """The state files, partial files and kept prefixes of one destination directory."""
 
-    def _send_progress(self, stream: Stream, resend_from: int | None = None) -> None:
-        raise NotImplementedError
+    def __init__(
+        self,
+        dest: Path,
+        settings: Settings,
+        *,
+        on_entry: OnEntry | None = None,
+        spool_containers: bool = False,
+    ) -> None:
+        self.dest = dest
+        self.settings = settings
+        self._on_entry = on_entry
+        self._spool_containers = spool_containers
 
-    def _suspend(self, stream: Stream) -> None:
-        """Checkpoint a stream kept on disk (a file, a spooled container) and let go of it."""
-        self._flush(stream)
-        del self._streams[stream.offer.stream_id]
-        if stream.channel is not None and stream.channel.is_open:
-            stream.channel.close()  # nothing unacked is lost: the broker requeues it
-        stream.leave_on_disk()
-        log.info(
-            "left stream %s (%r) at chunk %d for the next receiver of %s",
-            stream.offer.stream_id, stream.offer.name, stream.reassembler.stored, self.dest,
-        )  # fmt: skip
-
-    def _resume_streams(self) -> None:
-        """Take over the streams a receiver of this directory left when it died; remove what
-        was abandoned longer ago than the stream TTL (its data queue is gone by then)."""
+    def cleanup(self) -> None:
+        """Remove what was abandoned longer ago than the stream TTL (its data queue is gone)."""
         remove_abandoned(self.dest, self.settings.stream_ttl)
+
+    def left_over(self) -> list[Reopened]:
+        """The streams a receiver of this directory left when it died, hashed and reopened
+        (locked by this process). Slow on big prefixes: call it before connecting."""
+        self.cleanup()
+        found: list[Reopened] = []
         for item in find_resumable(self.dest):
             offer = item.offer
             if offer.kind == CONTAINER_KIND and not self._spool_containers:
@@ -75,35 +87,10 @@ class TakeOver:
                 log.warning("cannot resume stream %s: %s", offer.stream_id, e)
                 item.discard()
                 continue
-            stream = Stream(
-                offer,
-                item.reply_to,
-                Reassembler.resumed(offer, item.stored, item.stored_bytes, sha),
-                assembler,
-                timeout=self.settings.timeout,
-                state=item.state,
-                resumed_bytes=item.stored_bytes,
-            )
-            try:
-                self._consume(stream)
-            except pika.exceptions.ChannelClosedByBroker:
-                if offer.kind == FILE_KIND:
-                    # Its sender gave up on it, or it failed for want of a sender: what is
-                    # verified stays, for a retrieval of the same file from that site to resume.
-                    log.info("stream %s (%r from %s) has no data queue any more; its %d bytes "
-                             "are kept", offer.stream_id, offer.name, offer.sender,
-                             item.stored_bytes)  # fmt: skip
-                    stream.leave_on_disk()
-                else:
-                    log.info("stream %s (%r from %s) has no data queue any more; dropped",
-                             offer.stream_id, offer.name, offer.sender)  # fmt: skip
-                    self._drop(stream)
-                continue
-            log.info(
-                "resuming %s %r from %s at chunk %d of %s",
-                offer.kind, offer.name, offer.sender, item.stored, offer.chunk_count,
-            )  # fmt: skip
-            self._send_progress(stream)  # tells the sender where to go on from
+            reassembler = Reassembler.resumed(offer, item.stored, item.stored_bytes, sha)
+            found.append(Reopened(offer, item.reply_to, reassembler, assembler, item.state,
+                                  item.stored_bytes))  # fmt: skip
+        return found
 
     def _reopen(self, item: Resumable) -> ObjectAssembler:
         if item.offer.kind == FILE_KIND:
@@ -111,8 +98,23 @@ class TakeOver:
         return ContainerSpool(self.dest, item.offer, self._on_entry, reopen=True,
                               stored=item.stored, stored_bytes=item.stored_bytes)  # fmt: skip
 
-    def _adopt(self, offer: Offer, reply_to: str, kept: Resumable) -> Stream:
-        """A resumed retrieval: the kept prefix becomes the start of stream ``offer``."""
+    def kept(self, from_site: str, name: str) -> Resumable | None:
+        """The kept prefix of file ``name`` from ``from_site``, hashed, if there is one. Slow on
+        big prefixes: call it off the connection's thread."""
+        item = find_kept(self.dest, from_site, name)
+        if item is None:
+            return None
+        try:
+            item.prefix_sha256()
+        except OSError as e:
+            log.warning("cannot resume %r from %s: %s", name, item.partial, e)
+            item.discard()
+            return None
+        return item
+
+    def adopt(self, offer: Offer, reply_to: str, kept: Resumable) -> Reopened:
+        """A resumed retrieval: the kept prefix (hashed already) becomes the start of stream
+        ``offer``."""
         state = adopt(kept, self.dest, offer, reply_to)
         try:
             assembler = FileAssembler(self.dest, offer, reopen=True)
@@ -123,26 +125,13 @@ class TakeOver:
                  offer.sender, kept.stored, offer.chunk_count, kept.stored_bytes)  # fmt: skip
         sha = kept.prefix_sha256()
         reassembler = Reassembler.resumed(offer, kept.stored, kept.stored_bytes, sha)
-        return Stream(offer, reply_to, reassembler, assembler, state=state,
-                       resumed_bytes=kept.stored_bytes)  # fmt: skip
-
-    def _keep_prefix(self, stream: Stream) -> bool:
-        """A file stream whose sender went away (or so it seems): keep what arrived, verified
-        chunk by chunk, so asking the sender for the file again moves only the rest."""
-        if (
-            stream.state is None
-            or not stream.reassembler.stored
-            or not isinstance(stream.assembler, FileAssembler)
-        ):
-            return False
-        stream.leave_on_disk()
-        return True
+        return Reopened(offer, reply_to, reassembler, assembler, state, kept.stored_bytes)
 
     @staticmethod
-    def _drop(stream: Stream) -> None:
-        stream.assembler.discard()
-        if stream.state is not None:
-            stream.state.remove()
+    def drop(assembler: ObjectAssembler, state: StreamState | None) -> None:
+        assembler.discard()
+        if state is not None:
+            state.remove()
 
 
 def continues(kept: Resumable, offer: Offer) -> bool:
@@ -151,7 +140,12 @@ def continues(kept: Resumable, offer: Offer) -> bool:
         offer.kind == FILE_KIND
         and offer.sender == kept.offer.sender
         and offer.resume_from == kept.stored
-        and offer.chunk_size == kept.offer.chunk_size
         and offer.size is not None
+        and offer.chunk_size == kept.offer.chunk_size
         and kept.stored_bytes == min(kept.stored * offer.chunk_size, offer.size)
     )
+
+
+def keeps_prefix(assembler: Any) -> bool:
+    """A timed-out or aborted stream into this assembler keeps its verified prefix (files)."""
+    return isinstance(assembler, FileAssembler)

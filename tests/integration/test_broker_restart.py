@@ -84,7 +84,7 @@ def test_the_broker_killed_and_restarted_mid_stream(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _transfer_with(
-        _restart, tmp_path, caplog, {"objstream.producer.sender", "objstream.consumer.receiver"}
+        _restart, tmp_path, caplog, {"objstream.producer.sender", "objstream.consumer.core"}
     )
 
 
@@ -92,7 +92,7 @@ def test_a_connection_closed_by_the_broker_mid_stream(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """rabbitmqctl close_connection on the receiver: it reconnects and finishes the file."""
-    _transfer_with(_close_consumer_connection, tmp_path, caplog, {"objstream.consumer.receiver"})
+    _transfer_with(_close_consumer_connection, tmp_path, caplog, {"objstream.consumer.core"})
 
 
 def test_a_retrieval_survives_the_broker_restarting(
@@ -136,7 +136,7 @@ def test_a_retrieval_survives_the_broker_restarting(
         assert path.read_bytes() == b"after the restart\n"
         lost = {r.name for r in caplog.records if "connection to the broker lost" in r.getMessage()}
         assert {
-            "objstream.consumer.receiver",
+            "objstream.consumer.core",
             "objstream.producer.sender",
             "objstream.producer.serving",
         } <= lost, caplog.text

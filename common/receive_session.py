@@ -1,0 +1,377 @@
+"""The receiving side of one stream, without I/O: messages and clock ticks in, actions out.
+
+In the style of h11's connection object. A :class:`ReceiveSession` wraps the stream's
+:class:`~objstream.common.reassembly.Reassembler` (which judges each chunk and holds the state
+table, :data:`~objstream.common.reassembly.TRANSITIONS`) and adds the policy the receiver's driver
+used to carry in its pika callbacks: when to checkpoint, ack and report progress, when to ask for a
+resend, when the stream has timed out, when to commit, which verdict to send, and whether a failed
+stream keeps its verified prefix.
+
+The driver parses each delivery, feeds it in with its delivery tag and carries out the returned
+actions *in order*. If carrying one out fails (a write, a commit), the driver drops the rest of
+that list and reports the failure (:meth:`ReceiveSession.write_failed`,
+:meth:`ReceiveSession.commit_failed`), which returns the actions of the failure. Time only enters
+through the ``now`` arguments: the session never reads a clock, a file or the network.
+
+While the stream is committing (state ``verifying``: every chunk stored and verified, the driver
+finishing the object, maybe on another thread) late messages are only acked and the stream does
+not time out; :meth:`ReceiveSession.committed` sends ``Done(ok=True)``, so the verdict goes out
+only after the object is where the user finds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from objstream.common.errors import FailureCode, ProtocolError
+from objstream.common.protocol import Abort, Chunk, Done, End, Inline
+from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, State
+
+FLUSH_INTERVAL = 0.05  # seconds: acks and progress never wait longer than this
+# Failures after which a file's verified prefix is kept (the sender went away, not bad data).
+KEEP_PREFIX_ON = frozenset({FailureCode.TIMEOUT, FailureCode.ABORTED})
+
+
+# -- actions ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Write:
+    """Hand the chunk's body to the assembler: content bytes from ``offset`` on."""
+
+    seq: int
+    offset: int
+    body: bytes | memoryview
+    meta: Any = None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Record ``stored`` chunks (``stored_bytes`` bytes) in the state file, before the ack."""
+
+    stored: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Ack every delivery up to ``tag`` on the stream's channel."""
+
+    tag: int
+    multiple: bool = True
+
+
+@dataclass(frozen=True)
+class SendProgress:
+    """Tell the sender how far the stream got (and where to resend from, if set)."""
+
+    stored: int
+    stored_bytes: int
+    resend_from: int | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Dead-letter the delivery ``tag`` that was just fed in, with ``reason``."""
+
+    tag: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Every chunk is stored and verified: finish the object (assembler, save), then report
+    :meth:`ReceiveSession.committed` or :meth:`ReceiveSession.commit_failed`."""
+
+
+@dataclass(frozen=True)
+class Discard:
+    """Drop the partial object and its state file."""
+
+
+@dataclass(frozen=True)
+class LeaveOnDisk:
+    """Keep the verified prefix (``stored`` chunks, ``stored_bytes`` bytes): record it in the
+    state file, close the assembler keeping its file and release the state's lock."""
+
+    stored: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class RemoveCheckpoint:
+    """The object is committed: its state file goes."""
+
+
+@dataclass(frozen=True)
+class SendVerdict:
+    """Publish the verdict to the sender's reply queue."""
+
+    done: Done
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The stream is over for this receiver: close its channel, hand the outcome out."""
+
+    ok: bool
+    code: FailureCode | None = None
+    detail: str = ""
+    value: Any = None
+    path: Path | None = None
+
+
+Action = (
+    Write
+    | Checkpoint
+    | Ack
+    | SendProgress
+    | DeadLetter
+    | Commit
+    | Discard
+    | LeaveOnDisk
+    | RemoveCheckpoint
+    | SendVerdict
+    | Finished
+)
+
+
+class ReceiveSession:
+    """The receiving state of one stream, driven by messages and ticks.
+
+    Args:
+        reassembler: the stream's reassembler, accepted (or resumed).
+        site: this receiving site (it signs progress and verdicts).
+        now: the clock at the start.
+        timeout: seconds without a message after which the stream fails.
+        window: the receiver's prefetch for this stream; progress goes out every quarter of it.
+        checkpoints: the stream has a state file (files, spooled containers).
+        keeps_prefix: a timed-out or aborted stream keeps its verified prefix (files).
+        flush_interval: seconds after which acks and progress go out at the latest.
+    """
+
+    def __init__(
+        self,
+        reassembler: Reassembler,
+        site: str,
+        *,
+        now: float,
+        timeout: float,
+        window: int,
+        checkpoints: bool = False,
+        keeps_prefix: bool = False,
+        flush_interval: float = FLUSH_INTERVAL,
+    ) -> None:
+        self.reassembler = reassembler
+        self.offer = reassembler.offer
+        self.site = site
+        self.timeout = timeout
+        self.report_every = max(1, window // 4)
+        self.checkpoints = checkpoints
+        self.keeps_prefix = keeps_prefix
+        self.flush_interval = flush_interval
+        self.last_activity = now
+        self.last_flush = now
+        self.unacked_tag = 0  # highest delivery tag not yet acked (0: none)
+        self.reported = reassembler.stored
+
+    @property
+    def state(self) -> State:
+        return self.reassembler.state
+
+    @property
+    def finished(self) -> bool:
+        return self.reassembler.finished
+
+    @property
+    def stored(self) -> int:
+        return self.reassembler.stored
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.reassembler.stored_bytes
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def start(self) -> list[Action]:
+        """First contact (a new stream, or one taken over): the sender goes on from here."""
+        return [self._progress()]
+
+    def reconnected(self, now: float) -> list[Action]:
+        """The connection was re-established: old delivery tags mean nothing, and chunks in
+        flight may be gone with the broker, so ask for them from the first missing one."""
+        self.unacked_tag = 0
+        self.last_activity = now
+        if self.finished or self.state is State.VERIFYING:
+            return []
+        return [self._progress(resend_from=self.stored)]
+
+    def receive(self, tag: int, message: Any, body: bytes | memoryview, now: float) -> list[Action]:
+        """A parsed message from the stream's data queue, delivered with ``tag``."""
+        if not self._arrived(tag, now):
+            return []
+        try:
+            if message.ident != self.offer.stream_id:
+                raise ProtocolError(
+                    f"message for stream {message.ident} on the data queue of "
+                    f"{self.offer.stream_id}"
+                )
+            if isinstance(message, Chunk):
+                return self._chunk(tag, message, body)
+            if isinstance(message, End):
+                self.reassembler.record_end(message)
+            elif isinstance(message, Abort):
+                return self.fail(FailureCode.ABORTED, f"sender gave up: {message.reason}")
+            else:
+                raise ProtocolError(f"unexpected {type(message).__name__} message on a data queue")
+        except ProtocolError as e:
+            return [DeadLetter(tag, str(e)), *self._after_message()]
+        return self._after_message()
+
+    def malformed(self, tag: int, reason: str, now: float) -> list[Action]:
+        """A delivery that does not parse: it is dead-lettered (and acked with the rest)."""
+        if not self._arrived(tag, now):
+            return []
+        return [DeadLetter(tag, reason)]
+
+    def inline(self, inline: Inline, body: bytes | memoryview) -> list[Action]:
+        """A small object that came whole inside its offer: store, verify, commit at once."""
+        offer = self.offer
+        assert offer.chunk_count is not None
+        assert offer.size is not None
+        actions: list[Action] = []
+        try:
+            if offer.chunk_count:
+                outcome = self.reassembler.chunk(0, inline.crc32, body)
+                if outcome.verdict is not ChunkVerdict.WRITE:  # corrupt: nothing to resend from
+                    return self.fail(FailureCode.CHECKSUM, outcome.detail)
+                actions.append(Write(0, outcome.offset, body, inline.meta))
+            elif body:
+                raise ProtocolError("inline offer of 0 chunks with a body")
+            end = End(stream_id=offer.stream_id, chunk_count=offer.chunk_count, size=offer.size,
+                      sha256=inline.sha256)  # fmt: skip
+            self.reassembler.record_end(end)
+        except ProtocolError as e:
+            return self.fail(FailureCode.PROTOCOL, str(e))
+        return actions + self._verify()
+
+    def tick(self, now: float) -> list[Action]:
+        """Time passed: fail a silent stream, flush acks and progress that waited too long."""
+        if self.finished or self.state is State.VERIFYING:
+            return []  # committing: the driver reports back, the sender waits for the verdict
+        if now - self.last_activity > self.timeout:
+            return self.fail(
+                FailureCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
+            )
+        if self.unacked_tag and now - self.last_flush > self.flush_interval:
+            return self._flush(now)
+        return []
+
+    def write_failed(self, code: FailureCode, detail: str) -> list[Action]:
+        """A :class:`Write` could not be carried out (disk full, a failing ``on_entry``...)."""
+        return self.fail(code, detail)
+
+    def committed(self, value: Any = None, path: Path | None = None) -> list[Action]:
+        """The :class:`Commit` succeeded: ``value`` is what the assembler returned, ``path``
+        where the object is (a file's final path, a saved container's file)."""
+        if path is None and isinstance(value, Path):
+            path = value
+        self.reassembler.mark_done()
+        offer = self.offer
+        done = Done(stream_id=offer.stream_id, site=self.site, ok=True,
+                    stored_as=path.name if path else None)  # fmt: skip
+        actions: list[Action] = [RemoveCheckpoint()] if self.checkpoints else []
+        return actions + self._end(done, Finished(ok=True, value=value, path=path))
+
+    def commit_failed(self, code: FailureCode, detail: str) -> list[Action]:
+        """The :class:`Commit` failed: the sender is told, nothing is kept."""
+        return self.fail(code, detail)
+
+    def suspend(self, now: float) -> list[Action]:
+        """This receiver stops: checkpoint, ack and report what is stored, and leave the stream
+        on disk for the next receiver of the directory (which takes it over)."""
+        if not self.checkpoints or self.state is not State.RECEIVING:
+            return self.fail(FailureCode.ABORTED, f"receiver of site {self.site} shut down")
+        actions = self._flush(now)
+        self.reassembler.suspend()
+        return [*actions, LeaveOnDisk(self.stored, self.stored_bytes)]
+
+    def fail(self, code: FailureCode, detail: str) -> list[Action]:
+        """Fail the stream: keep a file's verified prefix if the sender went away, else drop
+        what arrived; send the failed verdict."""
+        if self.finished:
+            return []
+        self.reassembler.fail(Failure(code, detail))
+        return self._failed(code, detail)
+
+    # -- inside -----------------------------------------------------------------------------------
+
+    def _failed(self, code: FailureCode, detail: str) -> list[Action]:
+        """The actions of a failure the reassembler has recorded."""
+        actions: list[Action]
+        if code in KEEP_PREFIX_ON and self.checkpoints and self.keeps_prefix and self.stored:
+            detail += (f"; the {self.stored_bytes} bytes received are kept: retrieving "
+                       f"{self.offer.name!r} from {self.offer.sender} resumes there")  # fmt: skip
+            actions = [LeaveOnDisk(self.stored, self.stored_bytes)]
+        else:
+            actions = [Discard()]
+        done = Done(stream_id=self.offer.stream_id, site=self.site, ok=False, code=code,
+                    detail=detail[:2000])  # fmt: skip
+        return actions + self._end(done, Finished(ok=False, code=code, detail=detail))
+
+    def _arrived(self, tag: int, now: float) -> bool:
+        """Note a delivery; False if the stream no longer takes messages (acked with the rest)."""
+        self.last_activity = now
+        self.unacked_tag = max(self.unacked_tag, tag)
+        return not self.finished and self.state is not State.VERIFYING
+
+    def _chunk(self, tag: int, chunk: Chunk, body: bytes | memoryview) -> list[Action]:
+        outcome = self.reassembler.chunk(chunk.seq, chunk.crc32, body)
+        actions: list[Action] = []
+        if outcome.verdict is ChunkVerdict.WRITE:
+            actions.append(Write(chunk.seq, outcome.offset, body, chunk.meta))
+            return actions + self._after_message()
+        if outcome.verdict is ChunkVerdict.CORRUPT:
+            actions.append(DeadLetter(tag, outcome.detail))
+        if outcome.resend_from is not None:
+            actions.append(self._progress(resend_from=outcome.resend_from))
+        return actions
+
+    def _after_message(self) -> list[Action]:
+        if self.reassembler.complete:
+            return self._verify()
+        if self.stored - self.reported >= self.report_every:
+            return self._flush(self.last_activity)
+        return []
+
+    def _verify(self) -> list[Action]:
+        failure = self.reassembler.verify()
+        if failure is not None:
+            return self._failed(failure.code, failure.detail)
+        return [Commit()]
+
+    def _flush(self, now: float) -> list[Action]:
+        """Checkpoint (before the ack: a crash then only redelivers), ack, report progress."""
+        actions: list[Action] = []
+        if self.checkpoints:
+            actions.append(Checkpoint(self.stored, self.stored_bytes))
+        if self.unacked_tag:
+            actions.append(Ack(self.unacked_tag))
+            self.unacked_tag = 0
+        if self.stored != self.reported:
+            actions.append(self._progress())
+        self.last_flush = now
+        return actions
+
+    def _progress(self, resend_from: int | None = None) -> SendProgress:
+        self.reported = self.stored
+        return SendProgress(self.stored, self.stored_bytes, resend_from)
+
+    def _end(self, done: Done, finished: Finished) -> list[Action]:
+        actions: list[Action] = []
+        if self.unacked_tag:
+            actions.append(Ack(self.unacked_tag))
+            self.unacked_tag = 0
+        return [*actions, SendVerdict(done), finished]

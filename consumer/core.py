@@ -1,0 +1,338 @@
+"""The engine a :class:`~objstream.consumer.receiver.Receiver` and a
+:class:`~objstream.consumer.retriever.Retriever` share: one connection, the streams, the
+resume store, and what turns an offer into a stream.
+
+It is composed, not inherited: the receiver adds an
+:class:`~objstream.consumer.inbox.Inbox` (offers from the site's inbox), the retriever a
+:class:`~objstream.consumer.requests.RequestTracker` (requests, replies, early offers). Both are
+:class:`Part` objects: told when the connection is (re)opened and ticked between event batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from objstream.common.amqp import Channel, Connection, Delivery, connect, dead_letter, reestablish
+from objstream.common.errors import (
+    BrokerRefused,
+    ConfigError,
+    ConnectionLost,
+    FailureCode,
+    ProtocolError,
+)
+from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, parse
+from objstream.common.reassembly import Reassembler
+from objstream.common.settings import NAME_PATTERN, Settings
+from objstream.common.streaming import ObjectAssembler, ProgressHook
+from objstream.common.topology import Topology
+from objstream.consumer.container_assembler import ContainerAssembler, OnEntry
+from objstream.consumer.container_spool import ContainerSpool
+from objstream.consumer.file_sink import FileAssembler
+from objstream.consumer.resume import Resumable, StreamState
+from objstream.consumer.stream_table import Save, StreamTable
+from objstream.consumer.streams import Stream
+from objstream.consumer.takeover import Reopened, ResumeStore, continues, keeps_prefix
+
+AssemblerFactory = Callable[[Offer], ObjectAssembler]
+
+log = logging.getLogger(__name__)
+
+CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
+
+
+class Refusal(Exception):
+    """An offer this site does not take: the sender gets ``code`` and ``detail``."""
+
+    def __init__(self, code: FailureCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class Part(Protocol):
+    """What a receiver or a retriever adds to the core."""
+
+    def opened(self) -> None:
+        """The connection is (re)opened: declare and consume what this part needs."""
+
+    def tick(self) -> None:
+        """Between event batches, on the connection's thread."""
+
+
+class ConsumerCore:
+    """One connection of a consuming site, its streams and its destination directory."""
+
+    def __init__(
+        self,
+        site: str,
+        dest: str | Path,
+        settings: Settings | None = None,
+        *,
+        on_entry: OnEntry | None = None,
+        assemblers: Mapping[str, AssemblerFactory] | None = None,
+        progress: ProgressHook | None = None,
+        spool_containers: bool = False,
+        save: Save | None = None,
+    ) -> None:
+        if not re.match(NAME_PATTERN, site):
+            raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
+        self.settings = settings or Settings()
+        self.site = site
+        self.dest = Path(dest)
+        self.dest.mkdir(parents=True, exist_ok=True)
+        if not self.dest.is_dir():
+            raise ConfigError(f"destination {self.dest} is not a directory")
+        self.topology = Topology.from_settings(self.settings)
+        self._on_entry = on_entry
+        self._spool_containers = spool_containers
+        self._assemblers: dict[str, AssemblerFactory] = {
+            FILE_KIND: lambda offer: FileAssembler(self.dest, offer),
+            CONTAINER_KIND: self._container_assembler,
+            **(assemblers or {}),
+        }
+        self.table = StreamTable(site, self.settings, self.topology, progress=progress,
+                                 save=save)  # fmt: skip
+        self.store = ResumeStore(self.dest, self.settings, on_entry=on_entry,
+                                 spool_containers=spool_containers)  # fmt: skip
+        self.parts: list[Part] = []
+        self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
+        self.reconnects = 0
+        """How often the connection was lost and re-established."""
+
+    def start(self, parts: list[Part], left_over: list[Reopened] | None = None) -> None:
+        """Connect, open the parts and go on with ``left_over`` streams (hashed before: no
+        heartbeat waits for it)."""
+        self.parts = parts
+        try:
+            self._connect()
+        except BaseException:
+            for item in left_over or []:
+                item.state.release()
+                item.assembler.suspend()
+            raise
+        try:
+            self._take_over(left_over or [])
+            for part in parts:
+                part.tick()
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def _connect(self) -> None:
+        self.connection: Connection = connect(self.settings, f"objstream consumer {self.site}")
+        try:
+            self.control: Channel = self.connection.channel()
+            self.topology.declare_base(self.control)
+            self.table.bind(self.connection, self.control)
+            for part in self.parts:
+                part.opened()
+        except BaseException:
+            self.connection.close()
+            raise
+
+    def close(self, checkpoint: bool) -> None:
+        """Stop and disconnect; with ``checkpoint`` streams kept on disk are left for the next
+        receiver of the directory, the others fail and their senders are told."""
+        try:
+            self.table.settle()
+            if self.connection.is_open:
+                for stream in list(self.table.streams.values()):
+                    if stream.closing:
+                        continue
+                    if checkpoint:
+                        self.table.suspend(stream)
+                    else:
+                        reason = f"receiver of site {self.site} shut down"
+                        self.table.fail(stream, FailureCode.ABORTED, reason)
+                self.table.tick()
+                self.table.settle()
+                self.connection.close()
+        except (ConnectionLost, BrokerRefused):
+            log.debug("connection already gone while closing", exc_info=True)
+        finally:
+            self.table.shut_down()
+            for stream in self.table.streams.values():
+                stream.assembler.discard()
+
+    # -- the connection ---------------------------------------------------------------------------
+
+    def events(self, time_limit: float) -> None:
+        """Process broker events for up to ``time_limit`` s, reconnecting if the connection
+        was lost."""
+        try:
+            self.connection.process_events(time_limit)
+            self._housekeeping()
+        except ConnectionLost as e:
+            self._recover(e)
+
+    def _recover(self, error: BaseException) -> None:
+        """Reconnect after a lost connection (broker restart...) and go on with every stream."""
+        log.warning("connection to the broker lost (%s); reconnecting", error)
+        reestablish(self.settings, self.settings.timeout, self._connect)
+        self.reconnects += 1
+        self.table.reconnected()
+        for part in self.parts:
+            part.tick()
+        log.info("reconnected to %s; %d stream(s) go on", self.settings.masked_url,
+                 len(self.table))  # fmt: skip
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now > self._next_cleanup:
+            self._next_cleanup = now + CLEANUP_INTERVAL
+            self.store.cleanup()
+        self.table.tick()
+        for part in self.parts:
+            part.tick()
+
+    # -- taking streams over ----------------------------------------------------------------------
+
+    def _take_over(self, left_over: list[Reopened]) -> None:
+        """Go on with the streams a dead receiver of this directory left."""
+        for item in left_over:
+            offer = item.offer
+            stream = self._stream(item, self.settings.timeout)
+            try:
+                self.table.consume(stream)
+            except BrokerRefused:
+                if offer.kind == FILE_KIND:
+                    # Its sender gave up on it, or it failed for want of a sender: what is
+                    # verified stays, for a retrieval of the same file from that site to resume.
+                    log.info("stream %s (%r from %s) has no data queue any more; its %d bytes "
+                             "are kept", offer.stream_id, offer.name, offer.sender,
+                             item.resumed_bytes)  # fmt: skip
+                    stream.leave_on_disk()
+                else:
+                    log.info("stream %s (%r from %s) has no data queue any more; dropped",
+                             offer.stream_id, offer.name, offer.sender)  # fmt: skip
+                    self.store.drop(stream.assembler, stream.state)
+                continue
+            log.info("resuming %s %r from %s at chunk %d of %s", offer.kind, offer.name,
+                     offer.sender, item.reassembler.stored, offer.chunk_count)  # fmt: skip
+            self.table.start(stream)  # tells the sender where to go on from
+
+    def _stream(self, item: Reopened, timeout: float) -> Stream:
+        session = self.table.session(item.reassembler, timeout=timeout, checkpoints=True,
+                                      keeps_prefix=keeps_prefix(item.assembler))  # fmt: skip
+        return Stream(item.offer, item.reply_to, session, item.assembler, state=item.state,
+                      resumed_bytes=item.resumed_bytes)  # fmt: skip
+
+    # -- offers -----------------------------------------------------------------------------------
+
+    def _parse_offer(self, delivery: Delivery) -> Offer:
+        props, body = delivery.props, delivery.body
+        offer = parse(props.type, props.headers)
+        if not isinstance(offer, Offer):
+            raise ProtocolError(f"unexpected {props.type} message where offers arrive")
+        if offer.target != self.site:
+            raise ProtocolError(f"offer for site {offer.target!r} on the inbox of {self.site!r}")
+        if not props.reply_to:
+            raise ProtocolError("offer without reply_to")
+        if body and offer.inline is None:
+            raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
+        return offer
+
+    def take_offer(
+        self,
+        delivery: Delivery,
+        *,
+        timeout: float | None = None,
+        requested: str | None = None,
+        kept: Resumable | None = None,
+    ) -> None:
+        """An offer: refuse it, or start its stream. A retrieval passes its own ``timeout``,
+        the name it asked for and the kept prefix the stream may continue."""
+        try:
+            offer = self._parse_offer(delivery)
+        except ProtocolError as e:
+            dead_letter(self.control, self.topology, delivery, str(e))
+            return
+        reply_to = delivery.props.reply_to
+        assert reply_to is not None
+        if self.table.known(offer.stream_id):
+            log.debug("duplicate offer for stream %s ignored", offer.stream_id)
+            return
+        try:
+            stream = self._open_stream(offer, reply_to, kept, timeout, requested)
+        except Refusal as e:
+            if kept is not None and kept.state.locked:
+                kept.state.release()  # not taken up: there for the next attempt
+            self.table.refuse(offer, reply_to, e.code, e.detail)
+            return
+        if offer.inline is not None:
+            self.table.take_inline(stream, delivery.body)
+            return
+        try:
+            self.table.consume(stream)
+        except BrokerRefused as e:
+            self.store.drop(stream.assembler, stream.state)
+            self.table.refuse(offer, reply_to, FailureCode.PROTOCOL, f"data queue gone: {e}")
+            return
+        log.info("receiving %s %r (%d bytes) from %s as stream %s", offer.kind, offer.name,
+                 offer.size, offer.sender, offer.stream_id)  # fmt: skip
+        self.table.start(stream)  # first contact: the sender may resend from here on
+
+    def _open_stream(
+        self,
+        offer: Offer,
+        reply_to: str,
+        kept: Resumable | None,
+        timeout: float | None,
+        requested: str | None,
+    ) -> Stream:
+        """The stream for an accepted offer (its assembler, reassembler and state file).
+
+        Raises:
+            Refusal: the offer is not taken.
+        """
+        self._check_offer(offer)
+        if kept is not None and not offer.resume_from:
+            log.info("%s %r comes whole (it changed at %s); dropping the %d bytes kept",
+                     offer.kind, offer.name, offer.sender, kept.stored_bytes)  # fmt: skip
+            kept.discard()
+            kept = None
+        if offer.resume_from and (kept is None or not continues(kept, offer)):
+            detail = (f"the offer resumes from chunk {offer.resume_from}, but no partial file "
+                      "to match is kept here")  # fmt: skip
+            raise Refusal(FailureCode.PROTOCOL, detail)
+        timeout = self.settings.timeout if timeout is None else timeout
+        try:
+            if kept is not None:
+                return self._stream(self.store.adopt(offer, reply_to, kept), timeout)
+            assembler = self._assemblers[offer.kind](offer)
+        except ProtocolError as e:
+            raise Refusal(FailureCode.PROTOCOL, str(e)) from e
+        except OSError as e:
+            detail = f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}"
+            raise Refusal(FailureCode.IO, detail) from e
+        reassembler = Reassembler(offer)
+        reassembler.accept()
+        state = None
+        if assembler.resumable and offer.inline is None:
+            try:  # what a receiver started after a crash needs to take over
+                state = StreamState.create(self.dest, offer, reply_to, requested)
+            except OSError as e:
+                assembler.discard()
+                raise Refusal(FailureCode.IO, f"state file: {e}") from e
+        session = self.table.session(reassembler, timeout=timeout, checkpoints=state is not None,
+                                      keeps_prefix=keeps_prefix(assembler))  # fmt: skip
+        return Stream(offer, reply_to, session, assembler, state=state)
+
+    def _check_offer(self, offer: Offer) -> None:
+        """Refuse what this site does not take (too large, of an unknown kind)."""
+        if offer.size is not None and offer.size > self.settings.max_object_size:
+            raise Refusal(FailureCode.TOO_LARGE, f"{offer.size} bytes exceed site {self.site}'s "
+                          f"limit of {int(self.settings.max_object_size)} bytes")  # fmt: skip
+        if offer.kind not in self._assemblers:
+            detail = f"site {self.site} does not receive objects of kind {offer.kind!r}"
+            raise Refusal(FailureCode.REFUSED, detail)
+
+    def _container_assembler(self, offer: Offer) -> ObjectAssembler:
+        if self._spool_containers and offer.inline is None:
+            return ContainerSpool(self.dest, offer, self._on_entry)
+        return ContainerAssembler(offer, self._on_entry)

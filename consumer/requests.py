@@ -1,0 +1,126 @@
+"""A retriever's requests: what was asked, the replies, and the offers that follow them.
+
+A :class:`~objstream.consumer.core.Part` of a :class:`~objstream.consumer.retriever.Retriever`.
+Replies and offers come on a private, exclusive queue: it dies with the connection, so after a
+reconnect a request still unanswered (or an offer not yet here) is asked again. The owner
+replies on one connection and streams on another, so an offer can overtake its reply: it is kept
+(up to :data:`MAX_EARLY`) until the reply says whether it is ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from objstream.common.amqp import Delivery, broker_user, dead_letter
+from objstream.common.errors import ProtocolError
+from objstream.common.protocol import Offer, Reply, Request, envelope, parse
+from objstream.consumer.core import ConsumerCore
+from objstream.consumer.resume import Resumable
+
+MAX_EARLY = 16  # offers kept while waiting for the reply that names them
+
+
+@dataclass(frozen=True)
+class Asked:
+    """A request in flight: its timeout, the name asked for and the prefix it may continue."""
+
+    timeout: float
+    name: str
+    kept: Resumable | None
+
+
+class RequestTracker:
+    """Pending requests, their replies, the streams they announce and early offers."""
+
+    def __init__(self, core: ConsumerCore) -> None:
+        self._core = core
+        self._user = broker_user(core.settings.url)
+        self._private = ""
+        self._owners: set[str] = set()
+        self._pending: dict[str, Asked] = {}  # request id -> what was asked, awaiting the reply
+        self._replies: dict[str, Reply] = {}
+        self._expected: dict[str, Asked] = {}  # stream id -> what was asked, offer to come
+        self._early: dict[str, Delivery] = {}  # offers that came before their reply
+
+    def opened(self) -> None:
+        core = self._core
+        self._private = core.topology.declare_reply_queue(core.control)
+        core.control.consume(self._private, self._on_private, auto_ack=True)
+        self._owners = set()
+
+    def tick(self) -> None:
+        """Nothing to do between batches: requests time out in the retriever's wait."""
+
+    def publish(self, request: Request, from_site: str, asked: Asked) -> None:
+        """Send ``request`` to ``from_site`` (again, after a reconnect) and expect its reply."""
+        core = self._core
+        if from_site not in self._owners:
+            # So the request waits for a server that starts a little later (until it expires).
+            core.topology.declare_service_queue(core.control, from_site)
+            self._owners.add(from_site)
+        # A request nobody answers within the timeout is void: the requester has given up.
+        # RabbitMQ checks user_id against the connection's user.
+        props = envelope(request, persistent=False, reply_to=self._private,
+                         expiration_s=asked.timeout, user_id=self._user)  # fmt: skip
+        core.control.publish(core.topology.exchange, core.topology.service_key(from_site), b"",
+                             props)  # fmt: skip
+        self._pending[request.request_id] = asked
+
+    def reply(self, request_id: str) -> Reply | None:
+        """The reply to ``request_id``, once it came (handed out once)."""
+        return self._replies.pop(request_id, None)
+
+    def give_up(self, request_id: str) -> None:
+        """No more waiting for this reply; offers kept for no request are dead-lettered."""
+        self._pending.pop(request_id, None)
+        self._replies.pop(request_id, None)
+        if not self._pending:
+            self._drop_early()
+
+    def expecting(self, stream_id: str) -> bool:
+        """An accepted stream whose offer may still come."""
+        return stream_id in self._expected
+
+    def done_with(self, stream_id: str) -> None:
+        self._expected.pop(stream_id, None)
+
+    def _drop_early(self) -> None:
+        """Offers kept for a reply that never came are not for us."""
+        for delivery in self._early.values():
+            reason = "offer on the private queue of a retriever for no request of its"
+            dead_letter(self._core.control, self._core.topology, delivery, reason)
+        self._early.clear()
+
+    def _on_private(self, delivery: Delivery) -> None:
+        props = delivery.props
+        try:
+            message = parse(props.type, props.headers)
+        except ProtocolError as e:
+            dead_letter(self._core.control, self._core.topology, delivery, str(e))
+            return
+        if isinstance(message, Reply):
+            self._on_reply(message)
+        elif isinstance(message, Offer) and message.stream_id in self._expected:
+            self._take(message.stream_id, delivery)
+        elif isinstance(message, Offer) and self._pending and len(self._early) < MAX_EARLY:
+            self._early[message.stream_id] = delivery
+        else:
+            reason = f"unexpected {props.type} on the private queue of a retriever"
+            dead_letter(self._core.control, self._core.topology, delivery, reason)
+
+    def _on_reply(self, reply: Reply) -> None:
+        asked = self._pending.get(reply.request_id)
+        if asked is None:
+            return  # the answer to a request we gave up on
+        self._replies[reply.request_id] = reply
+        if reply.ok and reply.stream_id:
+            # Expect the offer now: it may come in the same batch of events as this reply.
+            self._expected[reply.stream_id] = asked
+            early = self._early.pop(reply.stream_id, None)
+            if early is not None:
+                self._take(reply.stream_id, early)
+
+    def _take(self, stream_id: str, delivery: Delivery) -> None:
+        asked = self._expected[stream_id]
+        self._core.take_offer(delivery, timeout=asked.timeout, requested=asked.name,
+                              kept=asked.kept)  # fmt: skip

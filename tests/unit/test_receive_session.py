@@ -1,0 +1,353 @@
+"""The receive session without a broker: messages and ticks in, actions out."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from objstream.common.errors import FailureCode, ProtocolError
+from objstream.common.protocol import Abort, Chunk, End, Inline, Offer, new_stream_id
+from objstream.common.reassembly import Reassembler, State
+from objstream.common.receive_session import (
+    Ack,
+    Action,
+    Checkpoint,
+    Commit,
+    DeadLetter,
+    Discard,
+    Finished,
+    LeaveOnDisk,
+    ReceiveSession,
+    RemoveCheckpoint,
+    SendProgress,
+    SendVerdict,
+    Write,
+)
+
+CHUNK = 10
+
+
+class Driver:
+    """Carries the actions out in memory, the way the pika driver does against a broker."""
+
+    def __init__(self, data: bytes, *, window: int = 8, checkpoints: bool = True,
+                 keeps_prefix: bool = True, fail_commit: bool = False) -> None:  # fmt: skip
+        self.data = data
+        self.sid = new_stream_id()
+        self.pieces = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        self.offer = Offer(stream_id=self.sid, kind="file", name="x", size=len(data),
+                           chunk_size=CHUNK, chunk_count=len(self.pieces), window=window,
+                           sender="a", target="b")  # fmt: skip
+        self.end = End(stream_id=self.sid, chunk_count=len(self.pieces), size=len(data),
+                       sha256=hashlib.sha256(data).hexdigest())  # fmt: skip
+        reassembler = Reassembler(self.offer)
+        reassembler.accept()
+        self.session = ReceiveSession(
+            reassembler, "b", now=0.0, timeout=5.0, window=window,
+            checkpoints=checkpoints, keeps_prefix=keeps_prefix,
+        )  # fmt: skip
+        self.disk = bytearray(len(data))
+        self.fail_commit = fail_commit
+        self.log: list[Action] = []
+        self.tag = 0
+        self.acked = 0
+        self.checkpoint: tuple[int, int] | None = None
+
+    def run(self, actions: list[Action]) -> None:
+        for action in actions:
+            self.log.append(action)
+            if isinstance(action, Write):
+                self.disk[action.offset : action.offset + len(action.body)] = action.body
+            elif isinstance(action, Ack):
+                assert action.tag > self.acked  # acks only go forward
+                self.acked = action.tag
+            elif isinstance(action, Checkpoint):
+                # Recorded before the ack, and only what is written.
+                assert bytes(self.disk[: action.stored_bytes]) == self.data[: action.stored_bytes]
+                self.checkpoint = (action.stored, action.stored_bytes)
+            elif isinstance(action, Commit):
+                if self.fail_commit:
+                    self.run(self.session.commit_failed(FailureCode.IO, "disk full"))
+                else:
+                    self.run(self.session.committed(Path("/in/x")))
+                return  # what followed the commit is void: the commit's outcome takes over
+
+    def chunk(self, seq: int, now: float = 0.0, crc: int | None = None) -> None:
+        body = self.pieces[seq]
+        crc = zlib.crc32(body) if crc is None else crc
+        self.tag += 1
+        message = Chunk(stream_id=self.sid, seq=seq, crc32=crc)
+        self.run(self.session.receive(self.tag, message, body, now))
+
+    def send_end(self, now: float = 0.0) -> None:
+        self.tag += 1
+        self.run(self.session.receive(self.tag, self.end, b"", now))
+
+    def of(self, kind: type[Any]) -> list[Any]:
+        return [a for a in self.log if isinstance(a, kind)]
+
+    @property
+    def verdict(self) -> SendVerdict:
+        (verdict,) = self.of(SendVerdict)
+        return verdict  # type: ignore[no-any-return]
+
+
+def test_in_order_transfer_commits_then_sends_ok() -> None:
+    d = Driver(bytes(range(95)))
+    d.run(d.session.start())
+    for seq in range(len(d.pieces)):
+        d.chunk(seq)
+    d.send_end()
+    assert bytes(d.disk) == d.data
+    assert d.session.state is State.DONE
+    kinds = [type(a) for a in d.log]
+    # The verdict only after the commit, and the state file goes before it.
+    assert kinds.index(Commit) < kinds.index(RemoveCheckpoint) < kinds.index(SendVerdict)
+    assert d.verdict.done.ok
+    assert d.verdict.done.stored_as == "x"
+    assert d.acked == d.tag  # everything delivered is acked
+    finished = d.of(Finished)[-1]
+    assert finished.ok
+    assert finished.path == Path("/in/x")
+
+
+def test_progress_every_quarter_window() -> None:
+    d = Driver(bytes(200), window=8)
+    for seq in range(10):
+        d.chunk(seq)
+    stored = [p.stored for p in d.of(SendProgress)]
+    assert stored == [2, 4, 6, 8, 10]
+    assert d.checkpoint == (10, 100)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(0, 200),
+    seed=st.integers(0, 2**32 - 1),
+    duplicate=st.floats(0, 0.5),
+    lose=st.floats(0, 0.3),
+    corrupt=st.floats(0, 0.2),
+)
+def test_lossy_link_converges(
+    size: int, seed: int, duplicate: float, lose: float, corrupt: float
+) -> None:
+    """Shuffled, duplicated, lost and corrupt chunks: resending from what the session asks
+    for (or, after silence, from what it stored) always ends in the right bytes."""
+    rng = random.Random(seed)
+    d = Driver(rng.randbytes(size))
+    d.run(d.session.start())
+    now = 0.0
+    pending = list(range(len(d.pieces)))
+    end_sent = False
+    for _ in range(10_000):
+        if d.session.finished:
+            break
+        rng.shuffle(pending)
+        batch, pending = pending, []
+        for seq in batch:
+            if rng.random() < lose:
+                continue
+            bad = rng.random() < corrupt
+            d.chunk(seq, now, crc=(zlib.crc32(d.pieces[seq]) ^ 1) if bad else None)
+            if rng.random() < duplicate:
+                d.chunk(seq, now)
+        if not end_sent or rng.random() < 0.5:
+            d.send_end(now)
+            end_sent = True
+        now += 1.0
+        d.run(d.session.tick(now))
+        # The sender resends from the last resend_from, or everything unconfirmed.
+        pending = list(range(d.session.stored, len(d.pieces)))
+    assert d.session.state is State.DONE
+    assert bytes(d.disk) == d.data
+
+
+def test_gap_asks_for_resend_once() -> None:
+    d = Driver(bytes(100))
+    d.chunk(0)
+    d.chunk(2)
+    d.chunk(3)
+    assert [p.resend_from for p in d.of(SendProgress)] == [1]
+    d.chunk(1)
+    d.chunk(2)
+    assert d.session.stored == 3
+
+
+def test_corrupt_chunk_dead_lettered_and_resend_asked() -> None:
+    d = Driver(bytes(100))
+    d.chunk(0)
+    d.chunk(1, crc=123)
+    (dead,) = d.of(DeadLetter)
+    assert dead.tag == 2
+    assert "crc32" in dead.reason
+    assert d.of(SendProgress)[-1].resend_from == 1
+
+
+def test_wrong_stream_and_bad_end_dead_lettered() -> None:
+    d = Driver(bytes(100))
+    d.tag += 1
+    other = Chunk(stream_id=new_stream_id(), seq=0, crc32=0)
+    d.run(d.session.receive(d.tag, other, b"", 0.0))
+    d.tag += 1
+    bad_end = d.end.model_copy(update={"size": 5})
+    d.run(d.session.receive(d.tag, bad_end, b"", 0.0))
+    assert len(d.of(DeadLetter)) == 2
+    assert d.session.state is State.RECEIVING
+
+
+def test_malformed_is_dead_lettered() -> None:
+    d = Driver(bytes(10))
+    d.run(d.session.malformed(7, "garbage", 0.0))
+    assert d.of(DeadLetter) == [DeadLetter(7, "garbage")]
+    assert d.session.unacked_tag == 7
+
+
+def test_checksum_mismatch_fails_and_discards() -> None:
+    d = Driver(bytes(30))
+    d.end = d.end.model_copy(update={"sha256": "0" * 64})
+    for seq in range(3):
+        d.chunk(seq)
+    d.send_end()
+    assert d.session.state is State.FAILED
+    assert not d.of(Commit)
+    assert d.of(Discard)
+    assert d.verdict.done.code == FailureCode.CHECKSUM
+
+
+def test_timeout_keeps_verified_prefix() -> None:
+    d = Driver(bytes(100))
+    for seq in range(4):
+        d.chunk(seq, now=1.0)
+    d.run(d.session.tick(3.0))  # flushes
+    assert d.acked == 4
+    d.run(d.session.tick(5.5))
+    assert not d.of(SendVerdict)
+    d.run(d.session.tick(6.5))
+    assert d.of(LeaveOnDisk) == [LeaveOnDisk(4, 40)]
+    done = d.verdict.done
+    assert not done.ok
+    assert done.code == FailureCode.TIMEOUT
+    assert "40 bytes received are kept" in done.detail
+    assert d.session.tick(100.0) == []
+
+
+def test_timeout_without_prefix_discards() -> None:
+    d = Driver(bytes(100), keeps_prefix=False)
+    d.chunk(0)
+    d.run(d.session.tick(10.0))
+    assert d.of(Discard)
+    assert not d.of(LeaveOnDisk)
+
+
+def test_abort_keeps_prefix_and_acks() -> None:
+    d = Driver(bytes(100))
+    d.chunk(0)
+    d.chunk(1)
+    d.tag += 1
+    d.run(d.session.receive(d.tag, Abort(stream_id=d.sid, reason="bye"), b"", 0.0))
+    assert d.of(LeaveOnDisk) == [LeaveOnDisk(2, 20)]
+    assert d.acked == d.tag
+    assert d.verdict.done.code == FailureCode.ABORTED
+    # Late messages are acked with the rest, and nothing else happens.
+    d.chunk(2)
+    assert d.session.unacked_tag == d.tag
+    assert len(d.of(SendVerdict)) == 1
+
+
+def test_commit_failure_turns_into_failed_verdict() -> None:
+    d = Driver(bytes(25), fail_commit=True)
+    for seq in range(3):
+        d.chunk(seq)
+    d.send_end()
+    assert d.session.state is State.FAILED
+    done = d.verdict.done
+    assert not done.ok
+    assert done.code == FailureCode.IO
+    assert done.detail == "disk full"
+    assert d.of(Discard)
+    assert not d.of(RemoveCheckpoint)
+
+
+def test_no_timeout_and_no_messages_while_committing() -> None:
+    d = Driver(bytes(10))
+    d.chunk(0)
+    actions = d.session.receive(2, d.end, b"", 0.0)
+    assert actions == [Commit()]  # the driver commits (maybe on another thread)
+    assert d.session.state is State.VERIFYING
+    assert d.session.tick(1000.0) == []
+    assert d.session.receive(3, d.end, b"", 1000.0) == []
+    out = d.session.committed({"a": 1})
+    assert isinstance(out[-1], Finished)
+    assert out[-1].value == {"a": 1}
+    assert Ack(3) in out
+
+
+def test_write_failure_fails_with_its_code() -> None:
+    d = Driver(bytes(30))
+    actions = d.session.receive(1, Chunk(stream_id=d.sid, seq=0, crc32=zlib.crc32(bytes(10))),
+                                bytes(10), 0.0)  # fmt: skip
+    assert isinstance(actions[0], Write)
+    d.run(d.session.write_failed(FailureCode.IO, "no space"))
+    assert d.verdict.done.code == FailureCode.IO
+    assert d.of(Discard)
+
+
+def test_suspend_checkpoints_and_leaves_on_disk() -> None:
+    d = Driver(bytes(100))
+    d.chunk(0)
+    d.chunk(1)
+    d.run(d.session.suspend(0.1))
+    assert d.checkpoint == (2, 20)
+    assert d.acked == 2
+    assert d.of(LeaveOnDisk) == [LeaveOnDisk(2, 20)]
+    assert d.session.state is State.SUSPENDED
+    assert not d.of(SendVerdict)
+
+
+def test_suspend_without_checkpoints_aborts() -> None:
+    d = Driver(bytes(100), checkpoints=False)
+    d.chunk(0)
+    d.run(d.session.suspend(0.1))
+    assert d.verdict.done.code == FailureCode.ABORTED
+
+
+def test_reconnect_asks_from_stored() -> None:
+    d = Driver(bytes(100))
+    d.chunk(0)
+    actions = d.session.reconnected(1.0)
+    assert actions == [SendProgress(1, 10, resend_from=1)]
+    assert d.session.unacked_tag == 0
+
+
+def test_inline_commits_at_once() -> None:
+    data = b"hello"
+    d = Driver(data)
+    inline = Inline(crc32=zlib.crc32(data), sha256=hashlib.sha256(data).hexdigest())
+    actions = d.session.inline(inline, data)
+    assert [type(a) for a in actions] == [Write, Commit]
+    bad = Driver(data)
+    actions = bad.session.inline(Inline(crc32=1, sha256=inline.sha256), data)
+    assert isinstance(actions[-1], Finished)
+    assert actions[-1].code == FailureCode.CHECKSUM
+
+
+def test_chunk_beyond_count_is_a_protocol_error() -> None:
+    d = Driver(bytes(10))
+    d.chunk(0)
+    d.tag += 1
+    actions = d.session.receive(d.tag, Chunk(stream_id=d.sid, seq=5, crc32=0), b"", 0.0)
+    assert isinstance(actions[0], DeadLetter)
+
+
+def test_illegal_event_raises() -> None:
+    d = Driver(bytes(10))
+    d.run(d.session.fail(FailureCode.ABORTED, "x"))
+    with pytest.raises(ProtocolError, match="can't handle"):
+        d.session.reassembler.mark_done()
