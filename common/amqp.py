@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import pika
 import pika.exceptions
@@ -269,6 +269,19 @@ class Channel:
         with contextlib.suppress(pika.exceptions.AMQPError):
             if self._impl.is_open:
                 self._impl.close()
+
+
+class Closing:
+    """Base of the objects that hold a connection: ``with X(...) as x:`` closes it at the end."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class Connection:

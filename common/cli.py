@@ -19,10 +19,9 @@ from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
 from typing import Any
 
-import pika.exceptions
-
 from objstream.common.errors import (
     AuthenticationRefused,
+    BrokerRefused,
     BrokerUnreachable,
     ConfigError,
     ObjstreamError,
@@ -113,16 +112,8 @@ def configure_logging(level: str) -> None:
     logging.getLogger("pika").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
 
 
-def settings_url(args: argparse.Namespace) -> str:
-    """The broker URL in effect for ``args``, password masked (for error lines)."""
-    try:
-        return load_settings(url=getattr(args, "url", None)).masked_url
-    except ObjstreamError:
-        return "(invalid URL)"
-
-
 def exit_code_for(error: ObjstreamError) -> int:
-    if isinstance(error, BrokerUnreachable | AuthenticationRefused):
+    if isinstance(error, BrokerUnreachable | AuthenticationRefused | BrokerRefused):
         return EXIT_BROKER
     if isinstance(error, ConfigError):
         return EXIT_USAGE
@@ -207,13 +198,6 @@ def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int
             f"objstream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
         )
         return EXIT_FAILED
-    except pika.exceptions.AMQPError as e:
-        # Raised outside a transfer (declaring queues, say): the broker said no.
-        logging.getLogger(__name__).debug("failed", exc_info=True)
-        print(
-            f"objstream: error: the broker at {settings_url(args)} refused: {e!r}", file=sys.stderr
-        )
-        return EXIT_BROKER
     except KeyboardInterrupt:
         print("objstream: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-import pika
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from objstream.common.errors import FailureCode, ProtocolError
@@ -349,24 +348,4 @@ def envelope(
         persistent=persistent,
         expiration=None if expiration_s is None else str(max(1, int(expiration_s * 1000))),
         user_id=user_id,
-    )
-
-
-def properties(
-    message: _Versioned,
-    *,
-    persistent: bool = True,
-    message_id: str | None = None,
-    reply_to: str | None = None,
-) -> pika.BasicProperties:
-    """pika properties carrying ``message``; for code not yet moved to the adapter
-    (:func:`envelope` is the adapter's form)."""
-    return pika.BasicProperties(
-        type=TYPES[type(message)].value,
-        headers=to_headers(message),
-        message_id=message_id or message.ident,
-        correlation_id=message.ident,
-        reply_to=reply_to,
-        content_type=CONTENT_TYPE,
-        delivery_mode=pika.DeliveryMode.Persistent if persistent else pika.DeliveryMode.Transient,
     )

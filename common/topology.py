@@ -7,9 +7,12 @@ see each other's messages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from objstream.common.settings import Settings
+
+if TYPE_CHECKING:
+    from objstream.common.amqp import Channel
 
 # The dead-letter queue keeps the newest messages up to these bounds; it never grows unbounded.
 DEAD_MAX_LENGTH = 10_000
@@ -62,10 +65,10 @@ class Topology:
     def service_key(site: str) -> str:
         return f"serve.{site}"
 
-    def declare_service_queue(self, channel: Any, site: str) -> str:
+    def declare_service_queue(self, channel: Channel, site: str) -> str:
         name = self.service_queue(site)
-        _declare_queue(channel, name, durable=True, arguments=self._type_arguments or None)
-        _bind(channel, name, self.exchange, self.service_key(site))
+        channel.declare_queue(name, durable=True, arguments=self._type_arguments or None)
+        channel.bind_queue(name, self.exchange, self.service_key(site))
         return name
 
     def data_queue(self, stream_id: str) -> str:
@@ -75,12 +78,11 @@ class Topology:
     def data_key(stream_id: str) -> str:
         return f"stream.{stream_id}"
 
-    def declare_base(self, channel: Any) -> None:
+    def declare_base(self, channel: Channel) -> None:
         """Declare the exchange and the dead-letter exchange and queue."""
-        _declare_exchange(channel, self.exchange, "direct")
-        _declare_exchange(channel, self.dead, "fanout")
-        _declare_queue(
-            channel,
+        channel.declare_exchange(self.exchange, "direct")
+        channel.declare_exchange(self.dead, "fanout")
+        channel.declare_queue(
             self.dead,
             durable=True,
             arguments={
@@ -89,46 +91,24 @@ class Topology:
                 "x-overflow": "drop-head",
             },
         )
-        _bind(channel, self.dead, self.dead, "")
+        channel.bind_queue(self.dead, self.dead, "")
 
-    def declare_inbox(self, channel: Any, site: str) -> str:
+    def declare_inbox(self, channel: Channel, site: str) -> str:
         """Declare and bind the inbox of ``site``; returns its name."""
         name = self.inbox(site)
-        _declare_queue(channel, name, durable=True, arguments=self._type_arguments or None)
-        _bind(channel, name, self.exchange, self.inbox_key(site))
+        channel.declare_queue(name, durable=True, arguments=self._type_arguments or None)
+        channel.bind_queue(name, self.exchange, self.inbox_key(site))
         return name
 
-    def declare_data_queue(self, channel: Any, stream_id: str) -> str:
+    def declare_data_queue(self, channel: Channel, stream_id: str) -> str:
         """Declare and bind the data queue of a stream; it expires when unused for the TTL."""
         name = self.data_queue(stream_id)
         arguments = {"x-expires": self.stream_ttl_ms, **self._type_arguments}
-        _declare_queue(channel, name, durable=True, arguments=arguments)
-        _bind(channel, name, self.exchange, self.data_key(stream_id))
+        channel.declare_queue(name, durable=True, arguments=arguments)
+        channel.bind_queue(name, self.exchange, self.data_key(stream_id))
         return name
 
     @staticmethod
-    def declare_reply_queue(channel: Any) -> str:
+    def declare_reply_queue(channel: Channel) -> str:
         """Declare this process's private reply queue (exclusive, server-named)."""
-        return _declare_queue(channel, "", exclusive=True, auto_delete=True)
-
-
-# Issue 11, transitional: channels are either the adapter's (objstream.common.amqp.Channel) or,
-# in code not yet moved to it, pika's. Remove the pika branch once nothing passes pika channels.
-def _declare_queue(channel: Any, name: str, **options: Any) -> str:
-    if hasattr(channel, "declare_queue"):
-        return str(channel.declare_queue(name, **options))
-    return str(channel.queue_declare(name, **options).method.queue)
-
-
-def _bind(channel: Any, queue: str, exchange: str, routing_key: str) -> None:
-    if hasattr(channel, "bind_queue"):
-        channel.bind_queue(queue, exchange, routing_key)
-    else:
-        channel.queue_bind(queue, exchange, routing_key=routing_key)
-
-
-def _declare_exchange(channel: Any, name: str, kind: str) -> None:
-    if hasattr(channel, "declare_exchange"):
-        channel.declare_exchange(name, kind, durable=True)
-    else:
-        channel.exchange_declare(name, exchange_type=kind, durable=True)
+        return channel.declare_queue("", exclusive=True, auto_delete=True)

@@ -37,10 +37,10 @@ from objstream.common.protocol import (
     Message,
     Offer,
     Properties,
+    envelope,
     new_stream_id,
     parse,
 )
-from objstream.common.protocol import envelope as properties
 from objstream.common.send_session import (
     Action,
     DeclareDataQueue,
@@ -78,6 +78,24 @@ class TargetResult:
     sha256: str
     stored_as: str | None = None
     error: TransferFailed | None = None
+
+
+@dataclass(frozen=True)
+class Answering:
+    """A send that answers a retrieval request (exactly one target)."""
+
+    stream_id: str
+    """The stream id promised in the reply."""
+    offer_to: str
+    """The requester's private queue: the offer goes there instead of the site's inbox."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The receiver kept the first ``from_chunk`` chunks (hashing to ``prefix_sha256``)."""
+
+    from_chunk: int
+    prefix_sha256: str
 
 
 class ReplyQueue(StrEnum):
@@ -218,18 +236,14 @@ class StreamSender:
         timeout: float | None = None,
         window: int | None = None,
         chunk_size: int | None = None,
-        stream_id: str | None = None,
-        offer_to: str | None = None,
-        resume_from: int = 0,
-        prefix_sha256: str | None = None,
+        answering: Answering | None = None,
+        resume: Resume | None = None,
     ) -> list[TargetResult]:
         """Stream ``source`` to every target; return when each has a verdict.
 
-        ``stream_id`` and ``offer_to`` serve retrievals (one target): the stream id promised in
-        the reply, and the requester's private queue, where the offer goes instead of the
-        target site's inbox. ``resume_from`` and ``prefix_sha256`` resume a retrieval: if the
-        source's first ``resume_from`` chunks still hash to ``prefix_sha256``, only the rest is
-        sent; otherwise (the source changed) the whole.
+        ``answering`` serves a retrieval (one target): the offer goes to the requester's
+        private queue under the promised stream id. With ``resume`` only what the receiver
+        lacks is sent, if its kept prefix still hashes the same (otherwise the whole).
 
         Raises:
             SendFailed: at least one target failed (every outcome is in ``results``).
@@ -241,34 +255,35 @@ class StreamSender:
             raise ValueError("no target sites given")
         if len(set(targets)) != len(targets):
             raise ValueError(f"target sites repeat: {list(targets)}")
-        if (stream_id or offer_to) and len(targets) != 1:
-            raise ValueError("stream_id and offer_to go with exactly one target")
+        if (answering or resume) and len(targets) != 1:
+            raise ValueError("a send that answers a request or resumes has exactly one target")
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
         if source.size is not None and source.size > self.settings.max_object_size:
             raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
         if not self._channel.is_open:  # the broker closed it over an earlier send's operation
             self._open_channel()
         reader = PieceReader(source)
-        start = self._resume_point(reader, resume_from, prefix_sha256)
-        ids = [(t, stream_id or new_stream_id()) for t in targets]
+        start = 0 if resume is None else self._resume_point(reader, resume)
+        ids = [(t, answering.stream_id if answering else new_stream_id()) for t in targets]
         pacing = Pacing(
             window or self.settings.window,
             timeout or self.settings.timeout,
             self.settings.resend_after,
         )
+        offer_to = answering.offer_to if answering else None
         return _Transfer(self, reader, ids, start=start, offer_to=offer_to, pacing=pacing).run()
 
-    def _resume_point(self, reader: PieceReader, resume_from: int, expected: str | None) -> int:
-        """Where a resumed retrieval starts: ``resume_from`` if the requester's prefix is still
-        the source's, else 0.
+    def _resume_point(self, reader: PieceReader, resume: Resume) -> int:
+        """Where a resumed stream starts: ``resume.from_chunk`` if the receiver's prefix is
+        still the source's, else 0.
 
         The prefix (maybe GiBs) is hashed on a worker thread while this thread keeps the
         connection alive (heartbeats): a slow disk must not cost the connection.
         """
-        if not resume_from or expected is None:
+        if not resume.from_chunk:
             return 0
         with ThreadPoolExecutor(1, thread_name_prefix="objstream-prefix") as pool:
-            future = pool.submit(check_prefix, reader, resume_from, expected)
+            future = pool.submit(check_prefix, reader, resume.from_chunk, resume.prefix_sha256)
             while not future.done():
                 self.process_events(0.1)
             return future.result()
@@ -424,7 +439,7 @@ class _Transfer:
                     self._publish_end(stream_id)
                 case PublishAbort(stream_id=stream_id, reason=reason):
                     abort = Abort(stream_id=stream_id, reason=reason[:2000])
-                    sender.publish(sender.topology.data_key(stream_id), b"", properties(abort))
+                    sender.publish(sender.topology.data_key(stream_id), b"", envelope(abort))
                 case DeleteDataQueue(stream_id=stream_id):
                     sender.delete_data_queue(stream_id)
                 case ReleaseBefore(seq=seq):
@@ -438,7 +453,7 @@ class _Transfer:
         sender = self.sender
         body = self.inline_body if offer.inline is not None else b""
         # An offer nobody took within the timeout is void: the sender has given up by then.
-        props = properties(offer, reply_to=sender.reply_queue, expiration_s=expiration_ms / 1000)
+        props = envelope(offer, reply_to=sender.reply_queue, expiration_s=expiration_ms / 1000)
         if self.offer_to:
             sender.publish(self.offer_to, body, props, exchange="")
         else:
@@ -458,7 +473,7 @@ class _Transfer:
             meta=dict(piece.meta) if piece.meta else None,
         )
         persistent = self.sender.settings.persistent_chunks
-        props = properties(header, persistent=persistent, message_id=f"{stream_id}:{seq}")
+        props = envelope(header, persistent=persistent, message_id=f"{stream_id}:{seq}")
         self.sender.publish(self.sender.topology.data_key(stream_id), piece.data, props)
 
     def _publish_end(self, stream_id: str) -> None:
@@ -471,7 +486,7 @@ class _Transfer:
             size=reader.size,
             sha256=reader.digest.hexdigest(),
         )
-        self.sender.publish(self.sender.topology.data_key(stream_id), b"", properties(end))
+        self.sender.publish(self.sender.topology.data_key(stream_id), b"", envelope(end))
 
     def _report(self, report: ReportProgress) -> None:
         hook = self.sender.progress

@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objstream.common.amqp import Delivery, connect, dead_letter, reestablish
-from objstream.common.broker import Closing
+from objstream.common.amqp import Closing, Delivery, connect, dead_letter, reestablish
 from objstream.common.codec import EncodeError
 from objstream.common.errors import (
     BrokerUnreachable,
@@ -38,7 +37,7 @@ from objstream.common.settings import NAME_PATTERN, Settings
 from objstream.common.streaming import ObjectStreamer
 from objstream.common.topology import Topology
 from objstream.producer.container_source import ContainerSource
-from objstream.producer.sender import ReplyQueue, StreamSender
+from objstream.producer.sender import Answering, ReplyQueue, Resume, StreamSender
 from objstream.producer.sources import FileSource
 
 log = logging.getLogger(__name__)
@@ -352,12 +351,14 @@ class RetrievalServer(Closing):
             sender.send(
                 job.source,
                 [request.requester],
-                stream_id=job.stream_id,
-                offer_to=job.reply_to,
                 # A resumed retrieval keeps the requester's chunk size: its kept chunks count in it.
                 chunk_size=request.chunk_size if request.resume_from else None,
-                resume_from=request.resume_from,
-                prefix_sha256=request.prefix_sha256,
+                answering=Answering(job.stream_id, job.reply_to),
+                resume=(
+                    Resume(request.resume_from, request.prefix_sha256)
+                    if request.resume_from and request.prefix_sha256
+                    else None
+                ),
             )
             log.info("served %s %r to %s (stream %s)", request.kind, request.name,
                      request.requester, job.stream_id)  # fmt: skip

@@ -16,8 +16,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from objstream.common.amqp import connect
-from objstream.common.broker import Closing
+from objstream.common.amqp import Closing, connect
 from objstream.common.settings import Settings, check_chunk_size, parse_size
 from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.producer.container_source import ContainerSource

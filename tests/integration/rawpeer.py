@@ -1,6 +1,8 @@
-"""A sender written with raw pika and the documented protocol, to send what objstream never would.
+"""A peer written with raw pika and the documented protocol, to send what objstream never would.
 
-It plays a hostile or broken peer in tests: corrupt chunks, wrong digests, aborts, garbage.
+It plays a hostile or broken peer in tests: corrupt chunks, wrong digests, aborts, garbage. It
+goes around objstream's AMQP adapter on purpose: the envelope and the declarations below follow
+docs/protocol.md ("Names", "Messages"), so these tests also check that the document suffices.
 """
 
 from __future__ import annotations
@@ -12,9 +14,62 @@ from typing import Any
 
 import pika
 
-from objstream.common.protocol import Abort, Chunk, End, Offer, new_stream_id, properties
+from objstream.common.protocol import (
+    CONTENT_TYPE,
+    TYPES,
+    Abort,
+    Chunk,
+    End,
+    Offer,
+    new_stream_id,
+    to_headers,
+)
+from objstream.common.protocol import Message as _Message
 from objstream.common.settings import Settings
-from objstream.common.topology import Topology
+from objstream.common.topology import DEAD_MAX_BYTES, DEAD_MAX_LENGTH, Topology
+
+Channel = Any  # pika's BlockingChannel
+
+
+def properties(
+    message: _Message,
+    *,
+    persistent: bool = True,
+    message_id: str | None = None,
+    reply_to: str | None = None,
+) -> pika.BasicProperties:
+    """The documented envelope of ``message``: type, headers, ids, delivery mode."""
+    return pika.BasicProperties(
+        type=TYPES[type(message)].value,
+        headers=to_headers(message),
+        message_id=message_id or message.ident,
+        correlation_id=message.ident,
+        reply_to=reply_to,
+        content_type=CONTENT_TYPE,
+        delivery_mode=2 if persistent else 1,
+    )
+
+
+def declare_base(channel: Channel, topology: Topology) -> None:
+    """The exchange and the dead-letter exchange and queue, as documented."""
+    channel.exchange_declare(topology.exchange, exchange_type="direct", durable=True)
+    channel.exchange_declare(topology.dead, exchange_type="fanout", durable=True)
+    arguments = {"x-max-length": DEAD_MAX_LENGTH, "x-max-length-bytes": DEAD_MAX_BYTES,
+                 "x-overflow": "drop-head"}  # fmt: skip
+    channel.queue_declare(topology.dead, durable=True, arguments=arguments)
+    channel.queue_bind(topology.dead, topology.dead)
+
+
+def declare_bound(channel: Channel, topology: Topology, queue: str, key: str, **args: Any) -> str:
+    """A durable queue bound to the exchange with ``key`` (inbox, service or data queue)."""
+    channel.queue_declare(queue, durable=True, arguments=args or None)
+    channel.queue_bind(queue, topology.exchange, routing_key=key)
+    return queue
+
+
+def declare_reply_queue(channel: Channel) -> str:
+    """A private reply queue (exclusive, server-named)."""
+    return str(channel.queue_declare("", exclusive=True, auto_delete=True).method.queue)
 
 
 class RawPeer:
@@ -24,10 +79,13 @@ class RawPeer:
         self.stream_id = new_stream_id()
         self.connection = pika.BlockingConnection(pika.URLParameters(settings.url))
         self.channel = self.connection.channel()
-        self.topology.declare_base(self.channel)
-        self.reply = self.topology.declare_reply_queue(self.channel)
-        self.topology.declare_inbox(self.channel, target)
-        self.topology.declare_data_queue(self.channel, self.stream_id)
+        topo = self.topology
+        declare_base(self.channel, topo)
+        self.reply = declare_reply_queue(self.channel)
+        declare_bound(self.channel, topo, topo.inbox(target), topo.inbox_key(target))
+        sid = self.stream_id
+        expires = {"x-expires": topo.stream_ttl_ms}
+        declare_bound(self.channel, topo, topo.data_queue(sid), topo.data_key(sid), **expires)
 
     def offer(
         self,

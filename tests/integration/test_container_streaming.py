@@ -21,7 +21,7 @@ from objstream.consumer.streams import Received
 from objstream.producer import ContainerStreamer, Streamer, TargetResult
 from tests.conftest import as_received
 from tests.integration.conftest import Declared, MakeRawPeer, StartReceiver
-from tests.integration.rawpeer import RawPeer
+from tests.integration.rawpeer import RawPeer, declare_bound
 from tests.integration.test_codec_helpers import same
 
 
@@ -137,7 +137,8 @@ def test_unencodable_values_are_refused_before_anything_is_sent(
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
         channel = connection.channel()
-        inbox = Topology.from_settings(settings).declare_inbox(channel, "site-1")
+        topo = Topology.from_settings(settings)
+        inbox = declare_bound(channel, topo, topo.inbox("site-1"), topo.inbox_key("site-1"))
         assert channel.queue_declare(inbox, passive=True).method.message_count == 0
     finally:
         connection.close()

@@ -13,7 +13,7 @@ import pytest
 from objstream.common.amqp import connect
 from objstream.common.settings import KiB, Settings
 from objstream.consumer.streams import Received
-from objstream.producer.sender import StreamSender
+from objstream.producer.sender import Resume, StreamSender
 from objstream.producer.sources import FileSource
 from tests.conftest import random_file, sha256_of
 from tests.integration.conftest import BackgroundReceiver
@@ -49,8 +49,7 @@ def test_a_slow_prefix_hash_does_not_starve_heartbeats(
     try:
         # The requester's prefix does not match (all zeros): after 10 s of hashing on a worker
         # thread, the whole file goes, on the same connection.
-        [result] = sender.send(source, ["site-1"], chunk_size=CHUNK, resume_from=10,
-                               prefix_sha256="0" * 64)  # fmt: skip
+        [result] = sender.send(source, ["site-1"], chunk_size=CHUNK, resume=Resume(10, "0" * 64))
     finally:
         source.close()
         sender.close()

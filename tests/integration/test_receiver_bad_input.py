@@ -13,14 +13,13 @@ import pika
 import pytest
 
 from objstream.common.errors import ErrorCode, SendFailed, TransferFailed
-from objstream.common.protocol import properties
 from objstream.common.settings import KiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer.streams import Received
 from objstream.producer import FileStreamer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of, stored_path
 from tests.integration.conftest import DeadLetters, Declared, MakeRawPeer, StartReceiver
-from tests.integration.rawpeer import RawPeer
+from tests.integration.rawpeer import RawPeer, properties
 
 
 def _reasons(dead_letters: DeadLetters) -> list[str]:

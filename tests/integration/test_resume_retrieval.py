@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from objstream.common.errors import ErrorCode, TimedOut, TransferFailed
-from objstream.common.protocol import Request, new_stream_id, parse, properties
+from objstream.common.protocol import Request, new_stream_id, parse
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Retriever
@@ -26,6 +26,7 @@ from tests.integration.conftest import (
     slow_disk,
     wait_for_partial,
 )
+from tests.integration.rawpeer import declare_reply_queue, properties
 from tests.integration.test_cli import _env, _objstream
 
 CHUNK = 64 * KiB
@@ -270,7 +271,7 @@ def test_resume_requests_the_owner_cannot_serve_are_refused(
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
         channel = connection.channel()
-        reply_queue = topo.declare_reply_queue(channel)
+        reply_queue = declare_reply_queue(channel)
         request = Request(
             request_id=new_stream_id(), kind=kind, name="m", requester="site-1",
             resume_from=1, chunk_size=chunk_size, prefix_sha256="0" * 64,

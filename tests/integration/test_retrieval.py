@@ -11,13 +11,14 @@ import pika
 import pytest
 
 from objstream.common.errors import Refused, TimedOut, TransferFailed
-from objstream.common.protocol import Request, new_stream_id, properties
+from objstream.common.protocol import Request, new_stream_id
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Retriever
 from objstream.producer import ContainerRetriever, FileRetriever, RetrievalServer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 from tests.integration.conftest import Declared, StartReceiver, StartServer, slow_disk
+from tests.integration.rawpeer import declare_base, declare_bound, declare_reply_queue, properties
 
 
 def test_retrieve_a_file_and_a_container(
@@ -196,9 +197,9 @@ def test_an_expired_request_is_never_served(
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
         channel = connection.channel()
-        topo.declare_base(channel)
-        topo.declare_service_queue(channel, "server")
-        reply = topo.declare_reply_queue(channel)
+        declare_base(channel, topo)
+        declare_bound(channel, topo, topo.service_queue("server"), topo.service_key("server"))
+        reply = declare_reply_queue(channel)
         request = Request(
             request_id=new_stream_id(), kind="container", name="m", requester="site-1"
         )
@@ -288,8 +289,10 @@ def test_an_offer_that_overtakes_its_reply_is_still_taken(
         connection = pika.BlockingConnection(pika.URLParameters(settings.url))
         try:
             channel = connection.channel()
-            topo.declare_base(channel)
-            queue = topo.declare_service_queue(channel, "server")
+            declare_base(channel, topo)
+            queue = declare_bound(
+                channel, topo, topo.service_queue("server"), topo.service_key("server")
+            )
             deadline = time.monotonic() + 20
             while (got := channel.basic_get(queue, auto_ack=True))[0] is None:
                 assert time.monotonic() < deadline, "no request came"
@@ -303,7 +306,7 @@ def test_an_offer_that_overtakes_its_reply_is_still_taken(
                 inline=Inline(crc32=zlib.crc32(content),
                               sha256=hashlib.sha256(content).hexdigest()),
             )  # fmt: skip
-            verdicts = topo.declare_reply_queue(channel)
+            verdicts = declare_reply_queue(channel)
             channel.basic_publish("", props.reply_to, content,
                                   properties(offer, reply_to=verdicts))  # fmt: skip
             reply = Reply(request_id=request.ident, ok=True, stream_id=sid, size=len(content))

@@ -1,8 +1,7 @@
 """The layout issue 11 asks to keep: modules under ~500 lines, and pika behind one adapter.
 
 A module that grows past the limit, or a new ``import pika`` outside ``common/amqp.py``, fails
-here naming the files. The allowlists below are temporary and explicit; an entry that is no
-longer needed fails too, so it is removed as soon as its file is fixed.
+here naming the files.
 """
 
 from __future__ import annotations
@@ -18,17 +17,6 @@ SIZED = ("common", "producer", "consumer")
 PIKA_FREE = ("common", "producer", "consumer", "jobs")
 """Folders where only :data:`PIKA_ADAPTER` may import pika."""
 PIKA_ADAPTER = "common/amqp.py"
-
-# issue 11: being rewritten; remove when done
-LONG_FOR_NOW: frozenset[str] = frozenset()
-# issue 11: being rewritten; remove when done
-PIKA_FOR_NOW = frozenset(
-    {
-        "common/broker.py",
-        "common/cli.py",
-        "common/protocol.py",
-    }
-)
 
 
 def _modules(folders: tuple[str, ...]) -> dict[str, Path]:
@@ -66,7 +54,7 @@ def test_the_folders_exist() -> None:
 
 def test_no_module_is_over_500_lines() -> None:
     counts = {name: _line_count(path) for name, path in _modules(SIZED).items()}
-    over = {name: n for name, n in counts.items() if n > MAX_LINES and name not in LONG_FOR_NOW}
+    over = {name: n for name, n in counts.items() if n > MAX_LINES}
     assert not over, f"modules over {MAX_LINES} lines, split them: " + ", ".join(
         f"{name} ({n} lines)" for name, n in sorted(over.items())
     )
@@ -74,27 +62,6 @@ def test_no_module_is_over_500_lines() -> None:
 
 def test_only_the_amqp_adapter_imports_pika() -> None:
     found = {name: _pika_imports(path) for name, path in _modules(PIKA_FREE).items()}
-    importers = {
-        name: lines
-        for name, lines in found.items()
-        if lines and name != PIKA_ADAPTER and name not in PIKA_FOR_NOW
-    }
+    importers = {name: lines for name, lines in found.items() if lines and name != PIKA_ADAPTER}
     where = [f"{name} (line {', '.join(map(str, lines))})" for name, lines in importers.items()]
     assert not importers, f"only {PIKA_ADAPTER} may import pika; go through it: " + ", ".join(where)
-
-
-def test_the_allowlists_name_only_files_that_still_need_them() -> None:
-    sized, pika_free = _modules(SIZED), _modules(PIKA_FREE)
-    stale = sorted(
-        [
-            f"LONG_FOR_NOW: {name}"
-            for name in LONG_FOR_NOW
-            if name not in sized or _line_count(sized[name]) <= MAX_LINES
-        ]
-        + [
-            f"PIKA_FOR_NOW: {name}"
-            for name in PIKA_FOR_NOW
-            if name not in pika_free or not _pika_imports(pika_free[name])
-        ]
-    )
-    assert not stale, f"remove from the allowlists in {Path(__file__).name}: " + ", ".join(stale)

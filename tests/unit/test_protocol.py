@@ -5,6 +5,7 @@ from typing import Any
 import pika
 import pytest
 
+from objstream.common.amqp import _from_pika, _to_pika
 from objstream.common.errors import ErrorCode, ProtocolError
 from objstream.common.protocol import (
     Chunk,
@@ -14,9 +15,9 @@ from objstream.common.protocol import (
     MessageType,
     Offer,
     Progress,
+    envelope,
     new_stream_id,
     parse,
-    properties,
     to_headers,
 )
 
@@ -51,12 +52,15 @@ def _offer(**changes: Any) -> dict[str, Any]:
     ],
 )
 def test_round_trip_through_amqp_properties(message: Message) -> None:
-    props = properties(message)
+    props = envelope(message)
+    assert props.headers is not None
     assert props.headers["objstream"] == 1
-    # Through pika's own wire encoding and back, as the broker would deliver it.
+    # Through the adapter and pika's own wire encoding and back, as the broker would deliver it.
     decoded = pika.BasicProperties()
-    decoded.decode(b"".join(props.encode()))
-    assert parse(decoded.type, decoded.headers) == message
+    decoded.decode(b"".join(_to_pika(props).encode()))
+    back = _from_pika(decoded)
+    assert back == props
+    assert parse(back.type, back.headers) == message
 
 
 def test_none_fields_are_left_out_of_headers() -> None:
@@ -65,11 +69,11 @@ def test_none_fields_are_left_out_of_headers() -> None:
 
 def test_chunk_ids_and_persistence() -> None:
     chunk = Chunk(stream_id=SID, seq=7, crc32=1)
-    props = properties(chunk, persistent=False, message_id=f"{SID}:7")
+    props = envelope(chunk, persistent=False, message_id=f"{SID}:7")
     assert props.type == MessageType.CHUNK.value == "chunk"
     assert props.message_id == f"{SID}:7"
     assert props.correlation_id == SID
-    assert props.delivery_mode == pika.DeliveryMode.Transient.value
+    assert _to_pika(props).delivery_mode == pika.DeliveryMode.Transient.value
 
 
 @pytest.mark.parametrize(

@@ -86,7 +86,7 @@ def test_the_resume_prefix_is_hashed_while_the_connection_keeps_working(tmp_path
     import time
 
     from objstream.producer.pieces import PieceReader
-    from objstream.producer.sender import StreamSender
+    from objstream.producer.sender import Resume, StreamSender
 
     data = bytes(range(256)) * 64
     path = tmp_path / "f"
@@ -111,8 +111,8 @@ def test_the_resume_prefix_is_hashed_while_the_connection_keeps_working(tmp_path
     sender._connection = connection  # type: ignore[assignment]
     reader = PieceReader(source)
     prefix = hashlib.sha256(data[: 8 * 1024]).hexdigest()
-    assert sender._resume_point(reader, 8, prefix) == 8
+    assert sender._resume_point(reader, Resume(8, prefix)) == 8
     assert connection.events >= 3  # 8 reads of 50 ms: the connection was served meanwhile
     assert reader.digest.hashed == 8
-    assert sender._resume_point(PieceReader(source), 8, "0" * 64) == 0  # changed: whole
+    assert sender._resume_point(PieceReader(source), Resume(8, "0" * 64)) == 0  # changed: whole
     source.close()
