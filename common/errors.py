@@ -31,10 +31,6 @@ class FailureCode(StrEnum):
     UNSUPPORTED = "unsupported"
 
 
-# The names the codes had before they were one vocabulary.
-ErrorCode = FailureCode
-
-
 class ObjstreamError(Exception):
     """Root of every error objstream raises on purpose."""
 

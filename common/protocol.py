@@ -57,10 +57,6 @@ class MessageType(StrEnum):
     REPLY = "reply"
 
 
-# Refusals of retrieval requests are codes of the one failure vocabulary.
-Refusal = FailureCode
-
-
 class _Versioned(BaseModel):
     """Common base: frozen, no unknown fields, carries the protocol version."""
 

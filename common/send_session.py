@@ -23,7 +23,7 @@ from enum import StrEnum
 from pydantic import ValidationError
 
 from objstream.common.errors import (
-    ErrorCode,
+    FailureCode,
     ObjstreamError,
     ProtocolError,
     TimedOut,
@@ -386,7 +386,7 @@ class SendSession:
                 TargetFinished(target.site, target.stream_id, None, done.stored_as),
             ]
         error = TransferFailed(
-            target.site, target.stream_id, done.code or ErrorCode.PROTOCOL, done.detail
+            target.site, target.stream_id, done.code or FailureCode.PROTOCOL, done.detail
         )
         target.error = error
         target.fire(TargetEvent.FAIL)
@@ -424,7 +424,7 @@ class SendSession:
         """Stop every stream: receivers are told to drop them."""
         actions: list[Action] = []
         for target in self._active():
-            error = TransferFailed(target.site, target.stream_id, ErrorCode.ABORTED, reason)
+            error = TransferFailed(target.site, target.stream_id, FailureCode.ABORTED, reason)
             actions += self._fail(target, error)
         return actions
 

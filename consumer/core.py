@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
 
 
-class Refusal(Exception):
+class OfferRefused(Exception):
     """An offer this site does not take: the sender gets ``code`` and ``detail``."""
 
     def __init__(self, code: FailureCode, detail: str) -> None:
@@ -259,7 +259,7 @@ class ConsumerCore:
             return
         try:
             stream = self._open_stream(offer, reply_to, kept, timeout, requested)
-        except Refusal as e:
+        except OfferRefused as e:
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: there for the next attempt
             self.table.refuse(offer, reply_to, e.code, e.detail)
@@ -288,7 +288,7 @@ class ConsumerCore:
         """The stream for an accepted offer (its assembler, reassembler and state file).
 
         Raises:
-            Refusal: the offer is not taken.
+            OfferRefused: the offer is not taken.
         """
         self._check_offer(offer)
         if kept is not None and not offer.resume_from:
@@ -299,17 +299,17 @@ class ConsumerCore:
         if offer.resume_from and (kept is None or not continues(kept, offer)):
             detail = (f"the offer resumes from chunk {offer.resume_from}, but no partial file "
                       "to match is kept here")  # fmt: skip
-            raise Refusal(FailureCode.PROTOCOL, detail)
+            raise OfferRefused(FailureCode.PROTOCOL, detail)
         timeout = self.settings.timeout if timeout is None else timeout
         try:
             if kept is not None:
                 return self._stream(self.store.adopt(offer, reply_to, kept), timeout)
             assembler = self._assemblers[offer.kind](offer)
         except ProtocolError as e:
-            raise Refusal(FailureCode.PROTOCOL, str(e)) from e
+            raise OfferRefused(FailureCode.PROTOCOL, str(e)) from e
         except OSError as e:
             detail = f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}"
-            raise Refusal(FailureCode.IO, detail) from e
+            raise OfferRefused(FailureCode.IO, detail) from e
         reassembler = Reassembler(offer)
         reassembler.accept()
         state = None
@@ -318,7 +318,7 @@ class ConsumerCore:
                 state = StreamState.create(self.dest, offer, reply_to, requested)
             except OSError as e:
                 assembler.discard()
-                raise Refusal(FailureCode.IO, f"state file: {e}") from e
+                raise OfferRefused(FailureCode.IO, f"state file: {e}") from e
         session = self.table.session(reassembler, timeout=timeout, checkpoints=state is not None,
                                       keeps_prefix=keeps_prefix(assembler))  # fmt: skip
         return Stream(offer, reply_to, session, assembler, state=state)
@@ -326,11 +326,12 @@ class ConsumerCore:
     def _check_offer(self, offer: Offer) -> None:
         """Refuse what this site does not take (too large, of an unknown kind)."""
         if offer.size is not None and offer.size > self.settings.max_object_size:
-            raise Refusal(FailureCode.TOO_LARGE, f"{offer.size} bytes exceed site {self.site}'s "
-                          f"limit of {int(self.settings.max_object_size)} bytes")  # fmt: skip
+            limit = int(self.settings.max_object_size)
+            detail = f"{offer.size} bytes exceed site {self.site}'s limit of {limit} bytes"
+            raise OfferRefused(FailureCode.TOO_LARGE, detail)
         if offer.kind not in self._assemblers:
             detail = f"site {self.site} does not receive objects of kind {offer.kind!r}"
-            raise Refusal(FailureCode.REFUSED, detail)
+            raise OfferRefused(FailureCode.REFUSED, detail)
 
     def _container_assembler(self, offer: Offer) -> ObjectAssembler:
         if self._spool_containers and offer.inline is None:

@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from objstream.common.codec import EncodeError, encode
-from objstream.common.errors import ErrorCode, TransferFailed
+from objstream.common.errors import FailureCode, TransferFailed
 from objstream.common.settings import KiB, Settings
 from objstream.common.streaming import ObjectAssembler, ObjectStreamer, Piece
 from objstream.common.topology import Topology
@@ -186,7 +186,7 @@ def test_entry_count_mismatch_fails_the_stream(
     _send_raw_container(peer, parts, entries=3)
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.PROTOCOL
+    assert failed.code == FailureCode.PROTOCOL
     assert "2 complete entries != announced 3" in failed.detail
     assert peer.verdict()["ok"] is False
 
@@ -199,7 +199,7 @@ def test_more_entries_than_chunks_is_refused_at_the_offer(
     _send_raw_container(peer, _entry_chunks([b"a", b"b"]), entries=3)
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.PROTOCOL
+    assert failed.code == FailureCode.PROTOCOL
     assert "3 entries cannot fit in 2 chunks" in failed.detail
 
 
@@ -211,7 +211,7 @@ def test_digest_mismatch_fails_the_container(
     _send_raw_container(peer, _entry_chunks([b"a"]), entries=1, sha256="1" * 64)
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.CHECKSUM
+    assert failed.code == FailureCode.CHECKSUM
 
 
 def test_entry_whose_header_claims_more_bytes_than_it_carries(
@@ -225,7 +225,7 @@ def test_entry_whose_header_claims_more_bytes_than_it_carries(
     _send_raw_container(peer, [(body, meta)], entries=1)
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.PROTOCOL
+    assert failed.code == FailureCode.PROTOCOL
     assert "8000" in failed.detail
 
 
@@ -292,5 +292,5 @@ def test_a_kind_the_receiver_does_not_know_is_refused(
     with Streamer("server", settings) as streamer, pytest.raises(SendFailed) as caught:
         streamer.stream_object("site-1", RecordsStreamer("log", iter([b"x"])))
     [failure] = caught.value.failures
-    assert failure.code == ErrorCode.REFUSED
+    assert failure.code == FailureCode.REFUSED
     assert "kind 'records'" in failure.detail

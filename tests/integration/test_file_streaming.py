@@ -11,7 +11,7 @@ import pika
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
-from objstream.common.errors import ErrorCode, SendFailed, TimedOut, TransferFailed
+from objstream.common.errors import FailureCode, SendFailed, TimedOut, TransferFailed
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.consumer.streams import Received
 from objstream.producer import FileStreamer, TargetResult
@@ -237,7 +237,7 @@ def test_wrong_digest_fails_and_leaves_no_file(
 
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.CHECKSUM
+    assert failed.code == FailureCode.CHECKSUM
     assert "sha256" in failed.detail
     assert list(dest.iterdir()) == []  # neither final nor partial file
     done = peer.verdict()
@@ -259,7 +259,7 @@ def test_object_over_the_receivers_limit_is_refused_fast(
 
     assert time.monotonic() - started < 5
     [failure] = caught.value.failures
-    assert failure.code == ErrorCode.TOO_LARGE
+    assert failure.code == FailureCode.TOO_LARGE
     assert failure.site == "site-1"
     assert list((tmp_path / "in").iterdir()) == []
 

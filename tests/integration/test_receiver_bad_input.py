@@ -12,7 +12,7 @@ from typing import Any
 import pika
 import pytest
 
-from objstream.common.errors import ErrorCode, SendFailed, TransferFailed
+from objstream.common.errors import FailureCode, SendFailed, TransferFailed
 from objstream.common.settings import KiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer.streams import Received
@@ -38,7 +38,7 @@ def test_abort_from_the_sender_fails_the_stream_and_keeps_only_the_verified_pref
 
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.ABORTED
+    assert failed.code == FailureCode.ABORTED
     assert "disk on fire" in failed.detail
     assert "4 bytes received are kept" in failed.detail
     assert final_files(dest) == []
@@ -55,7 +55,7 @@ def test_an_offer_to_resume_what_is_not_kept_is_refused(
 
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.PROTOCOL
+    assert failed.code == FailureCode.PROTOCOL
     assert "no partial file to match is kept here" in failed.detail
     assert peer.verdict()["code"] == "protocol"
     assert list(dest.iterdir()) == []
@@ -72,7 +72,7 @@ def test_silent_sender_times_out_on_the_receiver(
 
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.TIMEOUT
+    assert failed.code == FailureCode.TIMEOUT
     verdict = peer.verdict()
     assert verdict["ok"] is False
     assert verdict["code"] == "timeout"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pika
 import pytest
 
-from objstream.common.errors import ErrorCode, TimedOut, TransferFailed
+from objstream.common.errors import FailureCode, TimedOut, TransferFailed
 from objstream.common.protocol import Request, new_stream_id, parse
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
@@ -139,7 +139,7 @@ def test_a_source_changed_since_is_sent_whole(
     fetcher.join(30)
     [error] = failures
     assert isinstance(error, TransferFailed)
-    assert error.code == ErrorCode.ABORTED
+    assert error.code == FailureCode.ABORTED
     _kept_prefix(out, src / "f.bin")
 
     monkeypatch.undo()  # the disk is fast again
@@ -184,7 +184,7 @@ def test_a_push_whose_producer_died_is_finished_by_a_retrieval(
         producer.wait()
     [failed] = receiver.wait_for(1)
     assert isinstance(failed, TransferFailed)
-    assert failed.code == ErrorCode.TIMEOUT
+    assert failed.code == FailureCode.TIMEOUT
     kept_chunks = _kept_prefix(dest, src / "big.bin")
 
     _retrieve_the_rest(settings, start_server, monkeypatch, src, dest, kept_chunks, digest)

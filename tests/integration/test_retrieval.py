@@ -156,7 +156,7 @@ def test_requester_timing_out_is_reported_and_the_owner_stops(
 def test_owner_shutting_down_mid_stream_is_reported(
     tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from objstream.common.errors import ErrorCode
+    from objstream.common.errors import FailureCode
 
     src = tmp_path / "src"
     src.mkdir()
@@ -180,7 +180,7 @@ def test_owner_shutting_down_mid_stream_is_reported(
     t.join(30)
     [error] = outcome
     assert isinstance(error, TransferFailed)
-    assert error.code == ErrorCode.ABORTED
+    assert error.code == FailureCode.ABORTED
     assert "shutting down" in error.detail
     assert final_files(tmp_path / "out") == []
     [kept] = kept_bytes(tmp_path / "out").values()  # what arrived, verified, for a retry

@@ -6,7 +6,7 @@ import pika
 import pytest
 
 from objstream.common.amqp import _from_pika, _to_pika
-from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import (
     Chunk,
     Done,
@@ -48,7 +48,7 @@ def _offer(**changes: Any) -> dict[str, Any]:
         End(stream_id=SID, chunk_count=3, size=10, sha256="a" * 64),
         Progress(stream_id=SID, site="site-1", stored=2),
         Progress(stream_id=SID, site="site-1", stored=2, resend_from=2),
-        Done(stream_id=SID, site="site-1", ok=False, code=ErrorCode.CHECKSUM, detail="x"),
+        Done(stream_id=SID, site="site-1", ok=False, code=FailureCode.CHECKSUM, detail="x"),
     ],
 )
 def test_round_trip_through_amqp_properties(message: Message) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from objstream.common.errors import ErrorCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import End, Offer, new_stream_id
 from objstream.common.reassembly import TRANSITIONS, ChunkOutcome, ChunkVerdict, Reassembler, State
 
@@ -123,7 +123,7 @@ def test_wrong_digest_fails_the_stream() -> None:
     r.record_end(end.model_copy(update={"sha256": "0" * 64}))
     failure = r.verify()
     assert failure is not None
-    assert failure.code is ErrorCode.CHECKSUM
+    assert failure.code is FailureCode.CHECKSUM
     assert r.state is State.FAILED
 
 

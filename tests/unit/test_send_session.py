@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from objstream.common.errors import ErrorCode, ProtocolError, TimedOut
+from objstream.common.errors import FailureCode, ProtocolError, TimedOut
 from objstream.common.protocol import Done, End, Inline, Progress, new_stream_id
 from objstream.common.reassembly import ChunkVerdict, Reassembler
 from objstream.common.reassembly import State as RState
@@ -144,12 +144,12 @@ def test_done_ok_finishes_the_target() -> None:
 
 def test_a_refusal_fails_the_target_and_deletes_its_queue() -> None:
     session, ids, _ = _session()
-    actions = session.receive(_done(ids["a"], ok=False, code=ErrorCode.REFUSED, detail="no"), 1.0)
+    actions = session.receive(_done(ids["a"], ok=False, code=FailureCode.REFUSED, detail="no"), 1.0)
     assert actions[0] == DeleteDataQueue(ids["a"])
     finished = actions[1]
     assert isinstance(finished, TargetFinished)
     assert finished.error is not None
-    assert finished.error.code is ErrorCode.REFUSED
+    assert finished.error.code is FailureCode.REFUSED
     assert finished.error.detail == "no"
     assert session.finished
 
@@ -212,7 +212,7 @@ def test_a_target_that_spoke_and_went_silent_gets_an_abort() -> None:
     finished = actions[1]
     assert isinstance(finished, TargetFinished)
     assert finished.error is not None
-    assert finished.error.code is ErrorCode.TIMEOUT
+    assert finished.error.code is FailureCode.TIMEOUT
     assert "never" not in finished.error.detail
 
 
@@ -223,7 +223,7 @@ def test_cancel_aborts_the_contacted_and_deletes_the_others() -> None:
     assert actions[0] == PublishAbort("a", ids["a"], actions[0].reason)  # type: ignore[union-attr]
     assert DeleteDataQueue(ids["b"]) in actions
     errors = [a.error for a in actions if isinstance(a, TargetFinished)]
-    assert [e.code for e in errors if e] == [ErrorCode.ABORTED] * 2
+    assert [e.code for e in errors if e] == [FailureCode.ABORTED] * 2
     assert session.finished
     assert session.next_publications() == []
 
