@@ -17,7 +17,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from objstream.common.amqp import Channel, Connection, Delivery, connect, dead_letter, reestablish
+from objstream.common.amqp import (
+    Channel,
+    Closing,
+    Connection,
+    Delivery,
+    connect,
+    dead_letter,
+    reestablish,
+)
 from objstream.common.errors import (
     BrokerRefused,
     ConfigError,
@@ -337,3 +345,37 @@ class ConsumerCore:
         if self._spool_containers and offer.inline is None:
             return ContainerSpool(self.dest, offer, self._on_entry)
         return ContainerAssembler(offer, self._on_entry)
+
+
+class ConsumerSide(Closing):
+    """What a :class:`~objstream.consumer.receiver.Receiver` and a
+    :class:`~objstream.consumer.retriever.Retriever` show of their core (they add the rest)."""
+
+    def __init__(self, core: ConsumerCore) -> None:
+        self._core = core
+
+    @property
+    def settings(self) -> Settings:
+        return self._core.settings
+
+    @property
+    def site(self) -> str:
+        return self._core.site
+
+    @property
+    def dest(self) -> Path:
+        return self._core.dest
+
+    @property
+    def topology(self) -> Topology:
+        return self._core.topology
+
+    @property
+    def reconnects(self) -> int:
+        """How often the connection was lost and re-established."""
+        return self._core.reconnects
+
+    def close(self, checkpoint: bool = False) -> None:
+        """Stop and disconnect; with ``checkpoint``, streams kept on disk are left for the
+        next consumer of this site and directory, otherwise they fail."""
+        self._core.close(checkpoint)

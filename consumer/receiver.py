@@ -16,14 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Self
 
 from objstream.common.errors import TransferFailed
 from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
-from objstream.common.topology import Topology
 from objstream.consumer.container_assembler import OnEntry
-from objstream.consumer.core import AssemblerFactory, ConsumerCore
+from objstream.consumer.core import AssemblerFactory, ConsumerCore, ConsumerSide
 from objstream.consumer.inbox import Inbox
 from objstream.consumer.stream_table import Save
 from objstream.consumer.streams import Received
@@ -31,7 +29,7 @@ from objstream.consumer.streams import Received
 __all__ = ["AssemblerFactory", "Receiver"]
 
 
-class Receiver:
+class Receiver(ConsumerSide):
     """Receives the objects streamed to ``site`` into the directory ``dest``.
 
     Use :meth:`receive` (or iterate) to get each object as it completes::
@@ -65,34 +63,14 @@ class Receiver:
         spool_containers: bool = False,
         save: Save | None = None,
     ) -> None:
-        self._core = core = ConsumerCore(
+        core = ConsumerCore(
             site, dest, settings, on_entry=on_entry, assemblers=assemblers, progress=progress,
             spool_containers=spool_containers, save=save,
         )  # fmt: skip
         # Hashing what a dead receiver left can take long: done before connecting, so that no
         # heartbeat waits for it.
         core.start([Inbox(core)], core.store.left_over())
-
-    @property
-    def settings(self) -> Settings:
-        return self._core.settings
-
-    @property
-    def site(self) -> str:
-        return self._core.site
-
-    @property
-    def dest(self) -> Path:
-        return self._core.dest
-
-    @property
-    def topology(self) -> Topology:
-        return self._core.topology
-
-    @property
-    def reconnects(self) -> int:
-        """How often the connection was lost and re-established."""
-        return self._core.reconnects
+        super().__init__(core)
 
     def receive(self, timeout: float | None = None) -> Received | None:
         """Wait for the next object to complete; ``None`` if none did within ``timeout`` s.
@@ -114,12 +92,6 @@ class Receiver:
         if isinstance(outcome, TransferFailed):
             raise outcome
         return outcome
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def __iter__(self) -> Receiver:
         return self

@@ -26,14 +26,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Any, Literal, TypeVar
 
 from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
 from objstream.common.protocol import Reply, Request, new_stream_id
 from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
 from objstream.consumer.container_assembler import OnEntry
-from objstream.consumer.core import ConsumerCore
+from objstream.consumer.core import ConsumerCore, ConsumerSide
 from objstream.consumer.requests import Asked, RequestTracker
 from objstream.consumer.resume import Resumable
 from objstream.consumer.stream_table import Save
@@ -50,7 +50,7 @@ class _OfferLost(Exception):
     """The connection was lost between the reply and the offer: ask again."""
 
 
-class Retriever:
+class Retriever(ConsumerSide):
     """Retrieves objects for ``site``; files are stored in ``dest``.
 
     ::
@@ -73,33 +73,10 @@ class Retriever:
         progress: ProgressHook | None = None,
         save: Save | None = None,
     ) -> None:
-        self._core = core = ConsumerCore(site, dest, settings, on_entry=on_entry,
-                                         progress=progress, save=save)  # fmt: skip
+        core = ConsumerCore(site, dest, settings, on_entry=on_entry, progress=progress, save=save)
         self._requests = RequestTracker(core)
         core.start([self._requests])
-
-    @property
-    def settings(self) -> Settings:
-        return self._core.settings
-
-    @property
-    def site(self) -> str:
-        return self._core.site
-
-    @property
-    def dest(self) -> Path:
-        return self._core.dest
-
-    @property
-    def reconnects(self) -> int:
-        """How often the connection was lost and re-established."""
-        return self._core.reconnects
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super().__init__(core)
 
     def close(self, checkpoint: bool = False) -> None:
         """Stop and disconnect; retrievals in progress fail (a retrieval belongs to its caller,
