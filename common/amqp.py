@@ -289,9 +289,15 @@ class Channel:
         with self._op(f"binding {queue} to {exchange}/{routing_key}"):
             self._impl.queue_bind(queue, exchange, routing_key=routing_key)
 
-    def declare_exchange(self, name: str, kind: str, durable: bool = True) -> None:
+    def declare_exchange(
+        self, name: str, kind: str, *, durable: bool = True, passive: bool = False
+    ) -> None:
+        """Declare exchange ``name`` (``passive``: only check that it exists, which needs no
+        permission; a missing one is BrokerRefused 404 and closes the channel)."""
         with self._op(f"declaring exchange {name}"):
-            self._impl.exchange_declare(name, exchange_type=kind, durable=durable)
+            self._impl.exchange_declare(
+                name, exchange_type=kind, durable=durable, passive=passive
+            )
 
     def close(self) -> None:
         """Close the channel; unacked deliveries go back to their queues. Never raises."""

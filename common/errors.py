@@ -29,6 +29,8 @@ class FailureCode(StrEnum):
     OUTSIDE_SOURCE_DIR = "outside_source_dir"
     BUSY = "busy"
     UNSUPPORTED = "unsupported"
+    # A message of another protocol version (a verdict, or the dead-letter reason).
+    UNSUPPORTED_VERSION = "unsupported_version"
 
 
 class ObjstreamError(Exception):

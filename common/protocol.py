@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.settings import MAX_CHUNK_SIZE, NAME_PATTERN
 
-PROTOCOL_VERSION: Literal[1] = 1
+PROTOCOL_VERSION: Literal[2] = 2
 VERSION_HEADER = "objstream"
 REASON_HEADER = "x-objstream-reason"
 CONTENT_TYPE = "application/octet-stream"
@@ -62,7 +62,7 @@ class _Versioned(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    objstream: Literal[1] = Field(
+    objstream: Literal[2] = Field(
         PROTOCOL_VERSION, description="Protocol version; receivers refuse others."
     )
 
@@ -267,6 +267,19 @@ def to_headers(message: _Versioned) -> dict[str, Any]:
     return message.model_dump(mode="json", exclude_none=True)
 
 
+class UnsupportedVersion(ProtocolError):
+    """A message of another protocol version (``code``: unsupported_version)."""
+
+    code = FailureCode.UNSUPPORTED_VERSION
+
+    def __init__(self, version: object) -> None:
+        self.version = version
+        super().__init__(
+            f"{FailureCode.UNSUPPORTED_VERSION}: protocol version {version!r}, this peer "
+            f"speaks {PROTOCOL_VERSION}"
+        )
+
+
 def parse(message_type: str | None, headers: Mapping[str, Any] | None) -> Message:
     """Validate a received message's type and headers into its model.
 
@@ -280,9 +293,7 @@ def parse(message_type: str | None, headers: Mapping[str, Any] | None) -> Messag
     if version is None:
         raise ProtocolError("missing protocol version header 'objstream'")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            f"unknown protocol version {version!r} (this peer speaks {PROTOCOL_VERSION})"
-        )
+        raise UnsupportedVersion(version)
     try:
         kind = MessageType(message_type or "")
     except ValueError:

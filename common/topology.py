@@ -1,27 +1,53 @@
-"""Exchange and queue names, and their declarations (DESIGN.md section 2).
+"""Exchange, queue and routing-key names of protocol v2, and their declarations.
 
 Every name carries the namespace prefix, so two deployments (or two test runs) on one broker never
-see each other's messages.
+see each other's messages. Every queue a site reads carries the site's name where a RabbitMQ
+permission regex can match it exactly (:func:`permissions` builds those regexes), and every
+routing key a site publishes with names the site itself as the publisher (topic permissions), so
+a site's broker user can be given exactly: its own inbox, service queue, data queues and reply
+queues, and write access to the exchange with keys that name it.
+
+Names (``NS`` the namespace, ``S`` a site, ``ID`` a stream id or reply-queue id: 32 hex digits):
+
+============================  ============================  ===================================
+what                          queue                         bound with key(s) on ``NS`` (topic)
+============================  ============================  ===================================
+inbox of S (offers)           ``NS.site.S``                 ``offer:S`` (and v1's ``site.S``)
+service queue of S (requests) ``NS.serve.S``                ``serve:S`` (and v1's ``serve.S``)
+data of stream ID for S       ``NS.data.S.ID``              ``data:ID:SENDER``,
+                                                            ``data:ID:SENDER:S``
+a reply queue of S            ``NS.reply.S.ID``             ``reply:S:ID:PEER`` per peer
+============================  ============================  ===================================
+
+Site names never contain ``:``, so keys split unambiguously; queue names are matched with
+regexes anchored at both ends, whose fixed suffixes (``.site``-less forms, 32 hex digits) keep
+``a`` from matching ``a.b``'s names.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from objstream.common.settings import Settings
 
+from objstream.common.errors import BrokerRefused
+
 if TYPE_CHECKING:
-    from objstream.common.amqp import Channel
+    from objstream.common.amqp import Channel, Connection
 
 # The dead-letter queue keeps the newest messages up to these bounds; it never grows unbounded.
 DEAD_MAX_LENGTH = 10_000
 DEAD_MAX_BYTES = 64 * 1024 * 1024
 
+HEX32 = "[0-9a-f]{32}"
+SITE_IN_KEY = "[^:]+"  # a site name inside a routing key (site names never hold ":")
+
 
 @dataclass(frozen=True)
 class Topology:
-    """Names and arguments of everything objstream declares under one namespace."""
+    """Names, keys and arguments of everything objstream declares under one namespace."""
 
     namespace: str
     stream_ttl_ms: int
@@ -36,9 +62,11 @@ class Topology:
         # Quorum queues replicate across a RabbitMQ cluster, so streams survive a node's death.
         return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
 
+    # -- names ------------------------------------------------------------------------------------
+
     @property
     def exchange(self) -> str:
-        """The durable direct exchange every objstream message goes through."""
+        """The durable topic exchange every objstream message goes through."""
         return self.namespace
 
     @property
@@ -49,10 +77,6 @@ class Topology:
     def inbox(self, site: str) -> str:
         return f"{self.namespace}.site.{site}"
 
-    @staticmethod
-    def inbox_key(site: str) -> str:
-        return f"site.{site}"
-
     def service_queue(self, site: str) -> str:
         """Where retrieval requests to ``site`` wait for its serving workers.
 
@@ -61,26 +85,74 @@ class Topology:
         """
         return f"{self.namespace}.serve.{site}"
 
-    @staticmethod
-    def service_key(site: str) -> str:
-        return f"serve.{site}"
+    def data_queue(self, site: str, stream_id: str) -> str:
+        """The queue of stream ``stream_id`` at target ``site`` (declared by that target)."""
+        return f"{self.namespace}.data.{site}.{stream_id}"
 
-    def declare_service_queue(self, channel: Channel, site: str) -> str:
-        name = self.service_queue(site)
-        channel.declare_queue(name, durable=True, arguments=self._type_arguments or None)
-        channel.bind_queue(name, self.exchange, self.service_key(site))
-        return name
+    def reply_queue(self, site: str, queue_id: str) -> str:
+        """A reply queue of ``site`` (progress and verdicts; replies and offers of retrievals)."""
+        return f"{self.namespace}.reply.{site}.{queue_id}"
 
-    def data_queue(self, stream_id: str) -> str:
-        return f"{self.namespace}.stream.{stream_id}"
+    # -- routing keys -----------------------------------------------------------------------------
 
     @staticmethod
-    def data_key(stream_id: str) -> str:
-        return f"stream.{stream_id}"
+    def offer_key(target: str) -> str:
+        return f"offer:{target}"
 
-    def declare_base(self, channel: Channel) -> None:
-        """Declare the exchange and the dead-letter exchange and queue."""
-        channel.declare_exchange(self.exchange, "direct")
+    @staticmethod
+    def service_key(owner: str) -> str:
+        return f"serve:{owner}"
+
+    @staticmethod
+    def data_key(stream_id: str, sender: str, target: str | None = None) -> str:
+        """Chunks, end and abort of a stream: to every target (``target`` None), or to one."""
+        key = f"data:{stream_id}:{sender}"
+        return key if target is None else f"{key}:{target}"
+
+    @staticmethod
+    def reply_to(site: str, queue_id: str) -> str:
+        """The ``reply_to`` of a message whose answers go to reply queue ``queue_id`` of ``site``:
+        answers are published with :meth:`reply_key`."""
+        return f"reply:{site}:{queue_id}"
+
+    @staticmethod
+    def reply_key(reply_to: str, publisher: str) -> str:
+        """The key an answer to ``reply_to`` is published with, naming its publisher."""
+        return f"{reply_to}:{publisher}"
+
+    @staticmethod
+    def parse_reply_to(reply_to: str) -> tuple[str, str] | None:
+        """``(site, queue_id)`` of a v2 ``reply_to``, or None if it is not one."""
+        match = re.fullmatch(rf"reply:({SITE_IN_KEY}):({HEX32})", reply_to)
+        return None if match is None else (match.group(1), match.group(2))
+
+    # -- declarations -----------------------------------------------------------------------------
+
+    def declare_base(self, connection: Connection) -> None:
+        """Make sure the exchange and the dead-letter exchange and queue exist.
+
+        Checked first without declaring (a site's user under least privilege may not declare
+        them: its administrator did); declared if missing.
+        """
+        channel = connection.channel()
+        try:
+            channel.declare_exchange(self.exchange, "topic", passive=True)
+            channel.declare_exchange(self.dead, "fanout", passive=True)
+            channel.declare_queue(self.dead, passive=True)
+            return
+        except BrokerRefused as e:
+            if not e.not_found:
+                raise
+        finally:
+            channel.close()
+        channel = connection.channel()  # the failed check closed the other one
+        try:
+            self._declare_base(channel)
+        finally:
+            channel.close()
+
+    def _declare_base(self, channel: Channel) -> None:
+        channel.declare_exchange(self.exchange, "topic")
         channel.declare_exchange(self.dead, "fanout")
         channel.declare_queue(
             self.dead,
@@ -94,21 +166,96 @@ class Topology:
         channel.bind_queue(self.dead, self.dead, "")
 
     def declare_inbox(self, channel: Channel, site: str) -> str:
-        """Declare and bind the inbox of ``site``; returns its name."""
+        """Declare and bind the inbox of ``site``; returns its name.
+
+        Also bound with protocol v1's key, so that a v1 offer reaches a v2 receiver and is
+        answered (dead-lettered as ``unsupported_version``) rather than lost.
+        """
         name = self.inbox(site)
         channel.declare_queue(name, durable=True, arguments=self._type_arguments or None)
-        channel.bind_queue(name, self.exchange, self.inbox_key(site))
+        channel.bind_queue(name, self.exchange, self.offer_key(site))
+        channel.bind_queue(name, self.exchange, f"site.{site}")
         return name
 
-    def declare_data_queue(self, channel: Channel, stream_id: str) -> str:
-        """Declare and bind the data queue of a stream; it expires when unused for the TTL."""
-        name = self.data_queue(stream_id)
+    def declare_service_queue(self, channel: Channel, site: str) -> str:
+        """Declare and bind the service queue of ``site`` (also with v1's key, as the inbox)."""
+        name = self.service_queue(site)
+        channel.declare_queue(name, durable=True, arguments=self._type_arguments or None)
+        channel.bind_queue(name, self.exchange, self.service_key(site))
+        channel.bind_queue(name, self.exchange, f"serve.{site}")
+        return name
+
+    def declare_data_queue(self, channel: Channel, site: str, stream_id: str, sender: str) -> str:
+        """Declare the data queue of ``stream_id`` at ``site`` (the target does this) and bind
+        it to the sender's keys for the stream: every target's, and this target's own. It
+        expires when unused for the stream TTL."""
+        name = self.data_queue(site, stream_id)
         arguments = {"x-expires": self.stream_ttl_ms, **self._type_arguments}
         channel.declare_queue(name, durable=True, arguments=arguments)
-        channel.bind_queue(name, self.exchange, self.data_key(stream_id))
+        channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender))
+        channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender, site))
         return name
 
-    @staticmethod
-    def declare_reply_queue(channel: Channel) -> str:
-        """Declare this process's private reply queue (exclusive, server-named)."""
-        return channel.declare_queue("", exclusive=True, auto_delete=True)
+    def declare_reply_queue(
+        self, channel: Channel, site: str, queue_id: str, *, exclusive: bool, ttl_ms: int = 0
+    ) -> str:
+        """Declare reply queue ``queue_id`` of ``site``: exclusive (dies with the connection),
+        or durable with an idle expiry of ``ttl_ms`` (outlives a reconnect). Peers are bound
+        with :meth:`bind_reply`."""
+        name = self.reply_queue(site, queue_id)
+        if exclusive:
+            channel.declare_queue(name, exclusive=True, auto_delete=True)
+        else:
+            arguments = {"x-expires": ttl_ms} if ttl_ms else None
+            channel.declare_queue(name, durable=True, arguments=arguments)
+        return name
+
+    def bind_reply(self, channel: Channel, site: str, queue_id: str, peer: str) -> None:
+        """Let ``peer``'s answers to ``reply_to(site, queue_id)`` into that reply queue."""
+        key = self.reply_key(self.reply_to(site, queue_id), peer)
+        channel.bind_queue(self.reply_queue(site, queue_id), self.exchange, key)
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """What one site's broker user may do, as RabbitMQ permission regexes.
+
+    ``configure``, ``write`` and ``read`` are the vhost permissions (``set_permissions``);
+    ``topic_write`` and ``topic_read`` the topic permissions on the exchange
+    (``set_topic_permissions``): the routing keys the user may publish with, and bind its
+    queues with.
+    """
+
+    configure: str
+    write: str
+    read: str
+    topic_write: str
+    topic_read: str
+
+
+def permissions(namespace: str, site: str) -> Permissions:
+    """The least privilege of ``site`` under ``namespace`` (see the module's table).
+
+    A site may: declare, bind and read its own inbox, service queue, data queues and reply
+    queues; publish to the exchange (and the dead-letter exchange) with keys that name it as
+    the publisher (offers and requests to anyone; chunks of its own streams; answers signed
+    with its name); bind its queues with keys addressed to it. It cannot declare, delete or
+    read any other site's queue, nor the exchanges (an administrator declares them:
+    ``objstream admin permissions --apply``).
+    """
+    ns, s = re.escape(namespace), re.escape(site)
+    own = rf"^{ns}\.(site|serve)\.{s}$|^{ns}\.(data|reply)\.{s}\.{HEX32}$"
+    exchanges = rf"^{ns}$|^{ns}\.dead$"
+    return Permissions(
+        configure=own,
+        write=f"{exchanges}|{own}",
+        read=rf"^{ns}$|{own}",
+        topic_write=(
+            rf"^(offer|serve):{SITE_IN_KEY}$|^data:{HEX32}:{s}(:{SITE_IN_KEY})?$"
+            rf"|^reply:{SITE_IN_KEY}:{HEX32}:{s}$"
+        ),
+        topic_read=(
+            rf"^(offer|serve):{s}$|^(site|serve)\.{s}$|^data:{HEX32}:{SITE_IN_KEY}(:{s})?$"
+            rf"|^reply:{s}:{HEX32}:{SITE_IN_KEY}$"
+        ),
+    )
