@@ -295,9 +295,7 @@ class Channel:
         """Declare exchange ``name`` (``passive``: only check that it exists, which needs no
         permission; a missing one is BrokerRefused 404 and closes the channel)."""
         with self._op(f"declaring exchange {name}"):
-            self._impl.exchange_declare(
-                name, exchange_type=kind, durable=durable, passive=passive
-            )
+            self._impl.exchange_declare(name, exchange_type=kind, durable=durable, passive=passive)
 
     def close(self) -> None:
         """Close the channel; unacked deliveries go back to their queues. Never raises."""

@@ -8,6 +8,7 @@ import pytest
 from objstream.common.amqp import _from_pika, _to_pika
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import (
+    PROTOCOL_VERSION,
     Chunk,
     Done,
     End,
@@ -15,6 +16,7 @@ from objstream.common.protocol import (
     MessageType,
     Offer,
     Progress,
+    UnsupportedVersion,
     envelope,
     new_stream_id,
     parse,
@@ -54,7 +56,7 @@ def _offer(**changes: Any) -> dict[str, Any]:
 def test_round_trip_through_amqp_properties(message: Message) -> None:
     props = envelope(message)
     assert props.headers is not None
-    assert props.headers["objstream"] == 1
+    assert props.headers["objstream"] == PROTOCOL_VERSION == 2
     # Through the adapter and pika's own wire encoding and back, as the broker would deliver it.
     decoded = pika.BasicProperties()
     decoded.decode(b"".join(_to_pika(props).encode()))
@@ -81,24 +83,25 @@ def test_chunk_ids_and_persistence() -> None:
     [
         ("offer", None, "no headers"),
         ("offer", {}, "missing protocol version"),
-        ("offer", {"objstream": 2}, "unknown protocol version 2"),
-        ("teleport", {"objstream": 1}, "unknown message type 'teleport'"),
-        (None, {"objstream": 1}, "unknown message type None"),
-        ("offer", {**_offer(), "objstream": 1, "extra": 1}, "extra"),
-        ("offer", {**_offer(size=-1), "objstream": 1}, "size"),
-        ("offer", {**_offer(size=2**63), "objstream": 1}, "size"),
-        ("offer", {**_offer(chunk_count=2), "objstream": 1}, "chunk_count 2 != ceil"),
-        ("offer", {**_offer(chunk_size=0), "objstream": 1}, "chunk_size"),
-        ("offer", {**_offer(chunk_size=64 * 2**20), "objstream": 1}, "chunk_size"),
-        ("offer", {**_offer(sender="../x"), "objstream": 1}, "sender"),
-        ("offer", {**_offer(name=""), "objstream": 1}, "name"),
-        ("offer", {**_offer(stream_id="XYZ"), "objstream": 1}, "stream_id"),
-        ("chunk", {"objstream": 1, "stream_id": SID, "seq": -1, "crc32": 0}, "seq"),
-        ("chunk", {"objstream": 1, "stream_id": SID, "seq": 0, "crc32": 2**32}, "crc32"),
-        ("chunk", {"objstream": 1, "stream_id": SID, "seq": 0}, "crc32"),
+        ("offer", {"objstream": 1}, "unsupported_version: protocol version 1, this peer speaks 2"),
+        ("offer", {"objstream": 3}, "unsupported_version: protocol version 3"),
+        ("teleport", {"objstream": 2}, "unknown message type 'teleport'"),
+        (None, {"objstream": 2}, "unknown message type None"),
+        ("offer", {**_offer(), "objstream": 2, "extra": 1}, "extra"),
+        ("offer", {**_offer(size=-1), "objstream": 2}, "size"),
+        ("offer", {**_offer(size=2**63), "objstream": 2}, "size"),
+        ("offer", {**_offer(chunk_count=2), "objstream": 2}, "chunk_count 2 != ceil"),
+        ("offer", {**_offer(chunk_size=0), "objstream": 2}, "chunk_size"),
+        ("offer", {**_offer(chunk_size=64 * 2**20), "objstream": 2}, "chunk_size"),
+        ("offer", {**_offer(sender="../x"), "objstream": 2}, "sender"),
+        ("offer", {**_offer(name=""), "objstream": 2}, "name"),
+        ("offer", {**_offer(stream_id="XYZ"), "objstream": 2}, "stream_id"),
+        ("chunk", {"objstream": 2, "stream_id": SID, "seq": -1, "crc32": 0}, "seq"),
+        ("chunk", {"objstream": 2, "stream_id": SID, "seq": 0, "crc32": 2**32}, "crc32"),
+        ("chunk", {"objstream": 2, "stream_id": SID, "seq": 0}, "crc32"),
         (
             "end",
-            {"objstream": 1, "stream_id": SID, "chunk_count": 1, "size": 1, "sha256": "xyz"},
+            {"objstream": 2, "stream_id": SID, "chunk_count": 1, "size": 1, "sha256": "xyz"},
             "sha256",
         ),
     ],
@@ -157,3 +160,10 @@ def test_a_resume_request_says_what_it_has(changes: dict[str, Any]) -> None:
         Request(**fields, resume_from=2, **changes)
     both = {"chunk_size": 4096, "prefix_sha256": "0" * 64}
     assert Request(**fields, resume_from=2, **both).resume_from == 2
+
+
+def test_another_version_is_unsupported_version_with_its_code() -> None:
+    with pytest.raises(UnsupportedVersion) as caught:
+        parse("offer", {**_offer(), "objstream": 1})
+    assert caught.value.code == FailureCode.UNSUPPORTED_VERSION == "unsupported_version"
+    assert caught.value.version == 1
