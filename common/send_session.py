@@ -5,20 +5,28 @@ holds the protocol *policy* of one object sent to N targets and nothing else: it
 source, never touches the broker, files or the clock (``now`` is passed in). The driver
 (:mod:`objstream.producer.sender`) performs the actions it returns and feeds it what comes back.
 
-Per target, a row of :attr:`SendSession.targets` holds a cursor (``next_seq``; message number
-``chunk_count`` is the end), what the target stored, and a :class:`TargetState` changed only
-through :data:`TRANSITIONS`. At most ``window`` chunks go beyond what a target stored (for an
-iterator source, beyond what the slowest stored: ``lockstep``). A silent target gets a resend
-after ``resend_after`` s, once it made contact; after ``timeout`` s it fails alone, and its
-receiver is told to drop the stream (abort), or its queue is deleted if nobody took the offer.
+Protocol v2: ONE stream id for every target, and the broker copies. Nothing is published for a
+target before its first contact (its progress report: until then its data queue may not exist).
+The session waits for every target's first contact (at most ``resend_after`` s; for an iterator
+source, until each made contact or failed), then *broadcasts* chunk ``n`` (``to=None``, every
+target's queue gets it) while every *rider*'s window allows (``n < stored + window``). A target
+that makes contact later, asks for a resend, or holds the other riders back for more than
+``resend_after`` s leaves the ride: it gets *unicast* chunks (``to=site``) from its own position
+until it reaches the broadcast cursor, then rides again. The end goes by broadcast to the riders,
+by unicast to the others; aborts go by unicast (a target fails alone). Targets can be added while
+the stream runs (:meth:`SendSession.add_target`, shared retrieval uploads).
+
+Per target, a row of :attr:`SendSession.targets` holds what the target stored, its unicast cursor
+(``next_seq``; message number ``chunk_count`` is the end) and a :class:`TargetState` changed only
+through :data:`TRANSITIONS`. A silent target gets a resend after ``resend_after`` s; after
+``timeout`` s it fails alone (its receiver is told to drop the stream).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from pydantic import ValidationError
 
@@ -29,244 +37,65 @@ from objstream.common.errors import (
     TimedOut,
     TransferFailed,
 )
-from objstream.common.protocol import INLINE_MAX, Done, Inline, Message, Offer, Progress
-from objstream.common.streaming import MetaValue
+from objstream.common.protocol import Done, Inline, Message, Offer, Progress
+from objstream.common.send_table import (
+    Action,
+    Pacing,
+    PublishAbort,
+    PublishChunk,
+    PublishEnd,
+    PublishOffer,
+    ReleaseBefore,
+    ReportProgress,
+    SourceFacts,
+    Target,
+    TargetEvent,
+    TargetFinished,
+    TargetState,
+    fits_inline,
+)
 
 log = logging.getLogger(__name__)
 
-
-class TargetState(StrEnum):
-    """Life cycle of the stream to one target."""
-
-    OFFERED = "offered"  # offer out, no word from the target yet (chunks may wait in its queue)
-    SENDING = "sending"  # the target reports; chunks (or the end) are still to publish
-    ENDED = "ended"  # the target reports; every chunk and the end are out: verdict awaited
-    DONE = "done"  # the target stored and verified the object
-    FAILED = "failed"  # refused, timed out, aborted
-
-
-class TargetEvent(StrEnum):
-    HEARD = "heard"  # a progress report
-    PUBLISHED_ALL = "published_all"  # the end went out
-    REWOUND = "rewound"  # resend from what the target stored
-    STORED = "stored"  # done, ok
-    FAIL = "fail"  # done not ok, timeout, cancel
-
-
 _S, _E = TargetState, TargetEvent
-
-# The legal transitions; anything else is "can't handle EVENT in state STATE".
-TRANSITIONS: dict[tuple[TargetState, TargetEvent], TargetState] = {
-    (_S.OFFERED, _E.HEARD): _S.SENDING,
-    (_S.OFFERED, _E.PUBLISHED_ALL): _S.OFFERED,  # the end waits in the queue with the chunks
-    (_S.OFFERED, _E.REWOUND): _S.OFFERED,  # after a reconnect: transient chunks may be lost
-    (_S.OFFERED, _E.STORED): _S.DONE,  # an inline offer's verdict
-    (_S.OFFERED, _E.FAIL): _S.FAILED,
-    (_S.SENDING, _E.HEARD): _S.SENDING,
-    (_S.SENDING, _E.PUBLISHED_ALL): _S.ENDED,
-    (_S.SENDING, _E.REWOUND): _S.SENDING,
-    (_S.SENDING, _E.STORED): _S.DONE,
-    (_S.SENDING, _E.FAIL): _S.FAILED,
-    (_S.ENDED, _E.HEARD): _S.ENDED,
-    (_S.ENDED, _E.REWOUND): _S.SENDING,
-    (_S.ENDED, _E.STORED): _S.DONE,
-    (_S.ENDED, _E.FAIL): _S.FAILED,
-}
-FINISHED = frozenset({TargetState.DONE, TargetState.FAILED})
-
-
-# -- actions (what the driver must do) ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DeclareDataQueue:
-    """Declare (again) the data queue of a stream."""
-
-    stream_id: str
-
-
-@dataclass(frozen=True)
-class PublishOffer:
-    """Publish ``offer`` to the target (its inbox, or the requester's queue); an inline offer's
-    body is the source's one piece. The offer is void after ``expiration_ms``."""
-
-    site: str
-    offer: Offer
-    expiration_ms: int
-
-
-@dataclass(frozen=True)
-class PublishChunk:
-    """Publish chunk ``seq`` of the source on the stream's data queue."""
-
-    site: str
-    stream_id: str
-    seq: int
-
-
-@dataclass(frozen=True)
-class PublishEnd:
-    """Publish the end (count, size, SHA-256 of the whole) on the stream's data queue."""
-
-    site: str
-    stream_id: str
-
-
-@dataclass(frozen=True)
-class PublishAbort:
-    """Tell the target's receiver to drop the stream (it deletes the data queue)."""
-
-    site: str
-    stream_id: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class DeleteDataQueue:
-    """Delete the stream's data queue: nobody will read it."""
-
-    stream_id: str
-
-
-@dataclass(frozen=True)
-class ReleaseBefore:
-    """Every target stored the pieces before ``seq``: the driver may forget them."""
-
-    seq: int
-
-
-@dataclass(frozen=True)
-class ReportProgress:
-    """The target stored ``stored`` chunks (``complete``: the whole object, verified)."""
-
-    site: str
-    stream_id: str
-    stored: int
-    complete: bool = False
-
-
-@dataclass(frozen=True)
-class TargetFinished:
-    """The stream to one target ended: ``error`` is None if it stored the object."""
-
-    site: str
-    stream_id: str
-    error: TransferFailed | None
-    stored_as: str | None = None
-
-
-Action = (
-    DeclareDataQueue
-    | PublishOffer
-    | PublishChunk
-    | PublishEnd
-    | PublishAbort
-    | DeleteDataQueue
-    | ReleaseBefore
-    | ReportProgress
-    | TargetFinished
-)
-
-
-# -- inputs ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourceFacts:
-    """What the session knows of the source (never its bytes)."""
-
-    kind: str
-    name: str
-    chunk_size: int
-    size: int | None
-    chunk_count: int | None
-    random_access: bool
-    info: Mapping[str, MetaValue] | None = None
-
-
-def fits_inline(facts: SourceFacts, start: int = 0) -> bool:
-    """Is the object small enough to ride inside its offer (one message, no data queue)?"""
-    return (
-        facts.random_access
-        and not start
-        and facts.chunk_count is not None
-        and facts.chunk_count <= 1
-        and facts.size is not None
-        and facts.size <= INLINE_MAX
-    )
-
-
-@dataclass(frozen=True)
-class Pacing:
-    """How fast the session goes and how long it waits (from the settings or the call)."""
-
-    window: int  # chunks in flight beyond what a target stored
-    timeout: float  # seconds of silence after which a target fails
-    resend_after: float  # seconds of silence (after contact) before resending
-
-
-@dataclass
-class Target:
-    """One row of the session's table: the stream to one target."""
-
-    site: str
-    stream_id: str
-    next_seq: int  # next message to publish; message number chunk_count is the end
-    stored: int  # contiguous chunks the target reported stored
-    quiet_since: float  # last word from the target (or the offer, or a reconnect)
-    state: TargetState = TargetState.OFFERED
-    last_resend: float = float("-inf")
-    stored_as: str | None = None
-    error: TransferFailed | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.state not in FINISHED
-
-    @property
-    def heard(self) -> bool:
-        """Did the target ever report (so its receiver reads the queue)?"""
-        return self.state in (TargetState.SENDING, TargetState.ENDED)
-
-    def fire(self, event: TargetEvent) -> None:
-        try:
-            self.state = TRANSITIONS[self.state, event]
-        except KeyError:
-            raise ProtocolError(
-                f"can't handle {event} in state {self.state} (stream {self.stream_id} "
-                f"to {self.site!r})"
-            ) from None
 
 
 @dataclass
 class SendSession:
-    """One object to N targets: the policy of the sending side, as a table of target rows.
+    """One object to N targets over one stream id: the policy of the sending side.
 
     Args:
         facts: the source's description.
-        targets: ``(site, stream_id)`` per target.
+        stream_id: the one stream id of every target.
+        targets: the table, one row per target site.
         sender: this site's name.
         pacing: window, timeout and resend delay.
+        created: when the offers went out (the broadcast waits ``resend_after`` from there).
         start: first chunk sent (a resumed retrieval skips what the requester has).
         inline: the object rides in the offer (see :func:`fits_inline`); the driver computed it.
     """
 
     facts: SourceFacts
+    stream_id: str
     targets: list[Target]
     sender: str
     pacing: Pacing
+    created: float
     start: int = 0
     inline: Inline | None = None
     count: int | None = field(init=False)
+    cursor: int = field(init=False)  # next broadcast message (chunk_count: the end)
+    started: bool = field(init=False, default=False)  # the broadcast began
     _released: int = field(init=False, default=0)
-    _by_id: dict[str, Target] = field(init=False, default_factory=dict)
+    _by_site: dict[str, Target] = field(init=False, default_factory=dict)
 
     @classmethod
     def create(
         cls,
         facts: SourceFacts,
-        targets: Sequence[tuple[str, str]],
+        sites: Sequence[str],
         *,
+        stream_id: str,
         sender: str,
         pacing: Pacing,
         start: int = 0,
@@ -276,15 +105,15 @@ class SendSession:
         """A session whose offers go out at ``now`` (:meth:`start_actions` gives them)."""
         if inline is not None and not fits_inline(facts, start):
             raise ValueError(f"{facts.kind} {facts.name!r} does not fit in an offer")
-        rows = [Target(site, stream_id, start, start, now) for site, stream_id in targets]
-        return cls(facts, rows, sender, pacing, start, inline)
+        rows = [Target(site, start, start, now) for site in sites]
+        return cls(facts, stream_id, rows, sender, pacing, now, start, inline)
 
     def __post_init__(self) -> None:
         self.count = self.facts.chunk_count
-        self._released = self.start
-        self._by_id = {t.stream_id: t for t in self.targets}
-        if len(self._by_id) != len(self.targets):
-            raise ValueError("stream ids repeat")
+        self.cursor = self._released = self.start
+        self._by_site = {t.site: t for t in self.targets}
+        if len(self._by_site) != len(self.targets):
+            raise ValueError("target sites repeat")
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -300,30 +129,56 @@ class SendSession:
     def _active(self) -> list[Target]:
         return [t for t in self.targets if t.active]
 
+    def _riders(self) -> list[Target]:
+        return [t for t in self.targets if t.riding and t.active]
+
+    @property
+    def _broadcast_over(self) -> bool:
+        """The end went out by broadcast: unicast goes on to the end on its own."""
+        return self.count is not None and self.cursor > self.count
+
     # -- inputs -------------------------------------------------------------------------------
 
     def start_actions(self) -> list[Action]:
-        """The offers (and data queues) of every target.
+        """The offer of every target.
 
         Raises:
             ObjstreamError: the source's description makes no valid offer.
         """
-        actions: list[Action] = []
-        for target in self.targets:
-            if self.inline is None:
-                actions.append(DeclareDataQueue(target.stream_id))
-            else:
-                target.next_seq = (self.count or 0) + 1  # the offer was the whole stream
-            actions.append(
-                PublishOffer(target.site, self._offer(target), int(self.pacing.timeout * 1000))
-            )
-        return actions
+        return [action for target in self.targets for action in self._offer_to(target)]
 
-    def _offer(self, target: Target) -> Offer:
+    def add_target(self, site: str, now: float) -> list[Action]:
+        """One more target, while the stream runs: it gets the offer now, unicast chunks from
+        the start once it makes contact, and rides once it reaches the broadcast.
+
+        Raises:
+            ValueError: ``site`` is a target already, the session is over, or the source is an
+                iterator that already moved on (it cannot go back for a newcomer).
+        """
+        if site in self._by_site:
+            raise ValueError(f"site {site!r} is a target of stream {self.stream_id} already")
+        if self.finished:
+            raise ValueError(f"stream {self.stream_id} is over")
+        if self.lockstep and self.started:
+            raise ValueError(f"{self.facts.kind} {self.facts.name!r} cannot go back to the start")
+        target = Target(site, self.start, self.start, now)
+        self.targets.append(target)
+        self._by_site[site] = target
+        log.info("site %s joins stream %s (broadcast at chunk %d)", site, self.stream_id,
+                 self.cursor)  # fmt: skip
+        return self._offer_to(target)
+
+    def _offer_to(self, target: Target) -> list[Action]:
+        if self.inline is not None:
+            target.next_seq = (self.count or 0) + 1  # the offer is the whole stream
+        expiration_ms = int(self.pacing.timeout * 1000)
+        return [PublishOffer(target.site, self._offer(target.site), expiration_ms)]
+
+    def _offer(self, site: str) -> Offer:
         facts = self.facts
         try:
             return Offer(
-                stream_id=target.stream_id,
+                stream_id=self.stream_id,
                 kind=facts.kind,
                 name=facts.name,
                 size=facts.size,
@@ -331,7 +186,7 @@ class SendSession:
                 chunk_count=facts.chunk_count,
                 window=self.pacing.window,
                 sender=self.sender,
-                target=target.site,
+                target=site,
                 info=dict(facts.info) if facts.info else None,
                 inline=self.inline,
                 resume_from=self.start,
@@ -344,69 +199,97 @@ class SendSession:
         if self.count is not None and self.count != count:
             raise ProtocolError(f"source said {self.count} pieces, then {count}")
         self.count = count
+        self.cursor = min(self.cursor, count)
         for target in self._active():
             target.next_seq = min(target.next_seq, count)
 
     def receive(self, message: Message, now: float) -> list[Action]:
-        """A reply from a target (progress or verdict); late replies are ignored."""
-        target = self._by_id.get(message.ident)
-        if target is None or not target.active:
-            log.debug("ignoring %s for stream %s (not in flight)", type(message).__name__,
-                      message.ident)  # fmt: skip
+        """A reply from a target (progress or verdict); late or foreign replies are ignored."""
+        if not isinstance(message, Progress | Done):
+            raise ProtocolError(f"unexpected {type(message).__name__.lower()} on a reply queue")
+        target = self._by_site.get(message.site)
+        if message.stream_id != self.stream_id or target is None or not target.active:
+            log.debug("ignoring %s from %s for stream %s (not in flight)",
+                      type(message).__name__, message.site, message.stream_id)  # fmt: skip
             return []
         if isinstance(message, Progress):
             return self._on_progress(target, message, now)
-        if isinstance(message, Done):
-            return self._on_done(target, message)
-        raise ProtocolError(f"unexpected {type(message).__name__.lower()} on a reply queue")
+        return self._on_done(target, message)
 
     def _on_progress(self, target: Target, progress: Progress, now: float) -> list[Action]:
+        first_contact = target.state is _S.OFFERED
         target.fire(TargetEvent.HEARD)
         target.quiet_since = now
         actions: list[Action] = []
         if progress.stored > target.stored:
             target.stored = progress.stored
-            actions.append(ReportProgress(target.site, target.stream_id, target.stored))
-        if self.count is not None and target.next_seq > self.count and target.state is _S.SENDING:
-            target.fire(TargetEvent.PUBLISHED_ALL)  # it had everything before it spoke
+            actions.append(ReportProgress(target.site, self.stream_id, target.stored))
+        if first_contact:
+            self._on_contact(target, now)
+        elif self.count is not None and target.next_seq > self.count and not target.riding:
+            if target.state is _S.SENDING:
+                target.fire(TargetEvent.PUBLISHED_ALL)  # (inline) it had everything already
         if progress.resend_from is not None:
-            log.info("site %s asks to resend stream %s from chunk %d", target.site,
-                     target.stream_id, progress.resend_from)  # fmt: skip
-            self._rewind(target, max(progress.resend_from, target.stored))
+            self._on_resend_request(target, max(progress.resend_from, target.stored), now)
+        self._maybe_start(now)
         return actions
+
+    def _on_contact(self, target: Target, now: float) -> None:
+        if self.inline is not None:
+            return
+        target.next_seq = max(target.next_seq, target.stored)
+        if self.started:
+            # Broadcast chunks beyond its position may be in its queue and make its receiver
+            # ask for resends that mean nothing: honour them only after resend_after.
+            target.last_resend = now
+            target.catching_up_since = now
+            log.info("site %s made contact late: unicast from chunk %d up to the broadcast "
+                     "at %d", target.site, target.next_seq, self.cursor)  # fmt: skip
+
+    def _on_resend_request(self, target: Target, seq: int, now: float) -> None:
+        if self.inline is not None:
+            return
+        if target.riding:
+            log.info("site %s asks to resend stream %s from chunk %d: leaves the broadcast",
+                     target.site, self.stream_id, seq)  # fmt: skip
+            self._leave_ride(target, seq)
+            target.last_resend = now
+            target.catching_up_since = now
+        elif now - target.last_resend > self.pacing.resend_after:
+            # Off the ride, broadcast chunks ahead of it are expected, and so are requests:
+            # one rewind per resend_after (a real loss is also covered by the silence rule).
+            self._rewind(target, seq)
+            target.last_resend = now
 
     def _on_done(self, target: Target, done: Done) -> list[Action]:
         target.stored_as = done.stored_as
         if done.ok:
             target.fire(TargetEvent.STORED)
             where = f" as {done.stored_as!r}" if done.stored_as else ""
-            log.info("site %s stored stream %s%s", target.site, target.stream_id, where)
+            log.info("site %s stored stream %s%s", target.site, self.stream_id, where)
             return [
-                ReportProgress(target.site, target.stream_id, target.stored, complete=True),
-                TargetFinished(target.site, target.stream_id, None, done.stored_as),
+                ReportProgress(target.site, self.stream_id, target.stored, complete=True),
+                TargetFinished(target.site, self.stream_id, None, done.stored_as),
             ]
         error = TransferFailed(
-            target.site, target.stream_id, done.code or FailureCode.PROTOCOL, done.detail
+            target.site, self.stream_id, done.code or FailureCode.PROTOCOL, done.detail
         )
         target.error = error
         target.fire(TargetEvent.FAIL)
         log.warning("%s", error)
-        actions: list[Action] = []
-        if self.inline is None:
-            # The receiver normally deletes it; make sure a refused stream leaves nothing behind.
-            actions.append(DeleteDataQueue(target.stream_id))
-        actions.append(TargetFinished(target.site, target.stream_id, error, done.stored_as))
-        return actions
+        # The receiver deletes its own data queue (the sender has no permission to).
+        return [TargetFinished(target.site, self.stream_id, error, done.stored_as)]
 
     def tick(self, now: float) -> list[Action]:
-        """Check every target's silence: resend, or fail it after the timeout."""
+        """Check every target's silence (resend, or fail it after the timeout), start the
+        broadcast when its wait is over, and take a rider that holds the others back off it."""
         actions: list[Action] = []
         timeout, resend_after = self.pacing.timeout, self.pacing.resend_after
         for target in self._active():
             silent = now - target.quiet_since
             if silent > timeout:
                 detail = "" if target.heard else f"site {target.site!r} never took the offer"
-                actions += self._fail(target, TimedOut(target.site, target.stream_id,
+                actions += self._fail(target, TimedOut(target.site, self.stream_id,
                                                        timeout, detail))  # fmt: skip
             elif (
                 target.heard
@@ -415,63 +298,167 @@ class SendSession:
                 and now - target.last_resend > resend_after
             ):
                 log.info("no progress from %s for %.1f s; resending stream %s from chunk %d",
-                         target.site, silent, target.stream_id, target.stored)  # fmt: skip
-                self._rewind(target, target.stored)
+                         target.site, silent, self.stream_id, target.stored)  # fmt: skip
+                if target.riding:
+                    self._leave_ride(target, target.stored)
+                else:
+                    self._rewind(target, target.stored)
                 target.last_resend = now
+        self._maybe_start(now)
+        self._check_hold_back(now)
+        self._check_catching_up(now)
         return actions
 
     def cancel(self, reason: str) -> list[Action]:
-        """Stop every stream: receivers are told to drop them."""
+        """Stop every stream: receivers that took it are told to drop it."""
         actions: list[Action] = []
         for target in self._active():
-            error = TransferFailed(target.site, target.stream_id, FailureCode.ABORTED, reason)
+            error = TransferFailed(target.site, self.stream_id, FailureCode.ABORTED, reason)
             actions += self._fail(target, error)
         return actions
 
     def reconnected(self, now: float) -> list[Action]:
-        """A new connection: declare the data queues again and resend what may be lost."""
-        actions: list[Action] = []
+        """A new connection: chunks in flight may be lost with it, so go again from what each
+        target reported stored (duplicates are dropped there)."""
         for target in self._active():
             target.quiet_since = now  # the outage is not the receiver's silence
-            if self.inline is not None:
-                continue
-            actions.append(DeclareDataQueue(target.stream_id))
-            # Transient chunks in flight may be gone with the broker: go again from what the
-            # receiver reported stored (duplicates are dropped there).
-            self._rewind(target, target.stored)
-        return actions
+        if self.inline is not None:
+            return []
+        riders = self._riders()
+        if riders:
+            floor = min(t.stored for t in riders)
+            if self.cursor > floor:
+                self.cursor = floor
+                for rider in riders:
+                    if rider.state is _S.ENDED:
+                        rider.fire(TargetEvent.REWOUND)
+        for target in self._active():
+            if not target.riding:
+                self._rewind(target, target.stored)
+        return []
 
     # -- outputs --------------------------------------------------------------------------------
 
     def next_publications(self) -> list[Action]:
-        """At most one chunk (or the end) per target, as the windows allow, oldest first.
+        """At most one broadcast message and one unicast message per target off the ride, as
+        the windows allow.
 
-        One message per target per call keeps the table exact between calls: a reply fed in
-        after any publication takes effect on the very next one.
+        One message each per call keeps the table exact between calls: a reply fed in after any
+        publication takes effect on the very next one.
         """
         active = self._active()
-        if not active:
+        if not active or not self.started:
             return []
-        floor = min(t.stored for t in active)
         actions: list[Action] = []
+        floor = min(t.stored for t in active)
         if self.lockstep and floor > self._released:
             self._released = floor
             actions.append(ReleaseBefore(floor))
         for target in active:
-            limit = target.stored + self.pacing.window
-            if self.lockstep:
-                limit = min(limit, floor + self.pacing.window)
-            seq = target.next_seq
-            if self.count is not None and seq == self.count:
-                target.next_seq = seq + 1
-                target.fire(TargetEvent.PUBLISHED_ALL)
-                actions.append(PublishEnd(target.site, target.stream_id))
-            elif seq < limit and (self.count is None or seq < self.count):
-                target.next_seq = seq + 1
-                actions.append(PublishChunk(target.site, target.stream_id, seq))
+            if target.heard and not target.riding:
+                actions += self._unicast(target, floor)
+        if not any(t.catching_up_since is not None for t in active):
+            actions += self._broadcast(floor)  # else it waits: the unicast must reach it
         return actions
 
+    def _limit(self, stored: int, floor: int) -> int:
+        """The first chunk beyond the window of a target that stored ``stored``."""
+        limit = stored + self.pacing.window
+        return min(limit, floor + self.pacing.window) if self.lockstep else limit
+
+    def _broadcast(self, floor: int) -> list[Action]:
+        riders = self._riders()
+        if not riders or self._broadcast_over:
+            return []
+        seq = self.cursor
+        if seq == self.count:
+            self.cursor += 1
+            for rider in riders:
+                rider.fire(TargetEvent.PUBLISHED_ALL)
+            return [PublishEnd()]
+        if seq < self._limit(min(r.stored for r in riders), floor):
+            self.cursor += 1
+            return [PublishChunk(seq)]
+        return []
+
+    def _unicast(self, target: Target, floor: int) -> list[Action]:
+        seq = target.next_seq
+        if not self._broadcast_over:
+            room = self.cursor < target.stored + self.pacing.window
+            if seq >= self.cursor and room and target.state is _S.SENDING:
+                target.riding = True  # caught up: the broadcast carries it from here
+                target.held_since = target.catching_up_since = None
+                log.info("site %s rides stream %s's broadcast from chunk %d", target.site,
+                         self.stream_id, self.cursor)  # fmt: skip
+                return []
+            bound = self.cursor  # never ahead of the broadcast: it joins there
+        else:
+            bound = self.count if self.count is not None else seq
+        if seq == self.count and self._broadcast_over:
+            target.next_seq = seq + 1
+            target.fire(TargetEvent.PUBLISHED_ALL)
+            return [PublishEnd(target.site)]
+        if seq < min(bound, self._limit(target.stored, floor)):
+            target.next_seq = seq + 1
+            return [PublishChunk(seq, target.site)]
+        return []
+
     # -- helpers --------------------------------------------------------------------------------
+
+    def _maybe_start(self, now: float) -> None:
+        """Start the broadcast once every target made contact, or (a random-access source)
+        ``resend_after`` s after the offers: a silent target never holds the others longer."""
+        if self.started or self.inline is not None:
+            return
+        waiting = any(t.state is _S.OFFERED for t in self._active())
+        if waiting and (self.lockstep or now - self.created <= self.pacing.resend_after):
+            return
+        self.started = True
+        riders = [t for t in self._active() if t.heard]
+        for rider in riders:
+            rider.riding = True
+        log.info("stream %s: broadcast starts at chunk %d to %s", self.stream_id, self.cursor,
+                 ", ".join(t.site for t in riders) or "nobody yet")  # fmt: skip
+
+    def _check_hold_back(self, now: float) -> None:
+        """A rider whose full window alone stops the broadcast while other riders could take
+        more leaves the ride after ``resend_after`` s (unicast serves it at its own pace)."""
+        riders = self._riders()
+        if self.lockstep or (self.count is not None and self.cursor >= self.count):
+            blocking: list[Target] = []  # an iterator holds everyone; the end is never held
+        else:
+            blocking = [r for r in riders if self.cursor >= r.stored + self.pacing.window]
+        if len(blocking) == len(riders):
+            blocking = []  # every window is full: the sender is ahead, nobody is held back
+        for rider in riders:
+            if not any(rider is b for b in blocking):
+                rider.held_since = None
+            elif rider.held_since is None:
+                rider.held_since = now
+            elif now - rider.held_since > self.pacing.resend_after:
+                log.info("site %s holds stream %s's broadcast back for %.1f s: it leaves the "
+                         "ride", rider.site, self.stream_id, now - rider.held_since)  # fmt: skip
+                self._leave_ride(rider, self.cursor)
+                rider.last_resend = now
+
+    def _check_catching_up(self, now: float) -> None:
+        """The broadcast waits for a target catching up by unicast, ``resend_after`` s at most:
+        then it goes on, and the target goes on by unicast at its own pace."""
+        for target in self._active():
+            since = target.catching_up_since
+            if since is not None and now - since > self.pacing.resend_after:
+                log.info("site %s still catching up with stream %s's broadcast after %.1f s: "
+                         "the broadcast goes on", target.site, self.stream_id,
+                         now - since)  # fmt: skip
+                target.catching_up_since = None
+
+    def _leave_ride(self, target: Target, seq: int) -> None:
+        """Off the broadcast: unicast from ``seq`` on."""
+        target.riding = False
+        target.held_since = None
+        target.next_seq = min(seq, self.cursor)
+        if target.state is _S.ENDED:
+            target.fire(TargetEvent.REWOUND)
 
     def _rewind(self, target: Target, seq: int) -> None:
         """Resend from chunk ``seq``, and the end after it (a duplicate end is harmless)."""
@@ -482,15 +469,13 @@ class SendSession:
     def _fail(self, target: Target, error: TransferFailed) -> list[Action]:
         log.warning("%s", error)
         actions: list[Action] = []
-        if self.inline is not None:
-            pass  # no data queue: the offer was the whole stream (and has expired by now)
-        elif target.heard:
-            # A receiver is on it: tell it to drop the partial object (it deletes the queue).
-            actions.append(PublishAbort(target.site, target.stream_id, str(error)))
-        else:
-            # Nobody took the offer, and it has expired by now: nothing will read the queue.
-            actions.append(DeleteDataQueue(target.stream_id))
+        if self.inline is None and target.heard:
+            # A receiver is on it: tell it (alone) to drop the partial object; it deletes its
+            # queue. A target that never made contact has no queue: nothing to tell.
+            actions.append(PublishAbort(target.site, str(error)))
         target.error = error
+        target.riding = False
+        target.catching_up_since = None
         target.fire(TargetEvent.FAIL)
-        actions.append(TargetFinished(target.site, target.stream_id, error, target.stored_as))
+        actions.append(TargetFinished(target.site, self.stream_id, error, target.stored_as))
         return actions

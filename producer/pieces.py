@@ -8,11 +8,14 @@ in order, by whichever cursor first reads each piece.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import deque
 from collections.abc import Iterator
 
 from objstream.common.errors import ObjstreamError
 from objstream.common.streaming import ObjectStreamer, Piece
+
+log = logging.getLogger(__name__)
 
 
 class SharedDigest:
@@ -102,3 +105,29 @@ class PieceReader:
         while self._kept and self._kept_from < seq:
             self._kept.popleft()
             self._kept_from += 1
+
+
+def check_prefix(reader: PieceReader, resume_from: int, expected: str) -> int:
+    """``resume_from`` if the source's first ``resume_from`` chunks hash to ``expected`` (the
+    reader's digest then holds them, as the end's SHA-256 covers the whole), else 0."""
+    source = reader.streamer
+    if not source.random_access or reader.count is None or resume_from > reader.count:
+        log.info("%s %r cannot resume from chunk %d; sending it whole", source.kind,
+                 source.name, resume_from)  # fmt: skip
+        return 0
+    try:
+        for seq in range(resume_from):
+            reader.get(seq)  # feeds the digest, one chunk at a time
+    except (OSError, ObjstreamError) as e:
+        log.info("%s %r: cannot read the kept prefix (%s); sending it whole", source.kind,
+                 source.name, e)  # fmt: skip
+        reader.digest = SharedDigest()
+        return 0
+    if not reader.digest.prefix_matches(expected):
+        log.info("%s %r changed since the requester's first %d chunks; sending it whole",
+                 source.kind, source.name, resume_from)  # fmt: skip
+        reader.digest = SharedDigest()
+        return 0
+    log.info("%s %r resumes from chunk %d of %d", source.kind, source.name, resume_from,
+             reader.count)  # fmt: skip
+    return resume_from

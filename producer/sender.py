@@ -1,11 +1,13 @@
 """The sending half of a stream, driven over the broker: a thin driver of :class:`SendSession`.
 
-The policy (windows, resends, timeouts, verdicts) lives in
+The policy (the broadcast and its riders, windows, resends, timeouts, verdicts) lives in
 :class:`~objstream.common.send_session.SendSession`, which does no I/O. This module only moves
-bytes: a :class:`StreamSender` holds one connection (its thread's) and its reply queue; each
-:meth:`StreamSender.send` runs one :class:`_Transfer`, which reads the pieces the session asks for
-(:class:`~objstream.producer.pieces.PieceReader`), publishes them, and feeds the session the
-replies and the clock.
+bytes: a :class:`StreamSender` holds one connection (its thread's) and its reply queue
+``NS.reply.SITE.QID``; each :meth:`StreamSender.send` runs one :class:`_Transfer`, which reads
+the pieces the session asks for (:class:`~objstream.producer.pieces.PieceReader`), publishes them
+with the keys of :class:`~objstream.common.topology.Topology` (``data:ID:SITE`` to every target,
+``data:ID:SITE:T`` to one), and feeds the session the replies and the clock. Every message
+carries the broker user as ``user_id``; nothing goes to the default exchange.
 """
 
 from __future__ import annotations
@@ -20,8 +22,16 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from objstream.common import checksum
-from objstream.common.amqp import Channel, Connection, Delivery, dead_letter, reestablish
+from objstream.common.amqp import (
+    Channel,
+    Connection,
+    Delivery,
+    broker_user,
+    dead_letter,
+    reestablish,
+)
 from objstream.common.errors import (
+    BrokerRefused,
     ConnectionLost,
     ObjectTooLarge,
     ObjstreamError,
@@ -41,10 +51,9 @@ from objstream.common.protocol import (
     new_stream_id,
     parse,
 )
-from objstream.common.send_session import (
+from objstream.common.send_session import SendSession
+from objstream.common.send_table import (
     Action,
-    DeclareDataQueue,
-    DeleteDataQueue,
     Pacing,
     PublishAbort,
     PublishChunk,
@@ -52,7 +61,6 @@ from objstream.common.send_session import (
     PublishOffer,
     ReleaseBefore,
     ReportProgress,
-    SendSession,
     SourceFacts,
     TargetFinished,
     fits_inline,
@@ -60,7 +68,10 @@ from objstream.common.send_session import (
 from objstream.common.settings import Settings
 from objstream.common.streaming import ObjectStreamer, Piece, ProgressHook
 from objstream.common.topology import Topology
-from objstream.producer.pieces import PieceReader, SharedDigest
+from objstream.producer.answering import Answering as Answering
+from objstream.producer.answering import Joiners
+from objstream.producer.answering import Resume as Resume
+from objstream.producer.pieces import PieceReader, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -80,29 +91,11 @@ class TargetResult:
     error: TransferFailed | None = None
 
 
-@dataclass(frozen=True)
-class Answering:
-    """A send that answers a retrieval request (exactly one target)."""
-
-    stream_id: str
-    """The stream id promised in the reply."""
-    offer_to: str
-    """The requester's private queue: the offer goes there instead of the site's inbox."""
-
-
-@dataclass(frozen=True)
-class Resume:
-    """The receiver kept the first ``from_chunk`` chunks (hashing to ``prefix_sha256``)."""
-
-    from_chunk: int
-    prefix_sha256: str
-
-
 class ReplyQueue(StrEnum):
     """Where receivers' replies come back to."""
 
-    PRIVATE = "private"  # exclusive and server-named: dies with the connection
-    NAMED = "named"  # outlives a connection (expires when unused): for reconnecting senders
+    PRIVATE = "private"  # exclusive: dies with the connection
+    NAMED = "named"  # durable, expires when unused: outlives a reconnect
 
 
 class StreamSender:
@@ -134,32 +127,33 @@ class StreamSender:
         self.settings = settings
         self.site = site
         self.topology = Topology.from_settings(settings)
+        self.user = broker_user(settings.url)
         self.cancel = cancel
         self.progress = progress
         self._reconnect = reconnect
         self._replies_mode = replies
         self._connection = connection
         self._declared_inboxes: set[str] = set()
+        self._peers: set[str] = set()  # sites bound to the reply queue
+        self.bytes_published = 0  # message bodies, every send of this sender
         # Replies as they arrive (parsed), for the transfer in progress to take.
         self.replies: deque[tuple[Message, Delivery]] = deque()
-        self.reply_queue = (
-            f"{self.topology.namespace}.reply.{new_stream_id()}"
-            if replies is ReplyQueue.NAMED
-            else ""
-        )
+        self.queue_id = new_stream_id()
+        self.reply_to = self.topology.reply_to(site, self.queue_id)
+        self.reply_queue = self.topology.reply_queue(site, self.queue_id)
         self._open_channel()
 
     # -- the connection ---------------------------------------------------------------------------
 
     def _open_channel(self) -> None:
+        self.topology.declare_base(self._connection)
         self._channel: Channel = self._connection.channel()
-        self.topology.declare_base(self._channel)
-        if self._replies_mode is ReplyQueue.PRIVATE:
-            self.reply_queue = self.topology.declare_reply_queue(self._channel)
-        else:
-            ttl_ms = int((2 * self.settings.timeout + 60) * 1000)
-            self._channel.declare_queue(self.reply_queue, durable=True,
-                                        arguments={"x-expires": ttl_ms})  # fmt: skip
+        named = self._replies_mode is ReplyQueue.NAMED
+        ttl_ms = int((2 * self.settings.timeout + 60) * 1000)
+        self.topology.declare_reply_queue(self._channel, self.site, self.queue_id,
+                                          exclusive=not named, ttl_ms=ttl_ms)  # fmt: skip
+        for peer in self._peers:
+            self.topology.bind_reply(self._channel, self.site, self.queue_id, peer)
         self._declared_inboxes.clear()
         self._channel.consume(self.reply_queue, self._on_reply, auto_ack=True)
 
@@ -205,23 +199,33 @@ class StreamSender:
 
     # -- what the transfers publish ---------------------------------------------------------------
 
-    def publish(
-        self, routing_key: str, body: bytes, props: Properties, exchange: str | None = None
-    ) -> None:
-        self._channel.publish(
-            self.topology.exchange if exchange is None else exchange, routing_key, body, props
-        )
+    def publish(self, routing_key: str, body: bytes, props: Properties) -> None:
+        """Publish to the namespace's exchange, signed with the broker user."""
+        self._channel.publish(self.topology.exchange, routing_key, body,
+                              props.replace(user_id=self.user))  # fmt: skip
+        self.bytes_published += len(body)
+
+    def expect_replies_from(self, site: str) -> None:
+        """Bind ``reply:SELF:QID:SITE`` to the reply queue: ``site``'s answers get in."""
+        if site not in self._peers:
+            self.topology.bind_reply(self._channel, self.site, self.queue_id, site)
+            self._peers.add(site)
 
     def declare_inbox(self, site: str) -> None:
-        if site not in self._declared_inboxes:
-            self.topology.declare_inbox(self._channel, site)
-            self._declared_inboxes.add(site)
-
-    def declare_data_queue(self, stream_id: str) -> None:
-        self.topology.declare_data_queue(self._channel, stream_id)
-
-    def delete_data_queue(self, stream_id: str) -> None:
-        self._channel.delete_queue(self.topology.data_queue(stream_id))
+        """Declare ``site``'s inbox if this user may (an offer then waits for a listener that
+        starts later); under least privilege the administrator declared it: skip."""
+        if site in self._declared_inboxes:
+            return
+        self._declared_inboxes.add(site)
+        channel = self._connection.channel()  # a refusal closes the channel it happens on
+        try:
+            self.topology.declare_inbox(channel, site)
+        except BrokerRefused as e:
+            if not e.access_refused:
+                raise
+            log.debug("may not declare the inbox of %s (%s); its administrator does", site, e)
+        finally:
+            channel.close()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         dead_letter(self._channel, self.topology, delivery, reason)
@@ -238,11 +242,14 @@ class StreamSender:
         chunk_size: int | None = None,
         answering: Answering | None = None,
         resume: Resume | None = None,
+        joiners: Joiners | None = None,
     ) -> list[TargetResult]:
-        """Stream ``source`` to every target; return when each has a verdict.
+        """Stream ``source`` to every target (one stream id, one broadcast); return when each
+        has a verdict.
 
-        ``answering`` serves a retrieval (one target): the offer goes to the requester's
-        private queue under the promised stream id. With ``resume`` only what the receiver
+        ``answering`` serves a retrieval (one target): the offer goes to the requester's reply
+        queue under the promised stream id; ``joiners`` brings more requesters of the same
+        object while the stream runs (shared uploads). With ``resume`` only what the receiver
         lacks is sent, if its kept prefix still hashes the same (otherwise the whole).
 
         Raises:
@@ -264,14 +271,15 @@ class StreamSender:
             self._open_channel()
         reader = PieceReader(source)
         start = 0 if resume is None else self._resume_point(reader, resume)
-        ids = [(t, answering.stream_id if answering else new_stream_id()) for t in targets]
         pacing = Pacing(
             window or self.settings.window,
             timeout or self.settings.timeout,
             self.settings.resend_after,
         )
-        offer_to = answering.offer_to if answering else None
-        return _Transfer(self, reader, ids, start=start, offer_to=offer_to, pacing=pacing).run()
+        routes = {targets[0]: answering.offer_to} if answering else {}
+        stream_id = answering.stream_id if answering else new_stream_id()
+        transfer = _Transfer(self, reader, stream_id, targets, start=start, pacing=pacing)
+        return transfer.run(routes, joiners)
 
     def _resume_point(self, reader: PieceReader, resume: Resume) -> int:
         """Where a resumed stream starts: ``resume.from_chunk`` if the receiver's prefix is
@@ -289,32 +297,6 @@ class StreamSender:
             return future.result()
 
 
-def check_prefix(reader: PieceReader, resume_from: int, expected: str) -> int:
-    """``resume_from`` if the source's first ``resume_from`` chunks hash to ``expected`` (the
-    reader's digest then holds them, as the end's SHA-256 covers the whole), else 0."""
-    source = reader.streamer
-    if not source.random_access or reader.count is None or resume_from > reader.count:
-        log.info("%s %r cannot resume from chunk %d; sending it whole", source.kind,
-                 source.name, resume_from)  # fmt: skip
-        return 0
-    try:
-        for seq in range(resume_from):
-            reader.get(seq)  # feeds the digest, one chunk at a time
-    except (OSError, ObjstreamError) as e:
-        log.info("%s %r: cannot read the kept prefix (%s); sending it whole", source.kind,
-                 source.name, e)  # fmt: skip
-        reader.digest = SharedDigest()
-        return 0
-    if not reader.digest.prefix_matches(expected):
-        log.info("%s %r changed since the requester's first %d chunks; sending it whole",
-                 source.kind, source.name, resume_from)  # fmt: skip
-        reader.digest = SharedDigest()
-        return 0
-    log.info("%s %r resumes from chunk %d of %d", source.kind, source.name, resume_from,
-             reader.count)  # fmt: skip
-    return resume_from
-
-
 class _Transfer:
     """One call of :meth:`StreamSender.send`: a session, the pieces, and what came of them."""
 
@@ -322,16 +304,17 @@ class _Transfer:
         self,
         sender: StreamSender,
         reader: PieceReader,
-        targets: list[tuple[str, str]],
+        stream_id: str,
+        targets: Sequence[str],
         *,
         start: int,
-        offer_to: str | None,
         pacing: Pacing,
     ) -> None:
         self.sender = sender
         self.reader = reader
-        self.offer_to = offer_to
+        self.stream_id = stream_id
         self.timeout = pacing.timeout
+        self.routes: dict[str, str] = {}  # site -> the reply_to its offer goes to (retrievals)
         source = reader.streamer
         facts = SourceFacts(
             source.kind, source.name, source.chunk_size, source.size, source.chunk_count,
@@ -340,9 +323,10 @@ class _Transfer:
         self.inline_body = b""
         inline = self._inline(facts, start)
         self.session = SendSession.create(
-            facts, targets, sender=sender.site, pacing=pacing, start=start, inline=inline,
-            now=time.monotonic(),
+            facts, targets, stream_id=stream_id, sender=sender.site, pacing=pacing,
+            start=start, inline=inline, now=time.monotonic(),
         )  # fmt: skip
+        self.keys: dict[str | None, str] = {None: sender.topology.data_key(stream_id, sender.site)}
 
     def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
         """The object itself, if it rides inside the offer (one message, no data queue)."""
@@ -357,23 +341,40 @@ class _Transfer:
             meta=dict(piece.meta) if piece.meta else None,
         )
 
-    def run(self) -> list[TargetResult]:
+    def _key(self, to: str | None) -> str:
+        key = self.keys.get(to)
+        if key is None:
+            key = self.keys[to] = self.sender.topology.data_key(self.stream_id,
+                                                                self.sender.site, to)  # fmt: skip
+        return key
+
+    def run(self, routes: dict[str, str], joiners: Joiners | None) -> list[TargetResult]:
         sender, session, source = self.sender, self.session, self.reader.streamer
         sender.replies.clear()  # replies to earlier sends, if any, are stale
+        self.routes.update(routes)
         self._do(session.start_actions())
-        log.info("streaming %s %r (%s bytes, %s chunks) to %s", source.kind, source.name,
-                 source.size, source.chunk_count,
-                 ", ".join(t.site for t in session.targets))  # fmt: skip
-        while not session.finished:
+        log.info("streaming %s %r (%s bytes, %s chunks) to %s as stream %s", source.kind,
+                 source.name, source.size, source.chunk_count,
+                 ", ".join(t.site for t in session.targets), self.stream_id)  # fmt: skip
+        while True:
             try:
+                if joiners is not None:
+                    self._take_joiners(joiners)
+                if session.finished and (joiners is None or joiners.close_if_idle()):
+                    break
                 self._turn()
             except ConnectionLost as e:
                 sender.recover(e, self.timeout)
                 active = [t for t in session.targets if t.active]
                 self._do(session.reconnected(time.monotonic()))
-                log.info("reconnected to %s; %d stream(s) go on",
+                log.info("reconnected to %s; %d target(s) go on",
                          sender.settings.masked_url, len(active))  # fmt: skip
         return self._results()
+
+    def _take_joiners(self, joiners: Joiners) -> None:
+        for site, reply_to in joiners.take():
+            self.routes[site] = reply_to
+            self._do(self.session.add_target(site, time.monotonic()))
 
     def _results(self) -> list[TargetResult]:
         reader = self.reader
@@ -381,7 +382,7 @@ class _Transfer:
         sha256 = reader.digest.hexdigest() if complete else ""
         results = [
             TargetResult(
-                t.site, t.stream_id, t.error is None, reader.size, sha256, t.stored_as, t.error
+                t.site, self.stream_id, t.error is None, reader.size, sha256, t.stored_as, t.error
             )
             for t in self.session.targets
         ]
@@ -429,19 +430,15 @@ class _Transfer:
         sender = self.sender
         for action in actions:
             match action:
-                case PublishChunk(seq=seq, stream_id=stream_id):
-                    self._publish_chunk(stream_id, seq)
-                case DeclareDataQueue(stream_id=stream_id):
-                    sender.declare_data_queue(stream_id)
+                case PublishChunk(seq=seq, to=to):
+                    self._publish_chunk(seq, to)
                 case PublishOffer():
                     self._publish_offer(action.offer, action.expiration_ms)
-                case PublishEnd(stream_id=stream_id):
-                    self._publish_end(stream_id)
-                case PublishAbort(stream_id=stream_id, reason=reason):
-                    abort = Abort(stream_id=stream_id, reason=reason[:2000])
-                    sender.publish(sender.topology.data_key(stream_id), b"", envelope(abort))
-                case DeleteDataQueue(stream_id=stream_id):
-                    sender.delete_data_queue(stream_id)
+                case PublishEnd(to=to):
+                    self._publish_end(to)
+                case PublishAbort(to=to, reason=reason):
+                    abort = Abort(stream_id=self.stream_id, reason=reason[:2000])
+                    sender.publish(self._key(to), b"", envelope(abort))
                 case ReleaseBefore(seq=seq):
                     self.reader.release_before(seq)
                 case ReportProgress():
@@ -453,40 +450,42 @@ class _Transfer:
         sender = self.sender
         body = self.inline_body if offer.inline is not None else b""
         # An offer nobody took within the timeout is void: the sender has given up by then.
-        props = envelope(offer, reply_to=sender.reply_queue, expiration_s=expiration_ms / 1000)
-        if self.offer_to:
-            sender.publish(self.offer_to, body, props, exchange="")
+        props = envelope(offer, reply_to=sender.reply_to, expiration_s=expiration_ms / 1000)
+        sender.expect_replies_from(offer.target)
+        requester = self.routes.get(offer.target)
+        if requester is not None:  # a retrieval: to the requester's reply queue
+            sender.publish(sender.topology.reply_key(requester, sender.site), body, props)
         else:
             sender.declare_inbox(offer.target)
-            sender.publish(sender.topology.inbox_key(offer.target), body, props)
+            sender.publish(sender.topology.offer_key(offer.target), body, props)
 
-    def _publish_chunk(self, stream_id: str, seq: int) -> None:
+    def _publish_chunk(self, seq: int, to: str | None) -> None:
         piece = self.reader.get(seq)
         if piece is None:  # an iterator ran out: now the number of pieces is known
             assert self.reader.count is not None
             self.session.source_ended(self.reader.count)
             return
         header = Chunk(
-            stream_id=stream_id,
+            stream_id=self.stream_id,
             seq=seq,
             crc32=checksum.crc32(piece.data),
             meta=dict(piece.meta) if piece.meta else None,
         )
         persistent = self.sender.settings.persistent_chunks
-        props = envelope(header, persistent=persistent, message_id=f"{stream_id}:{seq}")
-        self.sender.publish(self.sender.topology.data_key(stream_id), piece.data, props)
+        props = envelope(header, persistent=persistent, message_id=f"{self.stream_id}:{seq}")
+        self.sender.publish(self._key(to), piece.data, props)
 
-    def _publish_end(self, stream_id: str) -> None:
+    def _publish_end(self, to: str | None) -> None:
         reader = self.reader
         assert reader.count is not None
         assert reader.digest.hashed == reader.count
         end = End(
-            stream_id=stream_id,
+            stream_id=self.stream_id,
             chunk_count=reader.count,
             size=reader.size,
             sha256=reader.digest.hexdigest(),
         )
-        self.sender.publish(self.sender.topology.data_key(stream_id), b"", envelope(end))
+        self.sender.publish(self._key(to), b"", envelope(end))
 
     def _report(self, report: ReportProgress) -> None:
         hook = self.sender.progress

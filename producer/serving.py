@@ -5,8 +5,15 @@ The owner registers what it serves (``ContainerRetriever(server).add_container("
 on the site's service queue ``{ns}.serve.{site}``; each is validated before any data moves and
 answered at once with a ``reply``: accepted (stream id, size, entries) or refused with a typed
 reason. An accepted request is then streamed exactly like a push stream (same window, checks and
-verdict) on its own thread and connection, so many requesters are served at once; the offer goes
-to the requester's private queue, so no other receiver of its site can take it.
+verdict) on a worker thread with its own connection, so many requesters are served at once; the
+offer goes to the requester's reply queue (key ``reply:R:QID:OWNER``), so no other receiver of its
+site can take it.
+
+Shared uploads: requests for the same object (kind and name) that arrive while a stream of it is
+pending or in progress join that stream as one more target (:class:`~objstream.producer.answering.
+Joiners`): one broadcast, one stream id (the reply says it), a late joiner served from the start
+by unicast until it catches up. Resumed requests, and requests from a site already in that
+stream, are served on their own.
 """
 
 from __future__ import annotations
@@ -21,7 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objstream.common.amqp import Closing, Delivery, connect, dead_letter, reestablish
+from objstream.common.amqp import (
+    Closing,
+    Delivery,
+    broker_user,
+    connect,
+    dead_letter,
+    reestablish,
+)
 from objstream.common.codec import EncodeError
 from objstream.common.errors import (
     BrokerUnreachable,
@@ -36,8 +50,9 @@ from objstream.common.protocol import Reply, Request, envelope, new_stream_id, p
 from objstream.common.settings import NAME_PATTERN, Settings
 from objstream.common.streaming import ObjectStreamer
 from objstream.common.topology import Topology
+from objstream.producer.answering import Answering, Joiners, Resume
 from objstream.producer.container_source import ContainerSource
-from objstream.producer.sender import Answering, ReplyQueue, Resume, StreamSender
+from objstream.producer.sender import ReplyQueue, StreamSender
 from objstream.producer.sources import FileSource
 
 log = logging.getLogger(__name__)
@@ -70,6 +85,7 @@ class RetrievalServer(Closing):
         self.site = site
         self.settings = settings or Settings()
         self.topology = Topology.from_settings(self.settings)
+        self.user = broker_user(self.settings.url)
         self._containers: dict[str, _Served] = {}
         self._source_dir: _Served | None = None
         # Streams run on a pool of worker threads, each with its own connection, kept warm
@@ -83,6 +99,10 @@ class RetrievalServer(Closing):
         self._stopping = threading.Event()
         self.accepted = 0
         self.refused = 0
+        self.joined = 0  # accepted requests that joined a stream of the same object
+        self._shared: dict[tuple[str, str], _Job] = {}  # streams others may join, by object
+        self._senders: set[StreamSender] = set()  # the workers'
+        self._published = 0  # bytes the ended workers published
         self._open()
 
     # -- what is served ---------------------------------------------------------------------------
@@ -140,13 +160,19 @@ class RetrievalServer(Closing):
     def _open(self) -> None:
         self._connection = connect(self.settings, f"objstream server {self.site}")
         try:
+            self.topology.declare_base(self._connection)
             self._channel = self._connection.channel()
-            self.topology.declare_base(self._channel)
             self._queue = self.topology.declare_service_queue(self._channel, self.site)
             self._channel.qos(16)
         except BaseException:
             self._connection.close()
             raise
+
+    @property
+    def bytes_published(self) -> int:
+        """Message bodies the serving workers published (offers, chunks), all streams."""
+        with self._lock:
+            return self._published + sum(s.bytes_published for s in self._senders)
 
     @property
     def active(self) -> int:
@@ -174,51 +200,83 @@ class RetrievalServer(Closing):
     def _handle(self, delivery: Delivery) -> None:
         props = delivery.props
         try:
-            request = parse(props.type, props.headers)
-            if not isinstance(request, Request):
-                raise ProtocolError(f"unexpected {props.type} message on a service queue")
-            if not isinstance(props.reply_to, str) or not props.reply_to:
-                raise ProtocolError("request without reply_to")
+            request = self._valid_request(delivery)
         except ProtocolError as e:
             dead_letter(self._channel, self.topology, delivery, str(e))
             return
-        user = props.user_id
+        reply_to = props.reply_to
+        assert reply_to is not None
         try:
-            source = self._source_for(request, user)
+            source = self._source_for(request, props.user_id)
+            job = self._join(request, reply_to, source)
+            if job is None:
+                self._check_busy(source)
         except _Refuse as refusal:
             self.refused += 1
-            log.info(
-                "refused %s %r to %s (user %s): %s %s",
-                request.kind,
-                request.name,
-                request.requester,
-                user,
-                refusal.code,
-                refusal.detail,
-            )
-            self._reply(
-                props.reply_to,
-                Reply(
-                    request_id=request.request_id,
-                    ok=False,
-                    code=refusal.code,
-                    detail=refusal.detail,
-                ),
-            )
+            log.info("refused %s %r to %s (user %s): %s %s", request.kind, request.name,
+                     request.requester, props.user_id, refusal.code,
+                     refusal.detail)  # fmt: skip
+            self._reply(reply_to, Reply(request_id=request.request_id, ok=False,
+                                        code=refusal.code, detail=refusal.detail))  # fmt: skip
             return
-        stream_id = new_stream_id()
         self.accepted += 1
+        if job is not None:
+            self._reply(reply_to, self._accepted(request, job))
+            return
+        joiners = None if request.resume_from else Joiners(request.requester)
+        job = _Job(source, request, reply_to, new_stream_id(), joiners)
+        if joiners is not None:
+            with self._lock:
+                self._shared[request.kind, request.name] = job
+        self._reply(reply_to, self._accepted(request, job))
+        self._start(job)
+
+    def _valid_request(self, delivery: Delivery) -> Request:
+        """The request a delivery carries, checked: its reply_to names its requester (so an
+        answer reaches only that site's reply queue), and it says which broker user sent it.
+
+        Raises:
+            ProtocolError: it does not.
+        """
+        props = delivery.props
+        request = parse(props.type, props.headers)
+        if not isinstance(request, Request):
+            raise ProtocolError(f"unexpected {props.type} message on a service queue")
+        named = Topology.parse_reply_to(props.reply_to or "")
+        if named is None:
+            raise ProtocolError(f"request with an invalid reply_to {props.reply_to!r}")
+        if named[0] != request.requester:
+            raise ProtocolError(
+                f"request from {request.requester!r} with the reply_to of site {named[0]!r}"
+            )
+        if not props.user_id:
+            raise ProtocolError("request without user_id")
+        return request
+
+    def _join(self, request: Request, reply_to: str, source: ObjectStreamer) -> _Job | None:
+        """The stream of the same object that ``request`` joined (its own ``source`` is then
+        closed), or None: it is served on its own."""
+        with self._lock:
+            job = self._shared.get((request.kind, request.name))
+        if request.resume_from or job is None or job.joiners is None:
+            return None
+        if not job.joiners.join(request.requester, reply_to):
+            return None  # that stream is over (or the site is in it already)
+        source.close()
+        self.joined += 1
+        log.info("%s %r to %s joins stream %s", request.kind, request.name, request.requester,
+                 job.stream_id)  # fmt: skip
+        return job
+
+    @staticmethod
+    def _accepted(request: Request, job: _Job) -> Reply:
+        source = job.source
         entries = len(source.container) if isinstance(source, ContainerSource) else None
-        self._reply(
-            props.reply_to,
-            Reply(
-                request_id=request.request_id,
-                ok=True,
-                stream_id=stream_id,
-                size=source.size,
-                entries=entries,
-            ),
-        )
+        return Reply(request_id=request.request_id, ok=True, stream_id=job.stream_id,
+                     size=source.size, entries=entries)  # fmt: skip
+
+    def _start(self, job: _Job) -> None:
+        """Queue ``job`` for a worker (starting one if none is idle)."""
         with self._lock:
             self._busy += 1
             start_worker = self._idle == 0 and len(self._workers) < self.settings.max_streams
@@ -227,14 +285,22 @@ class RetrievalServer(Closing):
                     target=self._work, name=f"serve-{self.site}-{len(self._workers)}", daemon=True
                 )
                 self._workers.add(worker)
-        self._jobs.put(_Job(source, request, props.reply_to, stream_id))
+        self._jobs.put(job)
         if start_worker:
             worker.start()
 
-    def _source_for(self, request: Request, user: str | None) -> ObjectStreamer:
-        """The validated source for ``request``, or a refusal."""
+    def _check_busy(self, source: ObjectStreamer) -> None:
         with self._lock:
             busy = self._busy >= self.settings.max_streams
+        if busy:
+            source.close()
+            raise _Refuse(
+                FailureCode.BUSY,
+                f"{self.settings.max_streams} streams in progress; try again later",
+            )
+
+    def _source_for(self, request: Request, user: str | None) -> ObjectStreamer:
+        """The validated source for ``request``, or a refusal."""
         if request.resume_from and request.kind != "file":
             raise _Refuse(FailureCode.UNSUPPORTED, "only files resume; ask for the container whole")
         if request.resume_from and (request.chunk_size or 0) < MIN_RESUME_CHUNK:
@@ -260,12 +326,6 @@ class RetrievalServer(Closing):
             raise _Refuse(
                 FailureCode.TOO_LARGE,
                 f"{source.size} bytes exceed the limit of {int(self.settings.max_object_size)}",
-            )
-        if busy:
-            source.close()
-            raise _Refuse(
-                FailureCode.BUSY,
-                f"{self.settings.max_streams} streams in progress; try again later",
             )
         return source
 
@@ -293,7 +353,9 @@ class RetrievalServer(Closing):
             raise _Refuse(FailureCode.FORBIDDEN, f"user {user!r} may not retrieve it")
 
     def _reply(self, reply_to: str, reply: Reply) -> None:
-        self._channel.publish("", reply_to, b"", envelope(reply, persistent=False))
+        key = self.topology.reply_key(reply_to, self.site)
+        props = envelope(reply, persistent=False, user_id=self.user)
+        self._channel.publish(self.topology.exchange, key, b"", props)
 
     def _work(self) -> None:
         """A pool worker: one connection, many streams, one at a time."""
@@ -305,6 +367,8 @@ class RetrievalServer(Closing):
             sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping,
                                   reconnect=lambda: connect(self.settings, name),
                                   replies=ReplyQueue.NAMED)  # fmt: skip
+            with self._lock:
+                self._senders.add(sender)
         except ObjstreamError as e:
             log.error("site %s: a serving worker cannot connect: %s", self.site, e)
             self._drain_one()
@@ -332,6 +396,8 @@ class RetrievalServer(Closing):
         finally:
             with self._lock:
                 self._workers.discard(threading.current_thread())
+                self._senders.discard(sender)
+                self._published += sender.bytes_published
             sender.close()
 
     def _drain_one(self) -> None:
@@ -341,9 +407,7 @@ class RetrievalServer(Closing):
         except queue.Empty:
             return
         if job is not None:
-            job.source.close()
-            with self._lock:
-                self._busy -= 1
+            self._finished(job)
 
     def _serve_one(self, sender: StreamSender, job: _Job) -> bool:
         request = job.request
@@ -359,6 +423,7 @@ class RetrievalServer(Closing):
                     if request.resume_from and request.prefix_sha256
                     else None
                 ),
+                joiners=job.joiners,
             )
             log.info("served %s %r to %s (stream %s)", request.kind, request.name,
                      request.requester, job.stream_id)  # fmt: skip
@@ -373,9 +438,22 @@ class RetrievalServer(Closing):
             log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
             return True
         finally:
-            job.source.close()
-            with self._lock:
-                self._busy -= 1
+            self._finished(job)
+
+    def _finished(self, job: _Job) -> None:
+        """``job``'s stream is over: nobody joins it any more."""
+        if job.joiners is not None:
+            job.joiners.close()
+            left = job.joiners.take()  # only if the send failed before it took them
+            if left:
+                log.warning("stream %s ended before %s could join; they time out",
+                            job.stream_id, ", ".join(site for site, _ in left))  # fmt: skip
+        job.source.close()
+        with self._lock:
+            self._busy -= 1
+            key = (job.request.kind, job.request.name)
+            if self._shared.get(key) is job:
+                del self._shared[key]
 
 
 @dataclass(frozen=True)
@@ -384,6 +462,7 @@ class _Job:
     request: Request
     reply_to: str
     stream_id: str
+    joiners: Joiners | None
 
 
 class ContainerRetriever:

@@ -81,6 +81,12 @@ class Streamer(Closing):
         finally:
             source.close()
 
+    @property
+    def bytes_published(self) -> int:
+        """Message bodies published so far (chunks, inline offers), every stream: one copy of
+        each chunk whatever the number of targets, plus what was sent again."""
+        return self._sender.bytes_published
+
     def close(self) -> None:
         """Close the broker connection."""
         sender = getattr(self, "_sender", None)

@@ -126,6 +126,43 @@ def test_eight_requesters_get_equal_copies_at_once(
         assert all(np.array_equal(got[k], model[k]) for k in model)
 
 
+def test_requesters_of_one_container_share_one_upload(
+    tmp_path: Path, settings: Settings, start_server: StartServer
+) -> None:
+    """Four sites ask for one 64 MiB container at once: the owner streams it once (one
+    broadcast the later requests join), and each site verifies its copy."""
+    rng = np.random.default_rng(7)
+    model = {f"w{i}": rng.standard_normal(2 * MiB, dtype=np.float32) for i in range(8)}  # 64 MiB
+    background = start_server(
+        settings, lambda server: ContainerRetriever(server).add_container("m", model)
+    )
+    server = background.server
+    assert server is not None
+    results: dict[int, object] = {}
+    go = threading.Barrier(4)
+
+    def fetch(i: int) -> None:
+        try:
+            with Retriever(f"site-{i}", tmp_path / str(i), settings) as retriever:
+                go.wait(30)
+                results[i] = retriever.retrieve_container("server", "m", timeout=60)
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert sorted(results) == list(range(4))
+    for got in results.values():
+        assert isinstance(got, dict), got
+        assert all(np.array_equal(got[k], model[k]) for k in model)
+    assert server.accepted == 4
+    assert server.joined == 3
+    assert server.bytes_published <= 1.1 * 64 * MiB, server.bytes_published / MiB
+
+
 def test_requester_timing_out_is_reported_and_the_owner_stops(
     tmp_path: Path, settings: Settings, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,5 @@
-"""The pure send session: windows, resends, timeouts, verdicts, cancel; no broker, no source."""
+"""The pure send session (protocol v2): one stream id, a broadcast with riders, unicast catch-up,
+windows, resends, timeouts, verdicts, cancel; no broker, no source."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from objstream.common.errors import FailureCode, ProtocolError, TimedOut
 from objstream.common.protocol import Done, End, Inline, Progress, new_stream_id
 from objstream.common.reassembly import ChunkVerdict, Reassembler
 from objstream.common.reassembly import State as RState
-from objstream.common.send_session import (
+from objstream.common.send_session import SendSession
+from objstream.common.send_table import (
     TRANSITIONS,
     Action,
-    DeclareDataQueue,
-    DeleteDataQueue,
     Pacing,
     PublishAbort,
     PublishChunk,
@@ -26,7 +26,6 @@ from objstream.common.send_session import (
     PublishOffer,
     ReleaseBefore,
     ReportProgress,
-    SendSession,
     SourceFacts,
     TargetEvent,
     TargetFinished,
@@ -54,26 +53,28 @@ def _session(
     resend_after: float = 5.0,
     start: int = 0,
     inline: Inline | None = None,
-) -> tuple[SendSession, dict[str, str], list[Action]]:
-    ids = {site: new_stream_id() for site in sites}
+) -> tuple[SendSession, str, list[Action]]:
+    sid = new_stream_id()
     session = SendSession.create(
         facts or _facts(),
-        list(ids.items()),
+        sites,
+        stream_id=sid,
         sender="me",
         pacing=Pacing(window, timeout, resend_after),
         start=start,
         inline=inline,
         now=0.0,
     )
-    return session, ids, session.start_actions()
+    return session, sid, session.start_actions()
 
 
-def _state(session: SendSession, index: int = 0) -> TargetState:
-    return session.targets[index].state
+def _target(session: SendSession, site: str) -> TargetState:
+    return next(t.state for t in session.targets if t.site == site)
 
 
-def _chunks(actions: list[Action], site: str | None = None) -> list[int]:
-    return [a.seq for a in actions if isinstance(a, PublishChunk) and site in (None, a.site)]
+def _chunks(actions: list[Action], to: str | None = None) -> list[int]:
+    """Seqs of the chunks published to ``to`` (None: broadcast)."""
+    return [a.seq for a in actions if isinstance(a, PublishChunk) and a.to == to]
 
 
 def _drain(session: SendSession, rounds: int = 100) -> list[Action]:
@@ -87,179 +88,322 @@ def _drain(session: SendSession, rounds: int = 100) -> list[Action]:
     return out
 
 
-def _progress(sid: str, stored: int, resend_from: int | None = None, site: str = "a") -> Progress:
-    return Progress(stream_id=sid, site=site, stored=stored, resend_from=resend_from)
+def _progress(
+    session: SendSession,
+    site: str,
+    stored: int,
+    now: float,
+    resend_from: int | None = None,
+) -> list[Action]:
+    message = Progress(stream_id=session.stream_id, site=site, stored=stored,
+                       resend_from=resend_from)  # fmt: skip
+    return session.receive(message, now)
 
 
 def _done(sid: str, ok: bool = True, site: str = "a", **kw: object) -> Done:
     return Done(stream_id=sid, site=site, ok=ok, **kw)
 
 
-def test_start_declares_queues_and_offers() -> None:
-    session, ids, actions = _session(("a", "b"), start=0)
-    assert actions[0] == DeclareDataQueue(ids["a"])
-    offer = actions[1]
-    assert isinstance(offer, PublishOffer)
-    assert offer.site == "a"
-    assert offer.offer.stream_id == ids["a"]
-    assert offer.expiration_ms == 30000
-    assert offer.offer.window == 4
-    assert offer.offer.sender == "me"
-    assert offer.offer.target == "a"
-    assert [t.state for t in session.targets] == [TargetState.OFFERED] * 2
+def test_one_stream_id_one_offer_per_target_and_nothing_before_contact() -> None:
+    session, sid, actions = _session(("a", "b"))
+    assert [type(a) for a in actions] == [PublishOffer, PublishOffer]
+    offers = [a.offer for a in actions if isinstance(a, PublishOffer)]
+    assert [o.stream_id for o in offers] == [sid, sid]
+    assert [o.target for o in offers] == ["a", "b"]
+    assert offers[0].sender == "me"
+    assert offers[0].window == 4
+    assert actions[0].expiration_ms == 30000  # type: ignore[union-attr]
+    assert _drain(session) == []  # nobody made contact: their queues may not exist yet
+    _progress(session, "a", 0, 1.0)
+    assert _drain(session) == []  # b may still come: wait for it (up to resend_after)
+    _progress(session, "b", 0, 1.5)
+    assert _chunks(_drain(session)) == [0, 1, 2, 3]  # one broadcast, both ride
 
 
-def test_the_window_bounds_what_is_in_flight() -> None:
-    session, ids, _ = _session(window=4)
+def test_the_broadcast_goes_at_the_pace_of_the_slowest_rider() -> None:
+    session, _sid, _ = _session(("a", "b"), window=4)
+    _progress(session, "a", 0, 0.1)
+    _progress(session, "b", 0, 0.1)
     assert _chunks(_drain(session)) == [0, 1, 2, 3]
-    session.receive(_progress(ids["a"], 2), now=1.0)
+    _progress(session, "a", 4, 0.2)
+    assert _drain(session) == []
+    _progress(session, "b", 2, 0.2)
     assert _chunks(_drain(session)) == [4, 5]
-    session.receive(_progress(ids["a"], 8), now=2.0)
+    _progress(session, "a", 10, 0.3)
+    _progress(session, "b", 10, 0.3)
     sent = _drain(session)
     assert _chunks(sent) == [6, 7, 8, 9]
-    assert sent[-1] == PublishEnd("a", ids["a"])
-    assert _state(session, 0) is TargetState.ENDED
+    assert sent[-1] == PublishEnd()  # the end, broadcast to the riders
+    assert _target(session, "a") is _target(session, "b") is TargetState.ENDED
+
+
+def test_a_silent_target_delays_the_start_by_resend_after_and_fails_alone() -> None:
+    session, sid, _ = _session(("a", "b"), window=2, timeout=30.0, resend_after=5.0)
+    _progress(session, "a", 0, 1.0)
+    assert session.tick(4.0) == []
     assert _drain(session) == []
-
-
-def test_progress_is_reported_once_per_advance() -> None:
-    session, ids, _ = _session()
-    assert session.receive(_progress(ids["a"], 3), 1.0) == [ReportProgress("a", ids["a"], 3)]
-    assert session.receive(_progress(ids["a"], 3), 1.5) == []
-
-
-def test_done_ok_finishes_the_target() -> None:
-    session, ids, _ = _session()
-    _drain(session)
-    actions = session.receive(_done(ids["a"], stored_as="x"), 3.0)
-    assert actions == [
-        ReportProgress("a", ids["a"], 0, complete=True),
-        TargetFinished("a", ids["a"], None, "x"),
-    ]
-    assert session.finished
-    assert _state(session, 0) is TargetState.DONE
-    # A late reply is not an error: replies outlive their stream.
-    assert session.receive(_progress(ids["a"], 10), 4.0) == []
-
-
-def test_a_refusal_fails_the_target_and_deletes_its_queue() -> None:
-    session, ids, _ = _session()
-    actions = session.receive(_done(ids["a"], ok=False, code=FailureCode.REFUSED, detail="no"), 1.0)
-    assert actions[0] == DeleteDataQueue(ids["a"])
-    finished = actions[1]
-    assert isinstance(finished, TargetFinished)
-    assert finished.error is not None
-    assert finished.error.code is FailureCode.REFUSED
-    assert finished.error.detail == "no"
-    assert session.finished
-
-
-def test_resend_on_silence_only_after_contact() -> None:
-    session, ids, _ = _session(window=4, resend_after=5.0, timeout=30.0)
-    _drain(session)
-    assert session.tick(10.0) == []  # never spoke: chunks wait in the queue, no resend
-    assert _drain(session) == []
-    session.receive(_progress(ids["a"], 1), now=11.0)
-    assert _chunks(_drain(session)) == [4]
-    session.tick(15.0)
-    assert _drain(session) == []  # 4 s quiet: not yet
-    session.tick(16.5)
-    assert _chunks(_drain(session)) == [1, 2, 3, 4]
-    session.tick(17.0)
-    assert _drain(session) == []  # resent 0.5 s ago: not again so soon
-
-
-def test_resend_from_rewinds_an_ended_target() -> None:
-    session, ids, _ = _session(facts=_facts(count=3), window=8)
-    assert _chunks(_drain(session)) == [0, 1, 2]
-    session.receive(_progress(ids["a"], 1), now=1.0)
-    assert _state(session, 0) is TargetState.ENDED
-    session.receive(_progress(ids["a"], 1, resend_from=1), now=2.0)
-    assert _state(session, 0) is TargetState.SENDING
-    sent = _drain(session)
-    assert _chunks(sent) == [1, 2]
-    assert sent[-1] == PublishEnd("a", ids["a"])
-
-
-def test_a_silent_target_fails_alone_and_does_not_hold_the_others() -> None:
-    session, ids, _ = _session(("a", "b"), window=2, timeout=30.0, resend_after=5.0)
-    _drain(session)
-    for t in range(1, 40):
-        session.receive(_progress(ids["a"], min(10, t), site="a"), now=float(t))
+    session.tick(5.5)  # b had its resend_after: a goes on alone
+    assert _chunks(_drain(session)) == [0, 1]
+    actions: list[Action] = []
+    for t in range(6, 40):
+        _progress(session, "a", min(10, 2 * (t - 5)), float(t))
         actions = session.tick(float(t))
-        actions += _drain(session)
-        if any(isinstance(a, TargetFinished) for a in actions):
+        assert not any(a for a in _drain(session) if getattr(a, "to", None) == "b")
+        if actions:
             break
     assert t == 31
-    [abandon, finished] = [a for a in actions if not isinstance(a, PublishChunk | PublishEnd)]
-    assert abandon == DeleteDataQueue(ids["b"])  # never took the offer: nobody reads its queue
+    [finished] = actions  # never made contact: no queue, nothing to abort
     assert isinstance(finished, TargetFinished)
     assert isinstance(finished.error, TimedOut)
     assert "never took the offer" in finished.error.detail
-    assert _state(session, 0) is not TargetState.FAILED
-    assert _state(session, 1) is TargetState.FAILED
-    session.receive(_done(ids["a"], site="a"), 32.0)
+    assert _target(session, "a") is not TargetState.FAILED
+    assert _target(session, "b") is TargetState.FAILED
+    session.receive(_done(sid, site="a"), 32.0)
     assert session.finished
 
 
-def test_a_target_that_spoke_and_went_silent_gets_an_abort() -> None:
-    session, ids, _ = _session(timeout=10.0, resend_after=100.0)
+def test_a_late_target_catches_up_by_unicast_then_rides() -> None:
+    session, _sid, _ = _session(("a", "b"), window=3, resend_after=5.0)
+    _progress(session, "a", 0, 1.0)
+    session.tick(6.0)
+    assert _chunks(_drain(session)) == [0, 1, 2]
+    _progress(session, "a", 3, 6.1)
+    assert _chunks(_drain(session)) == [3, 4, 5]
+    _progress(session, "b", 0, 6.2)  # b comes late
+    sent = _drain(session)
+    assert _chunks(sent, "b") == [0, 1, 2]  # its own window, from its own position
+    assert _chunks(sent) == []  # a's window is full
+    _progress(session, "b", 3, 6.3)
+    _progress(session, "a", 6, 6.3)
+    sent = _drain(session)
+    assert _chunks(sent, "b") == [3, 4, 5]  # up to the broadcast cursor, never beyond
+    assert _chunks(sent) == []  # the broadcast waits for b to catch up
+    b = next(t for t in session.targets if t.site == "b")
+    assert not b.riding  # not before its window has room again
+    _progress(session, "b", 6, 6.35)
+    assert _chunks(_drain(session)) == [6, 7, 8]  # b rides from 6
+    assert b.riding
+    _progress(session, "a", 9, 6.4)
+    _progress(session, "b", 9, 6.4)
+    sent = _drain(session)
+    assert _chunks(sent) == [9]
+    assert sent[-1] == PublishEnd()
+    assert not any(isinstance(a, PublishChunk | PublishEnd) and a.to for a in sent)
+
+
+def test_a_resend_request_takes_a_rider_off_the_ride_until_it_catches_up() -> None:
+    session, _sid, _ = _session(("a", "b"), window=4)
+    _progress(session, "a", 0, 0.1)
+    _progress(session, "b", 0, 0.1)
+    assert _chunks(_drain(session)) == [0, 1, 2, 3]
+    _progress(session, "a", 4, 0.2)
+    _progress(session, "b", 1, 0.2, resend_from=1)  # b lost chunk 1
+    sent = _drain(session)
+    assert _chunks(sent, "b") == [1, 2, 3]  # to b alone: a does not get them again
+    assert _chunks(sent) == [4]  # b caught up with the broadcast (which waited) and rides
+    _progress(session, "b", 4, 0.3)
+    sent = _drain(session)
+    assert _chunks(sent, "b") == []
+    assert _chunks(sent) == [5, 6, 7]
+    _progress(session, "b", 8, 0.4)
+    _progress(session, "a", 8, 0.4)
+    sent = _drain(session)
+    assert _chunks(sent) == [8, 9]
+    assert sent[-1] == PublishEnd()
+
+
+def test_a_rider_that_holds_the_others_back_leaves_the_ride() -> None:
+    session, _sid, _ = _session(("a", "b"), window=2, resend_after=5.0, timeout=60.0)
+    _progress(session, "a", 0, 0.0)
+    _progress(session, "b", 0, 0.0)
+    assert _chunks(_drain(session)) == [0, 1]
+    t = 0.0
+    for t in (1.0, 3.0, 5.0, 5.9):
+        _progress(session, "a", 2, t)  # a would take more; b stays at 0 (alive: it reports)
+        _progress(session, "b", 0, t)
+        session.tick(t)
+        assert _drain(session) == []
+    _progress(session, "b", 0, 6.5)
+    session.tick(6.5)  # b held a back for more than resend_after
+    sent = _drain(session)
+    assert _chunks(sent) == [2, 3]
+    b = next(t for t in session.targets if t.site == "b")
+    assert not b.riding
+    assert b.next_seq == 2  # chunks 0 and 1 are in its queue already
+    _progress(session, "a", 10, 7.0)
+    assert _drain(session)[-1] == PublishEnd()  # a finishes at its own pace
+    _progress(session, "b", 2, 7.5)
+    assert _chunks(_drain(session), "b") == [2, 3]  # b goes on by unicast
+
+
+def test_a_target_that_spoke_and_went_silent_gets_a_unicast_abort() -> None:
+    session, _sid, _ = _session(("a", "b"), timeout=10.0, resend_after=100.0)
+    _progress(session, "a", 0, 1.0)
+    _progress(session, "b", 0, 1.0)
     _drain(session)
-    session.receive(_progress(ids["a"], 1), now=1.0)
+    _progress(session, "a", 4, 10.0)
     actions = session.tick(11.5)
-    assert isinstance(actions[0], PublishAbort)
-    assert "timed out" in actions[0].reason
-    finished = actions[1]
+    [abort, finished] = actions
+    assert isinstance(abort, PublishAbort)
+    assert abort.to == "b"
+    assert "timed out" in abort.reason
     assert isinstance(finished, TargetFinished)
     assert finished.error is not None
     assert finished.error.code is FailureCode.TIMEOUT
     assert "never" not in finished.error.detail
+    assert _target(session, "a") is TargetState.SENDING
 
 
-def test_cancel_aborts_the_contacted_and_deletes_the_others() -> None:
-    session, ids, _ = _session(("a", "b"))
-    session.receive(_progress(ids["a"], 0, site="a"), now=1.0)
+def test_resend_on_silence_only_after_contact() -> None:
+    session, _sid, _ = _session(window=4, resend_after=5.0, timeout=30.0)
+    assert session.tick(10.0) == []  # never spoke: nothing to resend
+    _progress(session, "a", 0, 11.0)
+    assert _chunks(_drain(session)) == [0, 1, 2, 3]
+    _progress(session, "a", 1, 11.0)
+    assert _chunks(_drain(session)) == [4]
+    session.tick(15.0)
+    assert _drain(session) == []  # 4 s quiet: not yet
+    session.tick(16.5)
+    assert _chunks(_drain(session), "a") == [1, 2, 3, 4]  # by unicast: it left the ride
+    session.tick(17.0)
+    assert _drain(session) == []  # resent 0.5 s ago: not again so soon
+
+
+def test_the_end_goes_by_unicast_to_a_target_off_the_ride() -> None:
+    session, _sid, _ = _session(("a", "b"), facts=_facts(count=3), window=8)
+    _progress(session, "a", 0, 0.1)
+    _progress(session, "b", 0, 0.1)
+    sent = _drain(session)
+    assert _chunks(sent) == [0, 1, 2]
+    assert sent[-1] == PublishEnd()
+    _progress(session, "b", 1, 0.2, resend_from=1)
+    assert _target(session, "b") is TargetState.SENDING
+    sent = _drain(session)
+    assert _chunks(sent, "b") == [1, 2]
+    assert sent[-1] == PublishEnd("b")
+    assert _target(session, "b") is TargetState.ENDED
+
+
+def test_done_ok_finishes_the_target() -> None:
+    session, sid, _ = _session()
+    _progress(session, "a", 0, 0.1)
+    _drain(session)
+    actions = session.receive(_done(sid, stored_as="x"), 3.0)
+    assert actions == [
+        ReportProgress("a", sid, 0, complete=True),
+        TargetFinished("a", sid, None, "x"),
+    ]
+    assert session.finished
+    assert _progress(session, "a", 10, 4.0) == []  # late replies are not errors
+    other = Progress(stream_id=new_stream_id(), site="a", stored=1)
+    assert session.receive(other, 4.0) == []  # another stream's: ignored
+
+
+def test_a_refusal_fails_the_target_alone() -> None:
+    session, sid, _ = _session(("a", "b"))
+    actions = session.receive(_done(sid, ok=False, code=FailureCode.REFUSED, detail="no"), 1.0)
+    [finished] = actions  # the receiver deletes its own queue (the sender may not)
+    assert isinstance(finished, TargetFinished)
+    assert finished.error is not None
+    assert finished.error.code is FailureCode.REFUSED
+    assert finished.error.detail == "no"
+    _progress(session, "b", 0, 1.1)
+    assert _chunks(_drain(session)) == [0, 1, 2, 3]  # no need to wait for a anymore
+
+
+def test_cancel_aborts_the_contacted_by_unicast() -> None:
+    session, _sid, _ = _session(("a", "b"))
+    _progress(session, "a", 0, 1.0)
     actions = session.cancel("site me is shutting down")
-    assert actions[0] == PublishAbort("a", ids["a"], actions[0].reason)  # type: ignore[union-attr]
-    assert DeleteDataQueue(ids["b"]) in actions
+    assert actions[0] == PublishAbort("a", actions[0].reason)  # type: ignore[union-attr]
+    assert not any(isinstance(a, PublishAbort) and a.to == "b" for a in actions)
     errors = [a.error for a in actions if isinstance(a, TargetFinished)]
     assert [e.code for e in errors if e] == [FailureCode.ABORTED] * 2
     assert session.finished
     assert session.next_publications() == []
 
 
-def test_lockstep_holds_every_target_within_a_window_of_the_slowest() -> None:
-    session, ids, _ = _session(("a", "b"), facts=_facts(count=None, random_access=False), window=3)
+def test_a_target_added_mid_stream_gets_it_from_the_start() -> None:
+    session, sid, _ = _session(("a",), window=4)
+    _progress(session, "a", 0, 0.1)
+    _drain(session)
+    _progress(session, "a", 4, 0.2)
+    _drain(session)
+    [offer] = session.add_target("b", 0.3)
+    assert isinstance(offer, PublishOffer)
+    assert offer.offer.stream_id == sid
+    assert offer.offer.target == "b"
+    with pytest.raises(ValueError, match="already"):
+        session.add_target("b", 0.3)
+    _progress(session, "b", 0, 0.4)
+    assert _chunks(_drain(session), "b") == [0, 1, 2, 3]
+    _progress(session, "b", 4, 0.5)
+    _progress(session, "a", 8, 0.5)
+    sent = _drain(session)
+    assert _chunks(sent, "b") == [4, 5, 6, 7]
+    assert _chunks(sent) == []  # the broadcast waits while b catches up
+    _progress(session, "b", 8, 0.6)
+    sent = _drain(session)
+    assert _chunks(sent) == [8, 9]  # b joined at 8
+    assert sent[-1] == PublishEnd()
+    session.receive(_done(sid, site="a"), 1.0)
+    session.receive(_done(sid, site="b"), 1.0)
+    assert session.finished
+    with pytest.raises(ValueError, match="over"):
+        session.add_target("c", 2.0)
+
+
+def test_lockstep_waits_for_every_contact_and_the_slowest() -> None:
+    session, _sid, _ = _session(("a", "b"), facts=_facts(count=None, random_access=False), window=3)
     assert session.lockstep
-    assert _chunks(_drain(session), "a") == [0, 1, 2]
-    session.receive(_progress(ids["a"], 3, site="a"), now=1.0)
-    assert _drain(session) == []  # b stored nothing: a may not run ahead of it
-    session.receive(_progress(ids["b"], 2, site="b"), now=1.0)
+    _progress(session, "a", 0, 1.0)
+    session.tick(20.0)  # past resend_after: an iterator still waits (it cannot go back)
+    assert _drain(session) == []
+    _progress(session, "b", 0, 20.5)
+    assert _chunks(_drain(session)) == [0, 1, 2]
+    with pytest.raises(ValueError, match="cannot go back"):
+        session.add_target("c", 21.0)
+    _progress(session, "a", 3, 21.0)
+    assert _drain(session) == []  # b stored nothing: nothing beyond its window
+    _progress(session, "b", 2, 21.0)
     actions = _drain(session)
     assert actions[0] == ReleaseBefore(2)
-    assert _chunks(actions, "a") == [3, 4]
-    assert _chunks(actions, "b") == [3, 4]
+    assert _chunks(actions) == [3, 4]
+
+
+def test_lockstep_unicast_never_needs_a_released_piece() -> None:
+    session, _sid, _ = _session(("a", "b"), facts=_facts(count=None, random_access=False), window=3)
+    _progress(session, "a", 0, 1.0)
+    _progress(session, "b", 0, 1.0)
+    _drain(session)
+    _progress(session, "a", 3, 1.1)
+    _progress(session, "b", 1, 1.1, resend_from=1)
+    actions = _drain(session)
+    assert ReleaseBefore(1) in actions
+    assert _chunks(actions, "b") == [1, 2]
+    assert _chunks(actions) == [3]  # within a window of b, the slowest
 
 
 def test_an_iterator_source_ends_when_the_driver_finds_its_end() -> None:
-    session, ids, _ = _session(facts=_facts(count=None, random_access=False), window=8)
-    first = session.next_publications()
-    assert _chunks(first) == [0]
-    _chunks(session.next_publications())  # chunk 1: the driver finds no piece 1
+    session, _sid, _ = _session(facts=_facts(count=None, random_access=False), window=8)
+    _progress(session, "a", 0, 0.1)
+    assert _chunks(session.next_publications()) == [0]
+    assert _chunks(session.next_publications()) == [1]  # the driver finds no piece 1
     session.source_ended(1)
-    assert session.next_publications() == [PublishEnd("a", ids["a"])]
+    assert session.next_publications() == [PublishEnd()]
     with pytest.raises(ProtocolError):
         session.source_ended(2)
 
 
 def test_a_resumed_stream_starts_at_the_kept_prefix() -> None:
-    session, ids, actions = _session(facts=_facts(count=10), start=6, window=8)
-    offer = actions[1]
+    session, _sid, actions = _session(facts=_facts(count=10), start=6, window=8)
+    [offer] = actions
     assert isinstance(offer, PublishOffer)
     assert offer.offer.resume_from == 6
+    _progress(session, "a", 6, 0.1)
     sent = _drain(session)
     assert _chunks(sent) == [6, 7, 8, 9]
-    assert sent[-1] == PublishEnd("a", ids["a"])
+    assert sent[-1] == PublishEnd()
 
 
 def test_an_inline_object_is_all_in_the_offer() -> None:
@@ -268,37 +412,38 @@ def test_an_inline_object_is_all_in_the_offer() -> None:
     assert not fits_inline(facts, start=1)
     assert not fits_inline(_facts(count=2, size=5))
     inline = Inline(crc32=1, sha256=SHA)
-    session, _ids, actions = _session(facts=facts, inline=inline, timeout=10.0)
-    assert len(actions) == 1
-    assert isinstance(actions[0], PublishOffer)
-    assert actions[0].offer.inline == inline
+    session, _sid, actions = _session(("a", "b"), facts=facts, inline=inline, timeout=10.0)
+    assert [a.offer.inline for a in actions if isinstance(a, PublishOffer)] == [inline] * 2
+    _progress(session, "a", 0, 1.0)
     assert _drain(session) == []
     assert session.tick(9.0) == []  # no resend: there is nothing to resend
-    [finished] = session.tick(10.5)  # no abort, no queue to delete
-    assert isinstance(finished, TargetFinished)
-    assert finished.error is not None
+    finished = session.tick(10.5)  # no abort: there is no data queue
+    assert all(isinstance(a, TargetFinished) and a.error for a in finished)
 
 
-def test_reconnect_resends_from_what_was_stored_and_resets_silence() -> None:
-    session, ids, _ = _session(window=4, timeout=10.0)
+def test_reconnect_rewinds_the_broadcast_to_the_slowest_rider() -> None:
+    session, _sid, _ = _session(("a", "b"), window=4, timeout=10.0)
+    _progress(session, "a", 0, 0.1)
+    _progress(session, "b", 0, 0.1)
     _drain(session)
-    session.receive(_progress(ids["a"], 2), now=1.0)
+    _progress(session, "a", 3, 1.0)
+    _progress(session, "b", 2, 1.0)
     _drain(session)
-    actions = session.reconnected(9.0)
-    assert actions == [DeclareDataQueue(ids["a"])]
+    assert session.reconnected(9.0) == []
     assert _chunks(_drain(session)) == [2, 3, 4, 5]
     assert session.tick(15.0) == []  # quiet since the reconnect at 9, not since 1
 
 
 def test_illegal_transitions_raise() -> None:
     assert (TargetState.DONE, TargetEvent.HEARD) not in TRANSITIONS
-    session, ids, _ = _session()
+    assert (TargetState.OFFERED, TargetEvent.PUBLISHED_ALL) not in TRANSITIONS
+    session, sid, _ = _session()
     target = session.targets[0]
     target.state = TargetState.ENDED
     with pytest.raises(ProtocolError, match="can't handle published_all in state ended"):
         target.fire(TargetEvent.PUBLISHED_ALL)
     with pytest.raises(ProtocolError, match="unexpected end"):
-        session.receive(End(stream_id=ids["a"], chunk_count=0, size=0, sha256=SHA), 1.0)
+        session.receive(End(stream_id=sid, chunk_count=0, size=0, sha256=SHA), 1.0)
 
 
 # -- a whole transfer over a bad link, against the receiving side's reassembler ------------------
@@ -309,7 +454,8 @@ Wire = tuple[str, int, bytes]  # ("chunk", seq, body) or ("end", count, b"")
 
 class _BadLink:
     """A SendSession and one Reassembler per site, joined by links that lose, duplicate,
-    reorder and corrupt messages both ways."""
+    reorder and corrupt messages both ways; a broadcast reaches every site that has a queue
+    (made contact), as the broker's bindings do."""
 
     def __init__(
         self, rnd: random.Random, data: bytes, sites: tuple[str, ...], random_access: bool
@@ -319,22 +465,23 @@ class _BadLink:
         count = len(self.pieces) if random_access else None
         size = len(data) if random_access else None
         facts = SourceFacts("blob", "x", CHUNK, size, count, random_access)
-        self.ids = {site: new_stream_id() for site in sites}
-        self.session = SendSession.create(facts, list(self.ids.items()), sender="me",
+        self.sid = new_stream_id()
+        self.session = SendSession.create(facts, sites, stream_id=self.sid, sender="me",
                                           pacing=Pacing(4, 1e6, 1.0), now=0.0)  # fmt: skip
         self.receivers: dict[str, Reassembler] = {}
         self.stored: dict[str, bytearray] = {site: bytearray() for site in sites}
         self.to_site: dict[str, list[Wire]] = {site: [] for site in sites}
         self.replies: list[Progress | Done] = []
+        self.contacted: set[str] = set()
+        self.contacts: list[Progress] = []  # first contacts: never lost
 
-    def heard(self, site: str) -> bool:
-        # Before a receiver reads the durable data queue, nothing in it is lost; after, a
-        # broker restart can lose transient chunks (and replies).
-        return self.session.targets[self.sites.index(site)].heard
+    def send(self, to: str | None, message: Wire) -> None:
+        for site in self.contacted if to is None else [to]:
+            self._carry(site, message)
 
-    def send(self, site: str, message: Wire) -> None:
+    def _carry(self, site: str, message: Wire) -> None:
         rnd = self.rnd
-        if self.heard(site) and rnd.random() < 0.1:
+        if rnd.random() < 0.1:
             return  # lost
         kind, seq, body = message
         if rnd.random() < 0.05 and kind == "chunk" and body:
@@ -349,15 +496,18 @@ class _BadLink:
             if isinstance(a, PublishOffer):
                 self.receivers[a.site] = Reassembler(a.offer)
                 self.receivers[a.site].accept()
+                # The receiver declares its queue, then makes contact (never lost).
+                self.contacted.add(a.site)
+                self.contacts.append(Progress(stream_id=self.sid, site=a.site, stored=0))
             elif isinstance(a, PublishChunk) and a.seq >= len(self.pieces):
                 self.session.source_ended(len(self.pieces))  # the driver found no such piece
             elif isinstance(a, PublishChunk):
-                self.send(a.site, ("chunk", a.seq, self.pieces[a.seq]))
+                self.send(a.to, ("chunk", a.seq, self.pieces[a.seq]))
             elif isinstance(a, PublishEnd):
-                self.send(a.site, ("end", len(self.pieces), b""))
+                self.send(a.to, ("end", len(self.pieces), b""))
 
     def receive(self, site: str, kind: str, seq: int, body: bytes) -> None:
-        r, sid = self.receivers[site], self.ids[site]
+        r, sid = self.receivers[site], self.sid
         if r.finished:  # a resend after a lost verdict: say it again
             self.replies.append(Done(stream_id=sid, site=site, ok=r.state is RState.DONE))
             return
@@ -386,10 +536,12 @@ class _BadLink:
             for site in self.sites:
                 if self.to_site[site] and rnd.random() < 0.7:
                     self.receive(site, *self.to_site[site].pop(0))
+            while self.contacts:
+                self.act(session.receive(self.contacts.pop(), now))
             rnd.shuffle(self.replies)
             while self.replies:
                 reply = self.replies.pop()
-                if not self.heard(reply.site) or rnd.random() < 0.9:  # replies get lost too
+                if rnd.random() < 0.9:  # replies get lost too
                     self.act(session.receive(reply, now))
             self.act(session.tick(now))
         assert session.finished, (session.targets, session.count, now)

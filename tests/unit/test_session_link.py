@@ -26,6 +26,7 @@ from objstream.common.receive_session import (
 )
 
 send = pytest.importorskip("objstream.common.send_session")
+table = pytest.importorskip("objstream.common.send_table")
 
 CHUNK = 16
 
@@ -58,11 +59,11 @@ class Link:
         self.faults = faults
         self.rng = rng
         self.now = 0.0
-        facts = send.SourceFacts("file", "f.bin", CHUNK, len(data), len(self.pieces), True)
-        pacing = send.Pacing(window=4, timeout=1000.0, resend_after=1.0)
-        self.ids = {site: new_stream_id() for site in sites}
-        self.sender = send.SendSession.create(facts, list(self.ids.items()), sender="src",
-                                              pacing=pacing, now=0.0)  # fmt: skip
+        facts = table.SourceFacts("file", "f.bin", CHUNK, len(data), len(self.pieces), True)
+        pacing = table.Pacing(window=4, timeout=1000.0, resend_after=1.0)
+        self.stream_id = new_stream_id()
+        self.sender = send.SendSession.create(facts, sites, stream_id=self.stream_id,
+                                              sender="src", pacing=pacing, now=0.0)  # fmt: skip
         self.sites: dict[str, Site] = {}
         self.replies: list[Message] = []
         self.finished: dict[str, object] = {}
@@ -71,18 +72,18 @@ class Link:
 
     def publish(self, actions: list[object]) -> None:
         for action in actions:
-            if isinstance(action, send.PublishOffer):
+            if isinstance(action, table.PublishOffer):
                 self._offer(action.offer)
-            elif isinstance(action, send.PublishChunk):
+            elif isinstance(action, table.PublishChunk):
                 body = self.pieces[action.seq]
-                chunk = Chunk(stream_id=action.stream_id, seq=action.seq, crc32=zlib.crc32(body))
-                self._carry(action.site, chunk, body)
-            elif isinstance(action, send.PublishEnd):
+                chunk = Chunk(stream_id=self.stream_id, seq=action.seq, crc32=zlib.crc32(body))
+                self._carry(action.to, chunk, body)
+            elif isinstance(action, table.PublishEnd):
                 digest = hashlib.sha256(self.data).hexdigest()
-                end = End(stream_id=action.stream_id, chunk_count=len(self.pieces),
+                end = End(stream_id=self.stream_id, chunk_count=len(self.pieces),
                           size=len(self.data), sha256=digest)  # fmt: skip
-                self._carry(action.site, end, b"")
-            elif isinstance(action, send.TargetFinished):
+                self._carry(action.to, end, b"")
+            elif isinstance(action, table.TargetFinished):
                 self.finished[action.site] = action.error
 
     def _offer(self, offer: Offer) -> None:
@@ -93,13 +94,19 @@ class Link:
             checkpoints=True, keeps_prefix=True,
         )  # fmt: skip
         site = self.sites[offer.target] = Site(session, bytearray(offer.size or 0))
-        # First contact is never lost: the sender only resends once a receiver spoke (until then
-        # its chunks wait in the queue), so without it a lossy link would just time out.
+        # First contact is never lost: the sender publishes nothing for a target before it
+        # spoke, so without it a lossy link would just time out.
         for action in session.start():
             assert isinstance(action, SendProgress)
             self.replies.append(self._progress(site, action))
 
-    def _carry(self, site: str, message: Message, body: bytes) -> None:
+    def _carry(self, to: str | None, message: Message, body: bytes) -> None:
+        """To one site's data queue, or (``to`` None, a broadcast) to every queue there is:
+        each site's queue is bound to the broadcast key once its receiver took the offer."""
+        for site in list(self.sites) if to is None else [to]:
+            self._carry_to(site, message, body)
+
+    def _carry_to(self, site: str, message: Message, body: bytes) -> None:
         faults, rng = self.faults, self.rng
         if rng.random() < faults.lose:
             return

@@ -1,0 +1,196 @@
+"""The table under :class:`~objstream.common.send_session.SendSession`: target rows, their
+states and legal transitions, the session's inputs (:class:`SourceFacts`, :class:`Pacing`) and
+its actions (what the driver must do). Pure: no I/O, no clock."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from objstream.common.errors import ProtocolError, TransferFailed
+from objstream.common.protocol import INLINE_MAX, Offer
+from objstream.common.streaming import MetaValue
+
+
+class TargetState(StrEnum):
+    """Life cycle of the stream to one target."""
+
+    OFFERED = "offered"  # offer out, no word from the target yet: nothing is published for it
+    SENDING = "sending"  # the target reports; chunks (or the end) are still to publish
+    ENDED = "ended"  # every chunk and the end are out to it: verdict awaited
+    DONE = "done"  # the target stored and verified the object
+    FAILED = "failed"  # refused, timed out, aborted
+
+
+class TargetEvent(StrEnum):
+    HEARD = "heard"  # a progress report
+    PUBLISHED_ALL = "published_all"  # the end went out to it (broadcast or unicast)
+    REWOUND = "rewound"  # resend from what the target stored
+    STORED = "stored"  # done, ok
+    FAIL = "fail"  # done not ok, timeout, cancel
+
+
+_S, _E = TargetState, TargetEvent
+
+# The legal transitions; anything else is "can't handle EVENT in state STATE".
+TRANSITIONS: dict[tuple[TargetState, TargetEvent], TargetState] = {
+    (_S.OFFERED, _E.HEARD): _S.SENDING,
+    (_S.OFFERED, _E.STORED): _S.DONE,  # an inline offer's verdict
+    (_S.OFFERED, _E.FAIL): _S.FAILED,
+    (_S.SENDING, _E.HEARD): _S.SENDING,
+    (_S.SENDING, _E.PUBLISHED_ALL): _S.ENDED,
+    (_S.SENDING, _E.REWOUND): _S.SENDING,
+    (_S.SENDING, _E.STORED): _S.DONE,
+    (_S.SENDING, _E.FAIL): _S.FAILED,
+    (_S.ENDED, _E.HEARD): _S.ENDED,
+    (_S.ENDED, _E.REWOUND): _S.SENDING,
+    (_S.ENDED, _E.STORED): _S.DONE,
+    (_S.ENDED, _E.FAIL): _S.FAILED,
+}
+FINISHED = frozenset({TargetState.DONE, TargetState.FAILED})
+
+
+# -- actions (what the driver must do) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishOffer:
+    """Publish ``offer`` to the target (its inbox, or the requester's reply queue); an inline
+    offer's body is the source's one piece. The offer is void after ``expiration_ms``."""
+
+    site: str
+    offer: Offer
+    expiration_ms: int
+
+
+@dataclass(frozen=True)
+class PublishChunk:
+    """Publish chunk ``seq``: to every target (``to`` None, the broadcast key) or to one."""
+
+    seq: int
+    to: str | None = None
+
+
+@dataclass(frozen=True)
+class PublishEnd:
+    """Publish the end (count, size, SHA-256 of the whole): broadcast (``to`` None) or to one."""
+
+    to: str | None = None
+
+
+@dataclass(frozen=True)
+class PublishAbort:
+    """Tell one target's receiver to drop the stream (it deletes its data queue)."""
+
+    to: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReleaseBefore:
+    """Every target stored the pieces before ``seq``: the driver may forget them."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class ReportProgress:
+    """The target stored ``stored`` chunks (``complete``: the whole object, verified)."""
+
+    site: str
+    stream_id: str
+    stored: int
+    complete: bool = False
+
+
+@dataclass(frozen=True)
+class TargetFinished:
+    """The stream to one target ended: ``error`` is None if it stored the object."""
+
+    site: str
+    stream_id: str
+    error: TransferFailed | None
+    stored_as: str | None = None
+
+
+Action = (
+    PublishOffer
+    | PublishChunk
+    | PublishEnd
+    | PublishAbort
+    | ReleaseBefore
+    | ReportProgress
+    | TargetFinished
+)
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What the session knows of the source (never its bytes)."""
+
+    kind: str
+    name: str
+    chunk_size: int
+    size: int | None
+    chunk_count: int | None
+    random_access: bool
+    info: Mapping[str, MetaValue] | None = None
+
+
+def fits_inline(facts: SourceFacts, start: int = 0) -> bool:
+    """Is the object small enough to ride inside its offer (one message, no data queue)?"""
+    return (
+        facts.random_access
+        and not start
+        and facts.chunk_count is not None
+        and facts.chunk_count <= 1
+        and facts.size is not None
+        and facts.size <= INLINE_MAX
+    )
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """How fast the session goes and how long it waits (from the settings or the call)."""
+
+    window: int  # chunks in flight beyond what a target stored
+    timeout: float  # seconds of silence after which a target fails
+    resend_after: float  # seconds of silence (after contact) before resending
+
+
+@dataclass
+class Target:
+    """One row of the session's table: the stream to one target."""
+
+    site: str
+    next_seq: int  # next unicast message (when not riding); number chunk_count is the end
+    stored: int  # contiguous chunks the target reported stored
+    quiet_since: float  # last word from the target (or the offer, or a reconnect)
+    state: TargetState = TargetState.OFFERED
+    riding: bool = False  # gets the broadcast (its own cursor is the session's)
+    held_since: float | None = None  # since when it alone holds the broadcast back
+    catching_up_since: float | None = None  # off the ride, the broadcast waits for it (a while)
+    last_resend: float = float("-inf")
+    stored_as: str | None = None
+    error: TransferFailed | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.state not in FINISHED
+
+    @property
+    def heard(self) -> bool:
+        """Did the target ever report (so its data queue exists and is read)?"""
+        return self.state in (TargetState.SENDING, TargetState.ENDED)
+
+    def fire(self, event: TargetEvent) -> None:
+        try:
+            self.state = TRANSITIONS[self.state, event]
+        except KeyError:
+            raise ProtocolError(
+                f"can't handle {event} in state {self.state} (target {self.site!r})"
+            ) from None
