@@ -186,3 +186,37 @@ def test_one_broadcast_feeds_every_target_and_a_unicast_only_its_own(
     assert sorted(v["site"] for v in verdicts) == ["site-1", "site-2"]
     assert all(v["ok"] for v in verdicts)
     assert not [o for o in first.outcomes + second.outcomes if isinstance(o, TransferFailed)]
+
+
+def test_a_successor_takes_the_stream_over_on_the_same_data_queue(
+    tmp_path: Path,
+    start_receiver: StartReceiver,
+    raw_peer: MakeRawPeer,
+    dead_letters: DeadLetters,
+) -> None:
+    """A receiver that stops leaves the stream on disk; the next one of the site re-consumes
+    ``NS.data.SITE.ID`` (what was published meanwhile waits there) and checks the data's user
+    against the offer's, remembered in the state file."""
+    dest = tmp_path / "in"
+    first = start_receiver("site-1", dest)
+    peer = raw_peer("site-1")
+    parts = [b"aaaa", b"bbbb", b"cccc"]
+    whole = b"".join(parts)
+    peer.offer("over.bin", size=len(whole), chunk_size=4, window=1)  # report every chunk
+    peer.chunk(0, parts[0])
+    assert any(h.get("stored") == 1 for _, h in peer.replies("progress") + peer.replies("progress"))
+    first.stop()  # checkpoints: the stream is left for the next receiver
+    assert list(dest.glob(".objstream-*.state"))
+    peer.chunk(1, parts[1])  # waits in the data queue
+    peer.publish_data(b"EVIL", properties(_chunk(peer, 2, b"EVIL"), persistent=False))
+
+    second = start_receiver("site-1", dest)
+    progress = peer.replies("progress")[-1][1]
+    assert progress["stored"] >= 1  # first contact of the successor: it goes on from there
+    peer.chunk(2, parts[2])
+    peer.end(3, len(whole), hashlib.sha256(whole).hexdigest())
+    [received] = second.wait_for(1)
+    assert isinstance(received, Received), received
+    assert stored_path(received).read_bytes() == whole
+    assert peer.verdict()["ok"] is True
+    assert "chunk from user None, the offer came from user 'guest'" in _reasons(dead_letters)
