@@ -134,8 +134,8 @@ class ConsumerCore:
     def _connect(self) -> None:
         self.connection: Connection = connect(self.settings, f"objstream consumer {self.site}")
         try:
+            self.topology.declare_base(self.connection)
             self.control: Channel = self.connection.channel()
-            self.topology.declare_base(self.control)
             self.table.bind(self.connection, self.control)
             for part in self.parts:
                 part.opened()
@@ -206,7 +206,8 @@ class ConsumerCore:
             offer = item.offer
             stream = self._stream(item, self.settings.timeout)
             try:
-                self.table.consume(stream)
+                # The queue the dead receiver declared: if it is gone, so is the sender.
+                self.table.consume(stream, declare=False)
             except BrokerRefused:
                 if offer.kind == FILE_KIND:
                     # Its sender gave up on it, or it failed for want of a sender: what is
@@ -227,20 +228,25 @@ class ConsumerCore:
     def _stream(self, item: Reopened, timeout: float) -> Stream:
         session = self.table.session(item.reassembler, timeout=timeout, checkpoints=True,
                                       keeps_prefix=keeps_prefix(item.assembler))  # fmt: skip
-        return Stream(item.offer, item.reply_to, session, item.assembler, state=item.state,
-                      resumed_bytes=item.resumed_bytes)  # fmt: skip
+        return Stream(item.offer, item.reply_to, session, item.assembler, item.user_id,
+                      state=item.state, resumed_bytes=item.resumed_bytes)  # fmt: skip
 
     # -- offers -----------------------------------------------------------------------------------
 
     def _parse_offer(self, delivery: Delivery) -> Offer:
+        """The offer a delivery carries, checked for this site.
+
+        Raises:
+            ProtocolError: not a valid v2 offer for this site (``UnsupportedVersion`` for
+                another protocol version): the delivery is dead-lettered with the reason.
+        """
         props, body = delivery.props, delivery.body
         offer = parse(props.type, props.headers)
         if not isinstance(offer, Offer):
             raise ProtocolError(f"unexpected {props.type} message where offers arrive")
         if offer.target != self.site:
-            raise ProtocolError(f"offer for site {offer.target!r} on the inbox of {self.site!r}")
-        if not props.reply_to:
-            raise ProtocolError("offer without reply_to")
+            raise ProtocolError(f"offer for site {offer.target!r} reached site {self.site!r}")
+        check_answerable(props.reply_to, props.user_id, offer.sender, "offer")
         if body and offer.inline is None:
             raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
         return offer
@@ -266,7 +272,8 @@ class ConsumerCore:
             log.debug("duplicate offer for stream %s ignored", offer.stream_id)
             return
         try:
-            stream = self._open_stream(offer, reply_to, kept, timeout, requested)
+            stream = self._open_stream(offer, reply_to, user_id=delivery.props.user_id, kept=kept,
+                                       timeout=timeout, requested=requested)  # fmt: skip
         except OfferRefused as e:
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: there for the next attempt
@@ -279,8 +286,10 @@ class ConsumerCore:
             self.table.consume(stream)
         except BrokerRefused as e:
             self.store.drop(stream.assembler, stream.state)
-            self.table.refuse(offer, reply_to, FailureCode.PROTOCOL, f"data queue gone: {e}")
+            detail = f"cannot declare the data queue: {e}"
+            self.table.refuse(offer, reply_to, FailureCode.REFUSED, detail)
             return
+        # The data queue is declared and bound: the first progress tells the sender to go on.
         log.info("receiving %s %r (%d bytes) from %s as stream %s", offer.kind, offer.name,
                  offer.size, offer.sender, offer.stream_id)  # fmt: skip
         self.table.start(stream)  # first contact: the sender may resend from here on
@@ -289,11 +298,14 @@ class ConsumerCore:
         self,
         offer: Offer,
         reply_to: str,
+        *,
+        user_id: str | None,
         kept: Resumable | None,
         timeout: float | None,
         requested: str | None,
     ) -> Stream:
-        """The stream for an accepted offer (its assembler, reassembler and state file).
+        """The stream for an accepted offer from broker user ``user_id`` (its assembler,
+        reassembler and state file).
 
         Raises:
             OfferRefused: the offer is not taken.
@@ -311,7 +323,7 @@ class ConsumerCore:
         timeout = self.settings.timeout if timeout is None else timeout
         try:
             if kept is not None:
-                return self._stream(self.store.adopt(offer, reply_to, kept), timeout)
+                return self._stream(self.store.adopt(offer, reply_to, kept, user_id), timeout)
             assembler = self._assemblers[offer.kind](offer)
         except ProtocolError as e:
             raise OfferRefused(FailureCode.PROTOCOL, str(e)) from e
@@ -323,13 +335,13 @@ class ConsumerCore:
         state = None
         if assembler.resumable and offer.inline is None:
             try:  # what a receiver started after a crash needs to take over
-                state = StreamState.create(self.dest, offer, reply_to, requested)
+                state = StreamState.create(self.dest, offer, reply_to, requested, user_id)
             except OSError as e:
                 assembler.discard()
                 raise OfferRefused(FailureCode.IO, f"state file: {e}") from e
         session = self.table.session(reassembler, timeout=timeout, checkpoints=state is not None,
                                       keeps_prefix=keeps_prefix(assembler))  # fmt: skip
-        return Stream(offer, reply_to, session, assembler, state=state)
+        return Stream(offer, reply_to, session, assembler, user_id, state=state)
 
     def _check_offer(self, offer: Offer) -> None:
         """Refuse what this site does not take (too large, of an unknown kind)."""
@@ -345,6 +357,25 @@ class ConsumerCore:
         if self._spool_containers and offer.inline is None:
             return ContainerSpool(self.dest, offer, self._on_entry)
         return ContainerAssembler(offer, self._on_entry)
+
+
+def check_answerable(reply_to: str | None, user_id: str | None, peer: str, what: str) -> None:
+    """Check the envelope of an offer (or a request) from site ``peer``: a v2 ``reply_to``
+    (``reply:SITE:QID``) naming ``peer`` itself, and the publishing broker user.
+
+    Raises:
+        ProtocolError: the message cannot be answered as protocol v2 says, or names no user.
+    """
+    if not reply_to:
+        raise ProtocolError(f"{what} without reply_to")
+    parsed = Topology.parse_reply_to(reply_to)
+    if parsed is None:
+        raise ProtocolError(f"{what} with reply_to {reply_to!r}, not reply:SITE:QID")
+    if parsed[0] != peer:
+        raise ProtocolError(f"{what} from site {peer!r} with reply_to {reply_to!r} of site "
+                            f"{parsed[0]!r}")  # fmt: skip
+    if not user_id:
+        raise ProtocolError(f"{what} without user_id")
 
 
 class ConsumerSide(Closing):

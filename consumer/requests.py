@@ -1,21 +1,26 @@
 """A retriever's requests: what was asked, the replies, and the offers that follow them.
 
 A :class:`~objstream.consumer.core.Part` of a :class:`~objstream.consumer.retriever.Retriever`.
-Replies and offers come on a private, exclusive queue: it dies with the connection, so after a
-reconnect a request still unanswered (or an offer not yet here) is asked again. The owner
+Replies and offers come on a private, exclusive reply queue ``NS.reply.SITE.QID`` (a fresh QID
+per connection), bound ``reply:SITE:QID:OWNER`` for each owner asked: only what those owners
+publish reaches it. It dies with the connection, so after a reconnect a request still
+unanswered (or an offer not yet here) is asked again. The owner
 replies on one connection and streams on another, so an offer can overtake its reply: it is kept
 (up to :data:`MAX_EARLY`) until the reply says whether it is ours.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from objstream.common.amqp import Delivery, broker_user, dead_letter
-from objstream.common.errors import ProtocolError
-from objstream.common.protocol import Offer, Reply, Request, envelope, parse
+from objstream.common.errors import BrokerRefused, ProtocolError
+from objstream.common.protocol import Offer, Reply, Request, envelope, new_stream_id, parse
 from objstream.consumer.core import ConsumerCore
 from objstream.consumer.resume import Resumable
+
+log = logging.getLogger(__name__)
 
 MAX_EARLY = 16  # offers kept while waiting for the reply that names them
 
@@ -36,6 +41,7 @@ class RequestTracker:
         self._core = core
         self._user = broker_user(core.settings.url)
         self._private = ""
+        self._queue_id = ""
         self._owners: set[str] = set()
         self._pending: dict[str, Asked] = {}  # request id -> what was asked, awaiting the reply
         self._replies: dict[str, Reply] = {}
@@ -44,9 +50,38 @@ class RequestTracker:
 
     def opened(self) -> None:
         core = self._core
-        self._private = core.topology.declare_reply_queue(core.control)
+        self._queue_id = new_stream_id()
+        self._private = core.topology.declare_reply_queue(
+            core.control, core.site, self._queue_id, exclusive=True
+        )
         core.control.consume(self._private, self._on_private, auto_ack=True)
         self._owners = set()
+
+    @property
+    def reply_to(self) -> str:
+        """The ``reply_to`` of this connection's requests (``reply:SITE:QID``)."""
+        return self._core.topology.reply_to(self._core.site, self._queue_id)
+
+    def _ask_of(self, owner: str) -> None:
+        """Let ``owner``'s answers into the reply queue, and make sure its service queue is
+        there so the request waits for a server that starts a little later (until it expires).
+
+        Under least privilege a site may not declare another site's queue (its administrator
+        did): the broker refuses, which closes the channel, so the try goes on a channel of its
+        own and a refusal is skipped.
+        """
+        core = self._core
+        core.topology.bind_reply(core.control, core.site, self._queue_id, owner)
+        channel = core.connection.channel()
+        try:
+            core.topology.declare_service_queue(channel, owner)
+        except BrokerRefused as e:
+            if not e.access_refused:
+                raise
+            log.debug("not allowed to declare the service queue of %s: %s", owner, e)
+        finally:
+            channel.close()
+        self._owners.add(owner)
 
     def tick(self) -> None:
         """Nothing to do between batches: requests time out in the retriever's wait."""
@@ -55,12 +90,10 @@ class RequestTracker:
         """Send ``request`` to ``from_site`` (again, after a reconnect) and expect its reply."""
         core = self._core
         if from_site not in self._owners:
-            # So the request waits for a server that starts a little later (until it expires).
-            core.topology.declare_service_queue(core.control, from_site)
-            self._owners.add(from_site)
+            self._ask_of(from_site)
         # A request nobody answers within the timeout is void: the requester has given up.
         # RabbitMQ checks user_id against the connection's user.
-        props = envelope(request, persistent=False, reply_to=self._private,
+        props = envelope(request, persistent=False, reply_to=self.reply_to,
                          expiration_s=asked.timeout, user_id=self._user)  # fmt: skip
         core.control.publish(core.topology.exchange, core.topology.service_key(from_site), b"",
                              props)  # fmt: skip

@@ -2,8 +2,8 @@
 file stream after its sender did.
 
 Next to each partial file the receiver keeps a small state file, ``.objstream-<id>.state``:
-a first line with the offer (JSON), the sender's reply queue and the name it was asked for
-(retrievals), written once, and a fixed-width
+a first line with the offer (JSON), the sender's ``reply_to``, the broker user the offer came
+from and the name it was asked for (retrievals), written once, and a fixed-width
 second line ``stored stored_bytes``, overwritten in place (one ``pwrite``, which a killed process
 cannot tear) each time the receiver reports progress. A receiver holds an exclusive ``flock`` on
 the state file while it works on the stream, so a receiver starting later (or a second one on
@@ -54,13 +54,20 @@ class StreamState:
 
     @classmethod
     def create(
-        cls, dest: Path, offer: Offer, reply_to: str, requested: str | None = None
+        cls,
+        dest: Path,
+        offer: Offer,
+        reply_to: str,
+        requested: str | None = None,
+        user_id: str | None = None,
     ) -> StreamState:
-        """``requested``: the name a retrieval asked for (push streams: the offer's name)."""
+        """``requested``: the name a retrieval asked for (push streams: the offer's name);
+        ``user_id``: the broker user the offer came from (its data must come from it too)."""
         path = state_path(dest, offer.stream_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        record = {"offer": to_headers(offer), "reply_to": reply_to, "requested": requested}
+        record = {"offer": to_headers(offer), "reply_to": reply_to, "requested": requested,
+                  "user_id": user_id}  # fmt: skip
         header = json.dumps(record).encode() + b"\n"
         os.pwrite(fd, header, 0)
         state = cls(path, fd, len(header))
@@ -102,6 +109,8 @@ class Resumable:
     partial: Path
     requested: str
     """The name to ask the sender for to resume it."""
+    user_id: str | None = None
+    """The broker user the offer came from."""
     _sha: Any = field(default=None, init=False, repr=False, compare=False)
 
     def prefix_sha256(self) -> Any:
@@ -157,11 +166,13 @@ def find_kept(dest: Path, sender: str, requested: str) -> Resumable | None:
     return best
 
 
-def adopt(kept: Resumable, dest: Path, offer: Offer, reply_to: str) -> StreamState:
+def adopt(
+    kept: Resumable, dest: Path, offer: Offer, reply_to: str, user_id: str | None = None
+) -> StreamState:
     """Make the kept prefix the start of the new stream ``offer``: its partial file and state
     take the new stream's names (the old state goes last, so a crash in between loses nothing
     but this attempt)."""
-    state = StreamState.create(dest, offer, reply_to, kept.requested)
+    state = StreamState.create(dest, offer, reply_to, kept.requested, user_id)
     state.save(kept.stored, kept.stored_bytes)
     # Bytes past the verified prefix (written after the last record) must not outlive it.
     os.truncate(kept.partial, kept.stored_bytes)
@@ -199,10 +210,13 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
     offer = Offer.model_validate(data["offer"])
     reply_to = data["reply_to"]
     requested = data.get("requested") or offer.name
+    user_id = data.get("user_id")
     if offer.kind not in (FILE_KIND, CONTAINER_KIND) or not isinstance(reply_to, str):
         raise ValueError(f"streams of kind {offer.kind!r} do not resume")
     if not isinstance(requested, str):
         raise ValueError("no name to ask for")
+    if user_id is not None and not isinstance(user_id, str):
+        raise ValueError("user_id is not a string")
     stored, stored_bytes = (int(n) for n in counts.split())
     partial = dest / partial_name(offer.stream_id)
     if not partial.is_file() or partial.stat().st_size < stored_bytes:
@@ -212,7 +226,7 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
     if offer.kind == FILE_KIND and stored_bytes != min(stored * offer.chunk_size, offer.size):
         raise ValueError("inconsistent counts")
     state = StreamState(path, fd, len(header))
-    return Resumable(offer, reply_to, stored, stored_bytes, state, partial, requested)
+    return Resumable(offer, reply_to, stored, stored_bytes, state, partial, requested, user_id)
 
 
 def remove_abandoned(dest: Path, ttl: float) -> list[Path]:

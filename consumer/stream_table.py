@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from objstream.common.amqp import Channel, Connection, Delivery, dead_letter
+from objstream.common.amqp import Channel, Connection, Delivery, broker_user, dead_letter
 from objstream.common.errors import (
     BrokerRefused,
     FailureCode,
@@ -27,7 +27,7 @@ from objstream.common.errors import (
     ProtocolError,
     TransferFailed,
 )
-from objstream.common.protocol import Done, Offer, Progress, Properties, envelope, parse
+from objstream.common.protocol import Done, Offer, Progress, envelope, parse
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
     Ack,
@@ -79,6 +79,7 @@ class StreamTable:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._progress = progress
         self._save = save
+        self._user = broker_user(settings.url)  # every message we publish carries it (v2)
         self._connection: Connection | None = None
         self._control: Channel | None = None
         # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
@@ -124,24 +125,32 @@ class StreamTable:
 
     # -- adding streams ---------------------------------------------------------------------------
 
-    def consume(self, stream: Stream) -> None:
+    def consume(self, stream: Stream, *, declare: bool = True) -> None:
         """Start reading the stream's data queue on a channel of its own.
 
+        The target declares its data queue (``NS.data.SITE.ID``) and binds it to the sender's
+        keys for the stream (``declare``); a receiver that takes a stream over only looks for
+        the queue its predecessor declared (``declare`` False): if it is gone, so is the sender.
+
         Raises:
-            BrokerRefused: the data queue is gone (NOT_FOUND).
+            BrokerRefused: the data queue is gone (NOT_FOUND), or the broker refused it.
         """
         assert self._connection is not None
         channel = stream.channel = self._connection.channel()
-        channel.qos(self.window(stream.offer))
-        queue = self.topology.data_queue(stream.offer.stream_id)
+        offer = stream.offer
+        queue = self.topology.data_queue(self.site, offer.stream_id)
         try:
-            # Passive: the sender declared it, with its own idle TTL (which may differ from ours).
-            channel.declare_queue(queue, passive=True)
+            channel.qos(self.window(offer))
+            if declare:
+                self.topology.declare_data_queue(channel, self.site, offer.stream_id,
+                                                 offer.sender)  # fmt: skip
+            else:
+                channel.declare_queue(queue, passive=True)
             stream.consumer_tag = channel.consume(queue, partial(self._on_data, stream))
         except BrokerRefused:
             channel.close()
             raise
-        self.streams[stream.offer.stream_id] = stream
+        self.streams[offer.stream_id] = stream
 
     def start(self, stream: Stream) -> None:
         """First contact: the sender may go on (or resend) from what is stored."""
@@ -157,7 +166,7 @@ class StreamTable:
         """Answer an offer this receiver does not take with a failed verdict."""
         log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
         done = Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail)
-        self._publish(reply_to, envelope(done))
+        self._publish(reply_to, done, persistent=True)
         self.remember(offer.stream_id)
         self.outcomes.append(TransferFailed(offer.sender, offer.stream_id, code, detail))
 
@@ -171,8 +180,15 @@ class StreamTable:
     def _on_data(self, stream: Stream, delivery: Delivery) -> None:
         now = time.monotonic()
         tag = delivery.tag
+        props = delivery.props
+        if props.user_id != stream.user_id:
+            # The broker vouches for user_id: this came from someone else than the offer did.
+            reason = (f"{props.type} from user {props.user_id!r}, the offer came from user "
+                      f"{stream.user_id!r}")  # fmt: skip
+            self.run(stream, stream.session.malformed(tag, reason, now), delivery)
+            return
         try:
-            message = parse(delivery.props.type, delivery.props.headers)
+            message = parse(props.type, props.headers)
         except ProtocolError as e:
             actions = stream.session.malformed(tag, str(e), now)
         else:
@@ -192,7 +208,8 @@ class StreamTable:
                 if stream.channel is not None:  # inline streams have none
                     stream.channel.close()
                     assert self._control is not None
-                    self._control.delete_queue(self.topology.data_queue(sid))
+                    # Ours to delete: the sender may not (least privilege), and it is done.
+                    self._control.delete_queue(self.topology.data_queue(self.site, sid))
 
     def reconnected(self) -> None:
         """After a reconnect: consume each stream again on the new connection, and ask for
@@ -268,7 +285,7 @@ class StreamTable:
             what = f"keeping stream {stream.offer.stream_id} on disk"
             self._on_disk(what, stream.leave_on_disk)  # syncs the partial file
         elif isinstance(action, SendVerdict):
-            self._publish(stream.reply_to, envelope(action.done))
+            self._publish(stream.reply_to, action.done, persistent=True)
         elif isinstance(action, Finished):
             self._finished(stream, action)
 
@@ -376,13 +393,17 @@ class StreamTable:
         offer = stream.offer
         progress = Progress(stream_id=offer.stream_id, site=self.site, stored=action.stored,
                             resend_from=action.resend_from)  # fmt: skip
-        self._publish(stream.reply_to, envelope(progress, persistent=False))
+        self._publish(stream.reply_to, progress, persistent=False)
         if self._progress is not None:
             self._progress(offer.sender, offer.stream_id, action.stored_bytes, offer.size)
 
-    def _publish(self, reply_to: str, props: Properties) -> None:
+    def _publish(self, reply_to: str, message: Done | Progress, *, persistent: bool) -> None:
+        """An answer to ``reply_to`` (``reply:S:QID``): through the exchange, with the key
+        that names this site as its publisher."""
         assert self._control is not None
-        self._control.publish("", reply_to, b"", props)
+        props = envelope(message, persistent=persistent, user_id=self._user)
+        key = self.topology.reply_key(reply_to, self.site)
+        self._control.publish(self.topology.exchange, key, b"", props)
 
     def _finished(self, stream: Stream, finished: Finished) -> None:
         stream.closing = True  # the channel is closed outside its own callback

@@ -57,6 +57,8 @@ class Stream:
     reply_to: str
     session: ReceiveSession
     assembler: ObjectAssembler
+    user_id: str | None = None
+    """The broker user the offer came from: the stream's data must come from it too."""
     channel: Channel | None = None
     consumer_tag: str = ""
     closing: bool = False

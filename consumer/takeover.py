@@ -48,6 +48,7 @@ class Reopened:
     assembler: ObjectAssembler
     state: StreamState
     resumed_bytes: int
+    user_id: str | None = None
 
 
 class ResumeStore:
@@ -89,7 +90,7 @@ class ResumeStore:
                 continue
             reassembler = Reassembler.resumed(offer, item.stored, item.stored_bytes, sha)
             found.append(Reopened(offer, item.reply_to, reassembler, assembler, item.state,
-                                  item.stored_bytes))  # fmt: skip
+                                  item.stored_bytes, item.user_id))  # fmt: skip
         return found
 
     def _reopen(self, item: Resumable) -> ObjectAssembler:
@@ -112,10 +113,12 @@ class ResumeStore:
             return None
         return item
 
-    def adopt(self, offer: Offer, reply_to: str, kept: Resumable) -> Reopened:
+    def adopt(
+        self, offer: Offer, reply_to: str, kept: Resumable, user_id: str | None = None
+    ) -> Reopened:
         """A resumed retrieval: the kept prefix (hashed already) becomes the start of stream
-        ``offer``."""
-        state = adopt(kept, self.dest, offer, reply_to)
+        ``offer`` (from broker user ``user_id``)."""
+        state = adopt(kept, self.dest, offer, reply_to, user_id)
         try:
             assembler = FileAssembler(self.dest, offer, reopen=True)
         except OSError:
@@ -125,7 +128,8 @@ class ResumeStore:
                  offer.sender, kept.stored, offer.chunk_count, kept.stored_bytes)  # fmt: skip
         sha = kept.prefix_sha256()
         reassembler = Reassembler.resumed(offer, kept.stored, kept.stored_bytes, sha)
-        return Reopened(offer, reply_to, reassembler, assembler, state, kept.stored_bytes)
+        return Reopened(offer, reply_to, reassembler, assembler, state, kept.stored_bytes,
+                        user_id)  # fmt: skip
 
     @staticmethod
     def drop(assembler: ObjectAssembler, state: StreamState | None) -> None:

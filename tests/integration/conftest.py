@@ -141,7 +141,8 @@ def declared(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Dec
             channel.queue_delete(topo.inbox(site))
             channel.queue_delete(topo.service_queue(site))
         for sid in record.streams:
-            channel.queue_delete(topo.data_queue(sid))
+            for site in record.sites:  # v2: a data queue per target (it deletes its own)
+                channel.queue_delete(topo.data_queue(site, sid))
         channel.queue_delete(topo.dead)
         channel.exchange_delete(topo.dead)
         channel.exchange_delete(topo.exchange)

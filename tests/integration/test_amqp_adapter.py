@@ -186,8 +186,8 @@ def test_dead_letter_keeps_the_message_and_adds_the_reason(
     connection: Connection, settings: Settings
 ) -> None:
     topology = Topology.from_settings(settings)
+    topology.declare_base(connection)
     channel = connection.channel()
-    topology.declare_base(channel)
     try:
         source = _queue(channel, auto_delete=True)
         channel.publish("", source, b"bad body", Properties(type="chunk", message_id="x:1"))

@@ -138,7 +138,7 @@ def test_unencodable_values_are_refused_before_anything_is_sent(
     try:
         channel = connection.channel()
         topo = Topology.from_settings(settings)
-        inbox = declare_bound(channel, topo, topo.inbox("site-1"), topo.inbox_key("site-1"))
+        inbox = declare_bound(channel, topo, topo.inbox("site-1"), topo.offer_key("site-1"))
         assert channel.queue_declare(inbox, passive=True).method.message_count == 0
     finally:
         connection.close()

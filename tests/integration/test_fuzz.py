@@ -48,7 +48,9 @@ def test_fuzzed_messages_never_hurt_the_receiver(
                suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
     @given(type_=types, headers=headers, body=st.binary(max_size=5000), to_data=st.booleans())
     def throw(type_: str | None, headers: dict[str, Any], body: bytes, to_data: bool) -> None:
-        props = pika.BasicProperties(type=type_, headers=headers, reply_to=peer.reply)
+        props = pika.BasicProperties(
+            type=type_, headers=headers, reply_to=peer.reply_to, user_id=peer.user
+        )
         if to_data:
             peer.publish_data(body, props)
         else:

@@ -26,7 +26,7 @@ from tests.integration.conftest import (
     slow_disk,
     wait_for_partial,
 )
-from tests.integration.rawpeer import declare_reply_queue, properties
+from tests.integration.rawpeer import declare_reply_queue, login_user, properties
 from tests.integration.test_cli import _env, _objstream
 
 CHUNK = 64 * KiB
@@ -271,12 +271,14 @@ def test_resume_requests_the_owner_cannot_serve_are_refused(
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
         channel = connection.channel()
-        reply_queue = declare_reply_queue(channel)
+        reply_queue, reply_to = declare_reply_queue(channel, settings.namespace, "site-1", "server")
         request = Request(
             request_id=new_stream_id(), kind=kind, name="m", requester="site-1",
             resume_from=1, chunk_size=chunk_size, prefix_sha256="0" * 64,
         )  # fmt: skip
-        props = properties(request, persistent=False, reply_to=reply_queue)
+        props = properties(
+            request, persistent=False, reply_to=reply_to, user_id=login_user(settings)
+        )
         channel.basic_publish(topo.exchange, topo.service_key("server"), b"", props)
         deadline = time.monotonic() + 10
         while True:

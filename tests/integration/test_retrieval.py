@@ -18,7 +18,13 @@ from objstream.consumer import Retriever
 from objstream.producer import ContainerRetriever, FileRetriever, RetrievalServer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 from tests.integration.conftest import Declared, StartReceiver, StartServer, slow_disk
-from tests.integration.rawpeer import declare_base, declare_bound, declare_reply_queue, properties
+from tests.integration.rawpeer import (
+    declare_base,
+    declare_bound,
+    declare_reply_queue,
+    login_user,
+    properties,
+)
 
 
 def test_retrieve_a_file_and_a_container(
@@ -236,11 +242,11 @@ def test_an_expired_request_is_never_served(
         channel = connection.channel()
         declare_base(channel, topo)
         declare_bound(channel, topo, topo.service_queue("server"), topo.service_key("server"))
-        reply = declare_reply_queue(channel)
+        reply, reply_to = declare_reply_queue(channel, settings.namespace, "site-1", "server")
         request = Request(
             request_id=new_stream_id(), kind="container", name="m", requester="site-1"
         )
-        props = properties(request, reply_to=reply)
+        props = properties(request, reply_to=reply_to, user_id=login_user(settings))
         props.expiration = "200"
         channel.basic_publish(topo.exchange, topo.service_key("server"), b"", props)
         time.sleep(0.5)
@@ -343,11 +349,17 @@ def test_an_offer_that_overtakes_its_reply_is_still_taken(
                 inline=Inline(crc32=zlib.crc32(content),
                               sha256=hashlib.sha256(content).hexdigest()),
             )  # fmt: skip
-            verdicts = declare_reply_queue(channel)
-            channel.basic_publish("", props.reply_to, content,
-                                  properties(offer, reply_to=verdicts))  # fmt: skip
+            # v2: answers go through the exchange with a key naming their publisher; the
+            # verdict comes back to the owner's own reply queue, bound for the requester.
+            user = login_user(settings)
+            answer_key = f"{props.reply_to}:server"
+            verdicts, own_reply_to = declare_reply_queue(
+                channel, settings.namespace, "server", "site-1"
+            )
+            offer_props = properties(offer, reply_to=own_reply_to, user_id=user)
+            channel.basic_publish(topo.exchange, answer_key, content, offer_props)
             reply = Reply(request_id=request.ident, ok=True, stream_id=sid, size=len(content))
-            channel.basic_publish("", props.reply_to, b"", properties(reply))
+            channel.basic_publish(topo.exchange, answer_key, b"", properties(reply, user_id=user))
             while (got := channel.basic_get(verdicts, auto_ack=True))[0] is None:
                 assert time.monotonic() < deadline, "no verdict came"
                 time.sleep(0.02)

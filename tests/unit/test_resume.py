@@ -31,16 +31,18 @@ def test_a_stream_whose_owner_lives_is_not_taken_over(tmp_path: Path) -> None:
 def test_a_dead_owners_stream_is_found_with_its_counts(tmp_path: Path) -> None:
     offer = _offer()
     (tmp_path / partial_name(offer.stream_id)).write_bytes(b"abcdefgh")
-    state = StreamState.create(tmp_path, offer, "amq.gen-reply")
+    reply_to = "reply:server:" + "a" * 32
+    state = StreamState.create(tmp_path, offer, reply_to, user_id="server-user")
     state.save(1, 4)
     state.save(2, 8)
     os.close(state._fd)  # the process died: the lock goes with it
     [item] = find_resumable(tmp_path)
-    assert (item.offer, item.reply_to, item.stored, item.stored_bytes) == (
+    assert (item.offer, item.reply_to, item.stored, item.stored_bytes, item.user_id) == (
         offer,
-        "amq.gen-reply",
+        reply_to,
         2,
         8,
+        "server-user",  # the successor checks the stream's data against it
     )
     assert item.prefix_sha256().hexdigest() == hashlib.sha256(b"abcdefgh").hexdigest()
     assert find_resumable(tmp_path) == []  # now ours
