@@ -352,3 +352,89 @@ def test_listen_as_another_site_is_one_line_access_refused_exit_3(
     assert "ACCESS_REFUSED" in lines[0]
     assert "site-2" in lines[0]
     assert PASSWORDS["site-1"] not in result.stderr
+
+
+def test_a_non_target_reads_a_broadcast_only_with_its_stream_id(users: dict[str, Settings]) -> None:
+    """What a site that is not a target can read of a broadcast: with the stream id (which
+    only the offers to the targets carry), it may bind its own data queue with the broadcast
+    key ``data:ID:P`` and get the chunks published from then on; never a target's unicast
+    ``data:ID:P:T``, never a target's queue, never the offer."""
+    sid = uuid.uuid4().hex
+    with Session(users["site-2"]) as outsider, Session(users["server"]) as server:
+        queue = T.data_queue("site-2", sid)
+        assert outsider.attempt(lambda ch: ch.declare_queue(queue, durable=True)) is None
+        assert outsider.attempt(binding(queue, T.data_key(sid, "server"))) is None
+        assert_access_refused(
+            outsider.attempt(binding(queue, T.data_key(sid, "server", "site-1"))), "unicast"
+        )
+        for key in (T.data_key(sid, "server"), T.data_key(sid, "server", "site-1")):
+            assert server.attempt(publish(key, user_id="server")) is None
+        got = drain(outsider, queue)
+        assert [d.props.user_id for d in got] == ["server"]  # the broadcast chunk only
+        outsider.channel().delete_queue(queue)
+
+
+# -- end to end, with the objstream drivers and nothing but per-site permissions -------------------
+
+
+def test_a_push_with_per_site_users(users: dict[str, Settings], tmp_path: Path) -> None:
+    from objstream.producer import FileStreamer
+    from tests.integration.conftest import BackgroundReceiver
+
+    source = tmp_path / "model.bin"
+    source.write_bytes(os.urandom(3 * 1024 * 1024 + 7))
+    receiver = BackgroundReceiver("site-1", tmp_path / "in", users["site-1"])
+    try:
+        with FileStreamer("server", users["server"]) as streamer:
+            [result] = streamer.stream_file("site-1", source, chunk_size=256 * 1024)
+        assert result.ok
+        [item] = receiver.wait_for(1)
+    finally:
+        receiver.stop()
+    assert not isinstance(item, Exception), item
+    assert item.path is not None
+    assert item.path.read_bytes() == source.read_bytes()
+
+
+def test_a_broadcast_to_two_sites_with_per_site_users(
+    users: dict[str, Settings], tmp_path: Path
+) -> None:
+    from objstream.producer import FileStreamer
+    from tests.integration.conftest import BackgroundReceiver
+
+    source = tmp_path / "model.bin"
+    source.write_bytes(os.urandom(2 * 1024 * 1024 + 3))
+    receivers = {
+        site: BackgroundReceiver(site, tmp_path / site, users[site])
+        for site in ("site-1", "site-2")
+    }
+    try:
+        with FileStreamer("server", users["server"]) as streamer:
+            results = streamer.stream_file(["site-1", "site-2"], source, chunk_size=128 * 1024)
+        assert [r.ok for r in results] == [True, True]
+        assert len({r.stream_id for r in results}) == 1  # one broadcast
+        for receiver in receivers.values():
+            [item] = receiver.wait_for(1)
+            assert not isinstance(item, Exception), item
+            assert item.path is not None
+            assert item.path.read_bytes() == source.read_bytes()
+    finally:
+        for receiver in receivers.values():
+            receiver.stop()
+
+
+def test_a_retrieval_with_per_site_users(users: dict[str, Settings], tmp_path: Path) -> None:
+    from objstream.consumer import Retriever
+    from objstream.producer import FileRetriever
+    from tests.integration.conftest import BackgroundServer
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "weights.bin").write_bytes(os.urandom(1024 * 1024 + 11))
+    server = BackgroundServer("server", users["server"], lambda s: FileRetriever(s, served))
+    try:
+        with Retriever("site-1", tmp_path / "in", users["site-1"]) as retriever:
+            path = retriever.retrieve_file("server", "weights.bin", timeout=30)
+    finally:
+        server.stop()
+    assert path.read_bytes() == (served / "weights.bin").read_bytes()
