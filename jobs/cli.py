@@ -82,7 +82,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     )
     demo.add_argument("--chunk-size", type=size_arg, metavar="SIZE", help=argparse.SUPPRESS)
     _dict_options(demo)
-    demo.set_defaults(handler=run_demo, settings_overrides=_overrides)
+    demo.set_defaults(handler=run_demo, settings_overrides=_overrides, clients=1)
 
 
 def _job_options() -> argparse.ArgumentParser:
@@ -203,7 +203,7 @@ def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_dict_streaming(args: argparse.Namespace, settings: Settings) -> int:
-    sites = clients.client_sites(args.consumer_site, getattr(args, "clients", 1))
+    sites = clients.client_sites(args.consumer_site, args.clients)
     producer = (dict_streaming.producer_side, {
         "settings": settings, "site": args.producer_site, "entries": args.entries,
         "entry_size": args.entry_size, "seed": args.seed, "count": len(sites),

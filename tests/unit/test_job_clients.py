@@ -73,3 +73,8 @@ def test_clients_option_is_positive() -> None:
     assert parsed.clients == 4
     with pytest.raises(SystemExit):
         parser.parse_args(["job", "file_streaming", "--clients", "0"])
+
+
+def test_demo_runs_one_client() -> None:
+    """``job demo`` runs both jobs' handlers, which read ``clients``: it has one."""
+    assert build_parser().parse_args(["job", "demo"]).clients == 1
