@@ -1,7 +1,8 @@
 """The ``objstream`` command line: global options, exit codes, one-line errors.
 
 ``objstream producer ...`` and ``objstream consumer ...`` are defined in ``producer/cli.py`` and
-``consumer/cli.py``; ``python -m objstream.producer`` / ``python -m objstream.consumer``
+``consumer/cli.py`` (``objstream job ...`` in ``jobs/cli.py``, ``objstream admin ...`` in
+``common/admin.py``); ``python -m objstream.producer`` / ``python -m objstream.consumer``
 run the same commands.
 """
 
@@ -37,7 +38,14 @@ EXIT_BROKER = 3  # broker unreachable or authentication refused
 EXIT_TIMEOUT = 4  # timed out without progress
 EXIT_INTERRUPTED = 130  # Ctrl-C (the shell convention: 128 + SIGINT)
 
-SIDES = ("producer", "consumer", "job")
+SIDES = ("producer", "consumer", "job", "admin")
+SIDE_MODULES = {
+    "producer": "objstream.producer.cli",
+    "consumer": "objstream.consumer.cli",
+    "job": "objstream.jobs.cli",
+    "admin": "objstream.common.admin",
+}
+"""The module that defines each side's commands (its ``add_commands``)."""
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -92,7 +100,7 @@ def build_parser(sides: Sequence[str] = SIDES) -> argparse.ArgumentParser:
     )
     parent = global_options()
     for side in sides:
-        module = importlib.import_module(f"objstream.{'jobs' if side == 'job' else side}.cli")
+        module = importlib.import_module(SIDE_MODULES[side])
         module.add_commands(commands, parent)
     return parser
 

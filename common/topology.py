@@ -30,9 +30,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from objstream.common.settings import Settings
-
 from objstream.common.errors import BrokerRefused
+from objstream.common.settings import Settings
 
 if TYPE_CHECKING:
     from objstream.common.amqp import Channel, Connection
@@ -43,6 +42,12 @@ DEAD_MAX_BYTES = 64 * 1024 * 1024
 
 HEX32 = "[0-9a-f]{32}"
 SITE_IN_KEY = "[^:]+"  # a site name inside a routing key (site names never hold ":")
+# What a permission regex lets stand for a site in a key: a site name's own characters
+# (settings.NAME_PATTERN), never "*" or "#". Topic words are split at ".", and site names may
+# hold dots, so with "[^:]+" a site could bind "data:ID:a.#" and receive the unicast keys
+# "data:ID:a.b:OTHER" of sender "a.b" meant for other targets (RabbitMQ 3.10 checks the binding
+# key's text against the regex, not what the pattern would route).
+SITE_WORDS = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
 @dataclass(frozen=True)
@@ -251,11 +256,11 @@ def permissions(namespace: str, site: str) -> Permissions:
         write=f"{exchanges}|{own}",
         read=rf"^{ns}$|{own}",
         topic_write=(
-            rf"^(offer|serve):{SITE_IN_KEY}$|^data:{HEX32}:{s}(:{SITE_IN_KEY})?$"
-            rf"|^reply:{SITE_IN_KEY}:{HEX32}:{s}$"
+            rf"^(offer|serve):{SITE_WORDS}$|^data:{HEX32}:{s}(:{SITE_WORDS})?$"
+            rf"|^reply:{SITE_WORDS}:{HEX32}:{s}$"
         ),
         topic_read=(
-            rf"^(offer|serve):{s}$|^(site|serve)\.{s}$|^data:{HEX32}:{SITE_IN_KEY}(:{s})?$"
-            rf"|^reply:{s}:{HEX32}:{SITE_IN_KEY}$"
+            rf"^(offer|serve):{s}$|^(site|serve)\.{s}$|^data:{HEX32}:{SITE_WORDS}(:{s})?$"
+            rf"|^reply:{s}:{HEX32}:{SITE_WORDS}$"
         ),
     )

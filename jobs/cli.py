@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, size_arg
 from objstream.common.settings import MiB, Settings
-from objstream.jobs import dict_streaming, file_streaming
+from objstream.jobs import clients, dict_streaming, file_streaming
 from objstream.jobs.runner import Result, Side, peak_rss_mib
 
 ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
@@ -49,6 +50,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     fs.add_argument(
         "--chunk-size", type=size_arg, metavar="SIZE", help="bytes per chunk (default 1MiB)"
     )
+    _clients_option(fs, "stream the file to N client sites at once (one broadcast)")
     fs.set_defaults(handler=run_file_streaming, settings_overrides=_overrides)
 
     ds = sub.add_parser(
@@ -61,6 +63,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     _dict_options(ds)
+    _clients_option(ds, "N client sites retrieve the model at the same moment")
     ds.set_defaults(handler=run_dict_streaming, settings_overrides=_overrides)
 
     demo = sub.add_parser(
@@ -79,7 +82,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     )
     demo.add_argument("--chunk-size", type=size_arg, metavar="SIZE", help=argparse.SUPPRESS)
     _dict_options(demo)
-    demo.set_defaults(handler=run_demo, settings_overrides=_overrides)
+    demo.set_defaults(handler=run_demo, settings_overrides=_overrides, clients=1)
 
 
 def _job_options() -> argparse.ArgumentParser:
@@ -99,9 +102,9 @@ def _job_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--consumer-site",
-        default="site-1",
         metavar="SITE",
-        help="the consumer's site name (default site-1)",
+        help="the consumer's site name (default site-1); with --clients N, the clients are "
+        "SITE-1 ... SITE-N (default site-1 ... site-N)",
     )
     group.add_argument(
         "--dest",
@@ -118,6 +121,23 @@ def _job_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return options
+
+
+def _clients_option(cmd: argparse.ArgumentParser, what: str) -> None:
+    cmd.add_argument(
+        "--clients", type=_positive, default=1, metavar="N",
+        help=f"{what}; one result line with every client's outcome (default 1)",
+    )  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _dict_options(cmd: argparse.ArgumentParser) -> None:
@@ -158,15 +178,24 @@ def _dest(args: argparse.Namespace) -> str:
 
 
 def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
+    sites = clients.client_sites(args.consumer_site, args.clients)
+    producer = (file_streaming.producer_side, {
+        "settings": settings, "site": args.producer_site,
+        "to": sites[0] if args.clients == 1 else sites, "size": args.size,
+        "chunk_size": args.chunk_size or int(settings.chunk_size), "seed": args.seed,
+    })  # fmt: skip
+    if args.clients > 1:
+        dest = Path(_dest(args))
+        client = (file_streaming.consumer_side, lambda site, where: {
+            "settings": settings, "site": site, "dest": str(where), "timeout": args.timeout,
+        })  # fmt: skip
+        results = clients.run_clients(args, producer, client, sites, dest)
+        return clients.report_clients(args, "file_streaming", sites, results)
     sides = _sides(
         args,
-        (file_streaming.producer_side, {
-            "settings": settings, "site": args.producer_site, "to": args.consumer_site,
-            "size": args.size, "chunk_size": args.chunk_size or int(settings.chunk_size),
-            "seed": args.seed,
-        }),
+        producer,
         (file_streaming.consumer_side, {
-            "settings": settings, "site": args.consumer_site, "dest": _dest(args),
+            "settings": settings, "site": sites[0], "dest": _dest(args),
             "timeout": args.timeout,
         }),
     )  # fmt: skip
@@ -174,19 +203,29 @@ def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_dict_streaming(args: argparse.Namespace, settings: Settings) -> int:
+    sites = clients.client_sites(args.consumer_site, args.clients)
+    producer = (dict_streaming.producer_side, {
+        "settings": settings, "site": args.producer_site, "entries": args.entries,
+        "entry_size": args.entry_size, "seed": args.seed, "count": len(sites),
+        "timeout": args.timeout,
+    })  # fmt: skip
+    consumer = {
+        "settings": settings, "owner": args.producer_site, "entries": args.entries,
+        "entry_size": args.entry_size, "seed": args.seed, "timeout": args.timeout,
+    }  # fmt: skip
+    if len(sites) > 1:
+        dest, together = Path(_dest(args)), clients.start_barrier(args.role, len(sites))
+        client = (clients.in_step, lambda site, where: {
+            **consumer, "site": site, "dest": str(where), "side": dict_streaming.consumer_side,
+            "barrier": together,
+        })  # fmt: skip
+        results = clients.run_clients(args, producer, client, sites, dest)
+        return clients.report_clients(args, "dict_streaming", sites, results)
     sides = _sides(
         args,
-        (dict_streaming.producer_side, {
-            "settings": settings, "site": args.producer_site, "entries": args.entries,
-            "entry_size": args.entry_size, "seed": args.seed, "count": 1,
-            "timeout": args.timeout,
-        }),
-        (dict_streaming.consumer_side, {
-            "settings": settings, "site": args.consumer_site, "owner": args.producer_site,
-            "entries": args.entries, "entry_size": args.entry_size, "seed": args.seed,
-            "timeout": args.timeout, "dest": _dest(args),
-        }),
-    )  # fmt: skip
+        producer,
+        (dict_streaming.consumer_side, {**consumer, "site": sites[0], "dest": _dest(args)}),
+    )
     return _report(args, "dict_streaming", sides)
 
 
