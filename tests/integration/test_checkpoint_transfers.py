@@ -89,7 +89,9 @@ def test_every_dtype_through_the_python_api_and_retrieval(
 
     def site_1() -> None:
         with Receiver("site-1", tmp_path / "inbox", settings) as receiver:
-            got.append(receiver.receive(timeout=60).value)
+            item = receiver.receive(timeout=60)
+            assert item is not None
+            got.append(item.value)
 
     consumer = threading.Thread(target=site_1)
     consumer.start()
