@@ -89,3 +89,23 @@ def test_a_file_that_needs_full_unpickling_is_refused_in_one_line(tmp_path: Path
     ) as caught:
         load_container(src)
     assert "\n" not in str(caught.value)
+
+
+def test_the_assembler_can_give_torch_tensors() -> None:
+    from objstream.common.protocol import Offer, new_stream_id
+    from objstream.consumer.container_assembler import ContainerAssembler
+    from objstream.producer.container_source import ContainerSource
+
+    state = _state_dict()
+    source = ContainerSource(state, "m")
+    source.prepare(4096)
+    offer = Offer(stream_id=new_stream_id(), kind="container", name="m", size=source.size,
+                  chunk_size=4096, chunk_count=source.chunk_count, window=4, sender="a",
+                  target="b", info=source.info())  # fmt: skip
+    assembler = ContainerAssembler(offer, as_torch=True)
+    offset = 0
+    for piece in source.pieces():
+        assembler.take(offset, piece.data, piece.meta)
+        offset += len(piece.data)
+    back = assembler.finish()
+    assert all(_same(back[k], v) for k, v in state.items())
