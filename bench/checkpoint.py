@@ -21,10 +21,13 @@ import ml_dtypes
 import numpy as np
 
 WRAPPER = (
-    "import resource, sys\n"
+    # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into a child's
+    # ru_maxrss across exec, while VmHWM belongs to this process's own memory.
+    "import re, sys\n"
     "from objstream.common.cli import main\n"
     "rc = main(sys.argv[2:])\n"
-    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))\n"
+    "status = open('/proc/self/status').read()\n"
+    "open(sys.argv[1], 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
     "sys.exit(rc)\n"
 )
 
