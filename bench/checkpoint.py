@@ -20,14 +20,13 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+# The CLI, then its own peak RSS (MiB) written to the file named first.
 WRAPPER = (
-    # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into a child's
-    # ru_maxrss across exec, while VmHWM belongs to this process's own memory.
-    "import re, sys\n"
+    "import sys\n"
     "from objstream.common.cli import main\n"
+    "from objstream.jobs.runner import peak_rss_mib\n"
     "rc = main(sys.argv[2:])\n"
-    "status = open('/proc/self/status').read()\n"
-    "open(sys.argv[1], 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+    "open(sys.argv[1], 'w').write(str(peak_rss_mib()))\n"
     "sys.exit(rc)\n"
 )
 
@@ -68,8 +67,8 @@ def run(gib: float) -> dict[str, float]:
         listen.wait(timeout=120)
         return {
             "mib_per_s": size / (1 << 20) / seconds,
-            "sender_rss_mib": int((work / "tx").read_text()) / 1024,
-            "receiver_rss_mib": int((work / "rx").read_text()) / 1024,
+            "sender_rss_mib": float((work / "tx").read_text()),
+            "receiver_rss_mib": float((work / "rx").read_text()),
         }
 
 

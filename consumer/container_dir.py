@@ -17,7 +17,7 @@ from pathlib import Path
 
 from objstream.common.naming import candidate_names, confined, partial_name, safe_basename
 from objstream.consumer.container_assembler import ContainerEntry
-from objstream.consumer.file_sink import DestinationFull
+from objstream.consumer.file_sink import DestinationFull, fsync_dir
 from objstream.consumer.safetensors_writer import SafetensorsWriter, SaveError
 
 
@@ -64,7 +64,7 @@ class ContainerDir:
                 f.flush()
                 os.fsync(f.fileno())
         self._shards.clear()
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.path, 0o777 & ~umask)
@@ -77,7 +77,7 @@ class ContainerDir:
             except FileExistsError:
                 continue
             os.rename(self.path, final)
-            _fsync_dir(self.dest)
+            fsync_dir(self.dest)
             return final
         raise DestinationFull(errno.EEXIST, f"no free name for {self.name!r} in {self.dest}")
 
@@ -86,11 +86,3 @@ class ContainerDir:
         for shard in self._shards.values():
             shard.discard()
         shutil.rmtree(self.path, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from bench.checkpoint import WRAPPER
 from objstream.common.settings import Settings
 from objstream.consumer import Receiver, Retriever
 from objstream.producer import ContainerRetriever, ContainerStreamer, RetrievalServer
@@ -133,21 +134,9 @@ def _big_bfloat16(path: Path, gib: float) -> None:
             f.write(tensor.view(np.uint8).data)
 
 
-RSS_WRAPPER = (
-    # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) peak into a child's
-    # ru_maxrss across exec, while VmHWM belongs to this process's own memory.
-    "import re, sys\n"
-    "from objstream.common.cli import main\n"
-    "rc = main(sys.argv[2:])\n"
-    "status = open('/proc/self/status').read()\n"
-    "open(sys.argv[1], 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
-    "sys.exit(rc)\n"
-)
-
-
 def _side(rss_file: Path, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", RSS_WRAPPER, str(rss_file), *args],
+        [sys.executable, "-c", WRAPPER, str(rss_file), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -173,8 +162,8 @@ def test_a_big_bfloat16_file_streams_with_both_sides_memory_flat(
     assert sender.returncode == 0, send_err
     assert listener.returncode == 0, err
     received = Path(json.loads(out)["path"])
-    sender_mib = int((tmp_path / "tx").read_text()) / 1024
-    receiver_mib = int((tmp_path / "rx").read_text()) / 1024
+    sender_mib = float((tmp_path / "tx").read_text())
+    receiver_mib = float((tmp_path / "rx").read_text())
     print(f"{BIG_GIB} GiB bf16: {seconds:.1f} s, peak RSS sender {sender_mib:.0f} MiB, "
           f"receiver {receiver_mib:.0f} MiB")  # fmt: skip
     # Measured (VmHWM) for 2 GiB: sender 56 MiB, receiver 94 MiB (one 32 MiB tensor decoded
