@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
-import resource
 import sys
 import time
 import uuid
@@ -23,11 +22,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from objstream.jobs.runner import peak_rss_mib
+
 MiB = 1024 * 1024
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _sender(namespace: str, entries: int, entry_size: int, out: Any) -> None:
@@ -42,7 +39,7 @@ def _sender(namespace: str, entries: int, entry_size: int, out: Any) -> None:
         f"layer-{i}": rng.standard_normal(entry_size // 4, dtype=np.float32) for i in range(entries)
     }
     digests = {k: hashlib.sha256(v.data).hexdigest() for k, v in model.items()}
-    base = _peak_rss_mib()
+    base = peak_rss_mib()
     started = time.monotonic()
     with ContainerStreamer("server", settings) as streamer:
         streamer.stream_container("site-1", model, "model")
@@ -50,7 +47,7 @@ def _sender(namespace: str, entries: int, entry_size: int, out: Any) -> None:
     out.put(
         {
             "side": "sender",
-            "peak_rss_mib": _peak_rss_mib(),
+            "peak_rss_mib": peak_rss_mib(),
             "rss_before_mib": base,
             "seconds": seconds,
             "digests": digests,
@@ -74,7 +71,7 @@ def _receiver(namespace: str, on_entry: bool, out: Any) -> None:
     assert item is not None
     if not on_entry:
         digests = {k: hashlib.sha256(v.data).hexdigest() for k, v in item.value.items()}
-    out.put({"side": "receiver", "peak_rss_mib": _peak_rss_mib(), "digests": digests})
+    out.put({"side": "receiver", "peak_rss_mib": peak_rss_mib(), "digests": digests})
 
 
 def main() -> int:

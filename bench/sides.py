@@ -17,12 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pika
 
+from objstream.jobs.runner import peak_rss_mib
+
 Result = dict[str, Any]
 MiB = 1024 * 1024
-
-
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def cpu_seconds() -> float:

@@ -2,7 +2,13 @@
 
 No pickle anywhere, and the decoder never instantiates a class named by the peer: the only
 things it builds are None, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict,
-set, frozenset and numpy arrays / scalars of non-object dtypes.
+set, frozenset and numpy arrays / scalars of non-object dtypes (the ``ml_dtypes`` types,
+bfloat16 and float8 among them, included: see :mod:`objstream.common.dtypes`).
+
+Two value types exist for the sending side only: :class:`RawArray` (an array given by its wire
+dtype, shape and bytes, so a ``.safetensors`` tensor is sent without numpy knowing its dtype) and
+:class:`FileRange` (bytes of a file, read chunk by chunk as they are sent, never loaded whole).
+A torch tensor (CPU) is carried as the numpy array it views (:mod:`objstream.common.torch_bridge`).
 
 Encoding a value gives a small *structure* (msgpack bytes) plus a list of *buffers* (memoryviews
 of the original arrays and bytes, not copies, wherever the memory layout allows). Decoding is
@@ -14,6 +20,7 @@ writable regions to fill; once they are filled, :meth:`Decoded.value` gives the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +28,7 @@ from typing import Any, Literal
 import msgpack
 import numpy as np
 
+from objstream.common import dtypes
 from objstream.common.errors import ObjstreamError, ProtocolError
 
 # msgpack ext type codes
@@ -36,8 +44,7 @@ EXT_NP_SCALAR = 9  # [dtype str, raw bytes]
 
 # bytes values at least this long travel out of band (raw, no msgpack copy)
 OUT_OF_BAND_BYTES = 4096
-# numpy dtype kinds the codec accepts: bool, int, uint, float, complex, bytes, str, datetime, delta
-ARRAY_KINDS = frozenset("biufcSUMm")
+ARRAY_KINDS = dtypes.ARRAY_KINDS
 MAX_DIMS = 64
 
 
@@ -45,12 +52,63 @@ class EncodeError(ObjstreamError):
     """A value cannot be encoded (it is refused before anything is sent)."""
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """``nbytes`` bytes of the file at ``path`` from ``offset``, read only when sent.
+
+    As a value it is sent as ``bytes`` (received as bytes); as :attr:`RawArray.data`, as an
+    array's payload. The file must not change while it is being sent.
+    """
+
+    path: str
+    offset: int
+    nbytes: int
+
+    def read(self, start: int, end: int) -> bytes:
+        """Bytes ``start:end`` of the range (one ``pread``; no read ahead kept in memory)."""
+        with open(self.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), end - start, self.offset + start)
+        if len(data) != end - start:
+            raise ObjstreamError(
+                f"{self.path}: {len(data)} bytes at {self.offset + start}, expected "
+                f"{end - start} (the file shrank while being sent)"
+            )
+        return data
+
+
+@dataclass(frozen=True)
+class RawArray:
+    """An array given by its wire dtype code (numpy ``dtype.str`` or an ml_dtypes name), shape
+    and C-ordered bytes; received as the numpy array it describes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: FileRange | memoryview
+
+    def check(self, where: str) -> None:
+        """Raises EncodeError unless the dtype is carried and the bytes fit the shape."""
+        try:
+            size = dtypes.itemsize(self.dtype)
+        except ProtocolError as e:
+            raise EncodeError(f"{where}: {e}") from None
+        expected = math.prod(self.shape) * size
+        if self.data.nbytes != expected:
+            raise EncodeError(
+                f"{where}: {self.data.nbytes} bytes for a {self.dtype} array of shape "
+                f"{list(self.shape)} (expected {expected})"
+            )
+
+
+Buffer = memoryview | FileRange
+"""An out-of-band buffer: a view of memory, or a range of a file read when it is sent."""
+
+
 @dataclass
 class Encoded:
     """A value as structure bytes plus raw buffers (views of the original where possible)."""
 
     structure: bytes
-    buffers: list[memoryview]
+    buffers: list[Buffer]
 
     @property
     def size(self) -> int:
@@ -58,9 +116,10 @@ class Encoded:
 
 
 def _dtype_code(dtype: np.dtype[Any], where: str) -> str:
-    if dtype.kind not in ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
-        raise EncodeError(f"{where}: numpy dtype {dtype} is not supported (object or structured)")
-    return str(dtype.str)
+    code = dtypes.wire_code(dtype)
+    if code is None:
+        raise EncodeError(f"{where}: {dtypes.refusal(dtype)}")
+    return code
 
 
 def _array_bytes(array: np.ndarray[Any, Any]) -> tuple[memoryview, bool]:
@@ -97,7 +156,7 @@ class _Encoder:
 
     def __init__(self, where: str) -> None:
         self.where = where
-        self.buffers: list[memoryview] = []
+        self.buffers: list[Buffer] = []
 
     def route(self, obj: Any, patchable: bool) -> Any:
         # By exact type: subclasses (numpy's float64 is a float) take the numpy branches or
@@ -115,13 +174,18 @@ class _Encoder:
         if isinstance(obj, np.generic):
             code = _dtype_code(obj.dtype, self.where)
             return self._ext(EXT_NP_SCALAR, [code, np.asarray(obj).tobytes()])
+        if kind.__module__.partition(".")[0] == "torch":
+            from objstream.common.torch_bridge import to_numpy  # only once torch is in use
+
+            return self.route(to_numpy(obj, self.where), patchable)
         raise EncodeError(
             f"{self.where}: cannot encode a value of type {kind.__module__}.{kind.__qualname__} "
             "(supported: None, bool, int, float, complex, str, bytes, bytearray, list, tuple, "
-            "dict, set, frozenset, numpy arrays and scalars of non-object dtypes)"
+            "dict, set, frozenset, numpy arrays and scalars of non-object dtypes, CPU torch "
+            "tensors)"
         )
 
-    def _out_of_band(self, view: memoryview) -> int:
+    def _out_of_band(self, view: Buffer) -> int:
         self.buffers.append(view)
         return len(self.buffers) - 1
 
@@ -153,6 +217,16 @@ class _Encoder:
     def _complex(self, obj: complex, patchable: bool) -> Any:
         return self._ext(EXT_COMPLEX, [obj.real, obj.imag])
 
+    def _raw_array(self, obj: RawArray, patchable: bool) -> Any:
+        obj.check(self.where)
+        index = self._out_of_band(obj.data)
+        return self._ext(EXT_ARRAY, [index, obj.dtype, list(obj.shape), False])
+
+    def _file_range(self, obj: FileRange, patchable: bool) -> Any:
+        if patchable:
+            return self._ext(EXT_BYTES, [self._out_of_band(obj), obj.nbytes])
+        return obj.read(0, obj.nbytes)
+
 
 _ENCODERS: dict[type[Any], Callable[[_Encoder, Any, bool], Any]] = {
     int: _Encoder._int,
@@ -164,6 +238,8 @@ _ENCODERS: dict[type[Any], Callable[[_Encoder, Any, bool], Any]] = {
     set: _Encoder._sequence,
     frozenset: _Encoder._sequence,
     complex: _Encoder._complex,
+    RawArray: _Encoder._raw_array,
+    FileRange: _Encoder._file_range,
 }
 """How each type msgpack does not carry as is gets encoded, by exact type."""
 _NATIVE = frozenset({bool, float, str})
@@ -366,7 +442,10 @@ def decode(encoded: Encoded) -> Any:
     for region, buffer in zip(decoded.regions, encoded.buffers, strict=True):
         if region.nbytes != buffer.nbytes:
             raise ProtocolError("buffer length mismatch")
-        region[:] = buffer.cast("B") if buffer.format != "B" else buffer
+        if isinstance(buffer, FileRange):
+            region[:] = buffer.read(0, buffer.nbytes)
+        else:
+            region[:] = buffer.cast("B") if buffer.format != "B" else buffer
     return decoded.value()
 
 
@@ -383,15 +462,7 @@ def _fields(value: Any, count: int, what: str) -> list[Any]:
 
 
 def _parse_dtype(code: Any) -> np.dtype[Any]:
-    if not isinstance(code, str) or len(code) > 32:
-        raise ProtocolError(f"malformed dtype {code!r}")
-    try:
-        dtype = np.dtype(code)
-    except TypeError:
-        raise ProtocolError(f"unknown dtype {code!r}") from None
-    if dtype.kind not in ARRAY_KINDS or dtype.hasobject or dtype.fields is not None:
-        raise ProtocolError(f"dtype {code!r} is not allowed")
-    return dtype
+    return dtypes.numpy_dtype(code)
 
 
 def _parse_shape(shape: Any) -> tuple[int, ...]:

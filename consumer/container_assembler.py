@@ -93,7 +93,9 @@ class _EntryInProgress:
 class ContainerAssembler(ObjectAssembler):
     """Rebuilds a dict, list or set from its entries (or hands each to ``on_entry``)."""
 
-    def __init__(self, offer: Offer, on_entry: OnEntry | None = None) -> None:
+    def __init__(
+        self, offer: Offer, on_entry: OnEntry | None = None, *, as_torch: bool = False
+    ) -> None:
         info = offer.info or {}
         container_type = info.get("container")
         entries = info.get("entries")
@@ -108,6 +110,8 @@ class ContainerAssembler(ObjectAssembler):
         self.container_type = str(container_type)
         self.entries = entries
         self.on_entry = on_entry
+        self.as_torch = as_torch
+        """Numpy arrays in entries become torch tensors sharing their memory (objstream[torch])."""
         self.done = 0
         self._current: _EntryInProgress | None = None
         self._items: list[Any] = []
@@ -139,6 +143,10 @@ class ContainerAssembler(ObjectAssembler):
     def _emit(self, entry: _EntryInProgress) -> None:
         assert entry.decoded is not None
         value = entry.decoded.value()
+        if self.as_torch:
+            from objstream.common.torch_bridge import as_torch
+
+            value = as_torch(value)
         key: Any
         if self.container_type == "dict":
             if not (isinstance(value, list) and len(value) == 2 and type(value[0]) in (str, int)):

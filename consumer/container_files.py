@@ -1,46 +1,49 @@
-"""Saving received containers entry by entry: ``.npz``, ``.safetensors`` or ``.json``.
+"""Saving received containers entry by entry: ``.npz``, ``.safetensors``, ``.json`` or a directory.
 
 Used by ``objstream consumer listen`` (and ``retrieve-container``): each entry is written as it
 arrives and then dropped, so memory stays flat for ``.npz`` and ``.safetensors``; JSON needs the
 whole document and keeps the (small, non-array) entries until the end. Everything goes to a
 partial file first and is committed like a received file: fsync, then a link to a free final name
-(never overwriting).
+(never overwriting). A container whose name ends with ``/`` is a directory of files (a sharded
+checkpoint): see :mod:`objstream.consumer.container_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import os
-import struct
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from objstream.common.errors import ObjstreamError
+from objstream.common import dtypes
 from objstream.common.naming import partial_name, safe_basename
+from objstream.common.safetensors_format import METADATA_KEY
 from objstream.consumer.container_assembler import ContainerEntry
-from objstream.consumer.file_sink import ReadBehind, WriteBehindFile, commit_partial
+from objstream.consumer.container_dir import ContainerDir
+from objstream.consumer.file_sink import commit_partial
+from objstream.consumer.safetensors_writer import SafetensorsWriter, SaveError, write_behind
 from objstream.consumer.streams import Received
 
-# numpy dtype -> safetensors dtype name (little-endian data only)
-SAFETENSORS_DTYPES = {
-    "b1": "BOOL", "u1": "U8", "i1": "I8", "u2": "U16", "i2": "I16", "f2": "F16", "u4": "U32",
-    "i4": "I32", "f4": "F32", "u8": "U64", "i8": "I64", "f8": "F64",
-}  # fmt: skip
+__all__ = ["ContainerFile", "ContainerFiles", "SaveError", "final_name"]
 
+log = logging.getLogger(__name__)
 
-class SaveError(ObjstreamError):
-    """A received container cannot be saved in the chosen format."""
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+"""Containers named like a PyTorch file are saved as ``.safetensors`` (never pickled here)."""
 
 
 def final_name(name: str) -> str:
-    """The file name a container named ``name`` is saved under (``.npz`` unless it says)."""
+    """The file name a container named ``name`` is saved under (``.npz`` unless it says;
+    ``.safetensors`` for a ``.pt``/``.pth``/``.bin`` name)."""
     base = safe_basename(name)
-    if not base.lower().endswith((".npz", ".safetensors", ".json")):
+    lower = base.lower()
+    if lower.endswith(TORCH_SUFFIXES):
+        return base.rpartition(".")[0] + ".safetensors"
+    if not lower.endswith((".npz", ".safetensors", ".json")):
         base += ".npz"
     return base
 
@@ -54,16 +57,14 @@ class ContainerFile:
         # Not the stream's own partial name: a spooled stream (consumer.container_spool) holds it.
         self.path = self.dest / partial_name(f"{stream_id}-out")
         self.format = Path(self.name).suffix.lower()
-        self._file: BinaryIO = _write_behind(self.path)
+        self._file: BinaryIO = write_behind(self.path)
         self._zip: zipfile.ZipFile | None = None
         self._json: Any = None
-        self._tensors: list[tuple[str, str, list[int], int, int]] = []
-        self._data_path = self.dest / partial_name(f"{stream_id}-data")
-        self._data: BinaryIO | None = None
+        self._tensors: SafetensorsWriter | None = None
         if self.format == ".npz":
             self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
         elif self.format == ".safetensors":
-            self._data = _write_behind(self._data_path)
+            self._tensors = SafetensorsWriter(self.dest / partial_name(f"{stream_id}-data"))
 
     def add(self, entry: ContainerEntry) -> None:
         """Write one entry."""
@@ -73,12 +74,16 @@ class ContainerFile:
         if entry.container_type == "set":
             raise SaveError(f"a set cannot be saved as {self.format}; name it .json")
         key = str(entry.key) if entry.container_type == "dict" else f"arr_{entry.key}"
+        if self._tensors is not None:
+            self._tensors.add(key, entry.value)
+            return
+        if key == METADATA_KEY and isinstance(entry.value, dict):
+            log.warning("%s: .npz has no place for safetensors __metadata__; dropped", self.name)
+            return
         array = _as_array(entry.value, key, self.format)
-        if self._zip is not None:
-            with self._zip.open(f"{key}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, array, allow_pickle=False)
-        else:
-            self._add_tensor(key, array)
+        assert self._zip is not None
+        with self._zip.open(f"{key}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, array, allow_pickle=False)
 
     def _add_json(self, entry: ContainerEntry) -> None:
         value = _jsonable(entry.value, entry.key)
@@ -89,26 +94,15 @@ class ContainerFile:
         else:
             self._json.append(value)
 
-    def _add_tensor(self, key: str, array: np.ndarray[Any, Any]) -> None:
-        code = SAFETENSORS_DTYPES.get(array.dtype.str[1:])
-        if code is None:
-            raise SaveError(f"entry {key!r}: dtype {array.dtype} has no safetensors equivalent")
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
-        assert self._data is not None
-        start = self._data.tell()
-        self._data.write(np.ascontiguousarray(array).data)
-        self._tensors.append((key, code, list(array.shape), start, self._data.tell()))
-
     def commit(self, container_type: str) -> Path:
         """Finish the file and give it its final name; returns the final path."""
         if self._zip is not None:
             self._zip.close()
-        elif self.format == ".json":
+        elif self._tensors is not None:
+            self._tensors.finish(self._file)
+        else:
             empty: Any = {} if container_type == "dict" else []
             self._file.write(json.dumps(self._json if self._json is not None else empty).encode())
-        else:
-            self._write_safetensors()
         self._file.flush()
         raw = self._file.raw  # type: ignore[attr-defined]
         raw.behind.wait()
@@ -118,36 +112,16 @@ class ContainerFile:
         finally:
             self._file.close()
 
-    def _write_safetensors(self) -> None:
-        assert self._data is not None
-        header = {
-            key: {"dtype": code, "shape": shape, "data_offsets": [start, end]}
-            for key, code, shape, start, end in self._tensors
-        }
-        text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)  # the spec pads the header to 8 bytes
-        self._file.write(struct.pack("<Q", len(text)) + text)
-        self._data.close()
-        with ReadBehind(self._data_path) as data:
-            while block := data.read(4 << 20):
-                self._file.write(block)
-        os.unlink(self._data_path)
-        self._data = None
-
     def discard(self) -> None:
-        for handle in (self._zip, self._data, self._file):
+        for handle in (self._zip, self._file):
             try:
                 if handle is not None:
                     handle.close()
             except (OSError, ValueError):
                 pass
-        for path in (self.path, self._data_path):
-            path.unlink(missing_ok=True)
-
-
-def _write_behind(path: Path) -> BinaryIO:
-    """A new file, buffered, that writes itself back and out of the page cache as it grows."""
-    return io.BufferedWriter(WriteBehindFile(path, "xb"), buffer_size=1 << 20)
+        if self._tensors is not None:
+            self._tensors.discard()
+        self.path.unlink(missing_ok=True)
 
 
 def _as_array(value: Any, key: str, fmt: str) -> np.ndarray[Any, Any]:
@@ -155,6 +129,12 @@ def _as_array(value: Any, key: str, fmt: str) -> np.ndarray[Any, Any]:
     if array.dtype.hasobject:
         raise SaveError(
             f"entry {key!r} ({type(value).__name__}) cannot be saved as {fmt}; name it .json"
+        )
+    name = dtypes.ml_name(array.dtype)
+    if name is not None:
+        raise SaveError(
+            f"entry {key!r}: {name} cannot be saved as {fmt} (numpy would read it back as raw "
+            "bytes); name it .safetensors"
         )
     return array
 
@@ -184,21 +164,24 @@ class ContainerFiles:
     def __init__(self, dest: Path, name: str | None = None) -> None:
         self.dest = dest
         self.name = name
-        self.open: dict[str, ContainerFile] = {}
+        self.open: dict[str, ContainerFile | ContainerDir] = {}
+
+    def _writer(self, stream_id: str, name: str) -> ContainerFile | ContainerDir:
+        # A directory container (its name ends with "/") stays one, whatever name it is saved
+        # under.
+        if name.endswith("/"):
+            return ContainerDir(self.dest, stream_id, self.name or name)
+        return ContainerFile(self.dest, stream_id, self.name or name)
 
     def on_entry(self, entry: ContainerEntry) -> None:
         writer = self.open.get(entry.stream_id)
         if writer is None:
-            writer = self.open[entry.stream_id] = ContainerFile(
-                self.dest, entry.stream_id, self.name or entry.name
-            )
+            writer = self.open[entry.stream_id] = self._writer(entry.stream_id, entry.name)
         writer.add(entry)
 
     def commit(self, item: Received) -> Received:
         """Finish the file of a received container; the result names its path."""
-        writer = self.open.pop(item.stream_id, None) or ContainerFile(
-            self.dest, item.stream_id, self.name or item.name
-        )
+        writer = self.open.pop(item.stream_id, None) or self._writer(item.stream_id, item.name)
         try:
             path = writer.commit(item.container_type or "dict")
         except BaseException:

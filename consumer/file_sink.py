@@ -207,7 +207,7 @@ def commit_partial(fd: int, partial: Path, dest: Path, base_name: str) -> Path:
         except FileExistsError:
             continue
         os.unlink(partial)
-        _fsync_dir(dest)
+        fsync_dir(dest)
         return final
     raise DestinationFull(errno.EEXIST, f"no free name for {base_name!r} in {dest}")
 
@@ -217,7 +217,8 @@ def _free_bytes(path: Path) -> int:
     return stats.f_bavail * stats.f_frsize
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new name) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 import resource
 import traceback
 from collections.abc import Callable
@@ -14,7 +15,18 @@ Result = dict[str, Any]
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size, in MiB."""
+    """This process's own peak resident set size, in MiB.
+
+    From VmHWM: Linux carries a parent's peak into a child's ``ru_maxrss`` across fork and
+    exec, so a side started by a large process (pytest) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            match = re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.MULTILINE)
+        if match:
+            return round(int(match.group(1)) / 1024, 1)
+    except OSError:  # not Linux
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from objstream.common.cli import ProgressBars, StopFlag, size_arg
 from objstream.common.errors import ConfigError
 from objstream.common.settings import Settings
-from objstream.producer.container_files import load_container
+from objstream.producer.container_files import container_name, load_container
 from objstream.producer.sender import TargetResult
 from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
 from objstream.producer.streamer import ContainerStreamer, FileStreamer
@@ -77,14 +77,23 @@ def _add_container_command(sub: Any, parent: argparse.ArgumentParser) -> None:
     container = sub.add_parser(
         "send-container",
         parents=[parent],
-        help="stream a container (.npz, .safetensors or .json) entry by entry",
+        help="stream a container (.npz, .safetensors, .json, .pt/.bin, a checkpoint directory)",
         description="Stream the dict (or list) stored in PATH entry by entry; big arrays are "
         "chunked. The container's name is the file's base name, and `objstream consumer listen` "
-        "saves it under that name in the same format. Exit codes as for send-file.",
-        epilog="example:\n  objstream producer send-container --site server --to site-1 model.npz",
+        "saves it under that name in the same format. A .safetensors is read by its header and "
+        "streamed from the file (any dtype, bfloat16 and float8 included; __metadata__ kept). "
+        "A directory (a sharded checkpoint with model.safetensors.index.json) is sent as one "
+        "container named DIR/ and saved as the same directory. A .pt/.bin PyTorch state dict "
+        "is loaded only with torch.load(weights_only=True) (needs objstream[torch]); a file "
+        "that needs full unpickling is refused, and it is saved as .safetensors. "
+        "Exit codes as for send-file.",
+        epilog="examples:\n  objstream producer send-container --site server --to site-1 model.npz"
+        "\n  objstream producer send-container --site server --to site-1 checkpoints/llama/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    container.add_argument("path", metavar="PATH", help=".npz, .safetensors or .json file")
+    container.add_argument(
+        "path", metavar="PATH", help=".npz, .safetensors, .json, .pt/.bin file, or a directory"
+    )
     _common_send_options(container)
     container.set_defaults(handler=send_container, settings_overrides=_overrides)
 
@@ -185,7 +194,7 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     bars = ProgressBars()
     with ContainerStreamer(args.site, settings, progress=bars) as streamer:
-        results = streamer.stream_container(args.to, container, path.name)
+        results = streamer.stream_container(args.to, container, container_name(path))
     bars.close()
     return _report(args, "container", results, started)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from objstream.common.codec import Encoded, EncodeError, encode
+from objstream.common.codec import Buffer, Encoded, EncodeError, FileRange, encode
 from objstream.common.protocol import CONTAINER_KIND
 from objstream.common.streaming import MetaValue, ObjectStreamer, Piece
 
@@ -28,14 +28,15 @@ CONTAINER_TYPES = {dict: "dict", list: "list", set: "set"}
 
 @dataclass
 class _Entry:
-    regions: list[memoryview]
+    regions: list[Buffer]
     starts: list[int]  # byte offset of each region within the entry
     head: int
     size: int
 
 
 def _entry(encoded: Encoded) -> _Entry:
-    regions = [memoryview(encoded.structure), *(b.cast("B") for b in encoded.buffers)]
+    regions: list[Buffer] = [memoryview(encoded.structure)]
+    regions += (b if isinstance(b, FileRange) else b.cast("B") for b in encoded.buffers)
     sizes = [r.nbytes for r in regions]
     starts = [0, *accumulate(sizes)][:-1]
     return _Entry(regions, starts, len(encoded.structure), sum(sizes))
@@ -123,9 +124,10 @@ class ContainerSource(ObjectStreamer):
 
 
 def _gather(entry: _Entry, start: int, end: int) -> bytes:
-    """Bytes ``start:end`` of an entry, across its regions (one copy, into the result)."""
+    """Bytes ``start:end`` of an entry, across its regions (one copy, into the result; file
+    ranges are read here, so a file's bytes are in memory one chunk at a time)."""
     first = bisect.bisect_right(entry.starts, start) - 1
-    pieces = []
+    pieces: list[bytes | memoryview] = []
     for i in range(max(first, 0), len(entry.regions)):
         region_start = entry.starts[i]
         if region_start >= end:
@@ -134,5 +136,5 @@ def _gather(entry: _Entry, start: int, end: int) -> bytes:
         lo = max(start - region_start, 0)
         hi = min(end - region_start, region.nbytes)
         if hi > lo:
-            pieces.append(region[lo:hi])
+            pieces.append(region.read(lo, hi) if isinstance(region, FileRange) else region[lo:hi])
     return bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)

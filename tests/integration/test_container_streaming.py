@@ -11,7 +11,7 @@ import numpy as np
 import pika
 import pytest
 
-from objstream.common.codec import EncodeError, encode
+from objstream.common.codec import EncodeError, FileRange, encode
 from objstream.common.errors import FailureCode, TransferFailed
 from objstream.common.settings import KiB, Settings
 from objstream.common.streaming import ObjectAssembler, ObjectStreamer, Piece
@@ -149,7 +149,9 @@ def _entry_chunks(values: list[bytes]) -> list[tuple[bytes, dict[str, Any]]]:
     out = []
     for i, value in enumerate(values):
         enc = encode([f"k{i}", value])
-        body = enc.structure + b"".join(bytes(b) for b in enc.buffers)
+        body = enc.structure + b"".join(
+            b.read(0, b.nbytes) if isinstance(b, FileRange) else bytes(b) for b in enc.buffers
+        )
         out.append((body, {"entry": i, "head": len(enc.structure), "size": len(body)}))
     return out
 

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from objstream.common.codec import OUT_OF_BAND_BYTES, EncodeError, decode, decode_structure, encode
+from objstream.common.codec import (
+    OUT_OF_BAND_BYTES,
+    Buffer,
+    EncodeError,
+    decode,
+    decode_structure,
+    encode,
+)
 from objstream.common.errors import ProtocolError
 
 
@@ -94,19 +101,24 @@ def test_layouts_and_byte_orders(
         assert back.flags.f_contiguous
 
 
+def _view(buffer: Buffer) -> memoryview:
+    assert isinstance(buffer, memoryview)
+    return buffer
+
+
 def test_contiguous_arrays_are_not_copied_on_encode() -> None:
     array = np.arange(1000, dtype="f4")
     encoded = encode({"w": array})
-    assert np.shares_memory(np.frombuffer(encoded.buffers[0], dtype="f4"), array)
+    assert np.shares_memory(np.frombuffer(_view(encoded.buffers[0]), dtype="f4"), array)
     fortran = np.asfortranarray(np.ones((30, 40)))
-    assert np.shares_memory(np.frombuffer(encode(fortran).buffers[0]), fortran)
+    assert np.shares_memory(np.frombuffer(_view(encode(fortran).buffers[0])), fortran)
 
 
 def test_big_bytes_travel_out_of_band_and_small_inline() -> None:
     big = b"x" * OUT_OF_BAND_BYTES
     encoded = encode([big, b"small", (big,)])
     assert len(encoded.buffers) == 1
-    assert encoded.buffers[0].obj is big
+    assert _view(encoded.buffers[0]).obj is big
     assert decode(encoded) == [big, b"small", (big,)]
 
 
@@ -246,7 +258,7 @@ def test_decoder_preallocates_regions_to_fill_in_place() -> None:
     decoded = decode_structure(encoded.structure, max_payload=encoded.size)
     assert [r.nbytes for r in decoded.regions] == [20, 3, 5000]
     for region, buffer in zip(decoded.regions, encoded.buffers, strict=True):
-        region[:] = buffer
+        region[:] = _view(buffer)
     out = decoded.value()
     assert np.array_equal(out[0], array)
     assert out[0].dtype == array.dtype
@@ -264,7 +276,7 @@ def test_nothing_keeps_decoded_or_encoded_buffers_alive_without_the_gc() -> None
         source = np.arange(1000, dtype="f8")
         encoded = encode({"w": source})
         decoded = decode_structure(encoded.structure, max_payload=encoded.size)
-        decoded.regions[0][:] = encoded.buffers[0]
+        decoded.regions[0][:] = _view(encoded.buffers[0])
         value = decoded.value()["w"]
         received = weakref.ref(value.base if value.base is not None else value)
         sent = weakref.ref(source)
