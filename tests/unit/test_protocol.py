@@ -165,5 +165,6 @@ def test_a_resume_request_says_what_it_has(changes: dict[str, Any]) -> None:
 def test_another_version_is_unsupported_version_with_its_code() -> None:
     with pytest.raises(UnsupportedVersion) as caught:
         parse("offer", {**_offer(), "objstream": 1})
-    assert caught.value.code == FailureCode.UNSUPPORTED_VERSION == "unsupported_version"
+    assert caught.value.code is FailureCode.UNSUPPORTED_VERSION
+    assert caught.value.code.value == "unsupported_version"
     assert caught.value.version == 1
