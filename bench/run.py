@@ -194,6 +194,55 @@ def concurrent(path: Path, pairs: int) -> dict[str, float]:
     return {"mib_s": sum(r["bytes"] for r in results) / MiB / span}
 
 
+def broadcast(path: Path, targets: int) -> dict[str, float]:
+    """One file to ``targets`` sites, each receiver a process (protocol v2: one broadcast)."""
+    ns = _namespace()
+    with tempfile.TemporaryDirectory(prefix="bench-in-") as dest:
+        ready, wait = _ready(targets)
+        consumers = [Proc(sides.receive, url=URL, namespace=ns, site=f"site-{i}",
+                          dest=f"{dest}/{i}", count=1, ready=ready)
+                     for i in range(targets)]  # fmt: skip
+        wait()
+        sites = [f"site-{i}" for i in range(targets)]
+        p = Proc(sides.send_file, url=URL, namespace=ns, targets=sites, path=str(path),
+                 chunk_size=MiB, window=32).result()  # fmt: skip
+        for c in consumers:
+            c.result()
+    seconds = p["end"] - p["start"]
+    return {
+        "seconds": seconds,
+        "sender_cpu": p["cpu_s"],
+        "published_mib": p["published"] / MiB,
+        "aggregate_mib_s": targets * p["bytes"] / MiB / seconds,
+    }
+
+
+def shared_retrieval(size: int, requesters: int) -> dict[str, float]:
+    """``requesters`` sites ask for one container of ``size`` bytes at the same moment."""
+    ns = _namespace()
+    ready, wait = _ready()
+    stop, go = CTX.Event(), CTX.Event()
+    server = Proc(sides.serve_model, url=URL, namespace=ns, size=size, ready=ready, stop=stop)
+    wait()
+    ready, wait = _ready(requesters)
+    retrievers = [Proc(sides.retrieve_model, url=URL, namespace=ns, site=f"site-{i}",
+                       ready=ready, go=go)
+                  for i in range(requesters)]  # fmt: skip
+    wait()
+    go.set()
+    results = [r.result() for r in retrievers]
+    stop.set()
+    s = server.result()
+    seconds = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {
+        "seconds": seconds,
+        "published_mib": s["published"] / MiB,
+        "joined": s["joined"],
+        "owner_cpu": s["cpu_s"],
+        "aggregate_mib_s": sum(r["bytes"] for r in results) / MiB / seconds,
+    }
+
+
 # -- reporting -----------------------------------------------------------------------------------
 
 
@@ -220,7 +269,7 @@ def cleanup() -> None:
         channel = connection.channel()
         for ns in NAMESPACES:
             for queue in [f"{ns}.dead", f"{ns}.serve.server",
-                          *(f"{ns}.site.site-{i}" for i in ("1", "0", "2", "3"))]:  # fmt: skip
+                          *(f"{ns}.site.site-{i}" for i in range(8))]:  # fmt: skip
                 channel.queue_delete(queue)
             channel.exchange_delete(f"{ns}.dead")
             channel.exchange_delete(ns)
@@ -249,6 +298,21 @@ def plot(sweep: dict[tuple[int, int], float], ceiling: float, out: Path) -> None
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+
+
+def broadcast_rows(runs: int, path: Path, row: Callable[[str, str], None]) -> None:
+    """Rows for one file broadcast to 1, 2, 4 and 8 sites."""
+    size_mib = path.stat().st_size / MiB
+    one: dict[str, float] = {}
+    for targets in (1, 2, 4, 8):
+        b = median_of(runs, functools.partial(broadcast, path, targets))
+        one = one or b
+        row(f"broadcast {size_mib:.0f} MiB to {targets} site{'s' if targets > 1 else ''}",
+            f"{b['seconds']:.2f} s; sender CPU {b['sender_cpu']:.2f} s "
+            f"({b['sender_cpu'] / one['sender_cpu']:.2f} x one site); sender published "
+            f"{b['published_mib']:.0f} MiB ({b['published_mib'] / size_mib:.2f} x the file); "
+            f"{b['aggregate_mib_s']:.0f} MiB/s delivered in all "
+            f"({b['aggregate_mib_s'] / one['aggregate_mib_s']:.2f} x one site)")  # fmt: skip
 
 
 def main() -> int:
@@ -324,6 +388,15 @@ def main() -> int:
         cc = median_of(args.runs, lambda: concurrent(sweep_file, 4))
         row(f"4 producers -> 4 consumers, {sweep_file.stat().st_size // MiB} MiB each",
             f"{cc['mib_s']:.0f} MiB/s aggregate")  # fmt: skip
+
+        broadcast_rows(args.runs, sweep_file, row)
+        model_size = 32 * MiB if quick else 256 * MiB
+        sr = median_of(args.runs, lambda: shared_retrieval(model_size, 8))
+        row(f"8 sites retrieve one {model_size // MiB} MiB container at once",
+            f"{sr['seconds']:.2f} s; owner published {sr['published_mib']:.0f} MiB "
+            f"({sr['published_mib'] * MiB / model_size:.2f} x), {sr['joined']:.0f} requests "
+            f"joined one stream; owner CPU {sr['owner_cpu']:.2f} s; "
+            f"{sr['aggregate_mib_s']:.0f} MiB/s delivered in all")  # fmt: skip
 
         sweep: dict[tuple[int, int], float] = {}
         for chunk in (256 * 1024, MiB, 4 * MiB):

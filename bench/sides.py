@@ -151,9 +151,42 @@ def send_file(url: str, namespace: str, *, targets: list[str], path: str, chunk_
         results = streamer.stream_file(targets, path, chunk_size=chunk_size, window=window)
         end = time.monotonic()
         cpu = cpu_seconds() - cpu_before
+        published = streamer.bytes_published
     assert all(r.ok for r in results)
-    return {"start": start, "end": end, "bytes": results[0].size,
+    return {"start": start, "end": end, "bytes": results[0].size, "published": published,
             "peak_rss_mib": peak_rss_mib(), "cpu_s": cpu}  # fmt: skip
+
+
+def serve_model(url: str, namespace: str, *, size: int, ready: Any, stop: Any) -> Result:
+    """Serve a float32 container of ``size`` bytes as "model" (8 entries)."""
+    import numpy as np
+
+    from objstream.producer import ContainerRetriever, RetrievalServer
+
+    rng = np.random.default_rng(0)
+    model = {f"layer-{i}": rng.standard_normal(size // 8 // 4, dtype=np.float32)
+             for i in range(8)}  # fmt: skip
+    with RetrievalServer("server", _settings(url, namespace, max_streams=64)) as server:
+        ContainerRetriever(server).add_container("model", model)
+        cpu_before = cpu_seconds()
+        ready.put("ready")
+        server.serve(stop=stop.is_set, poll=0.05)
+        return {"published": server.bytes_published, "joined": server.joined,
+                "cpu_s": cpu_seconds() - cpu_before, "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+
+
+def retrieve_model(url: str, namespace: str, *, site: str, ready: Any, go: Any) -> Result:
+    """Retrieve "model" once ``go`` is set (every retriever at the same moment)."""
+    from objstream.consumer import Retriever
+
+    with Retriever(site, "/tmp", _settings(url, namespace)) as retriever:
+        ready.put(site)
+        go.wait(60)
+        start = time.monotonic()
+        model = retriever.retrieve_container("server", "model", timeout=120)
+        end = time.monotonic()
+    size = sum(array.nbytes for array in model.values())
+    return {"start": start, "end": end, "bytes": size, "peak_rss_mib": peak_rss_mib()}
 
 
 def send_container(url: str, namespace: str, entries: int, entry_size: int) -> Result:
