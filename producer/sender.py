@@ -411,6 +411,8 @@ class _Transfer:
             if time.monotonic() - began > POLL_INTERVAL:
                 more = True
                 break
+        if session.finished:
+            return  # every verdict is in: waiting for more events would only add latency
         sender.process_events(0 if more else POLL_INTERVAL)
 
     def _take_replies(self) -> None:
