@@ -26,7 +26,9 @@ regexes anchored at both ends, whose fixed suffixes (``.site``-less forms, 32 he
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
 # The dead-letter queue keeps the newest messages up to these bounds; it never grows unbounded.
 DEAD_MAX_LENGTH = 10_000
 DEAD_MAX_BYTES = 64 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 HEX32 = "[0-9a-f]{32}"
 SITE_IN_KEY = "[^:]+"  # a site name inside a routing key (site names never hold ":")
@@ -189,6 +193,27 @@ class Topology:
         channel.bind_queue(name, self.exchange, self.service_key(site))
         channel.bind_queue(name, self.exchange, f"serve.{site}")
         return name
+
+    def declare_if_allowed(
+        self, connection: Connection, declare: Callable[[Channel], object]
+    ) -> bool:
+        """Run ``declare`` (another site's inbox or service queue) on a channel of its own, and
+        skip it if this user may not: under least privilege the administrator declared it.
+
+        Returns whether it was declared. A refusal closes the channel it happens on, hence
+        the channel of its own.
+        """
+        channel = connection.channel()
+        try:
+            declare(channel)
+            return True
+        except BrokerRefused as e:
+            if not e.access_refused:
+                raise
+            log.debug("not allowed to declare (%s); its administrator does", e)
+            return False
+        finally:
+            channel.close()
 
     def declare_data_queue(self, channel: Channel, site: str, stream_id: str, sender: str) -> str:
         """Declare the data queue of ``stream_id`` at ``site`` (the target does this) and bind

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 
 from objstream.common.amqp import Delivery, broker_user, dead_letter
-from objstream.common.errors import BrokerRefused, ProtocolError
+from objstream.common.errors import ProtocolError
 from objstream.common.protocol import Offer, Reply, Request, envelope, new_stream_id, parse
 from objstream.consumer.core import ConsumerCore
 from objstream.consumer.resume import Resumable
@@ -72,15 +72,9 @@ class RequestTracker:
         """
         core = self._core
         core.topology.bind_reply(core.control, core.site, self._queue_id, owner)
-        channel = core.connection.channel()
-        try:
-            core.topology.declare_service_queue(channel, owner)
-        except BrokerRefused as e:
-            if not e.access_refused:
-                raise
-            log.debug("not allowed to declare the service queue of %s: %s", owner, e)
-        finally:
-            channel.close()
+        core.topology.declare_if_allowed(
+            core.connection, lambda channel: core.topology.declare_service_queue(channel, owner)
+        )
         self._owners.add(owner)
 
     def tick(self) -> None:

@@ -31,7 +31,6 @@ from objstream.common.amqp import (
     reestablish,
 )
 from objstream.common.errors import (
-    BrokerRefused,
     ConnectionLost,
     ObjectTooLarge,
     ObjstreamError,
@@ -217,15 +216,9 @@ class StreamSender:
         if site in self._declared_inboxes:
             return
         self._declared_inboxes.add(site)
-        channel = self._connection.channel()  # a refusal closes the channel it happens on
-        try:
-            self.topology.declare_inbox(channel, site)
-        except BrokerRefused as e:
-            if not e.access_refused:
-                raise
-            log.debug("may not declare the inbox of %s (%s); its administrator does", site, e)
-        finally:
-            channel.close()
+        self.topology.declare_if_allowed(
+            self._connection, lambda channel: self.topology.declare_inbox(channel, site)
+        )
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         dead_letter(self._channel, self.topology, delivery, reason)
