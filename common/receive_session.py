@@ -43,7 +43,7 @@ class Write:
 
     seq: int
     offset: int
-    body: bytes | memoryview
+    body: bytes
     meta: Any = None
 
 
@@ -208,7 +208,7 @@ class ReceiveSession:
             return []
         return [self._progress(resend_from=self.stored)]
 
-    def receive(self, tag: int, message: Any, body: bytes | memoryview, now: float) -> list[Action]:
+    def receive(self, tag: int, message: Any, body: bytes, now: float) -> list[Action]:
         """A parsed message from the stream's data queue, delivered with ``tag``."""
         if not self._arrived(tag, now):
             return []
@@ -236,7 +236,7 @@ class ReceiveSession:
             return []
         return [DeadLetter(tag, reason)]
 
-    def inline(self, inline: Inline, body: bytes | memoryview) -> list[Action]:
+    def inline(self, inline: Inline, body: bytes) -> list[Action]:
         """A small object that came whole inside its offer: store, verify, commit at once."""
         offer = self.offer
         assert offer.chunk_count is not None
@@ -327,7 +327,7 @@ class ReceiveSession:
         self.unacked_tag = max(self.unacked_tag, tag)
         return not self.finished and self.state is not State.VERIFYING
 
-    def _chunk(self, tag: int, chunk: Chunk, body: bytes | memoryview) -> list[Action]:
+    def _chunk(self, tag: int, chunk: Chunk, body: bytes) -> list[Action]:
         outcome = self.reassembler.chunk(chunk.seq, chunk.crc32, body)
         actions: list[Action] = []
         if outcome.verdict is ChunkVerdict.WRITE:

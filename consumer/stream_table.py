@@ -291,7 +291,7 @@ class StreamTable:
 
     def _write(self, stream: Stream, write: Write) -> list[Action] | None:
         try:
-            stream.assembler.take(write.offset, bytes(write.body), write.meta)
+            stream.assembler.take(write.offset, write.body, write.meta)
             return None
         except ProtocolError as e:
             return stream.session.write_failed(FailureCode.PROTOCOL, str(e))
