@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any
 from objstream.common.amqp import connect
 from objstream.common.cli import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from objstream.common.errors import ConfigError
-from objstream.common.settings import NAME_PATTERN, Settings
+from objstream.common.settings import Settings, check_site
 from objstream.common.topology import Topology, permissions
 
 PASSWORD_ENV = "OBJSTREAM_ADMIN_PASSWORD"
@@ -135,8 +134,7 @@ def vhost_of(url: str) -> str:
 
 
 def permissions_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    if not re.match(NAME_PATTERN, args.site):
-        raise ConfigError(f"invalid site name {args.site!r}: expected {NAME_PATTERN}")
+    check_site(args.site)
     if not args.user:
         raise ConfigError("--user must not be empty")
     grant = Grant(

@@ -6,6 +6,7 @@ caller of the Python API) and passed down.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +28,17 @@ MAX_CHUNK_SIZE = 8 * MiB
 _SIZE = TypeAdapter(ByteSize)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+
+
+def check_site(name: str) -> str:
+    """``name`` if it is a valid site name.
+
+    Raises:
+        ConfigError: it is not (one line, naming it and the rule).
+    """
+    if not re.match(NAME_PATTERN, name):
+        raise ConfigError(f"invalid site name {name!r} (letters, digits, '_', '.', '-')")
+    return name
 
 
 def parse_size(text: str | int) -> int:

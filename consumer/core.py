@@ -11,7 +11,6 @@ It is composed, not inherited: the receiver adds an
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,7 +34,7 @@ from objstream.common.errors import (
 )
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, parse
 from objstream.common.reassembly import Reassembler
-from objstream.common.settings import NAME_PATTERN, Settings
+from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectAssembler, ProgressHook
 from objstream.common.topology import Topology
 from objstream.consumer.container_assembler import ContainerAssembler, OnEntry
@@ -87,8 +86,7 @@ class ConsumerCore:
         spool_containers: bool = False,
         save: Save | None = None,
     ) -> None:
-        if not re.match(NAME_PATTERN, site):
-            raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
+        check_site(site)
         self.settings = settings or Settings()
         self.site = site
         self.dest = Path(dest)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from objstream.common.errors import (
     SendFailed,
 )
 from objstream.common.protocol import Reply, Request, envelope, new_stream_id, parse
-from objstream.common.settings import NAME_PATTERN, Settings
+from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectStreamer
 from objstream.common.topology import Topology
 from objstream.producer.answering import Answering, Joiners, Resume
@@ -80,8 +79,7 @@ class RetrievalServer(Closing):
     """The serving worker of ``site``: answers retrieval requests until stopped."""
 
     def __init__(self, site: str, settings: Settings | None = None) -> None:
-        if not re.match(NAME_PATTERN, site):
-            raise ConfigError(f"invalid site name {site!r} (letters, digits, '_', '.', '-')")
+        check_site(site)
         self.site = site
         self.settings = settings or Settings()
         self.topology = Topology.from_settings(self.settings)
