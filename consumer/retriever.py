@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
 from objstream.common.protocol import Reply, Request, new_stream_id
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ProgressHook
 from objstream.consumer.container_assembler import OnEntry
 from objstream.consumer.core import ConsumerCore, ConsumerSide
@@ -116,6 +116,7 @@ class Retriever(ConsumerSide):
     def _retrieve(
         self, kind: Literal["file", "container"], from_site: str, name: str, timeout: float | None
     ) -> Received:
+        check_site(from_site)  # before its service queue is declared
         timeout = timeout or self.settings.timeout
         request = Request(request_id=new_stream_id(), kind=kind, name=name, requester=self.site)
         return self._run(request, from_site, timeout)

@@ -64,7 +64,7 @@ from objstream.common.send_table import (
     TargetFinished,
     fits_inline,
 )
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectStreamer, Piece, ProgressHook
 from objstream.common.topology import Topology
 from objstream.producer.answering import Answering as Answering
@@ -124,7 +124,7 @@ class StreamSender:
         if reconnect is not None and replies is not ReplyQueue.NAMED:
             raise ValueError("a reconnecting sender needs a named reply queue")
         self.settings = settings
-        self.site = site
+        self.site = check_site(site)
         self.topology = Topology.from_settings(settings)
         self.user = broker_user(settings.url)
         self.cancel = cancel
@@ -253,6 +253,8 @@ class StreamSender:
         """
         if not targets:
             raise ValueError("no target sites given")
+        for target in targets:
+            check_site(target)  # before anything is declared for it
         if len(set(targets)) != len(targets):
             raise ValueError(f"target sites repeat: {list(targets)}")
         if (answering or resume) and len(targets) != 1:

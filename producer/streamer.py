@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from objstream.common.amqp import Closing, connect
-from objstream.common.settings import Settings, check_chunk_size, parse_size
+from objstream.common.settings import Settings, check_chunk_size, check_site, parse_size
 from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.producer.container_source import ContainerSource
 from objstream.producer.sender import ReplyQueue, StreamSender, TargetResult
@@ -31,7 +31,7 @@ class Streamer(Closing):
         self, site: str, settings: Settings | None = None, *, progress: ProgressHook | None = None
     ) -> None:
         self.settings = settings or Settings()
-        self.site = site
+        self.site = check_site(site)  # before connecting
         name = f"objstream producer {site}"
         self._connection = connect(self.settings, name)
         try:

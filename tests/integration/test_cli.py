@@ -10,10 +10,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import pika
+import pika.exceptions
 import pytest
 
 from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_TIMEOUT, EXIT_USAGE
 from objstream.common.settings import KiB, MiB, Settings
+from objstream.common.topology import Topology
 from tests.conftest import random_file, sha256_of
 from tests.integration.conftest import Declared
 from tests.rabbitmq_node import LocalRabbitNode, free_port
@@ -370,3 +373,31 @@ def test_a_worker_started_before_the_broker_waits_for_it(tmp_path: Path) -> None
         assert (tmp_path / "in" / "x.bin").read_bytes() == src.read_bytes()
     finally:
         node.cleanup()
+
+
+def test_bad_site_names_are_one_line_exit_2_before_anything_is_declared(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 10)
+    env = _env(settings)
+    runs = [
+        _objstream("producer", "send-file", "--site", "server", "--to", "bad site", str(src),
+                   env=env),
+        _objstream("producer", "send-file", "--site", "my server", "--to", "site-1", str(src),
+                   env=env),
+        _objstream("consumer", "retrieve-file", "--site", "site-1", "--from", "my server",
+                   "f.bin", "--dest", str(tmp_path / "in"), env=env),
+    ]  # fmt: skip
+    for run in runs:
+        assert run.returncode == EXIT_USAGE, run.stderr
+        [line] = run.stderr.strip().splitlines()
+        assert line.startswith("objstream: error: invalid site name"), line
+    topology = Topology.from_settings(settings)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        for queue in (topology.inbox("bad site"), topology.service_queue("my server")):
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker):  # 404: never declared
+                connection.channel().queue_declare(queue, passive=True)
+    finally:
+        connection.close()
