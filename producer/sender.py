@@ -5,13 +5,13 @@ The policy (the broadcast and its riders, windows, resends, timeouts, verdicts) 
 bytes: a :class:`StreamSender` holds one connection (its thread's) and its reply queue
 ``NS.reply.SITE.QID``; each :meth:`StreamSender.send` runs one :class:`_Transfer`, which reads
 the pieces the session asks for (:class:`~objstream.producer.pieces.PieceReader`), publishes them
-with the keys of :class:`~objstream.common.topology.Topology` (``data:ID:SITE`` to every target,
-``data:ID:SITE:T`` to one), and feeds the session the replies and the clock. Every message
-carries the broker user as ``user_id``; nothing goes to the default exchange.
+with the keys of :class:`~objstream.common.topology.Topology` and the broker user as
+``user_id``, and feeds the session the replies and the clock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -364,6 +364,10 @@ class _Transfer:
                 self._do(session.reconnected(time.monotonic()))
                 log.info("reconnected to %s; %d target(s) go on",
                          sender.settings.masked_url, len(active))  # fmt: skip
+            except KeyboardInterrupt:  # tell every target now, not after its timeout
+                with contextlib.suppress(ObjstreamError):  # an unusable connection: it times out
+                    self._do(session.cancel(f"site {sender.site} was interrupted"))
+                raise
         return self._results()
 
     def _take_joiners(self, joiners: Joiners) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_TIMEOUT, EXIT_US
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
 from tests.conftest import random_file, sha256_of
-from tests.integration.conftest import Declared
+from tests.integration.conftest import Declared, wait_for_partial
 from tests.rabbitmq_node import LocalRabbitNode, free_port
 
 
@@ -401,3 +402,38 @@ def test_bad_site_names_are_one_line_exit_2_before_anything_is_declared(
                 connection.channel().queue_declare(queue, passive=True)
     finally:
         connection.close()
+
+
+def test_ctrl_c_on_send_file_aborts_the_stream_at_the_receiver_at_once(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    src = tmp_path / "big.bin"
+    random_file(src, 64 * MiB)
+    dest = tmp_path / "in"
+    env = _env(settings)
+    listener = _listener(env, "site-1", dest, "--count", "1")
+    # Python ignores SIGINT in a child that inherits "ignored": give it the default, as a shell.
+    sender = subprocess.Popen(
+        ["objstream", "producer", "send-file", "--site", "server", "--to", "site-1",
+         "--window", "1", "--chunk-size", "64KiB", str(src)],
+        env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        wait_for_partial(dest, 2 * MiB, sender)
+        sender.send_signal(signal.SIGINT)
+        _out, err = sender.communicate(timeout=30)
+        interrupted = time.monotonic()
+        _lout, lerr = listener.communicate(timeout=10)  # not the 60 s timeout
+    finally:
+        for process in (sender, listener):
+            if process.poll() is None:
+                process.kill()
+    assert sender.returncode == 130
+    assert err.strip().splitlines()[-1] == "objstream: interrupted"
+    assert time.monotonic() - interrupted < 10
+    assert listener.returncode == EXIT_FAILED
+    assert "aborted" in lerr
+    assert not (dest / "big.bin").exists()
+    assert list(dest.glob(".objstream-*.part"))  # the verified prefix is kept for a resume
