@@ -170,21 +170,28 @@ class ProgressBars:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM so long-running commands can stop cleanly between batches."""
+    """Set by SIGINT/SIGTERM so long-running commands can stop cleanly between batches.
+
+    The first signal only sets the flag: the command finishes its step with the connection in a
+    known state (a send tells every target, on a connection that is not half way through a
+    frame). A second signal raises :class:`KeyboardInterrupt` at once.
+    """
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self.event = threading.Event()
 
     def install(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
         logging.getLogger(__name__).info("got signal %d, stopping", signum)
-        self._event.set()
+        self.event.set()
 
     def __bool__(self) -> bool:
-        return self._event.is_set()
+        return self.event.is_set()
 
 
 def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int:

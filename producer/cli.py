@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from objstream.common.cli import ProgressBars, StopFlag, size_arg
-from objstream.common.errors import ConfigError
+from objstream.common.errors import ConfigError, SendFailed
 from objstream.common.settings import Settings
 from objstream.producer.container_files import container_name, load_container
 from objstream.producer.sender import TargetResult
@@ -179,11 +180,24 @@ def _report(args: argparse.Namespace, what: str, results: list[TargetResult], st
     return 0
 
 
+def _interruptible(stop: StopFlag, send: Callable[[], list[TargetResult]]) -> list[TargetResult]:
+    """Run ``send``; a send that a signal cancelled (its targets told ``aborted``) is reported as
+    an interruption (exit 130), not as the targets' failures."""
+    try:
+        return send()
+    except SendFailed:
+        if stop:
+            raise KeyboardInterrupt from None
+        raise
+
+
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
     started = time.monotonic()
     bars = ProgressBars()
-    with FileStreamer(args.site, settings, progress=bars) as streamer:
-        results = streamer.stream_file(args.to, args.path)
+    stop = StopFlag()
+    stop.install()
+    with FileStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
+        results = _interruptible(stop, lambda: streamer.stream_file(args.to, args.path))
     bars.close()
     return _report(args, "file", results, started)
 
@@ -193,8 +207,11 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
     container = load_container(path)
     started = time.monotonic()
     bars = ProgressBars()
-    with ContainerStreamer(args.site, settings, progress=bars) as streamer:
-        results = streamer.stream_container(args.to, container, container_name(path))
+    stop = StopFlag()
+    stop.install()
+    with ContainerStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
+        name = container_name(path)
+        results = _interruptible(stop, lambda: streamer.stream_container(args.to, container, name))
     bars.close()
     return _report(args, "container", results, started)
 

@@ -13,6 +13,7 @@ thread)::
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +26,20 @@ from objstream.producer.sources import FileSource
 
 
 class Streamer(Closing):
-    """Streams objects of any kind (an :class:`ObjectStreamer`) from ``site`` to other sites."""
+    """Streams objects of any kind (an :class:`ObjectStreamer`) from ``site`` to other sites.
+
+    ``cancel``, once set (from a signal handler or another thread), stops the stream in
+    progress: every target is told ``aborted`` at once (a file's verified prefix stays with the
+    receiver for a resume) and the send raises :class:`SendFailed`.
+    """
 
     def __init__(
-        self, site: str, settings: Settings | None = None, *, progress: ProgressHook | None = None
+        self,
+        site: str,
+        settings: Settings | None = None,
+        *,
+        progress: ProgressHook | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.site = check_site(site)  # before connecting
@@ -40,6 +51,7 @@ class Streamer(Closing):
                 self.settings,
                 site,
                 progress=progress,
+                cancel=cancel,
                 reconnect=lambda: connect(self.settings, name),
                 replies=ReplyQueue.NAMED,
             )
