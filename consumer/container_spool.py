@@ -52,9 +52,11 @@ class ContainerSpool(ObjectAssembler):
         reopen: bool = False,
         stored: int = 0,
         stored_bytes: int = 0,
+        as_torch: bool = False,
     ) -> None:
         self.offer = offer
         self.on_entry = on_entry
+        self.as_torch = as_torch
         self.dest = dest.resolve()
         # The decoder is built now too: a bad container description is refused with the offer.
         ContainerAssembler(offer)
@@ -91,7 +93,7 @@ class ContainerSpool(ObjectAssembler):
     def finish(self) -> Any:
         """Decode the verified spool into entries (``on_entry``) or the container."""
         self.sink.suspend()  # written back; now only read
-        assembler = ContainerAssembler(self.offer, self.on_entry)
+        assembler = ContainerAssembler(self.offer, self.on_entry, as_torch=self.as_torch)
         offset = 0
         try:
             with ReadBehind(self.sink.path) as spool, open(self.meta_path, "rb") as metas:

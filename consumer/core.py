@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Unpack
 
 from objstream.common.amqp import (
     Channel,
@@ -35,17 +34,16 @@ from objstream.common.errors import (
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, parse
 from objstream.common.reassembly import Reassembler
 from objstream.common.settings import Settings, check_site
-from objstream.common.streaming import ObjectAssembler, ProgressHook
+from objstream.common.streaming import ObjectAssembler
 from objstream.common.topology import Topology
-from objstream.consumer.container_assembler import ContainerAssembler, OnEntry
+from objstream.consumer.container_assembler import ContainerAssembler
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.file_sink import FileAssembler
+from objstream.consumer.options import AssemblerFactory, ReceiverOptions
 from objstream.consumer.resume import Resumable, StreamState
-from objstream.consumer.stream_table import Save, StreamTable
+from objstream.consumer.stream_table import StreamTable
 from objstream.consumer.streams import Stream
 from objstream.consumer.takeover import Reopened, ResumeStore, continues, keeps_prefix
-
-AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +77,12 @@ class ConsumerCore:
         site: str,
         dest: str | Path,
         settings: Settings | None = None,
-        *,
-        on_entry: OnEntry | None = None,
-        assemblers: Mapping[str, AssemblerFactory] | None = None,
-        progress: ProgressHook | None = None,
-        spool_containers: bool = False,
-        save: Save | None = None,
+        **options: Unpack[ReceiverOptions],
     ) -> None:
         check_site(site)
+        on_entry = options.get("on_entry")
+        spool_containers = options.get("spool_containers", False)
+        as_torch = options.get("as_torch", False)
         self.settings = settings or Settings()
         self.site = site
         self.dest = Path(dest)
@@ -96,15 +92,21 @@ class ConsumerCore:
         self.topology = Topology.from_settings(self.settings)
         self._on_entry = on_entry
         self._spool_containers = spool_containers
+        if as_torch:  # refused now, not at the first entry
+            from objstream.common.torch_bridge import torch_module
+
+            torch_module()
+        self._as_torch = as_torch
         self._assemblers: dict[str, AssemblerFactory] = {
             FILE_KIND: lambda offer: FileAssembler(self.dest, offer),
             CONTAINER_KIND: self._container_assembler,
-            **(assemblers or {}),
+            **(options.get("assemblers") or {}),
         }
-        self.table = StreamTable(site, self.settings, self.topology, progress=progress,
-                                 save=save)  # fmt: skip
+        self.table = StreamTable(site, self.settings, self.topology,
+                                 progress=options.get("progress"),
+                                 save=options.get("save"))  # fmt: skip
         self.store = ResumeStore(self.dest, self.settings, on_entry=on_entry,
-                                 spool_containers=spool_containers)  # fmt: skip
+                                 spool_containers=spool_containers, as_torch=as_torch)  # fmt: skip
         self.parts: list[Part] = []
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
         self.reconnects = 0
@@ -353,8 +355,8 @@ class ConsumerCore:
 
     def _container_assembler(self, offer: Offer) -> ObjectAssembler:
         if self._spool_containers and offer.inline is None:
-            return ContainerSpool(self.dest, offer, self._on_entry)
-        return ContainerAssembler(offer, self._on_entry)
+            return ContainerSpool(self.dest, offer, self._on_entry, as_torch=self._as_torch)
+        return ContainerAssembler(offer, self._on_entry, as_torch=self._as_torch)
 
 
 def check_answerable(reply_to: str | None, user_id: str | None, peer: str, what: str) -> None:

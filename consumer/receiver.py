@@ -14,16 +14,14 @@ messages between them and the broker.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from pathlib import Path
+from typing import Unpack
 
 from objstream.common.errors import TransferFailed
 from objstream.common.settings import Settings
-from objstream.common.streaming import ProgressHook
-from objstream.consumer.container_assembler import OnEntry
-from objstream.consumer.core import AssemblerFactory, ConsumerCore, ConsumerSide
+from objstream.consumer.core import ConsumerCore, ConsumerSide
 from objstream.consumer.inbox import Inbox
-from objstream.consumer.stream_table import Save
+from objstream.consumer.options import AssemblerFactory, ReceiverOptions
 from objstream.consumer.streams import Received
 
 __all__ = ["AssemblerFactory", "Receiver"]
@@ -49,6 +47,9 @@ class Receiver(ConsumerSide):
     :class:`~objstream.common.streaming.ObjectAssembler`. ``save`` runs on each object once it is
     verified and before the sender is told it arrived (see
     :data:`~objstream.consumer.stream_table.Save`): a save that fails fails the transfer.
+    ``as_torch`` returns a container's arrays (and gives ``on_entry`` its entries) as CPU
+    ``torch.Tensor`` objects, built from the received bytes without pickle (needs the
+    ``objstream[torch]`` extra).
     """
 
     def __init__(
@@ -56,17 +57,9 @@ class Receiver(ConsumerSide):
         site: str,
         dest: str | Path,
         settings: Settings | None = None,
-        *,
-        on_entry: OnEntry | None = None,
-        assemblers: Mapping[str, AssemblerFactory] | None = None,
-        progress: ProgressHook | None = None,
-        spool_containers: bool = False,
-        save: Save | None = None,
+        **options: Unpack[ReceiverOptions],
     ) -> None:
-        core = ConsumerCore(
-            site, dest, settings, on_entry=on_entry, assemblers=assemblers, progress=progress,
-            spool_containers=spool_containers, save=save,
-        )  # fmt: skip
+        core = ConsumerCore(site, dest, settings, **options)
         # Hashing what a dead receiver left can take long: done before connecting, so that no
         # heartbeat waits for it.
         core.start([Inbox(core)], core.store.left_over())

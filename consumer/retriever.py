@@ -26,17 +26,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
 from objstream.common.protocol import Reply, Request, new_stream_id
 from objstream.common.settings import Settings, check_site
-from objstream.common.streaming import ProgressHook
-from objstream.consumer.container_assembler import OnEntry
 from objstream.consumer.core import ConsumerCore, ConsumerSide
+from objstream.consumer.options import RetrieverOptions
 from objstream.consumer.requests import Asked, RequestTracker
 from objstream.consumer.resume import Resumable
-from objstream.consumer.stream_table import Save
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
@@ -60,7 +58,8 @@ class Retriever(ConsumerSide):
             model = retriever.retrieve_container("server", "model", timeout=60)
 
     ``save`` runs on each retrieved object before the owner is told it arrived, as for a
-    :class:`~objstream.consumer.receiver.Receiver`.
+    :class:`~objstream.consumer.receiver.Receiver`; so does ``as_torch`` (containers come
+    back as CPU ``torch.Tensor`` objects, without pickle).
     """
 
     def __init__(
@@ -68,12 +67,9 @@ class Retriever(ConsumerSide):
         site: str,
         dest: str | Path,
         settings: Settings | None = None,
-        *,
-        on_entry: OnEntry | None = None,
-        progress: ProgressHook | None = None,
-        save: Save | None = None,
+        **options: Unpack[RetrieverOptions],
     ) -> None:
-        core = ConsumerCore(site, dest, settings, on_entry=on_entry, progress=progress, save=save)
+        core = ConsumerCore(site, dest, settings, **options)
         self._requests = RequestTracker(core)
         core.start([self._requests])
         super().__init__(core)

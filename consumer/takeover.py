@@ -61,11 +61,13 @@ class ResumeStore:
         *,
         on_entry: OnEntry | None = None,
         spool_containers: bool = False,
+        as_torch: bool = False,
     ) -> None:
         self.dest = dest
         self.settings = settings
         self._on_entry = on_entry
         self._spool_containers = spool_containers
+        self._as_torch = as_torch
 
     def cleanup(self) -> None:
         """Remove what was abandoned longer ago than the stream TTL (its data queue is gone)."""
@@ -97,7 +99,8 @@ class ResumeStore:
         if item.offer.kind == FILE_KIND:
             return FileAssembler(self.dest, item.offer, reopen=True)
         return ContainerSpool(self.dest, item.offer, self._on_entry, reopen=True,
-                              stored=item.stored, stored_bytes=item.stored_bytes)  # fmt: skip
+                              stored=item.stored, stored_bytes=item.stored_bytes,
+                              as_torch=self._as_torch)  # fmt: skip
 
     def kept(self, from_site: str, name: str) -> Resumable | None:
         """The kept prefix of file ``name`` from ``from_site``, hashed, if there is one. Slow on
