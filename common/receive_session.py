@@ -29,7 +29,8 @@ from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import Abort, Chunk, Done, End, Inline
 from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, State
 
-FLUSH_INTERVAL = 0.05  # seconds: acks and progress never wait longer than this
+FLUSH_INTERVAL = 0.05  # seconds: acks (to the broker) never wait longer than this
+PROGRESS_INTERVAL = 0.25  # seconds: progress (to the sender) between quarter windows, at most
 # Failures after which a file's verified prefix is kept (the sender went away, not bad data).
 KEEP_PREFIX_ON = frozenset({FailureCode.TIMEOUT, FailureCode.ABORTED})
 
@@ -149,8 +150,15 @@ class ReceiveSession:
         window: the receiver's prefetch for this stream; progress goes out every quarter of it.
         checkpoints: the stream has a state file (files, spooled containers).
         keeps_prefix: a timed-out or aborted stream keeps its verified prefix (files).
-        flush_interval: seconds after which acks and progress go out at the latest.
+
+    Acks go out every quarter window and after :attr:`flush_interval` at the latest; progress
+    every quarter window and after :attr:`progress_interval` at the latest: longer, since every
+    progress is a message the sender handles, per target, and a broadcast to many slow targets
+    must not cost the sender one reply per target per flush.
     """
+
+    flush_interval: float = FLUSH_INTERVAL
+    progress_interval: float = PROGRESS_INTERVAL
 
     def __init__(
         self,
@@ -162,7 +170,6 @@ class ReceiveSession:
         window: int,
         checkpoints: bool = False,
         keeps_prefix: bool = False,
-        flush_interval: float = FLUSH_INTERVAL,
     ) -> None:
         self.reassembler = reassembler
         self.offer = reassembler.offer
@@ -171,9 +178,9 @@ class ReceiveSession:
         self.report_every = max(1, window // 4)
         self.checkpoints = checkpoints
         self.keeps_prefix = keeps_prefix
-        self.flush_interval = flush_interval
         self.last_activity = now
         self.last_flush = now
+        self.last_report = now
         self.unacked_tag = 0  # highest delivery tag not yet acked (0: none)
         self.reported = reassembler.stored
 
@@ -265,8 +272,12 @@ class ReceiveSession:
             return self.fail(
                 FailureCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
             )
-        if self.unacked_tag and now - self.last_flush > self.flush_interval:
-            return self._flush(now)
+        flush_due = self.unacked_tag and now - self.last_flush > self.flush_interval
+        report_due = (
+            self.stored != self.reported and now - self.last_report >= self.progress_interval
+        )
+        if flush_due or report_due:
+            return self._flush(now, report=report_due)
         return []
 
     def write_failed(self, code: FailureCode, detail: str) -> list[Action]:
@@ -352,16 +363,18 @@ class ReceiveSession:
             return self._failed(failure.code, failure.detail)
         return [Commit()]
 
-    def _flush(self, now: float) -> list[Action]:
-        """Checkpoint (before the ack: a crash then only redelivers), ack, report progress."""
+    def _flush(self, now: float, *, report: bool = True) -> list[Action]:
+        """Checkpoint (before the ack: a crash then only redelivers), ack, report progress
+        (if ``report``)."""
         actions: list[Action] = []
         if self.checkpoints:
             actions.append(Checkpoint(self.stored, self.stored_bytes))
         if self.unacked_tag:
             actions.append(Ack(self.unacked_tag))
             self.unacked_tag = 0
-        if self.stored != self.reported:
+        if report and self.stored != self.reported:
             actions.append(self._progress())
+            self.last_report = now
         self.last_flush = now
         return actions
 

@@ -127,6 +127,25 @@ def test_progress_every_quarter_window() -> None:
     assert d.checkpoint == (10, 100)
 
 
+def test_slow_chunks_are_acked_every_flush_but_reported_every_progress_interval() -> None:
+    # One chunk every 0.06 s, a tick after each: the broker gets an ack at every tick (the
+    # prefetch must move), the sender a progress only every 0.25 s (it handles one message per
+    # progress per target; a broadcast to 8 slow targets must not cost it 8 replies a tick).
+    d = Driver(bytes(200), window=16)  # a quarter window: 4 chunks
+    now = 0.0
+    for seq in range(6):
+        now += 0.06
+        d.chunk(seq, now)
+        d.run(d.session.tick(now + 0.055))
+    assert [a.tag for a in d.of(Ack)] == [1, 2, 3, 4, 5, 6]
+    assert [p.stored for p in d.of(SendProgress)] == [4]  # the quarter window, at 0.24 s
+    d.run(d.session.tick(0.45))
+    assert [p.stored for p in d.of(SendProgress)] == [4]  # 0.21 s after the last report
+    d.run(d.session.tick(0.5))  # nothing left to ack, but the sender hears of chunks 5 and 6
+    assert [p.stored for p in d.of(SendProgress)] == [4, 6]
+    assert d.checkpoint == (6, 60)  # recorded before it was reported
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     size=st.integers(0, 200),
