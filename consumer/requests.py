@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass
 
 from objstream.common.amqp import Delivery, broker_user, dead_letter
-from objstream.common.errors import ProtocolError
-from objstream.common.protocol import Offer, Reply, Request, envelope, new_stream_id, parse
+from objstream.common.errors import FailureCode, ProtocolError, TransferFailed
+from objstream.common.protocol import Abort, Offer, Reply, Request, envelope, new_stream_id, parse
 from objstream.consumer.core import ConsumerCore
 from objstream.consumer.resume import Resumable
 
@@ -27,11 +27,13 @@ MAX_EARLY = 16  # offers kept while waiting for the reply that names them
 
 @dataclass(frozen=True)
 class Asked:
-    """A request in flight: its timeout, the name asked for and the prefix it may continue."""
+    """A request in flight: its timeout, the name asked for, the prefix it may continue and
+    the site asked."""
 
     timeout: float
     name: str
     kept: Resumable | None
+    owner: str
 
 
 class RequestTracker:
@@ -129,6 +131,13 @@ class RequestTracker:
             self._on_reply(message)
         elif isinstance(message, Offer) and message.stream_id in self._expected:
             self._take(message.stream_id, delivery)
+        elif isinstance(message, Abort) and message.stream_id in self._expected:
+            # An accepted stream that ended before it started for us (a shared upload that
+            # failed before this request could join it): fail now, not after the timeout.
+            asked = self._expected.pop(message.stream_id)
+            detail = f"{asked.owner} gave up before sending it: {message.reason}"
+            failed = TransferFailed(asked.owner, message.stream_id, FailureCode.ABORTED, detail)
+            self._core.table.outcomes.append(failed)
         elif isinstance(message, Offer) and self._pending and len(self._early) < MAX_EARLY:
             self._early[message.stream_id] = delivery
         else:

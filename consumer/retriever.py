@@ -156,7 +156,7 @@ class Retriever(ConsumerSide):
                 "chunk_size": kept.offer.chunk_size,
                 "prefix_sha256": kept.prefix_sha256().copy().hexdigest(),
             })  # fmt: skip
-        asked = Asked(timeout, request.name, kept)
+        asked = Asked(timeout, request.name, kept, from_site)
         self._requests.publish(request, from_site, asked)
         try:
             reply = self._wait_reply(request, from_site, asked)

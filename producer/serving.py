@@ -18,6 +18,7 @@ stream, are served on their own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -45,7 +46,7 @@ from objstream.common.errors import (
     ProtocolError,
     SendFailed,
 )
-from objstream.common.protocol import Reply, Request, envelope, new_stream_id, parse
+from objstream.common.protocol import Abort, Reply, Request, envelope, new_stream_id, parse
 from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectStreamer
 from objstream.common.topology import Topology
@@ -436,16 +437,20 @@ class RetrievalServer(Closing):
             log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
             return True
         finally:
-            self._finished(job)
+            self._finished(job, sender)
 
-    def _finished(self, job: _Job) -> None:
-        """``job``'s stream is over: nobody joins it any more."""
+    def _finished(self, job: _Job, sender: StreamSender | None = None) -> None:
+        """``job``'s stream is over: nobody joins it any more; those accepted but not taken yet
+        (the send failed first) are told at once (``abort`` to their reply queue)."""
         if job.joiners is not None:
             job.joiners.close()
-            left = job.joiners.take()  # only if the send failed before it took them
-            if left:
-                log.warning("stream %s ended before %s could join; they time out",
-                            job.stream_id, ", ".join(site for site, _ in left))  # fmt: skip
+            for site, reply_to in job.joiners.take():
+                log.warning("stream %s ended before %s could join", job.stream_id, site)
+                abort = Abort(stream_id=job.stream_id, reason="the stream ended before it started")
+                with contextlib.suppress(ObjstreamError):  # no connection: they time out
+                    if sender is not None:
+                        route = sender.topology.reply_key(reply_to, sender.site)
+                        sender.publish(route, b"", envelope(abort))
         job.source.close()
         with self._lock:
             self._busy -= 1

@@ -17,8 +17,8 @@ from typing import Any
 import pika
 import pytest
 
-from objstream.common.errors import BrokerRefused, Refused
-from objstream.common.protocol import Chunk, End, Offer, Reply, Request, new_stream_id, parse
+from objstream.common.errors import BrokerRefused, Refused, TransferFailed
+from objstream.common.protocol import Abort, Chunk, End, Offer, Reply, Request, new_stream_id, parse
 from objstream.common.settings import Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Retriever
@@ -60,7 +60,9 @@ class RawOwner:
             assert isinstance(request, Request)
             self.requests.append((method.routing_key, props, request))
 
-    def answer(self, props: Any, message: Reply | Offer, reply_to: str | None = None) -> None:
+    def answer(
+        self, props: Any, message: Reply | Offer | Abort, reply_to: str | None = None
+    ) -> None:
         """Through the exchange, with the key naming this site as the publisher."""
         out = properties(message, reply_to=reply_to, user_id=self.user)
         self.channel.basic_publish(self.ns, f"{props.reply_to}:server", b"", out)
@@ -158,6 +160,33 @@ def test_two_requesters_share_one_broadcast(
         assert path.read_bytes() == CONTENT
     done = _answers(raw_owner, verdicts, until=lambda got: sum(t == "done" for t, _ in got) >= 2)
     assert sorted(h["site"] for t, h in done if t == "done") == ["site-1", "site-2"]
+
+
+def test_an_accepted_stream_aborted_before_its_offer_fails_the_retrieval_at_once(
+    tmp_path: Path, settings: Settings, declared: Declared, raw_owner: RawOwner
+) -> None:
+    """A shared upload that failed before this request joined it: the owner sends ``abort`` for
+    the accepted stream id to the reply queue, and the retrieval fails now, not at its timeout."""
+    declared.sites.add("site-1")
+
+    def fetch() -> object:
+        with Retriever("site-1", tmp_path, settings) as retriever:
+            return retriever.retrieve_file("server", "shared.bin", timeout=60)
+
+    thread, outcome = _in_thread(fetch)
+    raw_owner.wait_requests(1)
+    _, props, request = raw_owner.requests[0]
+    sid = new_stream_id()
+    raw_owner.answer(props, Reply(request_id=request.request_id, ok=True, stream_id=sid, size=9))
+    aborted = time.monotonic()
+    raw_owner.answer(props, Abort(stream_id=sid, reason="the source could not be read"))
+    thread.join(30)
+    assert time.monotonic() - aborted < 10  # not the 60 s timeout
+    [error] = outcome
+    assert isinstance(error, TransferFailed), error
+    assert error.code == "aborted"
+    assert error.site == "server"
+    assert "the source could not be read" in error.detail
 
 
 def _answers(
