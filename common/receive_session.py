@@ -31,6 +31,7 @@ from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, Stat
 
 FLUSH_INTERVAL = 0.05  # seconds: acks (to the broker) never wait longer than this
 PROGRESS_INTERVAL = 0.25  # seconds: progress (to the sender) between quarter windows, at most
+COMMIT_HEARTBEAT = 1.0  # seconds: progress while committing, so the sender knows we are alive
 # Failures after which a file's verified prefix is kept (the sender went away, not bad data).
 KEEP_PREFIX_ON = frozenset({FailureCode.TIMEOUT, FailureCode.ABORTED})
 
@@ -159,6 +160,7 @@ class ReceiveSession:
 
     flush_interval: float = FLUSH_INTERVAL
     progress_interval: float = PROGRESS_INTERVAL
+    commit_heartbeat: float = COMMIT_HEARTBEAT
 
     def __init__(
         self,
@@ -262,12 +264,20 @@ class ReceiveSession:
             self.reassembler.record_end(end)
         except ProtocolError as e:
             return self.fail(FailureCode.PROTOCOL, str(e))
-        return actions + self._verify()
+        return actions + self._verify(flush=False)  # one message, no data queue: no ack
 
     def tick(self, now: float) -> list[Action]:
         """Time passed: fail a silent stream, flush acks and progress that waited too long."""
-        if self.finished or self.state is State.VERIFYING:
-            return []  # committing: the driver reports back, the sender waits for the verdict
+        if self.finished:
+            return []
+        if self.state is State.VERIFYING:
+            # Committing (a save can take minutes): no timeout here, the driver reports back;
+            # the sender hears every commit_heartbeat that this target is alive and has it all,
+            # or it would resend after its resend_after and fail us after its timeout.
+            if now - self.last_report < self.commit_heartbeat:
+                return []
+            self.last_report = now
+            return [self._progress()]
         if now - self.last_activity > self.timeout:
             return self.fail(
                 FailureCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
@@ -357,11 +367,15 @@ class ReceiveSession:
             return self._flush(self.last_activity)
         return []
 
-    def _verify(self) -> list[Action]:
+    def _verify(self, *, flush: bool = True) -> list[Action]:
         failure = self.reassembler.verify()
         if failure is not None:
             return self._failed(failure.code, failure.detail)
-        return [Commit()]
+        # Everything is stored: checkpointed, acked and reported before the commit, so the
+        # sender stops resending while it waits for the verdict.
+        if not flush:
+            return [Commit()]
+        return [*self._flush(self.last_activity), Commit()]
 
     def _flush(self, now: float, *, report: bool = True) -> list[Action]:
         """Checkpoint (before the ack: a crash then only redelivers), ack, report progress

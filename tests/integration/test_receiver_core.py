@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,33 @@ def test_a_failed_save_is_a_failed_transfer_at_the_sender(
         [outcome] = receiver.wait_for(1)
         assert not isinstance(outcome, Received)
         assert outcome.code == FailureCode.IO
+    finally:
+        receiver.stop()
+
+
+def test_a_save_longer_than_the_senders_timeout_neither_fails_nor_resends(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    # Saving a multi-GiB checkpoint takes minutes; the receiver tells the sender it is alive
+    # (progress every second while committing), so the sender, whose timeout here is 2 s and
+    # whose resends start after 1 s of silence, neither fails the target nor resends anything.
+    declared.sites.add("site-1")
+    src = tmp_path / "f.bin"
+    src.write_bytes(bytes(range(256)) * 1024)
+
+    def slow(item: Received) -> Received:
+        time.sleep(5)
+        return item
+
+    receiver = BackgroundReceiver("site-1", tmp_path / "in", settings, save=slow)
+    try:
+        quick = settings.model_copy(update={"resend_after": 1.0})
+        with FileStreamer("server", quick) as streamer:
+            [result] = streamer.stream_file("site-1", src, chunk_size=16 * KiB, timeout=2.0)
+            assert streamer.bytes_published == src.stat().st_size  # no chunk sent twice
+        assert result.ok
+        [received] = receiver.wait_for(1)
+        assert isinstance(received, Received)
     finally:
         receiver.stop()
 

@@ -294,14 +294,20 @@ def test_commit_failure_turns_into_failed_verdict() -> None:
     assert not d.of(RemoveCheckpoint)
 
 
-def test_no_timeout_and_no_messages_while_committing() -> None:
+def test_committing_never_times_out_and_tells_the_sender_it_is_alive() -> None:
     d = Driver(bytes(10))
     d.chunk(0)
     actions = d.session.receive(2, d.end, b"", 0.0)
-    assert actions == [Commit()]  # the driver commits (maybe on another thread)
+    # Checkpointed, acked and reported before the commit: the sender stops resending.
+    assert actions == [Checkpoint(1, 10), Ack(2), SendProgress(1, 10, None), Commit()]
     assert d.session.state is State.VERIFYING
-    assert d.session.tick(1000.0) == []
-    assert d.session.receive(3, d.end, b"", 1000.0) == []
+    # A save can take minutes: no timeout, and a progress every commit_heartbeat (the sender
+    # would otherwise resend after its resend_after and fail the target after its timeout).
+    assert d.session.tick(0.5) == []
+    assert d.session.tick(1000.0) == [SendProgress(1, 10, None)]
+    assert d.session.tick(1000.5) == []
+    assert d.session.tick(1001.0) == [SendProgress(1, 10, None)]
+    assert d.session.receive(3, d.end, b"", 1000.0) == []  # late messages: only acked
     out = d.session.committed({"a": 1})
     assert isinstance(out[-1], Finished)
     assert out[-1].value == {"a": 1}
