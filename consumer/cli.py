@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "consumer",
+        parents=[parent],
         epilog="example:\n  objstream consumer listen --site site-1 --dest /tmp/in",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="receive objects from other sites",

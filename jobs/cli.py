@@ -21,6 +21,7 @@ ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     group = commands.add_parser(
         "job",
+        parents=[parent],
         epilog="example:\n  objstream job file_streaming --size 256MiB",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run the example jobs (file_streaming, dict_streaming)",

@@ -7,26 +7,31 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from objstream.common.cli import ProgressBars, StopFlag, size_arg
 from objstream.common.errors import ConfigError
-from objstream.common.settings import Settings
-from objstream.producer.container_files import container_name, load_container
-from objstream.producer.sender import TargetResult
-from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
-from objstream.producer.streamer import ContainerStreamer, FileStreamer
+
+if TYPE_CHECKING:
+    from objstream.common.settings import Settings
+    from objstream.producer.sender import TargetResult
+
+# Each command imports what it runs: the container files and the serving side need numpy and
+# the codec, which `send-file` never does (start-up time is import time; docs/performance.md).
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "producer",
+        parents=[parent],
         epilog="example:\n  objstream producer send-file --site server --to site-1 big.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="send objects to other sites",
         description="The sending side.",
     )
-    sub = side.add_subparsers(dest="command", required=True, metavar="{send-file,send-container}")
+    sub = side.add_subparsers(
+        dest="command", required=True, metavar="{send-file,send-container,serve}"
+    )
     send = sub.add_parser(
         "send-file",
         parents=[parent],
@@ -180,6 +185,8 @@ def _report(args: argparse.Namespace, what: str, results: list[TargetResult], st
 
 
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
+    from objstream.producer.streamer import FileStreamer
+
     started = time.monotonic()
     bars = ProgressBars()
     with FileStreamer(args.site, settings, progress=bars) as streamer:
@@ -189,6 +196,9 @@ def send_file(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def send_container(args: argparse.Namespace, settings: Settings) -> int:
+    from objstream.producer.container_files import container_name, load_container
+    from objstream.producer.streamer import ContainerStreamer
+
     path = Path(args.path)
     container = load_container(path)
     started = time.monotonic()
@@ -200,6 +210,9 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def serve_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from objstream.producer.container_files import load_container
+    from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
+
     if not args.source_dir and not args.container:
         raise ConfigError("nothing to serve: give --source-dir and/or --container NAME=PATH")
     stop = StopFlag()
