@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,28 +154,56 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"chunk_size": args.chunk_size, "window": args.window, "timeout": args.timeout}
 
 
-def _report(args: argparse.Namespace, what: str, results: list[TargetResult], start: float) -> int:
-    seconds = time.monotonic() - start
+def _target(result: TargetResult) -> dict[str, Any]:
+    record: dict[str, Any] = {"site": result.site, "ok": result.ok, "stream_id": result.stream_id}
+    if result.ok:
+        record["stored_as"] = result.stored_as
+    elif result.error is not None:
+        record.update(code=str(result.error.code), error=str(result.error))
+    return record
+
+
+def _json_outcome(
+    args: argparse.Namespace, results: list[TargetResult], seconds: float,
+    error: BaseException | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The one JSON object ``--json`` prints, whatever happened: every target's outcome."""
+    size = results[0].size if results else None
+    rate = size / (1024 * 1024) / seconds if size is not None and seconds > 0 else 0.0
+    targets = [_target(r) for r in results]
+    if not results:  # nothing was sent (a missing file, no broker...): no target got it
+        message = str(error) if error is not None else "failed"
+        targets = [{"site": site, "ok": False, "error": message} for site in args.to]
+    outcome: dict[str, Any] = {
+        "ok": error is None and all(r.ok for r in results),
+        "name": args.path, "bytes": size, "seconds": round(seconds, 3),
+        "mib_per_s": round(rate, 1), "sha256": results[0].sha256 if results else None,
+        "targets": targets,
+    }  # fmt: skip
+    if error is not None:
+        outcome["error"] = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+    return outcome
+
+
+def _send(args: argparse.Namespace, what: str, send: Callable[[], list[TargetResult]]) -> int:
+    """Run ``send`` and report: one line per target, or with ``--json`` one JSON object on
+    success, partial failure and failure alike (the error line and exit code as usual)."""
+    from objstream.producer.sender import TargetResult
+
+    started = time.monotonic()
+    try:
+        results = send()
+    except BaseException as e:
+        if args.json:
+            done = [r for r in getattr(e, "results", []) if isinstance(r, TargetResult)]
+            print(json.dumps(_json_outcome(args, done, time.monotonic() - started, e)), flush=True)
+        raise
+    seconds = time.monotonic() - started
+    if args.json:
+        print(json.dumps(_json_outcome(args, results, seconds)))
+        return 0
     size = results[0].size
     rate = size / (1024 * 1024) / seconds if seconds > 0 else 0.0
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": True,
-                    "name": args.path,
-                    "bytes": size,
-                    "seconds": round(seconds, 3),
-                    "mib_per_s": round(rate, 1),
-                    "sha256": results[0].sha256,
-                    "targets": [
-                        {"site": r.site, "stream_id": r.stream_id, "stored_as": r.stored_as}
-                        for r in results
-                    ],
-                }
-            )
-        )
-        return 0
     for r in results:
         where = f" as {r.stored_as}" if r.stored_as else ""
         print(
@@ -187,26 +216,30 @@ def _report(args: argparse.Namespace, what: str, results: list[TargetResult], st
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
     from objstream.producer.streamer import FileStreamer
 
-    started = time.monotonic()
-    bars = ProgressBars()
-    with FileStreamer(args.site, settings, progress=bars) as streamer:
-        results = streamer.stream_file(args.to, args.path)
-    bars.close()
-    return _report(args, "file", results, started)
+    def send() -> list[TargetResult]:
+        bars = ProgressBars()
+        with FileStreamer(args.site, settings, progress=bars) as streamer:
+            results = streamer.stream_file(args.to, args.path)
+        bars.close()
+        return results
+
+    return _send(args, "file", send)
 
 
 def send_container(args: argparse.Namespace, settings: Settings) -> int:
     from objstream.producer.container_files import container_name, load_container
     from objstream.producer.streamer import ContainerStreamer
 
-    path = Path(args.path)
-    container = load_container(path)
-    started = time.monotonic()
-    bars = ProgressBars()
-    with ContainerStreamer(args.site, settings, progress=bars) as streamer:
-        results = streamer.stream_container(args.to, container, container_name(path))
-    bars.close()
-    return _report(args, "container", results, started)
+    def send() -> list[TargetResult]:
+        path = Path(args.path)
+        container = load_container(path)
+        bars = ProgressBars()
+        with ContainerStreamer(args.site, settings, progress=bars) as streamer:
+            results = streamer.stream_container(args.to, container, container_name(path))
+        bars.close()
+        return results
+
+    return _send(args, "container", send)
 
 
 def serve_cmd(args: argparse.Namespace, settings: Settings) -> int:
