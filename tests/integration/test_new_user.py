@@ -165,3 +165,31 @@ def test_listen_warns_when_the_site_already_has_a_receiver(
     alone = _objstream("consumer", "listen", "--site", "site-1", "--dest", str(tmp_path / "in"),
                        "--count", "1", "--timeout", "1", env=env, timeout=60)  # fmt: skip
     assert "already has" not in alone.stderr
+
+
+def test_jobs_remove_their_data_unless_kept(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.update({"server", "site-1", "site-2"})
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**_env(settings), "TMPDIR": str(tmp)}
+    jobs = [
+        ["file_streaming", "--size", "1MiB"],
+        ["file_streaming", "--size", "1MiB", "--clients", "2"],
+        ["dict_streaming", "--entries", "2", "--entry-size", "64KiB"],
+        ["file_streaming", "--size", "1MiB", "--role", "producer", "--timeout", "1"],
+    ]
+    for job in jobs:
+        run = _objstream("job", *job, env=env)
+        assert run.returncode in (EXIT_OK, EXIT_TIMEOUT), run.stderr
+        assert list(tmp.iterdir()) == [], job  # nothing left behind, not even empty dirs
+    mine = tmp_path / "mine"
+    run = _objstream("job", "file_streaming", "--size", "1MiB", "--dest", str(mine), env=env)
+    assert run.returncode == EXIT_OK, run.stderr
+    assert list(mine.iterdir()) == []  # the user's directory stays, the job's file goes
+    run = _objstream("job", "file_streaming", "--size", "1MiB", "--keep", env=env)
+    assert run.returncode == EXIT_OK, run.stderr
+    [kept] = tmp.iterdir()
+    assert f"kept what arrived in {kept}" in run.stderr
+    assert [p.stat().st_size for p in kept.iterdir()] == [MiB]
