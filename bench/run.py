@@ -7,9 +7,11 @@ the raw pika ceiling (stock pika, 1 MiB transient messages, no confirms, prefetc
 acks; and persistent with 32 windowed confirms), file streaming (256 MiB, 1 GiB, 4 GiB with
 --large), container streaming (10 x 100 MiB float32), many small objects (1,000 files of 10 KiB
 pushed; 1,000 retrievals of a 1 KiB container), 4 producers to 4 consumers at once, and a sweep
-of chunk sizes and windows. Every side is a process of its own; every figure is the median of
---runs runs. It prints a markdown table (with file streaming's ratio to the raw ceiling), and
-writes it with a PNG plot of throughput against chunk size to --out.
+of chunk sizes and windows, after the start-up rows of ``bench/startup.py`` (``objstream
+--version`` and a 1 KiB ``send-file`` end to end, as new processes). Every side is a process
+of its own; every figure is the median of --runs runs. It prints a markdown table (with file
+streaming's ratio to the raw ceiling), and writes it with a PNG plot of throughput against chunk
+size to --out.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pika
 
-from bench import sides
+from bench import sides, startup
 from objstream.common.settings import mask_url
 
 MiB = 1024 * 1024
@@ -333,6 +335,9 @@ def main() -> int:
 
     print(f"# objstream benchmarks against {mask_url(URL)} ({args.runs} runs, median)\n")
     print("| benchmark | result |\n|---|---|")
+    # Start-up first, while nothing else of the bench runs: medians of 5 (bench/startup.py).
+    for name, text in startup.rows(5):
+        row(name, text)
     raw_count = 128 if quick else 1024
     # The ceiling varies more from run to run than the rest (the broker buffers up to the whole
     # GiB): more runs, and every one shown.

@@ -86,6 +86,7 @@ class Grant:
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "admin",
+        parents=[parent],
         help="broker administration for objstream (users and permissions)",
         description="What a broker administrator runs for objstream.",
         epilog="example:\n  objstream admin permissions --site site-1 --user site-1",

@@ -281,6 +281,13 @@ class Channel:
             )
         return str(result.method.queue)
 
+    def consumer_count(self, name: str) -> int:
+        """How many consumers queue ``name`` has now: a passive declare, which needs no
+        permission (a missing queue is BrokerRefused 404 and closes the channel)."""
+        with self._op(f"checking queue {name}"):
+            result = self._impl.queue_declare(name, passive=True)
+        return int(result.method.consumer_count)
+
     def delete_queue(self, name: str) -> None:
         with self._op(f"deleting queue {name}"):
             self._impl.queue_delete(name)

@@ -16,10 +16,10 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import objstream
 from objstream.common.errors import (
     AuthenticationRefused,
     BrokerRefused,
@@ -29,7 +29,9 @@ from objstream.common.errors import (
     SendFailed,
     TimedOut,
 )
-from objstream.common.settings import Settings, load_settings, parse_size
+
+if TYPE_CHECKING:  # pydantic's import is most of a start-up: only commands that run need it
+    from objstream.common.settings import Settings
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # transfer failed: checksum, refused, not found, peer failure
@@ -47,65 +49,105 @@ SIDE_MODULES = {
 }
 """The module that defines each side's commands (its ``add_commands``)."""
 
-Handler = Callable[[argparse.Namespace, Settings], int]
+SIDE_HELP = {
+    "producer": "send objects to other sites",
+    "consumer": "receive objects from other sites",
+    "job": "run the example jobs (file_streaming, dict_streaming)",
+    "admin": "broker administration for objstream (users and permissions)",
+}
+"""What ``objstream --help`` says of each side without importing its module."""
 
+GLOBAL_OPTIONS = {"--url", "--namespace", "--log-level"}
 
-def _version() -> str:
-    try:
-        return version("objstream")
-    except PackageNotFoundError:
-        return "unknown"
+Handler = Callable[[argparse.Namespace, "Settings"], int]
 
 
 def size_arg(text: str) -> int:
     """argparse type for sizes such as ``256KiB``, ``4MiB`` or plain bytes."""
+    from objstream.common.settings import parse_size
+
     try:
         return parse_size(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def global_options() -> argparse.ArgumentParser:
-    """Options every sub-command accepts (they override the ``OBJSTREAM_*`` variables)."""
+def global_options(default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
+    """Options every command accepts, before or after its name (they override the
+    ``OBJSTREAM_*`` variables).
+
+    The top-level parser has them with ``default=None``; each side and command has them with
+    ``default=SUPPRESS``, so that a value given before the sub-command is not overwritten by the
+    sub-parser's default (argparse copies every attribute of a sub-parser's result).
+    """
     parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("global options")
+    group = parent.add_argument_group("global options (before or after the command)")
     group.add_argument(
         "--url",
-        help="broker URL (env OBJSTREAM_URL; default amqp://guest:guest@localhost:5672/%%2F)",
+        default=default,
+        help="broker URL, amqp:// or amqps:// (env OBJSTREAM_URL; default "
+        "amqp://guest:guest@localhost:5672/%%2F)",
     )
     group.add_argument(
         "--namespace",
+        default=default,
         help="prefix of every exchange and queue (env OBJSTREAM_NAMESPACE; default objstream)",
     )
     group.add_argument(
         "--log-level",
+        default=default,
         choices=["debug", "info", "warning", "error"],
         help="log verbosity on stderr (env OBJSTREAM_LOG_LEVEL; default info)",
     )
     return parent
 
 
-def build_parser(sides: Sequence[str] = SIDES) -> argparse.ArgumentParser:
+def chosen_side(argv: Sequence[str], sides: Sequence[str]) -> str | None:
+    """The side ``argv`` names (the first word that is not a global option or its value), so
+    that only that side's module is imported; ``None`` if there is none (``--version``,
+    ``--help``, a typo: argparse then says what is wrong)."""
+    words = iter(argv)
+    for word in words:
+        if word in GLOBAL_OPTIONS:
+            next(words, None)  # its value
+        elif not word.startswith("-"):
+            return word if word in sides else None
+    return None
+
+
+def build_parser(
+    sides: Sequence[str] = SIDES, argv: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
+    """The ``objstream`` parser. With ``argv``, only the side it names is built in full (its
+    module imported); the others are listed with their help. Start-up time is import time."""
     parser = argparse.ArgumentParser(
         prog="objstream",
         description="Stream large files between sites over RabbitMQ, memory-flat and verified.",
         epilog="examples:\n"
-        "  objstream consumer listen --site site-1 --dest /tmp/in --count 1\n"
-        "  objstream producer send-file --site server --to site-1 big.bin",
+        "  objstream consumer listen --site site-1 --dest in --count 1\n"
+        "  objstream producer send-file --site server --to site-1 big.bin\n"
+        "  objstream --namespace demo consumer listen --site site-1 --dest in",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[global_options(default=None)],
     )
-    parser.add_argument("--version", action="version", version=f"objstream {_version()}")
+    parser.add_argument("--version", action="version", version=f"objstream {objstream.__version__}")
     commands = parser.add_subparsers(
         dest="side", required=True, metavar="{" + ",".join(sides) + "}"
     )
     parent = global_options()
+    wanted = sides if argv is None else [side for side in [chosen_side(argv, sides)] if side]
     for side in sides:
-        module = importlib.import_module(SIDE_MODULES[side])
-        module.add_commands(commands, parent)
+        if side in wanted:
+            module = importlib.import_module(SIDE_MODULES[side])
+            module.add_commands(commands, parent)
+        else:
+            commands.add_parser(side, help=SIDE_HELP[side])
     return parser
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    from objstream.common.settings import load_settings
+
     return load_settings(url=args.url, namespace=args.namespace, log_level=args.log_level, **extra)
 
 
@@ -132,6 +174,13 @@ def exit_code_for(error: ObjstreamError) -> int:
     return EXIT_FAILED
 
 
+MiB = 1024 * 1024
+BAR_FORMAT = (
+    "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} MiB [{elapsed}<{remaining}, {rate_fmt}]"
+)
+BAR_FORMAT_NO_TOTAL = "{desc}: {n:.1f} MiB [{elapsed}, {rate_fmt}]"
+
+
 class ProgressBars:
     """A progress bar per stream on stderr when it is a terminal (and quiet otherwise).
 
@@ -139,9 +188,11 @@ class ProgressBars:
     only for transfers that last more than half a second.
     """
 
-    def __init__(self, enabled: bool | None = None) -> None:
+    def __init__(self, enabled: bool | None = None, *, delay: float = 0.5) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._delay = delay
         self._bars: dict[str, Any] = {}
+        self._done: dict[str, int] = {}
 
     def __call__(self, site: str, stream_id: str, done: int, total: int | None) -> None:
         if not self.enabled:
@@ -153,20 +204,26 @@ class ProgressBars:
             # A terminal may report a size of 0 x 0 (a fresh pty), where tqdm would draw
             # nothing at all: give it the usual fallback size instead.
             size = shutil.get_terminal_size()
+            # Counted in MiB, not bytes: tqdm's unit_scale divides rates by 1000 and calls
+            # them MB/s, whatever the unit_divisor.
             bar = self._bars[stream_id] = tqdm(
-                total=total, desc=site, unit="B", unit_scale=True, unit_divisor=1024,
-                delay=0.5, file=sys.stderr, leave=False, ncols=min(size.columns or 80, 100),
-                nrows=size.lines or 24,
+                total=None if total is None else total / MiB, desc=site, unit="MiB",
+                bar_format=BAR_FORMAT if total is not None else BAR_FORMAT_NO_TOTAL,
+                delay=self._delay, file=sys.stderr, leave=False,
+                ncols=min(size.columns or 80, 100), nrows=size.lines or 24,
             )  # fmt: skip
-        bar.update(done - bar.n)
+            self._done[stream_id] = 0
+        bar.update((done - self._done[stream_id]) / MiB)
+        self._done[stream_id] = done
         if total is not None and done >= total:
             bar.close()
-            del self._bars[stream_id]
+            del self._bars[stream_id], self._done[stream_id]
 
     def close(self) -> None:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+        self._done.clear()
 
 
 class StopFlag:
@@ -196,7 +253,8 @@ class StopFlag:
 
 def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int:
     """Entry point of ``objstream``; returns the exit code."""
-    parser = build_parser(sides)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(sides, argv)
     args = parser.parse_args(argv)
     try:
         settings = settings_from(args, **args.settings_overrides(args))

@@ -135,6 +135,12 @@ class TimedOut(TransferFailed):
         )
 
 
+class SenderGone(TransferFailed):
+    """A stream a receiver took over from an earlier one (that stopped or died) whose sender had
+    gone meanwhile (it aborted or fell silent): nothing arrived, the verified prefix is kept for
+    a retrieval to resume, and ``listen --count`` does not count it as an object."""
+
+
 class SendFailed(ObjstreamError):
     """At least one target of a send did not store and verify the object.
 

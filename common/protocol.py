@@ -60,7 +60,7 @@ class MessageType(StrEnum):
 class _Versioned(BaseModel):
     """Common base: frozen, no unknown fields, carries the protocol version."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     objstream: Literal[2] = Field(
         PROTOCOL_VERSION, description="Protocol version; receivers refuse others."
@@ -90,7 +90,7 @@ INLINE_MAX = 64 * 1024
 class Inline(BaseModel):
     """An offer that carries the whole object in its body (at most one chunk, INLINE_MAX)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", defer_build=True)
 
     crc32: int = Field(ge=0, lt=2**32, description="CRC-32 (zlib.crc32) of the body.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the content.")

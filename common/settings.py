@@ -64,6 +64,23 @@ def check_chunk_size(size: int) -> int:
     return size
 
 
+URL_SCHEMES = ("amqp", "amqps")
+
+
+def check_url(url: str) -> str:
+    """``url`` if it is an AMQP URL (a comma-separated list: each element).
+
+    Raises:
+        ConfigError: an element is empty or of another scheme (its password masked).
+    """
+    for element in url.split(","):
+        scheme = urlsplit(element.strip()).scheme
+        if scheme.lower() not in URL_SCHEMES:
+            shown = mask_url(element.strip()) or "''"
+            raise ConfigError(f"{shown} is not a broker URL: use amqp:// or amqps://")
+    return url
+
+
 def mask_url(url: str) -> str:
     """Return ``url`` with its password replaced by ``***``, for logs and error lines."""
     parts = urlsplit(url)
@@ -133,6 +150,14 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        try:
+            return check_url(value)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
     @field_validator("chunk_size", "max_object_size", mode="before")
     @classmethod
     def _sizes(cls, value: Any) -> Any:
@@ -179,6 +204,7 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
         )
         raise ConfigError(f"invalid setting: {problems}") from e

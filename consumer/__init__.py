@@ -1,11 +1,31 @@
-"""The receiving and requesting side: take objects streamed to a site, or ask for them."""
+"""The receiving and requesting side: take objects streamed to a site, or ask for them.
 
-from objstream.common.streaming import ObjectAssembler
-from objstream.consumer.container_assembler import ContainerAssembler, ContainerEntry
-from objstream.consumer.file_sink import FileAssembler, PartialFile
-from objstream.consumer.receiver import Receiver
-from objstream.consumer.retriever import Retriever
-from objstream.consumer.streams import Received
+The names below are imported on first use (PEP 562), as in :mod:`objstream.producer`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from objstream.common.streaming import ObjectAssembler
+    from objstream.consumer.container_assembler import ContainerAssembler, ContainerEntry
+    from objstream.consumer.file_sink import FileAssembler, PartialFile
+    from objstream.consumer.receiver import Receiver
+    from objstream.consumer.retriever import Retriever
+    from objstream.consumer.streams import Received
+
+_WHERE = {
+    "ContainerAssembler": "objstream.consumer.container_assembler",
+    "ContainerEntry": "objstream.consumer.container_assembler",
+    "FileAssembler": "objstream.consumer.file_sink",
+    "ObjectAssembler": "objstream.common.streaming",
+    "PartialFile": "objstream.consumer.file_sink",
+    "Received": "objstream.consumer.streams",
+    "Receiver": "objstream.consumer.receiver",
+    "Retriever": "objstream.consumer.retriever",
+}
 
 __all__ = [
     "ContainerAssembler",
@@ -17,3 +37,11 @@ __all__ = [
     "Receiver",
     "Retriever",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
-from objstream.common.errors import TransferFailed
+from objstream.common.errors import SenderGone, TransferFailed
 from objstream.common.settings import Settings
 from objstream.consumer.container_files import ContainerFiles
 from objstream.consumer.receiver import Receiver
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "consumer",
+        parents=[parent],
         epilog="example:\n  objstream consumer listen --site site-1 --dest /tmp/in",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="receive objects from other sites",
@@ -41,14 +42,20 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         ".safetensors, .json; .npz is added to other names), entry by entry. Each file is written "
         "to a partial file, verified (size, SHA-256), then renamed to the sender's base name "
         "(sanitized; an existing file is never overwritten: NAME-1.EXT, NAME-2.EXT... instead). "
-        "Without --count it runs until SIGINT/SIGTERM.",
+        "With --count N it exits after N objects arrived (non-zero if any failed); without "
+        "it, it runs until SIGINT/SIGTERM and exits 0, failed streams being reported on "
+        "stderr (and with --json on stdout) as they end.",
         epilog="example:\n  objstream consumer listen --site site-1 --dest /tmp/in --count 1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     listen.add_argument("--site", required=True, help="this site's name")
     listen.add_argument("--dest", required=True, metavar="DIR", help="directory to store into")
     listen.add_argument(
-        "--count", type=int, metavar="N", help="exit after N objects (non-zero if any failed)"
+        "--count",
+        type=int,
+        metavar="N",
+        help="exit after N objects arrived (exit 1 if any failed); streams a stopped "
+        "listener left whose sender has gone meanwhile are not counted",
     )
     listen.add_argument(
         "--timeout",
@@ -162,6 +169,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
     if isinstance(item, TransferFailed):
+        gone = isinstance(item, SenderGone)
         if args.json:
             print(
                 json.dumps(
@@ -171,11 +179,17 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
                         "sender": item.site,
                         "code": str(item.code),
                         "detail": item.detail,
+                        **({"sender_gone": True} if gone else {}),
                     }
                 ),
                 flush=True,
             )
-        print(f"objstream: error: {item}", file=sys.stderr, flush=True)
+        if gone:
+            print(f"objstream: a stream left by an earlier listener ended, its sender gone: "
+                  f"{item}; what arrived is kept for a retrieval", file=sys.stderr,
+                  flush=True)  # fmt: skip
+        else:
+            print(f"objstream: error: {item}", file=sys.stderr, flush=True)
         return
     what = item.kind
     if item.kind == "container":
@@ -246,8 +260,12 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
                     )
                     return EXIT_TIMEOUT
                 continue
+            _report(args, item)
+            if isinstance(item, SenderGone):
+                continue  # nothing arrived: not one of --count's objects
             idle_since = time.monotonic()
             done += 1
             failed += isinstance(item, TransferFailed)
-            _report(args, item)
-    return EXIT_FAILED if failed else EXIT_OK
+    # Without --count a listener is a service: what a remote party sends must not make it
+    # fail; failures were reported as they happened.
+    return EXIT_FAILED if failed and args.count is not None else EXIT_OK

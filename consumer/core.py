@@ -205,6 +205,7 @@ class ConsumerCore:
         for item in left_over:
             offer = item.offer
             stream = self._stream(item, self.settings.timeout)
+            stream.taken_over = True
             try:
                 # The queue the dead receiver declared: if it is gone, so is the sender.
                 self.table.consume(stream, declare=False)

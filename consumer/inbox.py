@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from objstream.common.amqp import Channel, Delivery
 from objstream.consumer.core import ConsumerCore
+
+log = logging.getLogger(__name__)
 
 
 class Inbox:
@@ -15,14 +19,28 @@ class Inbox:
         self._tag: str | None = None
         self._queue = ""
         self._channel: Channel | None = None
+        self._started = False
 
     def opened(self) -> None:
         core = self._core
         self._tag = None
         self._queue = core.topology.declare_inbox(core.control, core.site)
         self._channel = core.connection.channel()
+        if not self._started:  # at start only: after a reconnect, the count includes our own
+            self._started = True
+            self._warn_of_others()
         # One offer at a time, acked once accepted: the limit on streams is exact.
         self._channel.qos(1)
+
+    def _warn_of_others(self) -> None:
+        """Several receivers of one site share its offers (competing workers, by design); a
+        forgotten one in another shell silently takes half of them, so say it once."""
+        assert self._channel is not None
+        others = self._channel.consumer_count(self._queue)
+        if others:
+            log.warning("the inbox of site %s (%s) already has %d consumer(s): other receivers of "
+                        "this site take a share of what is sent to it", self._core.site,
+                        self._queue, others)  # fmt: skip
 
     def tick(self) -> None:
         """Take offers again once a stream slot is free."""

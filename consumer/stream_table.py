@@ -25,11 +25,13 @@ from objstream.common.errors import (
     FailureCode,
     ObjstreamError,
     ProtocolError,
+    SenderGone,
     TransferFailed,
 )
 from objstream.common.protocol import Done, Offer, Progress, envelope, parse
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
+    KEEP_PREFIX_ON,
     Ack,
     Action,
     Checkpoint,
@@ -418,9 +420,10 @@ class StreamTable:
         assert finished.code is not None
         log.warning("stream %s from %s failed (%s): %s", offer.stream_id, offer.sender,
                     finished.code, finished.detail)  # fmt: skip
-        self.outcomes.append(
-            TransferFailed(offer.sender, offer.stream_id, finished.code, finished.detail)
-        )
+        # Taken over from an earlier receiver, and its sender has gone: nothing arrived.
+        gone = stream.taken_over and finished.code in KEEP_PREFIX_ON
+        failed = SenderGone if gone else TransferFailed
+        self.outcomes.append(failed(offer.sender, offer.stream_id, finished.code, finished.detail))
 
 
 def _discard(stream: Stream) -> None:

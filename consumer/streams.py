@@ -64,6 +64,7 @@ class Stream:
     closing: bool = False
     state: StreamState | None = None  # files: what a successor needs after a crash
     resumed_bytes: int = 0  # bytes kept from an earlier attempt
+    taken_over: bool = False  # left by an earlier receiver of the directory
     received: Received | None = None  # set once committed, handed out with the verdict
 
     @property

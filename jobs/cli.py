@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     group = commands.add_parser(
         "job",
+        parents=[parent],
         epilog="example:\n  objstream job file_streaming --size 256MiB",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="run the example jobs (file_streaming, dict_streaming)",
@@ -109,7 +113,13 @@ def _job_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--dest",
         metavar="DIR",
-        help="where the consumer stores what it receives (default a temp dir)",
+        help="where the consumer stores what it receives (default a temp dir, removed at the end)",
+    )
+    group.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep what the consumer received (and its temp dir, named on stderr); without it "
+        "the job removes the data it generated and received when it ends",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     group.add_argument(
@@ -173,11 +183,29 @@ def _sides(args: argparse.Namespace, producer: tuple[Any, dict[str, Any]],
     return {"producer": producer_side.result(wait), "consumer": consumer_side.result(wait)}
 
 
-def _dest(args: argparse.Namespace) -> str:
-    return args.dest or tempfile.mkdtemp(prefix="objstream-job-")
+@contextlib.contextmanager
+def _job_dest(args: argparse.Namespace) -> Iterator[str]:
+    """The consumer's directory: ``--dest`` (the user's, never removed), else a temp dir
+    removed when the job ends unless ``--keep`` (a 256 MiB file per run adds up)."""
+    if args.dest:
+        yield args.dest
+        return
+    tmp = tempfile.mkdtemp(prefix="objstream-job-")
+    try:
+        yield tmp
+    finally:
+        if args.keep:
+            print(f"objstream: kept what arrived in {tmp}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
+    with _job_dest(args) as dest:
+        return _file_streaming(args, settings, dest)
+
+
+def _file_streaming(args: argparse.Namespace, settings: Settings, where: str) -> int:
     sites = clients.client_sites(args.consumer_site, args.clients)
     producer = (file_streaming.producer_side, {
         "settings": settings, "site": args.producer_site,
@@ -185,24 +213,29 @@ def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
         "chunk_size": args.chunk_size or int(settings.chunk_size), "seed": args.seed,
     })  # fmt: skip
     if args.clients > 1:
-        dest = Path(_dest(args))
-        client = (file_streaming.consumer_side, lambda site, where: {
-            "settings": settings, "site": site, "dest": str(where), "timeout": args.timeout,
+        client = (file_streaming.consumer_side, lambda site, mine: {
+            "settings": settings, "site": site, "dest": str(mine), "timeout": args.timeout,
+            "keep": args.keep,
         })  # fmt: skip
-        results = clients.run_clients(args, producer, client, sites, dest)
+        results = clients.run_clients(args, producer, client, sites, Path(where))
         return clients.report_clients(args, "file_streaming", sites, results)
     sides = _sides(
         args,
         producer,
         (file_streaming.consumer_side, {
-            "settings": settings, "site": sites[0], "dest": _dest(args),
-            "timeout": args.timeout,
+            "settings": settings, "site": sites[0], "dest": where, "timeout": args.timeout,
+            "keep": args.keep,
         }),
     )  # fmt: skip
     return _report(args, "file_streaming", sides)
 
 
 def run_dict_streaming(args: argparse.Namespace, settings: Settings) -> int:
+    with _job_dest(args) as dest:
+        return _dict_streaming(args, settings, dest)
+
+
+def _dict_streaming(args: argparse.Namespace, settings: Settings, where: str) -> int:
     sites = clients.client_sites(args.consumer_site, args.clients)
     producer = (dict_streaming.producer_side, {
         "settings": settings, "site": args.producer_site, "entries": args.entries,
@@ -214,17 +247,17 @@ def run_dict_streaming(args: argparse.Namespace, settings: Settings) -> int:
         "entry_size": args.entry_size, "seed": args.seed, "timeout": args.timeout,
     }  # fmt: skip
     if len(sites) > 1:
-        dest, together = Path(_dest(args)), clients.start_barrier(args.role, len(sites))
-        client = (clients.in_step, lambda site, where: {
-            **consumer, "site": site, "dest": str(where), "side": dict_streaming.consumer_side,
+        together = clients.start_barrier(args.role, len(sites))
+        client = (clients.in_step, lambda site, mine: {
+            **consumer, "site": site, "dest": str(mine), "side": dict_streaming.consumer_side,
             "barrier": together,
         })  # fmt: skip
-        results = clients.run_clients(args, producer, client, sites, dest)
+        results = clients.run_clients(args, producer, client, sites, Path(where))
         return clients.report_clients(args, "dict_streaming", sites, results)
     sides = _sides(
         args,
         producer,
-        (dict_streaming.consumer_side, {**consumer, "site": sites[0], "dest": _dest(args)}),
+        (dict_streaming.consumer_side, {**consumer, "site": sites[0], "dest": where}),
     )
     return _report(args, "dict_streaming", sides)
 

@@ -8,9 +8,6 @@ jobs). In the source tree these are the top-level folders ``common/``, ``produce
 this folder do the same for a checkout used without installing).
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("objstream")
-except PackageNotFoundError:  # a checkout used without installing
-    __version__ = "0+unknown"
+__version__ = "0.1.0"
+"""The one place the version is written: ``pyproject.toml`` reads it from here. A literal, not
+``importlib.metadata.version()``, which costs more than the rest of ``objstream --version``."""

@@ -1,11 +1,36 @@
-"""The sending and serving side: stream objects to other sites."""
+"""The sending and serving side: stream objects to other sites.
 
-from objstream.common.streaming import ObjectStreamer, Piece
-from objstream.producer.container_source import ContainerSource
-from objstream.producer.sender import StreamSender, TargetResult
-from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
-from objstream.producer.sources import FileSource
-from objstream.producer.streamer import ContainerStreamer, FileStreamer, Streamer
+The names below are imported on first use (PEP 562), so that ``objstream producer send-file``
+never imports numpy and the containers' codec: only containers need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from objstream.common.streaming import ObjectStreamer, Piece
+    from objstream.producer.container_source import ContainerSource
+    from objstream.producer.sender import StreamSender, TargetResult
+    from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
+    from objstream.producer.sources import FileSource
+    from objstream.producer.streamer import ContainerStreamer, FileStreamer, Streamer
+
+_WHERE = {
+    "ContainerRetriever": "objstream.producer.serving",
+    "ContainerSource": "objstream.producer.container_source",
+    "ContainerStreamer": "objstream.producer.streamer",
+    "FileRetriever": "objstream.producer.serving",
+    "FileSource": "objstream.producer.sources",
+    "FileStreamer": "objstream.producer.streamer",
+    "ObjectStreamer": "objstream.common.streaming",
+    "Piece": "objstream.common.streaming",
+    "RetrievalServer": "objstream.producer.serving",
+    "StreamSender": "objstream.producer.sender",
+    "Streamer": "objstream.producer.streamer",
+    "TargetResult": "objstream.producer.sender",
+}
 
 __all__ = [
     "ContainerRetriever",
@@ -21,3 +46,11 @@ __all__ = [
     "Streamer",
     "TargetResult",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

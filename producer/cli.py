@@ -8,26 +8,31 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from objstream.common.cli import ProgressBars, StopFlag, size_arg
 from objstream.common.errors import ConfigError, SendFailed
-from objstream.common.settings import Settings
-from objstream.producer.container_files import container_name, load_container
-from objstream.producer.sender import TargetResult
-from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
-from objstream.producer.streamer import ContainerStreamer, FileStreamer
+
+if TYPE_CHECKING:
+    from objstream.common.settings import Settings
+    from objstream.producer.sender import TargetResult
+
+# Each command imports what it runs: the container files and the serving side need numpy and
+# the codec, which `send-file` never does (start-up time is import time; docs/performance.md).
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "producer",
+        parents=[parent],
         epilog="example:\n  objstream producer send-file --site server --to site-1 big.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="send objects to other sites",
         description="The sending side.",
     )
-    sub = side.add_subparsers(dest="command", required=True, metavar="{send-file,send-container}")
+    sub = side.add_subparsers(
+        dest="command", required=True, metavar="{send-file,send-container,serve}"
+    )
     send = sub.add_parser(
         "send-file",
         parents=[parent],
@@ -149,28 +154,60 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"chunk_size": args.chunk_size, "window": args.window, "timeout": args.timeout}
 
 
-def _report(args: argparse.Namespace, what: str, results: list[TargetResult], start: float) -> int:
-    seconds = time.monotonic() - start
+def _target(result: TargetResult) -> dict[str, Any]:
+    record: dict[str, Any] = {"site": result.site, "ok": result.ok, "stream_id": result.stream_id}
+    if result.ok:
+        record["stored_as"] = result.stored_as
+    elif result.error is not None:
+        record.update(code=str(result.error.code), error=str(result.error))
+    return record
+
+
+def _json_outcome(
+    args: argparse.Namespace, results: list[TargetResult], seconds: float,
+    error: BaseException | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The one JSON object ``--json`` prints, whatever happened: every target's outcome."""
+    size = results[0].size if results else None
+    rate = size / (1024 * 1024) / seconds if size is not None and seconds > 0 else 0.0
+    targets = [_target(r) for r in results]
+    if not results:  # nothing was sent (a missing file, no broker...): no target got it
+        message = str(error) if error is not None else "failed"
+        targets = [{"site": site, "ok": False, "error": message} for site in args.to]
+    outcome: dict[str, Any] = {
+        "ok": error is None and all(r.ok for r in results),
+        "name": args.path, "bytes": size, "seconds": round(seconds, 3),
+        "mib_per_s": round(rate, 1), "sha256": results[0].sha256 if results else None,
+        "targets": targets,
+    }  # fmt: skip
+    if error is not None:
+        outcome["error"] = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+    return outcome
+
+
+def _send(
+    args: argparse.Namespace, what: str, send: Callable[[StopFlag], list[TargetResult]]
+) -> int:
+    """Run ``send`` and report: one line per target, or with ``--json`` one JSON object on
+    success, partial failure and failure alike (the error line and exit code as usual)."""
+    from objstream.producer.sender import TargetResult
+
+    started = time.monotonic()
+    stop = StopFlag()
+    try:
+        results = _interruptible(stop, lambda: send(stop))
+    except BaseException as e:
+        if args.json:  # an interrupted send's targets were told; their outcomes are its cause's
+            failed = e.__cause__ if isinstance(e, KeyboardInterrupt) else e
+            done = [r for r in getattr(failed, "results", []) if isinstance(r, TargetResult)]
+            print(json.dumps(_json_outcome(args, done, time.monotonic() - started, e)), flush=True)
+        raise
+    seconds = time.monotonic() - started
+    if args.json:
+        print(json.dumps(_json_outcome(args, results, seconds)))
+        return 0
     size = results[0].size
     rate = size / (1024 * 1024) / seconds if seconds > 0 else 0.0
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": True,
-                    "name": args.path,
-                    "bytes": size,
-                    "seconds": round(seconds, 3),
-                    "mib_per_s": round(rate, 1),
-                    "sha256": results[0].sha256,
-                    "targets": [
-                        {"site": r.site, "stream_id": r.stream_id, "stored_as": r.stored_as}
-                        for r in results
-                    ],
-                }
-            )
-        )
-        return 0
     for r in results:
         where = f" as {r.stored_as}" if r.stored_as else ""
         print(
@@ -185,38 +222,47 @@ def _interruptible(stop: StopFlag, send: Callable[[], list[TargetResult]]) -> li
     an interruption (exit 130), not as the targets' failures."""
     try:
         return send()
-    except SendFailed:
+    except SendFailed as e:
         if stop:
-            raise KeyboardInterrupt from None
+            raise KeyboardInterrupt from e
         raise
 
 
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
-    started = time.monotonic()
-    bars = ProgressBars()
-    stop = StopFlag()
-    stop.install()
-    with FileStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
-        results = _interruptible(stop, lambda: streamer.stream_file(args.to, args.path))
-    bars.close()
-    return _report(args, "file", results, started)
+    from objstream.producer.streamer import FileStreamer
+
+    def send(stop: StopFlag) -> list[TargetResult]:
+        bars = ProgressBars()
+        stop.install()
+        with FileStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
+            results = streamer.stream_file(args.to, args.path)
+        bars.close()
+        return results
+
+    return _send(args, "file", send)
 
 
 def send_container(args: argparse.Namespace, settings: Settings) -> int:
-    path = Path(args.path)
-    container = load_container(path)
-    started = time.monotonic()
-    bars = ProgressBars()
-    stop = StopFlag()
-    stop.install()
-    with ContainerStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
-        name = container_name(path)
-        results = _interruptible(stop, lambda: streamer.stream_container(args.to, container, name))
-    bars.close()
-    return _report(args, "container", results, started)
+    from objstream.producer.container_files import container_name, load_container
+    from objstream.producer.streamer import ContainerStreamer
+
+    def send(stop: StopFlag) -> list[TargetResult]:
+        path = Path(args.path)
+        container = load_container(path)
+        bars = ProgressBars()
+        stop.install()  # from here a signal aborts the stream at every target
+        with ContainerStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
+            results = streamer.stream_container(args.to, container, container_name(path))
+        bars.close()
+        return results
+
+    return _send(args, "container", send)
 
 
 def serve_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from objstream.producer.container_files import load_container
+    from objstream.producer.serving import ContainerRetriever, FileRetriever, RetrievalServer
+
     if not args.source_dir and not args.container:
         raise ConfigError("nothing to serve: give --source-dir and/or --container NAME=PATH")
     stop = StopFlag()

@@ -20,7 +20,6 @@ from typing import Any
 from objstream.common.amqp import Closing, connect
 from objstream.common.settings import Settings, check_chunk_size, check_site, parse_size
 from objstream.common.streaming import ObjectStreamer, ProgressHook
-from objstream.producer.container_source import ContainerSource
 from objstream.producer.sender import ReplyQueue, StreamSender, TargetResult
 from objstream.producer.sources import FileSource
 
@@ -141,4 +140,7 @@ class ContainerStreamer(Streamer):
         encoded is refused (:class:`~objstream.common.codec.EncodeError`, naming the key and the
         type) before anything is sent. Takes the options of :meth:`Streamer.stream_object`.
         """
+        # Imported here: the codec imports numpy, which sending a file never needs.
+        from objstream.producer.container_source import ContainerSource
+
         return self.stream_object(targets, ContainerSource(container, name), **options)
