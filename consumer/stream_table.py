@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from objstream.common.amqp import Channel, Connection, Delivery, broker_user, dead_letter
+from objstream.common.amqp import Channel, Connection, Delivery, dead_letter
 from objstream.common.errors import (
     BrokerRefused,
     FailureCode,
@@ -46,6 +46,7 @@ from objstream.common.receive_session import (
 )
 from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
+from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
 from objstream.consumer.streams import Received, Stream
 
@@ -79,7 +80,7 @@ class StreamTable:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._progress = progress
         self._save = save
-        self._user = broker_user(settings.url)  # every message we publish carries it (v2)
+        self._user = broker_user(settings)  # every message we publish carries it (v2)
         self._connection: Connection | None = None
         self._control: Channel | None = None
         # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
