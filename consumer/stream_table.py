@@ -337,6 +337,7 @@ class StreamTable:
             session.reassembler.sha256, offer.sender,
             path=value if isinstance(value, Path) else None, value=value,
             info=dict(offer.info or {}), resumed_bytes=stream.resumed_bytes,
+            sender_user=stream.user_id,
         )  # fmt: skip
         if self._save is not None:
             try:

@@ -89,6 +89,18 @@ class Authority:
         authority.pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return authority
 
+    def as_issued(self) -> Issued:
+        """This CA's own certificate and key: a self-signed certificate to present."""
+        key = self.directory / f"{self.pem.stem}.key"
+        key.write_bytes(
+            self.key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return Issued(self.pem, key)
+
     @property
     def pem(self) -> Path:
         return self.directory / f"{self.name.replace(' ', '-')}.pem"
