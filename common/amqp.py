@@ -40,7 +40,6 @@ from pika.adapters.utils.connection_workflow import (
 )
 
 from objstream.common.errors import (
-    UNREACHABLE_HINT,
     AuthenticationRefused,
     BrokerRefused,
     BrokerUnreachable,
@@ -435,6 +434,7 @@ def connect(settings: Settings, name: str) -> Connection:
         except (
             pika.exceptions.ProbableAuthenticationError,
             pika.exceptions.ProbableAccessDeniedError,
+            pika.exceptions.AuthenticationError,  # the broker does not offer the mechanism
         ) as e:
             user = broker_user(settings) if external_login(settings) else None
             raise AuthenticationRefused(settings.masked_url, user) from e
@@ -443,7 +443,7 @@ def connect(settings: Settings, name: str) -> Connection:
         except (pika.exceptions.AMQPConnectionError, OSError, AMQPConnectorException) as e:
             failure = connect_failure(settings, params, e)
             left = deadline - time.monotonic()
-            if left <= 0 or failure.hint != UNREACHABLE_HINT:  # retry only a broker not up yet
+            if left <= 0 or isinstance(e, ssl.SSLError):  # a certificate will not change
                 raise failure from e
             wait = min(delay, left)
             log.warning(
