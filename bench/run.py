@@ -8,7 +8,8 @@ acks; and persistent with 32 windowed confirms), file streaming (256 MiB, 1 GiB,
 --large), container streaming (10 x 100 MiB float32), many small objects (1,000 files of 10 KiB
 pushed; 1,000 retrievals of a 1 KiB container), 4 producers to 4 consumers at once, and a sweep
 of chunk sizes and windows, after the start-up rows of ``bench/startup.py`` (``objstream
---version`` and a 1 KiB ``send-file`` end to end, as new processes). Every side is a process
+--version`` and a 1 KiB ``send-file`` end to end, as new processes), and a 256 MiB file over TLS
+against plain AMQP on a throwaway node (``--tls-only``: that row alone). Every side is a process
 of its own; every figure is the median of --runs runs. It prints a markdown table (with file
 streaming's ratio to the raw ceiling), and writes it with a PNG plot of throughput against chunk
 size to --out.
@@ -111,15 +112,19 @@ def raw(count: int, size: int, confirmed: bool) -> dict[str, float]:
             "sender_cpu": p["cpu_s"] / gib, "receiver_cpu": c["cpu_s"] / gib}  # fmt: skip
 
 
-def file_stream(path: Path, chunk_size: int = MiB, window: int = 32) -> dict[str, float]:
+def file_stream(
+    path: Path, chunk_size: int = MiB, window: int = 32, url: str = URL,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, float]:  # fmt: skip
     ns = _namespace()
     with tempfile.TemporaryDirectory(prefix="bench-in-") as dest:
         ready, wait = _ready()
-        consumer = Proc(sides.receive, url=URL, namespace=ns, site="site-1", dest=dest, count=1,
-                        ready=ready)  # fmt: skip
+        consumer = Proc(sides.receive, url=url, namespace=ns, site="site-1", dest=dest, count=1,
+                        ready=ready, settings=settings)  # fmt: skip
         wait()
-        producer = Proc(sides.send_file, url=URL, namespace=ns, targets=["site-1"],
-                        path=str(path), chunk_size=chunk_size, window=window)  # fmt: skip
+        producer = Proc(sides.send_file, url=url, namespace=ns, targets=["site-1"],
+                        path=str(path), chunk_size=chunk_size, window=window,
+                        settings=settings)  # fmt: skip
         p, c = producer.result(), consumer.result()
     gib = p["bytes"] / GiB
     return {"mib_s": p["bytes"] / MiB / (p["end"] - p["start"]),
@@ -317,13 +322,59 @@ def broadcast_rows(runs: int, path: Path, row: Callable[[str, str], None]) -> No
             f"({b['aggregate_mib_s'] / one['aggregate_mib_s']:.2f} x one site)")  # fmt: skip
 
 
+def tls_row(runs: int, path: Path, row: Callable[[str, str], None]) -> None:
+    """One file over TLS and over plain AMQP, on one throwaway node (it has both listeners),
+    runs interleaved; skipped without a ``rabbitmq-server`` binary."""
+    name = f"file streaming {path.stat().st_size // MiB} MiB, TLS vs plain (throwaway node)"
+    try:
+        from tests.tls import TlsRabbitNode, make_pki
+    except ImportError as e:  # the test extra (cryptography) is not installed
+        row(name, f"skipped: {e}")
+        return
+    if not TlsRabbitNode.available():
+        row(name, "skipped: no rabbitmq-server binary")
+        return
+    plain: list[dict[str, float]] = []
+    tls: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-pki-") as tmp:
+        pki = make_pki(Path(tmp))
+        node = TlsRabbitNode(pki)
+        node.start()
+        try:
+            for _ in range(runs):
+                plain.append(file_stream(path, url=node.url))
+                tls.append(file_stream(path, url=node.tls_url(),
+                                       settings={"tls_ca": str(pki.ca.pem)}))  # fmt: skip
+        finally:
+            node.cleanup()
+    p, t = (
+        {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+        for samples in (plain, tls)
+    )
+    row(name, f"TLS {t['mib_s']:.0f} MiB/s, plain {p['mib_s']:.0f} MiB/s "
+              f"({t['mib_s'] / p['mib_s']:.0%}); CPU per GiB sender {t['sender_cpu']:.2f} s vs "
+              f"{p['sender_cpu']:.2f} s, receiver {t['receiver_cpu']:.2f} s vs "
+              f"{p['receiver_cpu']:.2f} s; peak RSS sender {t['sender_rss']:.0f} vs "
+              f"{p['sender_rss']:.0f} MiB, receiver {t['receiver_rss']:.0f} vs "
+              f"{p['receiver_rss']:.0f} MiB")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--large", action="store_true", help="also stream a 4 GiB file")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--tls-only", action="store_true", help="only the TLS vs plain row (a throwaway node)"
+    )
     args = parser.parse_args()
+    if args.tls_only:
+        print("| benchmark | result |\n|---|---|")
+        with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+            size = 32 * MiB if args.quick else 256 * MiB
+            tls_row(args.runs, make_file(Path(tmp), size), lambda n, t: print(f"| {n} | {t} |"))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
     started = time.monotonic()
@@ -395,6 +446,7 @@ def main() -> int:
             f"{cc['mib_s']:.0f} MiB/s aggregate")  # fmt: skip
 
         broadcast_rows(args.runs, sweep_file, row)
+        tls_row(args.runs, sweep_file, row)
         model_size = 32 * MiB if quick else 256 * MiB
         sr = median_of(args.runs, lambda: shared_retrieval(model_size, 8))
         row(f"8 sites retrieve one {model_size // MiB} MiB container at once",

@@ -118,12 +118,13 @@ def raw_publish_confirmed(url: str, queue: str, count: int, size: int, window: i
 
 
 def receive(url: str, namespace: str, *, site: str, dest: str, count: int, ready: Any,
-            keep: bool = False) -> Result:  # fmt: skip
-    """Receive ``count`` objects for ``site``; files are deleted as they arrive."""
+            keep: bool = False, settings: dict[str, Any] | None = None) -> Result:  # fmt: skip
+    """Receive ``count`` objects for ``site``; files are deleted as they arrive. ``settings``:
+    more of them (TLS files...)."""
     from objstream.consumer import Receiver
 
     ends = []
-    with Receiver(site, dest, _settings(url, namespace)) as receiver:
+    with Receiver(site, dest, _settings(url, namespace, **(settings or {}))) as receiver:
         cpu_before = cpu_seconds()  # connected and idle: what follows is the transfer's
         ready.put("ready")
         for _ in range(count):
@@ -143,10 +144,10 @@ def receive(url: str, namespace: str, *, site: str, dest: str, count: int, ready
 
 
 def send_file(url: str, namespace: str, *, targets: list[str], path: str, chunk_size: int,
-              window: int) -> Result:  # fmt: skip
+              window: int, settings: dict[str, Any] | None = None) -> Result:  # fmt: skip
     from objstream.producer import FileStreamer
 
-    with FileStreamer("server", _settings(url, namespace)) as streamer:
+    with FileStreamer("server", _settings(url, namespace, **(settings or {}))) as streamer:
         start, cpu_before = time.monotonic(), cpu_seconds()
         results = streamer.stream_file(targets, path, chunk_size=chunk_size, window=window)
         end = time.monotonic()

@@ -22,6 +22,8 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -29,8 +31,13 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 import pika
+import pika.credentials
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from objstream.common.errors import (
     AuthenticationRefused,
@@ -41,7 +48,14 @@ from objstream.common.errors import (
     ObjstreamError,
 )
 from objstream.common.protocol import REASON_HEADER, Properties
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, mask_url
+from objstream.common.tls import (
+    broker_user,
+    client_context,
+    closed_in_handshake,
+    external_login,
+    tls_failure,
+)
 from objstream.common.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -89,14 +103,6 @@ def _tune_malloc() -> bool:
     mmap_set = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
     trim_set = mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1
     return bool(mmap_set and trim_set)
-
-
-def broker_user(url: str) -> str:
-    """The user name an AMQP URL logs in as (what RabbitMQ checks ``user_id`` against)."""
-    try:
-        return str(pika.URLParameters(url).credentials.username)
-    except Exception as e:  # pika raises assorted errors for bad URLs
-        raise ConfigError(f"invalid broker URL: {e}") from None
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -358,25 +364,75 @@ class Connection:
                 self._impl.close()
 
 
-def connect(settings: Settings, name: str) -> Connection:
-    """Open a connection named ``name`` (shown in the broker's connection list), waiting up to
-    ``settings.connect_wait`` s for a broker that is not up yet.
+def _tls_options(settings: Settings, params: pika.URLParameters) -> pika.SSLOptions | None:
+    """amqps://: verify the broker's certificate and host name (see :func:`client_context`)."""
+    context = client_context(settings, tls=params.ssl_options is not None)
+    return None if context is None else pika.SSLOptions(context, server_hostname=params.host)
 
-    Raises:
-        BrokerUnreachable: nothing answers at the URL, or the connection failed.
-        AuthenticationRefused: the broker refused the credentials.
-        ConfigError: the URL is malformed.
-    """
+
+def _credentials(settings: Settings, params: pika.URLParameters) -> Any:
+    """EXTERNAL (the broker takes the user from the client certificate) when there is a
+    certificate and no password in the URL; otherwise the URL's user and password."""
+    if external_login(settings):
+        return pika.credentials.ExternalCredentials()
+    return params.credentials
+
+
+def _parameters(settings: Settings, url: str, name: str) -> pika.URLParameters:
+    """pika's parameters for one connect attempt to ``url``, bounded by ``connect_timeout``."""
     try:
-        params = pika.URLParameters(settings.url)
+        params = pika.URLParameters(url)
     except Exception as e:  # pika raises assorted errors for bad URLs
-        raise ConfigError(f"invalid broker URL {settings.masked_url}: {e}") from e
-    _tune_pika_reads()
-    _tune_malloc()
+        raise ConfigError(f"invalid broker URL {mask_url(url)}: {e}") from e
+    params.ssl_options = _tls_options(settings, params)
+    params.credentials = _credentials(settings, params)
     params.heartbeat = settings.heartbeat
     params.client_properties = {"connection_name": name, "product": "objstream"}
     params.connection_attempts = 1
+    # The TCP connect, each wait on the socket, and the whole attempt (TCP, TLS, the AMQP
+    # handshake): a peer that accepts and says nothing fails in connect_timeout, not never.
+    params.socket_timeout = settings.connect_timeout
+    params.stack_timeout = settings.connect_timeout
     params.blocked_connection_timeout = max(settings.timeout, 30.0)
+    return params
+
+
+def connect_failure(
+    settings: Settings, params: pika.URLParameters, error: BaseException
+) -> BrokerUnreachable:
+    """What a failed connect attempt says in one line: the cause (DNS, refused, TLS
+    verification, a peer that does not speak AMQP or TLS...) and what to check."""
+    url, tls = mask_url(settings.url), params.ssl_options is not None
+    if isinstance(error, ssl.SSLError):
+        return tls_failure(settings, url, error)
+    if isinstance(error, socket.gaierror):
+        return BrokerUnreachable(url, f"unknown host {params.host!r}: {describe(error)}")
+    if isinstance(error, AMQPConnectorStackTimeout):
+        what = "TLS or AMQP" if tls else "AMQP"
+        return BrokerUnreachable(
+            url, f"no {what} handshake within {settings.connect_timeout:g} s",
+            f"is that an AMQP{'S' if tls else ''} port of RabbitMQ? "
+            "(--url; --connect-timeout bounds each attempt)",
+        )  # fmt: skip
+    if isinstance(error, pika.exceptions.IncompatibleProtocolError):
+        # pika hands over only the words of the stream error here (its repr), not the error.
+        return closed_in_handshake(settings, url, tls, describe(error))
+    return BrokerUnreachable(url, describe(error))
+
+
+def connect(settings: Settings, name: str) -> Connection:
+    """Open a connection named ``name`` (shown in the broker's connection list), waiting up to
+    ``settings.connect_wait`` s for a broker that is not up yet; each attempt takes at most
+    ``settings.connect_timeout`` s.
+
+    Raises:
+        BrokerUnreachable: nothing answers at the URL, it is no AMQP broker, TLS failed.
+        AuthenticationRefused: the broker refused the credentials (or the certificate login).
+        ConfigError: the URL is malformed, the TLS files do not load.
+    """
+    params = _parameters(settings, settings.url, name)
+    _tune_pika_reads()
+    _tune_malloc()
     deadline = time.monotonic() + settings.connect_wait
     delay = 0.5
     while True:
@@ -385,16 +441,21 @@ def connect(settings: Settings, name: str) -> Connection:
         except (
             pika.exceptions.ProbableAuthenticationError,
             pika.exceptions.ProbableAccessDeniedError,
+            pika.exceptions.AuthenticationError,  # the broker does not offer the mechanism
         ) as e:
-            raise AuthenticationRefused(settings.masked_url) from e
-        except pika.exceptions.AMQPConnectionError as e:
+            user = broker_user(settings) if external_login(settings) else None
+            raise AuthenticationRefused(settings.masked_url, user) from e
+        # pika raises its connection errors, OSErrors (DNS, TLS) and, for a timeout of the
+        # whole attempt, a connector error.
+        except (pika.exceptions.AMQPConnectionError, OSError, AMQPConnectorException) as e:
+            failure = connect_failure(settings, params, e)
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerUnreachable(settings.masked_url, describe(e)) from e
+            if left <= 0 or isinstance(e, ssl.SSLError):  # a certificate will not change
+                raise failure from e
             wait = min(delay, left)
             log.warning(
                 "broker at %s unreachable (%s); retrying in %.1f s (giving up in %.0f s)",
-                settings.masked_url, describe(e), wait, left,
+                settings.masked_url, failure.detail, wait, left,
             )  # fmt: skip
             time.sleep(wait)
             delay = min(delay * 2, 10.0)

@@ -94,6 +94,30 @@ def global_options(default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
         help="prefix of every exchange and queue (env OBJSTREAM_NAMESPACE; default objstream)",
     )
     group.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="limit of one connect attempt: TCP, TLS, AMQP handshake (env "
+        "OBJSTREAM_CONNECT_TIMEOUT; default 10)",
+    )
+    group.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="amqps://: CA file the broker's certificate must chain to (env OBJSTREAM_TLS_CA; "
+        "default: the system's CAs)",
+    )
+    group.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="amqps://: client certificate; without a password in the URL the login is "
+        "EXTERNAL, as its common name (env OBJSTREAM_TLS_CERT)",
+    )
+    group.add_argument(
+        "--tls-key",
+        metavar="PEM",
+        help="amqps://: the client certificate's private key (env OBJSTREAM_TLS_KEY)",
+    )
+    group.add_argument(
         "--log-level",
         default=default,
         choices=["debug", "info", "warning", "error"],
@@ -148,7 +172,11 @@ def build_parser(
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     from objstream.common.settings import load_settings
 
-    return load_settings(url=args.url, namespace=args.namespace, log_level=args.log_level, **extra)
+    return load_settings(
+        url=args.url, namespace=args.namespace, log_level=args.log_level,
+        connect_timeout=args.connect_timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+        tls_key=args.tls_key, **extra,
+    )  # fmt: skip
 
 
 def configure_logging(level: str) -> None:

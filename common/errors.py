@@ -41,16 +41,18 @@ class ConfigError(ObjstreamError):
     """A setting or command-line value is invalid."""
 
 
+UNREACHABLE_HINT = "check that RabbitMQ runs there (--url / OBJSTREAM_URL)"
+
+
 class BrokerUnreachable(ObjstreamError):
     """The broker could not be reached (or the connection dropped)."""
 
-    def __init__(self, url: str, detail: str) -> None:
+    def __init__(self, url: str, detail: str, hint: str = "") -> None:
         self.url = url
         self.detail = detail
-        super().__init__(
-            f"broker unreachable at {url}: {detail}; check that RabbitMQ runs there "
-            "(--url / OBJSTREAM_URL)"
-        )
+        self.hint = hint or UNREACHABLE_HINT
+        """What to check; :data:`UNREACHABLE_HINT` when nothing seems to answer there."""
+        super().__init__(f"broker unreachable at {url}: {detail}; {self.hint}")
 
 
 class ConnectionLost(BrokerUnreachable):
@@ -101,12 +103,21 @@ PRECONDITION_FAILED = 406
 class AuthenticationRefused(ObjstreamError):
     """The broker refused the credentials."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, certificate_user: str | None = None) -> None:
         self.url = url
-        super().__init__(
-            f"broker at {url} refused the credentials; check the user and password in "
-            "--url / OBJSTREAM_URL"
-        )
+        self.certificate_user = certificate_user
+        """Set for a certificate login (EXTERNAL): the user the certificate names."""
+        if certificate_user is None:
+            super().__init__(
+                f"broker at {url} refused the credentials; check the user and password in "
+                "--url / OBJSTREAM_URL"
+            )
+        else:
+            super().__init__(
+                f"broker at {url} refused the certificate login (EXTERNAL) as user "
+                f"{certificate_user!r}, the certificate's common name; check that this broker "
+                "user exists and the rabbitmq_auth_mechanism_ssl plugin is enabled"
+            )
 
 
 class ProtocolError(ObjstreamError):

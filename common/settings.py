@@ -7,11 +7,19 @@ caller of the Python API) and passed down.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    ByteSize,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from objstream.common.errors import ConfigError
 
@@ -148,6 +156,29 @@ class Settings(BaseSettings):
     connect_wait: float = Field(
         0.0, ge=0, description="Seconds to keep retrying a broker that is down at start (0: none)."
     )
+    connect_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds one connect attempt may take (TCP, TLS and the AMQP handshake).",
+    )
+    tls_ca: Path | None = Field(
+        None,
+        description="amqps://: CA bundle (PEM) the broker's certificate must chain to "
+        "(default: the system's CAs).",
+    )
+    tls_cert: Path | None = Field(
+        None,
+        description="amqps://: client certificate (PEM); with no password in the URL, "
+        "the login is EXTERNAL as the certificate's common name.",
+    )
+    tls_key: Path | None = Field(
+        None, description="amqps://: the client certificate's private key (PEM)."
+    )
+    accept_from: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="Receivers: broker users whose pushes are taken (empty: anyone who may "
+        "publish to the inbox); others are refused with code forbidden.",
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("url")
@@ -171,6 +202,22 @@ class Settings(BaseSettings):
         except ConfigError as e:
             raise ValueError(str(e)) from None
         return value
+
+    @field_validator("accept_from", mode="before")
+    @classmethod
+    def _users(cls, value: Any) -> Any:
+        # OBJSTREAM_ACCEPT_FROM=alice,bob (pydantic-settings would want JSON).
+        return (
+            tuple(u.strip() for u in value.split(",") if u.strip())
+            if isinstance(value, str)
+            else value
+        )
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (a client certificate and its key)")
+        return self
 
     @field_validator("log_level")
     @classmethod
@@ -204,7 +251,15 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**given)
     except ValidationError as e:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            ": ".join(
+                filter(
+                    None,
+                    (
+                        ".".join(str(p) for p in err["loc"]),
+                        err["msg"].removeprefix("Value error, "),
+                    ),
+                )
+            )
             for err in e.errors()
         )
         raise ConfigError(f"invalid setting: {problems}") from e

@@ -67,7 +67,14 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     listen.add_argument(
         "--json", action="store_true", help="print one JSON object per object received"
     )
-    listen.set_defaults(handler=listen_cmd, settings_overrides=_overrides)
+    listen.add_argument(
+        "--accept-from",
+        action="append",
+        metavar="USER",
+        help="take pushes only from this broker user (repeatable; env OBJSTREAM_ACCEPT_FROM, "
+        "comma-separated); offers from others are refused at once with code forbidden",
+    )
+    listen.set_defaults(handler=listen_cmd, settings_overrides=_listen_overrides)
     _add_retrieve_commands(sub, parent)
 
 
@@ -126,7 +133,8 @@ def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -
         print(json.dumps({
             "ok": True, "kind": item.kind, "name": item.name, "path": str(item.path),
             "bytes": item.size, "seconds": round(seconds, 3), "mib_per_s": round(rate, 1),
-            "sha256": item.sha256, "from": item.sender, "resumed_bytes": item.resumed_bytes,
+            "sha256": item.sha256, "from": item.sender, "sender_user": item.sender_user,
+            "resumed_bytes": item.resumed_bytes,
         }))  # fmt: skip
     else:
         if item.resumed_bytes:
@@ -167,6 +175,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"timeout": args.timeout}
 
 
+def _listen_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"timeout": args.timeout, "accept_from": args.accept_from}
+
+
 def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
     if isinstance(item, TransferFailed):
         gone = isinstance(item, SenderGone)
@@ -204,12 +216,14 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
             "bytes": item.size,
             "sha256": item.sha256,
             "sender": item.sender,
+            "sender_user": item.sender_user,
             "resumed_bytes": item.resumed_bytes,
         }
         print(json.dumps(record), flush=True)
     else:
         print(
-            f"received {what} {item.name} from {item.sender} -> {item.path} ({item.size} "
+            f"received {what} {item.name} from {item.sender} (user {item.sender_user}) -> "
+            f"{item.path} ({item.size} "
             f"bytes, sha256 {item.sha256} verified)",
             flush=True,
         )

@@ -311,6 +311,8 @@ class ConsumerCore:
         Raises:
             OfferRefused: the offer is not taken.
         """
+        if requested is None:  # a push, not the answer to a request of ours
+            self._check_sender(offer, user_id)
         self._check_offer(offer)
         if kept is not None and not offer.resume_from:
             log.info("%s %r comes whole (it changed at %s); dropping the %d bytes kept",
@@ -343,6 +345,15 @@ class ConsumerCore:
         session = self.table.session(reassembler, timeout=timeout, checkpoints=state is not None,
                                       keeps_prefix=keeps_prefix(assembler))  # fmt: skip
         return Stream(offer, reply_to, session, assembler, user_id, state=state)
+
+    def _check_sender(self, offer: Offer, user_id: str | None) -> None:
+        """Refuse a push from a broker user ``settings.accept_from`` does not name (RabbitMQ
+        vouches for ``user_id``: it refuses a publish whose user_id is not the sender's)."""
+        accepted = self.settings.accept_from
+        if accepted and user_id not in accepted:
+            detail = (f"site {self.site} takes pushes only from broker users "
+                      f"{', '.join(accepted)}, not from {user_id!r}")  # fmt: skip
+            raise OfferRefused(FailureCode.FORBIDDEN, detail)
 
     def _check_offer(self, offer: Offer) -> None:
         """Refuse what this site does not take (too large, of an unknown kind)."""

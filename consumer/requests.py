@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from objstream.common.amqp import Delivery, broker_user, dead_letter
+from objstream.common.amqp import Delivery, dead_letter
 from objstream.common.errors import FailureCode, ProtocolError, TransferFailed
 from objstream.common.protocol import Abort, Offer, Reply, Request, envelope, new_stream_id, parse
+from objstream.common.tls import broker_user
 from objstream.consumer.core import ConsumerCore
 from objstream.consumer.resume import Resumable
 
@@ -41,7 +42,7 @@ class RequestTracker:
 
     def __init__(self, core: ConsumerCore) -> None:
         self._core = core
-        self._user = broker_user(core.settings.url)
+        self._user = broker_user(core.settings)
         self._private = ""
         self._queue_id = ""
         self._owners: set[str] = set()

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from objstream.common.amqp import Channel, Connection, Delivery, broker_user, dead_letter
+from objstream.common.amqp import Channel, Connection, Delivery, dead_letter
 from objstream.common.errors import (
     BrokerRefused,
     FailureCode,
@@ -48,6 +48,7 @@ from objstream.common.receive_session import (
 )
 from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
+from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
 from objstream.consumer.streams import Received, Stream
 
@@ -81,7 +82,7 @@ class StreamTable:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._progress = progress
         self._save = save
-        self._user = broker_user(settings.url)  # every message we publish carries it (v2)
+        self._user = broker_user(settings)  # every message we publish carries it (v2)
         self._connection: Connection | None = None
         self._control: Channel | None = None
         # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
@@ -338,6 +339,7 @@ class StreamTable:
             session.reassembler.sha256, offer.sender,
             path=value if isinstance(value, Path) else None, value=value,
             info=dict(offer.info or {}), resumed_bytes=stream.resumed_bytes,
+            sender_user=stream.user_id,
         )  # fmt: skip
         if self._save is not None:
             try:

@@ -36,6 +36,10 @@ class Received:
     """The sender's description of the object (containers: ``container``, ``entries``)."""
     resumed_bytes: int = 0
     """Bytes that were already here from an earlier attempt (a resumed stream)."""
+    sender_user: str | None = None
+    """The broker user who sent it (the offer's ``user_id``, which RabbitMQ validated): who
+    pushed it, or the serving site's user for a retrieval. ``sender`` is the site name the
+    sender claims; this is the identity the broker vouches for."""
 
     @property
     def container_type(self) -> str | None:

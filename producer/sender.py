@@ -26,7 +26,6 @@ from objstream.common.amqp import (
     Channel,
     Connection,
     Delivery,
-    broker_user,
     dead_letter,
     reestablish,
 )
@@ -66,6 +65,7 @@ from objstream.common.send_table import (
 )
 from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectStreamer, Piece, ProgressHook
+from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
 from objstream.producer.answering import Answering as Answering
 from objstream.producer.answering import Joiners
@@ -126,7 +126,7 @@ class StreamSender:
         self.settings = settings
         self.site = check_site(site)
         self.topology = Topology.from_settings(settings)
-        self.user = broker_user(settings.url)
+        self.user = broker_user(settings)
         self.cancel = cancel
         self.progress = progress
         self._reconnect = reconnect

@@ -31,7 +31,6 @@ from typing import Any
 from objstream.common.amqp import (
     Closing,
     Delivery,
-    broker_user,
     connect,
     dead_letter,
     reestablish,
@@ -49,6 +48,7 @@ from objstream.common.errors import (
 from objstream.common.protocol import Abort, Reply, Request, envelope, new_stream_id, parse
 from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectStreamer
+from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
 from objstream.producer.answering import Answering, Joiners, Resume
 from objstream.producer.container_source import ContainerSource
@@ -84,7 +84,7 @@ class RetrievalServer(Closing):
         self.site = site
         self.settings = settings or Settings()
         self.topology = Topology.from_settings(self.settings)
-        self.user = broker_user(self.settings.url)
+        self.user = broker_user(self.settings)
         self._containers: dict[str, _Served] = {}
         self._source_dir: _Served | None = None
         # Streams run on a pool of worker threads, each with its own connection, kept warm

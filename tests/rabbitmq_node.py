@@ -39,6 +39,7 @@ class LocalRabbitNode:
         self.base = Path(tempfile.mkdtemp(prefix="objstream-rabbit-"))
         self.process: subprocess.Popen[bytes] | None = None
         self.config_lines: list[str] = []  # extra rabbitmq.conf lines, set before start()
+        self.plugins: list[str] = []  # plugins to enable (enabled_plugins), set before start()
 
     @staticmethod
     def available() -> bool:
@@ -69,7 +70,7 @@ class LocalRabbitNode:
     def start(self, timeout: float = 90.0) -> None:
         for sub in ("mnesia", "log"):
             (self.base / sub).mkdir(exist_ok=True)
-        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.local = 127.0.0.1:{self.port}\n"
             + "".join(f"{line}\n" for line in self.config_lines)
