@@ -6,12 +6,21 @@ caller of the Python API) and passed down.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import ByteSize, Field, TypeAdapter, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from objstream.common.errors import ConfigError
 
@@ -95,14 +104,26 @@ def mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-class Settings(BaseSettings):
+ENV_PREFIX = "OBJSTREAM_"
+
+
+class Settings(BaseModel):
     """Everything an objstream process can be configured with.
 
     Each field is also an environment variable: ``OBJSTREAM_`` + the field name in capitals
-    (``OBJSTREAM_URL``, ``OBJSTREAM_CHUNK_SIZE=4MiB``...).
+    (``OBJSTREAM_URL``, ``OBJSTREAM_CHUNK_SIZE=4MiB``...), read when the object is built;
+    keyword arguments win over the environment.
+
+    A pydantic model that reads its environment variables itself, rather than
+    pydantic-settings' ``BaseSettings``: importing pydantic-settings took longer than the rest
+    of ``objstream producer send-file`` together (docs/performance.md), and objstream uses
+    nothing of it beyond a prefix.
     """
 
-    model_config = SettingsConfigDict(env_prefix="OBJSTREAM_", extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**{**_environment(type(self).model_fields), **values})
 
     url: str = Field(DEFAULT_URL, description="AMQP URL of the broker.")
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
@@ -189,6 +210,14 @@ class Settings(BaseSettings):
         # Keep the password out of reprs that may end up in logs or tracebacks.
         for key, value in super().__repr_args__():
             yield key, (mask_url(value) if key == "url" else value)
+
+
+def _environment(fields: Mapping[str, object]) -> dict[str, str]:
+    """The ``OBJSTREAM_*`` variables that name a field (in any case, as environment variables
+    conventionally are in capitals), by field name."""
+    wanted = {f"{ENV_PREFIX}{name}".upper(): name for name in fields}
+    return {wanted[key.upper()]: value for key, value in os.environ.items()
+            if key.upper() in wanted}  # fmt: skip
 
 
 def load_settings(**overrides: Any) -> Settings:
