@@ -6,20 +6,23 @@ caller of the Python API) and passed down.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
+    BaseModel,
     ByteSize,
+    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from objstream.common.errors import ConfigError
 
@@ -103,14 +106,26 @@ def mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-class Settings(BaseSettings):
+ENV_PREFIX = "OBJSTREAM_"
+
+
+class Settings(BaseModel):
     """Everything an objstream process can be configured with.
 
     Each field is also an environment variable: ``OBJSTREAM_`` + the field name in capitals
-    (``OBJSTREAM_URL``, ``OBJSTREAM_CHUNK_SIZE=4MiB``...).
+    (``OBJSTREAM_URL``, ``OBJSTREAM_CHUNK_SIZE=4MiB``...), read when the object is built;
+    keyword arguments win over the environment.
+
+    A pydantic model that reads its environment variables itself, rather than
+    pydantic-settings' ``BaseSettings``: importing pydantic-settings took longer than the rest
+    of ``objstream producer send-file`` together (docs/performance.md), and objstream uses
+    nothing of it beyond a prefix.
     """
 
-    model_config = SettingsConfigDict(env_prefix="OBJSTREAM_", extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    def __init__(self, **values: Any) -> None:
+        super().__init__(**{**_environment(type(self).model_fields), **values})
 
     url: str = Field(DEFAULT_URL, description="AMQP URL of the broker.")
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
@@ -174,7 +189,7 @@ class Settings(BaseSettings):
     tls_key: Path | None = Field(
         None, description="amqps://: the client certificate's private key (PEM)."
     )
-    accept_from: Annotated[tuple[str, ...], NoDecode] = Field(
+    accept_from: tuple[str, ...] = Field(
         (),
         description="Receivers: broker users whose pushes are taken (empty: anyone who may "
         "publish to the inbox); others are refused with code forbidden.",
@@ -206,7 +221,7 @@ class Settings(BaseSettings):
     @field_validator("accept_from", mode="before")
     @classmethod
     def _users(cls, value: Any) -> Any:
-        # OBJSTREAM_ACCEPT_FROM=alice,bob (pydantic-settings would want JSON).
+        # OBJSTREAM_ACCEPT_FROM=alice,bob
         return (
             tuple(u.strip() for u in value.split(",") if u.strip())
             if isinstance(value, str)
@@ -236,6 +251,14 @@ class Settings(BaseSettings):
         # Keep the password out of reprs that may end up in logs or tracebacks.
         for key, value in super().__repr_args__():
             yield key, (mask_url(value) if key == "url" else value)
+
+
+def _environment(fields: Mapping[str, object]) -> dict[str, str]:
+    """The ``OBJSTREAM_*`` variables that name a field (in any case, as environment variables
+    conventionally are in capitals), by field name."""
+    wanted = {f"{ENV_PREFIX}{name}".upper(): name for name in fields}
+    return {wanted[key.upper()]: value for key, value in os.environ.items()
+            if key.upper() in wanted}  # fmt: skip
 
 
 def load_settings(**overrides: Any) -> Settings:

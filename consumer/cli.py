@@ -25,7 +25,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "consumer",
         parents=[parent],
-        epilog="example:\n  objstream consumer listen --site site-1 --dest /tmp/in",
+        epilog="example:\n  objstream consumer listen --site site-1 --dest in",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         help="receive objects from other sites",
         description="The receiving side.",
@@ -45,7 +45,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "With --count N it exits after N objects arrived (non-zero if any failed); without "
         "it, it runs until SIGINT/SIGTERM and exits 0, failed streams being reported on "
         "stderr (and with --json on stdout) as they end.",
-        epilog="example:\n  objstream consumer listen --site site-1 --dest /tmp/in --count 1",
+        epilog="example:\n  objstream consumer listen --site site-1 --dest in --count 1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     listen.add_argument("--site", required=True, help="this site's name")
@@ -88,7 +88,7 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
         "outside_source_dir, too_large, busy) exits 1 at once; no progress for --timeout "
         "seconds exits 4.",
         epilog="example:\n  objstream consumer retrieve-file --site site-1 --from server "
-        "big.bin --dest /tmp/in",
+        "big.bin --dest in",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     rf.add_argument("name", metavar="NAME", help="file name, relative to the owner's source dir")

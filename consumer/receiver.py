@@ -70,6 +70,9 @@ class Receiver(ConsumerSide):
 
         Raises:
             TransferFailed: the next stream to end failed (the partial file is gone).
+                :class:`~objstream.common.errors.SenderGone` when it was a stream an earlier
+                receiver of this directory left whose sender has gone since: nothing
+                arrived, and its verified prefix is kept for a retrieval.
             BrokerUnreachable: the broker connection was lost and could not be re-established.
         """
         deadline = None if timeout is None else time.monotonic() + timeout

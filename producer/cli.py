@@ -113,7 +113,7 @@ def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         "--source-dir (names resolved inside it; '..', absolute paths and symlinks out are "
         "refused) and containers loaded from .npz/.safetensors/.json files. With --allow, only "
         "those broker users (as authenticated by RabbitMQ) may retrieve anything.",
-        epilog="example:\n  objstream producer serve --site server --source-dir /data "
+        epilog="example:\n  objstream producer serve --site server --source-dir data "
         "--container model=model.npz",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -55,9 +55,15 @@ def test_the_readme_tour_runs_as_written_from_an_empty_directory(
     namespace of its own and this interpreter's ``python`` and ``objstream`` first on PATH."""
     [tour] = SHELL_BLOCK.findall(README.read_text(encoding="utf-8"))
     declared.sites.update({"server", "site-1"})
+    shims = tmp_path.parent / f"{tmp_path.name}-bin"  # `python` is this interpreter, as in a venv
+    shims.mkdir()
+    shim = shims / "python"  # a script, not a link: a venv's python finds its venv by its path
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    path = os.pathsep.join([str(shims), str(Path(sys.executable).parent), os.environ["PATH"]])
     env = {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": path,
         "OBJSTREAM_URL": settings.url,
         "OBJSTREAM_NAMESPACE": settings.namespace,
         "OBJSTREAM_STREAM_TTL": "120",

@@ -98,11 +98,13 @@ def test_send_file_imports_no_numpy() -> None:
     modules = _imported_after(
         "from objstream.common.cli import build_parser\n"
         f"build_parser(argv={SEND!r})\n"
-        "import objstream.producer.cli, objstream.producer.streamer, objstream.producer"
+        "import objstream.producer.cli, objstream.producer.streamer, objstream.producer\n"
+        "from objstream.common.settings import Settings\nSettings()"
     )
     assert "objstream.producer.streamer" in modules
     assert "numpy" not in modules
     assert "objstream.common.codec" not in modules
+    assert "pydantic_settings" not in modules  # its import cost more than the rest of settings
 
 
 def test_version_imports_neither_pydantic_nor_a_side() -> None:
