@@ -41,7 +41,7 @@ from objstream.common.errors import (
     ObjstreamError,
 )
 from objstream.common.protocol import REASON_HEADER, Properties
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, mask_url, split_urls
 from objstream.common.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def _tune_malloc() -> bool:
 def broker_user(url: str) -> str:
     """The user name an AMQP URL logs in as (what RabbitMQ checks ``user_id`` against)."""
     try:
-        return str(pika.URLParameters(url).credentials.username)
+        return str(pika.URLParameters(split_urls(url)[0]).credentials.username)
     except Exception as e:  # pika raises assorted errors for bad URLs
         raise ConfigError(f"invalid broker URL: {e}") from None
 
@@ -353,28 +353,27 @@ class Connection:
 
 def connect(settings: Settings, name: str) -> Connection:
     """Open a connection named ``name`` (shown in the broker's connection list), waiting up to
-    ``settings.connect_wait`` s for a broker that is not up yet.
+    ``settings.connect_wait`` s for a broker that is not up yet. With several URLs (a cluster's
+    nodes), to the first that answers; a reconnect goes through the list again.
 
     Raises:
-        BrokerUnreachable: nothing answers at the URL, or the connection failed.
+        BrokerUnreachable: nothing answers at any URL, or the connection failed.
         AuthenticationRefused: the broker refused the credentials.
         ConfigError: the URL is malformed.
     """
-    try:
-        params = pika.URLParameters(settings.url)
-    except Exception as e:  # pika raises assorted errors for bad URLs
-        raise ConfigError(f"invalid broker URL {settings.masked_url}: {e}") from e
+    nodes = broker_parameters(settings)
     _tune_pika_reads()
     _tune_malloc()
-    params.heartbeat = settings.heartbeat
-    params.client_properties = {"connection_name": name, "product": "objstream"}
-    params.connection_attempts = 1
-    params.blocked_connection_timeout = max(settings.timeout, 30.0)
+    for params in nodes.values():
+        params.heartbeat = settings.heartbeat
+        params.client_properties = {"connection_name": name, "product": "objstream"}
+        params.connection_attempts = 1
+        params.blocked_connection_timeout = max(settings.timeout, 30.0)
     deadline = time.monotonic() + settings.connect_wait
     delay = 0.5
     while True:
         try:
-            impl = pika.BlockingConnection(params)
+            impl = pika.BlockingConnection(list(nodes.values()))
         except (
             pika.exceptions.ProbableAuthenticationError,
             pika.exceptions.ProbableAccessDeniedError,
@@ -392,8 +391,36 @@ def connect(settings: Settings, name: str) -> Connection:
             time.sleep(wait)
             delay = min(delay * 2, 10.0)
             continue
-        log.debug("connected to %s as %r", settings.masked_url, name)
-        return Connection(impl, settings.masked_url, name)
+        url = connected_url(impl, nodes, settings.masked_url)
+        log.debug("connected to %s as %r", url, name)
+        return Connection(impl, url, name)
+
+
+def broker_parameters(settings: Settings) -> dict[str, pika.URLParameters]:
+    """pika's parameters for each broker URL of ``settings`` (masked URL -> parameters), in the
+    order given: a cluster's nodes, tried in turn by one connection attempt.
+
+    Raises:
+        ConfigError: a URL is malformed.
+    """
+    nodes: dict[str, pika.URLParameters] = {}
+    for url in split_urls(settings.url):
+        try:
+            nodes[mask_url(url)] = pika.URLParameters(url)
+        except Exception as e:  # pika raises assorted errors for bad URLs
+            raise ConfigError(f"invalid broker URL {mask_url(url)}: {e}") from e
+    return nodes
+
+
+def connected_url(
+    impl: pika.BlockingConnection, nodes: Mapping[str, pika.URLParameters], default: str
+) -> str:
+    """The (masked) URL of the node ``impl`` connected to, of ``nodes``."""
+    params = getattr(getattr(impl, "_impl", None), "params", None)
+    if params is None:
+        return default
+    node = (params.host, params.port)  # pika connects with a copy of the parameters
+    return next((url for url, p in nodes.items() if (p.host, p.port) == node), default)
 
 
 def reestablish(settings: Settings, within: float, setup: Callable[[], None]) -> None:
