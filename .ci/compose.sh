@@ -66,6 +66,18 @@ demo() {
   local verified
   verified=$(echo "$logs" | grep -c 'checksum verified' || true)
   [ "$verified" -ge 2 ] || { echo "ci: compose demo: $verified 'checksum verified' lines (want 2+)" >&2; exit 1; }
+  if [ "${CLUSTER:-0}" = 1 ]; then   # really one cluster of three, on quorum queues
+    local status
+    status=$("${compose[@]}" exec -T rabbit-1 rabbitmqctl -q cluster_status --formatter json)
+    echo "$status" | python3 -c 'import json, sys; s = json.load(sys.stdin); print("ci: running nodes:", s["running_nodes"]); sys.exit(len(s["running_nodes"]) != 3)' \
+      || { echo "ci: the cluster does not run three nodes" >&2; exit 1; }
+    local queues
+    queues=$("${compose[@]}" exec -T rabbit-1 rabbitmqctl -q list_queues name type | grep -E 'site|dead' || true)
+    echo "$queues"
+    if [ -z "$queues" ] || echo "$queues" | grep -qv quorum; then
+      echo "ci: the cluster's objstream queues are not all quorum queues" >&2; exit 1
+    fi
+  fi
   t "compose demo passed; down -v"
 }
 
