@@ -24,7 +24,7 @@ from typing import Any
 from objstream.common.amqp import connect
 from objstream.common.cli import EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from objstream.common.errors import ConfigError
-from objstream.common.settings import Settings, check_site
+from objstream.common.settings import Settings, check_site, split_urls
 from objstream.common.topology import Topology, permissions
 
 PASSWORD_ENV = "OBJSTREAM_ADMIN_PASSWORD"
@@ -130,7 +130,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
 
 def vhost_of(url: str) -> str:
     """The virtual host an AMQP URL names (as pika reads it: none or ``/`` is ``/``)."""
-    path = urllib.parse.urlsplit(url).path
+    path = urllib.parse.urlsplit(split_urls(url)[0]).path
     return "/" if path in ("", "/") else urllib.parse.unquote(path[1:])
 
 

@@ -18,13 +18,9 @@ One connection per thread (pika is not thread-safe); the one call another thread
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import logging
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,6 +35,7 @@ from pika.adapters.utils.connection_workflow import (
     AMQPConnectorStackTimeout,
 )
 
+from objstream.common.buffers import tune_malloc
 from objstream.common.errors import (
     AuthenticationRefused,
     BrokerRefused,
@@ -48,7 +45,7 @@ from objstream.common.errors import (
     ObjstreamError,
 )
 from objstream.common.protocol import REASON_HEADER, Properties
-from objstream.common.settings import Settings, mask_url
+from objstream.common.settings import Settings, mask_url, split_urls
 from objstream.common.tls import (
     broker_user,
     client_context,
@@ -78,31 +75,6 @@ def _tune_pika_reads() -> None:
         _AsyncTransportBase._MAX_RECV_BYTES = PIKA_RECV_BYTES
         # Bytes consumed per event-loop turn before pika lets other events run.
         _AsyncTransportBase._MAX_CONSUME_BYTES = 4 * PIKA_RECV_BYTES
-
-
-# A chunk is a fresh 1 MiB bytes (pika takes only bytes), and pika cuts it into frames of
-# 128 KiB. glibc's malloc gives the pages of such buffers back to the kernel when they are freed
-# at the top of the heap (or serves them by mmap), so every chunk faults its pages in again:
-# measured 140,000 page faults and +60 % sender CPU for 256 MiB. Buffers of up to 16 MiB from
-# the heap, and up to 64 MiB of free heap kept, take that to nearly none (the sender's CPU for
-# 256 MiB fell from 0.6-0.95 s to 0.5 s on this machine). Linux with glibc only; elsewhere a no-op.
-MALLOC_MMAP_THRESHOLD = 16 * 1024 * 1024
-MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-@functools.cache
-def _tune_malloc() -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    mmap_set = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
-    trim_set = mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1
-    return bool(mmap_set and trim_set)
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -423,21 +395,23 @@ def connect_failure(
 def connect(settings: Settings, name: str) -> Connection:
     """Open a connection named ``name`` (shown in the broker's connection list), waiting up to
     ``settings.connect_wait`` s for a broker that is not up yet; each attempt takes at most
-    ``settings.connect_timeout`` s.
+    ``settings.connect_timeout`` s per node. With several URLs (a cluster's nodes), to the first
+    that answers; a reconnect goes through the list again.
 
     Raises:
         BrokerUnreachable: nothing answers at the URL, it is no AMQP broker, TLS failed.
         AuthenticationRefused: the broker refused the credentials (or the certificate login).
         ConfigError: the URL is malformed, the TLS files do not load.
     """
-    params = _parameters(settings, settings.url, name)
+    nodes = broker_parameters(settings, name)
+    params = next(iter(nodes.values()))  # a failure is worded for the first node
     _tune_pika_reads()
-    _tune_malloc()
+    tune_malloc()
     deadline = time.monotonic() + settings.connect_wait
     delay = 0.5
     while True:
         try:
-            impl = pika.BlockingConnection(params)
+            impl = pika.BlockingConnection(list(nodes.values()))
         except (
             pika.exceptions.ProbableAuthenticationError,
             pika.exceptions.ProbableAccessDeniedError,
@@ -460,8 +434,30 @@ def connect(settings: Settings, name: str) -> Connection:
             time.sleep(wait)
             delay = min(delay * 2, 10.0)
             continue
-        log.debug("connected to %s as %r", settings.masked_url, name)
-        return Connection(impl, settings.masked_url, name)
+        url = connected_url(impl, nodes, settings.masked_url)
+        log.debug("connected to %s as %r", url, name)
+        return Connection(impl, url, name)
+
+
+def broker_parameters(settings: Settings, name: str = "objstream") -> dict[str, pika.URLParameters]:
+    """pika's parameters for each broker URL of ``settings`` (masked URL -> parameters), in the
+    order given: a cluster's nodes, tried in turn by one connection attempt.
+
+    Raises:
+        ConfigError: a URL is malformed, the TLS files do not load.
+    """
+    return {mask_url(url): _parameters(settings, url, name) for url in split_urls(settings.url)}
+
+
+def connected_url(
+    impl: pika.BlockingConnection, nodes: Mapping[str, pika.URLParameters], default: str
+) -> str:
+    """The (masked) URL of the node ``impl`` connected to, of ``nodes``."""
+    params = getattr(getattr(impl, "_impl", None), "params", None)
+    if params is None:
+        return default
+    node = (params.host, params.port)  # pika connects with a copy of the parameters
+    return next((url for url, p in nodes.items() if (p.host, p.port) == node), default)
 
 
 def reestablish(settings: Settings, within: float, setup: Callable[[], None]) -> None:

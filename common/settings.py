@@ -11,13 +11,14 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
     ByteSize,
     ConfigDict,
     Field,
+    SecretStr,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -79,30 +80,61 @@ URL_SCHEMES = ("amqp", "amqps")
 
 
 def check_url(url: str) -> str:
-    """``url`` if it is an AMQP URL (a comma-separated list: each element).
+    """``url`` if it is an AMQP URL, or a comma-separated list of them (a cluster's nodes).
 
     Raises:
-        ConfigError: an element is empty or of another scheme (its password masked).
+        ConfigError: no URL, or one of another scheme (its password masked).
     """
-    for element in url.split(","):
-        scheme = urlsplit(element.strip()).scheme
+    if not split_urls(url):
+        raise ConfigError("no broker URL given")
+    for element in split_urls(url):
+        scheme = urlsplit(element).scheme
         if scheme.lower() not in URL_SCHEMES:
-            shown = mask_url(element.strip()) or "''"
+            shown = _mask_one(element)
             raise ConfigError(f"{shown} is not a broker URL: use amqp:// or amqps://")
     return url
 
 
-def mask_url(url: str) -> str:
-    """Return ``url`` with its password replaced by ``***``, for logs and error lines."""
+def split_urls(text: str) -> list[str]:
+    """The broker URLs in ``text``: one, or several separated by commas (the nodes of a cluster,
+    tried in order). A comma in a password is written ``%2C``."""
+    return [url.strip() for url in text.split(",") if url.strip()]
+
+
+def _netloc(host: str | None, port: int | None, user: str | None, password: str | None) -> str:
+    host = host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None:
+        host += f":{port}"
+    if user is None and password is None:
+        return host
+    return f"{user or ''}:{password}@{host}" if password is not None else f"{user}@{host}"
+
+
+def _mask_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
+    netloc = _netloc(parts.hostname, parts.port, parts.username, "***")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` (or a comma-separated list of URLs) with every password replaced by
+    ``***``, for logs and error lines."""
+    if "," not in url:
+        return _mask_one(url)
+    return ",".join(_mask_one(one) for one in split_urls(url))
+
+
+def with_credentials(url: str, user: str | None, password: str | None) -> str:
+    """``url`` logging in as ``user`` with ``password`` (each URL-encoded here, so any
+    characters work); ``None`` keeps what the URL says."""
+    parts = urlsplit(url)
+    user = quote(user, safe="") if user is not None else parts.username
+    password = quote(password, safe="") if password is not None else parts.password
+    netloc = _netloc(parts.hostname, parts.port, user, password)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
@@ -127,7 +159,19 @@ class Settings(BaseModel):
     def __init__(self, **values: Any) -> None:
         super().__init__(**{**_environment(type(self).model_fields), **values})
 
-    url: str = Field(DEFAULT_URL, description="AMQP URL of the broker.")
+    url: str = Field(
+        DEFAULT_URL,
+        description="AMQP URL of the broker, or a comma-separated list of the URLs of a cluster's "
+        "nodes (a worker connects to the first that answers, and to another when its node dies).",
+    )
+    user: str | None = Field(
+        None, description="Broker user: replaces the user of every URL (unset: the URL's)."
+    )
+    password: SecretStr | None = Field(
+        None,
+        description="Broker password: replaces the password of every URL, any characters, no "
+        "URL-encoding needed (unset: the URL's).",
+    )
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(
         "objstream",
         description="Prefix of every exchange and queue objstream declares; separates deployments.",
@@ -232,6 +276,15 @@ class Settings(BaseModel):
     def _tls_pairs(self) -> Self:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together (a client certificate and its key)")
+        return self
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Self:
+        if self.user is None and self.password is None:
+            return self
+        password = self.password.get_secret_value() if self.password is not None else None
+        urls = [with_credentials(url, self.user, password) for url in split_urls(self.url)]
+        object.__setattr__(self, "url", ",".join(urls))  # frozen: set once, while validating
         return self
 
     @field_validator("log_level")

@@ -14,12 +14,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from objstream.common.errors import BrokerUnreachable, ConfigError
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, split_urls
 
 
 def external_login(settings: Settings) -> bool:
     """A client certificate and no password in the URL: log in by certificate (EXTERNAL)."""
-    return settings.tls_cert is not None and urlsplit(settings.url).password is None
+    return settings.tls_cert is not None and urlsplit(_first_url(settings)).password is None
 
 
 def broker_user(settings: Settings) -> str:
@@ -33,7 +33,13 @@ def broker_user(settings: Settings) -> str:
     if external_login(settings):
         assert settings.tls_cert is not None
         return certificate_user(settings.tls_cert)
-    return unquote(urlsplit(settings.url).username or "guest")
+    return unquote(urlsplit(_first_url(settings)).username or "guest")
+
+
+def _first_url(settings: Settings) -> str:
+    """The first of the broker URLs (a cluster's nodes share one user and vhost)."""
+    urls = split_urls(settings.url)
+    return urls[0] if urls else settings.url
 
 
 def certificate_user(cert: Path) -> str:

@@ -170,6 +170,7 @@ class Topology:
                 "x-max-length": DEAD_MAX_LENGTH,
                 "x-max-length-bytes": DEAD_MAX_BYTES,
                 "x-overflow": "drop-head",
+                **self._type_arguments,  # a classic queue is gone while its node is down
             },
         )
         channel.bind_queue(self.dead, self.dead, "")
@@ -236,8 +237,9 @@ class Topology:
         if exclusive:
             channel.declare_queue(name, exclusive=True, auto_delete=True)
         else:
-            arguments = {"x-expires": ttl_ms} if ttl_ms else None
-            channel.declare_queue(name, durable=True, arguments=arguments)
+            # Quorum too when the others are: it must outlive the death of its node.
+            arguments = {**({"x-expires": ttl_ms} if ttl_ms else {}), **self._type_arguments}
+            channel.declare_queue(name, durable=True, arguments=arguments or None)
         return name
 
     def bind_reply(self, channel: Channel, site: str, queue_id: str, peer: str) -> None:

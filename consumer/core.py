@@ -186,7 +186,7 @@ class ConsumerCore:
         self.table.reconnected()
         for part in self.parts:
             part.tick()
-        log.info("reconnected to %s; %d stream(s) go on", self.settings.masked_url,
+        log.info("reconnected to %s; %d stream(s) go on", self.connection.url,
                  len(self.table))  # fmt: skip
 
     def _housekeeping(self) -> None:

@@ -363,7 +363,7 @@ class _Transfer:
                 active = [t for t in session.targets if t.active]
                 self._do(session.reconnected(time.monotonic()))
                 log.info("reconnected to %s; %d target(s) go on",
-                         sender.settings.masked_url, len(active))  # fmt: skip
+                         sender.connection.url, len(active))  # fmt: skip
             except KeyboardInterrupt:  # tell every target now, not after its timeout
                 with contextlib.suppress(ObjstreamError):  # an unusable connection: it times out
                     self._do(session.cancel(f"site {sender.site} was interrupted"))

@@ -5,8 +5,12 @@ The broker is chosen once per session, in this order:
 2. a throwaway broker from testcontainers when a Docker engine answers (image pinned below, the
    same tag as ``compose.yaml``);
 3. a throwaway local node from the ``rabbitmq-server`` binary on free ports (stopped at the end);
-4. otherwise the integration tests skip with a one-line reason, unless
+4. a broker that answers at :data:`FALLBACK_URL` (RabbitMQ's defaults on this machine);
+5. otherwise the integration tests skip with a one-line reason, unless
    ``OBJSTREAM_REQUIRE_BROKER=1``, where that is an error.
+
+``OBJSTREAM_TEST_BROKER=container`` insists on 2 (CI's testcontainers run: no Docker engine is
+then an error, not a quiet fall-back to a local node).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from tests.integration.rawpeer import RawPeer
 from tests.rabbitmq_node import LocalRabbitNode
 
 RABBITMQ_IMAGE = "rabbitmq:3.10.8-management"
+FALLBACK_URL = "amqp://guest:guest@localhost:5672/%2F"
 
 
 def _docker_answers() -> bool:
@@ -74,18 +79,20 @@ class StartServer(Protocol):
 
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
+    yield from choose_broker()
+
+
+def choose_broker() -> Iterator[str]:
+    """Yield the session's broker URL, chosen as the module's docstring says."""
     url = os.environ.get("OBJSTREAM_TEST_URL")
     if url:
         yield url
         return
     if _docker_answers():
-        from testcontainers.rabbitmq import RabbitMqContainer
-
-        with RabbitMqContainer(RABBITMQ_IMAGE) as container:
-            host = container.get_container_host_ip()
-            port = container.get_exposed_port(container.port)
-            yield f"amqp://guest:guest@{host}:{port}/%2F"
+        yield from _container_broker()
         return
+    if os.environ.get("OBJSTREAM_TEST_BROKER") == "container":
+        pytest.fail("OBJSTREAM_TEST_BROKER=container but no Docker engine answers (DOCKER_HOST?)")
     if LocalRabbitNode.available():
         node = LocalRabbitNode()
         try:
@@ -97,7 +104,38 @@ def broker_url() -> Iterator[str]:
         finally:
             node.cleanup()
         return
-    _no_broker("no OBJSTREAM_TEST_URL, no Docker engine and no rabbitmq-server binary")
+    if _amqp_answers(FALLBACK_URL):
+        yield FALLBACK_URL
+        return
+    _no_broker(
+        "no OBJSTREAM_TEST_URL, no Docker engine, no rabbitmq-server binary, and nothing answers"
+        f" at {FALLBACK_URL}"
+    )
+
+
+def _container_broker() -> Iterator[str]:
+    """A throwaway broker of the pinned image, through testcontainers (removed at the end)."""
+    try:
+        from testcontainers.community.rabbitmq import RabbitMqContainer
+    except ImportError:  # testcontainers before 4.9
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+    with RabbitMqContainer(RABBITMQ_IMAGE) as container:
+        host = container.get_container_host_ip()
+        port = container.get_exposed_port(container.port)
+        yield f"amqp://guest:guest@{host}:{port}/%2F"
+
+
+def _amqp_answers(url: str) -> bool:
+    """Whether a broker at ``url`` takes a connection (not just a TCP port that is open)."""
+    params = pika.URLParameters(url)
+    params.connection_attempts = 1
+    params.socket_timeout = params.blocked_connection_timeout = 3
+    try:
+        pika.BlockingConnection(params).close()
+        return True
+    except Exception:
+        return False
 
 
 def _no_broker(reason: str) -> None:

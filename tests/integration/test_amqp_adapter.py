@@ -201,3 +201,18 @@ def test_dead_letter_keeps_the_message_and_adds_the_reason(
         assert dead.props.headers[REASON_HEADER] == "chunk 1: crc32 0x1 != 0x2"
     finally:
         connection.channel().delete_queue(topology.dead)
+
+
+def test_several_urls_connect_to_the_first_that_answers(settings: Settings) -> None:
+    dead = urlunsplit(urlsplit(settings.url)._replace(netloc=f"guest:nope@127.0.0.1:{free_port()}"))
+    both = settings.model_copy(update={"url": f"{dead},{settings.url}"})
+    conn = connect(both, "test several urls")
+    try:
+        assert conn.url == Settings(url=settings.url).masked_url  # the one that answered
+        conn.channel().close()
+    finally:
+        conn.close()
+    only_dead = settings.model_copy(update={"url": f"{dead},{dead}"})
+    with pytest.raises(BrokerUnreachable) as e:
+        connect(only_dead, "test no url answers")
+    assert "nope" not in str(e.value)

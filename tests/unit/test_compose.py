@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,7 +23,8 @@ def compose() -> dict[str, Any]:
 
 def test_services_and_the_pinned_broker_image(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "producer", "consumer"}
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == {"rabbitmq", "producer", "consumer"}
     assert services["rabbitmq"]["image"] == RABBITMQ_IMAGE  # the tests' container fixture
     assert RABBITMQ_IMAGE.endswith("-management")
 
@@ -51,11 +51,37 @@ def test_credentials_come_from_the_environment(compose: dict[str, Any]) -> None:
     assert broker_env["RABBITMQ_DEFAULT_USER"].startswith("${")
     assert broker_env["RABBITMQ_DEFAULT_PASS"].startswith("${")
     for worker in ("producer", "consumer"):
-        url = services[worker]["environment"]["OBJSTREAM_URL"]
-        assert re.search(r"\$\{OBJSTREAM_PASSWORD:-[^}]+\}@rabbitmq:5672", url)
+        env = services[worker]["environment"]
+        # Apart from the URL, so a password with '@' or '/' needs no URL-encoding (issue 14.13).
+        assert env["OBJSTREAM_URL"] == "amqp://rabbitmq:5672/%2F"
+        assert env["OBJSTREAM_USER"] == broker_env["RABBITMQ_DEFAULT_USER"]
+        assert env["OBJSTREAM_PASSWORD"] == broker_env["RABBITMQ_DEFAULT_PASS"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "PASSWORD" not in dockerfile
     assert "amqp://" not in dockerfile
+
+
+def test_the_cluster_profile_has_three_nodes_and_workers_that_know_them_all(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    cluster = {
+        name for name, service in services.items() if "cluster" in service.get("profiles", [])
+    }
+    nodes = ["rabbit-1", "rabbit-2", "rabbit-3"]
+    assert cluster == {*nodes, "cluster-producer", "cluster-consumer"}
+    for node in nodes:
+        assert services[node]["image"] == RABBITMQ_IMAGE
+        assert services[node]["hostname"] == node
+        assert f"{node}-data:/var/lib/rabbitmq" in services[node]["volumes"]
+        start = services[node]["entrypoint"][-1]
+        assert all(f"rabbit@{peer}" in start for peer in nodes)
+        assert "docker-entrypoint.sh rabbitmq-server" in start
+    for worker in ("cluster-producer", "cluster-consumer"):
+        env = services[worker]["environment"]
+        assert env["OBJSTREAM_QUEUE_TYPE"] == "quorum"
+        assert env["OBJSTREAM_URL"].split(",") == [f"amqp://{n}:5672/%2F" for n in nodes]
+        assert set(services[worker]["depends_on"]) == set(nodes)
 
 
 def test_data_goes_to_named_volumes(compose: dict[str, Any]) -> None:
