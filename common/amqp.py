@@ -370,11 +370,11 @@ def _parameters(settings: Settings, url: str, name: str) -> pika.URLParameters:
 
 
 def connect_failure(
-    settings: Settings, params: pika.URLParameters, error: BaseException
+    settings: Settings, url: str, params: pika.URLParameters, error: BaseException
 ) -> BrokerUnreachable:
-    """What a failed connect attempt says in one line: the cause (DNS, refused, TLS
+    """What a failed connect attempt to ``url`` says in one line: the cause (DNS, refused, TLS
     verification, a peer that does not speak AMQP or TLS...) and what to check."""
-    url, tls = mask_url(settings.url), params.ssl_options is not None
+    url, tls = mask_url(url), params.ssl_options is not None
     if isinstance(error, ssl.SSLError):
         return tls_failure(settings, url, error)
     if isinstance(error, socket.gaierror):
@@ -422,7 +422,7 @@ def connect(settings: Settings, name: str) -> Connection:
         # pika raises its connection errors, OSErrors (DNS, TLS) and, for a timeout of the
         # whole attempt, a connector error.
         except (pika.exceptions.AMQPConnectionError, OSError, AMQPConnectorException) as e:
-            failure = connect_failure(settings, params, e)
+            failure = connect_failure(settings, settings.url, params, e)
             left = deadline - time.monotonic()
             if left <= 0 or isinstance(e, ssl.SSLError):  # a certificate will not change
                 raise failure from e

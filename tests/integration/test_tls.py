@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from objstream.common.amqp import connect
 from objstream.common.cli import EXIT_BROKER, EXIT_FAILED
 from objstream.common.settings import KiB, Settings
 from objstream.consumer import Retriever
@@ -102,8 +103,24 @@ def test_push_and_retrieval_over_tls_with_certificates(
     bob = _by_certificate(node, pki, "bob", ns)
 
     assert _push_and_retrieve(alice, bob, tmp_path) == ["alice", "alice"]
-    connections = node.ctl("list_connections", "user", "ssl", "auth_mechanism").stdout
-    assert "carol" not in connections  # the node's list is readable (and ours are gone)
+
+
+@pytest.mark.parametrize(
+    ("login", "expected"), [("certificate", ["alice", "true", "EXTERNAL"]),
+                            ("password", ["carol", "true", "PLAIN"])],
+)  # fmt: skip
+def test_the_broker_sees_a_tls_connection_and_the_login_mechanism(
+    node: TlsRabbitNode, pki: Pki, login: str, expected: list[str]
+) -> None:
+    settings = _by_certificate(node, pki, "alice", _namespace())
+    if login == "password":
+        settings = Settings(url=node.tls_url("carol", "carol-pw"), tls_ca=pki.ca.pem)
+    connection = connect(settings, f"tls-test-{login}")
+    try:
+        listed = node.ctl("-q", "list_connections", "user", "ssl", "auth_mechanism").stdout
+    finally:
+        connection.close()
+    assert expected in [line.split("\t") for line in listed.splitlines()], listed
 
 
 # -- failures: one line, exit 3 -------------------------------------------------------------------
