@@ -66,6 +66,8 @@ def test_a_receiver_killed_mid_broadcast_is_taken_over_and_the_others_go_on(
     for dest in dests.values():
         assert sha256_of(dest / "big.bin") == digest
         assert not list(dest.glob(".objstream-*"))  # no partial or state file left
-    # The broadcast went on for the others: together they did not need more than a fraction
-    # of the file again (the killed target's gap is made up by unicast to it alone).
-    assert streamer.bytes_published < 1.5 * size, streamer.bytes_published
+    # One broadcast for all three, not three copies (protocol v1 published 3 x the size): the
+    # killed target's gap is made up by unicast to it alone. How much of the rest it gets by
+    # unicast depends on how fast its successor starts: on a quiet machine it rejoins the
+    # broadcast (about 1.1 x), on a loaded one it may catch up alone from a quarter (1.75 x).
+    assert streamer.bytes_published < 2 * size, streamer.bytes_published
