@@ -84,6 +84,9 @@ class ConsumerCore:
         spool_containers = options.get("spool_containers", False)
         as_torch = options.get("as_torch", False)
         self.settings = settings or Settings()
+        if options.get("accept_from") is not None:
+            accepted = tuple(options.get("accept_from") or ())
+            self.settings = self.settings.model_copy(update={"accept_from": accepted})
         self.site = site
         self.dest = Path(dest)
         self.dest.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypedDict
 
 from objstream.common.protocol import Offer
@@ -40,3 +40,7 @@ class ReceiverOptions(RetrieverOptions, total=False):
     spool_containers: bool
     """A container goes to the destination first and is decoded once complete, so that it
     survives this process like a file does."""
+    accept_from: Iterable[str] | None
+    """Take pushes only from these broker users (the offer's ``user_id``, which RabbitMQ
+    validates); others are refused at once with code ``forbidden``. Overrides the
+    ``accept_from`` setting (``OBJSTREAM_ACCEPT_FROM``); ``None`` keeps it."""

@@ -101,6 +101,27 @@ def test_a_save_longer_than_the_senders_timeout_neither_fails_nor_resends(
         receiver.stop()
 
 
+def test_a_receiver_with_accept_from_refuses_a_push_from_another_broker_user(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    # The Python API's accept_from (over the setting): this test's user is guest, and only
+    # "server-user" may push. (tests/integration/test_tls.py does it with two real users.)
+    declared.sites.add("site-1")
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1000)
+    receiver = BackgroundReceiver("site-1", tmp_path / "in", settings, accept_from=["server-user"])
+    try:
+        with FileStreamer("server", settings) as streamer, pytest.raises(SendFailed) as raised:
+            streamer.stream_file("site-1", src)
+        [failure] = raised.value.failures
+        assert failure.code == FailureCode.FORBIDDEN
+        assert "server-user" in failure.detail
+        assert "'guest'" in failure.detail
+        assert not (tmp_path / "in" / "f.bin").exists()
+    finally:
+        receiver.stop()
+
+
 def test_the_receiver_caps_the_prefetch_an_offer_asks_for(
     tmp_path: Path, settings: Settings, declared: Declared, monkeypatch: pytest.MonkeyPatch
 ) -> None:
