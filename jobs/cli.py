@@ -118,8 +118,8 @@ def _job_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--keep",
         action="store_true",
-        help="keep what the consumer received (and its temp dir, named on stderr); without it "
-        "the job removes the data it generated and received when it ends",
+        help="keep the consumer's temp dir and what arrived in it (named on stderr); without "
+        "it the job removes the data it generated and received when it ends (--dest: kept)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     group.add_argument(
@@ -185,8 +185,9 @@ def _sides(args: argparse.Namespace, producer: tuple[Any, dict[str, Any]],
 
 @contextlib.contextmanager
 def _job_dest(args: argparse.Namespace) -> Iterator[str]:
-    """The consumer's directory: ``--dest`` (the user's, never removed), else a temp dir
-    removed when the job ends unless ``--keep`` (a 256 MiB file per run adds up)."""
+    """The consumer's directory: ``--dest`` (the user's: what arrives there stays, as the
+    compose workers' volume), else a temp dir removed when the job ends unless ``--keep`` (a
+    256 MiB file per run adds up)."""
     if args.dest:
         yield args.dest
         return
@@ -215,7 +216,6 @@ def _file_streaming(args: argparse.Namespace, settings: Settings, where: str) ->
     if args.clients > 1:
         client = (file_streaming.consumer_side, lambda site, mine: {
             "settings": settings, "site": site, "dest": str(mine), "timeout": args.timeout,
-            "keep": args.keep,
         })  # fmt: skip
         results = clients.run_clients(args, producer, client, sites, Path(where))
         return clients.report_clients(args, "file_streaming", sites, results)
@@ -224,7 +224,6 @@ def _file_streaming(args: argparse.Namespace, settings: Settings, where: str) ->
         producer,
         (file_streaming.consumer_side, {
             "settings": settings, "site": sites[0], "dest": where, "timeout": args.timeout,
-            "keep": args.keep,
         }),
     )  # fmt: skip
     return _report(args, "file_streaming", sides)

@@ -58,18 +58,12 @@ def _kind(failure: SendFailed) -> str:
     return type(failure).__name__
 
 
-def consumer_side(
-    settings: Settings, *, site: str, dest: str, timeout: float, keep: bool = False
-) -> Result:
-    """Receive one file into ``dest`` and verify what landed; the file is removed once
-    verified unless ``keep``."""
+def consumer_side(settings: Settings, *, site: str, dest: str, timeout: float) -> Result:
     with Receiver(site, dest, settings) as receiver:
         item = receiver.receive(timeout=timeout)
     if item is None or item.path is None:
         return {"ok": False, "role": "consumer", "error": f"no file arrived in {timeout:g} s"}
     on_disk = file_sha256(item.path)  # verify what landed, not only what the stream said
-    if not keep:
-        item.path.unlink()
     return {
         "ok": on_disk == item.sha256,
         "role": "consumer",

@@ -274,8 +274,12 @@ def test_listen_stops_cleanly_on_sigterm(
     import time
 
     declared.sites.add("site-9")
-    listener = _listener(_env(settings), "site-9", tmp_path)
-    time.sleep(2)
+    listener = _listener({**_env(settings), "OBJSTREAM_LOG_LEVEL": "info"}, "site-9", tmp_path)
+    assert listener.stderr is not None
+    for line in listener.stderr:  # its SIGTERM handler is in place once it listens
+        if "listening for site" in line:
+            break
+    time.sleep(0.5)
     listener.send_signal(signal.SIGTERM)
     _, err = listener.communicate(timeout=20)
     assert listener.returncode == 0, err

@@ -80,5 +80,5 @@ def test_the_compose_workers_commands_run_end_to_end(
         lines = out.strip().splitlines()
         assert lines[0].startswith(f"file_streaming ({role}): 104857600 bytes")
         assert lines[1].startswith(f"dict_streaming ({role}): 167772160 bytes")
-    # Verified (the result lines above), then removed: a job leaves no data behind (issue 14).
-    assert not (tmp_path / "file_streaming-104857600.bin").exists()
+    # --dest is the user's: what arrives there stays (only a job's own temp dir is removed).
+    assert (tmp_path / "file_streaming-104857600.bin").stat().st_size == 104857600

@@ -187,7 +187,7 @@ def test_jobs_remove_their_data_unless_kept(
     mine = tmp_path / "mine"
     run = _objstream("job", "file_streaming", "--size", "1MiB", "--dest", str(mine), env=env)
     assert run.returncode == EXIT_OK, run.stderr
-    assert list(mine.iterdir()) == []  # the user's directory stays, the job's file goes
+    assert [p.stat().st_size for p in mine.iterdir()] == [MiB]  # asked for: it stays
     run = _objstream("job", "file_streaming", "--size", "1MiB", "--keep", env=env)
     assert run.returncode == EXIT_OK, run.stderr
     [kept] = tmp.iterdir()
