@@ -5,8 +5,9 @@ The names below are imported on first use (PEP 562), as in :mod:`objstream.produ
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from objstream.common.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from objstream.common.streaming import ObjectAssembler
@@ -39,9 +40,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _WHERE)
