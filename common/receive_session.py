@@ -32,6 +32,7 @@ from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, Stat
 FLUSH_INTERVAL = 0.05  # seconds: acks (to the broker) never wait longer than this
 PROGRESS_INTERVAL = 0.25  # seconds: progress (to the sender) between quarter windows, at most
 COMMIT_HEARTBEAT = 1.0  # seconds: progress while committing, so the sender knows we are alive
+RECONSUME_AFTER = 5.0  # seconds of silence after a reconnect before consuming the queue again
 # Failures after which a file's verified prefix is kept (the sender went away, not bad data).
 KEEP_PREFIX_ON = frozenset({FailureCode.TIMEOUT, FailureCode.ABORTED})
 
@@ -125,6 +126,13 @@ class Finished:
     path: Path | None = None
 
 
+@dataclass(frozen=True)
+class Reconsume:
+    """Consume the data queue again, on a new channel: a consume after a reconnect brought
+    nothing (on a cluster it may have reached a quorum queue between two leaders). What the
+    old channel held unacked is redelivered."""
+
+
 Action = (
     Write
     | Checkpoint
@@ -137,6 +145,7 @@ Action = (
     | RemoveCheckpoint
     | SendVerdict
     | Finished
+    | Reconsume
 )
 
 
@@ -161,6 +170,7 @@ class ReceiveSession:
     flush_interval: float = FLUSH_INTERVAL
     progress_interval: float = PROGRESS_INTERVAL
     commit_heartbeat: float = COMMIT_HEARTBEAT
+    reconsume_after: float = RECONSUME_AFTER
 
     def __init__(
         self,
@@ -183,6 +193,7 @@ class ReceiveSession:
         self.last_activity = now
         self.last_flush = now
         self.last_report = now
+        self.reconnected_at: float | None = None  # silent since a reconnect (None: data came)
         self.unacked_tag = 0  # highest delivery tag not yet acked (0: none)
         self.reported = reassembler.stored
 
@@ -215,6 +226,7 @@ class ReceiveSession:
         self.last_activity = now
         if self.finished or self.state is State.VERIFYING:
             return []
+        self.reconnected_at = now
         return [self._progress(resend_from=self.stored)]
 
     def receive(self, tag: int, message: Any, body: bytes, now: float) -> list[Action]:
@@ -282,6 +294,10 @@ class ReceiveSession:
             return self.fail(
                 FailureCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
             )
+        if self.reconnected_at is not None and now - self.reconnected_at > self.reconsume_after:
+            self.reconnected_at = now  # and again, while nothing comes
+            self.unacked_tag = 0  # the old channel's tags mean nothing on the new one
+            return [Reconsume()]
         flush_due = self.unacked_tag and now - self.last_flush > self.flush_interval
         report_due = (
             self.stored != self.reported and now - self.last_report >= self.progress_interval
@@ -345,6 +361,7 @@ class ReceiveSession:
     def _arrived(self, tag: int, now: float) -> bool:
         """Note a delivery; False if the stream no longer takes messages (acked with the rest)."""
         self.last_activity = now
+        self.reconnected_at = None
         self.unacked_tag = max(self.unacked_tag, tag)
         return not self.finished and self.state is not State.VERIFYING
 

@@ -10,6 +10,7 @@ itself. Its owner (:class:`~objstream.consumer.receiver.Receiver` or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -41,6 +42,7 @@ from objstream.common.receive_session import (
     Finished,
     LeaveOnDisk,
     ReceiveSession,
+    Reconsume,
     RemoveCheckpoint,
     SendProgress,
     SendVerdict,
@@ -229,6 +231,18 @@ class StreamTable:
                 continue
             self.run(stream, actions)
 
+    def _reconsume(self, stream: Stream) -> None:
+        log.warning("stream %s: nothing from its data queue %.0f s after a reconnect; "
+                    "consuming it again", stream.offer.stream_id,
+                    stream.session.reconsume_after)  # fmt: skip
+        if stream.channel is not None:
+            with contextlib.suppress(ObjstreamError):
+                stream.channel.close()  # what it held unacked is redelivered
+        try:
+            self.consume(stream)
+        except BrokerRefused:
+            self.fail(stream, FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
+
     def fail(self, stream: Stream, code: FailureCode, detail: str) -> None:
         self.run(stream, stream.session.fail(code, detail))
 
@@ -265,6 +279,8 @@ class StreamTable:
             stream.channel.ack(action.tag, multiple=action.multiple)
         elif isinstance(action, SendProgress):
             self._send_progress(stream, action)
+        elif isinstance(action, Reconsume):
+            self._reconsume(stream)
         elif isinstance(action, DeadLetter):
             assert delivery is not None
             assert self._control is not None

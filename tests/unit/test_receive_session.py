@@ -25,6 +25,7 @@ from objstream.common.receive_session import (
     Finished,
     LeaveOnDisk,
     ReceiveSession,
+    Reconsume,
     RemoveCheckpoint,
     SendProgress,
     SendVerdict,
@@ -349,6 +350,26 @@ def test_reconnect_asks_from_stored() -> None:
     actions = d.session.reconnected(1.0)
     assert actions == [SendProgress(1, 10, resend_from=1)]
     assert d.session.unacked_tag == 0
+
+
+def test_a_stream_silent_after_a_reconnect_consumes_its_queue_again_until_data_comes() -> None:
+    d = Driver(bytes(100))
+    d.session.reconsume_after = 2.0
+    d.chunk(0, 0.0)
+    d.chunk(1, 0.0)
+    assert d.session.reconnected(10.0) == [SendProgress(2, 20, resend_from=2)]
+    assert d.session.tick(11.9) == []
+    assert d.session.tick(12.1) == [Reconsume()]  # the first consume brought nothing
+    assert d.session.unacked_tag == 0  # the old channel's tags are not acked on the new one
+    assert d.session.tick(13.0) == []
+    assert d.session.tick(14.2) == [Reconsume()]  # and again while nothing comes
+    d.chunk(2, 14.5)  # data: the consume works
+    assert Reconsume() not in d.session.tick(17.0)
+    # Without a reconnect, silence is only silence (the sender resends; the timeout fails it).
+    quiet = Driver(bytes(100))
+    quiet.session.reconsume_after = 2.0
+    quiet.chunk(0, 0.0)
+    assert Reconsume() not in quiet.session.tick(4.0)
 
 
 def test_inline_commits_at_once() -> None:
