@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from objstream.common.errors import FailureCode, ProtocolError
-from objstream.common.settings import MAX_CHUNK_SIZE, NAME_PATTERN
+from objstream.common.settings import MAX_CHUNK_SIZE, MAX_NAME_LENGTH, NAME_PATTERN
 
 PROTOCOL_VERSION: Literal[2] = 2
 VERSION_HEADER = "objstream"
@@ -25,7 +25,6 @@ REASON_HEADER = "x-objstream-reason"
 CONTENT_TYPE = "application/octet-stream"
 
 # Hard bounds on what a header may claim, whatever the settings say (STYLE.md 7).
-MAX_NAME_LENGTH = 1024
 MAX_OBJECT_BYTES = 2**62
 MAX_CHUNKS = 2**40
 

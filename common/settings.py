@@ -53,6 +53,23 @@ def check_site(name: str) -> str:
     return name
 
 
+MAX_NAME_LENGTH = 1024  # an object's name on the wire (protocol.py holds headers to it too)
+
+
+def check_object_name(name: str) -> str:
+    """``name`` if it can name an object in a request: not empty, at most 1,024 characters
+    (where it may point, a file server checks: it confines every path to its source dir).
+
+    Raises:
+        ConfigError: it cannot (one line).
+    """
+    if not name:
+        raise ConfigError("an object name cannot be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"object name of {len(name)} characters (at most {MAX_NAME_LENGTH})")
+    return name
+
+
 def parse_size(text: str | int) -> int:
     """Parse a size such as ``256KiB``, ``4MiB`` or ``1048576`` into bytes.
 

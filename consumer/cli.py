@@ -12,7 +12,7 @@ from typing import Any
 
 from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
 from objstream.common.errors import SenderGone, TransferFailed
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, check_object_name
 from objstream.consumer.container_files import ContainerFiles
 from objstream.consumer.receiver import Receiver
 from objstream.consumer.retriever import Retriever
@@ -144,6 +144,7 @@ def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -
 
 
 def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    check_object_name(args.name)  # before connecting
     started = time.monotonic()
     bars = ProgressBars()
     with Retriever(args.site, args.dest, settings, progress=bars) as retriever:
@@ -154,6 +155,7 @@ def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    check_object_name(args.name)  # before connecting
     out = Path(args.out)
     files = ContainerFiles(out.parent if str(out.parent) else Path("."), name=out.name)
     started = time.monotonic()

@@ -30,7 +30,7 @@ from typing import Any, Literal, TypeVar, Unpack
 
 from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
 from objstream.common.protocol import Reply, Request, new_stream_id
-from objstream.common.settings import Settings, check_site
+from objstream.common.settings import Settings, check_object_name, check_site
 from objstream.consumer.core import ConsumerCore, ConsumerSide
 from objstream.consumer.options import RetrieverOptions
 from objstream.consumer.requests import Asked, RequestTracker
@@ -113,6 +113,7 @@ class Retriever(ConsumerSide):
         self, kind: Literal["file", "container"], from_site: str, name: str, timeout: float | None
     ) -> Received:
         check_site(from_site)  # before its service queue is declared
+        check_object_name(name)
         timeout = timeout or self.settings.timeout
         request = Request(request_id=new_stream_id(), kind=kind, name=name, requester=self.site)
         return self._run(request, from_site, timeout)

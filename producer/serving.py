@@ -46,7 +46,7 @@ from objstream.common.errors import (
     SendFailed,
 )
 from objstream.common.protocol import Abort, Reply, Request, envelope, new_stream_id, parse
-from objstream.common.settings import Settings, check_site
+from objstream.common.settings import Settings, check_object_name, check_site
 from objstream.common.streaming import ObjectStreamer
 from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
@@ -118,7 +118,7 @@ class RetrievalServer(Closing):
             EncodeError: the container holds a value the codec cannot carry (checked now, not
                 when somebody asks).
         """
-        source = ContainerSource(container, name)
+        source = ContainerSource(container, check_object_name(name))
         source.prepare(int(self.settings.chunk_size))
         self._containers[name] = _Served(source, _allow(allow))
 

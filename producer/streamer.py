@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from objstream.common.amqp import Closing, connect
-from objstream.common.settings import Settings, check_chunk_size, check_site, parse_size
+from objstream.common.settings import (
+    Settings,
+    check_chunk_size,
+    check_object_name,
+    check_site,
+    parse_size,
+)
 from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.producer.sender import ReplyQueue, StreamSender, TargetResult
 from objstream.producer.sources import FileSource
@@ -143,4 +149,5 @@ class ContainerStreamer(Streamer):
         # Imported here: the codec imports numpy, which sending a file never needs.
         from objstream.producer.container_source import ContainerSource
 
-        return self.stream_object(targets, ContainerSource(container, name), **options)
+        source = ContainerSource(container, check_object_name(name))
+        return self.stream_object(targets, source, **options)

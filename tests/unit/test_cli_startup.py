@@ -65,6 +65,30 @@ def test_an_http_url_is_one_line_exit_2_with_the_password_masked(
     ]
 
 
+@pytest.mark.parametrize("command", ["retrieve-file", "retrieve-container"])
+def test_an_empty_object_name_is_one_line_exit_2_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    # Port 9 (discard) has no broker: a command that connected first would end in exit 3.
+    where = ["--dest", str(tmp_path)] if command == "retrieve-file" else ["--out", "m.npz"]
+    argv = ["--url", "amqp://guest:guest@127.0.0.1:9/", "consumer", command, "--site", "site-1",
+            "--from", "server", "", *where]  # fmt: skip
+    assert main(argv) == EXIT_USAGE
+    assert capsys.readouterr().err.splitlines() == [
+        "objstream: error: an object name cannot be empty"
+    ]
+
+
+def test_object_names_are_checked_in_the_python_api_too() -> None:
+    from objstream.common.settings import check_object_name
+
+    assert check_object_name("sub/dir/f.bin") == "sub/dir/f.bin"  # the file server confines it
+    with pytest.raises(ConfigError, match="cannot be empty"):
+        check_object_name("")
+    with pytest.raises(ConfigError, match="1025 characters"):
+        check_object_name("x" * 1025)
+
+
 def test_producer_usage_lists_serve(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["producer", "--help"])
