@@ -89,9 +89,9 @@ class ConsumerCore:
             self.settings = self.settings.model_copy(update={"accept_from": accepted})
         self.site = site
         self.dest = Path(dest)
-        self.dest.mkdir(parents=True, exist_ok=True)
-        if not self.dest.is_dir():
+        if self.dest.exists() and not self.dest.is_dir():
             raise ConfigError(f"destination {self.dest} is not a directory")
+        self.dest.mkdir(parents=True, exist_ok=True)
         self.topology = Topology.from_settings(self.settings)
         self._on_entry = on_entry
         self._spool_containers = spool_containers

@@ -79,6 +79,19 @@ def test_an_empty_object_name_is_one_line_exit_2_before_connecting(
     ]
 
 
+def test_a_destination_that_is_a_file_is_one_line_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "in"
+    a_file.write_bytes(b"")
+    argv = ["--url", "amqp://guest:guest@127.0.0.1:9/", "consumer", "listen", "--site", "site-1",
+            "--dest", str(a_file)]  # fmt: skip
+    assert main(argv) == EXIT_USAGE  # not "File exists", exit 1 (nor exit 3: checked first)
+    assert capsys.readouterr().err.splitlines() == [
+        f"objstream: error: destination {a_file} is not a directory"
+    ]
+
+
 def test_object_names_are_checked_in_the_python_api_too() -> None:
     from objstream.common.settings import check_object_name
 
