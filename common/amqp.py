@@ -330,8 +330,9 @@ class Connection:
             self._impl.add_callback_threadsafe(fn)
 
     def close(self) -> None:
-        """Close the connection if it is open. Never raises."""
-        with contextlib.suppress(pika.exceptions.AMQPError):
+        """Close the connection if it is open. Never raises (after a node died, pika can fail
+        in its own ways: an AttributeError from its closed poller was seen)."""
+        with contextlib.suppress(Exception):
             if self._impl.is_open:
                 self._impl.close()
 

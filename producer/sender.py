@@ -166,7 +166,7 @@ class StreamSender:
         try:
             if self._replies_mode is ReplyQueue.NAMED and self._channel.is_open:
                 self._channel.delete_queue(self.reply_queue)
-        except ObjstreamError:
+        except Exception:  # gone with a dead node, pika may fail in its own way
             log.debug("reply queue already gone", exc_info=True)
         finally:
             self._connection.close()
