@@ -140,9 +140,7 @@ def _mask_one(url: str) -> str:
 def mask_url(url: str) -> str:
     """Return ``url`` (or a comma-separated list of URLs) with every password replaced by
     ``***``, for logs and error lines."""
-    if "," not in url:
-        return _mask_one(url)
-    return ",".join(_mask_one(one) for one in split_urls(url))
+    return ",".join(_mask_one(one) for one in split_urls(url)) or url
 
 
 def with_credentials(url: str, user: str | None, password: str | None) -> str:

@@ -37,9 +37,9 @@ def broker_user(settings: Settings) -> str:
 
 
 def _first_url(settings: Settings) -> str:
-    """The first of the broker URLs (a cluster's nodes share one user and vhost)."""
-    urls = split_urls(settings.url)
-    return urls[0] if urls else settings.url
+    """The first of the broker URLs (a cluster's nodes share one user and vhost; the settings
+    refuse an empty list)."""
+    return split_urls(settings.url)[0]
 
 
 def certificate_user(cert: Path) -> str:

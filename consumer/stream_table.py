@@ -224,12 +224,8 @@ class StreamTable:
             if stream.closing or stream.channel is None:
                 continue
             actions = stream.session.reconnected(now)
-            try:
-                self.consume(stream)
-            except BrokerRefused:
-                self.fail(stream, FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
-                continue
-            self.run(stream, actions)
+            if self._consume_again(stream):
+                self.run(stream, actions)
 
     def _reconsume(self, stream: Stream) -> None:
         log.warning("stream %s: nothing from its data queue %.0f s after a reconnect; "
@@ -238,10 +234,17 @@ class StreamTable:
         if stream.channel is not None:
             with contextlib.suppress(ObjstreamError):
                 stream.channel.close()  # what it held unacked is redelivered
+        self._consume_again(stream)
+
+    def _consume_again(self, stream: Stream) -> bool:
+        """Consume the stream's data queue on a new channel (after a reconnect); False if the
+        queue is gone, which fails the stream."""
         try:
             self.consume(stream)
         except BrokerRefused:
             self.fail(stream, FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
+            return False
+        return True
 
     def fail(self, stream: Stream, code: FailureCode, detail: str) -> None:
         self.run(stream, stream.session.fail(code, detail))

@@ -195,12 +195,17 @@ def _send(
     started = time.monotonic()
     stop = StopFlag()
     try:
-        results = _interruptible(stop, lambda: send(stop))
+        results = send(stop)
     except BaseException as e:
-        if args.json:  # an interrupted send's targets were told; their outcomes are its cause's
-            failed = e.__cause__ if isinstance(e, KeyboardInterrupt) else e
-            done = [r for r in getattr(failed, "results", []) if isinstance(r, TargetResult)]
-            print(json.dumps(_json_outcome(args, done, time.monotonic() - started, e)), flush=True)
+        # A send a signal cancelled (its targets told `aborted`) is an interruption (exit 130),
+        # not the targets' failures.
+        error = KeyboardInterrupt() if isinstance(e, SendFailed) and stop else e
+        if args.json:
+            done = [r for r in getattr(e, "results", []) if isinstance(r, TargetResult)]
+            outcome = _json_outcome(args, done, time.monotonic() - started, error)
+            print(json.dumps(outcome), flush=True)
+        if error is not e:
+            raise error from e
         raise
     seconds = time.monotonic() - started
     if args.json:
@@ -215,17 +220,6 @@ def _send(
             f"({rate:.1f} MiB/s), sha256 {r.sha256} verified"
         )
     return 0
-
-
-def _interruptible(stop: StopFlag, send: Callable[[], list[TargetResult]]) -> list[TargetResult]:
-    """Run ``send``; a send that a signal cancelled (its targets told ``aborted``) is reported as
-    an interruption (exit 130), not as the targets' failures."""
-    try:
-        return send()
-    except SendFailed as e:
-        if stop:
-            raise KeyboardInterrupt from e
-        raise
 
 
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
