@@ -22,6 +22,9 @@ from objstream.common.settings import MAX_CHUNK_SIZE, MAX_NAME_LENGTH, NAME_PATT
 PROTOCOL_VERSION: Literal[2] = 2
 VERSION_HEADER = "objstream"
 REASON_HEADER = "x-objstream-reason"
+BROKER_HEADER_PREFIX = "x-"
+"""Headers a broker adds to a message (and the reason objstream adds to a dead-lettered
+copy): ignored when a message is parsed."""
 CONTENT_TYPE = "application/octet-stream"
 
 # Hard bounds on what a header may claim, whatever the settings say (STYLE.md 7).
@@ -297,8 +300,11 @@ def parse(message_type: str | None, headers: Mapping[str, Any] | None) -> Messag
         kind = MessageType(message_type or "")
     except ValueError:
         raise ProtocolError(f"unknown message type {message_type!r}") from None
+    # Names beginning with "x-" are the broker's (a quorum queue's x-delivery-count on a
+    # redelivery, x-death after dead-lettering, a shovel's x-received-from), never the protocol's.
+    fields = {k: v for k, v in headers.items() if not str(k).startswith(BROKER_HEADER_PREFIX)}
     try:
-        return MODELS[kind].model_validate(dict(headers))  # type: ignore[return-value]
+        return MODELS[kind].model_validate(fields)  # type: ignore[return-value]
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or kind}: {err['msg']}" for err in e.errors()

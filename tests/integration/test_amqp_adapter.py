@@ -216,3 +216,28 @@ def test_several_urls_connect_to_the_first_that_answers(settings: Settings) -> N
     with pytest.raises(BrokerUnreachable) as e:
         connect(only_dead, "test no url answers")
     assert "nope" not in str(e.value)
+
+
+def test_a_quorum_queue_redelivery_parses_though_the_broker_added_a_header(
+    connection: Connection,
+) -> None:
+    """A quorum queue marks what it delivers again with ``x-delivery-count``: still the same
+    protocol message (a receiver once dead-lettered every chunk redelivered after a reconnect)."""
+    channel = connection.channel()
+    queue = _queue(channel, durable=True, arguments={"x-queue-type": "quorum"})
+    try:
+        chunk = Chunk(stream_id=uuid.uuid4().hex, seq=5, crc32=99)
+        channel.publish("", queue, b"payload", envelope(chunk))
+        first = _get_one(connection, channel, queue)
+        channel.close()  # not acked: the broker delivers it again
+        again_channel = connection.channel()
+        again = _get_one(connection, again_channel, queue)
+        assert again.props.headers is not None
+        assert "x-delivery-count" in again.props.headers
+        assert parse(again.props.type, again.props.headers) == chunk
+        assert parse(first.props.type, first.props.headers) == chunk
+        again_channel.ack(again.tag)
+    finally:
+        cleanup = connection.channel()
+        cleanup.delete_queue(queue)
+        cleanup.close()

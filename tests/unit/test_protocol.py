@@ -113,6 +113,21 @@ def test_invalid_messages_are_protocol_errors_with_a_reason(
         parse(type_, headers)
 
 
+@pytest.mark.parametrize(
+    "added",
+    [
+        {"x-delivery-count": 1},  # a quorum queue's, on every redelivery
+        {"x-death": [{"count": 1, "reason": "rejected"}], "x-first-death-reason": "rejected"},
+        {"x-received-from": [{"uri": "amqp://elsewhere"}]},  # a shovel's or federation's
+    ],
+)
+def test_headers_a_broker_adds_are_ignored(added: dict[str, Any]) -> None:
+    chunk = Chunk(stream_id=SID, seq=3, crc32=7)
+    props = envelope(chunk)
+    assert props.headers is not None
+    assert parse(props.type, {**props.headers, **added}) == chunk
+
+
 def test_models_are_frozen() -> None:
     chunk = Chunk(stream_id=SID, seq=0, crc32=0)
     with pytest.raises(ValueError, match="frozen"):
