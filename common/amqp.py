@@ -274,6 +274,10 @@ class Channel:
         with self._op(f"binding {queue} to {exchange}/{routing_key}"):
             self._impl.queue_bind(queue, exchange, routing_key=routing_key)
 
+    def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        with self._op(f"unbinding {queue} from {exchange}/{routing_key}"):
+            self._impl.queue_unbind(queue, exchange, routing_key=routing_key)
+
     def declare_exchange(
         self, name: str, kind: str, *, durable: bool = True, passive: bool = False
     ) -> None:

@@ -227,6 +227,12 @@ class Topology:
         channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender, site))
         return name
 
+    def unbind_data_queue(self, channel: Channel, site: str, stream_id: str, sender: str) -> None:
+        """Let nothing more of ``stream_id`` into ``site``'s data queue (before deleting it)."""
+        name = self.data_queue(site, stream_id)
+        channel.unbind_queue(name, self.exchange, self.data_key(stream_id, sender))
+        channel.unbind_queue(name, self.exchange, self.data_key(stream_id, sender, site))
+
     def declare_reply_queue(
         self, channel: Channel, site: str, queue_id: str, *, exclusive: bool, ttl_ms: int = 0
     ) -> str:

@@ -162,6 +162,7 @@ class ConsumerCore:
                         self.table.fail(stream, FailureCode.ABORTED, reason)
                 self.table.tick()
                 self.table.settle()
+                self.table.delete_retired()
                 self.connection.close()
         except (ConnectionLost, BrokerRefused):
             log.debug("connection already gone while closing", exc_info=True)

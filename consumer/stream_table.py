@@ -57,6 +57,10 @@ from objstream.consumer.streams import Received, Stream
 log = logging.getLogger(__name__)
 
 RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
+RETIRE_AFTER = 2.0
+"""Seconds between unbinding the data queue of a stream that ended and deleting it. A publish
+the broker routed to a quorum queue while it was being deleted (with one of its nodes down)
+crashed the publisher's channel on RabbitMQ 3.10; unbound first, the queue gets none."""
 
 Save = Callable[[Received], Received]
 """Runs as part of the commit, before the verdict: puts a received object where its user finds
@@ -87,6 +91,7 @@ class StreamTable:
         self._user = broker_user(settings)  # every message we publish carries it (v2)
         self._connection: Connection | None = None
         self._control: Channel | None = None
+        self._retiring: dict[str, float] = {}  # unbound data queues, and when to delete them
         # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
         # for a successor, removal of partial files. FIFO, so settle() waits for all of it.
         self._disk = ThreadPoolExecutor(1, thread_name_prefix="objstream-disk")
@@ -211,10 +216,29 @@ class StreamTable:
                 del self.streams[sid]
                 self.remember(sid)
                 if stream.channel is not None:  # inline streams have none
-                    stream.channel.close()
-                    assert self._control is not None
-                    # Ours to delete: the sender may not (least privilege), and it is done.
-                    self._control.delete_queue(self.topology.data_queue(self.site, sid))
+                    self._retire(stream)
+        self.delete_retired(now)
+
+    def _retire(self, stream: Stream) -> None:
+        """Unbind the data queue of a stream that ended and close its channel; the queue is
+        deleted :data:`RETIRE_AFTER` s later (ours to delete: the sender may not, least
+        privilege). Late resends from the sender are then unroutable, not queued."""
+        assert stream.channel is not None
+        sid = stream.offer.stream_id
+        try:  # on the stream's own channel: a refusal closes only that one, closing anyway
+            self.topology.unbind_data_queue(stream.channel, self.site, sid, stream.offer.sender)
+        except ObjstreamError as e:
+            log.warning("stream %s: could not unbind its data queue (%s)", sid, e)
+        stream.channel.close()
+        self._retiring[self.topology.data_queue(self.site, sid)] = time.monotonic() + RETIRE_AFTER
+
+    def delete_retired(self, now: float | None = None) -> None:
+        """Delete the retired data queues that are due (``now`` None: all of them)."""
+        assert self._control is not None
+        for name, due in list(self._retiring.items()):
+            if now is None or now >= due:
+                self._control.delete_queue(name)
+                del self._retiring[name]
 
     def reconnected(self) -> None:
         """After a reconnect: consume each stream again on the new connection, and ask for

@@ -8,7 +8,9 @@ and :meth:`LocalRabbitCluster.restart`. Nothing here touches the shared broker.
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import time
+from pathlib import Path
 
 from tests.rabbitmq_node import LocalRabbitNode
 
@@ -76,6 +78,11 @@ class LocalRabbitCluster:
             for started in [pool.submit(self.nodes[i].start, timeout) for i in indexes]:
                 started.result()
         self.wait_running(len(self.nodes), timeout)
+
+    def copy_logs(self, into: Path) -> None:
+        """Copy each node's log directory to ``into/NODENAME``."""
+        for node in self.nodes:
+            shutil.copytree(node.base / "log", into / node.nodename, dirs_exist_ok=True)
 
     def cleanup(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:

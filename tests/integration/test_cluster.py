@@ -3,12 +3,14 @@ the node the sender or a receiver is connected to, and a cluster that lost its m
 cleanly, keeping the verified prefix for a retrieval to resume once the nodes are back.
 
 A throwaway cluster of local nodes (tests/rabbitmq_cluster.py), never the shared broker.
-Marked ``cluster``; run them alone with ``python -m pytest -m cluster``.
+Marked ``cluster``; run them alone with ``python -m pytest -m cluster``. With
+``OBJSTREAM_KEEP_NODE_LOGS=DIR`` the nodes' logs are copied there at the end.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,6 +44,8 @@ def cluster() -> Iterator[LocalRabbitCluster]:
         nodes.start()
         yield nodes
     finally:
+        if keep := os.environ.get("OBJSTREAM_KEEP_NODE_LOGS"):
+            nodes.copy_logs(Path(keep))
         nodes.cleanup()
 
 

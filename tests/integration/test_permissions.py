@@ -377,7 +377,9 @@ def test_a_non_target_reads_a_broadcast_only_with_its_stream_id(users: dict[str,
 # -- end to end, with the objstream drivers and nothing but per-site permissions -------------------
 
 
-def test_a_push_with_per_site_users(users: dict[str, Settings], tmp_path: Path) -> None:
+def test_a_push_with_per_site_users(
+    users: dict[str, Settings], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from objstream.producer import FileStreamer
     from tests.integration.conftest import BackgroundReceiver
 
@@ -394,6 +396,8 @@ def test_a_push_with_per_site_users(users: dict[str, Settings], tmp_path: Path) 
     assert not isinstance(item, Exception), item
     assert item.path is not None
     assert item.path.read_bytes() == source.read_bytes()
+    # Its own data queue: the site may unbind it when done (and delete it), nothing refused.
+    assert "could not unbind" not in caplog.text
 
 
 def test_a_broadcast_to_two_sites_with_per_site_users(
