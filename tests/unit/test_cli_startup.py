@@ -150,6 +150,9 @@ def test_version_imports_neither_pydantic_nor_a_side() -> None:
     )
     assert "objstream.common.cli" in modules
     assert not {"pydantic", "pika", "numpy", "importlib.metadata"} & modules
+    # Only commands that run need logging (threading, where the environment's `site` does not
+    # import it already).
+    assert not {"logging", "threading"} & (modules - _imported_after("pass"))
     assert not {m for m in modules if m.startswith(("objstream.producer", "objstream.consumer"))}
 
 
