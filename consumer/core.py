@@ -185,9 +185,16 @@ class ConsumerCore:
     def _recover(self, error: BaseException) -> None:
         """Reconnect after a lost connection (broker restart...) and go on with every stream."""
         log.warning("connection to the broker lost (%s); reconnecting", error)
-        reestablish(self.settings, self.settings.timeout, self._connect)
+
+        def again() -> None:
+            self.connection.close()  # what is left of an attempt that failed, if anything
+            self._connect()
+            # Inside the retry: on a cluster, consuming a quorum queue whose leader's node just
+            # died can crash the channel and close the connection (RabbitMQ 3.10).
+            self.table.reconnected()
+
+        reestablish(self.settings, self.settings.timeout, again)
         self.reconnects += 1
-        self.table.reconnected()
         for part in self.parts:
             part.tick()
         log.info("reconnected to %s; %d stream(s) go on", self.connection.url,

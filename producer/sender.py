@@ -182,7 +182,8 @@ class StreamSender:
         log.warning("connection to the broker lost (%s); reconnecting", error)
         reconnect = self._reconnect
 
-        def setup() -> None:
+        def setup() -> None:  # the reply queue's consume too: it can fail on a cluster
+            self._connection.close()  # what is left of an attempt that failed, if anything
             self._connection = reconnect()
             self._open_channel()
 
@@ -266,11 +267,9 @@ class StreamSender:
             self._open_channel()
         reader = PieceReader(source)
         start = 0 if resume is None else self._resume_point(reader, resume)
-        pacing = Pacing(
-            window or self.settings.window,
-            timeout or self.settings.timeout,
-            self.settings.resend_after,
-        )
+        settings = self.settings
+        pacing = Pacing(window or settings.window, timeout or settings.timeout,
+                        settings.resend_after)  # fmt: skip
         routes = {targets[0]: answering.offer_to} if answering else {}
         stream_id = answering.stream_id if answering else new_stream_id()
         transfer = _Transfer(self, reader, stream_id, targets, start=start, pacing=pacing)

@@ -143,18 +143,24 @@ class RetrievalServer(Closing):
             BrokerUnreachable: the broker stayed away longer than that.
         """
         log.info("site %s serving retrievals on %s", self.site, self._queue)
+        tag = self._channel.consume(self._queue, self._on_request)
         while not stop():
-            tag = self._channel.consume(self._queue, self._on_request)
             try:
-                while not stop():
-                    self._connection.process_events(poll)
+                self._connection.process_events(poll)
             except ConnectionLost as e:
                 log.warning("connection to the broker lost (%s); reconnecting", e)
-                reestablish(self.settings, self.settings.timeout, self._open)
+
+                def again() -> None:
+                    nonlocal tag
+                    self._open()
+                    # Inside the retry: on a cluster, consuming a quorum queue whose leader's
+                    # node just died can crash the channel (and close the connection).
+                    tag = self._channel.consume(self._queue, self._on_request)
+
+                reestablish(self.settings, self.settings.timeout, again)
                 log.info("site %s serving again on %s", self.site, self._queue)
-                continue
-            if self._channel.is_open:
-                self._channel.cancel(tag)
+        if self._channel.is_open:
+            self._channel.cancel(tag)
 
     def _open(self) -> None:
         self._connection = connect(self.settings, f"objstream server {self.site}")
