@@ -371,6 +371,10 @@ class ReceiveSession:
         if outcome.verdict is ChunkVerdict.WRITE:
             actions.append(Write(chunk.seq, outcome.offset, body, chunk.meta))
             return actions + self._after_message()
+        if outcome.verdict is ChunkVerdict.DUPLICATE:
+            # A resend of what is stored: the sender missed a report. Report again (at the
+            # next tick, at most every progress_interval) or it would resend for ever.
+            self.reported = -1
         if outcome.verdict is ChunkVerdict.CORRUPT:
             actions.append(DeadLetter(tag, outcome.detail))
         if outcome.resend_from is not None:

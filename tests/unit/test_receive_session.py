@@ -147,6 +147,23 @@ def test_slow_chunks_are_acked_every_flush_but_reported_every_progress_interval(
     assert d.checkpoint == (6, 60)  # recorded before it was reported
 
 
+def test_a_resend_of_what_is_stored_is_answered_with_a_progress_again() -> None:
+    """The sender resends what is stored when it missed a report: without a new one it would
+    resend for ever (found by test_session_link's lossy link)."""
+    d = Driver(bytes(200), window=8)
+    for seq in range(4):
+        d.chunk(seq, 0.1)
+    assert [p.stored for p in d.of(SendProgress)] == [2, 4]
+    d.run(d.session.tick(1.0))
+    assert [p.stored for p in d.of(SendProgress)] == [2, 4]  # nothing new: nothing to say
+    d.chunk(2, 1.1)  # resent: the report of 4 was lost on the way
+    d.chunk(3, 1.1)
+    d.run(d.session.tick(1.2))
+    assert [p.stored for p in d.of(SendProgress)] == [2, 4, 4]  # once, not per duplicate
+    d.run(d.session.tick(2.0))
+    assert [p.stored for p in d.of(SendProgress)] == [2, 4, 4]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     size=st.integers(0, 200),
