@@ -40,6 +40,7 @@ from objstream.common.errors import (
 from objstream.common.protocol import Done, Inline, Message, Offer, Progress
 from objstream.common.send_table import (
     Action,
+    NewChannel,
     Pacing,
     PublishAbort,
     PublishChunk,
@@ -87,6 +88,7 @@ class SendSession:
     cursor: int = field(init=False)  # next broadcast message (chunk_count: the end)
     started: bool = field(init=False, default=False)  # the broadcast began
     _released: int = field(init=False, default=0)
+    _new_channel_at: float = field(init=False, default=float("-inf"))
     _by_site: dict[str, Target] = field(init=False, default_factory=dict)
 
     @classmethod
@@ -299,6 +301,9 @@ class SendSession:
             ):
                 log.info("no progress from %s for %.1f s; resending stream %s from chunk %d",
                          target.site, silent, self.stream_id, target.stored)  # fmt: skip
+                if silent > 2 * resend_after and now - self._new_channel_at > 2 * resend_after:
+                    self._new_channel_at = now  # resent once already, and still nothing
+                    actions.append(NewChannel(target.site))
                 if target.riding:
                     self._leave_ride(target, target.stored)
                 else:

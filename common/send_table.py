@@ -114,6 +114,15 @@ class TargetFinished:
     stored_as: str | None = None
 
 
+@dataclass(frozen=True)
+class NewChannel:
+    """Publish on a new channel from now on: ``site`` stayed silent through two resends. On a
+    cluster, a channel that opened while a quorum queue elected its leader could route nothing
+    more to that queue (RabbitMQ 3.10.8); a new channel finds the new leader."""
+
+    site: str
+
+
 Action = (
     PublishOffer
     | PublishChunk
@@ -122,6 +131,7 @@ Action = (
     | ReleaseBefore
     | ReportProgress
     | TargetFinished
+    | NewChannel
 )
 
 

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -52,6 +51,7 @@ from objstream.common.protocol import (
 from objstream.common.send_session import SendSession
 from objstream.common.send_table import (
     Action,
+    NewChannel,
     Pacing,
     PublishAbort,
     PublishChunk,
@@ -70,7 +70,7 @@ from objstream.common.topology import Topology
 from objstream.producer.answering import Answering as Answering
 from objstream.producer.answering import Joiners
 from objstream.producer.answering import Resume as Resume
-from objstream.producer.pieces import PieceReader, check_prefix
+from objstream.producer.pieces import PieceReader, check_prefix_meanwhile
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ class StreamSender:
         self._declared_inboxes: set[str] = set()
         self._peers: set[str] = set()  # sites bound to the reply queue
         self.bytes_published = 0  # message bodies, every send of this sender
-        # Replies as they arrive (parsed), for the transfer in progress to take.
-        self.replies: deque[tuple[Message, Delivery]] = deque()
+        self.replies: deque[tuple[Message, Delivery]] = deque()  # parsed, for the transfer
         self.queue_id = new_stream_id()
         self.reply_to = self.topology.reply_to(site, self.queue_id)
         self.reply_queue = self.topology.reply_queue(site, self.queue_id)
@@ -155,10 +154,17 @@ class StreamSender:
             self.topology.bind_reply(self._channel, self.site, self.queue_id, peer)
         self._declared_inboxes.clear()
         self._channel.consume(self.reply_queue, self._on_reply, auto_ack=True)
+        self._publishing = self._channel  # until new_channel()
+
+    def new_channel(self, why: str) -> None:
+        """Publish on a new channel (replies stay on theirs: closing it could lose one)."""
+        log.info("publishing on a new channel: %s", why)
+        old, self._publishing = self._publishing, self._connection.channel()
+        if old is not self._channel:
+            old.close()
 
     @property
-    def connection(self) -> Connection:
-        """The connection in use (a new one after a reconnect)."""
+    def connection(self) -> Connection:  # a new one after a reconnect
         return self._connection
 
     def close(self) -> None:
@@ -201,8 +207,8 @@ class StreamSender:
 
     def publish(self, routing_key: str, body: bytes, props: Properties) -> None:
         """Publish to the namespace's exchange, signed with the broker user."""
-        self._channel.publish(self.topology.exchange, routing_key, body,
-                              props.replace(user_id=self.user))  # fmt: skip
+        self._publishing.publish(self.topology.exchange, routing_key, body,
+                                 props.replace(user_id=self.user))  # fmt: skip
         self.bytes_published += len(body)
 
     def expect_replies_from(self, site: str) -> None:
@@ -263,8 +269,8 @@ class StreamSender:
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
         if source.size is not None and source.size > self.settings.max_object_size:
             raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
-        if not self._channel.is_open:  # the broker closed it over an earlier send's operation
-            self._open_channel()
+        if not (self._channel.is_open and self._publishing.is_open):  # the broker closed one
+            self._open_channel()  # over an earlier send's operation
         reader = PieceReader(source)
         start = 0 if resume is None else self._resume_point(reader, resume)
         settings = self.settings
@@ -277,18 +283,11 @@ class StreamSender:
 
     def _resume_point(self, reader: PieceReader, resume: Resume) -> int:
         """Where a resumed stream starts: ``resume.from_chunk`` if the receiver's prefix is
-        still the source's, else 0.
-
-        The prefix (maybe GiBs) is hashed on a worker thread while this thread keeps the
-        connection alive (heartbeats): a slow disk must not cost the connection.
-        """
+        still the source's (hashed while the connection is kept alive), else 0."""
         if not resume.from_chunk:
             return 0
-        with ThreadPoolExecutor(1, thread_name_prefix="objstream-prefix") as pool:
-            future = pool.submit(check_prefix, reader, resume.from_chunk, resume.prefix_sha256)
-            while not future.done():
-                self.process_events(0.1)
-            return future.result()
+        return check_prefix_meanwhile(reader, resume.from_chunk, resume.prefix_sha256,
+                                      lambda: self.process_events(0.1))  # fmt: skip
 
 
 class _Transfer:
@@ -445,6 +444,8 @@ class _Transfer:
                     self._report(action)
                 case TargetFinished():
                     pass  # the session's table holds the outcome; logged there
+                case NewChannel(site=site):
+                    sender.new_channel(f"nothing from {site} through two resends")
 
     def _publish_offer(self, offer: Offer, expiration_ms: int) -> None:
         sender = self.sender

@@ -19,6 +19,7 @@ from objstream.common.send_session import SendSession
 from objstream.common.send_table import (
     TRANSITIONS,
     Action,
+    NewChannel,
     Pacing,
     PublishAbort,
     PublishChunk,
@@ -267,6 +268,29 @@ def test_resend_on_silence_only_after_contact() -> None:
     assert _chunks(_drain(session), "a") == [1, 2, 3, 4]  # by unicast: it left the ride
     session.tick(17.0)
     assert _drain(session) == []  # resent 0.5 s ago: not again so soon
+
+
+def test_a_target_silent_through_two_resends_gets_a_new_publishing_channel() -> None:
+    """A resend that brought nothing back: publish on a new channel (a channel opened during a
+    quorum queue's leader election could route nothing more to it), at most every 2 resends."""
+    session, _sid, _ = _session(("a", "b"), window=4, resend_after=5.0, timeout=60.0)
+    _progress(session, "a", 0, 1.0)
+    _progress(session, "b", 0, 1.0)
+    _drain(session)
+    _progress(session, "b", 4, 6.5)  # b talks, a is silent from 1.0
+    assert not [a for a in session.tick(6.5) if isinstance(a, NewChannel)]  # first resend
+    _drain(session)
+    _progress(session, "b", 4, 11.6)
+    assert [a for a in session.tick(11.6) if isinstance(a, NewChannel)] == [NewChannel("a")]
+    _drain(session)
+    _progress(session, "b", 4, 16.7)
+    assert not [a for a in session.tick(16.7) if isinstance(a, NewChannel)]  # 5 s after: no
+    _drain(session)
+    _progress(session, "b", 4, 21.8)
+    assert [a for a in session.tick(21.8) if isinstance(a, NewChannel)] == [NewChannel("a")]
+    _progress(session, "a", 4, 22.0)  # a talks again: its silence is over
+    _drain(session)
+    assert not [a for a in session.tick(28.0) if isinstance(a, NewChannel)]  # one resend
 
 
 def test_the_end_goes_by_unicast_to_a_target_off_the_ride() -> None:
