@@ -48,6 +48,7 @@ from objstream.consumer.takeover import Reopened, ResumeStore, continues, keeps_
 log = logging.getLogger(__name__)
 
 CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
+NEW_CONTROL_AFTER = 5.0  # seconds after a reconnect before answers go on a new channel
 
 
 class OfferRefused(Exception):
@@ -112,6 +113,7 @@ class ConsumerCore:
                                  spool_containers=spool_containers, as_torch=as_torch)  # fmt: skip
         self.parts: list[Part] = []
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
+        self._new_control_at: float | None = None  # see _recover
         self.reconnects = 0
         """How often the connection was lost and re-established."""
 
@@ -162,7 +164,7 @@ class ConsumerCore:
                         self.table.fail(stream, FailureCode.ABORTED, reason)
                 self.table.tick()
                 self.table.settle()
-                self.table.delete_retired()
+                self.table.retire()
                 self.connection.close()
         except (ConnectionLost, BrokerRefused):
             log.debug("connection already gone while closing", exc_info=True)
@@ -194,6 +196,10 @@ class ConsumerCore:
             self.table.reconnected()
 
         reestablish(self.settings, self.settings.timeout, again)
+        # On a cluster, a channel opened while a quorum queue (a sender's reply queue) elected
+        # its new leader could route nothing more to it (RabbitMQ 3.10.8): progress and
+        # verdicts go on a new channel once the election is surely over.
+        self._new_control_at = time.monotonic() + NEW_CONTROL_AFTER
         self.reconnects += 1
         for part in self.parts:
             part.tick()
@@ -205,6 +211,11 @@ class ConsumerCore:
         if now > self._next_cleanup:
             self._next_cleanup = now + CLEANUP_INTERVAL
             self.store.cleanup()
+        if self._new_control_at is not None and now > self._new_control_at:
+            self._new_control_at = None
+            old, self.control = self.control, self.connection.channel()
+            self.table.bind(self.connection, self.control)
+            old.close()
         self.table.tick()
         for part in self.parts:
             part.tick()

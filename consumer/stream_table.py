@@ -57,6 +57,9 @@ from objstream.consumer.streams import Received, Stream
 log = logging.getLogger(__name__)
 
 RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
+LINGER = 15.0
+"""Seconds a stream's data queue is still consumed after the verdict: a resend arriving there
+means the sender missed the verdict, which goes again (at most every second)."""
 RETIRE_AFTER = 2.0
 """Seconds between unbinding the data queue of a stream that ended and deleting it. A publish
 the broker routed to a quorum queue while it was being deleted (with one of its nodes down)
@@ -91,6 +94,7 @@ class StreamTable:
         self._user = broker_user(settings)  # every message we publish carries it (v2)
         self._connection: Connection | None = None
         self._control: Channel | None = None
+        self._lingering: dict[str, tuple[Stream, float]] = {}  # ended, and until when
         self._retiring: dict[str, float] = {}  # unbound data queues, and when to delete them
         # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
         # for a successor, removal of partial files. FIFO, so settle() waits for all of it.
@@ -191,6 +195,13 @@ class StreamTable:
         now = time.monotonic()
         tag = delivery.tag
         props = delivery.props
+        if stream.closing and stream.verdict is not None:  # a resend after the verdict
+            assert stream.channel is not None
+            stream.channel.ack(tag)
+            if now - stream.verdict_at >= 1.0:  # the sender missed it: say it again
+                stream.verdict_at = now
+                self._publish(stream.reply_to, stream.verdict, persistent=True)
+            return
         if props.user_id != stream.user_id:
             # The broker vouches for user_id: this came from someone else than the offer did.
             reason = (f"{props.type} from user {props.user_id!r}, the offer came from user "
@@ -216,25 +227,33 @@ class StreamTable:
                 del self.streams[sid]
                 self.remember(sid)
                 if stream.channel is not None:  # inline streams have none
-                    self._retire(stream)
-        self.delete_retired(now)
+                    self._lingering[sid] = (stream, now + LINGER)
+        self.retire(now)
 
     def _retire(self, stream: Stream) -> None:
         """Unbind the data queue of a stream that ended and close its channel; the queue is
         deleted :data:`RETIRE_AFTER` s later (ours to delete: the sender may not, least
         privilege). Late resends from the sender are then unroutable, not queued."""
         assert stream.channel is not None
+        assert self._connection is not None
         sid = stream.offer.stream_id
-        try:  # on the stream's own channel: a refusal closes only that one, closing anyway
-            self.topology.unbind_data_queue(stream.channel, self.site, sid, stream.offer.sender)
+        # On the stream's own channel (a new one after a reconnect): a refusal closes only it.
+        channel = stream.channel if stream.channel.is_open else self._connection.channel()
+        try:
+            self.topology.unbind_data_queue(channel, self.site, sid, stream.offer.sender)
         except ObjstreamError as e:
             log.warning("stream %s: could not unbind its data queue (%s)", sid, e)
-        stream.channel.close()
+        channel.close()
         self._retiring[self.topology.data_queue(self.site, sid)] = time.monotonic() + RETIRE_AFTER
 
-    def delete_retired(self, now: float | None = None) -> None:
-        """Delete the retired data queues that are due (``now`` None: all of them)."""
+    def retire(self, now: float | None = None) -> None:
+        """Retire the ended streams whose :data:`LINGER` is over and delete the data queues
+        retired :data:`RETIRE_AFTER` ago (``now`` None: all of them, at once)."""
         assert self._control is not None
+        for sid, (stream, until) in list(self._lingering.items()):
+            if now is None or now >= until:
+                del self._lingering[sid]
+                self._retire(stream)
         for name, due in list(self._retiring.items()):
             if now is None or now >= due:
                 self._control.delete_queue(name)
@@ -331,6 +350,7 @@ class StreamTable:
             what = f"keeping stream {stream.offer.stream_id} on disk"
             self._on_disk(what, stream.leave_on_disk)  # syncs the partial file
         elif isinstance(action, SendVerdict):
+            stream.verdict, stream.verdict_at = action.done, time.monotonic()
             self._publish(stream.reply_to, action.done, persistent=True)
         elif isinstance(action, Finished):
             self._finished(stream, action)
