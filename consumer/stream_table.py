@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
 LINGER = 15.0
 """Seconds a stream's data queue is still consumed after the verdict: a resend arriving there
-means the sender missed the verdict, which goes again (at most every second)."""
+means the sender missed the verdict, which goes again (at most every second). At most
+MAX_LINGERING streams linger (a channel each); beyond, the oldest is retired at once."""
+MAX_LINGERING = 64
 RETIRE_AFTER = 2.0
 """Seconds between unbinding the data queue of a stream that ended and deleting it. A publish
 the broker routed to a quorum queue while it was being deleted (with one of its nodes down)
@@ -251,7 +253,7 @@ class StreamTable:
         retired :data:`RETIRE_AFTER` ago (``now`` None: all of them, at once)."""
         assert self._control is not None
         for sid, (stream, until) in list(self._lingering.items()):
-            if now is None or now >= until:
+            if now is None or now >= until or len(self._lingering) > MAX_LINGERING:
                 del self._lingering[sid]
                 self._retire(stream)
         for name, due in list(self._retiring.items()):
