@@ -33,6 +33,7 @@ FLUSH_INTERVAL = 0.05  # seconds: acks (to the broker) never wait longer than th
 PROGRESS_INTERVAL = 0.25  # seconds: progress (to the sender) between quarter windows, at most
 COMMIT_HEARTBEAT = 1.0  # seconds: progress while committing, so the sender knows we are alive
 RECONSUME_AFTER = 5.0  # seconds of silence after a reconnect before consuming the queue again
+VERDICT_AGAIN_EVERY = 1.0  # seconds: a verdict the sender missed goes again at most this often
 # Failures after which a file's verified prefix is kept (the sender went away, not bad data).
 KEEP_PREFIX_ON = frozenset({FailureCode.TIMEOUT, FailureCode.ABORTED})
 
@@ -196,6 +197,8 @@ class ReceiveSession:
         self.reconnected_at: float | None = None  # silent since a reconnect (None: data came)
         self.unacked_tag = 0  # highest delivery tag not yet acked (0: none)
         self.reported = reassembler.stored
+        self.verdict: Done | None = None  # once sent: again if a resend shows it was missed
+        self.verdict_at = 0.0
 
     @property
     def state(self) -> State:
@@ -232,7 +235,7 @@ class ReceiveSession:
     def receive(self, tag: int, message: Any, body: bytes, now: float) -> list[Action]:
         """A parsed message from the stream's data queue, delivered with ``tag``."""
         if not self._arrived(tag, now):
-            return []
+            return self._after_verdict(now)
         try:
             if message.ident != self.offer.stream_id:
                 raise ProtocolError(
@@ -417,9 +420,21 @@ class ReceiveSession:
         self.reported = self.stored
         return SendProgress(self.stored, self.stored_bytes, resend_from)
 
+    def _after_verdict(self, now: float) -> list[Action]:
+        """A message after the verdict (the driver still consumes the data queue a while): the
+        sender resends, so it missed the verdict, which goes again, at most every
+        :data:`VERDICT_AGAIN_EVERY` s, with an ack of what came since (fewer than a window, so
+        the next resend gets through)."""
+        if self.verdict is None or now - self.verdict_at < VERDICT_AGAIN_EVERY:
+            return []  # committing, or just said: acked with the rest
+        self.verdict_at = now
+        ack, self.unacked_tag = Ack(self.unacked_tag), 0
+        return [ack, SendVerdict(self.verdict)]
+
     def _end(self, done: Done, finished: Finished) -> list[Action]:
         actions: list[Action] = []
         if self.unacked_tag:
             actions.append(Ack(self.unacked_tag))
             self.unacked_tag = 0
+        self.verdict, self.verdict_at = done, self.last_activity
         return [*actions, SendVerdict(done), finished]

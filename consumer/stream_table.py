@@ -59,8 +59,8 @@ log = logging.getLogger(__name__)
 RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
 LINGER = 15.0
 """Seconds a stream's data queue is still consumed after the verdict: a resend arriving there
-means the sender missed the verdict, which goes again (at most every second). At most
-MAX_LINGERING streams linger (a channel each); beyond, the oldest is retired at once."""
+means the sender missed the verdict, which its session sends again. At most MAX_LINGERING
+streams linger (a channel each); beyond, the oldest is retired at once."""
 MAX_LINGERING = 64
 RETIRE_AFTER = 2.0
 """Seconds between unbinding the data queue of a stream that ended and deleting it. A publish
@@ -197,13 +197,6 @@ class StreamTable:
         now = time.monotonic()
         tag = delivery.tag
         props = delivery.props
-        if stream.closing and stream.verdict is not None:  # a resend after the verdict
-            assert stream.channel is not None
-            stream.channel.ack(tag)
-            if now - stream.verdict_at >= 1.0:  # the sender missed it: say it again
-                stream.verdict_at = now
-                self._publish(stream.reply_to, stream.verdict, persistent=True)
-            return
         if props.user_id != stream.user_id:
             # The broker vouches for user_id: this came from someone else than the offer did.
             reason = (f"{props.type} from user {props.user_id!r}, the offer came from user "
@@ -352,7 +345,6 @@ class StreamTable:
             what = f"keeping stream {stream.offer.stream_id} on disk"
             self._on_disk(what, stream.leave_on_disk)  # syncs the partial file
         elif isinstance(action, SendVerdict):
-            stream.verdict, stream.verdict_at = action.done, time.monotonic()
             self._publish(stream.reply_to, action.done, persistent=True)
         elif isinstance(action, Finished):
             self._finished(stream, action)

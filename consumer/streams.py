@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from objstream.common.amqp import Channel
-from objstream.common.protocol import Done, Offer
+from objstream.common.protocol import Offer
 from objstream.common.reassembly import Reassembler
 from objstream.common.receive_session import ReceiveSession
 from objstream.common.streaming import ObjectAssembler
@@ -70,8 +70,6 @@ class Stream:
     resumed_bytes: int = 0  # bytes kept from an earlier attempt
     taken_over: bool = False  # left by an earlier receiver of the directory
     received: Received | None = None  # set once committed, handed out with the verdict
-    verdict: Done | None = None  # the done sent (again if the sender resends: it missed it)
-    verdict_at: float = 0.0
 
     @property
     def reassembler(self) -> Reassembler:

@@ -164,6 +164,23 @@ def test_a_resend_of_what_is_stored_is_answered_with_a_progress_again() -> None:
     assert [p.stored for p in d.of(SendProgress)] == [2, 4, 4]
 
 
+def test_a_resend_after_the_verdict_gets_the_verdict_again() -> None:
+    """The data queue is still consumed a while after the verdict: a resend there means the
+    sender missed the verdict, which goes again, at most once a second."""
+    d = Driver(bytes(30), window=8)
+    for seq in range(3):
+        d.chunk(seq, 0.1)
+    d.send_end(0.1)
+    first = d.verdict.done
+    assert first.ok
+    d.chunk(2, 1.2)  # the sender resends: it missed the verdict
+    d.chunk(2, 1.5)  # 0.3 s later: not again yet
+    assert [v.done for v in d.of(SendVerdict)] == [first, first]
+    d.chunk(2, 2.3)
+    assert [v.done for v in d.of(SendVerdict)] == [first, first, first]
+    assert d.acked == d.tag  # the late ones are acked with each verdict
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     size=st.integers(0, 200),
