@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Unpack
+from typing import Any, Literal, Unpack
 
 from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
+from objstream.common.offthread import off_thread
 from objstream.common.protocol import Reply, Request, new_stream_id
 from objstream.common.settings import Settings, check_object_name, check_site
 from objstream.consumer.core import ConsumerCore, ConsumerSide
@@ -38,8 +37,6 @@ from objstream.consumer.resume import Resumable
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 MAX_ASKS = 3  # requests for one retrieval, when reconnects lose the offer
 
@@ -121,7 +118,11 @@ class Retriever(ConsumerSide):
     def _run(self, request: Request, from_site: str, timeout: float) -> Received:
         kept = None
         if request.kind == "file":  # hashing the prefix may be slow: off the connection's thread
-            kept = self._off_thread(lambda: self._core.store.kept(from_site, request.name))
+            kept = off_thread(
+                lambda: self._core.store.kept(from_site, request.name),
+                lambda: self._core.events(0.05),
+                "objstream-retriever",
+            )
         try:
             for _ in range(MAX_ASKS - 1):
                 try:
@@ -133,14 +134,6 @@ class Retriever(ConsumerSide):
         finally:
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: still there for the next attempt
-
-    def _off_thread(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on a worker thread while this thread keeps the connection served."""
-        with ThreadPoolExecutor(1, thread_name_prefix="objstream-retriever") as pool:
-            future = pool.submit(work)
-            while not future.done():
-                self._core.events(0.05)
-            return future.result()
 
     def _ask(
         self,

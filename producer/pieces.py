@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 
 from objstream.common.errors import ObjstreamError
 from objstream.common.streaming import ObjectStreamer, Piece
@@ -132,16 +131,3 @@ def check_prefix(reader: PieceReader, resume_from: int, expected: str) -> int:
     log.info("%s %r resumes from chunk %d of %d", source.kind, source.name, resume_from,
              reader.count)  # fmt: skip
     return resume_from
-
-
-def check_prefix_meanwhile(
-    reader: PieceReader, resume_from: int, expected: str, meanwhile: Callable[[], None]
-) -> int:
-    """:func:`check_prefix` on a worker thread, calling ``meanwhile`` (which keeps the
-    connection alive: heartbeats) until it is done: a prefix of GiBs on a slow disk must not
-    cost the connection."""
-    with ThreadPoolExecutor(1, thread_name_prefix="objstream-prefix") as pool:
-        future = pool.submit(check_prefix, reader, resume_from, expected)
-        while not future.done():
-            meanwhile()
-        return future.result()

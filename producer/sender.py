@@ -36,6 +36,7 @@ from objstream.common.errors import (
     SendFailed,
     TransferFailed,
 )
+from objstream.common.offthread import off_thread
 from objstream.common.protocol import (
     Abort,
     Chunk,
@@ -70,7 +71,7 @@ from objstream.common.topology import Topology
 from objstream.producer.answering import Answering as Answering
 from objstream.producer.answering import Joiners
 from objstream.producer.answering import Resume as Resume
-from objstream.producer.pieces import PieceReader, check_prefix_meanwhile
+from objstream.producer.pieces import PieceReader, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -282,12 +283,11 @@ class StreamSender:
         return transfer.run(routes, joiners)
 
     def _resume_point(self, reader: PieceReader, resume: Resume) -> int:
-        """Where a resumed stream starts: ``resume.from_chunk`` if the receiver's prefix is
-        still the source's (hashed while the connection is kept alive), else 0."""
+        """Where a resumed stream starts: ``resume.from_chunk`` if the prefix is unchanged."""
         if not resume.from_chunk:
             return 0
-        return check_prefix_meanwhile(reader, resume.from_chunk, resume.prefix_sha256,
-                                      lambda: self.process_events(0.1))  # fmt: skip
+        return off_thread(lambda: check_prefix(reader, resume.from_chunk, resume.prefix_sha256),
+                          lambda: self.process_events(0.1), "objstream-prefix")  # fmt: skip
 
 
 class _Transfer:
