@@ -169,9 +169,9 @@ class ConsumerCore:
         except (ConnectionLost, BrokerRefused):
             log.debug("connection already gone while closing", exc_info=True)
         finally:
+            # A stream still open here lost its connection (a Ctrl-C inside pika): kept on disk.
+            self.table.abandon(None if checkpoint else f"receiver of site {self.site} shut down")
             self.table.shut_down()
-            for stream in self.table.streams.values():
-                stream.assembler.discard()
 
     # -- the connection ---------------------------------------------------------------------------
 

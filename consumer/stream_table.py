@@ -58,9 +58,8 @@ log = logging.getLogger(__name__)
 
 RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
 LINGER = 15.0
-"""Seconds a stream's data queue is still consumed after the verdict: a resend arriving there
-means the sender missed the verdict, which its session sends again. At most MAX_LINGERING
-streams linger (a channel each); beyond, the oldest is retired at once."""
+"""Seconds a data queue is still consumed after the verdict (a resend there gets the verdict
+again), for at most MAX_LINGERING streams (a channel each): beyond, the oldest is retired."""
 MAX_LINGERING = 64
 RETIRE_AFTER = 2.0
 """Seconds between unbinding the data queue of a stream that ended and deleting it. A publish
@@ -226,9 +225,9 @@ class StreamTable:
         self.retire(now)
 
     def _retire(self, stream: Stream) -> None:
-        """Unbind the data queue of a stream that ended and close its channel; the queue is
-        deleted :data:`RETIRE_AFTER` s later (ours to delete: the sender may not, least
-        privilege). Late resends from the sender are then unroutable, not queued."""
+        """Unbind the data queue of a stream that ended (late resends are then unroutable) and
+        close its channel; the queue is deleted :data:`RETIRE_AFTER` s later (by us: least
+        privilege does not let the sender)."""
         assert stream.channel is not None
         assert self._connection is not None
         sid = stream.offer.stream_id
@@ -433,6 +432,16 @@ class StreamTable:
             self._disk.submit(lambda: None).result()
             if not self.drain():
                 return
+
+    def abandon(self, reason: str | None) -> None:
+        """The connection is gone as we close: end open streams on disk alone, as fail (or,
+        ``reason`` None, suspend) would: a verified prefix kept; nobody can be told."""
+        for stream in [s for s in self.streams.values() if not s.closing]:
+            s = stream.session
+            ending = s.fail(FailureCode.ABORTED, reason) if reason else s.suspend(time.monotonic())
+            for action in ending:
+                if not isinstance(action, Ack | SendProgress | SendVerdict):
+                    self._do_state(stream, action)
 
     def shut_down(self) -> None:
         """Finish the disk work still queued and stop the disk thread (when closing)."""

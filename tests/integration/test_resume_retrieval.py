@@ -293,3 +293,36 @@ def test_resume_requests_the_owner_cannot_serve_are_refused(
         assert words in reply.detail  # type: ignore[union-attr]
     finally:
         connection.close()
+
+
+def test_a_retriever_whose_connection_broke_as_it_was_interrupted_keeps_the_prefix(
+    settings: Settings,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A Ctrl-C can land inside pika and leave the connection unusable: closing then cannot
+    tell the owner, but the verified prefix stays on disk (it was deleted) and is resumed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    digest = random_file(src / "big.bin", 32 * MiB)
+    dest = tmp_path / "in"
+    slow = settings.model_copy(update={"chunk_size": CHUNK, "window": 2})
+    server = start_server(slow, lambda s: FileRetriever(s, source_dir=src))
+    retrievers: list[Retriever] = []
+
+    def interrupt(site: str, stream_id: str, stored: int, total: int | None) -> None:
+        if stored > 4 * MiB:
+            retrievers[0]._core.connection.close()  # the broken connection, for real
+            raise KeyboardInterrupt
+
+    def fetch() -> None:
+        with Retriever("site-1", dest, slow, progress=interrupt) as retriever:
+            retrievers.append(retriever)
+            retriever.retrieve_file("server", "big.bin", timeout=20)
+
+    with pytest.raises(KeyboardInterrupt):
+        fetch()
+    kept_chunks = _kept_prefix(dest, src / "big.bin")
+    server.stop()
+    _retrieve_the_rest(slow, start_server, monkeypatch, src, dest, kept_chunks, digest)
