@@ -58,10 +58,15 @@ class Grant:
         return [
             self._ctl("set_permissions", "-p", self.vhost, self.user, p.configure, p.write, p.read),
             self._ctl(
-                "set_topic_permissions", "-p", self.vhost, self.user, self.namespace,
-                p.topic_write, p.topic_read,
+                "set_topic_permissions",
+                "-p",
+                self.vhost,
+                self.user,
+                self.namespace,
+                p.topic_write,
+                p.topic_read,
             ),
-        ]  # fmt: skip
+        ]
 
     def script(self, *, existing_user: bool = False) -> list[str]:
         """The lines to print: comments, then the shell-quoted commands."""
@@ -191,9 +196,13 @@ def apply(grant: Grant, password: str | None) -> int:
 def _run(argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
-            list(argv), input=stdin, capture_output=True, text=True,
-            timeout=RABBITMQCTL_TIMEOUT, check=False,
-        )  # fmt: skip
+            list(argv),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=RABBITMQCTL_TIMEOUT,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         detail = f"no answer within {RABBITMQCTL_TIMEOUT:g} s"
         return subprocess.CompletedProcess(list(argv), -1, "", detail)

@@ -387,10 +387,11 @@ def connect_failure(
     if isinstance(error, AMQPConnectorStackTimeout):
         what = "TLS or AMQP" if tls else "AMQP"
         return BrokerUnreachable(
-            url, f"no {what} handshake within {settings.connect_timeout:g} s",
+            url,
+            f"no {what} handshake within {settings.connect_timeout:g} s",
             f"is that an AMQP{'S' if tls else ''} port of RabbitMQ? "
             "(--url; --connect-timeout bounds each attempt)",
-        )  # fmt: skip
+        )
     if isinstance(error, pika.exceptions.IncompatibleProtocolError):
         # pika hands over only the words of the stream error here (its repr), not the error.
         return closed_in_handshake(settings, url, tls, describe(error))
@@ -434,8 +435,11 @@ def connect(settings: Settings, name: str) -> Connection:
             wait = min(delay, left)
             log.warning(
                 "broker at %s unreachable (%s); retrying in %.1f s (giving up in %.0f s)",
-                settings.masked_url, failure.detail, wait, left,
-            )  # fmt: skip
+                settings.masked_url,
+                failure.detail,
+                wait,
+                left,
+            )
             time.sleep(wait)
             delay = min(delay * 2, 10.0)
             continue

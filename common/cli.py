@@ -175,10 +175,15 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     from objstream.common.settings import load_settings
 
     return load_settings(
-        url=args.url, namespace=args.namespace, log_level=args.log_level,
-        connect_timeout=args.connect_timeout, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, **extra,
-    )  # fmt: skip
+        url=args.url,
+        namespace=args.namespace,
+        log_level=args.log_level,
+        connect_timeout=args.connect_timeout,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        **extra,
+    )
 
 
 def configure_logging(level: str) -> None:
@@ -239,11 +244,16 @@ class ProgressBars:
             # Counted in MiB, not bytes: tqdm's unit_scale divides rates by 1000 and calls
             # them MB/s, whatever the unit_divisor.
             bar = self._bars[stream_id] = tqdm(
-                total=None if total is None else total / MiB, desc=site, unit="MiB",
+                total=None if total is None else total / MiB,
+                desc=site,
+                unit="MiB",
                 bar_format=BAR_FORMAT if total is not None else BAR_FORMAT_NO_TOTAL,
-                delay=self._delay, file=sys.stderr, leave=False,
-                ncols=min(size.columns or 80, 100), nrows=size.lines or 24,
-            )  # fmt: skip
+                delay=self._delay,
+                file=sys.stderr,
+                leave=False,
+                ncols=min(size.columns or 80, 100),
+                nrows=size.lines or 24,
+            )
             self._done[stream_id] = 0
         bar.update((done - self._done[stream_id]) / MiB)
         self._done[stream_id] = done

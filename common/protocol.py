@@ -125,9 +125,11 @@ class Offer(_Header):
         if self.resume_from and self.inline is not None:
             raise ValueError("an inline offer cannot resume")
         if self.inline is not None and (
-            self.size is None or self.chunk_count is None or self.chunk_count > 1
+            self.size is None
+            or self.chunk_count is None
+            or self.chunk_count > 1
             or self.size > INLINE_MAX
-        ):  # fmt: skip
+        ):
             raise ValueError(f"an inline offer carries at most one chunk of {INLINE_MAX} bytes")
         if (self.size is None) != (self.chunk_count is None):
             raise ValueError("size and chunk_count are either both given or both left out")

@@ -274,8 +274,12 @@ class ReceiveSession:
                 actions.append(Write(0, outcome.offset, body, inline.meta))
             elif body:
                 raise ProtocolError("inline offer of 0 chunks with a body")
-            end = End(stream_id=offer.stream_id, chunk_count=offer.chunk_count, size=offer.size,
-                      sha256=inline.sha256)  # fmt: skip
+            end = End(
+                stream_id=offer.stream_id,
+                chunk_count=offer.chunk_count,
+                size=offer.size,
+                sha256=inline.sha256,
+            )
             self.reassembler.record_end(end)
         except ProtocolError as e:
             return self.fail(FailureCode.PROTOCOL, str(e))
@@ -320,8 +324,12 @@ class ReceiveSession:
             path = value
         self.reassembler.mark_done()
         offer = self.offer
-        done = Done(stream_id=offer.stream_id, site=self.site, ok=True,
-                    stored_as=path.name if path else None)  # fmt: skip
+        done = Done(
+            stream_id=offer.stream_id,
+            site=self.site,
+            ok=True,
+            stored_as=path.name if path else None,
+        )
         actions: list[Action] = [RemoveCheckpoint()] if self.checkpoints else []
         return actions + self._end(done, Finished(ok=True, value=value, path=path))
 
@@ -352,13 +360,20 @@ class ReceiveSession:
         """The actions of a failure the reassembler has recorded."""
         actions: list[Action]
         if code in KEEP_PREFIX_ON and self.checkpoints and self.keeps_prefix and self.stored:
-            detail += (f"; the {self.stored_bytes} bytes received are kept: retrieving "
-                       f"{self.offer.name!r} from {self.offer.sender} resumes there")  # fmt: skip
+            detail += (
+                f"; the {self.stored_bytes} bytes received are kept: retrieving "
+                f"{self.offer.name!r} from {self.offer.sender} resumes there"
+            )
             actions = [LeaveOnDisk(self.stored, self.stored_bytes)]
         else:
             actions = [Discard()]
-        done = Done(stream_id=self.offer.stream_id, site=self.site, ok=False, code=code,
-                    detail=detail[:2000])  # fmt: skip
+        done = Done(
+            stream_id=self.offer.stream_id,
+            site=self.site,
+            ok=False,
+            code=code,
+            detail=detail[:2000],
+        )
         return actions + self._end(done, Finished(ok=False, code=code, detail=detail))
 
     def _arrived(self, tag: int, now: float) -> bool:

@@ -166,8 +166,9 @@ class SendSession:
         target = Target(site, self.start, self.start, now)
         self.targets.append(target)
         self._by_site[site] = target
-        log.info("site %s joins stream %s (broadcast at chunk %d)", site, self.stream_id,
-                 self.cursor)  # fmt: skip
+        log.info(
+            "site %s joins stream %s (broadcast at chunk %d)", site, self.stream_id, self.cursor
+        )
         return self._offer_to(target)
 
     def _offer_to(self, target: Target) -> list[Action]:
@@ -211,8 +212,12 @@ class SendSession:
             raise ProtocolError(f"unexpected {type(message).__name__.lower()} on a reply queue")
         target = self._by_site.get(message.site)
         if message.stream_id != self.stream_id or target is None or not target.active:
-            log.debug("ignoring %s from %s for stream %s (not in flight)",
-                      type(message).__name__, message.site, message.stream_id)  # fmt: skip
+            log.debug(
+                "ignoring %s from %s for stream %s (not in flight)",
+                type(message).__name__,
+                message.site,
+                message.stream_id,
+            )
             return []
         if isinstance(message, Progress):
             return self._on_progress(target, message, now)
@@ -245,15 +250,23 @@ class SendSession:
             # ask for resends that mean nothing: honour them only after resend_after.
             target.last_resend = now
             target.catching_up_since = now
-            log.info("site %s made contact late: unicast from chunk %d up to the broadcast "
-                     "at %d", target.site, target.next_seq, self.cursor)  # fmt: skip
+            log.info(
+                "site %s made contact late: unicast from chunk %d up to the broadcast at %d",
+                target.site,
+                target.next_seq,
+                self.cursor,
+            )
 
     def _on_resend_request(self, target: Target, seq: int, now: float) -> None:
         if self.inline is not None:
             return
         if target.riding:
-            log.info("site %s asks to resend stream %s from chunk %d: leaves the broadcast",
-                     target.site, self.stream_id, seq)  # fmt: skip
+            log.info(
+                "site %s asks to resend stream %s from chunk %d: leaves the broadcast",
+                target.site,
+                self.stream_id,
+                seq,
+            )
             self._leave_ride(target, seq)
             target.last_resend = now
             target.catching_up_since = now
@@ -291,16 +304,22 @@ class SendSession:
             silent = now - target.quiet_since
             if silent > timeout:
                 detail = "" if target.heard else f"site {target.site!r} never took the offer"
-                actions += self._fail(target, TimedOut(target.site, self.stream_id,
-                                                       timeout, detail))  # fmt: skip
+                actions += self._fail(
+                    target, TimedOut(target.site, self.stream_id, timeout, detail)
+                )
             elif (
                 target.heard
                 and self.inline is None
                 and silent > resend_after
                 and now - target.last_resend > resend_after
             ):
-                log.info("no progress from %s for %.1f s; resending stream %s from chunk %d",
-                         target.site, silent, self.stream_id, target.stored)  # fmt: skip
+                log.info(
+                    "no progress from %s for %.1f s; resending stream %s from chunk %d",
+                    target.site,
+                    silent,
+                    self.stream_id,
+                    target.stored,
+                )
                 if silent > 2 * resend_after and now - self._new_channel_at > 2 * resend_after:
                     self._new_channel_at = now  # resent once already, and still nothing
                     actions.append(NewChannel(target.site))
@@ -393,8 +412,12 @@ class SendSession:
             if seq >= self.cursor and room and target.state is _S.SENDING:
                 target.riding = True  # caught up: the broadcast carries it from here
                 target.held_since = target.catching_up_since = None
-                log.info("site %s rides stream %s's broadcast from chunk %d", target.site,
-                         self.stream_id, self.cursor)  # fmt: skip
+                log.info(
+                    "site %s rides stream %s's broadcast from chunk %d",
+                    target.site,
+                    self.stream_id,
+                    self.cursor,
+                )
                 return []
             bound = self.cursor  # never ahead of the broadcast: it joins there
         else:
@@ -422,8 +445,12 @@ class SendSession:
         riders = [t for t in self._active() if t.heard]
         for rider in riders:
             rider.riding = True
-        log.info("stream %s: broadcast starts at chunk %d to %s", self.stream_id, self.cursor,
-                 ", ".join(t.site for t in riders) or "nobody yet")  # fmt: skip
+        log.info(
+            "stream %s: broadcast starts at chunk %d to %s",
+            self.stream_id,
+            self.cursor,
+            ", ".join(t.site for t in riders) or "nobody yet",
+        )
 
     def _check_hold_back(self, now: float) -> None:
         """A rider whose full window alone stops the broadcast while other riders could take
@@ -441,8 +468,12 @@ class SendSession:
             elif rider.held_since is None:
                 rider.held_since = now
             elif now - rider.held_since > self.pacing.resend_after:
-                log.info("site %s holds stream %s's broadcast back for %.1f s: it leaves the "
-                         "ride", rider.site, self.stream_id, now - rider.held_since)  # fmt: skip
+                log.info(
+                    "site %s holds stream %s's broadcast back for %.1f s: it leaves the ride",
+                    rider.site,
+                    self.stream_id,
+                    now - rider.held_since,
+                )
                 self._leave_ride(rider, self.cursor)
                 rider.last_resend = now
 
@@ -452,9 +483,13 @@ class SendSession:
         for target in self._active():
             since = target.catching_up_since
             if since is not None and now - since > self.pacing.resend_after:
-                log.info("site %s still catching up with stream %s's broadcast after %.1f s: "
-                         "the broadcast goes on", target.site, self.stream_id,
-                         now - since)  # fmt: skip
+                log.info(
+                    "site %s still catching up with stream %s's broadcast after %.1f s: "
+                    "the broadcast goes on",
+                    target.site,
+                    self.stream_id,
+                    now - since,
+                )
                 target.catching_up_since = None
 
     def _leave_ride(self, target: Target, seq: int) -> None:

@@ -325,8 +325,9 @@ def _environment(fields: Mapping[str, object]) -> dict[str, str]:
     """The ``OBJSTREAM_*`` variables that name a field (in any case, as environment variables
     conventionally are in capitals), by field name."""
     wanted = {f"{ENV_PREFIX}{name}".upper(): name for name in fields}
-    return {wanted[key.upper()]: value for key, value in os.environ.items()
-            if key.upper() in wanted}  # fmt: skip
+    return {
+        wanted[key.upper()]: value for key, value in os.environ.items() if key.upper() in wanted
+    }
 
 
 def load_settings(**overrides: Any) -> Settings:

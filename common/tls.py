@@ -74,11 +74,16 @@ def client_context(settings: Settings, *, tls: bool) -> ssl.SSLContext | None:
     """
     if not tls:
         if settings.tls_ca or settings.tls_cert:
-            raise ConfigError(f"TLS files are set (--tls-ca/--tls-cert) but {settings.masked_url} "
-                              "is amqp://, without TLS: use amqps://")  # fmt: skip
+            raise ConfigError(
+                f"TLS files are set (--tls-ca/--tls-cert) but {settings.masked_url} "
+                "is amqp://, without TLS: use amqps://"
+            )
         return None
-    files = {"--tls-ca": settings.tls_ca, "--tls-cert": settings.tls_cert,
-             "--tls-key": settings.tls_key}  # fmt: skip
+    files = {
+        "--tls-ca": settings.tls_ca,
+        "--tls-cert": settings.tls_cert,
+        "--tls-key": settings.tls_key,
+    }
     for option, path in files.items():
         if path is not None and not path.is_file():
             raise ConfigError(f"{option} {path}: no such file")

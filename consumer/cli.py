@@ -130,16 +130,30 @@ def _retrieve_options(cmd: argparse.ArgumentParser) -> None:
 def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -> None:
     rate = item.size / (1024 * 1024) / seconds if seconds > 0 else 0.0
     if args.json:
-        print(json.dumps({
-            "ok": True, "kind": item.kind, "name": item.name, "path": str(item.path),
-            "bytes": item.size, "seconds": round(seconds, 3), "mib_per_s": round(rate, 1),
-            "sha256": item.sha256, "from": item.sender, "sender_user": item.sender_user,
-            "resumed_bytes": item.resumed_bytes,
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "ok": True,
+                    "kind": item.kind,
+                    "name": item.name,
+                    "path": str(item.path),
+                    "bytes": item.size,
+                    "seconds": round(seconds, 3),
+                    "mib_per_s": round(rate, 1),
+                    "sha256": item.sha256,
+                    "from": item.sender,
+                    "sender_user": item.sender_user,
+                    "resumed_bytes": item.resumed_bytes,
+                }
+            )
+        )
     else:
         if item.resumed_bytes:
-            print(f"objstream: resumed: {item.resumed_bytes} of {item.size} bytes were kept "
-                  "from an earlier attempt", file=sys.stderr)  # fmt: skip
+            print(
+                f"objstream: resumed: {item.resumed_bytes} of {item.size} bytes were kept "
+                "from an earlier attempt",
+                file=sys.stderr,
+            )
         print(item.path)
 
 
@@ -199,9 +213,12 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
                 flush=True,
             )
         if gone:
-            print(f"objstream: a stream left by an earlier listener ended, its sender gone: "
-                  f"{item}; what arrived is kept for a retrieval", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(
+                f"objstream: a stream left by an earlier listener ended, its sender gone: "
+                f"{item}; what arrived is kept for a retrieval",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             print(f"objstream: error: {item}", file=sys.stderr, flush=True)
         return

@@ -106,11 +106,20 @@ class ConsumerCore:
             CONTAINER_KIND: self._container_assembler,
             **(options.get("assemblers") or {}),
         }
-        self.table = StreamTable(site, self.settings, self.topology,
-                                 progress=options.get("progress"),
-                                 save=options.get("save"))  # fmt: skip
-        self.store = ResumeStore(self.dest, self.settings, on_entry=on_entry,
-                                 spool_containers=spool_containers, as_torch=as_torch)  # fmt: skip
+        self.table = StreamTable(
+            site,
+            self.settings,
+            self.topology,
+            progress=options.get("progress"),
+            save=options.get("save"),
+        )
+        self.store = ResumeStore(
+            self.dest,
+            self.settings,
+            on_entry=on_entry,
+            spool_containers=spool_containers,
+            as_torch=as_torch,
+        )
         self.parts: list[Part] = []
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
         self._new_control_at: float | None = None  # see _recover
@@ -203,8 +212,7 @@ class ConsumerCore:
         self.reconnects += 1
         for part in self.parts:
             part.tick()
-        log.info("reconnected to %s; %d stream(s) go on", self.connection.url,
-                 len(self.table))  # fmt: skip
+        log.info("reconnected to %s; %d stream(s) go on", self.connection.url, len(self.table))
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -235,24 +243,49 @@ class ConsumerCore:
                 if offer.kind == FILE_KIND:
                     # Its sender gave up on it, or it failed for want of a sender: what is
                     # verified stays, for a retrieval of the same file from that site to resume.
-                    log.info("stream %s (%r from %s) has no data queue any more; its %d bytes "
-                             "are kept", offer.stream_id, offer.name, offer.sender,
-                             item.resumed_bytes)  # fmt: skip
+                    log.info(
+                        "stream %s (%r from %s) has no data queue any more; its %d bytes are kept",
+                        offer.stream_id,
+                        offer.name,
+                        offer.sender,
+                        item.resumed_bytes,
+                    )
                     stream.leave_on_disk()
                 else:
-                    log.info("stream %s (%r from %s) has no data queue any more; dropped",
-                             offer.stream_id, offer.name, offer.sender)  # fmt: skip
+                    log.info(
+                        "stream %s (%r from %s) has no data queue any more; dropped",
+                        offer.stream_id,
+                        offer.name,
+                        offer.sender,
+                    )
                     self.store.drop(stream.assembler, stream.state)
                 continue
-            log.info("resuming %s %r from %s at chunk %d of %s", offer.kind, offer.name,
-                     offer.sender, item.reassembler.stored, offer.chunk_count)  # fmt: skip
+            log.info(
+                "resuming %s %r from %s at chunk %d of %s",
+                offer.kind,
+                offer.name,
+                offer.sender,
+                item.reassembler.stored,
+                offer.chunk_count,
+            )
             self.table.start(stream)  # tells the sender where to go on from
 
     def _stream(self, item: Reopened, timeout: float) -> Stream:
-        session = self.table.session(item.reassembler, timeout=timeout, checkpoints=True,
-                                      keeps_prefix=keeps_prefix(item.assembler))  # fmt: skip
-        return Stream(item.offer, item.reply_to, session, item.assembler, item.user_id,
-                      state=item.state, resumed_bytes=item.resumed_bytes)  # fmt: skip
+        session = self.table.session(
+            item.reassembler,
+            timeout=timeout,
+            checkpoints=True,
+            keeps_prefix=keeps_prefix(item.assembler),
+        )
+        return Stream(
+            item.offer,
+            item.reply_to,
+            session,
+            item.assembler,
+            item.user_id,
+            state=item.state,
+            resumed_bytes=item.resumed_bytes,
+        )
 
     # -- offers -----------------------------------------------------------------------------------
 
@@ -295,8 +328,14 @@ class ConsumerCore:
             log.debug("duplicate offer for stream %s ignored", offer.stream_id)
             return
         try:
-            stream = self._open_stream(offer, reply_to, user_id=delivery.props.user_id, kept=kept,
-                                       timeout=timeout, requested=requested)  # fmt: skip
+            stream = self._open_stream(
+                offer,
+                reply_to,
+                user_id=delivery.props.user_id,
+                kept=kept,
+                timeout=timeout,
+                requested=requested,
+            )
         except OfferRefused as e:
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: there for the next attempt
@@ -313,8 +352,14 @@ class ConsumerCore:
             self.table.refuse(offer, reply_to, FailureCode.REFUSED, detail)
             return
         # The data queue is declared and bound: the first progress tells the sender to go on.
-        log.info("receiving %s %r (%d bytes) from %s as stream %s", offer.kind, offer.name,
-                 offer.size, offer.sender, offer.stream_id)  # fmt: skip
+        log.info(
+            "receiving %s %r (%d bytes) from %s as stream %s",
+            offer.kind,
+            offer.name,
+            offer.size,
+            offer.sender,
+            offer.stream_id,
+        )
         self.table.start(stream)  # first contact: the sender may resend from here on
 
     def _open_stream(
@@ -337,13 +382,20 @@ class ConsumerCore:
             self._check_sender(offer, user_id)
         self._check_offer(offer)
         if kept is not None and not offer.resume_from:
-            log.info("%s %r comes whole (it changed at %s); dropping the %d bytes kept",
-                     offer.kind, offer.name, offer.sender, kept.stored_bytes)  # fmt: skip
+            log.info(
+                "%s %r comes whole (it changed at %s); dropping the %d bytes kept",
+                offer.kind,
+                offer.name,
+                offer.sender,
+                kept.stored_bytes,
+            )
             kept.discard()
             kept = None
         if offer.resume_from and (kept is None or not continues(kept, offer)):
-            detail = (f"the offer resumes from chunk {offer.resume_from}, but no partial file "
-                      "to match is kept here")  # fmt: skip
+            detail = (
+                f"the offer resumes from chunk {offer.resume_from}, but no partial file "
+                "to match is kept here"
+            )
             raise OfferRefused(FailureCode.PROTOCOL, detail)
         timeout = self.settings.timeout if timeout is None else timeout
         try:
@@ -364,8 +416,12 @@ class ConsumerCore:
             except OSError as e:
                 assembler.discard()
                 raise OfferRefused(FailureCode.IO, f"state file: {e}") from e
-        session = self.table.session(reassembler, timeout=timeout, checkpoints=state is not None,
-                                      keeps_prefix=keeps_prefix(assembler))  # fmt: skip
+        session = self.table.session(
+            reassembler,
+            timeout=timeout,
+            checkpoints=state is not None,
+            keeps_prefix=keeps_prefix(assembler),
+        )
         return Stream(offer, reply_to, session, assembler, user_id, state=state)
 
     def _check_sender(self, offer: Offer, user_id: str | None) -> None:
@@ -373,8 +429,10 @@ class ConsumerCore:
         vouches for ``user_id``: it refuses a publish whose user_id is not the sender's)."""
         accepted = self.settings.accept_from
         if accepted and user_id not in accepted:
-            detail = (f"site {self.site} takes pushes only from broker users "
-                      f"{', '.join(accepted)}, not from {user_id!r}")  # fmt: skip
+            detail = (
+                f"site {self.site} takes pushes only from broker users "
+                f"{', '.join(accepted)}, not from {user_id!r}"
+            )
             raise OfferRefused(FailureCode.FORBIDDEN, detail)
 
     def _check_offer(self, offer: Offer) -> None:
@@ -406,8 +464,9 @@ def check_answerable(reply_to: str | None, user_id: str | None, peer: str, what:
     if parsed is None:
         raise ProtocolError(f"{what} with reply_to {reply_to!r}, not reply:SITE:QID")
     if parsed[0] != peer:
-        raise ProtocolError(f"{what} from site {peer!r} with reply_to {reply_to!r} of site "
-                            f"{parsed[0]!r}")  # fmt: skip
+        raise ProtocolError(
+            f"{what} from site {peer!r} with reply_to {reply_to!r} of site {parsed[0]!r}"
+        )
     if not user_id:
         raise ProtocolError(f"{what} without user_id")
 

@@ -86,8 +86,9 @@ class ReadBehind:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self._done += len(data)
         if self._done - self._dropped >= SYNC_EVERY:
-            os.posix_fadvise(self._fd, self._dropped, self._done - self._dropped,
-                             os.POSIX_FADV_DONTNEED)  # fmt: skip
+            os.posix_fadvise(
+                self._fd, self._dropped, self._done - self._dropped, os.POSIX_FADV_DONTNEED
+            )
             self._dropped = self._done
         return data
 

@@ -38,9 +38,13 @@ class Inbox:
         assert self._channel is not None
         others = self._channel.consumer_count(self._queue)
         if others:
-            log.warning("the inbox of site %s (%s) already has %d consumer(s): other receivers of "
-                        "this site take a share of what is sent to it", self._core.site,
-                        self._queue, others)  # fmt: skip
+            log.warning(
+                "the inbox of site %s (%s) already has %d consumer(s): other receivers of "
+                "this site take a share of what is sent to it",
+                self._core.site,
+                self._queue,
+                others,
+            )
 
     def tick(self) -> None:
         """Take offers again once a stream slot is free."""

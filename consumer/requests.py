@@ -90,10 +90,16 @@ class RequestTracker:
             self._ask_of(from_site)
         # A request nobody answers within the timeout is void: the requester has given up.
         # RabbitMQ checks user_id against the connection's user.
-        props = envelope(request, persistent=False, reply_to=self.reply_to,
-                         expiration_s=asked.timeout, user_id=self._user)  # fmt: skip
-        core.control.publish(core.topology.exchange, core.topology.service_key(from_site), b"",
-                             props)  # fmt: skip
+        props = envelope(
+            request,
+            persistent=False,
+            reply_to=self.reply_to,
+            expiration_s=asked.timeout,
+            user_id=self._user,
+        )
+        core.control.publish(
+            core.topology.exchange, core.topology.service_key(from_site), b"", props
+        )
         self._pending[request.request_id] = asked
 
     def reply(self, request_id: str) -> Reply | None:
@@ -159,5 +165,6 @@ class RequestTracker:
 
     def _take(self, stream_id: str, delivery: Delivery) -> None:
         asked = self._expected[stream_id]
-        self._core.take_offer(delivery, timeout=asked.timeout, requested=asked.name,
-                              kept=asked.kept)  # fmt: skip
+        self._core.take_offer(
+            delivery, timeout=asked.timeout, requested=asked.name, kept=asked.kept
+        )

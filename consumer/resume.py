@@ -66,8 +66,12 @@ class StreamState:
         path = state_path(dest, offer.stream_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        record = {"offer": to_headers(offer), "reply_to": reply_to, "requested": requested,
-                  "user_id": user_id}  # fmt: skip
+        record = {
+            "offer": to_headers(offer),
+            "reply_to": reply_to,
+            "requested": requested,
+            "user_id": user_id,
+        }
         header = json.dumps(record).encode() + b"\n"
         os.pwrite(fd, header, 0)
         state = cls(path, fd, len(header))

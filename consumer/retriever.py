@@ -143,13 +143,19 @@ class Retriever(ConsumerSide):
         kept: Resumable | None,
     ) -> Received:
         if kept is not None:
-            log.info("asking %s for the rest of %r: %d bytes are kept", from_site, request.name,
-                     kept.stored_bytes)  # fmt: skip
-            request = request.model_copy(update={
-                "resume_from": kept.stored,
-                "chunk_size": kept.offer.chunk_size,
-                "prefix_sha256": kept.prefix_sha256().copy().hexdigest(),
-            })  # fmt: skip
+            log.info(
+                "asking %s for the rest of %r: %d bytes are kept",
+                from_site,
+                request.name,
+                kept.stored_bytes,
+            )
+            request = request.model_copy(
+                update={
+                    "resume_from": kept.stored,
+                    "chunk_size": kept.offer.chunk_size,
+                    "prefix_sha256": kept.prefix_sha256().copy().hexdigest(),
+                }
+            )
         asked = Asked(timeout, request.name, kept, from_site)
         self._requests.publish(request, from_site, asked)
         try:

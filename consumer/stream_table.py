@@ -157,8 +157,7 @@ class StreamTable:
         try:
             channel.qos(self.window(offer))
             if declare:
-                self.topology.declare_data_queue(channel, self.site, offer.stream_id,
-                                                 offer.sender)  # fmt: skip
+                self.topology.declare_data_queue(channel, self.site, offer.stream_id, offer.sender)
             else:
                 channel.declare_queue(queue, passive=True)
             stream.consumer_tag = channel.consume(queue, partial(self._on_data, stream))
@@ -198,8 +197,10 @@ class StreamTable:
         props = delivery.props
         if props.user_id != stream.user_id:
             # The broker vouches for user_id: this came from someone else than the offer did.
-            reason = (f"{props.type} from user {props.user_id!r}, the offer came from user "
-                      f"{stream.user_id!r}")  # fmt: skip
+            reason = (
+                f"{props.type} from user {props.user_id!r}, the offer came from user "
+                f"{stream.user_id!r}"
+            )
             self.run(stream, stream.session.malformed(tag, reason, now), delivery)
             return
         try:
@@ -265,9 +266,11 @@ class StreamTable:
                 self.run(stream, actions)
 
     def _reconsume(self, stream: Stream) -> None:
-        log.warning("stream %s: nothing from its data queue %.0f s after a reconnect; "
-                    "consuming it again", stream.offer.stream_id,
-                    stream.session.reconsume_after)  # fmt: skip
+        log.warning(
+            "stream %s: nothing from its data queue %.0f s after a reconnect; consuming it again",
+            stream.offer.stream_id,
+            stream.session.reconsume_after,
+        )
         if stream.channel is not None:
             with contextlib.suppress(ObjstreamError):
                 stream.channel.close()  # what it held unacked is redelivered
@@ -295,8 +298,10 @@ class StreamTable:
                 stream.channel.close()  # nothing unacked is lost: the broker requeues it
             log.info(
                 "left stream %s (%r) at chunk %d for the next receiver",
-                stream.offer.stream_id, stream.offer.name, stream.reassembler.stored,
-            )  # fmt: skip
+                stream.offer.stream_id,
+                stream.offer.name,
+                stream.reassembler.stored,
+            )
 
     # -- carrying actions out ---------------------------------------------------------------------
 
@@ -391,12 +396,18 @@ class StreamTable:
         offer, session = stream.offer, stream.session
         value = stream.assembler.finish()
         received = Received(
-            offer.stream_id, offer.kind, offer.name, session.stored_bytes,
-            session.reassembler.sha256, offer.sender,
-            path=value if isinstance(value, Path) else None, value=value,
-            info=dict(offer.info or {}), resumed_bytes=stream.resumed_bytes,
+            offer.stream_id,
+            offer.kind,
+            offer.name,
+            session.stored_bytes,
+            session.reassembler.sha256,
+            offer.sender,
+            path=value if isinstance(value, Path) else None,
+            value=value,
+            info=dict(offer.info or {}),
+            resumed_bytes=stream.resumed_bytes,
             sender_user=stream.user_id,
-        )  # fmt: skip
+        )
         if self._save is not None:
             try:
                 received = self._save(received)
@@ -461,8 +472,12 @@ class StreamTable:
 
     def _send_progress(self, stream: Stream, action: SendProgress) -> None:
         offer = stream.offer
-        progress = Progress(stream_id=offer.stream_id, site=self.site, stored=action.stored,
-                            resend_from=action.resend_from)  # fmt: skip
+        progress = Progress(
+            stream_id=offer.stream_id,
+            site=self.site,
+            stored=action.stored,
+            resend_from=action.resend_from,
+        )
         self._publish(stream.reply_to, progress, persistent=False)
         if self._progress is not None:
             self._progress(offer.sender, offer.stream_id, action.stored_bytes, offer.size)
@@ -481,13 +496,24 @@ class StreamTable:
         if finished.ok:
             assert stream.received is not None
             item = stream.received
-            log.info("stored %s %r from %s (%d bytes)%s", offer.kind, offer.name, offer.sender,
-                     item.size, f" as {item.path}" if item.path else "")  # fmt: skip
+            log.info(
+                "stored %s %r from %s (%d bytes)%s",
+                offer.kind,
+                offer.name,
+                offer.sender,
+                item.size,
+                f" as {item.path}" if item.path else "",
+            )
             self.outcomes.append(item)
             return
         assert finished.code is not None
-        log.warning("stream %s from %s failed (%s): %s", offer.stream_id, offer.sender,
-                    finished.code, finished.detail)  # fmt: skip
+        log.warning(
+            "stream %s from %s failed (%s): %s",
+            offer.stream_id,
+            offer.sender,
+            finished.code,
+            finished.detail,
+        )
         # Taken over from an earlier receiver, and its sender has gone: nothing arrived.
         gone = stream.taken_over and finished.code in KEEP_PREFIX_ON
         failed = SenderGone if gone else TransferFailed

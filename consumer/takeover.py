@@ -91,16 +91,31 @@ class ResumeStore:
                 item.discard()
                 continue
             reassembler = Reassembler.resumed(offer, item.stored, item.stored_bytes, sha)
-            found.append(Reopened(offer, item.reply_to, reassembler, assembler, item.state,
-                                  item.stored_bytes, item.user_id))  # fmt: skip
+            found.append(
+                Reopened(
+                    offer,
+                    item.reply_to,
+                    reassembler,
+                    assembler,
+                    item.state,
+                    item.stored_bytes,
+                    item.user_id,
+                )
+            )
         return found
 
     def _reopen(self, item: Resumable) -> ObjectAssembler:
         if item.offer.kind == FILE_KIND:
             return FileAssembler(self.dest, item.offer, reopen=True)
-        return ContainerSpool(self.dest, item.offer, self._on_entry, reopen=True,
-                              stored=item.stored, stored_bytes=item.stored_bytes,
-                              as_torch=self._as_torch)  # fmt: skip
+        return ContainerSpool(
+            self.dest,
+            item.offer,
+            self._on_entry,
+            reopen=True,
+            stored=item.stored,
+            stored_bytes=item.stored_bytes,
+            as_torch=self._as_torch,
+        )
 
     def kept(self, from_site: str, name: str) -> Resumable | None:
         """The kept prefix of file ``name`` from ``from_site``, hashed, if there is one. Slow on
@@ -127,12 +142,17 @@ class ResumeStore:
         except OSError:
             state.remove()
             raise
-        log.info("resuming %r from %s at chunk %d of %s (%d bytes kept)", offer.name,
-                 offer.sender, kept.stored, offer.chunk_count, kept.stored_bytes)  # fmt: skip
+        log.info(
+            "resuming %r from %s at chunk %d of %s (%d bytes kept)",
+            offer.name,
+            offer.sender,
+            kept.stored,
+            offer.chunk_count,
+            kept.stored_bytes,
+        )
         sha = kept.prefix_sha256()
         reassembler = Reassembler.resumed(offer, kept.stored, kept.stored_bytes, sha)
-        return Reopened(offer, reply_to, reassembler, assembler, state, kept.stored_bytes,
-                        user_id)  # fmt: skip
+        return Reopened(offer, reply_to, reassembler, assembler, state, kept.stored_bytes, user_id)
 
     @staticmethod
     def drop(assembler: ObjectAssembler, state: StreamState | None) -> None:

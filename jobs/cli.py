@@ -17,8 +17,11 @@ from objstream.common.settings import MiB, Settings
 from objstream.jobs import clients, dict_streaming, file_streaming
 from objstream.jobs.runner import Result, Side, peak_rss_mib
 
-ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
-              "AuthenticationRefused": EXIT_BROKER}  # fmt: skip
+ERROR_EXIT = {
+    "TimedOut": EXIT_TIMEOUT,
+    "BrokerUnreachable": EXIT_BROKER,
+    "AuthenticationRefused": EXIT_BROKER,
+}
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
@@ -32,18 +35,19 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "processes against the broker, verifies the result and prints one line (or one JSON "
         "object with --json); it exits 0 only on success. With --role, only one side runs (as "
         "the docker compose workers do).",
-    )  # fmt: skip
+    )
     sub = group.add_subparsers(
         dest="command", required=True, metavar="{file_streaming,dict_streaming,demo}"
     )
     fs = sub.add_parser(
-        "file_streaming", parents=[parent, _job_options()],
+        "file_streaming",
+        parents=[parent, _job_options()],
         help="stream a generated file from producer to consumer (no retriever)",
         description="The producer creates a temporary file and streams it straight to the "
         "consumer with the file streamer; the consumer verifies it (SHA-256 of what landed).",
         epilog="example:\n  objstream job file_streaming --size 256MiB",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     fs.add_argument(
         "--size",
         type=size_arg,
@@ -58,25 +62,27 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     fs.set_defaults(handler=run_file_streaming, settings_overrides=_overrides)
 
     ds = sub.add_parser(
-        "dict_streaming", parents=[parent, _job_options()],
+        "dict_streaming",
+        parents=[parent, _job_options()],
         help="retrieve the container 'model' from the producer through the retriever",
         description="The producer registers a container 'model' (entries layer-0, layer-1, ... "
         "of random float32 arrays) with the container retriever; the consumer is given the "
         "task retrieve_dict for 'model', retrieves it and verifies every entry.",
         epilog="example:\n  objstream job dict_streaming --entries 10 --entry-size 16MiB",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     _dict_options(ds)
     _clients_option(ds, "N client sites retrieve the model at the same moment")
     ds.set_defaults(handler=run_dict_streaming, settings_overrides=_overrides)
 
     demo = sub.add_parser(
-        "demo", parents=[parent, _job_options()],
+        "demo",
+        parents=[parent, _job_options()],
         help="file_streaming, then dict_streaming (what docker compose runs)",
         description="Runs file_streaming, then dict_streaming, with their defaults.",
         epilog="example:\n  objstream job demo --role consumer --dest /data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     demo.add_argument(
         "--size",
         type=size_arg,
@@ -135,9 +141,12 @@ def _job_options() -> argparse.ArgumentParser:
 
 def _clients_option(cmd: argparse.ArgumentParser, what: str) -> None:
     cmd.add_argument(
-        "--clients", type=_positive, default=1, metavar="N",
+        "--clients",
+        type=_positive,
+        default=1,
+        metavar="N",
         help=f"{what}; one result line with every client's outcome (default 1)",
-    )  # fmt: skip
+    )
 
 
 def _positive(text: str) -> int:
@@ -170,8 +179,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 # -- running ----------------------------------------------------------------------------------
 
 
-def _sides(args: argparse.Namespace, producer: tuple[Any, dict[str, Any]],
-           consumer: tuple[Any, dict[str, Any]]) -> dict[str, Result]:  # fmt: skip
+def _sides(
+    args: argparse.Namespace,
+    producer: tuple[Any, dict[str, Any]],
+    consumer: tuple[Any, dict[str, Any]],
+) -> dict[str, Result]:
     """Run the chosen side(s); both: the consumer first, each in its own process."""
     if args.role == "producer":
         return {"producer": {**producer[0](**producer[1]), "peak_rss_mib": peak_rss_mib()}}
@@ -208,24 +220,42 @@ def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
 
 def _file_streaming(args: argparse.Namespace, settings: Settings, where: str) -> int:
     sites = clients.client_sites(args.consumer_site, args.clients)
-    producer = (file_streaming.producer_side, {
-        "settings": settings, "site": args.producer_site,
-        "to": sites[0] if args.clients == 1 else sites, "size": args.size,
-        "chunk_size": args.chunk_size or int(settings.chunk_size), "seed": args.seed,
-    })  # fmt: skip
+    producer = (
+        file_streaming.producer_side,
+        {
+            "settings": settings,
+            "site": args.producer_site,
+            "to": sites[0] if args.clients == 1 else sites,
+            "size": args.size,
+            "chunk_size": args.chunk_size or int(settings.chunk_size),
+            "seed": args.seed,
+        },
+    )
     if args.clients > 1:
-        client = (file_streaming.consumer_side, lambda site, mine: {
-            "settings": settings, "site": site, "dest": str(mine), "timeout": args.timeout,
-        })  # fmt: skip
+        client = (
+            file_streaming.consumer_side,
+            lambda site, mine: {
+                "settings": settings,
+                "site": site,
+                "dest": str(mine),
+                "timeout": args.timeout,
+            },
+        )
         results = clients.run_clients(args, producer, client, sites, Path(where))
         return clients.report_clients(args, "file_streaming", sites, results)
     sides = _sides(
         args,
         producer,
-        (file_streaming.consumer_side, {
-            "settings": settings, "site": sites[0], "dest": where, "timeout": args.timeout,
-        }),
-    )  # fmt: skip
+        (
+            file_streaming.consumer_side,
+            {
+                "settings": settings,
+                "site": sites[0],
+                "dest": where,
+                "timeout": args.timeout,
+            },
+        ),
+    )
     return _report(args, "file_streaming", sides)
 
 
@@ -236,21 +266,38 @@ def run_dict_streaming(args: argparse.Namespace, settings: Settings) -> int:
 
 def _dict_streaming(args: argparse.Namespace, settings: Settings, where: str) -> int:
     sites = clients.client_sites(args.consumer_site, args.clients)
-    producer = (dict_streaming.producer_side, {
-        "settings": settings, "site": args.producer_site, "entries": args.entries,
-        "entry_size": args.entry_size, "seed": args.seed, "count": len(sites),
-        "timeout": args.timeout,
-    })  # fmt: skip
+    producer = (
+        dict_streaming.producer_side,
+        {
+            "settings": settings,
+            "site": args.producer_site,
+            "entries": args.entries,
+            "entry_size": args.entry_size,
+            "seed": args.seed,
+            "count": len(sites),
+            "timeout": args.timeout,
+        },
+    )
     consumer = {
-        "settings": settings, "owner": args.producer_site, "entries": args.entries,
-        "entry_size": args.entry_size, "seed": args.seed, "timeout": args.timeout,
-    }  # fmt: skip
+        "settings": settings,
+        "owner": args.producer_site,
+        "entries": args.entries,
+        "entry_size": args.entry_size,
+        "seed": args.seed,
+        "timeout": args.timeout,
+    }
     if len(sites) > 1:
         together = clients.start_barrier(args.role, len(sites))
-        client = (clients.in_step, lambda site, mine: {
-            **consumer, "site": site, "dest": str(mine), "side": dict_streaming.consumer_side,
-            "barrier": together,
-        })  # fmt: skip
+        client = (
+            clients.in_step,
+            lambda site, mine: {
+                **consumer,
+                "site": site,
+                "dest": str(mine),
+                "side": dict_streaming.consumer_side,
+                "barrier": together,
+            },
+        )
         results = clients.run_clients(args, producer, client, sites, Path(where))
         return clients.report_clients(args, "dict_streaming", sites, results)
     sides = _sides(
@@ -279,10 +326,15 @@ def _report(args: argparse.Namespace, job: str, sides: dict[str, Result]) -> int
         ok = producer.get("sha256") == consumer.get("sha256")
     rate = round(size / MiB / seconds, 1) if size and seconds else None
     summary: dict[str, Any] = {
-        "job": job, "ok": ok, "role": args.role, "bytes": size, "seconds": seconds,
-        "mib_per_s": rate, "checksum_verified": ok,
+        "job": job,
+        "ok": ok,
+        "role": args.role,
+        "bytes": size,
+        "seconds": seconds,
+        "mib_per_s": rate,
+        "checksum_verified": ok,
         "peak_rss_mib": {name: side.get("peak_rss_mib") for name, side in sides.items()},
-    }  # fmt: skip
+    }
     errors = [f"{name}: {side['error']}" for name, side in sides.items() if side.get("error")]
     if errors:
         summary["errors"] = errors

@@ -16,8 +16,12 @@ from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from objstream.common.settings import MiB
 from objstream.jobs.runner import Result, Side
 
-ERROR_EXIT = {"TimedOut": EXIT_TIMEOUT, "BrokerUnreachable": EXIT_BROKER,
-              "AuthenticationRefused": EXIT_BROKER, "BrokerRefused": EXIT_BROKER}  # fmt: skip
+ERROR_EXIT = {
+    "TimedOut": EXIT_TIMEOUT,
+    "BrokerUnreachable": EXIT_BROKER,
+    "AuthenticationRefused": EXIT_BROKER,
+    "BrokerRefused": EXIT_BROKER,
+}
 
 ClientKwargs = Callable[[str, Path], dict[str, Any]]
 """The keyword arguments of a client side, given its site name and its own directory."""
@@ -85,12 +89,16 @@ def report_clients(
     size = max((r.get("bytes") or 0 for r in clients.values()), default=0)
     delivered = sum(r.get("bytes") or 0 for r in clients.values() if r.get("ok"))
     summary: dict[str, Any] = {
-        "job": job, "ok": ok, "role": args.role, "clients": len(sites), "bytes": size,
+        "job": job,
+        "ok": ok,
+        "role": args.role,
+        "clients": len(sites),
+        "bytes": size,
         "seconds": seconds,
         "aggregate_mib_per_s": round(delivered / MiB / seconds, 1) if seconds else None,
         "outcomes": {site: _outcome(r) for site, r in clients.items()},
         "peak_rss_mib": {name: r.get("peak_rss_mib") for name, r in results.items()},
-    }  # fmt: skip
+    }
     if producer is not None and not producer.get("ok"):
         summary["producer_error"] = producer.get("error", "failed")
     if args.json:
@@ -114,8 +122,9 @@ def _outcome(result: Result) -> dict[str, Any]:
 def _line(summary: dict[str, Any]) -> str:
     outcomes: dict[str, dict[str, Any]] = summary["outcomes"]
     good = [site for site, o in outcomes.items() if o.get("ok")]
-    bad = [f"{site} ({o.get('error', 'no result')})" for site, o in outcomes.items()
-           if not o.get("ok")]  # fmt: skip
+    bad = [
+        f"{site} ({o.get('error', 'no result')})" for site, o in outcomes.items() if not o.get("ok")
+    ]
     head = f"{summary['job']} ({summary['role']}, {summary['clients']} clients): "
     timing = ""
     if summary["seconds"]:

@@ -19,9 +19,15 @@ MODEL = "model"
 
 
 def producer_side(
-    settings: Settings, *, site: str, entries: int, entry_size: int, seed: int, count: int,
+    settings: Settings,
+    *,
+    site: str,
+    entries: int,
+    entry_size: int,
+    seed: int,
+    count: int,
     timeout: float,
-) -> Result:  # fmt: skip
+) -> Result:
     model = {f"layer-{i}": layer(i, entry_size, seed) for i in range(entries)}
     started = time.monotonic()
     with RetrievalServer(site, settings) as server:
@@ -55,9 +61,16 @@ def retrieve_dict(
 
 
 def consumer_side(
-    settings: Settings, *, site: str, owner: str, entries: int, entry_size: int, seed: int,
-    timeout: float, dest: str,
-) -> Result:  # fmt: skip
+    settings: Settings,
+    *,
+    site: str,
+    owner: str,
+    entries: int,
+    entry_size: int,
+    seed: int,
+    timeout: float,
+    dest: str,
+) -> Result:
     checked: list[str] = []
     wrong: list[str] = []
 

@@ -34,10 +34,14 @@ def producer_side(
                 failure = e
         seconds = time.monotonic() - started
     targets = {
-        r.site: {"ok": r.ok and r.sha256 == digest, "bytes": size, "stored_as": r.stored_as,
-                 **({"error": str(r.error)} if r.error else {})}
+        r.site: {
+            "ok": r.ok and r.sha256 == digest,
+            "bytes": size,
+            "stored_as": r.stored_as,
+            **({"error": str(r.error)} if r.error else {}),
+        }
         for r in results
-    }  # fmt: skip
+    }
     ok = failure is None and all(t["ok"] for t in targets.values())
     return {
         "ok": ok,

@@ -164,9 +164,11 @@ def _target(result: TargetResult) -> dict[str, Any]:
 
 
 def _json_outcome(
-    args: argparse.Namespace, results: list[TargetResult], seconds: float,
+    args: argparse.Namespace,
+    results: list[TargetResult],
+    seconds: float,
     error: BaseException | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The one JSON object ``--json`` prints, whatever happened: every target's outcome."""
     size = results[0].size if results else None
     rate = size / (1024 * 1024) / seconds if size is not None and seconds > 0 else 0.0
@@ -176,10 +178,13 @@ def _json_outcome(
         targets = [{"site": site, "ok": False, "error": message} for site in args.to]
     outcome: dict[str, Any] = {
         "ok": error is None and all(r.ok for r in results),
-        "name": args.path, "bytes": size, "seconds": round(seconds, 3),
-        "mib_per_s": round(rate, 1), "sha256": results[0].sha256 if results else None,
+        "name": args.path,
+        "bytes": size,
+        "seconds": round(seconds, 3),
+        "mib_per_s": round(rate, 1),
+        "sha256": results[0].sha256 if results else None,
         "targets": targets,
-    }  # fmt: skip
+    }
     if error is not None:
         outcome["error"] = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
     return outcome

@@ -112,22 +112,32 @@ def check_prefix(reader: PieceReader, resume_from: int, expected: str) -> int:
     reader's digest then holds them, as the end's SHA-256 covers the whole), else 0."""
     source = reader.streamer
     if not source.random_access or reader.count is None or resume_from > reader.count:
-        log.info("%s %r cannot resume from chunk %d; sending it whole", source.kind,
-                 source.name, resume_from)  # fmt: skip
+        log.info(
+            "%s %r cannot resume from chunk %d; sending it whole",
+            source.kind,
+            source.name,
+            resume_from,
+        )
         return 0
     try:
         for seq in range(resume_from):
             reader.get(seq)  # feeds the digest, one chunk at a time
     except (OSError, ObjstreamError) as e:
-        log.info("%s %r: cannot read the kept prefix (%s); sending it whole", source.kind,
-                 source.name, e)  # fmt: skip
+        log.info(
+            "%s %r: cannot read the kept prefix (%s); sending it whole", source.kind, source.name, e
+        )
         reader.digest = SharedDigest()
         return 0
     if not reader.digest.prefix_matches(expected):
-        log.info("%s %r changed since the requester's first %d chunks; sending it whole",
-                 source.kind, source.name, resume_from)  # fmt: skip
+        log.info(
+            "%s %r changed since the requester's first %d chunks; sending it whole",
+            source.kind,
+            source.name,
+            resume_from,
+        )
         reader.digest = SharedDigest()
         return 0
-    log.info("%s %r resumes from chunk %d of %d", source.kind, source.name, resume_from,
-             reader.count)  # fmt: skip
+    log.info(
+        "%s %r resumes from chunk %d of %d", source.kind, source.name, resume_from, reader.count
+    )
     return resume_from

@@ -149,8 +149,9 @@ class StreamSender:
         self._channel: Channel = self._connection.channel()
         named = self._replies_mode is ReplyQueue.NAMED
         ttl_ms = int((2 * self.settings.timeout + 60) * 1000)
-        self.topology.declare_reply_queue(self._channel, self.site, self.queue_id,
-                                          exclusive=not named, ttl_ms=ttl_ms)  # fmt: skip
+        self.topology.declare_reply_queue(
+            self._channel, self.site, self.queue_id, exclusive=not named, ttl_ms=ttl_ms
+        )
         for peer in self._peers:
             self.topology.bind_reply(self._channel, self.site, self.queue_id, peer)
         self._declared_inboxes.clear()
@@ -208,8 +209,9 @@ class StreamSender:
 
     def publish(self, routing_key: str, body: bytes, props: Properties) -> None:
         """Publish to the namespace's exchange, signed with the broker user."""
-        self._publishing.publish(self.topology.exchange, routing_key, body,
-                                 props.replace(user_id=self.user))  # fmt: skip
+        self._publishing.publish(
+            self.topology.exchange, routing_key, body, props.replace(user_id=self.user)
+        )
         self.bytes_published += len(body)
 
     def expect_replies_from(self, site: str) -> None:
@@ -275,8 +277,9 @@ class StreamSender:
         reader = PieceReader(source)
         start = 0 if resume is None else self._resume_point(reader, resume)
         settings = self.settings
-        pacing = Pacing(window or settings.window, timeout or settings.timeout,
-                        settings.resend_after)  # fmt: skip
+        pacing = Pacing(
+            window or settings.window, timeout or settings.timeout, settings.resend_after
+        )
         routes = {targets[0]: answering.offer_to} if answering else {}
         stream_id = answering.stream_id if answering else new_stream_id()
         transfer = _Transfer(self, reader, stream_id, targets, start=start, pacing=pacing)
@@ -286,8 +289,11 @@ class StreamSender:
         """Where a resumed stream starts: ``resume.from_chunk`` if the prefix is unchanged."""
         if not resume.from_chunk:
             return 0
-        return off_thread(lambda: check_prefix(reader, resume.from_chunk, resume.prefix_sha256),
-                          lambda: self.process_events(0.1), "objstream-prefix")  # fmt: skip
+        return off_thread(
+            lambda: check_prefix(reader, resume.from_chunk, resume.prefix_sha256),
+            lambda: self.process_events(0.1),
+            "objstream-prefix",
+        )
 
 
 class _Transfer:
@@ -310,15 +316,26 @@ class _Transfer:
         self.routes: dict[str, str] = {}  # site -> the reply_to its offer goes to (retrievals)
         source = reader.streamer
         facts = SourceFacts(
-            source.kind, source.name, source.chunk_size, source.size, source.chunk_count,
-            source.random_access, source.info() or None,
-        )  # fmt: skip
+            source.kind,
+            source.name,
+            source.chunk_size,
+            source.size,
+            source.chunk_count,
+            source.random_access,
+            source.info() or None,
+        )
         self.inline_body = b""
         inline = self._inline(facts, start)
         self.session = SendSession.create(
-            facts, targets, stream_id=stream_id, sender=sender.site, pacing=pacing,
-            start=start, inline=inline, now=time.monotonic(),
-        )  # fmt: skip
+            facts,
+            targets,
+            stream_id=stream_id,
+            sender=sender.site,
+            pacing=pacing,
+            start=start,
+            inline=inline,
+            now=time.monotonic(),
+        )
         self.keys: dict[str | None, str] = {None: sender.topology.data_key(stream_id, sender.site)}
 
     def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
@@ -337,8 +354,9 @@ class _Transfer:
     def _key(self, to: str | None) -> str:
         key = self.keys.get(to)
         if key is None:
-            key = self.keys[to] = self.sender.topology.data_key(self.stream_id,
-                                                                self.sender.site, to)  # fmt: skip
+            key = self.keys[to] = self.sender.topology.data_key(
+                self.stream_id, self.sender.site, to
+            )
         return key
 
     def run(self, routes: dict[str, str], joiners: Joiners | None) -> list[TargetResult]:
@@ -346,9 +364,15 @@ class _Transfer:
         sender.replies.clear()  # replies to earlier sends, if any, are stale
         self.routes.update(routes)
         self._do(session.start_actions())
-        log.info("streaming %s %r (%s bytes, %s chunks) to %s as stream %s", source.kind,
-                 source.name, source.size, source.chunk_count,
-                 ", ".join(t.site for t in session.targets), self.stream_id)  # fmt: skip
+        log.info(
+            "streaming %s %r (%s bytes, %s chunks) to %s as stream %s",
+            source.kind,
+            source.name,
+            source.size,
+            source.chunk_count,
+            ", ".join(t.site for t in session.targets),
+            self.stream_id,
+        )
         while True:
             try:
                 if joiners is not None:
@@ -360,8 +384,9 @@ class _Transfer:
                 sender.recover(e, self.timeout)
                 active = [t for t in session.targets if t.active]
                 self._do(session.reconnected(time.monotonic()))
-                log.info("reconnected to %s; %d target(s) go on",
-                         sender.connection.url, len(active))  # fmt: skip
+                log.info(
+                    "reconnected to %s; %d target(s) go on", sender.connection.url, len(active)
+                )
             except KeyboardInterrupt:  # tell every target now, not after its timeout
                 with contextlib.suppress(ObjstreamError):  # an unusable connection: it times out
                     self._do(session.cancel(f"site {sender.site} was interrupted"))

@@ -218,11 +218,24 @@ class RetrievalServer(Closing):
                 self._check_busy(source)
         except _Refuse as refusal:
             self.refused += 1
-            log.info("refused %s %r to %s (user %s): %s %s", request.kind, request.name,
-                     request.requester, props.user_id, refusal.code,
-                     refusal.detail)  # fmt: skip
-            self._reply(reply_to, Reply(request_id=request.request_id, ok=False,
-                                        code=refusal.code, detail=refusal.detail))  # fmt: skip
+            log.info(
+                "refused %s %r to %s (user %s): %s %s",
+                request.kind,
+                request.name,
+                request.requester,
+                props.user_id,
+                refusal.code,
+                refusal.detail,
+            )
+            self._reply(
+                reply_to,
+                Reply(
+                    request_id=request.request_id,
+                    ok=False,
+                    code=refusal.code,
+                    detail=refusal.detail,
+                ),
+            )
             return
         self.accepted += 1
         if job is not None:
@@ -269,16 +282,26 @@ class RetrievalServer(Closing):
             return None  # that stream is over (or the site is in it already)
         source.close()
         self.joined += 1
-        log.info("%s %r to %s joins stream %s", request.kind, request.name, request.requester,
-                 job.stream_id)  # fmt: skip
+        log.info(
+            "%s %r to %s joins stream %s",
+            request.kind,
+            request.name,
+            request.requester,
+            job.stream_id,
+        )
         return job
 
     @staticmethod
     def _accepted(request: Request, job: _Job) -> Reply:
         source = job.source
         entries = len(source.container) if isinstance(source, ContainerSource) else None
-        return Reply(request_id=request.request_id, ok=True, stream_id=job.stream_id,
-                     size=source.size, entries=entries)  # fmt: skip
+        return Reply(
+            request_id=request.request_id,
+            ok=True,
+            stream_id=job.stream_id,
+            size=source.size,
+            entries=entries,
+        )
 
     def _start(self, job: _Job) -> None:
         """Queue ``job`` for a worker (starting one if none is idle)."""
@@ -369,9 +392,14 @@ class RetrievalServer(Closing):
             connection = connect(self.settings, name)
             # A stream in progress survives a lost connection (the sender reconnects); an idle
             # worker whose connection is lost just ends, and the next request starts another.
-            sender = StreamSender(connection, self.settings, self.site, cancel=self._stopping,
-                                  reconnect=lambda: connect(self.settings, name),
-                                  replies=ReplyQueue.NAMED)  # fmt: skip
+            sender = StreamSender(
+                connection,
+                self.settings,
+                self.site,
+                cancel=self._stopping,
+                reconnect=lambda: connect(self.settings, name),
+                replies=ReplyQueue.NAMED,
+            )
             with self._lock:
                 self._senders.add(sender)
         except ObjstreamError as e:
@@ -430,8 +458,13 @@ class RetrievalServer(Closing):
                 ),
                 joiners=job.joiners,
             )
-            log.info("served %s %r to %s (stream %s)", request.kind, request.name,
-                     request.requester, job.stream_id)  # fmt: skip
+            log.info(
+                "served %s %r to %s (stream %s)",
+                request.kind,
+                request.name,
+                request.requester,
+                job.stream_id,
+            )
             return True
         except SendFailed as e:
             log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
