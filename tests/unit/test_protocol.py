@@ -5,7 +5,7 @@ from typing import Any
 import pika
 import pytest
 
-from objstream.common.amqp import _from_pika, _to_pika
+from objstream.common.amqp.connection import _from_pika, _to_pika
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import (
     PROTOCOL_VERSION,
