@@ -229,7 +229,7 @@ def declare_for(settings: Settings, site: str) -> None:
     topology = Topology.from_settings(settings)
     connection = connect(settings, f"objstream admin {site}")
     try:
-        topology.declare_base(connection)
+        topology.declare_base(connection, site)
         channel = connection.channel()
         try:
             topology.declare_inbox(channel, site)

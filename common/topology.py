@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 # The dead-letter queue keeps the newest messages up to these bounds; it never grows unbounded.
 DEAD_MAX_LENGTH = 10_000
 DEAD_MAX_BYTES = 64 * 1024 * 1024
+DELIVERY_LIMIT = 5
+"""Deliveries of one message from a quorum inbox or service queue before the broker
+dead-letters it (a message that kills its consumer every time cannot crash-loop a worker)."""
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,18 @@ class Topology:
         # Quorum queues replicate across a RabbitMQ cluster, so streams survive a node's death.
         return {"x-queue-type": "quorum"} if self.queue_type == "quorum" else {}
 
+    def _queue_arguments(self, site: str) -> dict[str, Any]:
+        """Every queue of ``site``: what its consumer rejects, the broker moves to the site's
+        own dead-letter exchange (no site publishes to another's, nor to a shared one)."""
+        return {"x-dead-letter-exchange": self.dead(site), **self._type_arguments}
+
+    def _service_arguments(self, site: str) -> dict[str, Any]:
+        """Inboxes and service queues: with quorum queues, a message delivered
+        :data:`DELIVERY_LIMIT` times without being settled is dead-lettered by the broker, so
+        nothing crash-loops a worker (classic queues have no such count)."""
+        limit = {"x-delivery-limit": DELIVERY_LIMIT} if self.queue_type == "quorum" else {}
+        return {**self._queue_arguments(site), **limit}
+
     # -- names ------------------------------------------------------------------------------------
 
     @property
@@ -78,10 +93,11 @@ class Topology:
         """The durable topic exchange every objstream message goes through."""
         return self.namespace
 
-    @property
-    def dead(self) -> str:
-        """Name of both the dead-letter exchange and its queue."""
-        return f"{self.namespace}.dead"
+    def dead(self, site: str) -> str:
+        """Name of both the dead-letter exchange of ``site`` and its queue: where the broker
+        puts what the site's consumers rejected (each site has its own, so that no site can
+        write into what records another's)."""
+        return f"{self.namespace}.dead.{site}"
 
     def inbox(self, site: str) -> str:
         return f"{self.namespace}.site.{site}"
@@ -137,34 +153,33 @@ class Topology:
 
     # -- declarations -----------------------------------------------------------------------------
 
-    def declare_base(self, connection: Connection) -> None:
-        """Make sure the exchange and the dead-letter exchange and queue exist.
+    def declare_base(self, connection: Connection, site: str) -> None:
+        """Make sure the exchange exists, and ``site``'s dead-letter exchange and queue.
 
-        Checked first without declaring (a site's user under least privilege may not declare
-        them: its administrator did); declared if missing.
+        The exchange is checked first without declaring (a site's user under least privilege
+        may not declare it: its administrator did) and declared if missing; a site declares its
+        own dead letters.
         """
         channel = connection.channel()
         try:
             channel.declare_exchange(self.exchange, "topic", passive=True)
-            channel.declare_exchange(self.dead, "fanout", passive=True)
-            channel.declare_queue(self.dead, passive=True)
-            return
         except BrokerRefused as e:
             if not e.not_found:
                 raise
-        finally:
-            channel.close()
-        channel = connection.channel()  # the failed check closed the other one
+            channel = connection.channel()  # the failed check closed the other one
+            channel.declare_exchange(self.exchange, "topic")
         try:
-            self._declare_base(channel)
+            self.declare_dead(channel, site)
         finally:
             channel.close()
 
-    def _declare_base(self, channel: Channel) -> None:
-        channel.declare_exchange(self.exchange, "topic")
-        channel.declare_exchange(self.dead, "fanout")
+    def declare_dead(self, channel: Channel, site: str) -> None:
+        """Declare ``site``'s dead-letter exchange and its queue, which keeps the newest
+        :data:`DEAD_MAX_LENGTH` messages (at most :data:`DEAD_MAX_BYTES`)."""
+        name = self.dead(site)
+        channel.declare_exchange(name, "fanout")
         channel.declare_queue(
-            self.dead,
+            name,
             durable=True,
             arguments={
                 "x-max-length": DEAD_MAX_LENGTH,
@@ -173,7 +188,7 @@ class Topology:
                 **self._type_arguments,  # a classic queue is gone while its node is down
             },
         )
-        channel.bind_queue(self.dead, self.dead, "")
+        channel.bind_queue(name, name, "")
 
     def declare_inbox(self, channel: Channel, site: str) -> str:
         """Declare and bind the inbox of ``site``; returns its name.
@@ -182,7 +197,7 @@ class Topology:
         answered (dead-lettered as ``unsupported_version``) rather than lost.
         """
         name = self.inbox(site)
-        channel.declare_queue(name, durable=True, arguments=self._type_arguments or None)
+        channel.declare_queue(name, durable=True, arguments=self._service_arguments(site))
         channel.bind_queue(name, self.exchange, self.offer_key(site))
         channel.bind_queue(name, self.exchange, f"site.{site}")
         return name
@@ -190,7 +205,7 @@ class Topology:
     def declare_service_queue(self, channel: Channel, site: str) -> str:
         """Declare and bind the service queue of ``site`` (also with v1's key, as the inbox)."""
         name = self.service_queue(site)
-        channel.declare_queue(name, durable=True, arguments=self._type_arguments or None)
+        channel.declare_queue(name, durable=True, arguments=self._service_arguments(site))
         channel.bind_queue(name, self.exchange, self.service_key(site))
         channel.bind_queue(name, self.exchange, f"serve.{site}")
         return name
@@ -221,7 +236,7 @@ class Topology:
         it to the sender's keys for the stream: every target's, and this target's own. It
         expires when unused for the stream TTL."""
         name = self.data_queue(site, stream_id)
-        arguments = {"x-expires": self.stream_ttl_ms, **self._type_arguments}
+        arguments = {"x-expires": self.stream_ttl_ms, **self._queue_arguments(site)}
         channel.declare_queue(name, durable=True, arguments=arguments)
         channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender))
         channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender, site))
@@ -241,11 +256,13 @@ class Topology:
         with :meth:`bind_reply`."""
         name = self.reply_queue(site, queue_id)
         if exclusive:
-            channel.declare_queue(name, exclusive=True, auto_delete=True)
+            dead = {"x-dead-letter-exchange": self.dead(site)}
+            channel.declare_queue(name, exclusive=True, auto_delete=True, arguments=dead)
         else:
             # Quorum too when the others are: it must outlive the death of its node.
-            arguments = {**({"x-expires": ttl_ms} if ttl_ms else {}), **self._type_arguments}
-            channel.declare_queue(name, durable=True, arguments=arguments or None)
+            ttl = {"x-expires": ttl_ms} if ttl_ms else {}
+            arguments = {**ttl, **self._queue_arguments(site)}
+            channel.declare_queue(name, durable=True, arguments=arguments)
         return name
 
     def bind_reply(self, channel: Channel, site: str, queue_id: str, peer: str) -> None:
@@ -274,19 +291,18 @@ class Permissions:
 def permissions(namespace: str, site: str) -> Permissions:
     """The least privilege of ``site`` under ``namespace`` (see the module's table).
 
-    A site may: declare, bind and read its own inbox, service queue, data queues and reply
-    queues; publish to the exchange (and the dead-letter exchange) with keys that name it as
-    the publisher (offers and requests to anyone; chunks of its own streams; answers signed
-    with its name); bind its queues with keys addressed to it. It cannot declare, delete or
-    read any other site's queue, nor the exchanges (an administrator declares them:
-    ``objstream admin permissions --apply``).
+    A site may: declare, bind and read its own inbox, service queue, data queues, reply queues
+    and dead-letter exchange and queue; publish to the exchange with keys that name it as the
+    publisher (offers and requests to anyone; chunks of its own streams; answers signed with
+    its name); bind its queues with keys addressed to it. It cannot declare, delete, read or
+    write any other site's queue or dead letters, nor declare the exchange (an administrator
+    does: ``objstream admin permissions --apply``).
     """
     ns, s = re.escape(namespace), re.escape(site)
-    own = rf"^{ns}\.(site|serve)\.{s}$|^{ns}\.(data|reply)\.{s}\.{HEX32}$"
-    exchanges = rf"^{ns}$|^{ns}\.dead$"
+    own = rf"^{ns}\.(site|serve|dead)\.{s}$|^{ns}\.(data|reply)\.{s}\.{HEX32}$"
     return Permissions(
         configure=own,
-        write=f"{exchanges}|{own}",
+        write=rf"^{ns}$|{own}",
         read=rf"^{ns}$|{own}",
         topic_write=(
             rf"^(offer|serve):{SITE_WORDS}$|^data:{HEX32}:{s}(:{SITE_WORDS})?$"

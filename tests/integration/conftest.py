@@ -16,7 +16,9 @@ then an error, not a quiet fall-back to a local node).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -55,7 +57,7 @@ def _docker_answers() -> bool:
 
 
 # The types of the factory fixtures, for the tests' annotations.
-DeadLetters = Callable[[], list[tuple[dict[str, object], bytes]]]
+DeadLetters = Callable[..., list[tuple[dict[str, object], bytes]]]
 """``dead_letters``: drain the dead-letter queue."""
 MakeRawPeer = Callable[[str], RawPeer]
 """``raw_peer``: a hand-driven protocol peer toward a target site."""
@@ -181,25 +183,31 @@ def declared(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Dec
         for sid in record.streams:
             for site in record.sites:  # v2: a data queue per target (it deletes its own)
                 channel.queue_delete(topo.data_queue(site, sid))
-        channel.queue_delete(topo.dead)
-        channel.exchange_delete(topo.dead)
+        for site in {*record.sites, *USUAL_SITES}:  # each site declares its own dead letters
+            channel.queue_delete(topo.dead(site))
+            channel.exchange_delete(topo.dead(site))
         channel.exchange_delete(topo.exchange)
     finally:
         connection.close()
 
 
+USUAL_SITES = ("server", "site-1", "site-2", "site-3", "raw")
+"""The sites tests use: their dead letters go at teardown even if a test did not register them."""
+
+
 @pytest.fixture
 def dead_letters(settings: Settings) -> DeadLetters:
-    """Drain ``{ns}.dead``: each dead-lettered message's headers and body."""
+    """Drain ``{ns}.dead.SITE`` (default ``site-1``): what the broker dead-lettered for the
+    site's consumers, each message's headers (``x-death`` among them) and body."""
 
-    def drain() -> list[tuple[dict[str, object], bytes]]:
+    def drain(site: str = "site-1") -> list[tuple[dict[str, object], bytes]]:
         connection = pika.BlockingConnection(pika.URLParameters(settings.url))
         found: list[tuple[dict[str, object], bytes]] = []
         try:
             channel = connection.channel()
             while True:
                 method, props, body = channel.basic_get(
-                    Topology.from_settings(settings).dead, auto_ack=True
+                    Topology.from_settings(settings).dead(site), auto_ack=True
                 )
                 if method is None:
                     return found
@@ -208,6 +216,24 @@ def dead_letters(settings: Settings) -> DeadLetters:
             connection.close()
 
     return drain
+
+
+DeadReasons = Callable[[], list[str]]
+"""``dead_reasons``: the reasons objstream logged for what it dead-lettered."""
+_DEAD_LINE = re.compile(r"dead-lettering .*?\): (.*)", re.DOTALL)
+
+
+@pytest.fixture
+def dead_reasons(caplog: pytest.LogCaptureFixture) -> DeadReasons:
+    """The reason of every message dead-lettered so far, as the rejecting side logged it (the
+    broker dead-letters a rejected message as it is, with ``x-death``; the reason is logged)."""
+    caplog.set_level(logging.WARNING, logger="objstream")
+
+    def reasons() -> list[str]:
+        found = (_DEAD_LINE.match(r.getMessage()) for r in caplog.records)
+        return [m.group(1) for m in found if m is not None]
+
+    return reasons
 
 
 class BackgroundReceiver:

@@ -63,19 +63,27 @@ def login_user(settings: Settings) -> str:
     return str(pika.URLParameters(settings.url).credentials.username)
 
 
-def declare_base(channel: Channel, topology: Topology) -> None:
-    """The topic exchange and the dead-letter exchange and queue, as documented."""
+def declare_base(channel: Channel, topology: Topology, site: str) -> None:
+    """The topic exchange, and ``site``'s own dead-letter exchange and queue, as documented."""
     channel.exchange_declare(topology.exchange, exchange_type="topic", durable=True)
-    channel.exchange_declare(topology.dead, exchange_type="fanout", durable=True)
-    arguments = {"x-max-length": DEAD_MAX_LENGTH, "x-max-length-bytes": DEAD_MAX_BYTES,
-                 "x-overflow": "drop-head"}  # fmt: skip
-    channel.queue_declare(topology.dead, durable=True, arguments=arguments)
-    channel.queue_bind(topology.dead, topology.dead)
+    dead = topology.dead(site)
+    channel.exchange_declare(dead, exchange_type="fanout", durable=True)
+    arguments = {
+        "x-max-length": DEAD_MAX_LENGTH,
+        "x-max-length-bytes": DEAD_MAX_BYTES,
+        "x-overflow": "drop-head",
+    }
+    channel.queue_declare(dead, durable=True, arguments=arguments)
+    channel.queue_bind(dead, dead)
 
 
 def declare_bound(channel: Channel, topology: Topology, queue: str, *keys: str) -> str:
-    """A durable queue bound to the exchange with ``keys`` (an inbox, a service queue)."""
-    channel.queue_declare(queue, durable=True)
+    """A durable queue ``NS.KIND.SITE`` bound to the exchange with ``keys`` (an inbox, a
+    service queue), whose rejected messages the broker dead-letters to the site's own
+    ``NS.dead.SITE``, as documented."""
+    site = queue[len(topology.namespace) + 1 :].split(".", 1)[1]
+    arguments = {"x-dead-letter-exchange": topology.dead(site)}
+    channel.queue_declare(queue, durable=True, arguments=arguments)
     for key in keys:
         channel.queue_bind(queue, topology.exchange, routing_key=key)
     return queue
@@ -107,7 +115,7 @@ class RawPeer:
         self.stream_id = new_stream_id()
         self.connection = pika.BlockingConnection(pika.URLParameters(settings.url))
         self.channel = self.connection.channel()
-        declare_base(self.channel, self.topology)
+        declare_base(self.channel, self.topology, sender)
         self.reply, self.reply_to = declare_reply_queue(
             self.channel, self.namespace, sender, target
         )

@@ -9,20 +9,24 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import pika
 import pytest
 
-from objstream.common.amqp import Channel, Connection, Delivery, connect, dead_letter
+from objstream.common.amqp import Channel, Connection, Delivery, connect
 from objstream.common.errors import (
     AuthenticationRefused,
     BrokerRefused,
     BrokerUnreachable,
     ConnectionLost,
 )
-from objstream.common.protocol import REASON_HEADER, Chunk, Properties, envelope, parse
+from objstream.common.protocol import Chunk, Properties, envelope, parse
 from objstream.common.settings import Settings
 from objstream.common.topology import Topology
+from tests import poison
+from tests.integration.rawpeer import login_user
 from tests.rabbitmq_node import free_port
 
 pytestmark = pytest.mark.integration
@@ -182,25 +186,135 @@ def test_wrong_credentials_are_authentication_refused(settings: Settings) -> Non
     assert "wrong" not in str(caught.value)
 
 
-def test_dead_letter_keeps_the_message_and_adds_the_reason(
-    connection: Connection, settings: Settings
+def _publish_raw(
+    settings: Settings, exchange: str, key: str, *poison: pika.BasicProperties
+) -> None:
+    """Publish with raw pika what objstream never would (each with an empty body)."""
+    raw = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        channel = raw.channel()
+        for props in poison:
+            channel.basic_publish(exchange, key, b"", props)
+    finally:
+        raw.close()
+
+
+def _dead(settings: Settings, topology: Topology, expected: int) -> list[tuple[Any, bytes]]:
+    """What the broker dead-lettered to ``NS.dead.site-1``, read with raw pika (pika properties and
+    body; waits for ``expected`` messages)."""
+    raw = pika.BlockingConnection(pika.URLParameters(settings.url))
+    got: list[tuple[Any, bytes]] = []
+    try:
+        channel = raw.channel()
+        deadline = time.monotonic() + 10
+        while len(got) < expected and time.monotonic() < deadline:
+            method, props, body = channel.basic_get(topology.dead("site-1"), auto_ack=True)
+            if method is None:
+                time.sleep(0.1)
+            else:
+                got.append((props, body))
+    finally:
+        raw.close()
+    return got
+
+
+def test_a_rejected_delivery_is_dead_lettered_by_the_broker_as_it_came(
+    connection: Connection, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No site publishes to the dead-letter exchange: the queue's dead-letter argument has the
+    broker move what a consumer rejects there, unchanged: its publisher's user_id and routing
+    key stay (the broker vouches for them), with ``x-death``; the reason is logged."""
+    topology = Topology.from_settings(settings)
+    topology.declare_base(connection, "site-1")
+    channel = connection.channel()
+    inbox = topology.declare_inbox(channel, "site-1")
+    user = login_user(settings)
+    props = Properties(type="chunk", message_id="x:1", user_id=user)
+    channel.publish(topology.exchange, topology.offer_key("site-1"), b"bad body", props)
+    delivery = _get_one(connection, channel, inbox)
+    assert delivery.routing_key == "offer:site-1"
+    delivery.reject("chunk 1: crc32 0x1 != 0x2")
+    [(dead, body)] = _dead(settings, topology, 1)
+    assert body == b"bad body"
+    assert (dead.message_id, dead.user_id) == ("x:1", user)
+    [death] = dead.headers["x-death"]
+    assert (death["reason"], death["queue"]) == ("rejected", inbox)
+    assert death["routing-keys"] == ["offer:site-1"]
+    assert "chunk 1: crc32 0x1 != 0x2" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("table", "why"),
+    [
+        (poison.nested_table(2000), "nested deeper"),
+        (
+            poison.table_of(b"".join(poison.entry(f"k{i}", b"t", b"\x01") for i in range(5000))),
+            "more than",
+        ),
+    ],
+    ids=["2000-deep", "5000-values"],
+)
+def test_a_header_table_pika_cannot_decode_fails_alone(
+    connection: Connection,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+    table: bytes,
+    why: str,
+) -> None:
+    """A legal message whose header table pika's decoder cannot take (it raised RecursionError
+    and stopped the connection, and a restart met it again) is rejected by the adapter, dead-
+    lettered by the broker, and the next message is handled on the same connection."""
+    topology = Topology.from_settings(settings)
+    topology.declare_base(connection, "site-1")
+    channel = connection.channel()
+    inbox = topology.declare_inbox(channel, "site-1")
+    user = login_user(settings)
+    _publish_raw(
+        settings,
+        topology.exchange,
+        topology.offer_key("site-1"),
+        poison.RawHeaders(table, type="offer", message_id="poison", user_id=user),
+        pika.BasicProperties(type="offer", message_id="fine", headers={"objstream": 2}),
+    )
+    handled: list[Delivery] = []
+    channel.consume(inbox, lambda d: (handled.append(d), d.ack()))
+    deadline = time.monotonic() + 10
+    while not handled and time.monotonic() < deadline:
+        connection.process_events(0.1)
+    assert [d.props.message_id for d in handled] == ["fine"]
+    assert connection.is_open
+    assert channel.is_open
+    [(dead, _)] = _dead(settings, topology, 1)
+    assert (dead.message_id, dead.user_id) == ("poison", user)
+    assert why in caplog.text
+
+
+def test_a_handler_that_raises_fails_only_its_delivery(
+    connection: Connection, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     topology = Topology.from_settings(settings)
-    topology.declare_base(connection)
+    topology.declare_base(connection, "site-1")
     channel = connection.channel()
-    try:
-        source = _queue(channel, auto_delete=True)
-        channel.publish("", source, b"bad body", Properties(type="chunk", message_id="x:1"))
-        delivery = _get_one(connection, channel, source)
-        dead_letter(channel, topology, delivery, "chunk 1: crc32 0x1 != 0x2")
-        reader = connection.channel()
-        dead = _get_one(connection, reader, topology.dead)
-        assert dead.body == b"bad body"
-        assert dead.props.message_id == "x:1"
-        assert dead.props.headers is not None
-        assert dead.props.headers[REASON_HEADER] == "chunk 1: crc32 0x1 != 0x2"
-    finally:
-        connection.channel().delete_queue(topology.dead)
+    inbox = topology.declare_inbox(channel, "site-1")
+    for message_id in ("boom", "fine"):
+        props = Properties(type="offer", message_id=message_id)
+        channel.publish(topology.exchange, topology.offer_key("site-1"), b"", props)
+    handled: list[str] = []
+
+    def handler(delivery: Delivery) -> None:
+        if delivery.props.message_id == "boom":
+            raise ZeroDivisionError("a bug in the handler")
+        handled.append(str(delivery.props.message_id))
+        delivery.ack()
+
+    channel.consume(inbox, handler)
+    deadline = time.monotonic() + 10
+    while not handled and time.monotonic() < deadline:
+        connection.process_events(0.1)
+    assert handled == ["fine"]
+    [(dead, _)] = _dead(settings, topology, 1)
+    assert dead.message_id == "boom"
+    assert "ZeroDivisionError: a bug in the handler" in caplog.text
 
 
 def test_several_urls_connect_to_the_first_that_answers(settings: Settings) -> None:

@@ -341,7 +341,7 @@ def test_a_broker_refusal_is_one_line_exit_3(
 
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
-        connection.channel().queue_declare(Topology.from_settings(settings).dead, durable=False)
+        connection.channel().queue_declare(Topology.from_settings(settings).dead("site-1"))
     finally:
         connection.close()
     run = _objstream("consumer", "listen", "--site", "site-1", "--dest", str(tmp_path),

@@ -18,12 +18,8 @@ from objstream.common.topology import Topology
 from objstream.consumer.streams import Received
 from objstream.producer import FileStreamer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of, stored_path
-from tests.integration.conftest import DeadLetters, Declared, MakeRawPeer, StartReceiver
+from tests.integration.conftest import DeadReasons, Declared, MakeRawPeer, StartReceiver
 from tests.integration.rawpeer import RawPeer, properties
-
-
-def _reasons(dead_letters: DeadLetters) -> list[str]:
-    return [str(h.get("x-objstream-reason")) for h, _ in dead_letters()]
 
 
 def test_abort_from_the_sender_fails_the_stream_and_keeps_only_the_verified_prefix(
@@ -127,7 +123,7 @@ def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
     settings: Settings,
     start_receiver: StartReceiver,
     raw_peer: MakeRawPeer,
-    dead_letters: DeadLetters,
+    dead_reasons: DeadReasons,
     mutate: Callable[[dict[str, Any]], object],
     reason: str,
 ) -> None:
@@ -160,7 +156,7 @@ def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
     [received] = receiver.wait_for(1)
     assert sha256_of(stored_path(received)) == digest
 
-    reasons = _reasons(dead_letters)
+    reasons = dead_reasons()
     assert any(reason in r for r in reasons), reasons
     assert any("unknown message type 'gibberish'" in r for r in reasons), reasons
     assert any("no headers" in r for r in reasons), reasons
@@ -189,7 +185,7 @@ def test_bad_data_messages_are_dead_lettered_and_the_stream_survives(
     tmp_path: Path,
     start_receiver: StartReceiver,
     raw_peer: MakeRawPeer,
-    dead_letters: DeadLetters,
+    dead_reasons: DeadReasons,
     send: Callable[[RawPeer], object],
     reason: str,
 ) -> None:
@@ -204,7 +200,7 @@ def test_bad_data_messages_are_dead_lettered_and_the_stream_survives(
     [received] = receiver.wait_for(1)
     assert isinstance(received, Received)
     assert stored_path(received).read_bytes() == b"abcdefgh"
-    reasons = _reasons(dead_letters)
+    reasons = dead_reasons()
     assert any(reason in r for r in reasons), reasons
 
 

@@ -15,15 +15,11 @@ from objstream.common.errors import TransferFailed
 from objstream.common.protocol import Chunk, Offer
 from objstream.consumer.streams import Received
 from tests.conftest import stored_path
-from tests.integration.conftest import DeadLetters, MakeRawPeer, StartReceiver
+from tests.integration.conftest import DeadReasons, MakeRawPeer, StartReceiver
 from tests.integration.rawpeer import RawPeer, properties
 
 BODY = b"abcdefgh"
 DIGEST = hashlib.sha256(BODY).hexdigest()
-
-
-def _reasons(dead_letters: DeadLetters) -> list[str]:
-    return [str(h.get("x-objstream-reason")) for h, _ in dead_letters()]
 
 
 def _offer(peer: RawPeer, target: str | None = None) -> Offer:
@@ -50,7 +46,7 @@ def _messages_in(peer: RawPeer, queue: str) -> int | None:
 
 
 def test_a_v1_offer_is_dead_lettered_as_unsupported_version(
-    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer, dead_letters: DeadLetters
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer, dead_reasons: DeadReasons
 ) -> None:
     """A v1 sender publishes to the v1 key ``site.SITE`` with version 1: not lost, not silent."""
     receiver = start_receiver("site-1", tmp_path / "in")
@@ -62,7 +58,7 @@ def test_a_v1_offer_is_dead_lettered_as_unsupported_version(
     peer.stream("after.bin", [b"abcd"])  # the receiver goes on
     [received] = receiver.wait_for(1)
     assert isinstance(received, Received)
-    reasons = _reasons(dead_letters)
+    reasons = dead_reasons()
     assert any(
         r.startswith("unsupported_version: protocol version 1, this peer speaks 2") for r in reasons
     ), reasons
@@ -82,7 +78,7 @@ def test_an_offer_that_cannot_be_answered_is_dead_lettered(
     tmp_path: Path,
     start_receiver: StartReceiver,
     raw_peer: MakeRawPeer,
-    dead_letters: DeadLetters,
+    dead_reasons: DeadReasons,
     reply_to: str | None,
     user_id: str | None,
     reason: str,
@@ -99,7 +95,7 @@ def test_an_offer_that_cannot_be_answered_is_dead_lettered(
     other.stream("after.bin", [b"abcd"])  # the receiver goes on
     [received] = receiver.wait_for(1)
     assert isinstance(received, Received)
-    assert any(reason in r for r in _reasons(dead_letters)), _reasons(dead_letters)
+    assert any(reason in r for r in dead_reasons()), dead_reasons()
     assert not _queue_exists(peer, peer.data_queue)  # the bad offer made no data queue
 
 
@@ -139,7 +135,7 @@ def test_the_target_declares_its_data_queue_answers_through_the_exchange_and_cle
 
 
 def test_data_from_another_user_than_the_offer_is_dead_lettered(
-    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer, dead_letters: DeadLetters
+    tmp_path: Path, start_receiver: StartReceiver, raw_peer: MakeRawPeer, dead_reasons: DeadReasons
 ) -> None:
     """RabbitMQ vouches for user_id (it refuses another user's); a message without one, or
     with another user's, is not the offer's sender's data."""
@@ -155,7 +151,7 @@ def test_data_from_another_user_than_the_offer_is_dead_lettered(
     [received] = receiver.wait_for(1)
     assert isinstance(received, Received)
     assert stored_path(received).read_bytes() == BODY
-    reasons = _reasons(dead_letters)
+    reasons = dead_reasons()
     assert "chunk from user None, the offer came from user 'guest'" in reasons, reasons
 
 
@@ -202,7 +198,7 @@ def test_a_successor_takes_the_stream_over_on_the_same_data_queue(
     tmp_path: Path,
     start_receiver: StartReceiver,
     raw_peer: MakeRawPeer,
-    dead_letters: DeadLetters,
+    dead_reasons: DeadReasons,
 ) -> None:
     """A receiver that stops leaves the stream on disk; the next one of the site re-consumes
     ``NS.data.SITE.ID`` (what was published meanwhile waits there) and checks the data's user
@@ -229,4 +225,4 @@ def test_a_successor_takes_the_stream_over_on_the_same_data_queue(
     assert isinstance(received, Received), received
     assert stored_path(received).read_bytes() == whole
     assert peer.verdict()["ok"] is True
-    assert "chunk from user None, the offer came from user 'guest'" in _reasons(dead_letters)
+    assert "chunk from user None, the offer came from user 'guest'" in dead_reasons()

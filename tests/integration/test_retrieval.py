@@ -240,7 +240,7 @@ def test_an_expired_request_is_never_served(
     connection = pika.BlockingConnection(pika.URLParameters(settings.url))
     try:
         channel = connection.channel()
-        declare_base(channel, topo)
+        declare_base(channel, topo, "site-1")
         declare_bound(channel, topo, topo.service_queue("server"), topo.service_key("server"))
         reply, reply_to = declare_reply_queue(channel, settings.namespace, "site-1", "server")
         request = Request(
@@ -332,7 +332,7 @@ def test_an_offer_that_overtakes_its_reply_is_still_taken(
         connection = pika.BlockingConnection(pika.URLParameters(settings.url))
         try:
             channel = connection.channel()
-            declare_base(channel, topo)
+            declare_base(channel, topo, "site-1")
             queue = declare_bound(
                 channel, topo, topo.service_queue("server"), topo.service_key("server")
             )

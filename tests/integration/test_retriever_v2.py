@@ -44,7 +44,7 @@ class RawOwner:
         self.connection = pika.BlockingConnection(pika.URLParameters(settings.url))
         self.channel = self.connection.channel()
         topo = Topology.from_settings(settings)
-        declare_base(self.channel, topo)
+        declare_base(self.channel, topo, "server")
         self.service = declare_bound(self.channel, topo, f"{self.ns}.serve.server", "serve:server")
         self.requests: list[tuple[str, Any, Request]] = []  # (routing key, props, request)
 
