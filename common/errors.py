@@ -23,6 +23,7 @@ class FailureCode(StrEnum):
     IO = "io"
     ABORTED = "aborted"
     PROTOCOL = "protocol"
+    SOURCE_CHANGED = "source_changed"  # the sender's source changed while it was being sent
     # A retrieval request was refused (``reply`` messages, :class:`Refused`).
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"

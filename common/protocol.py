@@ -315,6 +315,19 @@ def parse(message_type: str | None, headers: Mapping[str, Any] | None) -> Messag
 
 
 @dataclass(frozen=True)
+class Envelope:
+    """What came with a message besides its header fields, as the broker delivered it: what the
+    sessions judge a message's origin by (see :mod:`objstream.common.identity`)."""
+
+    routing_key: str
+    """The key it was published with (an answer's names its publisher)."""
+    user_id: str | None
+    """The publishing broker user, which RabbitMQ validated."""
+    reply_to: str | None = None
+    body_length: int = 0
+
+
+@dataclass(frozen=True)
 class Properties:
     """The AMQP properties objstream sets and reads, independent of the AMQP client.
 

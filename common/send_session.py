@@ -37,11 +37,13 @@ from objstream.common.errors import (
     TimedOut,
     TransferFailed,
 )
+from objstream.common.identity import Identities
 from objstream.common.protocol import Done, Inline, Message, Offer, Progress
 from objstream.common.send_table import (
     Action,
     NewChannel,
     Pacing,
+    Plan,
     PublishAbort,
     PublishChunk,
     PublishEnd,
@@ -72,8 +74,8 @@ class SendSession:
         sender: this site's name.
         pacing: window, timeout and resend delay.
         created: when the offers went out (the broadcast waits ``resend_after`` from there).
-        start: first chunk sent (a resumed retrieval skips what the requester has).
-        inline: the object rides in the offer (see :func:`fits_inline`); the driver computed it.
+        plan: where the stream starts and whether it rides in the offer (:class:`Plan`).
+        identities: who may answer for which site (see :meth:`receive`).
     """
 
     facts: SourceFacts
@@ -82,8 +84,8 @@ class SendSession:
     sender: str
     pacing: Pacing
     created: float
-    start: int = 0
-    inline: Inline | None = None
+    plan: Plan = field(default_factory=lambda: Plan())
+    identities: Identities = field(default_factory=Identities)
     count: int | None = field(init=False)
     cursor: int = field(init=False)  # next broadcast message (chunk_count: the end)
     started: bool = field(init=False, default=False)  # the broadcast began
@@ -100,15 +102,26 @@ class SendSession:
         stream_id: str,
         sender: str,
         pacing: Pacing,
-        start: int = 0,
-        inline: Inline | None = None,
+        plan: Plan | None = None,
+        identities: Identities | None = None,
         now: float,
     ) -> SendSession:
         """A session whose offers go out at ``now`` (:meth:`start_actions` gives them)."""
-        if inline is not None and not fits_inline(facts, start):
+        plan = plan or Plan()
+        if plan.inline is not None and not fits_inline(facts, plan.start):
             raise ValueError(f"{facts.kind} {facts.name!r} does not fit in an offer")
-        rows = [Target(site, start, start, now) for site in sites]
-        return cls(facts, stream_id, rows, sender, pacing, now, start, inline)
+        rows = [Target(site, plan.start, plan.start, now) for site in sites]
+        return cls(facts, stream_id, rows, sender, pacing, now, plan, identities or Identities())
+
+    @property
+    def start(self) -> int:
+        """The first chunk sent (a resumed retrieval skips what the requester has)."""
+        return self.plan.start
+
+    @property
+    def inline(self) -> Inline | None:
+        """The object rides in the offer (see :func:`fits_inline`)."""
+        return self.plan.inline
 
     def __post_init__(self) -> None:
         self.count = self.facts.chunk_count
@@ -206,19 +219,34 @@ class SendSession:
         for target in self._active():
             target.next_seq = min(target.next_seq, count)
 
-    def receive(self, message: Message, now: float) -> list[Action]:
-        """A reply from a target (progress or verdict); late or foreign replies are ignored."""
+    def receive(self, message: Message, now: float, *, key: str, user: str | None) -> list[Action]:
+        """A reply from a target (progress or verdict), which came with routing ``key`` from
+        broker ``user``; late replies and replies for other streams are ignored.
+
+        A reply counts for the site it names only if the broker vouches it came from there: its
+        key names that site as the publisher (a site's user may publish no other under least
+        privilege) and its user speaks for that site (:class:`Identities`). So a co-target of a
+        broadcast, or a joiner of a shared upload, cannot report for another target.
+
+        Raises:
+            Forged: it claims a site it did not come from (the driver dead-letters it).
+            ProtocolError: it is no reply at all.
+        """
         if not isinstance(message, Progress | Done):
             raise ProtocolError(f"unexpected {type(message).__name__.lower()} on a reply queue")
         target = self._by_site.get(message.site)
-        if message.stream_id != self.stream_id or target is None or not target.active:
+        if message.stream_id != self.stream_id or target is None:
             log.debug(
-                "ignoring %s from %s for stream %s (not in flight)",
+                "ignoring %s from %s for stream %s (not ours)",
                 type(message).__name__,
                 message.site,
                 message.stream_id,
             )
             return []
+        what = f"{type(message).__name__.lower()} for stream {self.stream_id}"
+        self.identities.check_answer(what, message.site, key, user)
+        if not target.active:
+            return []  # a verdict or report after the end (repeated, or late)
         if isinstance(message, Progress):
             return self._on_progress(target, message, now)
         return self._on_done(target, message)
@@ -302,11 +330,11 @@ class SendSession:
         timeout, resend_after = self.pacing.timeout, self.pacing.resend_after
         for target in self._active():
             silent = now - target.quiet_since
-            if silent > timeout:
+            limit = timeout if target.heard else self.pacing.first_contact_within
+            if silent > limit:
                 detail = "" if target.heard else f"site {target.site!r} never took the offer"
-                actions += self._fail(
-                    target, TimedOut(target.site, self.stream_id, timeout, detail)
-                )
+                error = TimedOut(target.site, self.stream_id, limit, detail)
+                actions += self._fail(target, error)
             elif (
                 target.heard
                 and self.inline is None
@@ -333,11 +361,13 @@ class SendSession:
         self._check_catching_up(now)
         return actions
 
-    def cancel(self, reason: str) -> list[Action]:
-        """Stop every stream: receivers that took it are told to drop it."""
+    def cancel(self, reason: str, code: FailureCode = FailureCode.ABORTED) -> list[Action]:
+        """Stop every stream: receivers that took it are told to drop it (``abort``), and each
+        target's outcome is ``code`` (``source_changed`` when the source changed under the
+        send)."""
         actions: list[Action] = []
         for target in self._active():
-            error = TransferFailed(target.site, self.stream_id, FailureCode.ABORTED, reason)
+            error = TransferFailed(target.site, self.stream_id, code, reason)
             actions += self._fail(target, error)
         return actions
 
@@ -434,12 +464,14 @@ class SendSession:
     # -- helpers --------------------------------------------------------------------------------
 
     def _maybe_start(self, now: float) -> None:
-        """Start the broadcast once every target made contact, or (a random-access source)
-        ``resend_after`` s after the offers: a silent target never holds the others longer."""
+        """Start the broadcast once every target made contact, or ``resend_after`` s after the
+        offers: a silent target never holds the others longer."""
         if self.started or self.inline is not None:
             return
+        # An iterator source starts too: the targets that made contact get a window, and the
+        # pieces stay kept from the silent target's position until it makes contact or fails.
         waiting = any(t.state is _S.OFFERED for t in self._active())
-        if waiting and (self.lockstep or now - self.created <= self.pacing.resend_after):
+        if waiting and now - self.created <= self.pacing.resend_after:
             return
         self.started = True
         riders = [t for t in self._active() if t.heard]

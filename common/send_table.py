@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from objstream.common.errors import ProtocolError, TransferFailed
-from objstream.common.protocol import INLINE_MAX, Offer
-from objstream.common.streaming import MetaValue
+from objstream.common.errors import ObjectTooLarge, ProtocolError, TransferFailed
+from objstream.common.protocol import INLINE_MAX, Inline, Offer
+from objstream.common.streaming import MetaValue, ObjectStreamer
 
 
 class TargetState(StrEnum):
@@ -151,6 +151,25 @@ class SourceFacts:
     info: Mapping[str, MetaValue] | None = None
 
 
+def facts_of(source: ObjectStreamer) -> SourceFacts:
+    """The facts of a prepared streamer."""
+    return SourceFacts(
+        source.kind,
+        source.name,
+        source.chunk_size,
+        source.size,
+        source.chunk_count,
+        source.random_access,
+        source.info() or None,
+    )
+
+
+def check_size(facts: SourceFacts, limit: int) -> None:
+    """Raise :class:`ObjectTooLarge` if the object is larger than this site sends."""
+    if facts.size is not None and facts.size > limit:
+        raise ObjectTooLarge(facts.name, facts.size, limit)
+
+
 def fits_inline(facts: SourceFacts, start: int = 0) -> bool:
     """Is the object small enough to ride inside its offer (one message, no data queue)?"""
     return (
@@ -164,12 +183,29 @@ def fits_inline(facts: SourceFacts, start: int = 0) -> bool:
 
 
 @dataclass(frozen=True)
+class Plan:
+    """Where a send starts and how its object travels (see :func:`plan`)."""
+
+    start: int = 0
+    """The first chunk sent: a resumed retrieval skips the prefix the requester kept."""
+    inline: Inline | None = None
+    """Set: the object rides inside its offer (its CRC-32 and SHA-256)."""
+
+
+@dataclass(frozen=True)
 class Pacing:
     """How fast the session goes and how long it waits (from the settings or the call)."""
 
     window: int  # chunks in flight beyond what a target stored
     timeout: float  # seconds of silence after which a target fails
     resend_after: float  # seconds of silence (after contact) before resending
+    contact_timeout: float | None = None
+    """Seconds a target may take to make first contact (None: ``timeout``). A served stream
+    holds a serving slot: one whose requester never takes the offer lets it go soon."""
+
+    @property
+    def first_contact_within(self) -> float:
+        return self.timeout if self.contact_timeout is None else self.contact_timeout
 
 
 @dataclass

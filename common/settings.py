@@ -253,6 +253,29 @@ class Settings(BaseModel):
         description="Receivers: broker users whose pushes are taken (empty: anyone who may "
         "publish to the inbox); others are refused with code forbidden.",
     )
+    site_users: dict[str, str] = Field(
+        default_factory=dict,
+        description="The broker user of each site, as site=user,... (a site not named has the "
+        "user of its own name): a message claiming a site counts only from that user.",
+    )
+    shared_users: tuple[str, ...] = Field(
+        ("guest",),
+        description="Broker users several sites share (they may speak for any site): the default "
+        "guest, or one application user for a whole deployment.",
+    )
+    user_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Largest share of a site's streams (max_streams) one broker user may hold at "
+        "once, receiving or serving (at least one stream).",
+    )
+    contact_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a stream slot waits for its peer's first contact (a requester taking "
+        "the offer, a sender's first data) before it is released.",
+    )
     log_level: str = Field("info", description="Log level: debug, info, warning, error.")
 
     @field_validator("url")
@@ -277,7 +300,7 @@ class Settings(BaseModel):
             raise ValueError(str(e)) from None
         return value
 
-    @field_validator("accept_from", mode="before")
+    @field_validator("accept_from", "shared_users", mode="before")
     @classmethod
     def _users(cls, value: Any) -> Any:
         # OBJSTREAM_ACCEPT_FROM=alice,bob
@@ -286,6 +309,20 @@ class Settings(BaseModel):
             if isinstance(value, str)
             else value
         )
+
+    @field_validator("site_users", mode="before")
+    @classmethod
+    def _site_users(cls, value: Any) -> Any:
+        # OBJSTREAM_SITE_USERS=server=srv-user,site-1=alice
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            site, sep, user = item.partition("=")
+            if not sep or not site.strip() or not user.strip():
+                raise ValueError(f"{item!r} is not site=user")
+            pairs[check_site(site.strip())] = user.strip()
+        return pairs
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Self:

@@ -62,6 +62,11 @@ class ObjectStreamer(ABC):
         """Piece number ``seq`` (only for ``random_access`` streamers)."""
         raise NotImplementedError
 
+    def check_unchanged(self) -> None:  # noqa: B027 - optional hook
+        """Raise if the object changed since the streamer started reading it (a file written
+        to meanwhile): called before the end, whose SHA-256 would otherwise vouch for a mix of
+        old and new bytes that never existed together."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the streamer holds (files...)."""
 
@@ -78,6 +83,9 @@ class ObjectAssembler(ABC):
     """
 
     resumable: ClassVar[bool] = False
+    takes_inline: ClassVar[bool] = False
+    """``take`` only writes to a file (a ``pwrite`` into the page cache) and may run on the
+    connection's thread; otherwise (decoding, user code) it runs on a thread of its own."""
 
     @abstractmethod
     def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from objstream.common.errors import FailureCode, ProtocolError, TimedOut
-from objstream.common.protocol import Done, End, Inline, Progress, new_stream_id
+from objstream.common.protocol import Done, End, Inline, Message, Progress, new_stream_id
 from objstream.common.reassembly import ChunkVerdict, Reassembler
 from objstream.common.reassembly import State as RState
 from objstream.common.send_session import SendSession
@@ -21,6 +21,7 @@ from objstream.common.send_table import (
     Action,
     NewChannel,
     Pacing,
+    Plan,
     PublishAbort,
     PublishChunk,
     PublishEnd,
@@ -35,6 +36,7 @@ from objstream.common.send_table import (
 )
 
 SHA = "0" * 64
+QID = "1" * 32
 
 
 def _facts(
@@ -62,8 +64,7 @@ def _session(
         stream_id=sid,
         sender="me",
         pacing=Pacing(window, timeout, resend_after),
-        start=start,
-        inline=inline,
+        plan=Plan(start, inline),
         now=0.0,
     )
     return session, sid, session.start_actions()
@@ -98,7 +99,15 @@ def _progress(
 ) -> list[Action]:
     message = Progress(stream_id=session.stream_id, site=site, stored=stored,
                        resend_from=resend_from)  # fmt: skip
-    return session.receive(message, now)
+    return _answer(session, message, now)
+
+
+def _answer(session: SendSession, message: Message, now: float) -> list[Action]:
+    """``message`` as it arrives from the site it names: with the key only that site's user may
+    publish (``reply:me:QID:SITE``), from the user of that site."""
+    site = getattr(message, "site", "x")
+    key = f"reply:me:{QID}:{site}"
+    return session.receive(message, now, key=key, user=site)
 
 
 def _done(sid: str, ok: bool = True, site: str = "a", **kw: object) -> Done:
@@ -159,7 +168,7 @@ def test_a_silent_target_delays_the_start_by_resend_after_and_fails_alone() -> N
     assert "never took the offer" in finished.error.detail
     assert _target(session, "a") is not TargetState.FAILED
     assert _target(session, "b") is TargetState.FAILED
-    session.receive(_done(sid, site="a"), 32.0)
+    _answer(session, _done(sid, site="a"), 32.0)
     assert session.finished
 
 
@@ -312,7 +321,7 @@ def test_done_ok_finishes_the_target() -> None:
     session, sid, _ = _session()
     _progress(session, "a", 0, 0.1)
     _drain(session)
-    actions = session.receive(_done(sid, stored_as="x"), 3.0)
+    actions = _answer(session, _done(sid, stored_as="x"), 3.0)
     assert actions == [
         ReportProgress("a", sid, 0, complete=True),
         TargetFinished("a", sid, None, "x"),
@@ -320,12 +329,12 @@ def test_done_ok_finishes_the_target() -> None:
     assert session.finished
     assert _progress(session, "a", 10, 4.0) == []  # late replies are not errors
     other = Progress(stream_id=new_stream_id(), site="a", stored=1)
-    assert session.receive(other, 4.0) == []  # another stream's: ignored
+    assert _answer(session, other, 4.0) == []  # another stream's: ignored
 
 
 def test_a_refusal_fails_the_target_alone() -> None:
     session, sid, _ = _session(("a", "b"))
-    actions = session.receive(_done(sid, ok=False, code=FailureCode.REFUSED, detail="no"), 1.0)
+    actions = _answer(session, _done(sid, ok=False, code=FailureCode.REFUSED, detail="no"), 1.0)
     [finished] = actions  # the receiver deletes its own queue (the sender may not)
     assert isinstance(finished, TargetFinished)
     assert finished.error is not None
@@ -370,29 +379,34 @@ def test_a_target_added_mid_stream_gets_it_from_the_start() -> None:
     sent = _drain(session)
     assert _chunks(sent) == [8, 9]  # b joined at 8
     assert sent[-1] == PublishEnd()
-    session.receive(_done(sid, site="a"), 1.0)
-    session.receive(_done(sid, site="b"), 1.0)
+    _answer(session, _done(sid, site="a"), 1.0)
+    _answer(session, _done(sid, site="b"), 1.0)
     assert session.finished
     with pytest.raises(ValueError, match="over"):
         session.add_target("c", 2.0)
 
 
-def test_lockstep_waits_for_every_contact_and_the_slowest() -> None:
+def test_lockstep_starts_without_a_silent_target_and_holds_to_its_window() -> None:
+    """An iterator source starts after resend_after too (a receiver lets go of a slot whose
+    sender sends nothing soon), but it keeps every piece from the silent target's position,
+    and nobody gets beyond one window of it until it makes contact or fails."""
     session, _sid, _ = _session(("a", "b"), facts=_facts(count=None, random_access=False), window=3)
     assert session.lockstep
     _progress(session, "a", 0, 1.0)
-    session.tick(20.0)  # past resend_after: an iterator still waits (it cannot go back)
-    assert _drain(session) == []
-    _progress(session, "b", 0, 20.5)
+    assert _drain(session) == []  # b may still come: wait for it (up to resend_after)
+    session.tick(6.0)  # past resend_after: a gets a window, b holds it there
     assert _chunks(_drain(session)) == [0, 1, 2]
-    with pytest.raises(ValueError, match="cannot go back"):
-        session.add_target("c", 21.0)
-    _progress(session, "a", 3, 21.0)
+    _progress(session, "a", 3, 6.5)
     assert _drain(session) == []  # b stored nothing: nothing beyond its window
+    with pytest.raises(ValueError, match="cannot go back"):
+        session.add_target("c", 7.0)
+    _progress(session, "b", 0, 20.5)  # b at last: it catches up by unicast from 0
+    actions = _drain(session)
+    assert _chunks(actions, "b") == [0, 1, 2]
+    assert ReleaseBefore(3) not in actions  # b stored nothing yet: every piece is kept
     _progress(session, "b", 2, 21.0)
     actions = _drain(session)
     assert actions[0] == ReleaseBefore(2)
-    assert _chunks(actions) == [3, 4]
 
 
 def test_lockstep_unicast_never_needs_a_released_piece() -> None:
@@ -467,7 +481,7 @@ def test_illegal_transitions_raise() -> None:
     with pytest.raises(ProtocolError, match="can't handle published_all in state ended"):
         target.fire(TargetEvent.PUBLISHED_ALL)
     with pytest.raises(ProtocolError, match="unexpected end"):
-        session.receive(End(stream_id=sid, chunk_count=0, size=0, sha256=SHA), 1.0)
+        _answer(session, End(stream_id=sid, chunk_count=0, size=0, sha256=SHA), 1.0)
 
 
 # -- a whole transfer over a bad link, against the receiving side's reassembler ------------------
@@ -561,12 +575,12 @@ class _BadLink:
                 if self.to_site[site] and rnd.random() < 0.7:
                     self.receive(site, *self.to_site[site].pop(0))
             while self.contacts:
-                self.act(session.receive(self.contacts.pop(), now))
+                self.act(_answer(session, self.contacts.pop(), now))
             rnd.shuffle(self.replies)
             while self.replies:
                 reply = self.replies.pop()
                 if rnd.random() < 0.9:  # replies get lost too
-                    self.act(session.receive(reply, now))
+                    self.act(_answer(session, reply, now))
             self.act(session.tick(now))
         assert session.finished, (session.targets, session.count, now)
         states = [t.state for t in session.targets]

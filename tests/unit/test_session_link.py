@@ -22,6 +22,7 @@ from objstream.common.receive_session import (
     ReceiveSession,
     SendProgress,
     SendVerdict,
+    Terms,
     Write,
 )
 
@@ -89,10 +90,8 @@ class Link:
     def _offer(self, offer: Offer) -> None:
         reassembler = Reassembler(offer)
         reassembler.accept()
-        session = ReceiveSession(
-            reassembler, offer.target, now=self.now, timeout=1000.0, window=offer.window,
-            checkpoints=True, keeps_prefix=True,
-        )  # fmt: skip
+        terms = Terms(1000.0, offer.window, checkpoints=True, keeps_prefix=True)
+        session = ReceiveSession(reassembler, offer.target, terms, now=self.now)
         site = self.sites[offer.target] = Site(session, bytearray(offer.size or 0))
         # First contact is never lost: the sender publishes nothing for a target before it
         # spoke, so without it a lossy link would just time out.
@@ -150,7 +149,9 @@ class Link:
     def answer(self) -> None:
         replies, self.replies = self.replies, []
         for reply in replies:
-            self.publish(self.sender.receive(reply, self.now))
+            site = reply.site if isinstance(reply, Progress | Done) else "?"
+            key = f"reply:src:{'0' * 32}:{site}"
+            self.publish(self.sender.receive(reply, self.now, key=key, user=site))
 
     def round(self) -> None:
         while publications := self.sender.next_publications():
