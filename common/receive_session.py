@@ -21,133 +21,64 @@ only after the object is where the user finds it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from objstream.common.errors import FailureCode, ProtocolError
-from objstream.common.protocol import Abort, Chunk, Done, End, Inline
+from objstream.common.protocol import Abort, Chunk, Done, End, Envelope, Inline, parse
 from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, State
-
-FLUSH_INTERVAL = 0.05  # seconds: acks (to the broker) never wait longer than this
-PROGRESS_INTERVAL = 0.25  # seconds: progress (to the sender) between quarter windows, at most
-COMMIT_HEARTBEAT = 1.0  # seconds: progress while committing, so the sender knows we are alive
-RECONSUME_AFTER = 5.0  # seconds of silence after a reconnect before consuming the queue again
-VERDICT_AGAIN_EVERY = 1.0  # seconds: a verdict the sender missed goes again at most this often
-# Failures after which a file's verified prefix is kept (the sender went away, not bad data).
-KEEP_PREFIX_ON = frozenset({FailureCode.TIMEOUT, FailureCode.ABORTED})
-
-
-# -- actions ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Write:
-    """Hand the chunk's body to the assembler: content bytes from ``offset`` on."""
-
-    seq: int
-    offset: int
-    body: bytes
-    meta: Any = None
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Record ``stored`` chunks (``stored_bytes`` bytes) in the state file, before the ack."""
-
-    stored: int
-    stored_bytes: int
-
-
-@dataclass(frozen=True)
-class Ack:
-    """Ack every delivery up to ``tag`` on the stream's channel."""
-
-    tag: int
-    multiple: bool = True
-
-
-@dataclass(frozen=True)
-class SendProgress:
-    """Tell the sender how far the stream got (and where to resend from, if set)."""
-
-    stored: int
-    stored_bytes: int
-    resend_from: int | None = None
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """Dead-letter the delivery ``tag`` that was just fed in, with ``reason``."""
-
-    tag: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Commit:
-    """Every chunk is stored and verified: finish the object (assembler, save), then report
-    :meth:`ReceiveSession.committed` or :meth:`ReceiveSession.commit_failed`."""
-
-
-@dataclass(frozen=True)
-class Discard:
-    """Drop the partial object and its state file."""
-
-
-@dataclass(frozen=True)
-class LeaveOnDisk:
-    """Keep the verified prefix (``stored`` chunks, ``stored_bytes`` bytes): record it in the
-    state file, close the assembler keeping its file and release the state's lock."""
-
-    stored: int
-    stored_bytes: int
-
-
-@dataclass(frozen=True)
-class RemoveCheckpoint:
-    """The object is committed: its state file goes."""
-
-
-@dataclass(frozen=True)
-class SendVerdict:
-    """Publish the verdict to the sender's reply queue."""
-
-    done: Done
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The stream is over for this receiver: close its channel, hand the outcome out."""
-
-    ok: bool
-    code: FailureCode | None = None
-    detail: str = ""
-    value: Any = None
-    path: Path | None = None
-
-
-@dataclass(frozen=True)
-class Reconsume:
-    """Consume the data queue again, on a new channel: a consume after a reconnect brought
-    nothing (on a cluster it may have reached a quorum queue between two leaders). What the
-    old channel held unacked is redelivered."""
-
-
-Action = (
-    Write
-    | Checkpoint
-    | Ack
-    | SendProgress
-    | DeadLetter
-    | Commit
-    | Discard
-    | LeaveOnDisk
-    | RemoveCheckpoint
-    | SendVerdict
-    | Finished
-    | Reconsume
+from objstream.common.receive_actions import (
+    COMMIT_HEARTBEAT,
+    FLUSH_INTERVAL,
+    KEEP_PREFIX_ON,
+    LINGER,
+    MAX_LINGERING,
+    PROGRESS_INTERVAL,
+    RECONSUME_AFTER,
+    RETIRE_AFTER,
+    VERDICT_AGAIN_EVERY,
+    Ack,
+    Action,
+    Checkpoint,
+    Commit,
+    DeadLetter,
+    DeleteQueue,
+    Discard,
+    Finished,
+    LeaveOnDisk,
+    Reconsume,
+    RemoveCheckpoint,
+    Retire,
+    SendProgress,
+    SendVerdict,
+    Terms,
+    Write,
+    classify,
 )
+from objstream.common.topology import Topology
+
+__all__ = [
+    "KEEP_PREFIX_ON",
+    "Ack",
+    "Action",
+    "Checkpoint",
+    "Commit",
+    "DeadLetter",
+    "DeleteQueue",
+    "Discard",
+    "Finished",
+    "LeaveOnDisk",
+    "ReceiveSession",
+    "Reconsume",
+    "RemoveCheckpoint",
+    "Retire",
+    "SendProgress",
+    "SendVerdict",
+    "Terms",
+    "Write",
+    "crowded_out",
+]
 
 
 class ReceiveSession:
@@ -156,16 +87,18 @@ class ReceiveSession:
     Args:
         reassembler: the stream's reassembler, accepted (or resumed).
         site: this receiving site (it signs progress and verdicts).
+        terms: timeouts, window, what is kept (:class:`Terms`).
         now: the clock at the start.
-        timeout: seconds without a message after which the stream fails.
-        window: the receiver's prefetch for this stream; progress goes out every quarter of it.
-        checkpoints: the stream has a state file (files, spooled containers).
-        keeps_prefix: a timed-out or aborted stream keeps its verified prefix (files).
+        user: the broker user the offer came from: the stream's data must come from it too.
 
     Acks go out every quarter window and after :attr:`flush_interval` at the latest; progress
     every quarter window and after :attr:`progress_interval` at the latest: longer, since every
     progress is a message the sender handles, per target, and a broadcast to many slow targets
     must not cost the sender one reply per target per flush.
+
+    Once the stream ended, its data queue is still consumed for :data:`LINGER` s (a resend
+    there gets the verdict again), then it is unbound (:class:`Retire`) and deleted
+    :data:`RETIRE_AFTER` s later (:class:`DeleteQueue`): the session is then :attr:`gone`.
     """
 
     flush_interval: float = FLUSH_INTERVAL
@@ -177,28 +110,39 @@ class ReceiveSession:
         self,
         reassembler: Reassembler,
         site: str,
+        terms: Terms,
         *,
         now: float,
-        timeout: float,
-        window: int,
-        checkpoints: bool = False,
-        keeps_prefix: bool = False,
+        user: str | None = None,
     ) -> None:
         self.reassembler = reassembler
         self.offer = reassembler.offer
         self.site = site
-        self.timeout = timeout
-        self.report_every = max(1, window // 4)
-        self.checkpoints = checkpoints
-        self.keeps_prefix = keeps_prefix
+        self.user = user
+        self.timeout = terms.timeout
+        self.report_every = max(1, terms.window // 4)
+        self.checkpoints = terms.checkpoints
+        self.keeps_prefix = terms.keeps_prefix
+        contact = terms.timeout if terms.contact_timeout is None else terms.contact_timeout
+        self.contact_by: float | None = now + min(contact, terms.timeout)  # None: data came
         self.last_activity = now
         self.last_flush = now
         self.last_report = now
         self.reconnected_at: float | None = None  # silent since a reconnect (None: data came)
-        self.unacked_tag = 0  # highest delivery tag not yet acked (0: none)
+        self.unacked_tag = 0  # highest delivery tag neither acked nor rejected (0: none)
+        self._before = 0  # unacked_tag before the delivery being handled
         self.reported = reassembler.stored
         self.verdict: Done | None = None  # once sent: again if a resend shows it was missed
         self.verdict_at = 0.0
+        self.ended_at: float | None = None  # first tick after the verdict
+        self.retired = False  # the data queue is unbound
+        self.retired_at = 0.0
+        self.gone = False  # and deleted: nothing more to do
+        self._started = now
+        self._keys = (
+            Topology.data_key(self.offer.stream_id, self.offer.sender),
+            Topology.data_key(self.offer.stream_id, self.offer.sender, site),
+        )
 
     @property
     def state(self) -> State:
@@ -232,10 +176,39 @@ class ReceiveSession:
         self.reconnected_at = now
         return [self._progress(resend_from=self.stored)]
 
+    def delivery(
+        self,
+        tag: int,
+        message_type: str | None,
+        headers: Mapping[str, Any] | None,
+        body: bytes,
+        *,
+        envelope: Envelope,
+        now: float,
+    ) -> list[Action]:
+        """A delivery from the stream's data queue (``tag``): what came with it is checked
+        (the offer's user published it, with one of the stream's two keys), then it is parsed
+        and taken; anything else is dead-lettered and the stream carries on."""
+        if envelope.user_id != self.user:
+            # The broker vouches for user_id: this came from someone else than the offer did.
+            reason = (
+                f"{message_type} from user {envelope.user_id!r}, the offer came from user "
+                f"{self.user!r}"
+            )
+            return self.malformed(tag, reason, now)
+        if envelope.routing_key not in self._keys:
+            return self.malformed(tag, f"{message_type} with key {envelope.routing_key!r}", now)
+        try:
+            message = parse(message_type, headers)
+        except ProtocolError as e:
+            return self.malformed(tag, str(e), now)
+        return self.receive(tag, message, body, now)
+
     def receive(self, tag: int, message: Any, body: bytes, now: float) -> list[Action]:
         """A parsed message from the stream's data queue, delivered with ``tag``."""
         if not self._arrived(tag, now):
             return self._after_verdict(now)
+        self.contact_by = None  # the sender is there
         try:
             if message.ident != self.offer.stream_id:
                 raise ProtocolError(
@@ -251,14 +224,14 @@ class ReceiveSession:
             else:
                 raise ProtocolError(f"unexpected {type(message).__name__} message on a data queue")
         except ProtocolError as e:
-            return [DeadLetter(tag, str(e)), *self._after_message()]
+            return [self._dead(tag, str(e)), *self._after_message()]
         return self._after_message()
 
     def malformed(self, tag: int, reason: str, now: float) -> list[Action]:
         """A delivery that does not parse: it is dead-lettered (and acked with the rest)."""
         if not self._arrived(tag, now):
             return []
-        return [DeadLetter(tag, reason)]
+        return [self._dead(tag, reason)]
 
     def inline(self, inline: Inline, body: bytes) -> list[Action]:
         """A small object that came whole inside its offer: store, verify, commit at once."""
@@ -286,9 +259,10 @@ class ReceiveSession:
         return actions + self._verify(flush=False)  # one message, no data queue: no ack
 
     def tick(self, now: float) -> list[Action]:
-        """Time passed: fail a silent stream, flush acks and progress that waited too long."""
+        """Time passed: fail a silent stream, flush acks and progress that waited too long;
+        retire an ended stream's data queue once its linger is over."""
         if self.finished:
-            return []
+            return self._linger(now)
         if self.state is State.VERIFYING:
             # Committing (a save can take minutes): no timeout here, the driver reports back;
             # the sender hears every commit_heartbeat that this target is alive and has it all,
@@ -297,6 +271,12 @@ class ReceiveSession:
                 return []
             self.last_report = now
             return [self._progress()]
+        if self.contact_by is not None and now > self.contact_by:
+            return self.fail(
+                FailureCode.TIMEOUT,
+                f"{self.offer.sender} sent nothing within {self.contact_by - self._started:g} s "
+                f"of the offer being taken",
+            )
         if now - self.last_activity > self.timeout:
             return self.fail(
                 FailureCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
@@ -316,6 +296,17 @@ class ReceiveSession:
     def write_failed(self, code: FailureCode, detail: str) -> list[Action]:
         """A :class:`Write` could not be carried out (disk full, a failing ``on_entry``...)."""
         return self.fail(code, detail)
+
+    def write_raised(self, seq: int, error: BaseException) -> list[Action]:
+        """Storing chunk ``seq`` raised ``error`` (classified by :func:`classify`)."""
+        return self.fail(*classify(error, f"storing chunk {seq}"))
+
+    def commit_raised(self, error: BaseException, *, saving: bool = False) -> list[Action]:
+        """The :class:`Commit` raised ``error``: finishing the object, or (``saving``) the
+        save that puts it where its user finds it, whose failures are all ``io``."""
+        if saving:
+            return self.fail(*classify(error, "saving", io_errors=(Exception,)))
+        return self.fail(*classify(error, "committing"))
 
     def committed(self, value: Any = None, path: Path | None = None) -> list[Action]:
         """The :class:`Commit` succeeded: ``value`` is what the assembler returned, ``path``
@@ -380,6 +371,7 @@ class ReceiveSession:
         """Note a delivery; False if the stream no longer takes messages (acked with the rest)."""
         self.last_activity = now
         self.reconnected_at = None
+        self._before = self.unacked_tag
         self.unacked_tag = max(self.unacked_tag, tag)
         return not self.finished and self.state is not State.VERIFYING
 
@@ -394,7 +386,7 @@ class ReceiveSession:
             # next tick, at most every progress_interval) or it would resend for ever.
             self.reported = -1
         if outcome.verdict is ChunkVerdict.CORRUPT:
-            actions.append(DeadLetter(tag, outcome.detail))
+            actions.append(self._dead(tag, outcome.detail))
         if outcome.resend_from is not None:
             actions.append(self._progress(resend_from=outcome.resend_from))
         return actions
@@ -431,6 +423,13 @@ class ReceiveSession:
         self.last_flush = now
         return actions
 
+    def _dead(self, tag: int, reason: str) -> DeadLetter:
+        """Dead-letter the delivery just noted: the broker forgets a rejected tag, so a later
+        ack must not name it (an ack of an unknown tag would close the channel)."""
+        if self.unacked_tag == tag:
+            self.unacked_tag = self._before
+        return DeadLetter(tag, reason)
+
     def _progress(self, resend_from: int | None = None) -> SendProgress:
         self.reported = self.stored
         return SendProgress(self.stored, self.stored_bytes, resend_from)
@@ -446,6 +445,41 @@ class ReceiveSession:
         ack, self.unacked_tag = Ack(self.unacked_tag), 0
         return [ack, SendVerdict(self.verdict)]
 
+    def _linger(self, now: float) -> list[Action]:
+        """An ended stream: retire its data queue once :data:`LINGER` is over, delete it
+        :data:`RETIRE_AFTER` later."""
+        if self.gone:
+            return []
+        if self.offer.inline is not None or self.state is State.SUSPENDED:
+            self.gone = True  # no data queue, or one a successor reads
+            return []
+        if self.ended_at is None:
+            self.ended_at = now
+        if not self.retired and now - self.ended_at >= LINGER:
+            return self.retire(now)
+        if self.retired and now - self.retired_at >= RETIRE_AFTER:
+            self.gone = True
+            return [DeleteQueue()]
+        return []
+
+    def retire(self, now: float) -> list[Action]:
+        """Unbind the ended stream's data queue now (its linger cut short)."""
+        if not self.finished or self.retired or self.gone:
+            return []
+        self.retired, self.retired_at = True, now
+        return [Retire()]
+
+    def close_out(self, now: float) -> list[Action]:
+        """This receiver stops: what an ended stream still owes its data queue, at once."""
+        if not self.finished or self.gone:
+            return []
+        if self.offer.inline is not None or self.state is State.SUSPENDED:
+            self.gone = True
+            return []
+        actions = self.retire(now)
+        self.gone = True
+        return [*actions, DeleteQueue()]
+
     def _end(self, done: Done, finished: Finished) -> list[Action]:
         actions: list[Action] = []
         if self.unacked_tag:
@@ -453,3 +487,11 @@ class ReceiveSession:
             self.unacked_tag = 0
         self.verdict, self.verdict_at = done, self.last_activity
         return [*actions, SendVerdict(done), finished]
+
+
+def crowded_out(sessions: Sequence[ReceiveSession]) -> list[ReceiveSession]:
+    """The ended sessions whose data queues must be retired now though their linger is not
+    over: the oldest beyond :data:`MAX_LINGERING` (each holds a channel)."""
+    lingering = [s for s in sessions if s.ended_at is not None and not s.retired and not s.gone]
+    lingering.sort(key=lambda s: s.ended_at or 0.0)
+    return lingering[: max(0, len(lingering) - MAX_LINGERING)]

@@ -42,6 +42,7 @@ class ContainerSpool(ObjectAssembler):
     """
 
     resumable: ClassVar[bool] = True
+    takes_inline: ClassVar[bool] = True  # a pwrite at its offset
 
     def __init__(
         self,

@@ -1,41 +1,47 @@
 """The engine a :class:`~objstream.consumer.receiver.Receiver` and a
 :class:`~objstream.consumer.retriever.Retriever` share: one connection, the streams, the
-resume store, and what turns an offer into a stream.
+resume store, and what turns an accepted offer into a stream.
 
 It is composed, not inherited: the receiver adds an
 :class:`~objstream.consumer.inbox.Inbox` (offers from the site's inbox), the retriever a
 :class:`~objstream.consumer.requests.RequestTracker` (requests, replies, early offers). Both are
 :class:`Part` objects: told when the connection is (re)opened and ticked between event batches.
+Whether an offer is taken is the :class:`~objstream.common.admission.Admission`'s to decide;
+the core carries the decision out.
+
+The connection is served either by the caller's thread, in :meth:`ConsumerCore.events` (the
+default: the caller calls ``receive()`` often enough for heartbeats), or by a thread of its own
+(``connection_thread=True``, dramatiq's way), so heartbeats never depend on the caller: then
+every call into the core from the caller goes through :meth:`ConsumerCore.call`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, Unpack
+from typing import Protocol, TypeVar, Unpack
 
-from objstream.common.amqp import (
-    Channel,
-    Closing,
-    Connection,
-    Delivery,
-    connect,
-    dead_letter,
-    reestablish,
+from objstream.common.admission import (
+    Accept,
+    Admission,
+    Asked,
+    Decision,
+    Hold,
+    Ignore,
+    Refuse,
+    Reject,
 )
-from objstream.common.errors import (
-    BrokerRefused,
-    ConfigError,
-    ConnectionLost,
-    FailureCode,
-    ProtocolError,
-)
-from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, parse
+from objstream.common.amqp import Channel, Closing, Connection, Delivery, connect, reestablish
+from objstream.common.errors import BrokerRefused, ConfigError, ConnectionLost
+from objstream.common.identity import Identities
+from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
 from objstream.common.reassembly import Reassembler
 from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectAssembler
 from objstream.common.topology import Topology
+from objstream.consumer.connection_thread import ConnectionThread
 from objstream.consumer.container_assembler import ContainerAssembler
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.file_sink import FileAssembler
@@ -43,21 +49,14 @@ from objstream.consumer.options import AssemblerFactory, ReceiverOptions
 from objstream.consumer.resume import Resumable, StreamState
 from objstream.consumer.stream_table import StreamTable
 from objstream.consumer.streams import Stream
-from objstream.consumer.takeover import Reopened, ResumeStore, continues, keeps_prefix
+from objstream.consumer.takeover import Reopened, ResumeStore, keeps_prefix
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 CLEANUP_INTERVAL = 60.0  # seconds between looks for abandoned partial files
 NEW_CONTROL_AFTER = 5.0  # seconds after a reconnect before answers go on a new channel
-
-
-class OfferRefused(Exception):
-    """An offer this site does not take: the sender gets ``code`` and ``detail``."""
-
-    def __init__(self, code: FailureCode, detail: str) -> None:
-        super().__init__(detail)
-        self.code = code
-        self.detail = detail
 
 
 class Part(Protocol):
@@ -106,6 +105,13 @@ class ConsumerCore:
             CONTAINER_KIND: self._container_assembler,
             **(options.get("assemblers") or {}),
         }
+        self.admission = Admission(
+            site,
+            frozenset(self._assemblers),
+            int(self.settings.max_object_size),
+            self.settings.accept_from,
+            Identities.from_settings(self.settings),
+        )
         self.table = StreamTable(
             site,
             self.settings,
@@ -123,12 +129,21 @@ class ConsumerCore:
         self.parts: list[Part] = []
         self._next_cleanup = time.monotonic() + CLEANUP_INTERVAL
         self._new_control_at: float | None = None  # see _recover
+        self._thread: ConnectionThread | None = (
+            ConnectionThread(f"objstream-{site}") if options.get("connection_thread") else None
+        )
         self.reconnects = 0
         """How often the connection was lost and re-established."""
 
     def start(self, parts: list[Part], left_over: list[Reopened] | None = None) -> None:
         """Connect, open the parts and go on with ``left_over`` streams (hashed before: no
-        heartbeat waits for it)."""
+        heartbeat waits for it). With a connection thread, all of it happens there."""
+        if self._thread is not None:
+            self._thread.start(lambda: self._start(parts, left_over), self._serve)
+            return
+        self._start(parts, left_over)
+
+    def _start(self, parts: list[Part], left_over: list[Reopened] | None) -> None:
         self.parts = parts
         try:
             self._connect()
@@ -148,7 +163,7 @@ class ConsumerCore:
     def _connect(self) -> None:
         self.connection: Connection = connect(self.settings, f"objstream consumer {self.site}")
         try:
-            self.topology.declare_base(self.connection)
+            self.topology.declare_base(self.connection, self.site)
             self.control: Channel = self.connection.channel()
             self.table.bind(self.connection, self.control)
             for part in self.parts:
@@ -160,33 +175,42 @@ class ConsumerCore:
     def close(self, checkpoint: bool) -> None:
         """Stop and disconnect; with ``checkpoint`` streams kept on disk are left for the next
         receiver of the directory, the others fail and their senders are told."""
+        if self._thread is not None:
+            self._thread.stop(lambda: self._close(checkpoint))
+            return
+        self._close(checkpoint)
+
+    def _close(self, checkpoint: bool) -> None:
+        reason = f"receiver of site {self.site} shut down"
         try:
-            self.table.settle()
             if self.connection.is_open:
-                for stream in list(self.table.streams.values()):
-                    if stream.closing:
-                        continue
-                    if checkpoint:
-                        self.table.suspend(stream)
-                    else:
-                        reason = f"receiver of site {self.site} shut down"
-                        self.table.fail(stream, FailureCode.ABORTED, reason)
-                self.table.tick()
-                self.table.settle()
-                self.table.retire()
+                self.table.close(checkpoint, reason)
                 self.connection.close()
         except (ConnectionLost, BrokerRefused):
             log.debug("connection already gone while closing", exc_info=True)
         finally:
             # A stream still open here lost its connection (a Ctrl-C inside pika): kept on disk.
-            self.table.abandon(None if checkpoint else f"receiver of site {self.site} shut down")
+            self.table.abandon(None if checkpoint else reason)
             self.table.shut_down()
 
     # -- the connection ---------------------------------------------------------------------------
 
     def events(self, time_limit: float) -> None:
-        """Process broker events for up to ``time_limit`` s, reconnecting if the connection
-        was lost."""
+        """Let the connection work for up to ``time_limit`` s (reconnecting if it was lost);
+        with a connection thread, just wait that long for it to do something."""
+        if self._thread is not None:
+            self._thread.wait(time_limit)
+            return
+        self._serve(time_limit)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` where the connection lives (this thread, or the connection thread) and
+        return its result, or raise what it raised."""
+        if self._thread is None:
+            return fn()
+        return self._thread.call(fn)
+
+    def _serve(self, time_limit: float) -> None:
         try:
             self.connection.process_events(time_limit)
             self._housekeeping()
@@ -234,31 +258,18 @@ class ConsumerCore:
         """Go on with the streams a dead receiver of this directory left."""
         for item in left_over:
             offer = item.offer
+            refusal = self.admission.take_over(offer, item.user_id, pushed=item.pushed)
+            if refusal is not None:
+                log.warning("not resuming stream %s: %s", offer.stream_id, refusal)
+                self.store.drop(item.assembler, item.state)
+                continue
             stream = self._stream(item, self.settings.timeout)
             stream.taken_over = True
             try:
                 # The queue the dead receiver declared: if it is gone, so is the sender.
                 self.table.consume(stream, declare=False)
             except BrokerRefused:
-                if offer.kind == FILE_KIND:
-                    # Its sender gave up on it, or it failed for want of a sender: what is
-                    # verified stays, for a retrieval of the same file from that site to resume.
-                    log.info(
-                        "stream %s (%r from %s) has no data queue any more; its %d bytes are kept",
-                        offer.stream_id,
-                        offer.name,
-                        offer.sender,
-                        item.resumed_bytes,
-                    )
-                    stream.leave_on_disk()
-                else:
-                    log.info(
-                        "stream %s (%r from %s) has no data queue any more; dropped",
-                        offer.stream_id,
-                        offer.name,
-                        offer.sender,
-                    )
-                    self.store.drop(stream.assembler, stream.state)
+                self._queue_gone(stream, item)
                 continue
             log.info(
                 "resuming %s %r from %s at chunk %d of %s",
@@ -270,9 +281,32 @@ class ConsumerCore:
             )
             self.table.start(stream)  # tells the sender where to go on from
 
+    def _queue_gone(self, stream: Stream, item: Reopened) -> None:
+        """A stream left on disk whose data queue is gone: so is its sender."""
+        offer = stream.offer
+        if keeps_prefix(stream.assembler):
+            # What is verified stays, for a retrieval of the same file from that site to resume.
+            log.info(
+                "stream %s (%r from %s) has no data queue any more; its %d bytes are kept",
+                offer.stream_id,
+                offer.name,
+                offer.sender,
+                item.resumed_bytes,
+            )
+            stream.leave_on_disk()
+            return
+        log.info(
+            "stream %s (%r from %s) has no data queue any more; dropped",
+            offer.stream_id,
+            offer.name,
+            offer.sender,
+        )
+        self.store.drop(stream.assembler, stream.state)
+
     def _stream(self, item: Reopened, timeout: float) -> Stream:
         session = self.table.session(
             item.reassembler,
+            user=item.user_id,
             timeout=timeout,
             checkpoints=True,
             keeps_prefix=keeps_prefix(item.assembler),
@@ -289,99 +323,50 @@ class ConsumerCore:
 
     # -- offers -----------------------------------------------------------------------------------
 
-    def _parse_offer(self, delivery: Delivery) -> Offer:
-        """The offer a delivery carries, checked for this site.
-
-        Raises:
-            ProtocolError: not a valid v2 offer for this site (``UnsupportedVersion`` for
-                another protocol version): the delivery is dead-lettered with the reason.
-        """
-        props, body = delivery.props, delivery.body
-        offer = parse(props.type, props.headers)
-        if not isinstance(offer, Offer):
-            raise ProtocolError(f"unexpected {props.type} message where offers arrive")
-        if offer.target != self.site:
-            raise ProtocolError(f"offer for site {offer.target!r} reached site {self.site!r}")
-        check_answerable(props.reply_to, props.user_id, offer.sender, "offer")
-        if body and offer.inline is None:
-            raise ProtocolError(f"offer with a {len(body)}-byte body (must be empty)")
-        return offer
-
-    def take_offer(
+    def carry_out(
         self,
+        decision: Decision,
         delivery: Delivery,
         *,
         timeout: float | None = None,
         requested: str | None = None,
         kept: Resumable | None = None,
-    ) -> None:
-        """An offer: refuse it, or start its stream. A retrieval passes its own ``timeout``,
-        the name it asked for and the kept prefix the stream may continue."""
-        try:
-            offer = self._parse_offer(delivery)
-        except ProtocolError as e:
-            dead_letter(self.control, self.topology, delivery, str(e))
-            return
-        reply_to = delivery.props.reply_to
-        assert reply_to is not None
-        if self.table.known(offer.stream_id):
-            log.debug("duplicate offer for stream %s ignored", offer.stream_id)
-            return
-        try:
-            stream = self._open_stream(
-                offer,
-                reply_to,
-                user_id=delivery.props.user_id,
-                kept=kept,
-                timeout=timeout,
-                requested=requested,
-            )
-        except OfferRefused as e:
+    ) -> bool:
+        """Carry out the admission's ``decision`` on an offer: start its stream, refuse it,
+        dead-letter or ignore it (a :class:`Hold` is the caller's). Returns whether a stream
+        started. A retrieval passes its own ``timeout``, the name it asked for and the kept
+        prefix the stream may continue."""
+        if isinstance(decision, Reject):
+            delivery.reject(decision.reason)
+        elif isinstance(decision, Ignore):
+            log.debug("%s: ignored", decision.reason)
+            delivery.ack()
+        elif isinstance(decision, Refuse):
             if kept is not None and kept.state.locked:
                 kept.state.release()  # not taken up: there for the next attempt
-            self.table.refuse(offer, reply_to, e.code, e.detail)
-            return
-        if offer.inline is not None:
-            self.table.take_inline(stream, delivery.body)
-            return
-        try:
-            self.table.consume(stream)
-        except BrokerRefused as e:
-            self.store.drop(stream.assembler, stream.state)
-            detail = f"cannot declare the data queue: {e}"
-            self.table.refuse(offer, reply_to, FailureCode.REFUSED, detail)
-            return
-        # The data queue is declared and bound: the first progress tells the sender to go on.
-        log.info(
-            "receiving %s %r (%d bytes) from %s as stream %s",
-            offer.kind,
-            offer.name,
-            offer.size,
-            offer.sender,
-            offer.stream_id,
-        )
-        self.table.start(stream)  # first contact: the sender may resend from here on
+            self.table.refuse(decision)
+            delivery.ack()
+        elif isinstance(decision, Accept):
+            started = self._open(
+                decision, delivery, timeout=timeout, requested=requested, kept=kept
+            )
+            delivery.ack()
+            return started
+        else:
+            raise AssertionError(f"{type(decision).__name__} is the caller's")
+        return False
 
-    def _open_stream(
+    def _open(
         self,
-        offer: Offer,
-        reply_to: str,
+        accept: Accept,
+        delivery: Delivery,
         *,
-        user_id: str | None,
-        kept: Resumable | None,
         timeout: float | None,
         requested: str | None,
-    ) -> Stream:
-        """The stream for an accepted offer from broker user ``user_id`` (its assembler,
-        reassembler and state file).
-
-        Raises:
-            OfferRefused: the offer is not taken.
-        """
-        if requested is None:  # a push, not the answer to a request of ours
-            self._check_sender(offer, user_id)
-        self._check_offer(offer)
-        if kept is not None and not offer.resume_from:
+        kept: Resumable | None,
+    ) -> bool:
+        offer = accept.offer
+        if kept is not None and accept.drop_kept:
             log.info(
                 "%s %r comes whole (it changed at %s); dropping the %d bytes kept",
                 offer.kind,
@@ -391,84 +376,80 @@ class ConsumerCore:
             )
             kept.discard()
             kept = None
-        if offer.resume_from and (kept is None or not continues(kept, offer)):
-            detail = (
-                f"the offer resumes from chunk {offer.resume_from}, but no partial file "
-                "to match is kept here"
-            )
-            raise OfferRefused(FailureCode.PROTOCOL, detail)
-        timeout = self.settings.timeout if timeout is None else timeout
         try:
-            if kept is not None:
-                return self._stream(self.store.adopt(offer, reply_to, kept, user_id), timeout)
-            assembler = self._assemblers[offer.kind](offer)
-        except ProtocolError as e:
-            raise OfferRefused(FailureCode.PROTOCOL, str(e)) from e
-        except OSError as e:
-            detail = f"cannot store {offer.size} bytes in {self.dest}: {e.strerror or e}"
-            raise OfferRefused(FailureCode.IO, detail) from e
+            stream = self._new_stream(accept, timeout=timeout, requested=requested, kept=kept)
+        except Exception as e:
+            if kept is not None and kept.state.locked:
+                kept.state.release()
+            self.table.refuse(self.admission.storage_failed(offer, accept.reply_to, accept.user, e))
+            return False
+        if offer.inline is not None:
+            self.table.take_inline(stream, delivery.body)
+            return True
+        try:
+            self.table.consume(stream)
+        except BrokerRefused as e:
+            self.store.drop(stream.assembler, stream.state)
+            self.table.refuse(self.admission.storage_failed(offer, accept.reply_to, accept.user, e))
+            return False
+        # The data queue is declared and bound: the first progress tells the sender to go on.
+        log.info(
+            "receiving %s %r (%s bytes) from %s (user %s) as stream %s",
+            offer.kind,
+            offer.name,
+            offer.size,
+            offer.sender,
+            accept.user,
+            offer.stream_id,
+        )
+        self.table.start(stream)  # first contact: the sender may resend from here on
+        return True
+
+    def _new_stream(
+        self,
+        accept: Accept,
+        *,
+        timeout: float | None,
+        requested: str | None,
+        kept: Resumable | None,
+    ) -> Stream:
+        """The stream of an accepted offer (its assembler, reassembler and state file).
+
+        Raises:
+            OSError, ProtocolError, Exception: it cannot be set up here (the partial file, the
+                state file, an assembler that refuses the offer).
+        """
+        offer, reply_to, user = accept.offer, accept.reply_to, accept.user
+        timeout = self.settings.timeout if timeout is None else timeout
+        if kept is not None:
+            return self._stream(self.store.adopt(offer, reply_to, kept, user), timeout)
+        assembler = self._assemblers[offer.kind](offer)
         reassembler = Reassembler(offer)
         reassembler.accept()
         state = None
         if assembler.resumable and offer.inline is None:
             try:  # what a receiver started after a crash needs to take over
-                state = StreamState.create(self.dest, offer, reply_to, requested, user_id)
-            except OSError as e:
+                state = StreamState.create(self.dest, offer, reply_to, requested, user)
+            except OSError:
                 assembler.discard()
-                raise OfferRefused(FailureCode.IO, f"state file: {e}") from e
+                raise
         session = self.table.session(
             reassembler,
+            user=user,
             timeout=timeout,
             checkpoints=state is not None,
             keeps_prefix=keeps_prefix(assembler),
         )
-        return Stream(offer, reply_to, session, assembler, user_id, state=state)
+        return Stream(offer, reply_to, session, assembler, user, state=state)
 
-    def _check_sender(self, offer: Offer, user_id: str | None) -> None:
-        """Refuse a push from a broker user ``settings.accept_from`` does not name (RabbitMQ
-        vouches for ``user_id``: it refuses a publish whose user_id is not the sender's)."""
-        accepted = self.settings.accept_from
-        if accepted and user_id not in accepted:
-            detail = (
-                f"site {self.site} takes pushes only from broker users "
-                f"{', '.join(accepted)}, not from {user_id!r}"
-            )
-            raise OfferRefused(FailureCode.FORBIDDEN, detail)
-
-    def _check_offer(self, offer: Offer) -> None:
-        """Refuse what this site does not take (too large, of an unknown kind)."""
-        if offer.size is not None and offer.size > self.settings.max_object_size:
-            limit = int(self.settings.max_object_size)
-            detail = f"{offer.size} bytes exceed site {self.site}'s limit of {limit} bytes"
-            raise OfferRefused(FailureCode.TOO_LARGE, detail)
-        if offer.kind not in self._assemblers:
-            detail = f"site {self.site} does not receive objects of kind {offer.kind!r}"
-            raise OfferRefused(FailureCode.REFUSED, detail)
+    def asked(self, owner: str, kept: Resumable | None) -> Asked:
+        """What a retrieval from ``owner`` may continue: the facts of the kept prefix."""
+        return Asked(owner, None if kept is None else kept.facts())
 
     def _container_assembler(self, offer: Offer) -> ObjectAssembler:
         if self._spool_containers and offer.inline is None:
             return ContainerSpool(self.dest, offer, self._on_entry, as_torch=self._as_torch)
         return ContainerAssembler(offer, self._on_entry, as_torch=self._as_torch)
-
-
-def check_answerable(reply_to: str | None, user_id: str | None, peer: str, what: str) -> None:
-    """Check the envelope of an offer (or a request) from site ``peer``: a v2 ``reply_to``
-    (``reply:SITE:QID``) naming ``peer`` itself, and the publishing broker user.
-
-    Raises:
-        ProtocolError: the message cannot be answered as protocol v2 says, or names no user.
-    """
-    if not reply_to:
-        raise ProtocolError(f"{what} without reply_to")
-    parsed = Topology.parse_reply_to(reply_to)
-    if parsed is None:
-        raise ProtocolError(f"{what} with reply_to {reply_to!r}, not reply:SITE:QID")
-    if parsed[0] != peer:
-        raise ProtocolError(
-            f"{what} from site {peer!r} with reply_to {reply_to!r} of site {parsed[0]!r}"
-        )
-    if not user_id:
-        raise ProtocolError(f"{what} without user_id")
 
 
 class ConsumerSide(Closing):
@@ -503,3 +484,6 @@ class ConsumerSide(Closing):
         """Stop and disconnect; with ``checkpoint``, streams kept on disk are left for the
         next consumer of this site and directory, otherwise they fail."""
         self._core.close(checkpoint)
+
+
+__all__ = ["ConsumerCore", "ConsumerSide", "Hold", "Part"]

@@ -231,6 +231,7 @@ class FileAssembler(ObjectAssembler):
     """The consuming half for files: pieces go to a :class:`PartialFile` at their offsets."""
 
     resumable: ClassVar[bool] = True
+    takes_inline: ClassVar[bool] = True  # a pwrite at its offset
 
     def __init__(self, dest: Path, offer: Offer, *, reopen: bool = False) -> None:
         assert offer.size is not None  # the protocol requires it for files

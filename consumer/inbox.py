@@ -1,36 +1,59 @@
-"""The site's inbox: where offers for a site arrive, taken one at a time up to ``max_streams``."""
+"""The site's inbox: where offers for a site arrive, each admitted, held for a slot, or refused.
+
+The inbox is consumed with a prefetch of the offers that may wait for a slot
+(:attr:`Slots.hold_capacity`, shared fairly between broker users, see
+:mod:`objstream.common.slots`): an offer whose user has a free slot starts at once; one whose
+user holds its share waits here, unacked, until a slot frees or the offer expires (its sender
+gave up); beyond its user's share of the waiting room it is refused ``busy``. So a site that
+floods this inbox with offers delays another site's push at most by the ``contact_timeout`` its
+streams get, and never blocks the other offers behind its own.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
+from objstream.common.admission import Accept, Hold
 from objstream.common.amqp import Channel, Delivery
+from objstream.common.protocol import Envelope
 from objstream.consumer.core import ConsumerCore
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Held:
+    delivery: Delivery
+    user: str
+    until: float  # the offer's expiration: its sender has given up by then
+
+
 class Inbox:
-    """A :class:`~objstream.consumer.core.Part` of a receiver: consumes the site's inbox while
-    there is room for another stream, and hands each offer to the core."""
+    """A :class:`~objstream.consumer.core.Part` of a receiver: consumes the site's inbox and
+    hands each offer to the core as the admission decides."""
 
     def __init__(self, core: ConsumerCore) -> None:
         self._core = core
-        self._tag: str | None = None
         self._queue = ""
         self._channel: Channel | None = None
         self._started = False
+        self._tag: str | None = None  # consuming (None: paused, every slot is taken)
+        self._held: list[_Held] = []
 
     def opened(self) -> None:
         core = self._core
-        self._tag = None
+        self._held.clear()  # unacked on the old connection: the broker delivers them again
         self._queue = core.topology.declare_inbox(core.control, core.site)
         self._channel = core.connection.channel()
         if not self._started:  # at start only: after a reconnect, the count includes our own
             self._started = True
             self._warn_of_others()
-        # One offer at a time, acked once accepted: the limit on streams is exact.
-        self._channel.qos(1)
+        # The offers that may wait for a slot, and the one being looked at.
+        self._channel.qos(core.table.slots.hold_capacity + 1)
+        self._tag = None
+        self.tick()
 
     def _warn_of_others(self) -> None:
         """Several receivers of one site share its offers (competing workers, by design); a
@@ -39,35 +62,85 @@ class Inbox:
         others = self._channel.consumer_count(self._queue)
         if others:
             log.warning(
-                "the inbox of site %s (%s) already has %d consumer(s): other receivers of "
-                "this site take a share of what is sent to it",
+                "the inbox of site %s (%s) already has %d consumer(s): other receivers of this "
+                "site take a share of what is sent to it",
                 self._core.site,
                 self._queue,
                 others,
             )
 
     def tick(self) -> None:
-        """Take offers again once a stream slot is free."""
-        if self._tag is None and self._room and self._channel is not None:
+        """Start held offers whose users have a slot now; drop those whose senders gave up;
+        take offers again once a slot is free."""
+        self._start_held()
+        if self._channel is None:
+            return
+        full = self._core.table.slots.full
+        if self._tag is None and not full:
             self._tag = self._channel.consume(self._queue, self._on_offer)
-
-    @property
-    def _room(self) -> bool:
-        return len(self._core.table) < self._core.settings.max_streams
-
-    def _pause(self) -> None:
-        if self._tag is not None and self._channel is not None:
+        elif self._tag is not None and full:
+            # Every slot is taken: offers wait in the inbox, where another receiver of this
+            # site (a competing worker) can take them.
             self._channel.cancel(self._tag)
             self._tag = None
 
+    def _start_held(self) -> None:
+        now = time.monotonic()
+        for held in list(self._held):
+            if now > held.until:
+                log.info(
+                    "offer %s expired while it waited for a slot", held.delivery.props.message_id
+                )
+                self._unhold(held)
+                held.delivery.ack()
+            elif self._admit(held.delivery, waiting=True):
+                self._unhold(held)
+
+    def _unhold(self, held: _Held) -> None:
+        self._held.remove(held)
+        self._core.table.slots.unhold(held.user)
+
     def _on_offer(self, delivery: Delivery) -> None:
-        if not self._room:
-            delivery.channel.nack(delivery.tag, requeue=True)  # wait for a free slot
-            self._pause()
-            return
-        try:
-            self._core.take_offer(delivery)
-        finally:
-            delivery.channel.ack(delivery.tag)
-        if not self._room:
-            self._pause()
+        self._admit(delivery, waiting=False)
+        if self._tag is not None and self._core.table.slots.full and self._channel is not None:
+            self._channel.cancel(self._tag)
+            self._tag = None
+
+    def _admit(self, delivery: Delivery, *, waiting: bool) -> bool:
+        """Decide on ``delivery`` and carry the decision out; False if it (still) waits."""
+        core, props = self._core, delivery.props
+        envelope = Envelope(delivery.routing_key, props.user_id, props.reply_to, len(delivery.body))
+        table = core.table
+        decision = core.admission.push(
+            props.type,
+            props.headers,
+            envelope,
+            known=table.known,
+            slots=table.slots,
+            waiting=waiting,
+        )
+        if isinstance(decision, Hold):
+            if not waiting:
+                log.info(
+                    "offer of stream %s waits for a slot (user %s holds its share)",
+                    decision.offer.stream_id,
+                    decision.user,
+                )
+                table.slots.hold(decision.user)
+                self._held.append(
+                    _Held(delivery, decision.user, time.monotonic() + _expiry(props.expiration))
+                )
+            return False
+        if isinstance(decision, Accept):
+            table.slots.take(decision.offer.stream_id, decision.user)
+        if not core.carry_out(decision, delivery) and isinstance(decision, Accept):
+            table.slots.release(decision.offer.stream_id)
+        return True
+
+
+def _expiry(expiration: str | None, default: float = 60.0) -> float:
+    """Seconds an offer stays valid, from its ``expiration`` (milliseconds, as text)."""
+    try:
+        return max(0.0, int(expiration or "") / 1000)
+    except ValueError:
+        return default

@@ -11,7 +11,7 @@ from typing import TypedDict
 from objstream.common.protocol import Offer
 from objstream.common.streaming import ObjectAssembler, ProgressHook
 from objstream.consumer.container_assembler import OnEntry
-from objstream.consumer.stream_table import Save
+from objstream.consumer.streams import Save
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
 
@@ -29,6 +29,9 @@ class RetrieverOptions(TypedDict, total=False):
     as_torch: bool
     """Containers (and ``on_entry``'s entries) come as CPU ``torch.Tensor`` objects, built from
     the received bytes without pickle (the ``objstream[torch]`` extra)."""
+    connection_thread: bool
+    """Serve the broker connection on a thread of its own, so that heartbeats, acks and
+    progress never wait for the caller to call ``receive()`` (or retrieve) again."""
 
 
 class ReceiverOptions(RetrieverOptions, total=False):

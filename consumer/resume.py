@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from objstream.common.admission import Kept
 from objstream.common.naming import PARTIAL_PREFIX, partial_name
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, to_headers
 
@@ -115,7 +116,13 @@ class Resumable:
     """The name to ask the sender for to resume it."""
     user_id: str | None = None
     """The broker user the offer came from."""
+    pushed: bool = False
+    """A push (not a retrieval of ours): its sender must still be one ``accept_from`` names."""
     _sha: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def facts(self) -> Kept:
+        """What an offer must continue (see :func:`objstream.common.admission.continues`)."""
+        return Kept(self.offer.sender, self.offer.chunk_size, self.stored, self.stored_bytes)
 
     def prefix_sha256(self) -> Any:
         """SHA-256 (a hashlib object) of the bytes already stored, read back from the partial
@@ -230,7 +237,10 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
     if offer.kind == FILE_KIND and stored_bytes != min(stored * offer.chunk_size, offer.size):
         raise ValueError("inconsistent counts")
     state = StreamState(path, fd, len(header))
-    return Resumable(offer, reply_to, stored, stored_bytes, state, partial, requested, user_id)
+    pushed = data.get("requested") is None
+    return Resumable(
+        offer, reply_to, stored, stored_bytes, state, partial, requested, user_id, pushed
+    )
 
 
 def remove_abandoned(dest: Path, ttl: float) -> list[Path]:

@@ -22,27 +22,19 @@ reply or offer had not arrived yet is sent again
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Any, Literal, Unpack
+from typing import Any, Unpack
 
-from objstream.common.errors import FailureCode, Refused, TimedOut, TransferFailed
+from objstream.common.errors import FailureCode, TimedOut, TransferFailed
 from objstream.common.offthread import off_thread
-from objstream.common.protocol import Reply, Request, new_stream_id
+from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name, check_site
 from objstream.consumer.core import ConsumerCore, ConsumerSide
 from objstream.consumer.options import RetrieverOptions
-from objstream.consumer.requests import Asked, RequestTracker
-from objstream.consumer.resume import Resumable
+from objstream.consumer.requests import RequestTracker
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
-
-MAX_ASKS = 3  # requests for one retrieval, when reconnects lose the offer
-
-
-class _OfferLost(Exception):
-    """The connection was lost between the reply and the offer: ask again."""
 
 
 class Retriever(ConsumerSide):
@@ -98,7 +90,7 @@ class Retriever(ConsumerSide):
 
     def retrieve(
         self,
-        kind: Literal["file", "container"],
+        kind: Kind,
         from_site: str,
         name: str,
         timeout: float | None = None,
@@ -106,105 +98,60 @@ class Retriever(ConsumerSide):
         """The general form: returns the :class:`Received` record (path, value, size, sha256)."""
         return self._retrieve(kind, from_site, name, timeout)
 
-    def _retrieve(
-        self, kind: Literal["file", "container"], from_site: str, name: str, timeout: float | None
-    ) -> Received:
+    def _retrieve(self, kind: Kind, from_site: str, name: str, timeout: float | None) -> Received:
         check_site(from_site)  # before its service queue is declared
         check_object_name(name)
         timeout = timeout or self.settings.timeout
-        request = Request(request_id=new_stream_id(), kind=kind, name=name, requester=self.site)
-        return self._run(request, from_site, timeout)
-
-    def _run(self, request: Request, from_site: str, timeout: float) -> Received:
+        core = self._core
         kept = None
-        if request.kind == "file":  # hashing the prefix may be slow: off the connection's thread
+        if kind == "file":  # hashing the prefix may be slow: off the connection's thread
             kept = off_thread(
-                lambda: self._core.store.kept(from_site, request.name),
-                lambda: self._core.events(0.05),
+                lambda: core.store.kept(from_site, name),
+                lambda: core.events(0.05),
                 "objstream-retriever",
             )
-        try:
-            for _ in range(MAX_ASKS - 1):
-                try:
-                    return self._ask(request, from_site, timeout, kept)
-                except _OfferLost:
-                    log.info("asking %s for %r again after a reconnect", from_site, request.name)
-                    request = request.model_copy(update={"request_id": new_stream_id()})
-            return self._ask(request, from_site, timeout, kept)
-        finally:
-            if kept is not None and kept.state.locked:
-                kept.state.release()  # not taken up: still there for the next attempt
-
-    def _ask(
-        self,
-        request: Request,
-        from_site: str,
-        timeout: float,
-        kept: Resumable | None,
-    ) -> Received:
         if kept is not None:
             log.info(
                 "asking %s for the rest of %r: %d bytes are kept",
                 from_site,
-                request.name,
+                name,
                 kept.stored_bytes,
             )
-            request = request.model_copy(
-                update={
-                    "resume_from": kept.stored,
-                    "chunk_size": kept.offer.chunk_size,
-                    "prefix_sha256": kept.prefix_sha256().copy().hexdigest(),
-                }
-            )
-        asked = Asked(timeout, request.name, kept, from_site)
-        self._requests.publish(request, from_site, asked)
+        handle = core.call(
+            lambda: self._requests.ask(kind, name, from_site, timeout=timeout, kept=kept)
+        )
         try:
-            reply = self._wait_reply(request, from_site, asked)
+            return self._wait(handle, from_site, timeout)
         finally:
-            self._requests.give_up(request.request_id)
-        if not reply.ok:
-            raise Refused(from_site, request.name, reply.code or FailureCode.PROTOCOL, reply.detail)
-        assert reply.stream_id is not None
-        sid = reply.stream_id
-        try:
-            return self._wait_outcome(sid, from_site, timeout)
-        finally:
-            self._requests.done_with(sid)
+            core.call(lambda: self._requests.finish(handle))
+            if kept is not None and kept.state.locked:
+                core.call(kept.state.release)  # not taken up: still there for the next attempt
 
-    def _wait_reply(self, request: Request, from_site: str, asked: Asked) -> Reply:
-        deadline = time.monotonic() + asked.timeout
-        reconnects = self.reconnects
-        while (reply := self._requests.reply(request.request_id)) is None:
-            if self.reconnects != reconnects:  # the request (or its reply) may be lost
-                reconnects = self.reconnects
-                self._requests.publish(request, from_site, asked)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimedOut(
-                    from_site,
-                    request.request_id,
-                    asked.timeout,
-                    f"site {from_site!r} did not answer the request for {request.name!r}",
-                )
-            self._core.events(min(left, 0.2))
-        return reply
-
-    def _wait_outcome(self, sid: str, from_site: str, timeout: float) -> Received:
-        deadline = time.monotonic() + timeout  # until the offer arrives; then the stream's own
-        reconnects = self.reconnects
-        table = self._core.table
+    def _wait(self, handle: str, from_site: str, timeout: float) -> Received:
+        """Until the retrieval ``handle`` has an outcome: the object, or an error."""
         while True:
-            for outcome in list(table.outcomes):
-                if outcome.stream_id == sid:
-                    table.outcomes.remove(outcome)
-                    if isinstance(outcome, TransferFailed):
-                        if outcome.code == FailureCode.TIMEOUT:
-                            raise TimedOut(from_site, sid, timeout, outcome.detail)
-                        raise outcome
-                    return outcome
-            if sid not in table.streams and self._requests.expecting(sid):
-                if self.reconnects != reconnects:
-                    raise _OfferLost  # it went to the private queue that is gone now
-                if time.monotonic() > deadline:
-                    raise TimedOut(from_site, sid, timeout, "the accepted stream never started")
+            outcome = self._core.call(lambda: self._outcome(handle, from_site, timeout))
+            if outcome is not None:
+                return outcome
             self._core.events(0.2)
+
+    def _outcome(self, handle: str, from_site: str, timeout: float) -> Received | None:
+        """On the connection's thread: the object if it arrived, None while it may come.
+
+        Raises:
+            Refused, TimedOut, TransferFailed: it will not.
+        """
+        retrieval = self._requests.session.state(handle)
+        table = self._core.table
+        sid = retrieval.stream_id
+        for outcome in list(table.outcomes) if sid is not None else []:
+            if outcome.stream_id == sid:
+                table.outcomes.remove(outcome)
+                if isinstance(outcome, TransferFailed):
+                    if outcome.code == FailureCode.TIMEOUT:
+                        raise TimedOut(from_site, sid, timeout, outcome.detail)
+                    raise outcome
+                return outcome
+        if retrieval.error is not None:
+            raise retrieval.error
+        return None

@@ -1,75 +1,58 @@
-"""The streams a receiver (or a retriever) works on: one :class:`ReceiveSession` each, driven
-over the stream's own channel.
+"""The streams a receiver (or a retriever) works on: one :class:`ReceiveSession` each, read
+from the stream's own channel.
 
-The table is the thin driver of the sessions: it parses deliveries, feeds them in and carries
-out the actions that come back (write, checkpoint, ack, progress, dead-letter, commit, verdict),
-and at each tick lets the sessions time out and flush. It decides nothing about the protocol
-itself. Its owner (:class:`~objstream.consumer.receiver.Receiver` or
-:class:`~objstream.consumer.retriever.Retriever`) adds streams and reads the outcomes.
+The table is where deliveries and clock ticks meet the sessions: it consumes each stream's data
+queue, feeds what arrives (and the time) to the stream's session, and hands the actions that
+come back to the executor (:class:`~objstream.consumer.actions.StreamActions`). It remembers
+the streams that ended lately (a repeated offer is a duplicate), keeps ended streams until
+their sessions have retired their data queues, and holds the outcomes for its owner
+(:class:`~objstream.consumer.receiver.Receiver` or
+:class:`~objstream.consumer.retriever.Retriever`). The policy (what is written, acked,
+reported, dead-lettered, when a stream fails or lingers) is the sessions'.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 
-from objstream.common.amqp import Channel, Connection, Delivery, dead_letter
+from objstream.common.admission import Refuse
+from objstream.common.amqp import Channel, Connection, Delivery
 from objstream.common.errors import (
     BrokerRefused,
     FailureCode,
     ObjstreamError,
-    ProtocolError,
     SenderGone,
     TransferFailed,
 )
-from objstream.common.protocol import Done, Offer, Progress, envelope, parse
+from objstream.common.protocol import Envelope, Offer
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
     KEEP_PREFIX_ON,
     Ack,
-    Action,
-    Checkpoint,
-    Commit,
-    DeadLetter,
-    Discard,
     Finished,
-    LeaveOnDisk,
     ReceiveSession,
-    Reconsume,
-    RemoveCheckpoint,
     SendProgress,
     SendVerdict,
-    Write,
+    Terms,
+    crowded_out,
 )
 from objstream.common.settings import Settings
+from objstream.common.slots import Slots
 from objstream.common.streaming import ProgressHook
-from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
-from objstream.consumer.streams import Received, Stream
+from objstream.consumer.actions import StreamActions
+from objstream.consumer.offload import Offload
+from objstream.consumer.streams import Received, Save, Stream
 
 log = logging.getLogger(__name__)
 
 RECENT_STREAMS = 4096  # finished stream ids remembered, to drop late duplicates quietly
-LINGER = 15.0
-"""Seconds a data queue is still consumed after the verdict (a resend there gets the verdict
-again), for at most MAX_LINGERING streams (a channel each): beyond, the oldest is retired."""
-MAX_LINGERING = 64
-RETIRE_AFTER = 2.0
-"""Seconds between unbinding the data queue of a stream that ended and deleting it. A publish
-the broker routed to a quorum queue while it was being deleted (with one of its nodes down)
-crashed the publisher's channel on RabbitMQ 3.10; unbound first, the queue gets none."""
-
-Save = Callable[[Received], Received]
-"""Runs as part of the commit, before the verdict: puts a received object where its user finds
-it (a container into a ``.npz``...) and returns the record to hand out. If it raises
-(``OSError``, :class:`ObjstreamError`) the transfer fails with code ``io`` at the sender too."""
+INBOX_HOLD = 4
+"""Offers that may wait in the inbox's prefetch per stream slot (:mod:`objstream.common.slots`)."""
 
 
 class StreamTable:
@@ -89,25 +72,32 @@ class StreamTable:
         self.topology = topology
         self.streams: dict[str, Stream] = {}
         self.outcomes: deque[Received | TransferFailed] = deque()
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._progress = progress
-        self._save = save
-        self._user = broker_user(settings)  # every message we publish carries it (v2)
-        self._connection: Connection | None = None
-        self._control: Channel | None = None
-        self._lingering: dict[str, tuple[Stream, float]] = {}  # ended, and until when
-        self._retiring: dict[str, float] = {}  # unbound data queues, and when to delete them
-        # One disk thread: commits (finish, decode, fsync, save), fsync of a prefix kept or left
-        # for a successor, removal of partial files. FIFO, so settle() waits for all of it.
-        self._disk = ThreadPoolExecutor(1, thread_name_prefix="objstream-disk")
-        self._results: queue.SimpleQueue[tuple[Stream, Received | tuple[FailureCode, str]]] = (
-            queue.SimpleQueue()
+        self.slots = Slots(
+            settings.max_streams,
+            settings.user_share,
+            hold_capacity=INBOX_HOLD * settings.max_streams,
         )
+        """The stream slots of pushes, shared fairly between broker users."""
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._ended: list[Stream] = []  # until their sessions retired their data queues
+        self.offload = Offload(takers=settings.max_streams)
+        self.actions = StreamActions(
+            site,
+            settings,
+            topology,
+            self.offload,
+            progress=progress,
+            save=save,
+            finished=self._finished,
+            reconsume=self._reconsume,
+        )
+        self._connection: Connection | None = None
 
     def bind(self, connection: Connection, control: Channel) -> None:
         """The (new) connection and the channel progress and verdicts are published on."""
         self._connection = connection
-        self._control = control
+        self.actions.bind(connection, control)
+        self.offload.bind(connection)
 
     def __len__(self) -> int:
         return len(self.streams)
@@ -124,19 +114,20 @@ class StreamTable:
         self,
         reassembler: Reassembler,
         *,
+        user: str | None,
         timeout: float | None = None,
         checkpoints: bool = False,
         keeps_prefix: bool = False,
     ) -> ReceiveSession:
-        return ReceiveSession(
-            reassembler,
-            self.site,
-            now=time.monotonic(),
-            timeout=self.settings.timeout if timeout is None else timeout,
+        settings = self.settings
+        terms = Terms(
+            timeout=settings.timeout if timeout is None else timeout,
             window=self.window(reassembler.offer),
             checkpoints=checkpoints,
             keeps_prefix=keeps_prefix,
+            contact_timeout=settings.contact_timeout,
         )
+        return ReceiveSession(reassembler, self.site, terms, now=time.monotonic(), user=user)
 
     # -- adding streams ---------------------------------------------------------------------------
 
@@ -152,6 +143,7 @@ class StreamTable:
         """
         assert self._connection is not None
         channel = stream.channel = self._connection.channel()
+        stream.generation += 1
         offer = stream.offer
         queue = self.topology.data_queue(self.site, offer.stream_id)
         try:
@@ -168,21 +160,22 @@ class StreamTable:
 
     def start(self, stream: Stream) -> None:
         """First contact: the sender may go on (or resend) from what is stored."""
-        self.run(stream, stream.session.start())
+        self.actions.run(stream, stream.session.start())
 
     def take_inline(self, stream: Stream, body: bytes) -> None:
         """A small object that came whole inside its offer."""
         assert stream.offer.inline is not None
         self.streams[stream.offer.stream_id] = stream
-        self.run(stream, stream.session.inline(stream.offer.inline, body))
+        self.actions.run(stream, stream.session.inline(stream.offer.inline, body))
 
-    def refuse(self, offer: Offer, reply_to: str, code: FailureCode, detail: str) -> None:
+    def refuse(self, refusal: Refuse) -> None:
         """Answer an offer this receiver does not take with a failed verdict."""
-        log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, detail)
-        done = Done(stream_id=offer.stream_id, site=self.site, ok=False, code=code, detail=detail)
-        self._publish(reply_to, done, persistent=True)
+        offer = refusal.offer
+        log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, refusal.detail)
+        self.actions.publish_verdict(refusal.reply_to, refusal.verdict(self.site))
         self.remember(offer.stream_id)
-        self.outcomes.append(TransferFailed(offer.sender, offer.stream_id, code, detail))
+        failure = TransferFailed(offer.sender, offer.stream_id, refusal.code, refusal.detail)
+        self.outcomes.append(failure)
 
     def remember(self, stream_id: str) -> None:
         self._recent[stream_id] = None
@@ -192,67 +185,37 @@ class StreamTable:
     # -- events -----------------------------------------------------------------------------------
 
     def _on_data(self, stream: Stream, delivery: Delivery) -> None:
-        now = time.monotonic()
-        tag = delivery.tag
         props = delivery.props
-        if props.user_id != stream.user_id:
-            # The broker vouches for user_id: this came from someone else than the offer did.
-            reason = (
-                f"{props.type} from user {props.user_id!r}, the offer came from user "
-                f"{stream.user_id!r}"
-            )
-            self.run(stream, stream.session.malformed(tag, reason, now), delivery)
-            return
-        try:
-            message = parse(props.type, props.headers)
-        except ProtocolError as e:
-            actions = stream.session.malformed(tag, str(e), now)
-        else:
-            actions = stream.session.receive(tag, message, delivery.body, now)
-        self.run(stream, actions, delivery)
+        envelope = Envelope(delivery.routing_key, props.user_id)
+        actions = stream.session.delivery(
+            delivery.tag,
+            props.type,
+            props.headers,
+            delivery.body,
+            envelope=envelope,
+            now=time.monotonic(),
+        )
+        delivery.settled = True  # acked (or rejected) by the session's actions, by tag
+        self.actions.run(stream, actions)
 
     def tick(self) -> None:
-        """Between event batches: time-outs and flushes; close the streams that ended."""
-        self.drain()
+        """Between event batches: time-outs and flushes; ended streams linger, then go."""
+        self.offload.drain()
         now = time.monotonic()
         for sid, stream in list(self.streams.items()):
             if not stream.closing:
-                self.run(stream, stream.session.tick(now))
+                self.actions.run(stream, stream.session.tick(now))
             if stream.closing:
                 del self.streams[sid]
+                self.slots.release(sid)
                 self.remember(sid)
-                if stream.channel is not None:  # inline streams have none
-                    self._lingering[sid] = (stream, now + LINGER)
-        self.retire(now)
-
-    def _retire(self, stream: Stream) -> None:
-        """Unbind the data queue of a stream that ended (late resends are then unroutable) and
-        close its channel; the queue is deleted :data:`RETIRE_AFTER` s later (by us: least
-        privilege does not let the sender)."""
-        assert stream.channel is not None
-        assert self._connection is not None
-        sid = stream.offer.stream_id
-        # On the stream's own channel (a new one after a reconnect): a refusal closes only it.
-        channel = stream.channel if stream.channel.is_open else self._connection.channel()
-        try:
-            self.topology.unbind_data_queue(channel, self.site, sid, stream.offer.sender)
-        except ObjstreamError as e:
-            log.warning("stream %s: could not unbind its data queue (%s)", sid, e)
-        channel.close()
-        self._retiring[self.topology.data_queue(self.site, sid)] = time.monotonic() + RETIRE_AFTER
-
-    def retire(self, now: float | None = None) -> None:
-        """Retire the ended streams whose :data:`LINGER` is over and delete the data queues
-        retired :data:`RETIRE_AFTER` ago (``now`` None: all of them, at once)."""
-        assert self._control is not None
-        for sid, (stream, until) in list(self._lingering.items()):
-            if now is None or now >= until or len(self._lingering) > MAX_LINGERING:
-                del self._lingering[sid]
-                self._retire(stream)
-        for name, due in list(self._retiring.items()):
-            if now is None or now >= due:
-                self._control.delete_queue(name)
-                del self._retiring[name]
+                self._ended.append(stream)
+        crowded = {id(s) for s in crowded_out([s.session for s in self._ended])}
+        for stream in self._ended:
+            session = stream.session
+            actions = session.retire(now) if id(session) in crowded else session.tick(now)
+            self.actions.run(stream, actions)
+        self._ended = [s for s in self._ended if not s.session.gone]
 
     def reconnected(self) -> None:
         """After a reconnect: consume each stream again on the new connection, and ask for
@@ -263,7 +226,7 @@ class StreamTable:
                 continue
             actions = stream.session.reconnected(now)
             if self._consume_again(stream):
-                self.run(stream, actions)
+                self.actions.run(stream, actions)
 
     def _reconsume(self, stream: Stream) -> None:
         log.warning(
@@ -287,13 +250,14 @@ class StreamTable:
         return True
 
     def fail(self, stream: Stream, code: FailureCode, detail: str) -> None:
-        self.run(stream, stream.session.fail(code, detail))
+        self.actions.run(stream, stream.session.fail(code, detail))
 
     def suspend(self, stream: Stream) -> None:
         """Leave the stream on disk for the next receiver (or fail it if it cannot be left)."""
-        self.run(stream, stream.session.suspend(time.monotonic()))
+        self.actions.run(stream, stream.session.suspend(time.monotonic()))
         if stream.session.state is State.SUSPENDED:
             del self.streams[stream.offer.stream_id]
+            self.slots.release(stream.offer.stream_id)
             if stream.channel is not None:
                 stream.channel.close()  # nothing unacked is lost: the broker requeues it
             log.info(
@@ -303,192 +267,49 @@ class StreamTable:
                 stream.reassembler.stored,
             )
 
-    # -- carrying actions out ---------------------------------------------------------------------
+    # -- closing ----------------------------------------------------------------------------------
 
-    def run(self, stream: Stream, actions: list[Action], delivery: Delivery | None = None) -> None:
-        """Carry ``actions`` out in order; one that fails replaces the rest with the session's
-        answer to the failure (as does a commit, with its outcome)."""
-        for action in actions:
-            follow = self._do(stream, action, delivery)
-            if follow is not None:
-                self.run(stream, follow, delivery)
-                return
-
-    def _do(self, stream: Stream, action: Action, delivery: Delivery | None) -> list[Action] | None:
-        if isinstance(action, Write):
-            return self._write(stream, action)
-        if isinstance(action, Commit):
-            return self._commit(stream)
-        if isinstance(action, Ack):
-            assert stream.channel is not None
-            stream.channel.ack(action.tag, multiple=action.multiple)
-        elif isinstance(action, SendProgress):
-            self._send_progress(stream, action)
-        elif isinstance(action, Reconsume):
-            self._reconsume(stream)
-        elif isinstance(action, DeadLetter):
-            assert delivery is not None
-            assert self._control is not None
-            dead_letter(self._control, self.topology, delivery, action.reason)
-        else:
-            self._do_state(stream, action)
-        return None
-
-    def _do_state(self, stream: Stream, action: Action) -> None:
-        """The actions on what is kept: state file, partial object, verdict, outcome."""
-        if isinstance(action, Checkpoint):
-            if stream.state is not None:
-                stream.state.save(action.stored, action.stored_bytes)
-        elif isinstance(action, RemoveCheckpoint):
-            if stream.state is not None:
-                stream.state.remove()
-        elif isinstance(action, Discard):
-            what = f"discarding stream {stream.offer.stream_id}"
-            self._on_disk(what, partial(_discard, stream))
-        elif isinstance(action, LeaveOnDisk):
-            what = f"keeping stream {stream.offer.stream_id} on disk"
-            self._on_disk(what, stream.leave_on_disk)  # syncs the partial file
-        elif isinstance(action, SendVerdict):
-            self._publish(stream.reply_to, action.done, persistent=True)
-        elif isinstance(action, Finished):
-            self._finished(stream, action)
-
-    def _write(self, stream: Stream, write: Write) -> list[Action] | None:
-        try:
-            stream.assembler.take(write.offset, write.body, write.meta)
-            return None
-        except ProtocolError as e:
-            return stream.session.write_failed(FailureCode.PROTOCOL, str(e))
-        except OSError as e:
-            detail = f"storing chunk {write.seq}: {e.strerror or e}"
-            return stream.session.write_failed(FailureCode.IO, detail)
-        except Exception as e:  # an on_entry callback or a custom assembler failed
-            log.debug("assembler failed", exc_info=True)
-            detail = f"the receiving side failed: {e!r}"
-            return stream.session.write_failed(FailureCode.REFUSED, detail)
-
-    def _commit(self, stream: Stream) -> list[Action]:
-        """Finish the object on the commit thread (decoding a spooled container, fsync, the
-        save can take long); :meth:`drain` hands the outcome to the session."""
-        self._disk.submit(self._finish_object, stream)
-        return []
-
-    def _finish_object(self, stream: Stream) -> None:
-        """On the commit thread: finish and save; the session is told on the connection's."""
-        result: Received | tuple[FailureCode, str]
-        try:
-            result = self._finished_object(stream)
-        except OSError as e:
-            result = (FailureCode.IO, f"committing: {e.strerror or e}")
-        except ObjstreamError as e:
-            result = (FailureCode.PROTOCOL, str(e))
-        except Exception as e:  # an on_entry callback or a custom assembler failed
-            log.debug("assembler failed", exc_info=True)
-            result = (FailureCode.REFUSED, f"the receiving side failed: {e!r}")
-        self._results.put((stream, result))
-        try:
-            assert self._connection is not None
-            self._connection.call_threadsafe(self._drained)  # wakes the event loop
-        except ObjstreamError:  # the connection is gone: the next tick drains
-            log.debug("cannot wake the connection", exc_info=True)
-
-    def _finished_object(self, stream: Stream) -> Received | tuple[FailureCode, str]:
-        offer, session = stream.offer, stream.session
-        value = stream.assembler.finish()
-        received = Received(
-            offer.stream_id,
-            offer.kind,
-            offer.name,
-            session.stored_bytes,
-            session.reassembler.sha256,
-            offer.sender,
-            path=value if isinstance(value, Path) else None,
-            value=value,
-            info=dict(offer.info or {}),
-            resumed_bytes=stream.resumed_bytes,
-            sender_user=stream.user_id,
-        )
-        if self._save is not None:
-            try:
-                received = self._save(received)
-            except (ObjstreamError, OSError) as e:
-                return (FailureCode.IO, f"saving: {e}")
-        return received
-
-    def drain(self) -> bool:
-        """On the connection's thread: hand finished commits to their sessions. Returns whether
-        there were any."""
-        handled = False
-        while True:
-            try:
-                stream, result = self._results.get_nowait()
-            except queue.Empty:
-                return handled
-            handled = True
-            if isinstance(result, tuple):
-                self.run(stream, stream.session.commit_failed(*result))
+    def close(self, checkpoint: bool, reason: str) -> None:
+        """Stop every stream while the connection is open: ``checkpoint`` leaves those kept on
+        disk for the next receiver, the others fail (``reason``) and their senders are told;
+        disk work finishes with the connection served, and the data queues of ended streams
+        are retired at once."""
+        assert self._connection is not None
+        serve = self._connection.process_events
+        self.offload.settle(serve)
+        self.tick()
+        for stream in list(self.streams.values()):
+            if stream.closing:
                 continue
-            stream.received = result
-            offer = stream.offer
-            if self._progress is not None:
-                self._progress(offer.sender, offer.stream_id, result.size, result.size)
-            self.run(stream, stream.session.committed(result.value, result.path))
-
-    def _drained(self) -> None:
-        self.drain()
-
-    def settle(self) -> None:
-        """Wait for the disk work under way, and hand finished commits to their sessions."""
-        while True:
-            self._disk.submit(lambda: None).result()
-            if not self.drain():
-                return
+            if checkpoint:
+                self.suspend(stream)
+            else:
+                self.fail(stream, FailureCode.ABORTED, reason)
+        self.offload.settle(serve)
+        self.tick()
+        now = time.monotonic()
+        for stream in self._ended:
+            self.actions.run(stream, stream.session.close_out(now))
+        self._ended.clear()
 
     def abandon(self, reason: str | None) -> None:
         """The connection is gone as we close: end open streams on disk alone, as fail (or,
         ``reason`` None, suspend) would: a verified prefix kept; nobody can be told."""
+        self.offload.settle_offline()
         for stream in [s for s in self.streams.values() if not s.closing]:
             s = stream.session
             ending = s.fail(FailureCode.ABORTED, reason) if reason else s.suspend(time.monotonic())
-            for action in ending:
-                if not isinstance(action, Ack | SendProgress | SendVerdict):
-                    self._do_state(stream, action)
+            offline = [a for a in ending if not isinstance(a, Ack | SendProgress | SendVerdict)]
+            stream.pending.clear()
+            stream.generation += 1  # no tag of the dead channel is acked
+            self.actions.run(stream, offline)
+        self.offload.settle_offline()
 
     def shut_down(self) -> None:
-        """Finish the disk work still queued and stop the disk thread (when closing)."""
-        self._disk.shutdown(wait=True)
-        self.drain()
+        """Finish the disk work still queued and stop the threads (when closing)."""
+        self.offload.shut_down()
 
-    def _on_disk(self, what: str, work: Callable[[], None]) -> None:
-        """Run ``work`` on the disk thread; it concerns a stream that has ended here."""
-
-        def guarded() -> None:
-            try:
-                work()
-            except OSError as e:
-                log.warning("%s: %s", what, e)
-
-        self._disk.submit(guarded)
-
-    def _send_progress(self, stream: Stream, action: SendProgress) -> None:
-        offer = stream.offer
-        progress = Progress(
-            stream_id=offer.stream_id,
-            site=self.site,
-            stored=action.stored,
-            resend_from=action.resend_from,
-        )
-        self._publish(stream.reply_to, progress, persistent=False)
-        if self._progress is not None:
-            self._progress(offer.sender, offer.stream_id, action.stored_bytes, offer.size)
-
-    def _publish(self, reply_to: str, message: Done | Progress, *, persistent: bool) -> None:
-        """An answer to ``reply_to`` (``reply:S:QID``): through the exchange, with the key
-        that names this site as its publisher."""
-        assert self._control is not None
-        props = envelope(message, persistent=persistent, user_id=self._user)
-        key = self.topology.reply_key(reply_to, self.site)
-        self._control.publish(self.topology.exchange, key, b"", props)
+    # -- outcomes ---------------------------------------------------------------------------------
 
     def _finished(self, stream: Stream, finished: Finished) -> None:
         stream.closing = True  # the channel is closed outside its own callback
@@ -518,9 +339,3 @@ class StreamTable:
         gone = stream.taken_over and finished.code in KEEP_PREFIX_ON
         failed = SenderGone if gone else TransferFailed
         self.outcomes.append(failed(offer.sender, offer.stream_id, finished.code, finished.detail))
-
-
-def _discard(stream: Stream) -> None:
-    stream.assembler.discard()
-    if stream.state is not None:
-        stream.state.remove()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from objstream.common.amqp import Channel
 from objstream.common.protocol import Offer
 from objstream.common.reassembly import Reassembler
-from objstream.common.receive_session import ReceiveSession
+from objstream.common.receive_session import Action, ReceiveSession
 from objstream.common.streaming import ObjectAssembler
 from objstream.consumer.resume import StreamState
 
@@ -53,6 +54,12 @@ class Received:
         return value if isinstance(value, int) else None
 
 
+Save = Callable[[Received], Received]
+"""Runs as part of the commit, before the verdict: puts a received object where its user finds
+it (a container into a ``.npz``...) and returns the record to hand out. If it raises, the
+transfer fails with code ``io`` at the sender too."""
+
+
 @dataclass
 class Stream:
     """One stream being received: its session, its assembler, its channel and its state file."""
@@ -70,6 +77,16 @@ class Stream:
     resumed_bytes: int = 0  # bytes kept from an earlier attempt
     taken_over: bool = False  # left by an earlier receiver of the directory
     received: Received | None = None  # set once committed, handed out with the verdict
+    pending: deque[tuple[int, Action]] = field(default_factory=deque)
+    """Actions still to do, in order, each with the :attr:`generation` it was decided in."""
+    taking: bool = False  # a take is in flight: the rest waits for it
+    generation: int = 0  # +1 with each new channel: older delivery tags mean nothing
+
+    def discard(self) -> None:
+        """Drop the partial object and its state file."""
+        self.assembler.discard()
+        if self.state is not None:
+            self.state.remove()
 
     @property
     def reassembler(self) -> Reassembler:

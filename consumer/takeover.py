@@ -49,6 +49,8 @@ class Reopened:
     state: StreamState
     resumed_bytes: int
     user_id: str | None = None
+    pushed: bool = False
+    """A push left by a dead receiver (not a retrieval): ``accept_from`` still applies."""
 
 
 class ResumeStore:
@@ -100,6 +102,7 @@ class ResumeStore:
                     item.state,
                     item.stored_bytes,
                     item.user_id,
+                    item.pushed,
                 )
             )
         return found
@@ -159,18 +162,6 @@ class ResumeStore:
         assembler.discard()
         if state is not None:
             state.remove()
-
-
-def continues(kept: Resumable, offer: Offer) -> bool:
-    """Does ``offer`` pick up exactly where the kept prefix ends?"""
-    return (
-        offer.kind == FILE_KIND
-        and offer.sender == kept.offer.sender
-        and offer.resume_from == kept.stored
-        and offer.size is not None
-        and offer.chunk_size == kept.offer.chunk_size
-        and kept.stored_bytes == min(kept.stored * offer.chunk_size, offer.size)
-    )
 
 
 def keeps_prefix(assembler: Any) -> bool:

@@ -15,15 +15,6 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Answering:
-    """A send that answers a retrieval request: the offer goes to the requester's reply queue
-    (its ``reply_to``) instead of its inbox, under the stream id promised in the reply."""
-
-    stream_id: str
-    offer_to: str
-
-
-@dataclass(frozen=True)
 class Resume:
     """The receiver kept the first ``from_chunk`` chunks (hashing to ``prefix_sha256``)."""
 
@@ -72,3 +63,17 @@ class Joiners:
         """Nobody joins any more (the send failed or is stopping)."""
         with self._lock:
             self._closed = True
+
+
+@dataclass(frozen=True)
+class Answering:
+    """A send that answers a retrieval request: the offer goes to the requester's reply queue
+    (its ``reply_to``) instead of its inbox, under the stream id promised in the reply."""
+
+    stream_id: str
+    offer_to: str
+    joiners: Joiners | None = None
+    """More requesters of the same object, joining while the stream runs (shared uploads)."""
+    contact_timeout: float | None = None
+    """A requester that has not taken the offer after this many seconds fails: a serving slot
+    is not held for one that never comes."""

@@ -25,17 +25,17 @@ from objstream.common.amqp import (
     Channel,
     Connection,
     Delivery,
-    dead_letter,
     reestablish,
 )
 from objstream.common.errors import (
     ConnectionLost,
-    ObjectTooLarge,
+    FailureCode,
     ObjstreamError,
     ProtocolError,
     SendFailed,
     TransferFailed,
 )
+from objstream.common.identity import Identities
 from objstream.common.offthread import off_thread
 from objstream.common.protocol import (
     Abort,
@@ -54,6 +54,7 @@ from objstream.common.send_table import (
     Action,
     NewChannel,
     Pacing,
+    Plan,
     PublishAbort,
     PublishChunk,
     PublishEnd,
@@ -62,6 +63,8 @@ from objstream.common.send_table import (
     ReportProgress,
     SourceFacts,
     TargetFinished,
+    check_size,
+    facts_of,
     fits_inline,
 )
 from objstream.common.settings import Settings, check_site
@@ -72,6 +75,7 @@ from objstream.producer.answering import Answering as Answering
 from objstream.producer.answering import Joiners
 from objstream.producer.answering import Resume as Resume
 from objstream.producer.pieces import PieceReader, check_prefix
+from objstream.producer.sources import SourceChanged
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,7 @@ class StreamSender:
         self.site = check_site(site)
         self.topology = Topology.from_settings(settings)
         self.user = broker_user(settings)
+        self.identities = Identities.from_settings(settings)
         self.cancel = cancel
         self.progress = progress
         self._reconnect = reconnect
@@ -145,7 +150,7 @@ class StreamSender:
     # -- the connection ---------------------------------------------------------------------------
 
     def _open_channel(self) -> None:
-        self.topology.declare_base(self._connection)
+        self.topology.declare_base(self._connection, self.site)
         self._channel: Channel = self._connection.channel()
         named = self._replies_mode is ReplyQueue.NAMED
         ttl_ms = int((2 * self.settings.timeout + 60) * 1000)
@@ -155,7 +160,7 @@ class StreamSender:
         for peer in self._peers:
             self.topology.bind_reply(self._channel, self.site, self.queue_id, peer)
         self._declared_inboxes.clear()
-        self._channel.consume(self.reply_queue, self._on_reply, auto_ack=True)
+        self._channel.consume(self.reply_queue, self._on_reply)
         self._publishing = self._channel  # until new_channel()
 
     def new_channel(self, why: str) -> None:
@@ -201,7 +206,7 @@ class StreamSender:
         try:
             message = parse(delivery.props.type, delivery.props.headers)
         except ProtocolError as e:
-            dead_letter(delivery.channel, self.topology, delivery, str(e))
+            delivery.reject(str(e))
             return
         self.replies.append((message, delivery))
 
@@ -230,9 +235,6 @@ class StreamSender:
             self._connection, lambda channel: self.topology.declare_inbox(channel, site)
         )
 
-    def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        dead_letter(self._channel, self.topology, delivery, reason)
-
     # -- sending ----------------------------------------------------------------------------------
 
     def send(
@@ -245,15 +247,14 @@ class StreamSender:
         chunk_size: int | None = None,
         answering: Answering | None = None,
         resume: Resume | None = None,
-        joiners: Joiners | None = None,
     ) -> list[TargetResult]:
         """Stream ``source`` to every target (one stream id, one broadcast); return when each
         has a verdict.
 
         ``answering`` serves a retrieval (one target): the offer goes to the requester's reply
-        queue under the promised stream id; ``joiners`` brings more requesters of the same
-        object while the stream runs (shared uploads). With ``resume`` only what the receiver
-        lacks is sent, if its kept prefix still hashes the same (otherwise the whole).
+        queue under the promised stream id, and its ``joiners`` bring more requesters of the
+        same object while the stream runs (shared uploads). With ``resume`` only what the
+        receiver lacks is sent, if its kept prefix still hashes the same (otherwise the whole).
 
         Raises:
             SendFailed: at least one target failed (every outcome is in ``results``).
@@ -270,20 +271,22 @@ class StreamSender:
         if (answering or resume) and len(targets) != 1:
             raise ValueError("a send that answers a request or resumes has exactly one target")
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)
-        if source.size is not None and source.size > self.settings.max_object_size:
-            raise ObjectTooLarge(source.name, source.size, int(self.settings.max_object_size))
+        check_size(facts_of(source), int(self.settings.max_object_size))
         if not (self._channel.is_open and self._publishing.is_open):  # the broker closed one
             self._open_channel()  # over an earlier send's operation
         reader = PieceReader(source)
         start = 0 if resume is None else self._resume_point(reader, resume)
         settings = self.settings
         pacing = Pacing(
-            window or settings.window, timeout or settings.timeout, settings.resend_after
+            window or settings.window,
+            timeout or settings.timeout,
+            settings.resend_after,
+            answering.contact_timeout if answering else None,
         )
         routes = {targets[0]: answering.offer_to} if answering else {}
         stream_id = answering.stream_id if answering else new_stream_id()
         transfer = _Transfer(self, reader, stream_id, targets, start=start, pacing=pacing)
-        return transfer.run(routes, joiners)
+        return transfer.run(routes, answering.joiners if answering else None)
 
     def _resume_point(self, reader: PieceReader, resume: Resume) -> int:
         """Where a resumed stream starts: ``resume.from_chunk`` if the prefix is unchanged."""
@@ -314,16 +317,7 @@ class _Transfer:
         self.stream_id = stream_id
         self.timeout = pacing.timeout
         self.routes: dict[str, str] = {}  # site -> the reply_to its offer goes to (retrievals)
-        source = reader.streamer
-        facts = SourceFacts(
-            source.kind,
-            source.name,
-            source.chunk_size,
-            source.size,
-            source.chunk_count,
-            source.random_access,
-            source.info() or None,
-        )
+        facts = facts_of(reader.streamer)
         self.inline_body = b""
         inline = self._inline(facts, start)
         self.session = SendSession.create(
@@ -332,8 +326,8 @@ class _Transfer:
             stream_id=stream_id,
             sender=sender.site,
             pacing=pacing,
-            start=start,
-            inline=inline,
+            plan=Plan(start, inline),
+            identities=sender.identities,
             now=time.monotonic(),
         )
         self.keys: dict[str | None, str] = {None: sender.topology.data_key(stream_id, sender.site)}
@@ -391,6 +385,15 @@ class _Transfer:
                 with contextlib.suppress(ObjstreamError):  # an unusable connection: it times out
                     self._do(session.cancel(f"site {sender.site} was interrupted"))
                 raise
+            except (SourceChanged, OSError) as e:
+                # What was read is not what is there now (or no longer reads): every target is
+                # told at once, none verifies a mix of old and new bytes.
+                log.error("%s %r: %s", source.kind, source.name, e)
+                code = (
+                    FailureCode.SOURCE_CHANGED if isinstance(e, SourceChanged) else FailureCode.IO
+                )
+                self._do(session.cancel(f"the source failed: {e}", code))
+                break
         return self._results()
 
     def _take_joiners(self, joiners: Joiners) -> None:
@@ -441,11 +444,14 @@ class _Transfer:
         replies = self.sender.replies
         while replies:
             message, delivery = replies.popleft()
+            user = delivery.props.user_id
             try:
-                actions = self.session.receive(message, time.monotonic())
-            except ProtocolError as e:
-                self.sender.dead_letter(delivery, str(e))
+                now = time.monotonic()
+                actions = self.session.receive(message, now, key=delivery.routing_key, user=user)
+            except ProtocolError as e:  # forged, or no reply at all
+                delivery.reject(str(e))
                 continue
+            delivery.ack()
             self._do(actions)
 
     # -- actions ----------------------------------------------------------------------------------
@@ -503,6 +509,7 @@ class _Transfer:
 
     def _publish_end(self, to: str | None) -> None:
         reader = self.reader
+        reader.streamer.check_unchanged()  # the digest must be of what is there
         assert reader.count is not None
         assert reader.digest.hashed == reader.count
         end = End(

@@ -29,6 +29,7 @@ from objstream.common.receive_session import (
     RemoveCheckpoint,
     SendProgress,
     SendVerdict,
+    Terms,
     Write,
 )
 
@@ -50,10 +51,8 @@ class Driver:
                        sha256=hashlib.sha256(data).hexdigest())  # fmt: skip
         reassembler = Reassembler(self.offer)
         reassembler.accept()
-        self.session = ReceiveSession(
-            reassembler, "b", now=0.0, timeout=5.0, window=window,
-            checkpoints=checkpoints, keeps_prefix=keeps_prefix,
-        )  # fmt: skip
+        terms = Terms(5.0, window, checkpoints=checkpoints, keeps_prefix=keeps_prefix)
+        self.session = ReceiveSession(reassembler, "b", terms, now=0.0)
         self.disk = bytearray(len(data))
         self.fail_commit = fail_commit
         self.log: list[Action] = []
@@ -256,11 +255,16 @@ def test_wrong_stream_and_bad_end_dead_lettered() -> None:
     assert d.session.state is State.RECEIVING
 
 
-def test_malformed_is_dead_lettered() -> None:
+def test_malformed_is_dead_lettered_and_never_acked() -> None:
+    """A dead-lettered delivery is rejected: the broker forgets its tag, and an ack naming it
+    (multiple=true up to it) would close the channel. Later acks name only what came after."""
     d = Driver(bytes(10))
     d.run(d.session.malformed(7, "garbage", 0.0))
     assert d.of(DeadLetter) == [DeadLetter(7, "garbage")]
-    assert d.session.unacked_tag == 7
+    assert d.session.unacked_tag == 0
+    d.chunk(0)  # tag 1 of a new batch... tags only grow on one channel:
+    d.run(d.session.malformed(9, "more garbage", 0.0))
+    assert d.session.unacked_tag == d.tag  # the chunk's tag, not the rejected 9
 
 
 def test_checksum_mismatch_fails_and_discards() -> None:

@@ -1,0 +1,95 @@
+"""What a serving site serves, and finding it: named containers (encoded once, when added) and
+the files under one source directory.
+
+Looking an object up is I/O (resolving a path, opening a file); what follows from it (which
+refusal, whether the requester may have it) is the serve session's
+(:mod:`objstream.common.serve_session`). A name is confined to the source directory: resolved
+with symlinks followed, it must stay inside; a name the file system cannot even look up (a
+component longer than it allows) is simply not there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from objstream.common.errors import ConfigError
+from objstream.common.protocol import Request
+from objstream.common.serve_session import Absent, Found, Missing
+from objstream.common.settings import check_object_name
+from objstream.common.streaming import ObjectStreamer
+from objstream.producer.container_source import ContainerSource
+from objstream.producer.sources import FileSource
+
+
+@dataclass(frozen=True)
+class _Served:
+    value: Any
+    allow: frozenset[str] | None
+
+
+def _allow(users: Iterable[str] | None) -> frozenset[str] | None:
+    return None if users is None else frozenset(users)
+
+
+class Catalog:
+    """The containers and the source directory one site serves."""
+
+    def __init__(self, site: str, chunk_size: int) -> None:
+        self.site = site
+        self._chunk_size = chunk_size
+        self._containers: dict[str, _Served] = {}
+        self._source_dir: _Served | None = None
+
+    def add_container(self, name: str, container: Any, allow: Iterable[str] | None = None) -> None:
+        """Serve ``container`` under ``name``, encoded now (see
+        :meth:`~objstream.producer.serving.RetrievalServer.add_container`)."""
+        source = ContainerSource(container, check_object_name(name))
+        source.prepare(self._chunk_size)
+        self._containers[name] = _Served(source, _allow(allow))
+
+    def set_source_dir(
+        self, source_dir: str | os.PathLike[str], allow: Iterable[str] | None = None
+    ) -> None:
+        """Serve the files under ``source_dir`` (names resolved inside it, nowhere else)."""
+        root = Path(source_dir).resolve()
+        if not root.is_dir():
+            raise ConfigError(f"source dir {source_dir} is not a directory")
+        self._source_dir = _Served(root, _allow(allow))
+
+    def look_up(self, request: Request) -> tuple[Found | Missing, ObjectStreamer | None]:
+        """What ``request`` names: its facts and a source to stream it from (which the caller
+        closes if it is not used), or why it is not there."""
+        if request.kind == "container":
+            served = self._containers.get(request.name)
+            if served is None:
+                return Missing(
+                    Absent.NOT_SERVED, f"no container {request.name!r} at {self.site}"
+                ), None
+            prepared: ContainerSource = served.value
+            source = prepared.reuse()  # encoded when added, not here
+            return Found(source.size, len(prepared.container), served.allow), source
+        return self._file(request.name)
+
+    def _file(self, name: str) -> tuple[Found | Missing, ObjectStreamer | None]:
+        served = self._source_dir
+        if served is None:
+            return Missing(Absent.NOT_SERVED, f"site {self.site} serves no files"), None
+        root: Path = served.value
+        if "\x00" in name or os.path.isabs(name):
+            return Missing(Absent.OUTSIDE, f"{name!r} is not a relative name"), None
+        try:
+            path = (root / name).resolve()  # follows symlinks: a link out of the dir is refused
+            if path == root or not path.is_relative_to(root):
+                return Missing(Absent.OUTSIDE, f"{name!r} is outside the source dir"), None
+            if not path.is_file():
+                return Missing(Absent.NOT_SERVED, f"no file {name!r} at {self.site}"), None
+            source = FileSource(path)
+        except OSError as e:  # a name too long to look up, a file that cannot be opened
+            return Missing(
+                Absent.UNREADABLE, f"cannot read {name[:200]!r}: {e.strerror or e}"
+            ), None
+        return Found(source.size, None, served.allow), source
