@@ -2,6 +2,10 @@
 
 For machines without a Docker engine: it runs on free ports with its own data, log and plugin
 files, so it never touches a shared broker; tests that kill or restart a broker use one of these.
+
+What a test does when it cannot have a broker is decided here, once: :func:`skip_or_fail`.
+Tests that start nodes of their own go through :func:`require_local_nodes` (the ``local_nodes``
+fixture of the integration tests).
 """
 
 from __future__ import annotations
@@ -15,6 +19,30 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
+
+REQUIRE_BROKER = "OBJSTREAM_REQUIRE_BROKER"
+"""Set to ``1`` (CI does): a broker a test cannot have fails the test instead of skipping it."""
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the calling test for want of a broker (``reason`` says what is missing), or fail it
+    under ``OBJSTREAM_REQUIRE_BROKER=1``: there a missing broker is a broken machine, and a run
+    that quietly tested less must not pass."""
+    import pytest  # here, not at the top: bench/ uses this module without the test extra
+
+    if os.environ.get(REQUIRE_BROKER) == "1":
+        pytest.fail(f"{REQUIRE_BROKER}=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_local_nodes() -> None:
+    """Return if throwaway nodes (:class:`LocalRabbitNode`) can be started here; otherwise
+    :func:`skip_or_fail`."""
+    if not LocalRabbitNode.available():
+        skip_or_fail(
+            "a throwaway RabbitMQ node needs the rabbitmq-server and rabbitmqctl binaries on PATH"
+        )
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import pika
 import pytest
@@ -39,7 +39,7 @@ from objstream.consumer.receiver import Receiver
 from objstream.consumer.streams import Received
 from objstream.producer import RetrievalServer
 from tests.integration.rawpeer import RawPeer
-from tests.rabbitmq_node import LocalRabbitNode
+from tests.rabbitmq_node import LocalRabbitNode, require_local_nodes, skip_or_fail
 
 RABBITMQ_IMAGE = "rabbitmq:3.10.8-management"
 FALLBACK_URL = "amqp://guest:guest@localhost:5672/%2F"
@@ -140,10 +140,18 @@ def _amqp_answers(url: str) -> bool:
         return False
 
 
-def _no_broker(reason: str) -> None:
-    if os.environ.get("OBJSTREAM_REQUIRE_BROKER") == "1":
-        pytest.fail(f"OBJSTREAM_REQUIRE_BROKER=1 but {reason}", pytrace=False)
-    pytest.skip(f"integration tests need RabbitMQ: {reason}")
+def _no_broker(reason: str) -> NoReturn:
+    skip_or_fail(f"integration tests need RabbitMQ: {reason}")
+
+
+@pytest.fixture(scope="session")
+def local_nodes() -> None:
+    """For tests that start throwaway nodes of their own (tests/rabbitmq_node.py): they skip
+    without the ``rabbitmq-server`` binary, or fail under ``OBJSTREAM_REQUIRE_BROKER=1``.
+
+    Session-scoped, so that it is checked before a module-scoped fixture starts a node.
+    """
+    require_local_nodes()
 
 
 @dataclass

@@ -18,9 +18,7 @@ from tests.conftest import random_file, sha256_of, stored_path
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
 from tests.rabbitmq_node import LocalRabbitNode
 
-pytestmark = pytest.mark.skipif(
-    not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary"
-)
+pytestmark = pytest.mark.usefixtures("local_nodes")
 
 
 def _transfer_with(

@@ -353,7 +353,7 @@ def test_a_broker_refusal_is_one_line_exit_3(
     assert "guest:guest" not in line
 
 
-@pytest.mark.skipif(not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary")
+@pytest.mark.usefixtures("local_nodes")
 def test_a_worker_started_before_the_broker_waits_for_it(tmp_path: Path) -> None:
     """OBJSTREAM_CONNECT_WAIT: retry with backoff and a clear log line, then work normally."""
     from objstream.common.settings import Settings

@@ -26,11 +26,10 @@ from objstream.producer import FileRetriever, FileStreamer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of, stored_path
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
 from tests.rabbitmq_cluster import LocalRabbitCluster
-from tests.rabbitmq_node import LocalRabbitNode
 
 pytestmark = [
     pytest.mark.cluster,
-    pytest.mark.skipif(not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary"),
+    pytest.mark.usefixtures("local_nodes"),
 ]
 
 SENDER_NODE, RECEIVER_NODE, SPARE_NODE = 0, 1, 2

@@ -48,12 +48,7 @@ T = Topology(NAMESPACE, 120_000)
 
 
 @pytest.fixture(scope="module")
-def node() -> Iterator[LocalRabbitNode]:
-    if not LocalRabbitNode.available():
-        reason = "the per-site-user tests need a local rabbitmq-server (a throwaway node)"
-        if os.environ.get("OBJSTREAM_REQUIRE_BROKER") == "1":
-            pytest.fail(f"OBJSTREAM_REQUIRE_BROKER=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
+def node(local_nodes: None) -> Iterator[LocalRabbitNode]:
     node = LocalRabbitNode()
     node.start()
     try:

@@ -11,7 +11,7 @@ import pika
 import pytest
 
 from objstream.common.errors import Refused, TimedOut, TransferFailed
-from objstream.common.protocol import Request, new_stream_id
+from objstream.common.protocol import new_stream_id
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Retriever
@@ -231,35 +231,41 @@ def test_owner_shutting_down_mid_stream_is_reported(
     assert kept == (src / "f.bin").read_bytes()[: len(kept)]
 
 
-def test_an_expired_request_is_never_served(
+def test_a_request_whose_requester_gave_up_is_never_served(
     tmp_path: Path, settings: Settings, start_server: StartServer, declared: Declared
 ) -> None:
+    """Retrieval steps 1 and 5: a retriever that hears nothing within its timeout fails naming
+    the site, and its request expires with it, so a server that starts later never serves it;
+    a request still waited for is served by that same late server.
+
+    The retriever declares the owner's service queue, so both requests wait there for the
+    server: only the expiration objstream puts on the first keeps it from being served.
+    """
     declared.sites.add("server")
-    """A request whose requester gave up (its expiration passed) is dropped by the broker."""
-    topo = Topology.from_settings(settings)
-    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
-    try:
-        channel = connection.channel()
-        declare_base(channel, topo, "site-1")
-        declare_bound(channel, topo, topo.service_queue("server"), topo.service_key("server"))
-        reply, reply_to = declare_reply_queue(channel, settings.namespace, "site-1", "server")
-        request = Request(
-            request_id=new_stream_id(), kind="container", name="m", requester="site-1"
-        )
-        props = properties(request, reply_to=reply_to, user_id=login_user(settings))
-        props.expiration = "200"
-        channel.basic_publish(topo.exchange, topo.service_key("server"), b"", props)
-        time.sleep(0.5)
-        server = start_server(
-            settings, lambda s: ContainerRetriever(s).add_container("m", {"a": 1})
-        )
-        time.sleep(1.0)
-        method, _, _ = channel.basic_get(reply, auto_ack=True)
-        assert method is None, "an expired request got a reply"
-        assert server.server is not None
-        assert server.server.accepted == 0
-    finally:
-        connection.close()
+    with Retriever("site-1", tmp_path / "gave-up", settings) as retriever:
+        with pytest.raises(TimedOut) as caught:
+            retriever.retrieve_container("server", "m", timeout=1)
+    assert caught.value.site == "server"
+    assert "site 'server' did not answer the request for 'm'" in str(caught.value)
+
+    outcome: list[object] = []
+
+    def fetch() -> None:
+        try:
+            with Retriever("site-1", tmp_path / "waits", settings) as retriever:
+                outcome.append(retriever.retrieve_container("server", "m", timeout=30))
+        except BaseException as e:
+            outcome.append(e)
+
+    waiting = threading.Thread(target=fetch)
+    waiting.start()
+    time.sleep(1.0)  # its request is queued; the first one expired a second ago or more
+    server = start_server(settings, lambda s: ContainerRetriever(s).add_container("m", {"a": 1}))
+    waiting.join(60)
+    assert outcome == [{"a": 1}]
+    assert server.server is not None
+    assert server.server.accepted == 1, "the request of a requester that gave up was served"
+    assert server.server.refused == 0
 
 
 def test_no_server_times_out_naming_the_site(

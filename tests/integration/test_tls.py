@@ -20,12 +20,9 @@ from objstream.consumer import Retriever
 from objstream.producer import FileRetriever, FileStreamer
 from tests.conftest import as_received, random_file, sha256_of, stored_path
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer
-from tests.rabbitmq_node import LocalRabbitNode
 from tests.tls import Authority, Issued, Pki, TlsRabbitNode, make_pki, silent, stub_peer, tls_server
 
-pytestmark = pytest.mark.skipif(
-    not LocalRabbitNode.available(), reason="needs the rabbitmq-server binary"
-)
+pytestmark = pytest.mark.usefixtures("local_nodes")
 
 CONNECT_TIMEOUT = "3"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -10,20 +11,42 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+NOT_COPIED = shutil.ignore_patterns(
+    ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", ".venv"
+)
+"""What a build or a test run leaves in a checkout: no part of the package."""
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with a non-editable install of this checkout, as users install it."""
+def checkout_before() -> set[str]:
+    """The checkout's top-level entries before the install below."""
+    return {p.name for p in REPO.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory, checkout_before: set[str]) -> Path:
+    """A fresh venv with a non-editable install of this checkout, as users install it.
+
+    Installed from a copy: pip builds in the source tree, and setuptools leaves ``build/`` and
+    ``objstream.egg-info`` there.
+    """
+    source = tmp_path_factory.mktemp("source") / "objstream"
+    shutil.copytree(REPO, source, symlinks=True, ignore=NOT_COPIED)
     env_dir = tmp_path_factory.mktemp("venv")
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
-         str(REPO)],
+         str(source)],
         check=True, cwd=env_dir,
     )  # fmt: skip
     return env_dir
+
+
+def test_installing_leaves_nothing_in_the_checkout(
+    installed: Path, checkout_before: set[str]
+) -> None:
+    assert {p.name for p in REPO.iterdir()} - checkout_before == set()
 
 
 def _run(env_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
