@@ -41,6 +41,33 @@ def test_every_password_of_a_list_is_masked() -> None:
         assert secret not in repr(settings)
 
 
+@pytest.mark.parametrize(
+    "urls",
+    [
+        "amqps://u:s1@n1:5671/%2F,amqp://u:s2@n2:5672/%2F",
+        "amqp://u:s1@n1:5672/%2F, AMQPS://u:s2@n2:5671/%2F",
+        "amqps://u:s1@n1/%2F,amqps://u:s2@n2/%2F,amqp://n3/%2F",
+    ],
+)
+def test_a_url_list_mixing_amqps_and_amqp_is_refused_with_passwords_masked(
+    monkeypatch: pytest.MonkeyPatch, urls: str
+) -> None:
+    with pytest.raises(ConfigError, match="mixes amqps:// and amqp://") as caught:
+        load_settings(url=urls)
+    assert "s1" not in str(caught.value)
+    assert "s2" not in str(caught.value)
+    assert "u:***@n1" in str(caught.value)
+    monkeypatch.setenv("OBJSTREAM_URL", urls)  # the environment is checked the same way
+    with pytest.raises(ConfigError, match="mixes"):
+        load_settings()
+
+
+def test_a_url_list_of_one_scheme_is_taken_whatever_its_case() -> None:
+    tls = "amqps://u:s1@n1:5671/%2F,AMQPS://u:s2@n2:5671/%2F"
+    assert load_settings(url=tls).url == tls
+    assert load_settings(url=THREE).url == THREE
+
+
 def test_an_empty_url_list_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="no broker URL"):
         load_settings(url=" , ")
