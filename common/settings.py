@@ -181,7 +181,9 @@ class Settings(BaseModel):
     nothing of it beyond a prefix.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # A ValidationError repeats the value it refused: for a URL that is its password, in a
+    # traceback or log of whoever builds Settings directly (load_settings words its own line).
+    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**{**_environment(type(self).model_fields), **values})

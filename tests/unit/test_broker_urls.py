@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pika
 import pytest
+from pydantic import ValidationError
 
 from objstream.common.admin import vhost_of
 from objstream.common.amqp import broker_parameters, connected_url
@@ -60,6 +61,14 @@ def test_a_url_list_mixing_amqps_and_amqp_is_refused_with_passwords_masked(
     monkeypatch.setenv("OBJSTREAM_URL", urls)  # the environment is checked the same way
     with pytest.raises(ConfigError, match="mixes"):
         load_settings()
+
+
+def test_a_refused_url_keeps_its_password_out_of_pydantic_s_error_too() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(url="amqps://u:s1@n1/%2F,amqp://u:s2@n2/%2F")
+    assert "mixes" in str(caught.value)
+    assert "s1" not in str(caught.value)
+    assert "s2" not in str(caught.value)
 
 
 def test_a_url_list_of_one_scheme_is_taken_whatever_its_case() -> None:
