@@ -23,7 +23,9 @@ class FailureCode(StrEnum):
     IO = "io"
     ABORTED = "aborted"
     PROTOCOL = "protocol"
-    SOURCE_CHANGED = "source_changed"  # the sender's source changed while it was being sent
+    # The sender's file changed while it was being sent (written, truncated, replaced): what
+    # was sent is no longer the file, whatever the receiver verified.
+    SOURCE_CHANGED = "source_changed"
     # A retrieval request was refused (``reply`` messages, :class:`Refused`).
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"

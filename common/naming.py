@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import unicodedata
 from pathlib import Path
@@ -11,6 +12,73 @@ from pathvalidate import sanitize_filename
 FALLBACK_NAME = "unnamed"
 PARTIAL_PREFIX = ".objstream-"
 
+NAME_MAX = 255
+"""Bytes a file name may have on common file systems (ext4, XFS, btrfs, tmpfs, NFS): the limit
+is in bytes, so 200 characters of a non-Latin script can exceed it."""
+
+MAX_BASE_BYTES = 200
+"""Bytes of UTF-8 a received base name is cut to, leaving room below :data:`NAME_MAX` for a
+collision suffix (``-999``) and a suffix a container's format adds (``.safetensors``)."""
+
+MAX_EXTENSION_BYTES = 20
+"""A suffix (dot included) at most this long is kept when a name is cut: ``.safetensors``,
+``.tar.gz``'s ``.gz``; a longer "suffix" is just part of the name."""
+
+COLLISION_LIMIT = 1000
+"""``NAME``, then ``STEM-1.EXT`` ... ``STEM-999.EXT``."""
+
+_NOT_PORTABLE = str.maketrans(dict.fromkeys('"*/:<>?\\|'))
+"""Characters some file system refuses in a name (control characters are dropped before)."""
+
+
+class NameTooLong(OSError):
+    """A final name longer than the destination's file system allows (``ENAMETOOLONG``).
+
+    Received names are cut to fit (:func:`safe_basename`, :func:`candidate_names`): this is the
+    refusal for a file system with a smaller limit, in words rather than a failed ``link``.
+    """
+
+    def __init__(self, name: str, size: int, limit: int, dest: Path) -> None:
+        self.name = name
+        self.size = size
+        self.limit = limit
+        self.dest = dest
+        shown = repr(name) if len(name) <= 40 else f"{name[:40]!r}..."
+        super().__init__(
+            errno.ENAMETOOLONG,
+            f"name {shown} is {size} bytes, more than the {limit} a file name may have in {dest}",
+        )
+
+
+def cut_utf8(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` that is at most ``limit`` bytes in UTF-8 (never half a
+    character)."""
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    # A cut inside a multi-byte sequence leaves an incomplete tail, which "ignore" drops.
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def split_extension(name: str) -> tuple[str, str]:
+    """``(stem, suffix)`` with the suffix (``.ext``, dot included) empty unless it is short
+    (:data:`MAX_EXTENSION_BYTES`) and something comes before it."""
+    stem, dot, ext = name.rpartition(".")
+    suffix = dot + ext
+    if not stem or not ext or len(suffix.encode("utf-8", "surrogatepass")) > MAX_EXTENSION_BYTES:
+        return name, ""
+    return stem, suffix
+
+
+def fit_name(name: str, limit: int = MAX_BASE_BYTES) -> str:
+    """``name`` cut to at most ``limit`` bytes of UTF-8, keeping its extension: the stem is
+    shortened, never the ``.safetensors`` that says what the file is."""
+    if len(name.encode("utf-8", "surrogatepass")) <= limit:
+        return name
+    stem, suffix = split_extension(name)
+    room = limit - len(suffix.encode("utf-8", "surrogatepass"))
+    return cut_utf8(stem, room) + suffix
+
 
 def safe_basename(name: str) -> str:
     """The sender's base name, made safe to create in any directory.
@@ -18,26 +86,38 @@ def safe_basename(name: str) -> str:
     Only the last path component survives (``/`` and ``\\`` both separate); control and invisible
     formatting characters (NUL, newlines, bidi overrides) are dropped; characters that are not
     portable across file systems are removed (pathvalidate, "universal" rules); leading dots are
-    stripped, so ``.``, ``..`` and hidden names cannot come out. An empty result becomes
-    ``unnamed``.
+    stripped, so ``.``, ``..`` and hidden names cannot come out. The result is at most
+    :data:`MAX_BASE_BYTES` bytes of UTF-8 (a file system's limit is in bytes), cut in the stem
+    so a short extension survives (:func:`fit_name`). An empty result becomes ``unnamed``.
     """
     base = name.replace("\\", "/").rsplit("/", 1)[-1]
     base = unicodedata.normalize("NFC", base)
     base = "".join(ch for ch in base if unicodedata.category(ch) not in {"Cc", "Cf", "Cs", "Co"})
-    base = sanitize_filename(base, platform="universal", max_len=200)
-    base = base.lstrip(". ").rstrip(" ")
+    # pathvalidate would remove these too, but it cuts a long name first, by characters in
+    # some versions and always dropping the extension: remove them, cut, then let it apply
+    # the rest of its rules (reserved names, trailing dots) to a name that fits.
+    base = base.translate(_NOT_PORTABLE).lstrip(". ").rstrip(" ")
+    base = fit_name(base, MAX_BASE_BYTES)
+    base = sanitize_filename(base, platform="universal", max_len=NAME_MAX, fs_encoding="utf-8")
+    base = fit_name(base.lstrip(". ").rstrip(" "), MAX_BASE_BYTES).rstrip(" ")
     return base or FALLBACK_NAME
 
 
 def candidate_names(base: str) -> list[str]:
     """Final names to try in order: ``base``, then ``stem-1.ext``, ``stem-2.ext``...
 
-    The destination-collision policy is "never overwrite, add a numeric suffix".
+    The destination-collision policy is "never overwrite, add a numeric suffix". A suffixed
+    name is at most :data:`NAME_MAX` bytes: the stem gives way (a name of
+    :data:`MAX_BASE_BYTES` never needs to).
     """
-    stem, dot, ext = base.rpartition(".")
-    if not stem:  # no extension ("README") or only one ("bin" after stripping dots)
-        stem, dot, ext = base, "", ""
-    return [base] + [f"{stem}-{i}{dot}{ext}" for i in range(1, 1000)]
+    # No extension ("README"), only one ("bin" after stripping dots) or a long one: the
+    # number goes at the end.
+    stem, suffix = split_extension(base)
+    names = [base]
+    for i in range(1, COLLISION_LIMIT):
+        tail = f"-{i}{suffix}"
+        names.append(cut_utf8(stem, NAME_MAX - len(tail.encode("utf-8", "surrogatepass"))) + tail)
+    return names
 
 
 def partial_name(stream_id: str) -> str:
@@ -46,10 +126,12 @@ def partial_name(stream_id: str) -> str:
 
 
 def confined(dest: Path, name: str) -> Path:
-    """``dest / name``, checked to be directly inside ``dest`` (defence in depth).
+    """``dest / name``, checked to be directly inside ``dest`` (defence in depth) and short
+    enough for its file system.
 
     Raises:
         ValueError: the name would resolve anywhere else.
+        NameTooLong: the name has more bytes than ``dest``'s file system allows in a name.
     """
     root = dest.resolve()
     # The name itself is not resolved: whatever sits there (a symlink, say) is never followed,
@@ -59,4 +141,20 @@ def confined(dest: Path, name: str) -> Path:
     path = root / name
     if path.parent != root:
         raise ValueError(f"name {name!r} escapes {root}")
+    try:
+        size = len(os.fsencode(name))  # what the file system is given
+    except UnicodeEncodeError:
+        raise ValueError(f"name {name!r} cannot be encoded as a file name") from None
+    limit = min(NAME_MAX, _name_max(root))
+    if size > limit:
+        raise NameTooLong(name, size, limit, root)
     return path
+
+
+def _name_max(root: Path) -> int:
+    """The longest name (bytes) ``root``'s file system takes; :data:`NAME_MAX` if it won't say.
+    Some take fewer than 255 (eCryptfs: 143)."""
+    try:
+        return os.pathconf(root, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX

@@ -97,18 +97,30 @@ URL_SCHEMES = ("amqp", "amqps")
 
 
 def check_url(url: str) -> str:
-    """``url`` if it is an AMQP URL, or a comma-separated list of them (a cluster's nodes).
+    """``url`` if it is an AMQP URL, or a comma-separated list of them (a cluster's nodes) that
+    all use TLS (``amqps://``) or all do not (``amqp://``).
+
+    A list that mixes them would fail over from a TLS node to a plain one without a word,
+    sending the password and every object in the clear: it is refused, not downgraded.
 
     Raises:
-        ConfigError: no URL, or one of another scheme (its password masked).
+        ConfigError: no URL, one of another scheme, or a mix of amqp:// and amqps:// (the
+            passwords masked).
     """
-    if not split_urls(url):
+    urls = split_urls(url)
+    if not urls:
         raise ConfigError("no broker URL given")
-    for element in split_urls(url):
+    for element in urls:
         scheme = urlsplit(element).scheme
         if scheme.lower() not in URL_SCHEMES:
             shown = _mask_one(element)
             raise ConfigError(f"{shown} is not a broker URL: use amqp:// or amqps://")
+    # pika takes the scheme in any case (AMQPS:// is TLS too).
+    if len({urlsplit(element).scheme.lower() for element in urls}) > 1:
+        raise ConfigError(
+            f"{mask_url(url)} mixes amqps:// and amqp:// nodes: a failover would drop TLS; "
+            "give every node amqps:// (or every node amqp://)"
+        )
     return url
 
 
@@ -169,7 +181,9 @@ class Settings(BaseModel):
     nothing of it beyond a prefix.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # A ValidationError repeats the value it refused: for a URL that is its password, in a
+    # traceback or log of whoever builds Settings directly (load_settings words its own line).
+    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
 
     def __init__(self, **values: Any) -> None:
         super().__init__(**{**_environment(type(self).model_fields), **values})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +29,7 @@ from objstream.consumer.file_sink import commit_partial
 from objstream.consumer.safetensors_writer import SafetensorsWriter, SaveError, write_behind
 from objstream.consumer.streams import Received
 
-__all__ = ["ContainerFile", "ContainerFiles", "SaveError", "final_name"]
+__all__ = ["ContainerFile", "ContainerFiles", "SaveError", "final_name", "npz_member"]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class ContainerFile:
             return
         array = _as_array(entry.value, key, self.format)
         assert self._zip is not None
-        with self._zip.open(f"{key}.npy", "w", force_zip64=True) as member:
+        with self._zip.open(npz_member(key), "w", force_zip64=True) as member:
             np.lib.format.write_array(member, array, allow_pickle=False)
 
     def _add_json(self, entry: ContainerEntry) -> None:
@@ -122,6 +123,43 @@ class ContainerFile:
         if self._tensors is not None:
             self._tensors.discard()
         self.path.unlink(missing_ok=True)
+
+
+_SEPARATORS = re.compile(r"[/\\]")
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+def npz_member(key: str) -> str:
+    """The zip member an entry is stored as in a ``.npz``: numpy's ``KEY.npy``, so that
+    ``np.load`` gives the same keys back (``encoder/layer0/w`` included).
+
+    A peer chooses the key, and whoever unzips the file extracts each member as a path:
+    ``../../etc/x`` or ``/etc/x`` would land outside (a zip slip). So a key must be a plain
+    relative path: split at ``/`` and ``\\`` (a separator to Windows tools), no part empty,
+    ``.`` or ``..``; no drive (``C:``) in front; no NUL (zipfile cuts a name there). Anything
+    else is refused, not rewritten: a renamed key would no longer be the sender's.
+
+    Raises:
+        SaveError: the key is not such a path (``.safetensors`` and ``.json`` keep any key).
+    """
+    if not _plain_relative(key):
+        raise SaveError(
+            f"entry {key!r} cannot be saved as .npz: its member name would not be a plain "
+            "relative path (no absolute path, '.', '..', empty part, drive or NUL); name the "
+            "container .safetensors or .json to keep such keys"
+        )
+    return f"{key}.npy"
+
+
+def _plain_relative(key: str) -> bool:
+    parts = _SEPARATORS.split(key)
+    if "\0" in key or _DRIVE.match(parts[0]) or any(p in {"", ".", ".."} for p in parts):
+        return False
+    try:
+        key.encode("utf-8")  # what zipfile writes; a lone surrogate cannot be
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_array(value: Any, key: str, fmt: str) -> np.ndarray[Any, Any]:

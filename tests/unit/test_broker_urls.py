@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pika
 import pytest
+from pydantic import ValidationError
 
 from objstream.common.admin import vhost_of
 from objstream.common.amqp import broker_parameters, connected_url
@@ -39,6 +40,41 @@ def test_every_password_of_a_list_is_masked() -> None:
     for secret in ("s1", "s2", "s3"):
         assert secret not in settings.masked_url
         assert secret not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "urls",
+    [
+        "amqps://u:s1@n1:5671/%2F,amqp://u:s2@n2:5672/%2F",
+        "amqp://u:s1@n1:5672/%2F, AMQPS://u:s2@n2:5671/%2F",
+        "amqps://u:s1@n1/%2F,amqps://u:s2@n2/%2F,amqp://n3/%2F",
+    ],
+)
+def test_a_url_list_mixing_amqps_and_amqp_is_refused_with_passwords_masked(
+    monkeypatch: pytest.MonkeyPatch, urls: str
+) -> None:
+    with pytest.raises(ConfigError, match="mixes amqps:// and amqp://") as caught:
+        load_settings(url=urls)
+    assert "s1" not in str(caught.value)
+    assert "s2" not in str(caught.value)
+    assert "u:***@n1" in str(caught.value)
+    monkeypatch.setenv("OBJSTREAM_URL", urls)  # the environment is checked the same way
+    with pytest.raises(ConfigError, match="mixes"):
+        load_settings()
+
+
+def test_a_refused_url_keeps_its_password_out_of_pydantic_s_error_too() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(url="amqps://u:s1@n1/%2F,amqp://u:s2@n2/%2F")
+    assert "mixes" in str(caught.value)
+    assert "s1" not in str(caught.value)
+    assert "s2" not in str(caught.value)
+
+
+def test_a_url_list_of_one_scheme_is_taken_whatever_its_case() -> None:
+    tls = "amqps://u:s1@n1:5671/%2F,AMQPS://u:s2@n2:5671/%2F"
+    assert load_settings(url=tls).url == tls
+    assert load_settings(url=THREE).url == THREE
 
 
 def test_an_empty_url_list_is_a_config_error() -> None:

@@ -49,7 +49,7 @@ def test_global_options_not_given_stay_unset() -> None:
 def test_only_amqp_urls_are_settings(url: str) -> None:
     with pytest.raises(ConfigError, match="is not a broker URL: use amqp:// or amqps://"):
         load_settings(url=url)
-    assert load_settings(url="amqps://u:p@h:5671/%2F,amqp://u:p@g/").url.startswith("amqps://")
+    assert load_settings(url="amqps://u:p@h:5671/%2F,AMQPS://u:p@g/").url.startswith("amqps://")
 
 
 def test_an_http_url_is_one_line_exit_2_with_the_password_masked(
@@ -63,6 +63,27 @@ def test_an_http_url_is_one_line_exit_2_with_the_password_masked(
         "objstream: error: invalid setting: url: http://guest:***@localhost:15672/ is not a "
         "broker URL: use amqp:// or amqps://"
     ]
+
+
+def test_a_url_list_mixing_tls_and_plain_is_one_line_exit_2_in_a_real_process(
+    tmp_path: Path,
+) -> None:
+    """No silent downgrade: a failover from the amqps:// node to the amqp:// one would send the
+    password and the objects in the clear. Refused before connecting (nothing listens there)."""
+    urls = "amqps://u:s3cret@127.0.0.1:9/%2F,amqp://u:s3cret@127.0.0.1:9/%2F"
+    run = subprocess.run(
+        [sys.executable, "-m", "objstream", "consumer", "listen", "--site", "a", "--dest",
+         str(tmp_path / "in"), "--url", urls],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == EXIT_USAGE, run.stderr
+    assert run.stderr.splitlines() == [
+        "objstream: error: invalid setting: url: amqps://u:***@127.0.0.1:9/%2F,"
+        "amqp://u:***@127.0.0.1:9/%2F mixes amqps:// and amqp:// nodes: a failover would drop "
+        "TLS; give every node amqps:// (or every node amqp://)"
+    ]
+    assert "s3cret" not in run.stderr + run.stdout
+    assert not (tmp_path / "in").exists()  # refused before anything was done
 
 
 @pytest.mark.parametrize("command", ["retrieve-file", "retrieve-container"])

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from objstream.common.errors import FailureCode
 from objstream.common.streaming import Piece
 from objstream.producer.pieces import SharedDigest
 from objstream.producer.sources import FileSource, SourceChanged
@@ -24,15 +27,127 @@ def test_chunks_cover_the_file_exactly(tmp_path: Path, size: int, count: int) ->
     source.close()
 
 
-def test_a_file_that_shrinks_while_streaming_is_caught(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    path.write_bytes(b"x" * 10)
+def _file(tmp_path: Path, size: int = 12) -> Path:
+    """A file written a while ago, as files that are sent usually are (a write in the same
+    clock tick as the file's last change would not move its mtime on a coarse-grained file
+    system; with multigrain timestamps, Linux 6.13+, it would)."""
+    path = tmp_path / "x.bin"
+    path.write_bytes(bytes(i % 251 for i in range(size)))
+    an_hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(path, ns=(an_hour_ago, an_hour_ago))
+    return path
+
+
+def _opened(path: Path, chunk_size: int = 4) -> FileSource:
     source = FileSource(path)
-    source.prepare(4)
+    source.prepare(chunk_size)
+    return source
+
+
+def test_a_file_that_shrinks_while_streaming_is_caught(tmp_path: Path) -> None:
+    path = _file(tmp_path, 10)
+    source = _opened(path)
     with open(path, "r+b") as f:
         f.truncate(5)
-    with pytest.raises(SourceChanged, match="shrank"):
+    with pytest.raises(SourceChanged, match=r"x\.bin changed while it was being sent: mtime .*, "
+                       r"size 10 -> 5$") as caught:  # fmt: skip
         source.read_chunk(1)
+    assert caught.value.code == FailureCode.SOURCE_CHANGED
+    assert caught.value.path == path
+    source.close()
+
+
+def test_an_overwrite_in_place_of_the_same_size_is_caught_at_the_next_read(
+    tmp_path: Path,
+) -> None:
+    """The classic ``dd conv=notrunc``: the size stays, the bytes change under the sender."""
+    path = _file(tmp_path)
+    source = _opened(path)
+    assert source.read_chunk(0) == bytes(range(4))
+    with open(path, "r+b") as f:
+        f.seek(6)
+        f.write(b"XY")
+    assert path.stat().st_size == 12
+    with pytest.raises(SourceChanged, match=r"changed while it was being sent: mtime \S+Z -> "
+                       r"\S+Z$"):  # fmt: skip
+        source.read_chunk(1)
+    with pytest.raises(SourceChanged):  # and every read after, resends included
+        source.read_chunk(0)
+    with pytest.raises(SourceChanged):
+        source.check_unchanged()
+    source.close()
+
+
+def test_an_overwrite_with_its_mtime_put_back_is_caught_by_the_ctime(tmp_path: Path) -> None:
+    """``rsync --inplace --times`` and friends restore the mtime; the ctime they cannot."""
+    path = _file(tmp_path)
+    before = path.stat()
+    source = _opened(path)
+    with open(path, "r+b") as f:
+        f.write(b"Z")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(SourceChanged, match=r"changed while it was being sent: ctime \S+ -> "):
+        source.read_chunk(0)
+    source.close()
+
+
+def test_a_file_that_grows_is_caught(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    source = _opened(path)
+    with open(path, "ab") as f:
+        f.write(b"more")
+    with pytest.raises(SourceChanged, match=r"size 12 -> 16"):
+        source.read_chunk(0)
+    source.close()
+
+
+def test_a_file_replaced_by_rename_is_caught(tmp_path: Path) -> None:
+    """A new version written aside and renamed over the old one: the open file's bytes are
+    unchanged, but the path now names another file."""
+    path = _file(tmp_path)
+    source = _opened(path)
+    assert source.read_chunk(0) == bytes(range(4))
+    new = tmp_path / "x.bin.new"
+    new.write_bytes(bytes(range(12)))  # even the same bytes
+    os.replace(new, path)
+    with pytest.raises(SourceChanged, match=r"changed while it was being sent: replaced \(inode "
+                       r"\d+ on device \d+ -> inode \d+ on device \d+\)"):  # fmt: skip
+        source.read_chunk(1)
+    source.close()
+
+
+def test_a_removed_file_is_caught(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    source = _opened(path)
+    path.unlink()
+    with pytest.raises(SourceChanged, match=r"changed while it was being sent: removed or "):
+        source.read_chunk(0)
+    source.close()
+
+
+def test_a_change_after_the_last_read_is_caught_by_check_unchanged(tmp_path: Path) -> None:
+    path = _file(tmp_path)
+    source = _opened(path)
+    data = b"".join(source.read_chunk(seq) for seq in range(3))
+    assert data == bytes(range(12))
+    with open(path, "r+b") as f:
+        f.write(b"!")
+    with pytest.raises(SourceChanged, match="mtime"):
+        source.check_unchanged()
+    source.close()
+
+
+def test_an_unchanged_file_never_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _file(tmp_path, 4096 + 1)
+    source = _opened(path, 64)
+    monkeypatch.chdir(tmp_path.parent)  # a relative path would name another file now
+    for _ in range(2):  # resends read again
+        data = b"".join(source.read_chunk(seq) for seq in range(source.chunk_count or 0))
+        assert data == path.read_bytes()
+        source.check_unchanged()
+    os.link(path, tmp_path / "another name")  # a hard link changes the ctime: not the bytes
+    with pytest.raises(SourceChanged, match="ctime"):
+        source.check_unchanged()
     source.close()
 
 
