@@ -6,7 +6,8 @@ shell-quoted, to paste into a shell on a broker node.
 
 With ``--apply`` it does it, on the broker ``--url`` names and nowhere else: connected there as
 an administrator, it first makes sure the node ``rabbitmqctl`` manages (``--node``, or its
-default node) sees that very connection, so both are the same broker; then it sets the
+default node) sees that very connection, so both are the same broker; then it clears what the
+user holds beyond the site's grants (user tags, topic permissions on other exchanges), sets the
 permissions, and declares what a site may not declare itself: the exchange, the dead-letter
 exchange and queue, and the site's inbox and service queue. It prints one line per change.
 """
@@ -19,6 +20,7 @@ import os
 import shlex
 import urllib.parse
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +61,14 @@ class Grant:
         """``rabbitmqctl add_user`` with :data:`PASSWORD_PLACEHOLDER` for the password."""
         return self._ctl("add_user", self.user, PASSWORD_PLACEHOLDER)
 
+    def clear_tags(self) -> list[str]:
+        """``rabbitmqctl set_user_tags U`` with no tags: a site's user needs none, and some
+        defeat least privilege (``administrator``; ``impersonator`` publishes any user_id)."""
+        return self._ctl(*self.clear_tags_args())
+
+    def clear_tags_args(self) -> list[str]:
+        return ["set_user_tags", self.user]
+
     def grants(self) -> list[list[str]]:
         """``set_permissions`` and ``set_topic_permissions`` for the site's user."""
         return [self._ctl(*args) for args in self.grant_args()]
@@ -93,7 +103,13 @@ class Grant:
                 f"# replace {PASSWORD_PLACEHOLDER} (or leave add_user out if the user exists)",
                 shlex.join(self.add_user()),
             ]
-        return header + add + [shlex.join(argv) for argv in self.grants()]
+        leftovers = [
+            "# a user made before may hold more: clear its tags, and clear its topic permissions",
+            f"# on any exchange but {self.namespace!r} (list_user_topic_permissions, then "
+            "clear_topic_permissions)",
+            shlex.join(self.clear_tags()),
+        ]
+        return header + add + leftovers + [shlex.join(argv) for argv in self.grants()]
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -114,11 +130,12 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="the rabbitmqctl lines that give a site's user least privilege",
         description="Print the rabbitmqctl lines (add_user, set_permissions, "
-        "set_topic_permissions on the exchange NAMESPACE) that let USER do exactly what site "
-        "SITE needs: its own inbox, service queue, data and reply queues; publishing with keys "
-        "that name SITE as the publisher. With --apply, do it on the broker of --url "
-        "(connected as an administrator): only once the node rabbitmqctl manages (--node, or "
-        "its default node) is seen to be that broker's; set USER's permissions, and declare the "
+        "set_topic_permissions on the exchange NAMESPACE, set_user_tags with no tags) that let "
+        "USER do exactly what site SITE needs: its own inbox, service queue, data and reply "
+        "queues; publishing with keys that name SITE as the publisher. With --apply, do it on "
+        "the broker of --url (connected as an administrator): only once the node rabbitmqctl "
+        "manages (--node, or its default node) is seen to be that broker's; clear USER's tags "
+        "and its topic permissions on other exchanges, set its permissions, and declare the "
         "exchange, the dead-letter exchange and queue, and SITE's inbox and service queue; one "
         "line per change. Exit codes: 0 ok, 2 usage, no rabbitmqctl, or rabbitmqctl manages "
         "another broker (nothing changed), 3 rabbitmqctl failed or the broker refused.",
@@ -187,6 +204,7 @@ class UserState:
     """What the broker holds for a site's user before ``--apply`` changes anything."""
 
     exists: bool
+    tags: tuple[str, ...] = ()
     permissions: tuple[str, str, str] | None = None
     """``(configure, write, read)`` in the grant's vhost; None: none there."""
     topic_permissions: tuple[TopicPermission, ...] = ()
@@ -204,9 +222,17 @@ class Change:
     """What the command reads on stdin: a new user's password."""
 
 
+def topic_leftovers(grant: Grant, rows: Iterable[TopicPermission]) -> list[TopicPermission]:
+    """The user's topic permissions in the grant's vhost on exchanges other than the
+    namespace's: a site publishes and binds only on ``NS``; anything else (``NS.dead``,
+    ``amq.topic``...) is an older setup's leftover (a topic permission only narrows the keys
+    the vhost permissions allow, so clearing one takes away nothing a site needs)."""
+    return [r for r in rows if r.vhost == grant.vhost and r.exchange != grant.namespace]
+
+
 def plan(grant: Grant, state: UserState, password: str | None) -> list[Change]:
     """The rabbitmqctl commands that bring the user from ``state`` to exactly the site's
-    permissions, in order: create it, then grant.
+    permissions, in order: create it, take away what it must not have, then grant.
 
     Raises:
         ConfigError: the user does not exist and there is no password to create it with.
@@ -221,6 +247,14 @@ def plan(grant: Grant, state: UserState, password: str | None) -> list[Change]:
             )
         created = f"created user {user!r} (password read from stdin)"
         changes.append(Change(("add_user", user), created, stdin=password + "\n"))
+    if state.tags:
+        says = f"cleared tags {', '.join(state.tags)} of user {user!r}"
+        changes.append(Change(tuple(grant.clear_tags_args()), says))
+    for row in topic_leftovers(grant, state.topic_permissions):
+        args = ("clear_topic_permissions", "-p", vhost, user, row.exchange)
+        changes.append(
+            Change(args, f"cleared topic permissions of {user!r} on exchange {row.exchange!r}")
+        )
     set_permissions, set_topic = (tuple(args) for args in grant.grant_args())
     if state.permissions != set_permissions[-3:]:
         was = ""
@@ -263,12 +297,14 @@ def check_same_broker(ctl: Rabbitmqctl, connection: Connection) -> None:
 
 def read_state(ctl: Rabbitmqctl, grant: Grant) -> UserState:
     """What the broker holds for the grant's user (read only)."""
-    if user_tags(ctl.query("list_users"), grant.user) is None:
+    tags = user_tags(ctl.query("list_users"), grant.user)
+    if tags is None:
         return UserState(exists=False)
     vhost_permissions = ctl.query("list_user_permissions", grant.user)
     topics = ctl.query("list_user_topic_permissions", grant.user)
     return UserState(
         True,
+        tags,
         user_permissions(vhost_permissions, grant.vhost),
         tuple(topic_permissions(topics)),
     )

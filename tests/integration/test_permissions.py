@@ -449,7 +449,7 @@ def test_a_retrieval_with_per_site_users(users: dict[str, Settings], tmp_path: P
     assert path.read_bytes() == (served / "weights.bin").read_bytes()
 
 
-# -- --apply: on the broker of --url or nowhere ----------------------------------------------------
+# -- --apply: on the broker of --url, and nothing a user had before defeats it ---------------------
 
 
 @pytest.fixture(scope="module")
@@ -495,3 +495,49 @@ def test_apply_on_another_broker_changes_nothing_on_either(
     assert site not in users_of(other_node)
     for broker in (node, other_node):
         assert T.inbox(site) not in broker.ctl("list_queues", "-q", "name").stdout.split()
+
+
+OLD = "old-site"  # a site whose user was made by hand, long ago, with far too much
+
+
+def test_apply_takes_away_what_an_old_user_had(
+    users: dict[str, Settings], node: LocalRabbitNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tags administrator and impersonator (which lets it publish any user_id) and topic
+    permissions on the dead-letter exchange and ``amq.topic``: ``--apply`` clears them, says
+    so, and then the user can no longer sign as another site."""
+    password = "pw-old"
+    assert node.ctl("add_user", OLD, password).returncode == 0
+    for args in [("set_user_tags", OLD, "administrator", "impersonator"),
+                 ("set_permissions", OLD, ".*", ".*", ".*"),
+                 ("set_topic_permissions", OLD, T.dead, ".*", ".*"),
+                 ("set_topic_permissions", OLD, "amq.topic", ".*", ".*")]:  # fmt: skip
+        assert node.ctl(*args).returncode == 0, args
+    old = Settings(url=f"amqp://{OLD}:{password}@127.0.0.1:{node.port}/%2F", namespace=NAMESPACE)
+    forged = publish(T.offer_key("site-2"), user_id="site-2")
+    with Session(old) as session:
+        assert session.attempt(forged) is None  # what impersonator allows: the test can fail
+
+    apply = ["admin", "permissions", "--site", OLD, "--user", OLD, "--apply", "--existing-user",
+             "--node", node.nodename, "--url", node.url, "--namespace", NAMESPACE]  # fmt: skip
+    assert main(apply) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert f"cleared tags administrator, impersonator of user '{OLD}'" in out
+    assert f"cleared topic permissions of '{OLD}' on exchange '{T.dead}'" in out
+    assert f"cleared topic permissions of '{OLD}' on exchange 'amq.topic'" in out
+    assert f"declared inbox '{T.inbox(OLD)}'" in out
+
+    assert users_of(node)[OLD] == ""
+    topics = node.ctl("list_user_topic_permissions", "-q", "--formatter", "json", OLD)
+    assert [row["exchange"] for row in json.loads(topics.stdout)] == [T.exchange]
+    with Session(old) as session:
+        refusal = session.attempt(forged)
+        assert refusal is not None
+        assert refusal.reply_code == PRECONDITION_FAILED
+        assert session.attempt(publish(T.offer_key("site-2"), user_id=OLD)) is None
+
+    assert main(apply) == EXIT_OK  # again: nothing left to do
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"nothing changed: user '{OLD}' has exactly the permissions of site '{OLD}', and the "
+        "site's queues exist"
+    ]

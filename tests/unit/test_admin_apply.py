@@ -98,6 +98,7 @@ GRANT = admin.Grant("site-1", "u1", "fl", "/", "n@h")
 P = permissions("fl", "site-1")
 EXACT = admin.UserState(
     True,
+    (),
     (P.configure, P.write, P.read),
     (TopicPermission("/", "fl", P.topic_write, P.topic_read),),
 )
@@ -127,9 +128,47 @@ def test_a_missing_user_without_a_password_is_refused_before_any_change() -> Non
         admin.plan(GRANT, admin.UserState(False), password=None)
 
 
+def test_leftovers_are_cleared_before_the_grants() -> None:
+    state = admin.UserState(
+        True,
+        ("administrator", "impersonator"),
+        (".*", ".*", ".*"),
+        (
+            TopicPermission("/", "fl.dead", ".*", ".*"),
+            TopicPermission("/", "amq.topic", ".*", ""),
+            TopicPermission("/", "fl", P.topic_write, P.topic_read),
+            TopicPermission("other", "fl.dead", ".*", ".*"),  # another vhost: not ours
+        ),
+    )
+    changes = admin.plan(GRANT, state, password=None)
+    assert [change.args for change in changes] == [
+        ("set_user_tags", "u1"),
+        ("clear_topic_permissions", "-p", "/", "u1", "fl.dead"),
+        ("clear_topic_permissions", "-p", "/", "u1", "amq.topic"),
+        ("set_permissions", "-p", "/", "u1", P.configure, P.write, P.read),
+    ]  # the topic permissions on fl were right already
+    assert [change.says for change in changes] == [
+        "cleared tags administrator, impersonator of user 'u1'",
+        "cleared topic permissions of 'u1' on exchange 'fl.dead'",
+        "cleared topic permissions of 'u1' on exchange 'amq.topic'",
+        "set permissions of 'u1' in vhost '/' (they were configure '.*', write '.*', read '.*')",
+    ]
+
+
+def test_the_leftovers_are_every_other_exchange_of_the_vhost() -> None:
+    """``NS.dead`` included: a site publishes and binds with topic permissions only on ``NS``
+    (the dead-letter exchange is a fanout, which topic permissions do not apply to)."""
+    rows = [
+        TopicPermission("/", exchange, ".*", ".*")
+        for exchange in ("fl", "fl.dead", "amq.topic", "fl.other", "flx", "")
+    ]
+    left = [row.exchange for row in admin.topic_leftovers(GRANT, rows)]
+    assert left == ["fl.dead", "amq.topic", "fl.other", "flx", ""]
+
+
 def test_wrong_topic_permissions_on_the_exchange_are_set_again() -> None:
     state = admin.UserState(
-        True, EXACT.permissions, (TopicPermission("/", "fl", ".*", P.topic_read),)
+        True, (), EXACT.permissions, (TopicPermission("/", "fl", ".*", P.topic_read),)
     )
     changes = admin.plan(GRANT, state, password=None)
     assert [change.says for change in changes] == ["set topic permissions of 'u1' on exchange 'fl'"]
@@ -268,6 +307,33 @@ def test_apply_creates_a_user_with_the_password_on_stdin(
     assert "s3cret" not in out + err
     assert fake.declared == ["site-1"]
     assert [c.closed for c in fake.connections] == [True]
+
+
+def test_apply_clears_the_leftovers_of_an_existing_user(
+    fake: Fake, capsys: pytest.CaptureFixture[str]
+) -> None:
+    p = permissions("fl", "site-1")
+    fake.answer(
+        list_users=[{"user": "u1", "tags": ["administrator", "impersonator"]}],
+        list_user_permissions=[{"vhost": "/", "configure": p.configure, "write": p.write,
+                                "read": p.read}],
+        list_user_topic_permissions=[
+            {"vhost": "/", "exchange": "fl.dead", "write": ".*", "read": ".*"},
+            {"vhost": "/", "exchange": "fl", "write": p.topic_write, "read": p.topic_read},
+        ],
+    )  # fmt: skip
+    assert main([*APPLY, "--existing-user"]) == EXIT_OK
+    changed = [call["argv"][2:] for call in fake.calls() if call["verb"] in MUTATING]
+    assert changed == [
+        ["set_user_tags", "u1"],
+        ["clear_topic_permissions", "-p", "/", "u1", "fl.dead"],
+    ]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:] == [
+        "cleared tags administrator, impersonator of user 'u1'",
+        "cleared topic permissions of 'u1' on exchange 'fl.dead'",
+        "user 'u1' has exactly the permissions of site 'site-1' in vhost '/'",
+    ]
 
 
 def test_apply_with_nothing_to_change_says_so(

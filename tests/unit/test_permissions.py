@@ -139,6 +139,7 @@ def test_prints_add_user_and_both_permission_lines(capsys: pytest.CaptureFixture
     p = permissions("fl", "site.1")
     assert commands(lines) == [
         ["rabbitmqctl", "add_user", "it's me", "<password>"],
+        ["rabbitmqctl", "set_user_tags", "it's me"],  # no tags: clears an existing user's
         ["rabbitmqctl", "set_permissions", "-p", "/", "it's me", p.configure, p.write, p.read],
         ["rabbitmqctl", "set_topic_permissions", "-p", "/", "it's me", "fl", p.topic_write,
          p.topic_read],
@@ -163,18 +164,22 @@ def test_namespace_vhost_and_node(capsys: pytest.CaptureFixture[str]) -> None:
     )  # fmt: skip
     cmds = commands(lines)
     assert [c[:4] for c in cmds] == [
+        ["rabbitmqctl", "-n", "rabbit@b1", "set_user_tags"],
         ["rabbitmqctl", "-n", "rabbit@b1", "set_permissions"],
         ["rabbitmqctl", "-n", "rabbit@b1", "set_topic_permissions"],
     ]
-    assert cmds[0][4:6] == ["-p", "fed"]
-    assert cmds[1][7] == "prod.fl"
-    assert cmds[0][-1].startswith(r"^prod\.fl$|")
+    assert cmds[1][4:6] == ["-p", "fed"]
+    assert cmds[2][7] == "prod.fl"
+    assert cmds[1][-1].startswith(r"^prod\.fl$|")
     assert any("exists" in line for line in lines if line.startswith("#"))
+    comments = " ".join(line for line in lines if line.startswith("#"))
+    assert "any exchange but 'prod.fl'" in comments  # the topic permissions to clear
+    assert "clear_topic_permissions" in comments
 
 
 def test_the_vhost_defaults_to_the_urls(capsys: pytest.CaptureFixture[str]) -> None:
     lines = printed(capsys, "--site", "s", "--user", "u", "--url", "amqp://a:b@h:5672/fed%2Fx")
-    assert commands(lines)[1][3] == "fed/x"
+    assert commands(lines)[2][:4] == ["rabbitmqctl", "set_permissions", "-p", "fed/x"]
     assert admin.vhost_of("amqp://h") == admin.vhost_of("amqp://h/") == "/"
     assert admin.vhost_of("amqp://h/%2F") == "/"
 
