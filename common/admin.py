@@ -2,36 +2,45 @@
 
 ``objstream admin permissions --site S --user U`` prints the ``rabbitmqctl`` lines that give
 site S's broker user U exactly what protocol v2 lets a site do (:func:`topology.permissions`),
-shell-quoted, to paste into a shell on a broker node. With ``--apply`` it runs them with the
-local ``rabbitmqctl`` and, connected with ``--url`` as an administrator, declares what a site
-under least privilege may not declare itself: the exchange, the dead-letter exchange and queue,
-and the site's inbox and service queue.
+shell-quoted, to paste into a shell on a broker node.
+
+With ``--apply`` it does it, on the broker ``--url`` names and nowhere else: connected there as
+an administrator, it first makes sure the node ``rabbitmqctl`` manages (``--node``, or its
+default node) sees that very connection, so both are the same broker; then it clears what the
+user holds beyond the site's grants (user tags, topic permissions on other exchanges), sets the
+permissions, and declares what a site may not declare itself: the exchange, the dead-letter
+exchange and queue, and the site's inbox and service queue. It prints one line per change.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
-import shutil
-import subprocess
-import sys
 import urllib.parse
-from collections.abc import Sequence
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
-from objstream.common.amqp import connect
-from objstream.common.cli import EXIT_BROKER, EXIT_OK, EXIT_USAGE
-from objstream.common.errors import ConfigError
+from objstream.common.amqp import Connection, connect
+from objstream.common.cli import EXIT_OK
+from objstream.common.errors import BrokerMismatch, BrokerRefused, ConfigError, RabbitmqctlFailed
+from objstream.common.rabbitmqctl import (
+    Rabbitmqctl,
+    TopicPermission,
+    cluster_name,
+    connection_names,
+    topic_permissions,
+    user_permissions,
+    user_tags,
+)
 from objstream.common.settings import Settings, check_site, split_urls
 from objstream.common.topology import Topology, permissions
 
 PASSWORD_ENV = "OBJSTREAM_ADMIN_PASSWORD"
 PASSWORD_PLACEHOLDER = "<password>"
-VERBS = ("add_user", "set_permissions", "set_topic_permissions")
-RABBITMQCTL_TIMEOUT = 120.0
-"""Seconds a rabbitmqctl call may take (it waits for an unreachable node on its own too)."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +61,24 @@ class Grant:
         """``rabbitmqctl add_user`` with :data:`PASSWORD_PLACEHOLDER` for the password."""
         return self._ctl("add_user", self.user, PASSWORD_PLACEHOLDER)
 
+    def clear_tags(self) -> list[str]:
+        """``rabbitmqctl set_user_tags U`` with no tags: a site's user needs none, and some
+        defeat least privilege (``administrator``; ``impersonator`` publishes any user_id)."""
+        return self._ctl(*self.clear_tags_args())
+
+    def clear_tags_args(self) -> list[str]:
+        return ["set_user_tags", self.user]
+
     def grants(self) -> list[list[str]]:
         """``set_permissions`` and ``set_topic_permissions`` for the site's user."""
+        return [self._ctl(*args) for args in self.grant_args()]
+
+    def grant_args(self) -> list[list[str]]:
+        """:meth:`grants` as rabbitmqctl's arguments, without ``rabbitmqctl`` and ``-n``."""
         p = permissions(self.namespace, self.site)
         return [
-            self._ctl("set_permissions", "-p", self.vhost, self.user, p.configure, p.write, p.read),
-            self._ctl(
+            ["set_permissions", "-p", self.vhost, self.user, p.configure, p.write, p.read],
+            [
                 "set_topic_permissions",
                 "-p",
                 self.vhost,
@@ -65,7 +86,7 @@ class Grant:
                 self.namespace,
                 p.topic_write,
                 p.topic_read,
-            ),
+            ],
         ]
 
     def script(self, *, existing_user: bool = False) -> list[str]:
@@ -82,7 +103,13 @@ class Grant:
                 f"# replace {PASSWORD_PLACEHOLDER} (or leave add_user out if the user exists)",
                 shlex.join(self.add_user()),
             ]
-        return header + add + [shlex.join(argv) for argv in self.grants()]
+        leftovers = [
+            "# a user made before may hold more: clear its tags, and clear its topic permissions",
+            f"# on any exchange but {self.namespace!r} (list_user_topic_permissions, then "
+            "clear_topic_permissions)",
+            shlex.join(self.clear_tags()),
+        ]
+        return header + add + leftovers + [shlex.join(argv) for argv in self.grants()]
 
 
 # -- the command --------------------------------------------------------------------------------
@@ -103,12 +130,15 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="the rabbitmqctl lines that give a site's user least privilege",
         description="Print the rabbitmqctl lines (add_user, set_permissions, "
-        "set_topic_permissions on the exchange NAMESPACE) that let USER do exactly what site "
-        "SITE needs: its own inbox, service queue, data and reply queues; publishing with keys "
-        "that name SITE as the publisher. With --apply, run them with the local rabbitmqctl, "
-        "then declare (connected with --url as an administrator) the exchange, the dead-letter "
-        "exchange and queue, and SITE's inbox and service queue. Exit codes: 0 ok, 2 usage or "
-        "no rabbitmqctl, 3 rabbitmqctl failed or the broker refused.",
+        "set_topic_permissions on the exchange NAMESPACE, set_user_tags with no tags) that let "
+        "USER do exactly what site SITE needs: its own inbox, service queue, data and reply "
+        "queues; publishing with keys that name SITE as the publisher. With --apply, do it on "
+        "the broker of --url (connected as an administrator): only once the node rabbitmqctl "
+        "manages (--node, or its default node) is seen to be that broker's; clear USER's tags "
+        "and its topic permissions on other exchanges, set its permissions, and declare the "
+        "exchange, the dead-letter exchange and queue, and SITE's inbox and service queue; one "
+        "line per change. Exit codes: 0 ok, 2 usage, no rabbitmqctl, or rabbitmqctl manages "
+        "another broker (nothing changed), 3 rabbitmqctl failed or the broker refused.",
         epilog="examples:\n"
         "  objstream admin permissions --site site-1 --user site-1 --namespace fl\n"
         "  OBJSTREAM_ADMIN_PASSWORD=... objstream admin permissions --site site-1 "
@@ -150,91 +180,211 @@ def permissions_cmd(args: argparse.Namespace, settings: Settings) -> int:
         for line in grant.script(existing_user=args.existing_user):
             print(line)
         return EXIT_OK
+    if grant.vhost != vhost_of(settings.url):
+        # The queues are declared in the URL's vhost: permissions elsewhere would not fit them.
+        raise ConfigError(
+            f"--vhost {grant.vhost!r} is not the vhost of --url ({vhost_of(settings.url)!r}): "
+            "with --apply, give the vhost in the URL"
+        )
     password = None if args.existing_user else args.password or os.environ.get(PASSWORD_ENV)
-    code = apply(grant, password)
-    if code != EXIT_OK:
-        return code
-    declare_for(settings, args.site)
-    print(f"site {args.site!r}: permissions of user {args.user!r} set, queues declared")
-    return EXIT_OK
-
-
-def apply(grant: Grant, password: str | None) -> int:
-    """Run the grant's lines with the local rabbitmqctl, printing each; returns an exit code.
-
-    The password goes on rabbitmqctl's standard input, never on a command line: arguments show
-    in ``ps``, and Debian's ``rabbitmqctl`` wrapper (run as root) passes them through ``sh -c``
-    inside double quotes, which expands a ``$`` or a backquote in them (measured: a password
-    ``a$HOME`` given as an argument did not log in; the same read from stdin did).
-    """
-    exe = shutil.which("rabbitmqctl")
-    if exe is None:
-        print(
-            "objstream: error: --apply needs rabbitmqctl on PATH (run this on a broker node, "
-            "or run the lines printed without --apply there)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    if password is None:
-        print(f"# no password given: user {grant.user!r} must exist already")
+    changed = apply(grant, settings, password)
+    what = f"user {args.user!r} has exactly the permissions of site {args.site!r}"
+    if changed:
+        print(f"{what} in vhost {grant.vhost!r}")
     else:
-        argv = grant.add_user()[:-1]  # without the placeholder: rabbitmqctl reads stdin
-        print(f"{shlex.join(argv)}  # password read from stdin", flush=True)
-        result = _run([exe, *argv[1:]], stdin=password + "\n")
-        if result.returncode != 0 and "already exists" in result.stderr + result.stdout:
-            print(f"# user {grant.user!r} exists already: its password is unchanged")
-        elif result.returncode != 0:
-            return _failed(argv, result)
-    for argv in grant.grants():
-        print(shlex.join(argv), flush=True)
-        result = _run([exe, *argv[1:]])
-        if result.returncode != 0:
-            return _failed(argv, result)
+        print(f"nothing changed: {what}, and the site's queues exist")
     return EXIT_OK
 
 
-def _run(argv: Sequence[str], stdin: str = "") -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(
-            list(argv),
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=RABBITMQCTL_TIMEOUT,
-            check=False,
+# -- --apply --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UserState:
+    """What the broker holds for a site's user before ``--apply`` changes anything."""
+
+    exists: bool
+    tags: tuple[str, ...] = ()
+    permissions: tuple[str, str, str] | None = None
+    """``(configure, write, read)`` in the grant's vhost; None: none there."""
+    topic_permissions: tuple[TopicPermission, ...] = ()
+    """In every vhost (only the grant's vhost is changed)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One rabbitmqctl command of ``--apply``, and the line that says what it changed."""
+
+    args: tuple[str, ...]
+    """rabbitmqctl's arguments, without ``rabbitmqctl`` and ``-n``."""
+    says: str
+    stdin: str = field(default="", repr=False)
+    """What the command reads on stdin: a new user's password."""
+
+
+def topic_leftovers(grant: Grant, rows: Iterable[TopicPermission]) -> list[TopicPermission]:
+    """The user's topic permissions in the grant's vhost on exchanges other than the
+    namespace's: a site publishes and binds only on ``NS``; anything else (``NS.dead``,
+    ``amq.topic``...) is an older setup's leftover (a topic permission only narrows the keys
+    the vhost permissions allow, so clearing one takes away nothing a site needs)."""
+    return [r for r in rows if r.vhost == grant.vhost and r.exchange != grant.namespace]
+
+
+def plan(grant: Grant, state: UserState, password: str | None) -> list[Change]:
+    """The rabbitmqctl commands that bring the user from ``state`` to exactly the site's
+    permissions, in order: create it, take away what it must not have, then grant.
+
+    Raises:
+        ConfigError: the user does not exist and there is no password to create it with.
+    """
+    user, vhost = grant.user, grant.vhost
+    changes = []
+    if not state.exists:
+        if password is None:
+            raise ConfigError(
+                f"user {user!r} does not exist on that broker: give a password to create it "
+                f"(env {PASSWORD_ENV} or --password, without --existing-user); nothing changed"
+            )
+        created = f"created user {user!r} (password read from stdin)"
+        changes.append(Change(("add_user", user), created, stdin=password + "\n"))
+    if state.tags:
+        says = f"cleared tags {', '.join(state.tags)} of user {user!r}"
+        changes.append(Change(tuple(grant.clear_tags_args()), says))
+    for row in topic_leftovers(grant, state.topic_permissions):
+        args = ("clear_topic_permissions", "-p", vhost, user, row.exchange)
+        changes.append(
+            Change(args, f"cleared topic permissions of {user!r} on exchange {row.exchange!r}")
         )
-    except subprocess.TimeoutExpired:
-        detail = f"no answer within {RABBITMQCTL_TIMEOUT:g} s"
-        return subprocess.CompletedProcess(list(argv), -1, "", detail)
+    set_permissions, set_topic = (tuple(args) for args in grant.grant_args())
+    if state.permissions != set_permissions[-3:]:
+        was = ""
+        if state.permissions is not None:
+            configure, write, read = state.permissions
+            was = f" (they were configure {configure!r}, write {write!r}, read {read!r})"
+        says = f"set permissions of {user!r} in vhost {vhost!r}{was}"
+        changes.append(Change(set_permissions, says))
+    topic = [
+        (r.write, r.read)
+        for r in state.topic_permissions
+        if r.vhost == vhost and r.exchange == grant.namespace
+    ]
+    if topic != [set_topic[-2:]]:
+        says = f"set topic permissions of {user!r} on exchange {grant.namespace!r}"
+        changes.append(Change(set_topic, says))
+    return changes
 
 
-def _failed(argv: Sequence[str], result: subprocess.CompletedProcess[str]) -> int:
-    """Report a failed rabbitmqctl call in one line: its own words (never a password)."""
-    verb = next(a for a in argv if a in VERBS)
-    # rabbitmqctl says what went wrong first ("Error: unable to perform an operation on node
-    # ...", or "Error:" and the reason on the next line), then pages of diagnostics.
-    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines()]
-    reason = next((line for line in lines if line and line != "Error:"), "no output")
-    reason = reason.removeprefix("Error: ")[:300]
-    print(
-        f"objstream: error: rabbitmqctl {verb} failed (exit {result.returncode}): {reason}",
-        file=sys.stderr,
-    )
-    return EXIT_BROKER
+def check_same_broker(ctl: Rabbitmqctl, connection: Connection) -> None:
+    """Make sure ``ctl``'s node belongs to the broker ``connection`` is connected to.
 
+    The connection's name holds a random id; the node lists the connections of its whole
+    cluster. Seeing it there settles it, where listener ports or cluster names would not: a
+    port can be forwarded or published under another number, and two brokers can have the same
+    cluster name (a node name such as ``rabbit@rabbitmq`` is the default in many containers).
 
-def declare_for(settings: Settings, site: str) -> None:
-    """Declare, as the administrator of ``settings.url``, what ``site`` may not declare itself:
-    the exchange, the dead-letter exchange and queue, the site's inbox and service queue."""
-    topology = Topology.from_settings(settings)
-    connection = connect(settings, f"objstream admin {site}")
+    Raises:
+        BrokerMismatch: the node does not see the connection (nothing was changed).
+        RabbitmqctlFailed: rabbitmqctl could not ask the node.
+    """
+    if connection.name in connection_names(ctl.query("list_connections", "client_properties")):
+        return
     try:
-        topology.declare_base(connection, site)
-        channel = connection.channel()
-        try:
-            topology.declare_inbox(channel, site)
-            topology.declare_service_queue(channel, site)
-        finally:
-            channel.close()
+        cluster = cluster_name(ctl.query("cluster_status"))
+    except RabbitmqctlFailed:
+        cluster = None  # only to word the error
+    raise BrokerMismatch(ctl.target, connection.url, cluster)
+
+
+def read_state(ctl: Rabbitmqctl, grant: Grant) -> UserState:
+    """What the broker holds for the grant's user (read only)."""
+    tags = user_tags(ctl.query("list_users"), grant.user)
+    if tags is None:
+        return UserState(exists=False)
+    vhost_permissions = ctl.query("list_user_permissions", grant.user)
+    topics = ctl.query("list_user_topic_permissions", grant.user)
+    return UserState(
+        True,
+        tags,
+        user_permissions(vhost_permissions, grant.vhost),
+        tuple(topic_permissions(topics)),
+    )
+
+
+def apply(grant: Grant, settings: Settings, password: str | None) -> int:
+    """Give the grant's user exactly the site's permissions on the broker of ``settings.url``,
+    and declare what the site may not; print a line per change and return how many there were.
+
+    Nothing is changed anywhere before the node rabbitmqctl manages is known to be one of that
+    broker's (:func:`check_same_broker`) and the user's state is read. The connection is served
+    while rabbitmqctl runs, so its heartbeats go on.
+
+    Raises:
+        ConfigError: no rabbitmqctl; the user is missing and there is no password.
+        BrokerMismatch: rabbitmqctl manages another broker.
+        RabbitmqctlFailed: a rabbitmqctl command failed (those before it took effect).
+        BrokerUnreachable, AuthenticationRefused, BrokerRefused: the broker of ``--url``.
+    """
+    ctl = Rabbitmqctl.find(grant.node)
+    connection = connect(settings, f"objstream admin {grant.site} {uuid.uuid4().hex}")
+    try:
+        ctl = dataclasses.replace(ctl, meanwhile=lambda: connection.process_events(0.1))
+        check_same_broker(ctl, connection)
+        print(f"{ctl.target} manages the broker at {connection.url}: it sees this connection")
+        state = read_state(ctl, grant)
+        changes = plan(grant, state, password)
+        if state.exists and password is not None:
+            print(f"user {grant.user!r} exists: its password is unchanged")
+        for change in changes:
+            ctl.run(*change.args, stdin=change.stdin)
+            print(change.says, flush=True)
+        declared = declare_for(connection, Topology.from_settings(settings), grant.site)
+        for what in declared:
+            print(f"declared {what}")
     finally:
         connection.close()
+    return len(changes) + len(declared)
+
+
+def declare_for(connection: Connection, topology: Topology, site: str) -> list[str]:
+    """Declare, as the administrator connected, what ``site`` may not declare itself (the
+    exchange, the site's inbox and service queue) and what it could (its dead-letter exchange
+    and queue), so that everything is there before the site first starts.
+
+    Returns what was missing (and is declared now), in words.
+    """
+    wanted = [
+        ("exchange", topology.exchange, "topic"),
+        ("dead-letter exchange", topology.dead(site), "fanout"),
+        ("dead-letter queue", topology.dead(site), None),
+        ("inbox", topology.inbox(site), None),
+        ("service queue", topology.service_queue(site), None),
+    ]
+    missing = [
+        f"{what} {name!r}" for what, name, kind in wanted if not _exists(connection, name, kind)
+    ]
+    topology.declare_base(connection, site)
+    channel = connection.channel()
+    try:
+        topology.declare_inbox(channel, site)
+        topology.declare_service_queue(channel, site)
+    finally:
+        channel.close()
+    return missing
+
+
+def _exists(connection: Connection, name: str, exchange_kind: str | None) -> bool:
+    """Whether exchange (with its kind) or queue ``name`` exists: a passive declare, on a
+    channel of its own, which a miss closes."""
+    channel = connection.channel()
+    try:
+        if exchange_kind is None:
+            channel.declare_queue(name, passive=True)
+        else:
+            channel.declare_exchange(name, exchange_kind, passive=True)
+        return True
+    except BrokerRefused as e:
+        if not e.not_found:
+            raise
+        return False
+    finally:
+        channel.close()

@@ -22,6 +22,7 @@ from objstream.common.errors import (
     BrokerUnreachable,
     ConfigError,
     ObjstreamError,
+    RabbitmqctlFailed,
     SendFailed,
     TimedOut,
 )
@@ -38,7 +39,7 @@ if TYPE_CHECKING:  # pydantic's import is most of a start-up: only commands that
 EXIT_OK = 0
 EXIT_FAILED = 1  # transfer failed: checksum, refused, not found, peer failure
 EXIT_USAGE = 2  # bad command line or configuration
-EXIT_BROKER = 3  # broker unreachable or authentication refused
+EXIT_BROKER = 3  # broker unreachable, authentication refused, broker or rabbitmqctl refused
 EXIT_TIMEOUT = 4  # timed out without progress
 EXIT_INTERRUPTED = 130  # Ctrl-C (the shell convention: 128 + SIGINT)
 
@@ -200,7 +201,9 @@ def configure_logging(level: str) -> None:
 
 
 def exit_code_for(error: ObjstreamError) -> int:
-    if isinstance(error, BrokerUnreachable | AuthenticationRefused | BrokerRefused):
+    if isinstance(
+        error, BrokerUnreachable | AuthenticationRefused | BrokerRefused | RabbitmqctlFailed
+    ):
         return EXIT_BROKER
     if isinstance(error, ConfigError):
         return EXIT_USAGE

@@ -47,6 +47,35 @@ class ConfigError(ObjstreamError):
 UNREACHABLE_HINT = "check that RabbitMQ runs there (--url / OBJSTREAM_URL)"
 
 
+class BrokerMismatch(ConfigError):
+    """``admin permissions --apply``: the node rabbitmqctl manages does not see this command's
+    connection to ``--url``, so it is a node of another broker; nothing was changed."""
+
+    def __init__(self, node: str, url: str, cluster: str | None = None) -> None:
+        self.node = node
+        """The node in words: "rabbitmqctl's default node" or "rabbitmqctl's node 'N'"."""
+        self.url = url
+        """The broker URL, password masked."""
+        self.cluster = cluster
+        """The cluster name that node reported, if it did."""
+        where = f"{node} (cluster {cluster!r})" if cluster else node
+        super().__init__(
+            f"--apply refused, nothing changed: {where} does not see this command's connection "
+            f"to {url}, so it manages another broker; run this on a node of that broker, or "
+            "name one with --node"
+        )
+
+
+class RabbitmqctlFailed(ObjstreamError):
+    """A ``rabbitmqctl`` command failed (node unreachable, no such user...), in its words."""
+
+    def __init__(self, verb: str, returncode: int, reason: str) -> None:
+        self.verb = verb
+        self.returncode = returncode
+        self.reason = reason
+        super().__init__(f"rabbitmqctl {verb} failed (exit {returncode}): {reason}")
+
+
 class BrokerUnreachable(ObjstreamError):
     """The broker could not be reached (or the connection dropped)."""
 

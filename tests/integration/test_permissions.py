@@ -20,6 +20,7 @@ These tests never touch the shared broker: the node is started here and stopped 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from objstream.common.amqp import Channel, Connection, Delivery, connect
 from objstream.common.cli import EXIT_OK, main
 from objstream.common.errors import ACCESS_REFUSED, PRECONDITION_FAILED, BrokerRefused
 from objstream.common.protocol import Properties
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, mask_url
 from objstream.common.topology import Topology
 from tests.rabbitmq_node import LocalRabbitNode
 
@@ -52,7 +53,11 @@ def node(local_nodes: None) -> Iterator[LocalRabbitNode]:
     node = LocalRabbitNode()
     node.start()
     try:
-        yield node
+        # A rabbitmqctl run without -n (by a test, or by the code under test) talks to this
+        # node, never to the machine's default one.
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("RABBITMQ_NODENAME", node.nodename)
+            yield node
     finally:
         node.cleanup()
 
@@ -437,3 +442,97 @@ def test_a_retrieval_with_per_site_users(users: dict[str, Settings], tmp_path: P
     finally:
         server.stop()
     assert path.read_bytes() == (served / "weights.bin").read_bytes()
+
+
+# -- --apply: on the broker of --url, and nothing a user had before defeats it ---------------------
+
+
+@pytest.fixture(scope="module")
+def other_node(node: LocalRabbitNode) -> Iterator[LocalRabbitNode]:
+    """A second throwaway node: another broker than ``node``."""
+    other = LocalRabbitNode()
+    other.start()
+    try:
+        yield other
+    finally:
+        other.cleanup()
+
+
+def users_of(node: LocalRabbitNode) -> dict[str, str]:
+    """Each user of ``node`` and its tags, as ``rabbitmqctl list_users`` prints them."""
+    result = node.ctl("list_users", "-q", "--formatter", "json")
+    assert result.returncode == 0, result.stderr
+    return {row["user"]: " ".join(row["tags"]) for row in json.loads(result.stdout)}
+
+
+@pytest.mark.parametrize("named_by", ["environment", "--node"])
+def test_apply_on_another_broker_changes_nothing_on_either(
+    node: LocalRabbitNode, other_node: LocalRabbitNode, named_by: str
+) -> None:
+    """``--url`` names ``node`` while rabbitmqctl manages ``other_node`` (its default node by
+    RABBITMQ_NODENAME, or ``--node``): exit 2 in one line, and neither broker changed."""
+    site = f"elsewhere-{named_by.strip('-')}"
+    argv = [sys.executable, "-m", "objstream", "admin", "permissions", "--site", site,
+            "--user", site, "--apply", "--url", node.url, "--namespace", NAMESPACE]  # fmt: skip
+    env = {**os.environ, "OBJSTREAM_ADMIN_PASSWORD": "pw"}
+    if named_by == "--node":
+        argv += ["--node", other_node.nodename]
+    else:
+        env["RABBITMQ_NODENAME"] = other_node.nodename
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("objstream: error: --apply refused, nothing changed: rabbitmqctl's")
+    assert f"does not see this command's connection to {mask_url(node.url)}" in lines[0]
+    assert "guest:guest@" not in result.stdout + result.stderr  # the URL's password is masked
+    assert site not in users_of(node)
+    assert site not in users_of(other_node)
+    for broker in (node, other_node):
+        assert T.inbox(site) not in broker.ctl("list_queues", "-q", "name").stdout.split()
+
+
+OLD = "old-site"  # a site whose user was made by hand, long ago, with far too much
+
+
+def test_apply_takes_away_what_an_old_user_had(
+    users: dict[str, Settings], node: LocalRabbitNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tags administrator and impersonator (which lets it publish any user_id) and topic
+    permissions on the dead-letter exchange and ``amq.topic``: ``--apply`` clears them, says
+    so, and then the user can no longer sign as another site."""
+    password = "pw-old"
+    assert node.ctl("add_user", OLD, password).returncode == 0
+    for args in [("set_user_tags", OLD, "administrator", "impersonator"),
+                 ("set_permissions", OLD, ".*", ".*", ".*"),
+                 ("set_topic_permissions", OLD, T.dead, ".*", ".*"),
+                 ("set_topic_permissions", OLD, "amq.topic", ".*", ".*")]:  # fmt: skip
+        assert node.ctl(*args).returncode == 0, args
+    old = Settings(url=f"amqp://{OLD}:{password}@127.0.0.1:{node.port}/%2F", namespace=NAMESPACE)
+    forged = publish(T.offer_key("site-2"), user_id="site-2")
+    with Session(old) as session:
+        assert session.attempt(forged) is None  # what impersonator allows: the test can fail
+
+    apply = ["admin", "permissions", "--site", OLD, "--user", OLD, "--apply", "--existing-user",
+             "--node", node.nodename, "--url", node.url, "--namespace", NAMESPACE]  # fmt: skip
+    assert main(apply) == EXIT_OK
+    out = capsys.readouterr().out.splitlines()
+    assert f"cleared tags administrator, impersonator of user '{OLD}'" in out
+    assert f"cleared topic permissions of '{OLD}' on exchange '{T.dead}'" in out
+    assert f"cleared topic permissions of '{OLD}' on exchange 'amq.topic'" in out
+    assert f"declared inbox '{T.inbox(OLD)}'" in out
+
+    assert users_of(node)[OLD] == ""
+    topics = node.ctl("list_user_topic_permissions", "-q", "--formatter", "json", OLD)
+    assert [row["exchange"] for row in json.loads(topics.stdout)] == [T.exchange]
+    with Session(old) as session:
+        refusal = session.attempt(forged)
+        assert refusal is not None
+        assert refusal.reply_code == PRECONDITION_FAILED
+        assert session.attempt(publish(T.offer_key("site-2"), user_id=OLD)) is None
+
+    assert main(apply) == EXIT_OK  # again: nothing left to do
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        f"nothing changed: user '{OLD}' has exactly the permissions of site '{OLD}', and the "
+        "site's queues exist"
+    ]

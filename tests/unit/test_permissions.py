@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import re
 import shlex
-import stat
-from pathlib import Path
 
 import pytest
 
 from objstream.common import admin
-from objstream.common.cli import EXIT_BROKER, EXIT_OK, EXIT_USAGE, main
+from objstream.common.cli import EXIT_OK, EXIT_USAGE, main
 from objstream.common.topology import Permissions, Topology, permissions
 
 ID = "0123456789abcdef0123456789abcdef"
@@ -141,6 +139,7 @@ def test_prints_add_user_and_both_permission_lines(capsys: pytest.CaptureFixture
     p = permissions("fl", "site.1")
     assert commands(lines) == [
         ["rabbitmqctl", "add_user", "it's me", "<password>"],
+        ["rabbitmqctl", "set_user_tags", "it's me"],  # no tags: clears an existing user's
         ["rabbitmqctl", "set_permissions", "-p", "/", "it's me", p.configure, p.write, p.read],
         ["rabbitmqctl", "set_topic_permissions", "-p", "/", "it's me", "fl", p.topic_write,
          p.topic_read],
@@ -165,18 +164,22 @@ def test_namespace_vhost_and_node(capsys: pytest.CaptureFixture[str]) -> None:
     )  # fmt: skip
     cmds = commands(lines)
     assert [c[:4] for c in cmds] == [
+        ["rabbitmqctl", "-n", "rabbit@b1", "set_user_tags"],
         ["rabbitmqctl", "-n", "rabbit@b1", "set_permissions"],
         ["rabbitmqctl", "-n", "rabbit@b1", "set_topic_permissions"],
     ]
-    assert cmds[0][4:6] == ["-p", "fed"]
-    assert cmds[1][7] == "prod.fl"
-    assert cmds[0][-1].startswith(r"^prod\.fl$|")
+    assert cmds[1][4:6] == ["-p", "fed"]
+    assert cmds[2][7] == "prod.fl"
+    assert cmds[1][-1].startswith(r"^prod\.fl$|")
     assert any("exists" in line for line in lines if line.startswith("#"))
+    comments = " ".join(line for line in lines if line.startswith("#"))
+    assert "any exchange but 'prod.fl'" in comments  # the topic permissions to clear
+    assert "clear_topic_permissions" in comments
 
 
 def test_the_vhost_defaults_to_the_urls(capsys: pytest.CaptureFixture[str]) -> None:
     lines = printed(capsys, "--site", "s", "--user", "u", "--url", "amqp://a:b@h:5672/fed%2Fx")
-    assert commands(lines)[1][3] == "fed/x"
+    assert commands(lines)[2][:4] == ["rabbitmqctl", "set_permissions", "-p", "fed/x"]
     assert admin.vhost_of("amqp://h") == admin.vhost_of("amqp://h/") == "/"
     assert admin.vhost_of("amqp://h/%2F") == "/"
 
@@ -193,101 +196,3 @@ def test_the_lines_match_topology_permissions() -> None:
     p: Permissions = permissions("fl", "s")
     assert grant.grants()[0][-3:] == [p.configure, p.write, p.read]
     assert grant.grants()[1][-2:] == [p.topic_write, p.topic_read]
-
-
-# -- --apply, with a fake rabbitmqctl (nothing here touches a broker) -----------------------------
-
-
-def fake_rabbitmqctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> Path:
-    """A ``rabbitmqctl`` that logs its argv and stdin to ``calls``; PATH holds only it."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    exe = bin_dir / "rabbitmqctl"
-    log = tmp_path / "calls"
-    exe.write_text(
-        f'#!/bin/sh\necho "ARGV $*" >> {log}\n/bin/cat >> {log}\necho >> {log}\n{script}\n'
-    )
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", str(bin_dir))
-    return log
-
-
-@pytest.fixture
-def declared(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record declare_for's calls instead of connecting to any broker."""
-    sites: list[str] = []
-    monkeypatch.setattr(admin, "declare_for", lambda settings, site: sites.append(site))
-    return sites
-
-
-APPLY = ["admin", "permissions", "--site", "site-1", "--user", "u1", "--apply", "--node", "n@h"]
-
-
-def test_apply_runs_the_lines_with_the_password_on_stdin(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    declared: list[str],
-) -> None:  # fmt: skip
-    log = fake_rabbitmqctl(tmp_path, monkeypatch, "exit 0")
-    monkeypatch.setenv("OBJSTREAM_ADMIN_PASSWORD", "s3cr$t`x`")
-    assert main(APPLY) == EXIT_OK
-    calls = log.read_text()
-    assert "ARGV -n n@h add_user u1\ns3cr$t`x`\n" in calls  # stdin, exactly
-    assert calls.count("ARGV") == 3
-    assert "set_topic_permissions" in calls
-    assert "s3cr" not in "".join(line for line in calls.splitlines() if line.startswith("ARGV"))
-    out, err = capsys.readouterr()
-    assert "s3cr" not in out + err
-    assert declared == ["site-1"]
-
-
-def test_apply_with_an_existing_user_keeps_its_password(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    declared: list[str],
-) -> None:  # fmt: skip
-    script = (
-        'case "$*" in *add_user*) echo "Error:"; echo "User \\"u1\\" already exists" >&2; '
-        "exit 70;; esac"
-    )
-    log = fake_rabbitmqctl(tmp_path, monkeypatch, script)
-    assert main([*APPLY, "--password", "pw"]) == EXIT_OK
-    assert log.read_text().count("ARGV") == 3
-    assert "exists already" in capsys.readouterr().out
-    assert declared == ["site-1"]
-
-
-def test_apply_without_a_password_does_not_add_the_user(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declared: list[str]
-) -> None:
-    monkeypatch.delenv("OBJSTREAM_ADMIN_PASSWORD", raising=False)
-    log = fake_rabbitmqctl(tmp_path, monkeypatch, "exit 0")
-    assert main(APPLY) == EXIT_OK
-    assert "add_user" not in log.read_text()
-
-
-def test_apply_without_rabbitmqctl_is_one_line_and_exit_2(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    declared: list[str],
-) -> None:  # fmt: skip
-    monkeypatch.setenv("PATH", str(tmp_path))
-    assert main(APPLY) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "needs rabbitmqctl on PATH" in err
-    assert declared == []
-
-
-def test_a_failing_rabbitmqctl_is_one_line_and_exit_3(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-    declared: list[str],
-) -> None:  # fmt: skip
-    script = ('echo "Error: unable to perform an operation on node \'n@h\'." >&2; '
-              'echo "DIAGNOSTICS" >&2; echo " * lots of words" >&2; exit 69')  # fmt: skip
-    fake_rabbitmqctl(tmp_path, monkeypatch, script)
-    monkeypatch.setenv("OBJSTREAM_ADMIN_PASSWORD", "pw")
-    assert main(APPLY) == EXIT_BROKER
-    err = capsys.readouterr().err
-    assert err == (
-        "objstream: error: rabbitmqctl add_user failed (exit 69): unable to perform an "
-        "operation on node 'n@h'.\n"
-    )
-    assert declared == []
