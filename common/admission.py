@@ -65,6 +65,8 @@ class Accept:
     reply_to: str
     user: str
     drop_kept: bool = False
+    holder: str = ""
+    """Whom its stream slot is counted for (see :meth:`Identities.principal`)."""
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,10 @@ class Ignore:
 
 @dataclass(frozen=True)
 class Hold:
-    """Keep it unacked until a slot is free (its user holds its share now)."""
+    """Keep it unacked until a slot is free (``holder`` holds its share now)."""
 
     offer: Offer
-    user: str
+    holder: str
 
 
 Decision = Accept | Refuse | Reject | Ignore | Hold
@@ -170,12 +172,13 @@ class Admission:
         decision = self._content(offer, reply_to, user, None)
         if not isinstance(decision, Accept) or slots is None:
             return decision
-        room = slots.room(user, waiting=waiting)
+        holder = self.identities.principal(user, offer.sender)
+        room = slots.room(holder, waiting=waiting)
         if room is Room.HOLD:
-            return Hold(offer, user)
+            return Hold(offer, holder)
         if room is Room.BUSY:
-            return Refuse(offer, reply_to, user, FailureCode.BUSY, slots.describe(user))
-        return decision
+            return Refuse(offer, reply_to, user, FailureCode.BUSY, slots.describe(holder))
+        return Accept(offer, reply_to, user, holder=holder)
 
     def retrieval(
         self,

@@ -69,6 +69,14 @@ class Identities:
             return False
         return user in self.shared_users or user == self.user_of(site)
 
+    def principal(self, user: str | None, site: str) -> str:
+        """Whom a share of slots is counted for: the broker user, or, for a user several sites
+        share, the site it claims (the broker cannot tell those sites apart; the share is as
+        fair as they are honest)."""
+        if user in self.shared_users or not user:
+            return f"{site} (as {user})"
+        return user
+
     def check_claim(self, what: str, site: str, user: str | None) -> None:
         """Check that broker user ``user`` may claim ``site`` in ``what`` (an offer, a request).
 

@@ -39,16 +39,14 @@ from objstream.common.errors import (
 )
 from objstream.common.identity import Identities
 from objstream.common.protocol import Done, Inline, Message, Offer, Progress
+from objstream.common.send_schedule import Schedule
 from objstream.common.send_table import (
     Action,
     NewChannel,
     Pacing,
     Plan,
     PublishAbort,
-    PublishChunk,
-    PublishEnd,
     PublishOffer,
-    ReleaseBefore,
     ReportProgress,
     SourceFacts,
     Target,
@@ -86,10 +84,7 @@ class SendSession:
     created: float
     plan: Plan = field(default_factory=lambda: Plan())
     identities: Identities = field(default_factory=Identities)
-    count: int | None = field(init=False)
-    cursor: int = field(init=False)  # next broadcast message (chunk_count: the end)
-    started: bool = field(init=False, default=False)  # the broadcast began
-    _released: int = field(init=False, default=0)
+    schedule: Schedule = field(init=False)
     _new_channel_at: float = field(init=False, default=float("-inf"))
     _by_site: dict[str, Target] = field(init=False, default_factory=dict)
 
@@ -124,8 +119,16 @@ class SendSession:
         return self.plan.inline
 
     def __post_init__(self) -> None:
-        self.count = self.facts.chunk_count
-        self.cursor = self._released = self.start
+        self.schedule = Schedule(
+            self.stream_id,
+            self.targets,
+            self.pacing,
+            lockstep=not self.facts.random_access,
+            inline=self.inline is not None,
+            created=self.created,
+            count=self.facts.chunk_count,
+            start=self.start,
+        )
         self._by_site = {t.site: t for t in self.targets}
         if len(self._by_site) != len(self.targets):
             raise ValueError("target sites repeat")
@@ -144,13 +147,20 @@ class SendSession:
     def _active(self) -> list[Target]:
         return [t for t in self.targets if t.active]
 
-    def _riders(self) -> list[Target]:
-        return [t for t in self.targets if t.riding and t.active]
+    @property
+    def count(self) -> int | None:
+        """The number of chunks, once known."""
+        return self.schedule.count
 
     @property
-    def _broadcast_over(self) -> bool:
-        """The end went out by broadcast: unicast goes on to the end on its own."""
-        return self.count is not None and self.cursor > self.count
+    def cursor(self) -> int:
+        """The next broadcast message (``count``: the end)."""
+        return self.schedule.cursor
+
+    @property
+    def started(self) -> bool:
+        """The broadcast began."""
+        return self.schedule.started
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -214,10 +224,7 @@ class SendSession:
         """The source (an iterator) has ``count`` pieces: the end follows the last one."""
         if self.count is not None and self.count != count:
             raise ProtocolError(f"source said {self.count} pieces, then {count}")
-        self.count = count
-        self.cursor = min(self.cursor, count)
-        for target in self._active():
-            target.next_seq = min(target.next_seq, count)
+        self.schedule.source_ended(count)
 
     def receive(self, message: Message, now: float, *, key: str, user: str | None) -> list[Action]:
         """A reply from a target (progress or verdict), which came with routing ``key`` from
@@ -266,7 +273,7 @@ class SendSession:
                 target.fire(TargetEvent.PUBLISHED_ALL)  # (inline) it had everything already
         if progress.resend_from is not None:
             self._on_resend_request(target, max(progress.resend_from, target.stored), now)
-        self._maybe_start(now)
+        self.schedule.maybe_start(now)
         return actions
 
     def _on_contact(self, target: Target, now: float) -> None:
@@ -295,13 +302,13 @@ class SendSession:
                 self.stream_id,
                 seq,
             )
-            self._leave_ride(target, seq)
+            self.schedule.leave_ride(target, seq)
             target.last_resend = now
             target.catching_up_since = now
         elif now - target.last_resend > self.pacing.resend_after:
             # Off the ride, broadcast chunks ahead of it are expected, and so are requests:
             # one rewind per resend_after (a real loss is also covered by the silence rule).
-            self._rewind(target, seq)
+            self.schedule.rewind(target, seq)
             target.last_resend = now
 
     def _on_done(self, target: Target, done: Done) -> list[Action]:
@@ -352,13 +359,11 @@ class SendSession:
                     self._new_channel_at = now  # resent once already, and still nothing
                     actions.append(NewChannel(target.site))
                 if target.riding:
-                    self._leave_ride(target, target.stored)
+                    self.schedule.leave_ride(target, target.stored)
                 else:
-                    self._rewind(target, target.stored)
+                    self.schedule.rewind(target, target.stored)
                 target.last_resend = now
-        self._maybe_start(now)
-        self._check_hold_back(now)
-        self._check_catching_up(now)
+        self.schedule.tick(now)
         return actions
 
     def cancel(self, reason: str, code: FailureCode = FailureCode.ABORTED) -> list[Action]:
@@ -378,165 +383,18 @@ class SendSession:
             target.quiet_since = now  # the outage is not the receiver's silence
         if self.inline is not None:
             return []
-        riders = self._riders()
-        if riders:
-            floor = min(t.stored for t in riders)
-            if self.cursor > floor:
-                self.cursor = floor
-                for rider in riders:
-                    if rider.state is _S.ENDED:
-                        rider.fire(TargetEvent.REWOUND)
+        self.schedule.rewind_riders()
         for target in self._active():
             if not target.riding:
-                self._rewind(target, target.stored)
+                self.schedule.rewind(target, target.stored)
         return []
 
     # -- outputs --------------------------------------------------------------------------------
 
     def next_publications(self) -> list[Action]:
         """At most one broadcast message and one unicast message per target off the ride, as
-        the windows allow.
-
-        One message each per call keeps the table exact between calls: a reply fed in after any
-        publication takes effect on the very next one.
-        """
-        active = self._active()
-        if not active or not self.started:
-            return []
-        actions: list[Action] = []
-        floor = min(t.stored for t in active)
-        if self.lockstep and floor > self._released:
-            self._released = floor
-            actions.append(ReleaseBefore(floor))
-        for target in active:
-            if target.heard and not target.riding:
-                actions += self._unicast(target, floor)
-        if not any(t.catching_up_since is not None for t in active):
-            actions += self._broadcast(floor)  # else it waits: the unicast must reach it
-        return actions
-
-    def _limit(self, stored: int, floor: int) -> int:
-        """The first chunk beyond the window of a target that stored ``stored``."""
-        limit = stored + self.pacing.window
-        return min(limit, floor + self.pacing.window) if self.lockstep else limit
-
-    def _broadcast(self, floor: int) -> list[Action]:
-        riders = self._riders()
-        if not riders or self._broadcast_over:
-            return []
-        seq = self.cursor
-        if seq == self.count:
-            self.cursor += 1
-            for rider in riders:
-                rider.fire(TargetEvent.PUBLISHED_ALL)
-            return [PublishEnd()]
-        if seq < self._limit(min(r.stored for r in riders), floor):
-            self.cursor += 1
-            return [PublishChunk(seq)]
-        return []
-
-    def _unicast(self, target: Target, floor: int) -> list[Action]:
-        seq = target.next_seq
-        if not self._broadcast_over:
-            room = self.cursor < target.stored + self.pacing.window
-            if seq >= self.cursor and room and target.state is _S.SENDING:
-                target.riding = True  # caught up: the broadcast carries it from here
-                target.held_since = target.catching_up_since = None
-                log.info(
-                    "site %s rides stream %s's broadcast from chunk %d",
-                    target.site,
-                    self.stream_id,
-                    self.cursor,
-                )
-                return []
-            bound = self.cursor  # never ahead of the broadcast: it joins there
-        else:
-            bound = self.count if self.count is not None else seq
-        if seq == self.count and self._broadcast_over:
-            target.next_seq = seq + 1
-            target.fire(TargetEvent.PUBLISHED_ALL)
-            return [PublishEnd(target.site)]
-        if seq < min(bound, self._limit(target.stored, floor)):
-            target.next_seq = seq + 1
-            return [PublishChunk(seq, target.site)]
-        return []
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _maybe_start(self, now: float) -> None:
-        """Start the broadcast once every target made contact, or ``resend_after`` s after the
-        offers: a silent target never holds the others longer."""
-        if self.started or self.inline is not None:
-            return
-        # An iterator source starts too: the targets that made contact get a window, and the
-        # pieces stay kept from the silent target's position until it makes contact or fails.
-        waiting = any(t.state is _S.OFFERED for t in self._active())
-        if waiting and now - self.created <= self.pacing.resend_after:
-            return
-        self.started = True
-        riders = [t for t in self._active() if t.heard]
-        for rider in riders:
-            rider.riding = True
-        log.info(
-            "stream %s: broadcast starts at chunk %d to %s",
-            self.stream_id,
-            self.cursor,
-            ", ".join(t.site for t in riders) or "nobody yet",
-        )
-
-    def _check_hold_back(self, now: float) -> None:
-        """A rider whose full window alone stops the broadcast while other riders could take
-        more leaves the ride after ``resend_after`` s (unicast serves it at its own pace)."""
-        riders = self._riders()
-        if self.lockstep or (self.count is not None and self.cursor >= self.count):
-            blocking: list[Target] = []  # an iterator holds everyone; the end is never held
-        else:
-            blocking = [r for r in riders if self.cursor >= r.stored + self.pacing.window]
-        if len(blocking) == len(riders):
-            blocking = []  # every window is full: the sender is ahead, nobody is held back
-        for rider in riders:
-            if not any(rider is b for b in blocking):
-                rider.held_since = None
-            elif rider.held_since is None:
-                rider.held_since = now
-            elif now - rider.held_since > self.pacing.resend_after:
-                log.info(
-                    "site %s holds stream %s's broadcast back for %.1f s: it leaves the ride",
-                    rider.site,
-                    self.stream_id,
-                    now - rider.held_since,
-                )
-                self._leave_ride(rider, self.cursor)
-                rider.last_resend = now
-
-    def _check_catching_up(self, now: float) -> None:
-        """The broadcast waits for a target catching up by unicast, ``resend_after`` s at most:
-        then it goes on, and the target goes on by unicast at its own pace."""
-        for target in self._active():
-            since = target.catching_up_since
-            if since is not None and now - since > self.pacing.resend_after:
-                log.info(
-                    "site %s still catching up with stream %s's broadcast after %.1f s: "
-                    "the broadcast goes on",
-                    target.site,
-                    self.stream_id,
-                    now - since,
-                )
-                target.catching_up_since = None
-
-    def _leave_ride(self, target: Target, seq: int) -> None:
-        """Off the broadcast: unicast from ``seq`` on."""
-        target.riding = False
-        target.held_since = None
-        target.next_seq = min(seq, self.cursor)
-        if target.state is _S.ENDED:
-            target.fire(TargetEvent.REWOUND)
-
-    def _rewind(self, target: Target, seq: int) -> None:
-        """Resend from chunk ``seq``, and the end after it (a duplicate end is harmless)."""
-        if target.next_seq > seq:
-            target.next_seq = seq
-            target.fire(TargetEvent.REWOUND)
+        the windows allow (:meth:`Schedule.next_publications`)."""
+        return self.schedule.next_publications()
 
     def _fail(self, target: Target, error: TransferFailed) -> list[Action]:
         log.warning("%s", error)

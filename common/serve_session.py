@@ -249,10 +249,11 @@ class ServeSession:
     # -- inside -----------------------------------------------------------------------------------
 
     def _start(self, lookup: LookUp, found: Found) -> list[Action]:
-        request, reply_to, holder = lookup.request, lookup.reply_to, lookup.user
+        request, reply_to, user = lookup.request, lookup.reply_to, lookup.user
+        holder = self.identities.principal(user, request.requester)
         if self.slots.room(holder) is not Room.TAKE:
             return self._refuse(
-                request, reply_to, holder, FailureCode.BUSY, self.slots.describe(holder)
+                request, reply_to, user, FailureCode.BUSY, self.slots.describe(holder)
             )
         stream_id = self.new_id()
         self.slots.take(stream_id, holder)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Held:
     delivery: Delivery
-    user: str
+    holder: str  # whom its slot will count for
     until: float  # the offer's expiration: its sender has given up by then
 
 
@@ -98,7 +98,7 @@ class Inbox:
 
     def _unhold(self, held: _Held) -> None:
         self._held.remove(held)
-        self._core.table.slots.unhold(held.user)
+        self._core.table.slots.unhold(held.holder)
 
     def _on_offer(self, delivery: Delivery) -> None:
         self._admit(delivery, waiting=False)
@@ -124,15 +124,15 @@ class Inbox:
                 log.info(
                     "offer of stream %s waits for a slot (user %s holds its share)",
                     decision.offer.stream_id,
-                    decision.user,
+                    decision.holder,
                 )
-                table.slots.hold(decision.user)
+                table.slots.hold(decision.holder)
                 self._held.append(
-                    _Held(delivery, decision.user, time.monotonic() + _expiry(props.expiration))
+                    _Held(delivery, decision.holder, time.monotonic() + _expiry(props.expiration))
                 )
             return False
         if isinstance(decision, Accept):
-            table.slots.take(decision.offer.stream_id, decision.user)
+            table.slots.take(decision.offer.stream_id, decision.holder)
         if not core.carry_out(decision, delivery) and isinstance(decision, Accept):
             table.slots.release(decision.offer.stream_id)
         return True

@@ -1,26 +1,20 @@
-"""The sending half of a stream, driven over the broker: a thin driver of :class:`SendSession`.
+"""The sending site's connection: a :class:`StreamSender` holds one connection (its thread's)
+and its reply queue ``NS.reply.SITE.QID``, and publishes what its sends say.
 
-The policy (the broadcast and its riders, windows, resends, timeouts, verdicts) lives in
-:class:`~objstream.common.send_session.SendSession`, which does no I/O. This module only moves
-bytes: a :class:`StreamSender` holds one connection (its thread's) and its reply queue
-``NS.reply.SITE.QID``; each :meth:`StreamSender.send` runs one :class:`_Transfer`, which reads
-the pieces the session asks for (:class:`~objstream.producer.pieces.PieceReader`), publishes them
-with the keys of :class:`~objstream.common.topology.Topology` and the broker user as
-``user_id``, and feeds the session the replies and the clock.
+The policy (the broadcast and its riders, windows, resends, timeouts, verdicts, which replies
+count) lives in :class:`~objstream.common.send_session.SendSession`, which does no I/O; each
+:meth:`StreamSender.send` runs one :class:`~objstream.producer.transfer.Transfer`, which drives
+a session over this sender's connection.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 
-from objstream.common import checksum
 from objstream.common.amqp import (
     Channel,
     Connection,
@@ -29,70 +23,32 @@ from objstream.common.amqp import (
 )
 from objstream.common.errors import (
     ConnectionLost,
-    FailureCode,
-    ObjstreamError,
     ProtocolError,
-    SendFailed,
-    TransferFailed,
 )
 from objstream.common.identity import Identities
 from objstream.common.offthread import off_thread
 from objstream.common.protocol import (
-    Abort,
-    Chunk,
-    End,
-    Inline,
     Message,
-    Offer,
     Properties,
-    envelope,
     new_stream_id,
     parse,
 )
-from objstream.common.send_session import SendSession
 from objstream.common.send_table import (
-    Action,
-    NewChannel,
     Pacing,
-    Plan,
-    PublishAbort,
-    PublishChunk,
-    PublishEnd,
-    PublishOffer,
-    ReleaseBefore,
-    ReportProgress,
-    SourceFacts,
-    TargetFinished,
     check_size,
     facts_of,
-    fits_inline,
 )
 from objstream.common.settings import Settings, check_site
-from objstream.common.streaming import ObjectStreamer, Piece, ProgressHook
+from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
 from objstream.producer.answering import Answering as Answering
-from objstream.producer.answering import Joiners
 from objstream.producer.answering import Resume as Resume
 from objstream.producer.pieces import PieceReader, check_prefix
-from objstream.producer.sources import SourceChanged
+from objstream.producer.transfer import TargetResult as TargetResult
+from objstream.producer.transfer import Transfer
 
 log = logging.getLogger(__name__)
-
-POLL_INTERVAL = 0.05  # seconds between looks at the reply queue while publishing
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    """How the stream to one target ended."""
-
-    site: str
-    stream_id: str
-    ok: bool
-    size: int
-    sha256: str
-    stored_as: str | None = None
-    error: TransferFailed | None = None
 
 
 class ReplyQueue(StrEnum):
@@ -285,7 +241,7 @@ class StreamSender:
         )
         routes = {targets[0]: answering.offer_to} if answering else {}
         stream_id = answering.stream_id if answering else new_stream_id()
-        transfer = _Transfer(self, reader, stream_id, targets, start=start, pacing=pacing)
+        transfer = Transfer(self, reader, stream_id, targets, start=start, pacing=pacing)
         return transfer.run(routes, answering.joiners if answering else None)
 
     def _resume_point(self, reader: PieceReader, resume: Resume) -> int:
@@ -297,236 +253,3 @@ class StreamSender:
             lambda: self.process_events(0.1),
             "objstream-prefix",
         )
-
-
-class _Transfer:
-    """One call of :meth:`StreamSender.send`: a session, the pieces, and what came of them."""
-
-    def __init__(
-        self,
-        sender: StreamSender,
-        reader: PieceReader,
-        stream_id: str,
-        targets: Sequence[str],
-        *,
-        start: int,
-        pacing: Pacing,
-    ) -> None:
-        self.sender = sender
-        self.reader = reader
-        self.stream_id = stream_id
-        self.timeout = pacing.timeout
-        self.routes: dict[str, str] = {}  # site -> the reply_to its offer goes to (retrievals)
-        facts = facts_of(reader.streamer)
-        self.inline_body = b""
-        inline = self._inline(facts, start)
-        self.session = SendSession.create(
-            facts,
-            targets,
-            stream_id=stream_id,
-            sender=sender.site,
-            pacing=pacing,
-            plan=Plan(start, inline),
-            identities=sender.identities,
-            now=time.monotonic(),
-        )
-        self.keys: dict[str | None, str] = {None: sender.topology.data_key(stream_id, sender.site)}
-
-    def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
-        """The object itself, if it rides inside the offer (one message, no data queue)."""
-        if not fits_inline(facts, start):
-            return None
-        piece = self.reader.get(0) if facts.chunk_count else Piece(b"")
-        assert piece is not None
-        self.inline_body = piece.data
-        return Inline(
-            crc32=checksum.crc32(piece.data),
-            sha256=self.reader.digest.hexdigest(),
-            meta=dict(piece.meta) if piece.meta else None,
-        )
-
-    def _key(self, to: str | None) -> str:
-        key = self.keys.get(to)
-        if key is None:
-            key = self.keys[to] = self.sender.topology.data_key(
-                self.stream_id, self.sender.site, to
-            )
-        return key
-
-    def run(self, routes: dict[str, str], joiners: Joiners | None) -> list[TargetResult]:
-        sender, session, source = self.sender, self.session, self.reader.streamer
-        sender.replies.clear()  # replies to earlier sends, if any, are stale
-        self.routes.update(routes)
-        self._do(session.start_actions())
-        log.info(
-            "streaming %s %r (%s bytes, %s chunks) to %s as stream %s",
-            source.kind,
-            source.name,
-            source.size,
-            source.chunk_count,
-            ", ".join(t.site for t in session.targets),
-            self.stream_id,
-        )
-        while True:
-            try:
-                if joiners is not None:
-                    self._take_joiners(joiners)
-                if session.finished and (joiners is None or joiners.close_if_idle()):
-                    break
-                self._turn()
-            except ConnectionLost as e:
-                sender.recover(e, self.timeout)
-                active = [t for t in session.targets if t.active]
-                self._do(session.reconnected(time.monotonic()))
-                log.info(
-                    "reconnected to %s; %d target(s) go on", sender.connection.url, len(active)
-                )
-            except KeyboardInterrupt:  # tell every target now, not after its timeout
-                with contextlib.suppress(ObjstreamError):  # an unusable connection: it times out
-                    self._do(session.cancel(f"site {sender.site} was interrupted"))
-                raise
-            except (SourceChanged, OSError) as e:
-                # What was read is not what is there now (or no longer reads): every target is
-                # told at once, none verifies a mix of old and new bytes.
-                log.error("%s %r: %s", source.kind, source.name, e)
-                code = (
-                    FailureCode.SOURCE_CHANGED if isinstance(e, SourceChanged) else FailureCode.IO
-                )
-                self._do(session.cancel(f"the source failed: {e}", code))
-                break
-        return self._results()
-
-    def _take_joiners(self, joiners: Joiners) -> None:
-        for site, reply_to in joiners.take():
-            self.routes[site] = reply_to
-            self._do(self.session.add_target(site, time.monotonic()))
-
-    def _results(self) -> list[TargetResult]:
-        reader = self.reader
-        complete = reader.count is not None and reader.digest.hashed == reader.count
-        sha256 = reader.digest.hexdigest() if complete else ""
-        results = [
-            TargetResult(
-                t.site, self.stream_id, t.error is None, reader.size, sha256, t.stored_as, t.error
-            )
-            for t in self.session.targets
-        ]
-        failures = [r.error for r in results if r.error is not None]
-        if failures:
-            raise SendFailed(failures, list(results))
-        return results
-
-    def _turn(self) -> None:
-        """One round: take replies, check silences, publish what the windows allow."""
-        sender, session = self.sender, self.session
-        if sender.cancel is not None and sender.cancel.is_set():
-            self._do(session.cancel(f"site {sender.site} is shutting down"))
-            return
-        self._take_replies()
-        self._do(session.tick(time.monotonic()))
-        began = time.monotonic()
-        more = False
-        while not session.finished:
-            actions = session.next_publications()
-            if not actions:
-                break
-            self._do(actions)
-            # Slow reads must not keep replies waiting: a receiver that gave up (or asked for a
-            # resend) is heard within POLL_INTERVAL, not one window.
-            if time.monotonic() - began > POLL_INTERVAL:
-                more = True
-                break
-        if session.finished:
-            return  # every verdict is in: waiting for more events would only add latency
-        sender.process_events(0 if more else POLL_INTERVAL)
-
-    def _take_replies(self) -> None:
-        replies = self.sender.replies
-        while replies:
-            message, delivery = replies.popleft()
-            user = delivery.props.user_id
-            try:
-                now = time.monotonic()
-                actions = self.session.receive(message, now, key=delivery.routing_key, user=user)
-            except ProtocolError as e:  # forged, or no reply at all
-                delivery.reject(str(e))
-                continue
-            delivery.ack()
-            self._do(actions)
-
-    # -- actions ----------------------------------------------------------------------------------
-
-    def _do(self, actions: list[Action]) -> None:
-        sender = self.sender
-        for action in actions:
-            match action:
-                case PublishChunk(seq=seq, to=to):
-                    self._publish_chunk(seq, to)
-                case PublishOffer():
-                    self._publish_offer(action.offer, action.expiration_ms)
-                case PublishEnd(to=to):
-                    self._publish_end(to)
-                case PublishAbort(to=to, reason=reason):
-                    abort = Abort(stream_id=self.stream_id, reason=reason[:2000])
-                    sender.publish(self._key(to), b"", envelope(abort))
-                case ReleaseBefore(seq=seq):
-                    self.reader.release_before(seq)
-                case ReportProgress():
-                    self._report(action)
-                case TargetFinished():
-                    pass  # the session's table holds the outcome; logged there
-                case NewChannel(site=site):
-                    sender.new_channel(f"nothing from {site} through two resends")
-
-    def _publish_offer(self, offer: Offer, expiration_ms: int) -> None:
-        sender = self.sender
-        body = self.inline_body if offer.inline is not None else b""
-        # An offer nobody took within the timeout is void: the sender has given up by then.
-        props = envelope(offer, reply_to=sender.reply_to, expiration_s=expiration_ms / 1000)
-        sender.expect_replies_from(offer.target)
-        requester = self.routes.get(offer.target)
-        if requester is not None:  # a retrieval: to the requester's reply queue
-            sender.publish(sender.topology.reply_key(requester, sender.site), body, props)
-        else:
-            sender.declare_inbox(offer.target)
-            sender.publish(sender.topology.offer_key(offer.target), body, props)
-
-    def _publish_chunk(self, seq: int, to: str | None) -> None:
-        piece = self.reader.get(seq)
-        if piece is None:  # an iterator ran out: now the number of pieces is known
-            assert self.reader.count is not None
-            self.session.source_ended(self.reader.count)
-            return
-        header = Chunk(
-            stream_id=self.stream_id,
-            seq=seq,
-            crc32=checksum.crc32(piece.data),
-            meta=dict(piece.meta) if piece.meta else None,
-        )
-        persistent = self.sender.settings.persistent_chunks
-        props = envelope(header, persistent=persistent, message_id=f"{self.stream_id}:{seq}")
-        self.sender.publish(self._key(to), piece.data, props)
-
-    def _publish_end(self, to: str | None) -> None:
-        reader = self.reader
-        reader.streamer.check_unchanged()  # the digest must be of what is there
-        assert reader.count is not None
-        assert reader.digest.hashed == reader.count
-        end = End(
-            stream_id=self.stream_id,
-            chunk_count=reader.count,
-            size=reader.size,
-            sha256=reader.digest.hexdigest(),
-        )
-        self.sender.publish(self._key(to), b"", envelope(end))
-
-    def _report(self, report: ReportProgress) -> None:
-        hook = self.sender.progress
-        if hook is None:
-            return
-        streamer = self.reader.streamer
-        total = streamer.size
-        stored = report.stored * streamer.chunk_size
-        if report.complete or (total is not None and stored > total):
-            stored = self.reader.size if total is None else total
-        hook(report.site, report.stream_id, stored, total)

@@ -277,7 +277,12 @@ def test_a_header_table_pika_cannot_decode_fails_alone(
         pika.BasicProperties(type="offer", message_id="fine", headers={"objstream": 2}),
     )
     handled: list[Delivery] = []
-    channel.consume(inbox, lambda d: (handled.append(d), d.ack()))
+
+    def handle(delivery: Delivery) -> None:
+        handled.append(delivery)
+        delivery.ack()
+
+    channel.consume(inbox, handle)
     deadline = time.monotonic() + 10
     while not handled and time.monotonic() < deadline:
         connection.process_events(0.1)

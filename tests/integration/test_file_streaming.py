@@ -13,6 +13,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from objstream.common.errors import FailureCode, SendFailed, TimedOut, TransferFailed
 from objstream.common.settings import KiB, MiB, Settings
+from objstream.common.topology import Topology
 from objstream.consumer.streams import Received
 from objstream.producer import FileStreamer, TargetResult
 from tests.conftest import as_received, random_file, sha256_of, stored_path
@@ -331,10 +332,15 @@ def test_a_transfer_on_quorum_queues(
         [result] = streamer.stream_file("site-1", src, chunk_size=256 * KiB)
     assert result.ok
     assert sha256_of(stored_path(receiver.wait_for(1)[0])) == digest
-    # The inbox really is a quorum queue: redeclaring it as classic is refused.
+    # The inbox really is a quorum queue: redeclaring it as classic (with the same other
+    # arguments) is refused.
+    topology = Topology.from_settings(settings)
+    classic = {"x-dead-letter-exchange": topology.dead("site-1"), "x-delivery-limit": 5}
     connection = _pika.BlockingConnection(_pika.URLParameters(broker_url))
     try:
         with pytest.raises(_pika.exceptions.ChannelClosedByBroker, match="x-queue-type"):
-            connection.channel().queue_declare(f"{settings.namespace}.site.site-1", durable=True)
+            connection.channel().queue_declare(
+                topology.inbox("site-1"), durable=True, arguments=classic
+            )
     finally:
         connection.close()

@@ -157,7 +157,7 @@ SITE2_QUEUES = {
     "service queue": T.service_queue("site-2"),
     "data queue": T.data_queue("site-2", ID),
     "reply queue": T.reply_queue("site-2", QID),
-    "dead-letter queue": T.dead,
+    "dead-letter queue": T.dead("site-2"),
 }
 
 
@@ -285,7 +285,7 @@ def test_a_site_can_do_what_its_role_needs(users: dict[str, Settings]) -> None:
     """site-1 as receiver, requester and sender, with nothing but its own permissions."""
     sid, qid = uuid.uuid4().hex, uuid.uuid4().hex
     with Session(users["site-1"]) as s1, Session(users["site-2"]) as s2:
-        T.declare_base(s1.connection)  # passive checks of both exchanges and the dead queue
+        T.declare_base(s1.connection, "site-1")  # passive check of the exchange; its dead letters
         ch = s1.channel()
         T.declare_inbox(ch, "site-1")  # re-declared as the admin did: allowed, same arguments
         T.declare_service_queue(ch, "site-1")
@@ -300,7 +300,10 @@ def test_a_site_can_do_what_its_role_needs(users: dict[str, Settings]) -> None:
                     T.data_key(sid, "site-1", "site-2"),
                     T.reply_key(T.reply_to("site-2", qid), "site-1")]:  # fmt: skip
             assert s1.attempt(publish(key)) is None, key
-        assert s1.attempt(lambda c: c.publish(T.dead, "", b"{}", props())) is None
+        own_dead = lambda c: c.publish(T.dead("site-1"), "", b"{}", props())  # noqa: E731
+        other_dead = lambda c: c.publish(T.dead("site-2"), "", b"{}", props())  # noqa: E731
+        assert s1.attempt(own_dead) is None
+        assert_access_refused(s1.attempt(other_dead), "publish to site-2's dead letters")
         # site-2 answers into site-1's reply queue and streams into site-1's data queue
         answer = T.reply_key(T.reply_to("site-1", qid), "site-2")
         assert s2.attempt(publish(answer, user_id="site-2")) is None
@@ -325,10 +328,11 @@ def test_apply_declared_what_a_site_cannot(
     for site in SITES:
         assert T.inbox(site) in listed
         assert T.service_queue(site) in listed
-    assert T.dead in listed
+        assert T.dead(site) in listed
     exchanges = node.ctl("list_exchanges", "-q", "name", "type").stdout
     assert f"{T.exchange}\ttopic" in exchanges
-    assert f"{T.dead}\tfanout" in exchanges
+    for site in SITES:
+        assert f"{T.dead(site)}\tfanout" in exchanges
 
 
 # -- the command line ------------------------------------------------------------------------------
@@ -505,7 +509,7 @@ def test_apply_takes_away_what_an_old_user_had(
     assert node.ctl("add_user", OLD, password).returncode == 0
     for args in [("set_user_tags", OLD, "administrator", "impersonator"),
                  ("set_permissions", OLD, ".*", ".*", ".*"),
-                 ("set_topic_permissions", OLD, T.dead, ".*", ".*"),
+                 ("set_topic_permissions", OLD, T.dead("site-1"), ".*", ".*"),
                  ("set_topic_permissions", OLD, "amq.topic", ".*", ".*")]:  # fmt: skip
         assert node.ctl(*args).returncode == 0, args
     old = Settings(url=f"amqp://{OLD}:{password}@127.0.0.1:{node.port}/%2F", namespace=NAMESPACE)
@@ -518,7 +522,7 @@ def test_apply_takes_away_what_an_old_user_had(
     assert main(apply) == EXIT_OK
     out = capsys.readouterr().out.splitlines()
     assert f"cleared tags administrator, impersonator of user '{OLD}'" in out
-    assert f"cleared topic permissions of '{OLD}' on exchange '{T.dead}'" in out
+    assert f"cleared topic permissions of '{OLD}' on exchange '{T.dead('site-1')}'" in out
     assert f"cleared topic permissions of '{OLD}' on exchange 'amq.topic'" in out
     assert f"declared inbox '{T.inbox(OLD)}'" in out
 

@@ -313,8 +313,9 @@ def test_a_corrupt_inline_object_fails_and_leaves_no_file(
 def test_offers_beyond_max_streams_wait_rather_than_fail(
     tmp_path: Path, settings: Settings, start_receiver: StartReceiver, raw_peer: MakeRawPeer
 ) -> None:
-    receiver = start_receiver("site-1", tmp_path / "in",
-                              settings.model_copy(update={"max_streams": 2}))  # fmt: skip
+    # One sender: it may take every slot (user_share 1; fair shares are tested on their own).
+    two = settings.model_copy(update={"max_streams": 2, "user_share": 1.0})
+    receiver = start_receiver("site-1", tmp_path / "in", two)
     peers = [raw_peer("site-1") for _ in range(3)]
     for peer in peers:
         peer.waits_for_contact = False  # the third one waits for a free slot

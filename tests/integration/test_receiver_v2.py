@@ -16,7 +16,7 @@ from objstream.common.protocol import Chunk, Offer
 from objstream.consumer.streams import Received
 from tests.conftest import stored_path
 from tests.integration.conftest import DeadReasons, MakeRawPeer, StartReceiver
-from tests.integration.rawpeer import RawPeer, properties
+from tests.integration.rawpeer import RawPeer, declare_bound, properties
 
 BODY = b"abcdefgh"
 DIGEST = hashlib.sha256(BODY).hexdigest()
@@ -168,7 +168,7 @@ def test_one_broadcast_feeds_every_target_and_a_unicast_only_its_own(
     second = start_receiver("site-2", tmp_path / "two")
     peer = raw_peer("site-1")
     peer.channel.queue_bind(peer.reply, peer.namespace, routing_key=f"{peer.reply_to}:site-2")
-    peer.channel.queue_declare(f"{peer.namespace}.site.site-2", durable=True)
+    declare_bound(peer.channel, peer.topology, peer.topology.inbox("site-2"), "offer:site-2")
     peer.waits_for_contact = False
     peer.offer("v2.bin", size=len(BODY), chunk_size=4)
     props = properties(_offer(peer, "site-2"), reply_to=peer.reply_to, user_id=peer.user)

@@ -84,8 +84,9 @@ def _push_and_retrieve(sender: Settings, receiver: Settings, tmp_path: Path) -> 
 def test_push_and_retrieval_over_tls_with_a_password(
     node: TlsRabbitNode, pki: Pki, tmp_path: Path
 ) -> None:
+    # carol logs in for both sites: a user they share.
     settings = Settings(url=node.tls_url("carol", "carol-pw"), tls_ca=pki.ca.pem,
-                        namespace=_namespace(), timeout=30)  # fmt: skip
+                        namespace=_namespace(), timeout=30, shared_users="carol")  # fmt: skip
 
     assert _push_and_retrieve(settings, settings, tmp_path) == ["carol", "carol"]
 
@@ -96,8 +97,9 @@ def test_push_and_retrieval_over_tls_with_certificates(
     """No password anywhere: EXTERNAL logins as alice (sender, owner) and bob (receiver); the
     user_id on every message is the certificate's common name, or RabbitMQ would refuse it."""
     ns = _namespace()
-    alice = _by_certificate(node, pki, "alice", ns)
-    bob = _by_certificate(node, pki, "bob", ns)
+    users = {"site_users": {"server": "alice", "site-1": "bob"}}
+    alice = _by_certificate(node, pki, "alice", ns).model_copy(update=users)
+    bob = _by_certificate(node, pki, "bob", ns).model_copy(update=users)
 
     assert _push_and_retrieve(alice, bob, tmp_path) == ["alice", "alice"]
 
@@ -248,17 +250,21 @@ def test_listen_accept_from_takes_one_user_and_refuses_another(
     carol, alice, bob = (_by_certificate(node, pki, user, ns) for user in ("carol", "alice", "bob"))
     src = tmp_path / "a.bin"
     digest = random_file(src, 1000)
+    # Each site its own user (by certificate): bob is site-2's, which speaks for itself but
+    # is not among the users site-1 takes pushes from.
+    env = {**_env(), "OBJSTREAM_SITE_USERS": "server=alice,site-1=carol,site-2=bob"}
     listener = subprocess.Popen(
         _cli(carol, "consumer", "listen", "--site", "site-1", "--dest", str(tmp_path / "in"),
              "--accept-from", "alice", "--accept-from", "dave", "--count", "2", "--json"),
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        send = ["producer", "send-file", "--site", "server", "--to", "site-1", "--timeout", "60"]
-        ok = subprocess.run(_cli(alice, *send, str(src)), env=_env(), capture_output=True,
-                            text=True, timeout=120, check=False)  # fmt: skip
-        refused = subprocess.run(_cli(bob, *send, str(src)), env=_env(), capture_output=True,
-                                 text=True, timeout=120, check=False)  # fmt: skip
+        send = ["producer", "send-file", "--to", "site-1", "--timeout", "60"]
+        ok = subprocess.run(_cli(alice, *send, "--site", "server", str(src)), env=env,
+                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+        refused = subprocess.run(_cli(bob, *send, "--site", "site-2", str(src)), env=env,
+                                 capture_output=True, text=True, timeout=120,
+                                 check=False)  # fmt: skip
         out, _ = listener.communicate(timeout=60)
     finally:
         listener.kill()

@@ -48,10 +48,9 @@ def test_a_site_may_configure_write_and_read_its_own_queues(site: str) -> None:
 def test_a_site_may_touch_no_queue_of_another_site(site: str, other: str) -> None:
     """Dots are escaped (``a.b`` is not ``aXb``) and names anchored (``a`` is not ``a.b``)."""
     p = permissions("fl", site)
-    for queue in [*own_queues(other), T.dead]:
+    for queue in [*own_queues(other), T.dead(other)]:
         assert not allowed(p.configure, queue), queue
         assert not allowed(p.read, queue), queue
-    for queue in own_queues(other):
         assert not allowed(p.write, queue), queue
 
 
@@ -64,16 +63,25 @@ def test_a_site_named_like_a_data_queue_suffix_does_not_match() -> None:
         assert not allowed(p.read, queue), queue
 
 
-def test_the_exchanges_are_written_and_read_never_configured() -> None:
+def test_the_exchange_is_written_and_read_never_configured() -> None:
     p = permissions("fl", "site-1")
     assert allowed(p.write, "fl")
-    assert allowed(p.write, "fl.dead")
     assert allowed(p.read, "fl")
     for name in ("fl", "fl.dead", "amq.default", "amq.topic", "flx", "fl.other"):
         assert not allowed(p.configure, name), name
     assert not allowed(p.write, "amq.default")  # nothing goes to the default exchange in v2
     assert not allowed(p.write, "fl.x")
-    assert not allowed(p.read, "fl.dead")
+    for shared in ("fl.dead", "fl.dead.site-2"):  # no dead letters but its own
+        assert not allowed(p.write, shared), shared
+        assert not allowed(p.read, shared), shared
+
+
+def test_a_site_owns_its_dead_letters() -> None:
+    """Its queues dead-letter to ``NS.dead.SITE``: declaring a queue with that argument needs
+    write on the exchange, and the site declares the exchange and its queue itself."""
+    p = permissions("fl", "site-1")
+    for perm in (p.configure, p.write, p.read):
+        assert allowed(perm, "fl.dead.site-1")
 
 
 def test_the_namespace_is_escaped_and_anchored() -> None:
