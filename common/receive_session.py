@@ -60,6 +60,9 @@ from objstream.common.topology import Topology
 
 __all__ = [
     "KEEP_PREFIX_ON",
+    "LINGER",
+    "MAX_LINGERING",
+    "RETIRE_AFTER",
     "Ack",
     "Action",
     "Checkpoint",

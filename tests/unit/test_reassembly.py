@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-import random
 import zlib
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import End, Offer, new_stream_id
@@ -167,46 +164,3 @@ def test_illegal_events_say_which_and_in_what_state() -> None:
 
 def test_transition_table_has_terminal_states() -> None:
     assert not any(state in (State.DONE, State.FAILED) for state, _ in TRANSITIONS)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    data=st.binary(min_size=0, max_size=300),
-    chunk_size=st.integers(1, 40),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_any_mess_of_deliveries_ends_in_exactly_the_right_bytes(
-    data: bytes, chunk_size: int, seed: int
-) -> None:
-    """A lossy, duplicating, reordering, corrupting link plus the sender's resend rule."""
-    rng = random.Random(seed)
-    r, chunks, end = _setup(data, chunk_size)
-    disk = Disk(len(data))
-    next_seq = 0
-    rounds = 0
-    r.record_end(end)
-    while not r.complete:
-        rounds += 1
-        assert rounds < 10_000
-        # The sender publishes a window from its cursor; the link mangles it.
-        batch = list(range(next_seq, min(len(chunks), next_seq + 4)))
-        next_seq = batch[-1] + 1 if batch else next_seq
-        deliveries = [s for s in batch if rng.random() > 0.2]  # loss
-        deliveries += [s for s in batch if rng.random() < 0.2]  # duplicates
-        if rng.random() < 0.3:
-            rng.shuffle(deliveries)
-        resend = None
-        for seq in deliveries:
-            body = chunks[seq]
-            if rng.random() < 0.1 and body:
-                mangled = bytes([body[0] ^ 1]) + body[1:]
-                outcome = disk.feed(r, seq, mangled, crc=zlib.crc32(body))
-            else:
-                outcome = disk.feed(r, seq, body)
-            if outcome.resend_from is not None:
-                resend = outcome.resend_from
-        # Resend on request, or on silence (no progress) from the last stored chunk.
-        if resend is not None or next_seq >= len(chunks):
-            next_seq = r.stored if resend is None else resend
-    assert r.verify() is None
-    assert bytes(disk.data) == data

@@ -3,34 +3,46 @@
 from __future__ import annotations
 
 import hashlib
-import random
 import zlib
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from objstream.common.errors import FailureCode, ProtocolError
-from objstream.common.protocol import Abort, Chunk, End, Inline, Offer, new_stream_id
+from objstream.common.protocol import (
+    Abort,
+    Chunk,
+    End,
+    Envelope,
+    Inline,
+    Offer,
+    new_stream_id,
+    to_headers,
+)
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
+    LINGER,
+    MAX_LINGERING,
+    RETIRE_AFTER,
     Ack,
     Action,
     Checkpoint,
     Commit,
     DeadLetter,
+    DeleteQueue,
     Discard,
     Finished,
     LeaveOnDisk,
     ReceiveSession,
     Reconsume,
     RemoveCheckpoint,
+    Retire,
     SendProgress,
     SendVerdict,
     Terms,
     Write,
+    crowded_out,
 )
 
 CHUNK = 10
@@ -178,48 +190,6 @@ def test_a_resend_after_the_verdict_gets_the_verdict_again() -> None:
     d.chunk(2, 2.3)
     assert [v.done for v in d.of(SendVerdict)] == [first, first, first]
     assert d.acked == d.tag  # the late ones are acked with each verdict
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    size=st.integers(0, 200),
-    seed=st.integers(0, 2**32 - 1),
-    duplicate=st.floats(0, 0.5),
-    lose=st.floats(0, 0.3),
-    corrupt=st.floats(0, 0.2),
-)
-def test_lossy_link_converges(
-    size: int, seed: int, duplicate: float, lose: float, corrupt: float
-) -> None:
-    """Shuffled, duplicated, lost and corrupt chunks: resending from what the session asks
-    for (or, after silence, from what it stored) always ends in the right bytes."""
-    rng = random.Random(seed)
-    d = Driver(rng.randbytes(size))
-    d.run(d.session.start())
-    now = 0.0
-    pending = list(range(len(d.pieces)))
-    end_sent = False
-    for _ in range(10_000):
-        if d.session.finished:
-            break
-        rng.shuffle(pending)
-        batch, pending = pending, []
-        for seq in batch:
-            if rng.random() < lose:
-                continue
-            bad = rng.random() < corrupt
-            d.chunk(seq, now, crc=(zlib.crc32(d.pieces[seq]) ^ 1) if bad else None)
-            if rng.random() < duplicate:
-                d.chunk(seq, now)
-        if not end_sent or rng.random() < 0.5:
-            d.send_end(now)
-            end_sent = True
-        now += 1.0
-        d.run(d.session.tick(now))
-        # The sender resends from the last resend_from, or everything unconfirmed.
-        pending = list(range(d.session.stored, len(d.pieces)))
-    assert d.session.state is State.DONE
-    assert bytes(d.disk) == d.data
 
 
 def test_gap_asks_for_resend_once() -> None:
@@ -435,3 +405,83 @@ def test_illegal_event_raises() -> None:
     d.run(d.session.fail(FailureCode.ABORTED, "x"))
     with pytest.raises(ProtocolError, match="can't handle"):
         d.session.reassembler.mark_done()
+
+
+# -- what the broker vouches for, first contact, and the end of an ended stream ------------------
+
+
+def test_data_from_another_user_or_with_another_key_is_dead_lettered() -> None:
+    """The offer's user published the stream's data, with one of its two keys: anything else
+    on the data queue (a peer that learned the stream id, a publish to the default exchange)
+    is dead-lettered, and the stream goes on."""
+    d = Driver(bytes(40))
+    d.session.user = "a"
+    chunk = Chunk(stream_id=d.sid, seq=0, crc32=zlib.crc32(d.pieces[0]))
+    headers = to_headers(chunk)
+    key = f"data:{d.sid}:a"
+    forged = d.session.delivery(1, "chunk", headers, d.pieces[0], envelope=Envelope(key, "b"),
+                                now=0.0)  # fmt: skip
+    assert forged == [DeadLetter(1, "chunk from user 'b', the offer came from user 'a'")]
+    direct = Envelope(f"objstream.data.b.{d.sid}", "a")
+    [dead] = d.session.delivery(2, "chunk", headers, d.pieces[0], envelope=direct, now=0.0)
+    assert isinstance(dead, DeadLetter)
+    assert "with key" in dead.reason
+    good = d.session.delivery(3, "chunk", headers, d.pieces[0], envelope=Envelope(key, "a"),
+                              now=0.0)  # fmt: skip
+    assert any(isinstance(a, Write) for a in good)
+    assert d.session.unacked_tag == 3  # the rejected tags are never acked
+    unicast = Envelope(f"{key}:b", "a")
+    chunk1 = Chunk(stream_id=d.sid, seq=1, crc32=zlib.crc32(d.pieces[1]))
+    again = d.session.delivery(4, "chunk", to_headers(chunk1), d.pieces[1], envelope=unicast,
+                               now=0.0)  # fmt: skip
+    assert any(isinstance(a, Write) for a in again)
+
+
+def test_a_slot_whose_sender_sends_nothing_is_let_go_after_the_contact_timeout() -> None:
+    d = Driver(bytes(40))
+    terms = Terms(60.0, 8, checkpoints=True, keeps_prefix=True, contact_timeout=10.0)
+    reassembler = Reassembler(d.offer)
+    reassembler.accept()
+    session = ReceiveSession(reassembler, "b", terms, now=0.0, user="a")
+    assert session.tick(9.0) == []
+    actions = session.tick(10.5)
+    finished = [a for a in actions if isinstance(a, Finished)]
+    assert finished[0].code is FailureCode.TIMEOUT
+    assert "sent nothing within 10 s" in finished[0].detail
+    # A sender that sent something is held to the usual timeout only.
+    reassembler = Reassembler(d.offer)
+    reassembler.accept()
+    session = ReceiveSession(reassembler, "b", terms, now=0.0, user="a")
+    session.receive(1, Chunk(stream_id=d.sid, seq=0, crc32=zlib.crc32(d.pieces[0])),
+                    d.pieces[0], 1.0)  # fmt: skip
+    assert not [a for a in session.tick(30.0) if isinstance(a, Finished)]
+
+
+def test_an_ended_stream_lingers_then_unbinds_then_deletes_its_queue() -> None:
+    d = Driver(bytes(20))
+    for seq in range(len(d.pieces)):
+        d.chunk(seq)
+    d.send_end()
+    session = d.session
+    assert session.finished
+    assert session.tick(1.0) == []  # lingers: a resend now gets the verdict again
+    assert session.tick(1.0 + LINGER) == [Retire()]
+    assert session.tick(1.0 + LINGER + 1.0) == []
+    assert session.tick(1.0 + LINGER + RETIRE_AFTER) == [DeleteQueue()]
+    assert session.gone
+    assert session.tick(100.0) == []
+
+
+def test_at_most_max_lingering_streams_linger() -> None:
+    sessions = []
+    for n in range(MAX_LINGERING + 3):
+        d = Driver(bytes(4))
+        d.chunk(0)
+        d.send_end()
+        d.session.tick(float(n))  # ended at n
+        sessions.append(d.session)
+    crowded = crowded_out(sessions)
+    assert crowded == sessions[:3]  # the oldest go first
+    assert [crowded[0].retire(50.0)] == [[Retire()]]
+    closing = sessions[-1].close_out(51.0)
+    assert closing == [Retire(), DeleteQueue()]
