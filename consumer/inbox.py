@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from objstream.common.admission import Accept, Hold
 from objstream.common.amqp import Channel, Delivery
 from objstream.common.protocol import Envelope
+from objstream.common.redeliveries import RedeliveryJournal, journal_for
 from objstream.consumer.core import ConsumerCore
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Inbox:
         self._queue = ""
         self._channel: Channel | None = None
         self._started = False
+        self._redeliveries: RedeliveryJournal | None = None
         self._tag: str | None = None  # consuming (None: paused, every slot is taken)
         self._held: list[_Held] = []
 
@@ -46,6 +48,8 @@ class Inbox:
         core = self._core
         self._held.clear()  # unacked on the old connection: the broker delivers them again
         self._queue = core.topology.declare_inbox(core.control, core.site)
+        if self._redeliveries is None:
+            self._redeliveries = journal_for(self._queue, core.topology.queue_type)
         self._channel = core.connection.channel()
         if not self._started:  # at start only: after a reconnect, the count includes our own
             self._started = True
@@ -77,7 +81,9 @@ class Inbox:
             return
         full = self._core.table.slots.full
         if self._tag is None and not full:
-            self._tag = self._channel.consume(self._queue, self._on_offer)
+            self._tag = self._channel.consume(
+                self._queue, self._on_offer, redeliveries=self._redeliveries
+            )
         elif self._tag is not None and full:
             # Every slot is taken: offers wait in the inbox, where another receiver of this
             # site (a competing worker) can take them.

@@ -31,6 +31,7 @@ from objstream.common.amqp import Closing, Delivery, connect, reestablish
 from objstream.common.errors import ConnectionLost
 from objstream.common.identity import Identities
 from objstream.common.protocol import Envelope, Reply, envelope
+from objstream.common.redeliveries import journal_for
 from objstream.common.serve_session import (
     Action,
     Join,
@@ -120,7 +121,7 @@ class RetrievalServer(Closing):
             BrokerUnreachable: the broker stayed away longer than that.
         """
         log.info("site %s serving retrievals on %s", self.site, self._queue)
-        tag = self._channel.consume(self._queue, self._on_request)
+        tag = self._consume()
         while not stop():
             try:
                 self._connection.process_events(poll)
@@ -132,7 +133,7 @@ class RetrievalServer(Closing):
                     self._open()
                     # Inside the retry: on a cluster, consuming a quorum queue whose leader's
                     # node just died can crash the channel (and close the connection).
-                    tag = self._channel.consume(self._queue, self._on_request)
+                    tag = self._consume()
 
                 reestablish(self.settings, self.settings.timeout, again)
                 log.info("site %s serving again on %s", self.site, self._queue)
@@ -140,12 +141,16 @@ class RetrievalServer(Closing):
         if self._channel.is_open:
             self._channel.cancel(tag)
 
+    def _consume(self) -> str:
+        return self._channel.consume(self._queue, self._on_request, redeliveries=self._redeliveries)
+
     def _open(self) -> None:
         self._connection = connect(self.settings, f"objstream server {self.site}")
         try:
             self.topology.declare_base(self._connection, self.site)
             self._channel = self._connection.channel()
             self._queue = self.topology.declare_service_queue(self._channel, self.site)
+            self._redeliveries = journal_for(self._queue, self.topology.queue_type)
             self._channel.qos(16)
         except BaseException:
             self._connection.close()

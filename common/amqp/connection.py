@@ -21,6 +21,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from objstream.common.errors import BrokerRefused, ConnectionLost, ObjstreamError
 from objstream.common.protocol import Properties
+from objstream.common.redeliveries import RedeliveryJournal, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +194,21 @@ class Channel:
         with self._op(f"publishing to {exchange or '(default)'}/{routing_key}"):
             self._impl.basic_publish(exchange, routing_key, body, _to_pika(props))
 
-    def consume(self, queue: str, on_message: OnMessage, *, auto_ack: bool = False) -> str:
+    def consume(
+        self,
+        queue: str,
+        on_message: OnMessage,
+        *,
+        auto_ack: bool = False,
+        redeliveries: RedeliveryJournal | None = None,
+    ) -> str:
         """Start consuming ``queue``; returns the consumer tag.
 
         ``on_message`` runs under a guard: a delivery whose headers were refused is rejected
         before it is called, and one it raises on (anything but a lost connection) is
-        rejected with the error as the reason, unless it was settled already.
+        rejected with the error as the reason, unless it was settled already. With
+        ``redeliveries`` (a classic inbox or service queue), a message redelivered that often
+        without its handling ever ending is rejected too.
         """
 
         def callback(_: Any, method: Any, props: Any, body: bytes) -> None:
@@ -212,7 +222,10 @@ class Channel:
                 rejected_headers=getattr(props, REJECTED_HEADERS, None),
                 settled=auto_ack,
             )
-            guarded(on_message, delivery)
+            if redeliveries is None or not delivery.redelivered:
+                guarded(on_message, delivery)
+                return
+            limited(redeliveries, on_message, delivery)
 
         with self._op(f"consuming {queue}"):
             return str(self._impl.basic_consume(queue, callback, auto_ack=auto_ack))
@@ -340,6 +353,25 @@ class Connection:
         with contextlib.suppress(Exception):
             if self._impl.is_open:
                 self._impl.close()
+
+
+def limited(journal: RedeliveryJournal, on_message: OnMessage, delivery: Delivery) -> None:
+    """:func:`guarded`, for a redelivered message counted in ``journal``."""
+    props = delivery.props
+    key = fingerprint(
+        delivery.routing_key,
+        props.message_id,
+        props.correlation_id,
+        props.type,
+        props.user_id,
+        delivery.body,
+    )
+    if not journal.handle(key):
+        with contextlib.suppress(ObjstreamError):
+            delivery.reject(f"delivered {journal.limit + 1} times without its handling ending")
+        return
+    guarded(on_message, delivery)  # a process that dies in it leaves the count
+    journal.handled(key)
 
 
 def guarded(on_message: OnMessage, delivery: Delivery) -> None:

@@ -9,6 +9,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,6 +24,7 @@ from objstream.common.errors import (
     ConnectionLost,
 )
 from objstream.common.protocol import Chunk, Properties, envelope, parse
+from objstream.common.redeliveries import LIMIT, RedeliveryJournal
 from objstream.common.settings import Settings
 from objstream.common.topology import Topology
 from tests import poison
@@ -360,3 +362,40 @@ def test_a_quorum_queue_redelivery_parses_though_the_broker_added_a_header(
         cleanup = connection.channel()
         cleanup.delete_queue(queue)
         cleanup.close()
+
+
+def test_a_message_that_kills_its_consumer_is_dead_lettered_after_the_limit(
+    connection: Connection, settings: Settings, tmp_path: Path
+) -> None:
+    """Classic queues do not count deliveries: a consumer that dies on a message (here: its
+    channel closes with the message unacked, as a killed process's would) gets it again and
+    again. With a redelivery journal (a new one each time: a new process), the message is
+    rejected once it came back LIMIT times without its handling ever ending."""
+    topology = Topology.from_settings(settings)
+    topology.declare_base(connection, "site-1")
+    setup = connection.channel()
+    inbox = topology.declare_inbox(setup, "site-1")
+    message = Properties(type="offer", message_id="kill")
+    setup.publish(topology.exchange, "offer:site-1", b"", message)
+    path = tmp_path / "inbox.redeliveries"
+
+    class Died(BaseException):
+        """The process dies in the handler (no exception the guard could catch)."""
+
+    def dies(delivery: Delivery) -> None:
+        raise Died
+
+    deaths = 0
+    for _ in range(LIMIT + 1):  # the first delivery, then LIMIT redeliveries counted
+        channel = connection.channel()
+        channel.consume(inbox, dies, redeliveries=RedeliveryJournal(path))
+        with pytest.raises(Died):
+            connection.process_events(10)
+        deaths += 1
+        channel.close()  # died with it unacked: the broker delivers it again
+    assert deaths == LIMIT + 1
+    channel = connection.channel()
+    channel.consume(inbox, dies, redeliveries=RedeliveryJournal(path))
+    connection.process_events(1.0)  # rejected before the handler runs: nobody dies
+    [(dead, _)] = _dead(settings, topology, 1)
+    assert dead.message_id == "kill"
