@@ -275,10 +275,12 @@ def cleanup() -> None:
     try:
         channel = connection.channel()
         for ns in NAMESPACES:
-            for queue in [f"{ns}.dead", f"{ns}.serve.server",
-                          *(f"{ns}.site.site-{i}" for i in range(8))]:  # fmt: skip
+            sites = ["server", *(f"site-{i}" for i in range(8))]
+            for queue in [f"{ns}.serve.server", *(f"{ns}.site.site-{i}" for i in range(8))]:
                 channel.queue_delete(queue)
-            channel.exchange_delete(f"{ns}.dead")
+            for site in sites:  # each site's own dead letters
+                channel.queue_delete(f"{ns}.dead.{site}")
+                channel.exchange_delete(f"{ns}.dead.{site}")
             channel.exchange_delete(ns)
     finally:
         connection.close()

@@ -152,9 +152,11 @@ def _cleanup(namespace: str) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(URL))
     try:
         channel = connection.channel()
-        for queue in (f"{namespace}.dead", f"{namespace}.site.bench-in"):
+        sites = ("bench-in", "bench-out")
+        for queue in (f"{namespace}.site.bench-in", *(f"{namespace}.dead.{s}" for s in sites)):
             channel.queue_delete(queue)
-        channel.exchange_delete(f"{namespace}.dead")
+        for site in sites:  # each site's own dead letters
+            channel.exchange_delete(f"{namespace}.dead.{site}")
         channel.exchange_delete(namespace)
     finally:
         connection.close()

@@ -24,15 +24,16 @@ else (the drivers carry the decision out):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.identity import Forged, Identities
-from objstream.common.protocol import FILE_KIND, Done, Envelope, Offer, parse
+from objstream.common.protocol import FILE_KIND, Done, Envelope, Offer, UnsupportedVersion, parse
 from objstream.common.slots import Room, Slots
-from objstream.common.topology import Topology
+from objstream.common.topology import HEX32, Topology
 
 
 @dataclass(frozen=True)
@@ -71,17 +72,24 @@ class Accept:
 
 @dataclass(frozen=True)
 class Refuse:
-    """Answer the sender at once with a failed verdict."""
+    """Answer the sender at once with a failed verdict on stream ``stream_id``."""
 
-    offer: Offer
+    stream_id: str
+    sender: str
     reply_to: str
     user: str | None
     code: FailureCode
     detail: str
 
+    @classmethod
+    def of(
+        cls, offer: Offer, reply_to: str, user: str | None, code: FailureCode, detail: str
+    ) -> Refuse:
+        return cls(offer.stream_id, offer.sender, reply_to, user, code, detail)
+
     def verdict(self, site: str) -> Done:
         return Done(
-            stream_id=self.offer.stream_id,
+            stream_id=self.stream_id,
             site=site,
             ok=False,
             code=self.code,
@@ -157,16 +165,18 @@ class Admission:
         """An offer from this site's inbox (``known``: is a stream in progress here or ended
         lately; ``waiting``: the offer was held for a slot already)."""
         try:
-            offer = self._parse(message_type, headers)
             if envelope.routing_key not in (Topology.offer_key(self.site), f"site.{self.site}"):
                 raise ProtocolError(f"offer with key {envelope.routing_key!r} in an inbox")
+            offer = self._parse(message_type, headers)
             reply_to = self._answerable(offer, envelope)
+        except UnsupportedVersion as e:
+            return self._other_version(e, headers, envelope)
         except ProtocolError as e:
             return Reject(str(e))
         user = envelope.user_id or ""
         refusal = self._claims(offer, envelope) or self._who(offer, user)
         if refusal is not None:
-            return Refuse(offer, reply_to, user, FailureCode.FORBIDDEN, refusal)
+            return Refuse.of(offer, reply_to, user, FailureCode.FORBIDDEN, refusal)
         if known(offer.stream_id):
             return Ignore(f"duplicate offer for stream {offer.stream_id}")
         decision = self._content(offer, reply_to, user, None)
@@ -177,7 +187,7 @@ class Admission:
         if room is Room.HOLD:
             return Hold(offer, holder)
         if room is Room.BUSY:
-            return Refuse(offer, reply_to, user, FailureCode.BUSY, slots.describe(holder))
+            return Refuse.of(offer, reply_to, user, FailureCode.BUSY, slots.describe(holder))
         return Accept(offer, reply_to, user, holder=holder)
 
     def retrieval(
@@ -205,6 +215,32 @@ class Admission:
         if known(offer.stream_id):
             return Ignore(f"duplicate offer for stream {offer.stream_id}")
         return self._content(offer, reply_to, envelope.user_id or "", asked.kept)
+
+    def _other_version(
+        self, error: UnsupportedVersion, headers: Mapping[str, Any] | None, envelope: Envelope
+    ) -> Decision:
+        """An offer of another protocol version: answered ``unsupported_version`` when it can
+        be (it names a stream id and a sender its v2 ``reply_to`` agrees with, and a user),
+        so its sender learns why at once; dead-lettered otherwise."""
+        fields = headers if isinstance(headers, Mapping) else {}
+        sid, sender = fields.get("stream_id"), fields.get("sender")
+        try:
+            if not isinstance(sid, str) or not re.fullmatch(HEX32, sid):
+                raise ProtocolError("no stream id")
+            if not isinstance(sender, str):
+                raise ProtocolError("no sender")
+            check_answerable(envelope.reply_to, envelope.user_id, sender, "offer")
+        except ProtocolError:
+            return Reject(str(error))
+        assert envelope.reply_to is not None
+        return Refuse(
+            sid,
+            sender,
+            envelope.reply_to,
+            envelope.user_id,
+            FailureCode.UNSUPPORTED_VERSION,
+            str(error),
+        )
 
     def take_over(self, offer: Offer, user: str | None, *, pushed: bool) -> str | None:
         """May a stream a dead receiver of this directory left go on here? The reason not."""
@@ -253,7 +289,7 @@ class Admission:
 
     def _content(self, offer: Offer, reply_to: str, user: str, kept: Kept | None) -> Decision:
         def refuse(code: FailureCode, detail: str) -> Refuse:
-            return Refuse(offer, reply_to, user, code, detail)
+            return Refuse.of(offer, reply_to, user, code, detail)
 
         if offer.size is not None and offer.size > self.max_object_size:
             return refuse(
@@ -286,7 +322,7 @@ class Admission:
             code, detail = FailureCode.PROTOCOL, str(error)
         else:
             code, detail = FailureCode.REFUSED, f"cannot set the stream up: {error}"
-        return Refuse(offer, reply_to, user, code, detail)
+        return Refuse.of(offer, reply_to, user, code, detail)
 
 
 def check_answerable(reply_to: str | None, user_id: str | None, peer: str, what: str) -> None:

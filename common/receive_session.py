@@ -37,7 +37,6 @@ from objstream.common.receive_actions import (
     PROGRESS_INTERVAL,
     RECONSUME_AFTER,
     RETIRE_AFTER,
-    VERDICT_AGAIN_EVERY,
     Ack,
     Action,
     Checkpoint,
@@ -56,6 +55,8 @@ from objstream.common.receive_actions import (
     Write,
     classify,
 )
+from objstream.common.receive_end import StreamEnd
+from objstream.common.receive_end import crowded_out as ends_crowded_out
 from objstream.common.topology import Topology
 
 __all__ = [
@@ -135,12 +136,7 @@ class ReceiveSession:
         self.unacked_tag = 0  # highest delivery tag neither acked nor rejected (0: none)
         self._before = 0  # unacked_tag before the delivery being handled
         self.reported = reassembler.stored
-        self.verdict: Done | None = None  # once sent: again if a resend shows it was missed
-        self.verdict_at = 0.0
-        self.ended_at: float | None = None  # first tick after the verdict
-        self.retired = False  # the data queue is unbound
-        self.retired_at = 0.0
-        self.gone = False  # and deleted: nothing more to do
+        self.end = StreamEnd()  # the verdict said again, the data queue retired
         self._started = now
         self._keys = (
             Topology.data_key(self.offer.stream_id, self.offer.sender),
@@ -265,7 +261,7 @@ class ReceiveSession:
         """Time passed: fail a silent stream, flush acks and progress that waited too long;
         retire an ended stream's data queue once its linger is over."""
         if self.finished:
-            return self._linger(now)
+            return self.end.tick(now, queue=self._has_queue)
         if self.state is State.VERIFYING:
             # Committing (a save can take minutes): no timeout here, the driver reports back;
             # the sender hears every commit_heartbeat that this target is alive and has it all,
@@ -339,6 +335,16 @@ class ReceiveSession:
         actions = self._flush(now)
         self.reassembler.suspend()
         return [*actions, LeaveOnDisk(self.stored, self.stored_bytes)]
+
+    def queue_lost(self) -> list[Action]:
+        """Its data queue is gone after a reconnect (a broker that lost it): the sender may
+        not be, but nothing can reach this receiver any more."""
+        return self.fail(FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
+
+    def stopped(self, reason: str) -> list[Action]:
+        """This receiver stops and does not leave the stream for a successor: the sender is
+        told ``aborted`` (a file keeps its verified prefix)."""
+        return self.fail(FailureCode.ABORTED, reason)
 
     def fail(self, code: FailureCode, detail: str) -> list[Action]:
         """Fail the stream: keep a file's verified prefix if the sender went away, else drop
@@ -439,62 +445,44 @@ class ReceiveSession:
 
     def _after_verdict(self, now: float) -> list[Action]:
         """A message after the verdict (the driver still consumes the data queue a while): the
-        sender resends, so it missed the verdict, which goes again, at most every
-        :data:`VERDICT_AGAIN_EVERY` s, with an ack of what came since (fewer than a window, so
-        the next resend gets through)."""
-        if self.verdict is None or now - self.verdict_at < VERDICT_AGAIN_EVERY:
+        verdict goes again (:meth:`StreamEnd.again`), with an ack of what came since (fewer
+        than a window, so the next resend gets through)."""
+        verdict = self.end.again(now)
+        if verdict is None:
             return []  # committing, or just said: acked with the rest
-        self.verdict_at = now
         ack, self.unacked_tag = Ack(self.unacked_tag), 0
-        return [ack, SendVerdict(self.verdict)]
+        return [ack, SendVerdict(verdict)]
 
-    def _linger(self, now: float) -> list[Action]:
-        """An ended stream: retire its data queue once :data:`LINGER` is over, delete it
-        :data:`RETIRE_AFTER` later."""
-        if self.gone:
-            return []
-        if self.offer.inline is not None or self.state is State.SUSPENDED:
-            self.gone = True  # no data queue, or one a successor reads
-            return []
-        if self.ended_at is None:
-            self.ended_at = now
-        if not self.retired and now - self.ended_at >= LINGER:
-            return self.retire(now)
-        if self.retired and now - self.retired_at >= RETIRE_AFTER:
-            self.gone = True
-            return [DeleteQueue()]
-        return []
+    @property
+    def _has_queue(self) -> bool:
+        """An ended stream's data queue is this receiver's to retire (not an inline offer's,
+        which has none, nor one a successor reads)."""
+        return self.offer.inline is None and self.state is not State.SUSPENDED
+
+    @property
+    def gone(self) -> bool:
+        """Ended, and its data queue retired and deleted: nothing more to do."""
+        return self.end.gone
 
     def retire(self, now: float) -> list[Action]:
         """Unbind the ended stream's data queue now (its linger cut short)."""
-        if not self.finished or self.retired or self.gone:
-            return []
-        self.retired, self.retired_at = True, now
-        return [Retire()]
+        return self.end.retire(now) if self.finished and self._has_queue else []
 
     def close_out(self, now: float) -> list[Action]:
         """This receiver stops: what an ended stream still owes its data queue, at once."""
-        if not self.finished or self.gone:
-            return []
-        if self.offer.inline is not None or self.state is State.SUSPENDED:
-            self.gone = True
-            return []
-        actions = self.retire(now)
-        self.gone = True
-        return [*actions, DeleteQueue()]
+        return self.end.close_out(now, queue=self._has_queue) if self.finished else []
 
     def _end(self, done: Done, finished: Finished) -> list[Action]:
         actions: list[Action] = []
         if self.unacked_tag:
             actions.append(Ack(self.unacked_tag))
             self.unacked_tag = 0
-        self.verdict, self.verdict_at = done, self.last_activity
+        self.end.said(done, self.last_activity)
         return [*actions, SendVerdict(done), finished]
 
 
 def crowded_out(sessions: Sequence[ReceiveSession]) -> list[ReceiveSession]:
     """The ended sessions whose data queues must be retired now though their linger is not
     over: the oldest beyond :data:`MAX_LINGERING` (each holds a channel)."""
-    lingering = [s for s in sessions if s.ended_at is not None and not s.retired and not s.gone]
-    lingering.sort(key=lambda s: s.ended_at or 0.0)
-    return lingering[: max(0, len(lingering) - MAX_LINGERING)]
+    crowded = {id(end) for end in ends_crowded_out([s.end for s in sessions])}
+    return [s for s in sessions if id(s.end) in crowded]

@@ -376,6 +376,12 @@ class SendSession:
             actions += self._fail(target, error)
         return actions
 
+    def source_failed(self, detail: str, *, changed: bool) -> list[Action]:
+        """The source could not be read (``changed``: it changed while it was sent): every
+        target is told at once, none verifies what was read (``source_changed``, ``io``)."""
+        code = FailureCode.SOURCE_CHANGED if changed else FailureCode.IO
+        return self.cancel(f"the source failed: {detail}", code)
+
     def reconnected(self, now: float) -> list[Action]:
         """A new connection: chunks in flight may be lost with it, so go again from what each
         target reported stored (duplicates are dropped there)."""

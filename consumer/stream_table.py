@@ -170,12 +170,11 @@ class StreamTable:
 
     def refuse(self, refusal: Refuse) -> None:
         """Answer an offer this receiver does not take with a failed verdict."""
-        offer = refusal.offer
-        log.warning("refusing stream %s from %s: %s", offer.stream_id, offer.sender, refusal.detail)
+        sid, sender = refusal.stream_id, refusal.sender
+        log.warning("refusing stream %s from %s: %s", sid, sender, refusal.detail)
         self.actions.publish_verdict(refusal.reply_to, refusal.verdict(self.site))
-        self.remember(offer.stream_id)
-        failure = TransferFailed(offer.sender, offer.stream_id, refusal.code, refusal.detail)
-        self.outcomes.append(failure)
+        self.remember(sid)
+        self.outcomes.append(TransferFailed(sender, sid, refusal.code, refusal.detail))
 
     def remember(self, stream_id: str) -> None:
         self._recent[stream_id] = None
@@ -245,7 +244,7 @@ class StreamTable:
         try:
             self.consume(stream)
         except BrokerRefused:
-            self.fail(stream, FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
+            self.actions.run(stream, stream.session.queue_lost())
             return False
         return True
 
@@ -284,7 +283,7 @@ class StreamTable:
             if checkpoint:
                 self.suspend(stream)
             else:
-                self.fail(stream, FailureCode.ABORTED, reason)
+                self.actions.run(stream, stream.session.stopped(reason))
         self.offload.settle(serve)
         self.tick()
         now = time.monotonic()
@@ -298,7 +297,7 @@ class StreamTable:
         self.offload.settle_offline()
         for stream in [s for s in self.streams.values() if not s.closing]:
             s = stream.session
-            ending = s.fail(FailureCode.ABORTED, reason) if reason else s.suspend(time.monotonic())
+            ending = s.stopped(reason) if reason else s.suspend(time.monotonic())
             offline = [a for a in ending if not isinstance(a, Ack | SendProgress | SendVerdict)]
             stream.pending.clear()
             stream.generation += 1  # no tag of the dead channel is acked

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from objstream.common import checksum
 from objstream.common.errors import (
     ConnectionLost,
-    FailureCode,
     ObjstreamError,
     ProtocolError,
     SendFailed,
@@ -160,10 +159,8 @@ class Transfer:
                 # What was read is not what is there now (or no longer reads): every target is
                 # told at once, none verifies a mix of old and new bytes.
                 log.error("%s %r: %s", source.kind, source.name, e)
-                code = (
-                    FailureCode.SOURCE_CHANGED if isinstance(e, SourceChanged) else FailureCode.IO
-                )
-                self._do(session.cancel(f"the source failed: {e}", code))
+                changed = isinstance(e, SourceChanged)
+                self._do(session.source_failed(str(e), changed=changed))
                 break
         return self._results()
 

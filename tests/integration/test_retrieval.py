@@ -381,3 +381,22 @@ def test_an_offer_that_overtakes_its_reply_is_still_taken(
     assert path.read_bytes() == content
     [verdict] = outcome
     assert verdict["ok"] is True  # type: ignore[index]
+
+
+def test_a_name_too_long_for_the_file_system_is_refused_and_serving_goes_on(
+    tmp_path: Path, settings: Settings, start_server: StartServer
+) -> None:
+    """A requester asks for a name with a 300-byte component: the lookup's ENAMETOOLONG (which
+    used to end serve) is a plain not_found, and the next request is served."""
+    src = tmp_path / "src"
+    src.mkdir()
+    digest = random_file(src / "ok.bin", 1000)
+    server = start_server(settings, lambda s: FileRetriever(s, source_dir=src))
+    with Retriever("site-1", tmp_path / "out", settings) as retriever:
+        with pytest.raises(Refused) as caught:
+            retriever.retrieve_file("server", "a" * 300, timeout=20)
+        assert caught.value.code == "not_found"
+        assert "File name too long" in caught.value.detail
+        assert sha256_of(retriever.retrieve_file("server", "ok.bin", timeout=20)) == digest
+    assert server.server is not None
+    assert server.server.refused == 1

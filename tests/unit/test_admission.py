@@ -248,3 +248,18 @@ def test_an_offer_over_its_users_share_is_held_and_refused_beyond() -> None:
     third = _push(admission, _offer(), _envelope(), slots=slots)
     assert isinstance(third, Refuse)
     assert third.code is FailureCode.BUSY
+
+
+def test_an_offer_of_another_version_is_answered_when_it_can_be() -> None:
+    """The sender learns at once why (``unsupported_version``) instead of timing out; an
+    offer that names no stream id or sender its reply_to agrees with is only dead-lettered."""
+    sid = new_stream_id()
+    v1 = {"objstream": 1, "stream_id": sid, "sender": "server"}
+    decision = _admission().push("offer", v1, _envelope(), known=lambda s: False)
+    assert isinstance(decision, Refuse)
+    assert (decision.stream_id, decision.code) == (sid, FailureCode.UNSUPPORTED_VERSION)
+    assert "protocol version 1, this peer speaks 2" in decision.detail
+    unanswerable = _admission().push(
+        "offer", {**v1, "sender": "site-9"}, _envelope(), known=lambda s: False
+    )
+    assert isinstance(unanswerable, Reject)

@@ -56,6 +56,8 @@ def test_credentials_come_from_the_environment(compose: dict[str, Any]) -> None:
         assert env["OBJSTREAM_URL"] == "amqp://rabbitmq:5672/%2F"
         assert env["OBJSTREAM_USER"] == broker_env["RABBITMQ_DEFAULT_USER"]
         assert env["OBJSTREAM_PASSWORD"] == broker_env["RABBITMQ_DEFAULT_PASS"]
+        # One user for both sites: it must speak for both, or their offers are refused.
+        assert env["OBJSTREAM_SHARED_USERS"] == broker_env["RABBITMQ_DEFAULT_USER"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "PASSWORD" not in dockerfile
     assert "amqp://" not in dockerfile
