@@ -189,12 +189,20 @@ def dead_letters(settings: Settings, site: str, expect: int, timeout: float = 10
         connection.close()
 
 
-def dead_by_id(settings: Settings, site: str, ids: set[str], timeout: float = 10) -> dict[str, Any]:
+def dead_by_id(
+    settings: Settings,
+    site: str,
+    ids: set[str],
+    timeout: float = 10,
+    alive: Callable[[], object] = lambda: None,
+) -> dict[str, Any]:
     """The dead letters of ``site`` with these message ids (their pika properties), once all
-    of them are there; fails the test, naming those missing, if they do not come."""
+    of them are there; fails the test, naming those missing, if they do not come. ``alive``
+    runs while it waits: it fails the test when the worker that should reject them died."""
     found: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     while not ids <= set(found) and time.monotonic() < deadline:
+        alive()
         for props, _ in dead_letters(settings, site, expect=0, timeout=0):
             found[props.message_id] = props
         time.sleep(0.1)
