@@ -12,10 +12,14 @@ from objstream.common.errors import TransferFailed
 from objstream.consumer import Received
 from objstream.jobs.data import write_random_file
 
+BROKER_FOLDERS = frozenset({"integration", "adversarial"})
+"""Test folders whose tests talk to a real RabbitMQ: each of their tests is marked
+``integration`` (``-m "not integration"`` runs what needs no broker)."""
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "integration" in item.path.parts:
+        if BROKER_FOLDERS & set(item.path.parts):
             item.add_marker(pytest.mark.integration)
 
 

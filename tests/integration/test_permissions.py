@@ -76,20 +76,26 @@ def site_settings(node: LocalRabbitNode, site: str) -> Settings:
     return Settings(url=site_url(node, site), namespace=NAMESPACE, timeout=20, resend_after=2)
 
 
+def apply_site(node: LocalRabbitNode, site: str, namespace: str = NAMESPACE) -> None:
+    """Make ``site``'s broker user (named like the site, password ``PASSWORDS[site]``) with
+    exactly what ``objstream admin permissions --apply`` gives it under ``namespace``."""
+    os.environ["OBJSTREAM_ADMIN_PASSWORD"] = PASSWORDS[site]
+    try:
+        code = main([
+            "admin", "permissions", "--site", site, "--user", site, "--apply",
+            "--node", node.nodename, "--url", node.url, "--namespace", namespace,
+        ])  # fmt: skip
+    finally:
+        del os.environ["OBJSTREAM_ADMIN_PASSWORD"]
+    assert code == EXIT_OK
+
+
 @pytest.fixture(scope="module")
 def users(node: LocalRabbitNode) -> dict[str, Settings]:
     """Every site's user, made by ``objstream admin permissions --apply``; then, as admin, a data
     queue and a reply queue of site-2 to try to read."""
     for site in SITES:
-        os.environ["OBJSTREAM_ADMIN_PASSWORD"] = PASSWORDS[site]
-        try:
-            code = main([
-                "admin", "permissions", "--site", site, "--user", site, "--apply",
-                "--node", node.nodename, "--url", node.url, "--namespace", NAMESPACE,
-            ])  # fmt: skip
-        finally:
-            del os.environ["OBJSTREAM_ADMIN_PASSWORD"]
-        assert code == EXIT_OK
+        apply_site(node, site)
     with Session(admin_settings(node)) as admin:
         channel = admin.channel()
         T.declare_data_queue(channel, "site-2", ID, "server")
@@ -101,8 +107,8 @@ def users(node: LocalRabbitNode) -> dict[str, Settings]:
 class Session:
     """One connection as one user; ``attempt`` runs an operation on a fresh channel."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.connection: Connection = connect(settings, "test_permissions")
+    def __init__(self, settings: Settings, name: str = "test_permissions") -> None:
+        self.connection: Connection = connect(settings, name)
 
     def channel(self) -> Channel:
         return self.connection.channel()
