@@ -166,8 +166,18 @@ class Transfer:
 
     def _take_joiners(self, joiners: Joiners) -> None:
         for site, reply_to in joiners.take():
+            try:
+                actions = self.session.add_target(site, time.monotonic())
+            except ValueError as e:
+                # It joined as the stream ended (or an iterator moved on): it was told ok,
+                # so tell it now, not after its timeout.
+                log.info("%s could not join stream %s: %s", site, self.stream_id, e)
+                abort = Abort(stream_id=self.stream_id, reason=f"the stream ended: {e}")
+                key = self.sender.topology.reply_key(reply_to, self.sender.site)
+                self.sender.publish(key, b"", envelope(abort))
+                continue
             self.routes[site] = reply_to
-            self._do(self.session.add_target(site, time.monotonic()))
+            self._do(actions)
 
     def _results(self) -> list[TargetResult]:
         reader = self.reader
