@@ -108,8 +108,6 @@ def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(
     ("mutate", "reason"),
     [
         (lambda h: h.pop("objstream"), "missing protocol version"),
-        (lambda h: h.update(objstream=1), "unsupported_version: protocol version 1, this peer"),
-        (lambda h: h.update(objstream=3), "unsupported_version: protocol version 3"),
         (lambda h: h.update(target="site-2"), "offer for site 'site-2' reached site 'site-1'"),
         (lambda h: h.update(size=-5), "size"),
         (lambda h: h.update(size=2**63 - 1), "size"),
@@ -160,6 +158,48 @@ def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
     assert any(reason in r for r in reasons), reasons
     assert any("unknown message type 'gibberish'" in r for r in reasons), reasons
     assert any("no headers" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_an_offer_in_another_protocol_version_is_refused_with_a_reason_and_the_receiver_goes_on(
+    tmp_path: Path,
+    settings: Settings,
+    start_receiver: StartReceiver,
+    raw_peer: MakeRawPeer,
+    version: int,
+) -> None:
+    """An offer that names a reply queue and a stream id can be answered: the sender of another
+    version learns why in a ``done`` (``unsupported_version``), and the receiver keeps serving."""
+    from objstream.common.protocol import Offer
+
+    receiver = start_receiver("site-1", tmp_path / "in")
+    peer = raw_peer("site-1")
+    offer = Offer(
+        stream_id=peer.stream_id,
+        kind="file",
+        name="x",
+        size=8,
+        chunk_size=4,
+        chunk_count=2,
+        window=4,
+        sender="raw",
+        target="site-1",
+    )
+    props = properties(offer, reply_to=peer.reply_to, user_id=peer.user)
+    props.headers["objstream"] = version
+    peer.publish_inbox(b"", props)
+    verdict = peer.verdict()
+    assert verdict["ok"] is False
+    assert verdict["code"] == "unsupported_version"
+    assert f"protocol version {version}" in verdict["detail"]
+
+    src = tmp_path / "good.bin"
+    digest = random_file(src, 10 * KiB)
+    with FileStreamer("server", settings) as streamer:
+        streamer.stream_file("site-1", src)
+    receiver.wait_for(2)
+    received = [o for o in receiver.outcomes if isinstance(o, Received)]
+    assert [sha256_of(stored_path(r)) for r in received] == [digest]
 
 
 @pytest.mark.parametrize(
