@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from objstream.common.errors import FailureCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError, SaveError
 from objstream.common.identity import Forged, Identities
 from objstream.common.protocol import FILE_KIND, Done, Envelope, Offer, UnsupportedVersion, parse
 from objstream.common.slots import Room, Slots
@@ -314,12 +314,15 @@ class Admission:
     def storage_failed(self, offer: Offer, reply_to: str, user: str, error: Exception) -> Refuse:
         """The offer was accepted, but its stream cannot be set up here (the partial file, the
         state file, or the assembler): ``io`` for the file system, ``protocol`` for an offer
-        the assembler cannot follow, ``refused`` for a data queue the broker refused."""
+        the assembler cannot follow, ``refused`` for a container that cannot be stored as asked
+        and for a data queue the broker refused."""
         if isinstance(error, OSError):
             code = FailureCode.IO
             detail = f"cannot store {offer.size} bytes: {error.strerror or error}"
         elif isinstance(error, ProtocolError):
             code, detail = FailureCode.PROTOCOL, str(error)
+        elif isinstance(error, SaveError):
+            code, detail = FailureCode.REFUSED, str(error)
         else:
             code, detail = FailureCode.REFUSED, f"cannot set the stream up: {error}"
         return Refuse.of(offer, reply_to, user, code, detail)

@@ -12,9 +12,7 @@ A torch tensor (CPU) is carried as the numpy array it views (:mod:`objstream.com
 
 Encoding a value gives a small *structure* (msgpack bytes) plus a list of *buffers* (memoryviews
 of the original arrays and bytes, not copies, wherever the memory layout allows). Decoding is
-two-step, so big payloads are never copied twice: :func:`decode_structure` parses the structure
-and preallocates every array and bytes buffer it announces, returning :class:`Decoded` with the
-writable regions to fill; once they are filled, :meth:`Decoded.value` gives the value.
+the other half, :mod:`objstream.common.decoding`.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -133,6 +131,35 @@ def _array_bytes(array: np.ndarray[Any, Any]) -> tuple[memoryview, bool]:
     if flat.dtype.itemsize == 0 or flat.size == 0:
         return memoryview(b""), fortran
     return flat.reshape(-1).view(np.uint8).data, fortran
+
+
+@dataclass(frozen=True)
+class ArrayFacts:
+    """What a receiver lays out for an array before its bytes arrive."""
+
+    dtype: str
+    """The wire dtype code."""
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def array_facts(value: Any) -> ArrayFacts | None:
+    """The facts of ``value`` if it is one array (sent as a single payload buffer), else None.
+    Only looks at its type and attributes: call it on values :func:`encode` takes."""
+    kind = type(value)
+    code: str | None
+    if kind is np.ndarray:
+        code = dtypes.wire_code(value.dtype)
+        return None if code is None else ArrayFacts(code, value.shape, value.nbytes)
+    if kind is RawArray:
+        return ArrayFacts(str(value.dtype), value.shape, value.data.nbytes)
+    if kind.__module__.partition(".")[0] == "torch" and kind.__name__ == "Tensor":
+        from objstream.common.torch_bridge import TORCH_TO_WIRE
+
+        code = TORCH_TO_WIRE.get(str(value.dtype).removeprefix("torch."))
+        nbytes = value.numel() * value.element_size()
+        return None if code is None else ArrayFacts(code, tuple(value.shape), nbytes)
+    return None
 
 
 def encode(value: Any, where: str = "value") -> Encoded:
@@ -256,186 +283,10 @@ def _packb(obj: Any, where: str) -> bytes:
 _SEQUENCE_CODES: dict[type[Any], int] = {tuple: EXT_TUPLE, set: EXT_SET, frozenset: EXT_FROZENSET}
 
 
-class _BytesBox:
-    """Stands for a bytes value while its bytes arrive (bytes objects are immutable)."""
-
-    __slots__ = ("buffer",)
-
-    def __init__(self, size: int) -> None:
-        self.buffer = bytearray(size)
-
-
-@dataclass
-class Decoded:
-    """A parsed structure whose buffers wait to be filled."""
-
-    raw: Any
-    regions: list[memoryview]
-    """Writable byte regions, in the order their bytes follow the structure."""
-    patches: list[tuple[Any, Any, _BytesBox]]
-
-    @property
-    def payload_size(self) -> int:
-        return sum(r.nbytes for r in self.regions)
-
-    def value(self) -> Any:
-        """The value, once every region is filled (bytes values are made bytes here)."""
-        for parent, key, box in self.patches:
-            parent[key] = bytes(box.buffer)
-        self.patches.clear()
-        if isinstance(self.raw, _BytesBox):
-            self.raw = bytes(self.raw.buffer)
-        return self.raw
-
-
-def decode_structure(structure: bytes, *, max_payload: int) -> Decoded:
-    """Parse ``structure`` from a peer and preallocate its buffers (at most ``max_payload`` bytes).
-
-    Raises:
-        ProtocolError: malformed structure, an unsupported dtype, a bad shape, a buffer index out
-            of order, or announced buffers larger than ``max_payload``.
-    """
-    decoder = _Decoder(max_payload)
-    try:
-        value = decoder.unpack(structure)
-    except ProtocolError:
-        raise
-    except Exception as e:  # msgpack raises assorted errors on garbage
-        raise ProtocolError(f"malformed value structure: {e}") from None
-    finally:
-        # Hand the buffers over and empty the decoder: on an error, a traceback kept by the
-        # caller still refers to it, and must not keep the preallocated buffers alive.
-        regions, patches = decoder.take()
-    return Decoded(value, regions, patches)
-
-
-class _Decoder:
-    """The msgpack hooks of one :func:`decode_structure` call, and the buffers they allocate."""
-
-    def __init__(self, max_payload: int) -> None:
-        self.regions: list[memoryview] = []
-        self.patches: list[tuple[Any, Any, _BytesBox]] = []
-        self.budget = max_payload
-
-    def take(self) -> tuple[list[memoryview], list[tuple[Any, Any, _BytesBox]]]:
-        """The regions and patches so far; the decoder keeps none of them."""
-        regions, patches = list(self.regions), list(self.patches)
-        self.regions.clear()
-        self.patches.clear()
-        return regions, patches
-
-    def unpack(self, data: bytes) -> Any:
-        return msgpack.unpackb(
-            data,
-            ext_hook=self.ext_hook,
-            list_hook=self.list_hook,
-            object_hook=self.object_hook,
-            raw=False,
-            strict_map_key=False,
-        )
-
-    def claim(self, index: Any, size: Any) -> None:
-        if index != len(self.regions):
-            raise ProtocolError(
-                f"buffer index {index!r} out of order (expected {len(self.regions)})"
-            )
-        if type(size) is not int or size < 0:
-            raise ProtocolError(f"malformed buffer length {size!r}")
-        if size > self.budget:
-            raise ProtocolError(
-                f"value claims {size} more payload bytes than the entry carries "
-                f"({self.budget} left)"
-            )
-        self.budget -= size
-
-    def list_hook(self, items: list[Any]) -> list[Any]:
-        for i, item in enumerate(items):
-            if isinstance(item, _BytesBox):
-                self.patches.append((items, i, item))
-        return items
-
-    def object_hook(self, mapping: dict[Any, Any]) -> dict[Any, Any]:
-        for key, item in mapping.items():
-            if isinstance(item, _BytesBox):
-                self.patches.append((mapping, key, item))
-        return mapping
-
-    def ext_hook(self, code: int, data: bytes) -> Any:
-        handler = _EXT_DECODERS.get(code)
-        if handler is None:
-            raise ProtocolError(f"unknown ext type {code}")
-        return handler(self, code, data)
-
-    def _array(self, code: int, data: bytes) -> Any:
-        index, dtype_code, shape_list, fortran = _fields(self.unpack(data), 4, "array")
-        dtype = _parse_dtype(dtype_code)
-        shape = _parse_shape(shape_list)
-        nbytes = math.prod(shape) * dtype.itemsize
-        self.claim(index, nbytes)
-        flat = np.empty(nbytes, dtype=np.uint8)
-        self.regions.append(flat.data)
-        order: Literal["C", "F"] = "F" if fortran is True else "C"
-        if dtype.itemsize == 0 or nbytes == 0:
-            return np.empty(shape, dtype=dtype, order=order)
-        return flat.view(dtype).reshape(shape, order=order)
-
-    def _bytes(self, code: int, data: bytes) -> Any:
-        index, length = _fields(self.unpack(data), 2, "bytes")
-        self.claim(index, length)
-        if code == EXT_BYTEARRAY:
-            array = bytearray(length)
-            self.regions.append(memoryview(array))
-            return array
-        box = _BytesBox(length)
-        self.regions.append(memoryview(box.buffer))
-        return box
-
-    def _sequence(self, code: int, data: bytes) -> Any:
-        items = _list(self.unpack(data), "sequence")
-        if any(isinstance(v, _BytesBox) for v in items):
-            raise ProtocolError("out-of-band bytes inside a tuple or set")
-        maker = {EXT_TUPLE: tuple, EXT_SET: set, EXT_FROZENSET: frozenset}[code]
-        try:
-            return maker(items)
-        except TypeError as e:  # an unhashable member of a set
-            raise ProtocolError(f"malformed set: {e}") from None
-
-    def _bigint(self, code: int, data: bytes) -> Any:
-        text = data.decode("ascii", errors="replace")
-        if len(text) > 10_000 or not text.removeprefix("-").isdigit():
-            raise ProtocolError("malformed big integer")
-        return int(text)
-
-    def _complex(self, code: int, data: bytes) -> Any:
-        real, imag = _fields(self.unpack(data), 2, "complex")
-        if type(real) is not float or type(imag) is not float:
-            raise ProtocolError("malformed complex")
-        return complex(real, imag)
-
-    def _np_scalar(self, code: int, data: bytes) -> Any:
-        dtype_code, raw = _fields(self.unpack(data), 2, "numpy scalar")
-        dtype = _parse_dtype(dtype_code)
-        if type(raw) is not bytes or len(raw) != dtype.itemsize:
-            raise ProtocolError("malformed numpy scalar")
-        return np.frombuffer(raw, dtype=dtype, count=1)[0] if dtype.itemsize else dtype.type()
-
-
-_EXT_DECODERS: dict[int, Callable[[_Decoder, int, bytes], Any]] = {
-    EXT_ARRAY: _Decoder._array,
-    EXT_BYTES: _Decoder._bytes,
-    EXT_BYTEARRAY: _Decoder._bytes,
-    EXT_TUPLE: _Decoder._sequence,
-    EXT_SET: _Decoder._sequence,
-    EXT_FROZENSET: _Decoder._sequence,
-    EXT_BIGINT: _Decoder._bigint,
-    EXT_COMPLEX: _Decoder._complex,
-    EXT_NP_SCALAR: _Decoder._np_scalar,
-}
-"""How each ext type is decoded."""
-
-
 def decode(encoded: Encoded) -> Any:
     """Decode an :class:`Encoded` in one go (tests, small values)."""
+    from objstream.common.decoding import decode_structure
+
     decoded = decode_structure(encoded.structure, max_payload=encoded.size)
     if len(decoded.regions) != len(encoded.buffers):
         raise ProtocolError("buffer count mismatch")
@@ -447,29 +298,3 @@ def decode(encoded: Encoded) -> Any:
         else:
             region[:] = buffer.cast("B") if buffer.format != "B" else buffer
     return decoded.value()
-
-
-def _list(value: Any, what: str) -> list[Any]:
-    if not isinstance(value, list):
-        raise ProtocolError(f"malformed {what}")
-    return value
-
-
-def _fields(value: Any, count: int, what: str) -> list[Any]:
-    if not isinstance(value, list) or len(value) != count:
-        raise ProtocolError(f"malformed {what} header")
-    return value
-
-
-def _parse_dtype(code: Any) -> np.dtype[Any]:
-    return dtypes.numpy_dtype(code)
-
-
-def _parse_shape(shape: Any) -> tuple[int, ...]:
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(type(n) is int and 0 <= n < 2**62 for n in shape)
-    ):
-        raise ProtocolError(f"malformed shape {shape!r}")
-    return tuple(shape)

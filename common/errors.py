@@ -44,6 +44,12 @@ class ConfigError(ObjstreamError):
     """A setting or command-line value is invalid."""
 
 
+class SaveError(ObjstreamError):
+    """A received container cannot be stored in the format its receiver asked for (a bfloat16
+    array as ``.npz``, a string as ``.safetensors``...): the stream is refused, with code
+    ``refused`` and this message."""
+
+
 UNREACHABLE_HINT = "check that RabbitMQ runs there (--url / OBJSTREAM_URL)"
 
 

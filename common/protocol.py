@@ -37,7 +37,8 @@ Seq = Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
 Count = Annotated[int, Field(ge=0, le=MAX_CHUNKS)]
 ByteCount = Annotated[int, Field(ge=0, le=MAX_OBJECT_BYTES)]
 Kind = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.\-]{0,31}$", description="Object kind.")]
-Scalar = Annotated[str, Field(max_length=256)] | int | float | bool
+MAX_INFO_TEXT = 256
+Scalar = Annotated[str, Field(max_length=MAX_INFO_TEXT)] | int | float | bool
 MetaKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")]
 # Small, flat descriptions of an object (offer.info) or of a piece (chunk.meta).
 Meta = Annotated[dict[MetaKey, Scalar], Field(max_length=16)]

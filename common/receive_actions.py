@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objstream.common.errors import FailureCode, ObjstreamError
+from objstream.common.errors import FailureCode, ObjstreamError, SaveError
 from objstream.common.protocol import Done
 
 FLUSH_INTERVAL = 0.05  # seconds: acks (to the broker) never wait longer than this
@@ -54,8 +54,11 @@ def classify(
     """The verdict on a stream whose driver failed ``doing`` something (storing a chunk,
     committing, saving): ``io`` for the file system (and whatever ``io_errors`` names: a save
     that cannot write its format), ``protocol`` for content that does not follow the protocol
-    (a container whose entries do not add up), ``refused`` for the receiving side's own code
-    (an ``on_entry`` callback, a custom assembler)."""
+    (a container whose entries do not add up), ``refused`` for what the receiving side will
+    not take (a container it cannot store as asked) and for its own code (an ``on_entry``
+    callback, a custom assembler)."""
+    if isinstance(error, SaveError):
+        return FailureCode.REFUSED, str(error)
     if isinstance(error, io_errors):
         strerror = error.strerror if isinstance(error, OSError) else None
         return FailureCode.IO, f"{doing}: {strerror or error}"

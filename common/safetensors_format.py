@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from objstream.common.codec import FileRange, RawArray
+from objstream.common.codec import FileRange, RawArray, array_facts
 from objstream.common.dtypes import itemsize
 from objstream.common.errors import ObjstreamError
 
@@ -138,6 +140,105 @@ def header_bytes(
 ) -> bytes:
     """The length prefix and padded JSON header for ``tensors`` (name, safetensors dtype,
     shape, size in bytes) laid out one after the other in the order given."""
+    text = _header_json(metadata, tensors)
+    text += b" " * (-len(text) % 8)  # the spec pads the header to 8 bytes
+    return struct.pack("<Q", len(text)) + text
+
+
+def padded_header(
+    metadata: dict[str, str] | None, tensors: list[tuple[str, str, list[int], int]], total: int
+) -> bytes | None:
+    """:func:`header_bytes` padded with spaces to exactly ``total`` bytes (a multiple of 8,
+    the length prefix included), for a file whose tensors were written after a header space
+    reserved before the header was known; None if the header does not fit."""
+    text = _header_json(metadata, tensors)
+    if len(text) + 8 > total:
+        return None
+    text += b" " * (total - 8 - len(text))
+    return struct.pack("<Q", len(text)) + text
+
+
+RESERVE_PER_TENSOR = 256
+"""Header bytes reserved per tensor still to come (a name of up to ~150 bytes, its dtype,
+shape and offsets); a header that outgrows its reserve moves the tensors once."""
+
+
+HEADER_META = "safetensors_header"
+"""The key, in the meta of an entry's first chunk, announcing the header length of the
+``.safetensors`` file whose first entry it is (see :func:`header_lengths`)."""
+
+
+def header_lengths(container: Any, name: str) -> dict[int, int]:
+    """The length (prefix included) of the header of each ``.safetensors`` file a receiver
+    makes of ``container``, by the index of the file's first entry: the container saved as one
+    file (entry 0), or each ``F`` of the ``F/<key>`` entries of a directory container (a name
+    ending in ``/``). Announced with that entry, so that the receiver writes each tensor at its
+    final offset and the file comes out byte for byte as the safetensors package writes it.
+    Only for files that are all arrays of a dtype safetensors names (and ``__metadata__``)."""
+    if not isinstance(container, dict):
+        return {}
+    files: dict[str, _Layout] = {}
+    spoiled: set[str] = set()
+    for index, (key, value) in enumerate(container.items()):
+        if not isinstance(key, str):
+            return {}
+        file, rest = "", key
+        if name.endswith("/"):
+            file, sep, rest = key.partition("/")
+            if not sep:
+                continue  # a plain file of the directory
+        layout = files.setdefault(file, _Layout(index))
+        if rest == METADATA_KEY and layout.empty and isinstance(value, dict):
+            try:
+                layout.metadata = check_metadata(value, METADATA_KEY)
+            except SafetensorsError:
+                spoiled.add(file)
+            continue
+        facts = array_facts(value)
+        kind = None if facts is None else WIRE_TO_ST.get(facts.dtype.replace(">", "<", 1))
+        if facts is None or kind is None:
+            spoiled.add(file)
+            continue
+        layout.tensors.append((rest, kind, list(facts.shape), facts.nbytes))
+    return {
+        layout.first: len(header_bytes(layout.metadata, layout.tensors))
+        for file, layout in files.items()
+        if file not in spoiled
+    }
+
+
+@dataclass
+class _Layout:
+    first: int
+    metadata: dict[str, str] | None = None
+    tensors: list[tuple[str, str, list[int], int]] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.metadata is None and not self.tensors
+
+
+def announced_header(meta: Mapping[str, Any] | None) -> int | None:
+    """The header length an entry's first chunk announces (:func:`header_lengths`), if it is
+    one a header can have: a peer's word, a hint for the layout only (a wrong one costs a move
+    of the tensors, or spaces of padding, at the end)."""
+    value = (meta or {}).get(HEADER_META)
+    if type(value) is int and 16 <= value <= MAX_HEADER and value % 8 == 0:
+        return value
+    return None
+
+
+def header_reserve(metadata: dict[str, str] | None, tensors_to_come: int) -> int:
+    """The header space to reserve, before the first tensor is written, for ``metadata`` and
+    at most ``tensors_to_come`` tensors (at most 4096 counted: a file with more moves its
+    tensors once at the end rather than waste megabytes)."""
+    size = 8 + len(_header_json(metadata, [])) + RESERVE_PER_TENSOR * min(tensors_to_come, 4096)
+    return size + (-size % 8)
+
+
+def _header_json(
+    metadata: dict[str, str] | None, tensors: list[tuple[str, str, list[int], int]]
+) -> bytes:
     header: dict[str, Any] = {}
     if metadata is not None:
         header[METADATA_KEY] = metadata
@@ -145,9 +246,7 @@ def header_bytes(
     for name, kind, shape, size in tensors:
         header[name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # the spec pads the header to 8 bytes
-    return struct.pack("<Q", len(text)) + text
+    return json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def check_metadata(value: Any, where: str) -> dict[str, str]:

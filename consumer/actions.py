@@ -53,7 +53,7 @@ from objstream.common.streaming import ProgressHook
 from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
 from objstream.consumer.offload import Offload
-from objstream.consumer.streams import Received, Save, Stream
+from objstream.consumer.streams import Received, Save, Stored, Stream
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,9 @@ class StreamActions:
         """On the disk thread: finish the object and save it."""
         offer, session = stream.offer, stream.session
         value = stream.assembler.finish()
+        path = value if isinstance(value, Path) else None
+        if isinstance(value, Stored):
+            path, value = value.path, value.value
         received = Received(
             offer.stream_id,
             offer.kind,
@@ -224,7 +227,7 @@ class StreamActions:
             session.stored_bytes,
             session.reassembler.sha256,
             offer.sender,
-            path=value if isinstance(value, Path) else None,
+            path=path,
             value=value,
             info=dict(offer.info or {}),
             resumed_bytes=stream.resumed_bytes,

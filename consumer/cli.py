@@ -13,7 +13,6 @@ from typing import Any
 from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
 from objstream.common.errors import SenderGone, TransferFailed
 from objstream.common.settings import Settings, check_object_name
-from objstream.consumer.container_files import ContainerFiles
 from objstream.consumer.receiver import Receiver
 from objstream.consumer.retriever import Retriever
 from objstream.consumer.streams import Received
@@ -171,18 +170,18 @@ def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
 def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
     check_object_name(args.name)  # before connecting
     out = Path(args.out)
-    files = ContainerFiles(out.parent if str(out.parent) else Path("."), name=out.name)
     started = time.monotonic()
     bars = ProgressBars()
     with Retriever(
-        args.site, files.dest, settings, on_entry=files.on_entry, progress=bars, save=files.save
+        args.site,
+        out.parent,
+        settings,
+        progress=bars,
+        store_containers=True,  # chunk by chunk into the file: never an entry whole in memory
+        store_as=out.name + ("/" if args.out.endswith("/") else ""),
     ) as retriever:
-        try:
-            item = retriever.retrieve("container", args.owner, args.name, args.timeout)
-        except BaseException:
-            for stream_id in list(files.open):
-                files.discard(stream_id)
-            raise
+        item = retriever.retrieve("container", args.owner, args.name, args.timeout)
+    bars.close()
     _print_retrieved(args, item, time.monotonic() - started)
     return EXIT_OK
 
@@ -253,16 +252,13 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
     stop.install()
     done = failed = 0
     idle_since = time.monotonic()
-    containers = ContainerFiles(Path(args.dest))
     bars = ProgressBars()
     with Receiver(
         args.site,
         args.dest,
         settings,
-        on_entry=containers.on_entry,
         progress=bars,
-        spool_containers=True,  # so a container survives this process, as a file does
-        save=containers.save,  # before the verdict: the sender hears of a failed save
+        store_containers=True,  # each chunk into its place in the file; survives this process
     ) as receiver:
         log.info(
             "listening for site %s on %s (namespace %s)",
@@ -275,7 +271,6 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
             try:
                 item = receiver.receive(timeout=0.2)  # look at the stop flag often
             except TransferFailed as e:
-                containers.discard(e.stream_id)
                 item = e
             if item is None:
                 busy = receiver.active_streams > 0

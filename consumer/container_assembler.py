@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from objstream.common.codec import Decoded, decode_structure
+from objstream.common.decoding import Decoded, decode_structure
 from objstream.common.errors import ProtocolError
 from objstream.common.protocol import Offer
 from objstream.common.streaming import ObjectAssembler
@@ -38,6 +38,24 @@ class ContainerEntry:
 
 
 OnEntry = Callable[[ContainerEntry], None]
+
+
+def container_facts(offer: Offer) -> tuple[str, int]:
+    """The container type and entry count a container offer announces.
+
+    Raises:
+        ProtocolError: it announces none, or more entries than it has chunks.
+    """
+    info = offer.info or {}
+    container_type = info.get("container")
+    entries = info.get("entries")
+    if container_type not in CONTAINER_TYPES:
+        raise ProtocolError(f"container offer with container type {container_type!r}")
+    if type(entries) is not int or entries < 0:
+        raise ProtocolError(f"container offer with entry count {entries!r}")
+    if offer.chunk_count is not None and entries > offer.chunk_count:
+        raise ProtocolError(f"{entries} entries cannot fit in {offer.chunk_count} chunks")
+    return str(container_type), entries
 
 
 class _EntryInProgress:
@@ -96,19 +114,9 @@ class ContainerAssembler(ObjectAssembler):
     def __init__(
         self, offer: Offer, on_entry: OnEntry | None = None, *, as_torch: bool = False
     ) -> None:
-        info = offer.info or {}
-        container_type = info.get("container")
-        entries = info.get("entries")
-        if container_type not in CONTAINER_TYPES:
-            raise ProtocolError(f"container offer with container type {container_type!r}")
-        if type(entries) is not int or entries < 0:
-            raise ProtocolError(f"container offer with entry count {entries!r}")
-        if offer.chunk_count is not None and entries > offer.chunk_count:
-            raise ProtocolError(f"{entries} entries cannot fit in {offer.chunk_count} chunks")
+        self.container_type, self.entries = container_facts(offer)
         self.stream_id = offer.stream_id
         self.name = offer.name
-        self.container_type = str(container_type)
-        self.entries = entries
         self.on_entry = on_entry
         self.as_torch = as_torch
         """Numpy arrays in entries become torch tensors sharing their memory (objstream[torch])."""

@@ -43,9 +43,10 @@ from objstream.common.streaming import ObjectAssembler
 from objstream.common.topology import Topology
 from objstream.consumer.connection_thread import ConnectionThread
 from objstream.consumer.container_assembler import ContainerAssembler
+from objstream.consumer.container_sink import ContainerSink
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.file_sink import FileAssembler
-from objstream.consumer.options import AssemblerFactory, ReceiverOptions
+from objstream.consumer.options import AssemblerFactory, ReceiverOptions, store_options
 from objstream.consumer.resume import Resumable, StreamState
 from objstream.consumer.stream_table import StreamTable
 from objstream.consumer.streams import Stream
@@ -83,6 +84,7 @@ class ConsumerCore:
         on_entry = options.get("on_entry")
         spool_containers = options.get("spool_containers", False)
         as_torch = options.get("as_torch", False)
+        self._store = store_options(options)
         self.settings = settings or Settings()
         if options.get("accept_from") is not None:
             accepted = tuple(options.get("accept_from") or ())
@@ -124,6 +126,7 @@ class ConsumerCore:
             self.settings,
             on_entry=on_entry,
             spool_containers=spool_containers,
+            store=self._store,
             as_torch=as_torch,
         )
         self.parts: list[Part] = []
@@ -447,6 +450,8 @@ class ConsumerCore:
         return Asked(owner, None if kept is None else kept.facts())
 
     def _container_assembler(self, offer: Offer) -> ObjectAssembler:
+        if self._store is not None:
+            return ContainerSink(self.dest, offer, self._store.name, as_memmap=self._store.memmap)
         if self._spool_containers and offer.inline is None:
             return ContainerSpool(self.dest, offer, self._on_entry, as_torch=self._as_torch)
         return ContainerAssembler(offer, self._on_entry, as_torch=self._as_torch)

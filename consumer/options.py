@@ -8,9 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypedDict
 
+from objstream.common.errors import ConfigError
 from objstream.common.protocol import Offer
 from objstream.common.streaming import ObjectAssembler, ProgressHook
 from objstream.consumer.container_assembler import OnEntry
+from objstream.consumer.container_sink import StoreOptions
 from objstream.consumer.streams import Save
 
 AssemblerFactory = Callable[[Offer], ObjectAssembler]
@@ -29,6 +31,20 @@ class RetrieverOptions(TypedDict, total=False):
     as_torch: bool
     """Containers (and ``on_entry``'s entries) come as CPU ``torch.Tensor`` objects, built from
     the received bytes without pickle (the ``objstream[torch]`` extra)."""
+    store_containers: bool
+    """Containers are written into the destination as they arrive, each chunk straight to its
+    place in the file they are saved as (``.npz``, ``.safetensors``, ``.json``, or a directory
+    for a name ending in ``/``; see ``store_as``): no entry is ever whole in memory, and a
+    container survives this process as a file does. :attr:`Received.path` names the file;
+    :attr:`Received.value` is None, or the arrays with ``as_memmap``. A container that cannot
+    be stored as asked (a bfloat16 array as ``.npz``) is refused at its offer."""
+    store_as: str | None
+    """With ``store_containers``: the name every container is saved under (its suffix chooses
+    the format), in place of the one its own name gives."""
+    as_memmap: bool
+    """With ``store_containers``: :attr:`Received.value` holds a ``.safetensors`` or ``.npz``
+    container's arrays as read-only numpy memory maps of the stored file (a dict, or a list),
+    so that arrays larger than memory can be used."""
     connection_thread: bool
     """Serve the broker connection on a thread of its own, so that heartbeats, acks and
     progress never wait for the caller to call ``receive()`` (or retrieve) again."""
@@ -47,3 +63,25 @@ class ReceiverOptions(RetrieverOptions, total=False):
     """Take pushes only from these broker users (the offer's ``user_id``, which RabbitMQ
     validates); others are refused at once with code ``forbidden``. Overrides the
     ``accept_from`` setting (``OBJSTREAM_ACCEPT_FROM``); ``None`` keeps it."""
+
+
+def store_options(options: ReceiverOptions) -> StoreOptions | None:
+    """The ``store_containers`` choices, or None without it.
+
+    Raises:
+        ConfigError: options that contradict each other.
+    """
+    store = options.get("store_containers", False)
+    if not store:
+        for needs in ("store_as", "as_memmap"):
+            if options.get(needs):
+                raise ConfigError(f"{needs} needs store_containers=True")
+        return None
+    for other, why in (
+        ("on_entry", "on_entry takes the entries in memory"),
+        ("spool_containers", "spool_containers decodes the container into memory"),
+        ("as_torch", "as_torch builds tensors in memory (as_memmap maps the stored arrays)"),
+    ):
+        if options.get(other):
+            raise ConfigError(f"store_containers writes containers to files; {why}")
+    return StoreOptions(options.get("store_as"), options.get("as_memmap", False))

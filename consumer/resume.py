@@ -19,10 +19,12 @@ again: the request then carries ``resume_from`` and the prefix's SHA-256, and on
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -132,9 +134,9 @@ class Resumable:
         return self._sha
 
     def discard(self) -> None:
-        """Give the prefix up: its state and partial file go."""
+        """Give the prefix up: its state and partial object go."""
         self.state.remove()
-        self.partial.unlink(missing_ok=True)
+        remove_partial(self.partial)
 
     def _hash_prefix(self) -> Any:
         sha = hashlib.sha256()
@@ -230,7 +232,12 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
         raise ValueError("user_id is not a string")
     stored, stored_bytes = (int(n) for n in counts.split())
     partial = dest / partial_name(offer.stream_id)
-    if not partial.is_file() or partial.stat().st_size < stored_bytes:
+    if offer.kind == CONTAINER_KIND:
+        # Spooled (the stream's bytes), or stored (a file or a directory laid out as the
+        # container is saved, replayed from its journal): its reader checks it.
+        if not partial.exists():
+            raise ValueError(f"partial object {partial} is missing")
+    elif not partial.is_file() or partial.stat().st_size < stored_bytes:
         raise ValueError(f"partial file {partial} is missing or short")
     if offer.size is None or stored_bytes > offer.size or stored_bytes > stored * offer.chunk_size:
         raise ValueError("inconsistent counts")
@@ -265,15 +272,26 @@ def remove_abandoned(dest: Path, ttl: float) -> list[Path]:
                 finally:
                     os.close(fd)
                 state.unlink(missing_ok=True)
-            partial.unlink(missing_ok=True)
-            for sibling in dest.glob(f"{partial.name.removesuffix('.part')}.*"):
-                sibling.unlink(missing_ok=True)  # a spooled container's chunk metas
+            remove_partial(partial)
         except OSError as e:
             log.debug("cannot clean %s: %s", partial, e)
             continue
         log.info("removed %s, abandoned for more than %g s", partial, ttl)
         removed.append(partial)
     return removed
+
+
+def remove_partial(partial: Path) -> None:
+    """Remove a partial object (a file, or a directory for a directory container) and the
+    files kept beside it (a container's journal)."""
+    if partial.is_dir() and not partial.is_symlink():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.unlink(missing_ok=True)
+    stem = partial.name.removesuffix(".part")
+    for sibling in partial.parent.glob(f"{glob.escape(stem)}.*"):
+        if sibling.suffix != STATE_SUFFIX:
+            sibling.unlink(missing_ok=True)
 
 
 def _mtime(path: Path) -> float:

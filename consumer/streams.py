@@ -54,6 +54,15 @@ class Received:
         return value if isinstance(value, int) else None
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What an assembler that stores its object returns: where it is, and a value to hand out
+    beside it (a container's arrays mapped from the stored file, or None)."""
+
+    path: Path
+    value: Any = None
+
+
 Save = Callable[[Received], Received]
 """Runs as part of the commit, before the verdict: puts a received object where its user finds
 it (a container into a ``.npz``...) and returns the record to hand out. If it raises, the

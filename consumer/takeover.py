@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from objstream.common.errors import ObjstreamError
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
 from objstream.common.reassembly import Reassembler
 from objstream.common.settings import Settings
 from objstream.common.streaming import ObjectAssembler
 from objstream.consumer.container_assembler import OnEntry
+from objstream.consumer.container_sink import ContainerSink, StoreOptions
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.file_sink import FileAssembler
 from objstream.consumer.resume import (
@@ -63,12 +65,14 @@ class ResumeStore:
         *,
         on_entry: OnEntry | None = None,
         spool_containers: bool = False,
+        store: StoreOptions | None = None,
         as_torch: bool = False,
     ) -> None:
         self.dest = dest
         self.settings = settings
         self._on_entry = on_entry
         self._spool_containers = spool_containers
+        self._store = store
         self._as_torch = as_torch
 
     def cleanup(self) -> None:
@@ -82,13 +86,17 @@ class ResumeStore:
         found: list[Reopened] = []
         for item in find_resumable(self.dest):
             offer = item.offer
-            if offer.kind == CONTAINER_KIND and not self._spool_containers:
-                item.state.release()  # for a receiver that spools containers
+            if offer.kind == CONTAINER_KIND and not (self._spool_containers or self._store):
+                item.state.release()  # for a receiver that keeps containers on disk
                 continue
+            stores = offer.kind == CONTAINER_KIND and self._store is not None
             try:
-                sha = item.prefix_sha256()
+                # A stored container's prefix is hashed as its journal is replayed.
+                sha = None if stores else item.prefix_sha256()
                 assembler = self._reopen(item)
-            except (OSError, ValueError) as e:
+                if isinstance(assembler, ContainerSink):
+                    sha = assembler.prefix_sha256()
+            except (OSError, ValueError, ObjstreamError) as e:
                 log.warning("cannot resume stream %s: %s", offer.stream_id, e)
                 item.discard()
                 continue
@@ -110,6 +118,15 @@ class ResumeStore:
     def _reopen(self, item: Resumable) -> ObjectAssembler:
         if item.offer.kind == FILE_KIND:
             return FileAssembler(self.dest, item.offer, reopen=True)
+        if self._store is not None:
+            return ContainerSink(
+                self.dest,
+                item.offer,
+                as_memmap=self._store.memmap,
+                reopen=True,
+                stored=item.stored,
+                stored_bytes=item.stored_bytes,
+            )
         return ContainerSpool(
             self.dest,
             item.offer,

@@ -7,20 +7,24 @@ into chunks of at most ``chunk_size``, and a chunk never spans two entries. Any 
 rebuilt from its number (random access), so resends cost no memory.
 
 Piece meta: the first chunk of entry ``i`` carries ``{"entry": i, "head": len(structure),
-"size": entry bytes}``, the others ``{"entry": i, "part": p}``.
+"size": entry bytes}``, the others ``{"entry": i, "part": p}``. The first chunk of the first
+entry of a ``.safetensors`` file (the container's, or a directory container's shard) also
+announces that file's header length, ``safetensors_header``, so that a receiver writing it lays
+the tensors out where the safetensors package would.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from objstream.common.codec import Buffer, Encoded, EncodeError, FileRange, encode
-from objstream.common.protocol import CONTAINER_KIND
+from objstream.common.codec import Buffer, Encoded, EncodeError, FileRange, array_facts, encode
+from objstream.common.protocol import CONTAINER_KIND, MAX_INFO_TEXT
+from objstream.common.safetensors_format import HEADER_META, header_lengths
 from objstream.common.streaming import MetaValue, ObjectStreamer, Piece
 
 CONTAINER_TYPES = {dict: "dict", list: "list", set: "set"}
@@ -58,11 +62,15 @@ class ContainerSource(ObjectStreamer):
         self.container_type = container_type
         self.name = name
         self._entries: list[_Entry] | None = None  # encoded once, whatever the chunk size
+        self._dtypes: set[str] = set()  # wire dtypes of the entries that are one array
+        self._non_arrays = 0  # entries that are not one array
+        self._headers: dict[int, int] = {}  # entry -> safetensors header length it announces
         self._first_seq: list[int] = []
 
     def _encoded_entries(self) -> Iterator[Encoded]:
         container = self.container
         if isinstance(container, dict):
+            self._count(container.values())
             for key, value in container.items():
                 if type(key) not in (str, int):
                     raise EncodeError(
@@ -71,11 +79,24 @@ class ContainerSource(ObjectStreamer):
                     )
                 yield encode([key, value], where=f"container {self.name!r}, key {key!r}")
         elif isinstance(container, list):
+            self._count(container)
             for index, value in enumerate(container):
                 yield encode(value, where=f"container {self.name!r}, index {index}")
         else:
+            self._count(container)
             for value in container:
                 yield encode(value, where=f"container {self.name!r}, member {value!r:.40}")
+
+    def _count(self, values: Iterable[Any]) -> None:
+        self._dtypes.clear()
+        self._non_arrays = 0
+        for value in values:
+            facts = array_facts(value)
+            if facts is None:
+                self._non_arrays += 1
+            else:
+                self._dtypes.add(facts.dtype)
+        self._headers = header_lengths(self.container, self.name)
 
     def prepare(self, chunk_size: int) -> None:
         """Encode the entries (the first time only) and cut them into chunks of ``chunk_size``.
@@ -102,7 +123,19 @@ class ContainerSource(ObjectStreamer):
         return twin
 
     def info(self) -> dict[str, MetaValue]:
-        return {"container": self.container_type, "entries": len(self.container)}
+        """The container type and entry count; once prepared, also what a receiver needs to
+        tell whether it can store the container as it asked (a ``.npz`` holds no bfloat16):
+        the wire dtypes of the entries that are one array, and how many entries are not."""
+        info: dict[str, MetaValue] = {
+            "container": self.container_type,
+            "entries": len(self.container),
+        }
+        if self._entries is not None:
+            codes = ",".join(sorted(self._dtypes))
+            if len(codes) <= MAX_INFO_TEXT:  # else each entry is checked as it arrives
+                info["dtypes"] = codes
+            info["non_arrays"] = self._non_arrays
+        return info
 
     def pieces(self) -> Iterator[Piece]:
         for seq in range(self.chunk_count or 0):
@@ -120,6 +153,8 @@ class ContainerSource(ObjectStreamer):
             if part == 0
             else {"entry": index, "part": part}
         )
+        if part == 0 and index in self._headers:
+            meta[HEADER_META] = self._headers[index]
         return Piece(_gather(entry, start, end), meta)
 
 

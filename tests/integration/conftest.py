@@ -64,10 +64,11 @@ MakeRawPeer = Callable[[str], RawPeer]
 
 
 class StartReceiver(Protocol):
-    """``start_receiver``: a :class:`BackgroundReceiver` for ``site`` writing into ``dest``."""
+    """``start_receiver``: a :class:`BackgroundReceiver` for ``site`` writing into ``dest``
+    (``options``: the receiver's)."""
 
     def __call__(
-        self, site: str, dest: Path, custom: Settings | None = None
+        self, site: str, dest: Path, custom: Settings | None = None, **options: Any
     ) -> BackgroundReceiver: ...
 
 
@@ -307,9 +308,11 @@ def _wait(condition: Callable[[], bool], timeout: float) -> None:
 def start_receiver(settings: Settings, declared: Declared) -> Iterator[StartReceiver]:
     started: list[BackgroundReceiver] = []
 
-    def start(site: str, dest: Path, custom: Settings | None = None) -> BackgroundReceiver:
+    def start(
+        site: str, dest: Path, custom: Settings | None = None, **options: Any
+    ) -> BackgroundReceiver:
         declared.sites.add(site)
-        receiver = BackgroundReceiver(site, dest, custom or settings)
+        receiver = BackgroundReceiver(site, dest, custom or settings, **options)
         started.append(receiver)
         return receiver
 

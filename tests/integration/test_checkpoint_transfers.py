@@ -1,10 +1,11 @@
 """Real checkpoints through the broker: every dtype through send-container/listen, the Python API
-and retrieval; a sharded directory; a multi-GiB bfloat16 file with both sides' memory flat."""
+and retrieval; a sharded directory; 512 MiB and 1 GiB bfloat16 tensors with memory flat."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -25,10 +26,10 @@ from tests.checkpoints import METADATA, every_dtype, same_bits, write_every_dtyp
 from tests.integration.conftest import Declared, StartServer
 from tests.integration.test_cli import _env, _listener, _objstream
 
-GiB = 1 << 30
-BIG_GIB = float(os.environ.get("OBJSTREAM_TEST_BIG_CHECKPOINT_GIB", "2"))
-"""Size of the big bfloat16 file (2 GiB as issue 15 asks: 24-44 s here, so CI runs it whole)."""
-RSS_LIMIT_MIB = 150
+BIG_TENSOR_MIB = int(os.environ.get("OBJSTREAM_TEST_BIG_TENSOR_MIB", "512"))
+"""The big tensors' size: 3 of it pushed, one of twice it retrieved (about 20 s here)."""
+RSS_LIMIT_MIB = 120
+"""Peak RSS of either side, whatever the tensor size: under 120 MiB (about 60 measured)."""
 
 
 def _send(settings: Settings, declared: Declared, src: Path, dest: Path) -> dict[str, Any]:
@@ -115,37 +116,54 @@ def test_every_dtype_through_the_python_api_and_retrieval(
             assert same_bits(value, arrays[key]), key
 
 
-def _big_bfloat16(path: Path, gib: float) -> None:
-    """A bfloat16 safetensors of ``gib`` GiB in 32 MiB tensors, written without holding it."""
-    tensor = np.arange(16 << 20, dtype=np.float32).astype(ml_dtypes.bfloat16)  # 32 MiB
-    count = max(1, int(gib * GiB) // tensor.nbytes)
+def _big_bfloat16(path: Path, tensor_mib: int, count: int) -> None:
+    """A bfloat16 safetensors of ``count`` tensors of ``tensor_mib`` MiB each, formatted as the
+    safetensors package does (so the received file must be the same bytes), written without
+    holding a tensor."""
+    rng = np.random.default_rng(5)
+    block = rng.standard_normal(16 << 20, dtype=np.float32).astype(ml_dtypes.bfloat16)  # 32 MiB
+    size = tensor_mib << 20
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     for i in range(count):
-        header[f"layer.{i:04d}"] = {
-            "dtype": "BF16", "shape": [4096, 4096],
-            "data_offsets": [i * tensor.nbytes, (i + 1) * tensor.nbytes],
+        header[f"embed.{i}"] = {
+            "dtype": "BF16", "shape": [size // 2 // 4096, 4096],
+            "data_offsets": [i * size, (i + 1) * size],
         }  # fmt: skip
-    # Formatted as the safetensors package does, so the received file must be the same bytes.
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
-        for _ in range(count):
-            f.write(tensor.view(np.uint8).data)
+        for n in range(count * size // block.nbytes):
+            f.write(np.roll(block, n).view(np.uint8).data)
 
 
 def _side(rss_file: Path, *args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``objstream ARGS`` in a process that writes its peak RSS (VmHWM, MiB) to ``rss_file``
+    as it exits: everything it ever held, anonymous or not."""
     return subprocess.Popen(
         [sys.executable, "-c", WRAPPER, str(rss_file), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def test_a_big_bfloat16_file_streams_with_both_sides_memory_flat(
+def _same_file(a: Path, b: Path) -> bool:
+    if a.stat().st_size != b.stat().st_size:
+        return False
+    with open(a, "rb") as x, open(b, "rb") as y:
+        while block := x.read(8 << 20):
+            if block != y.read(8 << 20):
+                return False
+    return True
+
+
+def test_big_tensors_are_pushed_with_both_sides_memory_flat(
     tmp_path: Path, settings: Settings, declared: Declared
 ) -> None:
+    """3 x 512 MiB bfloat16 tensors (one embedding matrix each): each chunk goes straight to
+    its place in the .safetensors, so the listener never holds a tensor (it held all 512 MiB
+    of one before)."""
     src = tmp_path / "big.safetensors"
-    _big_bfloat16(src, BIG_GIB)
+    _big_bfloat16(src, BIG_TENSOR_MIB, 3)
     declared.sites.add("site-1")
     env = _env(settings)
     listener = _side(tmp_path / "rx", "consumer", "listen", "--site", "site-1", "--dest",
@@ -164,13 +182,46 @@ def test_a_big_bfloat16_file_streams_with_both_sides_memory_flat(
     received = Path(json.loads(out)["path"])
     sender_mib = float((tmp_path / "tx").read_text())
     receiver_mib = float((tmp_path / "rx").read_text())
-    print(f"{BIG_GIB} GiB bf16: {seconds:.1f} s, peak RSS sender {sender_mib:.0f} MiB, "
-          f"receiver {receiver_mib:.0f} MiB")  # fmt: skip
-    # Measured (VmHWM) for 2 GiB: sender 56 MiB, receiver 94 MiB (one 32 MiB tensor decoded
-    # at a time); 24-44 s, so CI runs the full 2 GiB.
+    print(f"3 x {BIG_TENSOR_MIB} MiB bf16 pushed: {seconds:.1f} s, peak RSS sender "
+          f"{sender_mib:.0f} MiB, receiver {receiver_mib:.0f} MiB")  # fmt: skip
     assert sender_mib < RSS_LIMIT_MIB
     assert receiver_mib < RSS_LIMIT_MIB
-    assert received.stat().st_size == src.stat().st_size
-    with open(src, "rb") as a, open(received, "rb") as b:
-        while block := a.read(8 << 20):
-            assert block == b.read(8 << 20)
+    assert _same_file(src, received)
+    assert [p.name for p in (tmp_path / "in").iterdir()] == ["big.safetensors"]
+
+
+def test_a_big_tensor_is_retrieved_with_the_requester_memory_flat(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    """One 1 GiB tensor through serve and retrieve-container --out; and the same container
+    asked for as .npz (which has no bfloat16) is refused at its offer, before a chunk moves."""
+    src = tmp_path / "big.safetensors"
+    _big_bfloat16(src, 2 * BIG_TENSOR_MIB, 1)
+    declared.sites.add("server")
+    env = _env(settings)
+    server = _side(tmp_path / "srv", "producer", "serve", "--site", "server", "--container",
+                   f"m={src}", env=env)  # fmt: skip
+    try:
+        time.sleep(1.5)
+        refused = _objstream("consumer", "retrieve-container", "--site", "site-1", "--from",
+                             "server", "m", "--out", str(tmp_path / "out" / "m.npz"),
+                             env=env)  # fmt: skip
+        started = time.monotonic()
+        requester = _side(tmp_path / "rq", "consumer", "retrieve-container", "--site", "site-1",
+                          "--from", "server", "m", "--out", str(tmp_path / "out" / "m.safetensors"),
+                          env=env)  # fmt: skip
+        _, err = requester.communicate(timeout=600)
+        seconds = time.monotonic() - started
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert refused.returncode == 1, refused.stderr
+    assert "cannot be stored as 'm.npz': bfloat16 cannot be saved as .npz" in refused.stderr
+    assert "name it .safetensors" in refused.stderr
+    assert requester.returncode == 0, err
+    requester_mib = float((tmp_path / "rq").read_text())
+    print(f"1 x {2 * BIG_TENSOR_MIB} MiB bf16 retrieved: {seconds:.1f} s, peak RSS requester "
+          f"{requester_mib:.0f} MiB")  # fmt: skip
+    assert requester_mib < RSS_LIMIT_MIB
+    assert _same_file(src, tmp_path / "out" / "m.safetensors")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.safetensors"]

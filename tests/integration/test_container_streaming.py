@@ -12,7 +12,7 @@ import pika
 import pytest
 
 from objstream.common.codec import EncodeError, FileRange, encode
-from objstream.common.errors import FailureCode, TransferFailed
+from objstream.common.errors import FailureCode, SendFailed, TransferFailed
 from objstream.common.settings import KiB, Settings
 from objstream.common.streaming import ObjectAssembler, ObjectStreamer, Piece
 from objstream.common.topology import Topology
@@ -20,7 +20,12 @@ from objstream.consumer.container_assembler import ContainerEntry
 from objstream.consumer.streams import Received
 from objstream.producer import ContainerStreamer, Streamer, TargetResult
 from tests.conftest import as_received
-from tests.integration.conftest import Declared, MakeRawPeer, StartReceiver
+from tests.integration.conftest import (
+    Declared,
+    MakeRawPeer,
+    StartReceiver,
+    count_published_chunks,
+)
 from tests.integration.rawpeer import RawPeer, declare_bound
 from tests.integration.test_codec_helpers import same
 
@@ -296,3 +301,56 @@ def test_a_kind_the_receiver_does_not_know_is_refused(
     [failure] = caught.value.failures
     assert failure.code == FailureCode.REFUSED
     assert "kind 'records'" in failure.detail
+
+
+def test_a_receiver_that_stores_containers_hands_out_the_file_and_memory_maps(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
+    rng = np.random.default_rng(3)
+    model: dict[str, Any] = {
+        "embed": rng.standard_normal((512, 300), dtype=np.float32),  # 600 KiB: 10 chunks
+        "big_endian": np.arange(10_000, dtype=">i4"),
+        "step": 7,
+    }
+    dest = tmp_path / "in"
+    receiver = start_receiver("site-1", dest, store_containers=True, as_memmap=True)
+
+    [result] = _send(settings, "site-1", model, chunk_size=64 * KiB, window=4)
+
+    [received] = receiver.wait_for(1)
+    assert isinstance(received, Received)
+    assert result.ok
+    assert result.stored_as == "model.npz"
+    assert received.path == (dest / "model.npz").resolve()
+    assert list(received.value) == list(model)
+    for key, value in model.items():
+        mapped = received.value[key]
+        assert isinstance(mapped, np.memmap), key
+        assert mapped.dtype == np.asarray(value).dtype, key
+        assert np.array_equal(mapped, value), key
+    with np.load(received.path, allow_pickle=False) as saved:
+        assert all(np.array_equal(saved[k], v) for k, v in model.items())
+    assert [p.name for p in dest.iterdir()] == ["model.npz"]
+
+
+def test_a_container_that_cannot_be_stored_is_refused_before_a_chunk_moves(
+    tmp_path: Path,
+    settings: Settings,
+    start_receiver: StartReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import ml_dtypes
+
+    receiver = start_receiver("site-1", tmp_path / "in", store_containers=True)
+    model = {"w": np.zeros(1 << 20, ml_dtypes.bfloat16)}  # 2 MiB: 32 chunks of 64 KiB
+    published = count_published_chunks(monkeypatch)
+    with pytest.raises(SendFailed) as raised:
+        _send(settings, "site-1", model, chunk_size=64 * KiB)
+    [failure] = raised.value.failures
+    assert failure.code == FailureCode.REFUSED
+    assert "bfloat16 cannot be saved as .npz" in failure.detail
+    assert "name it .safetensors" in failure.detail
+    [outcome] = receiver.wait_for(1)
+    assert isinstance(outcome, TransferFailed)
+    assert published == []
+    assert list((tmp_path / "in").iterdir()) == []

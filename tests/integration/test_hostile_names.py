@@ -11,7 +11,6 @@ import pytest
 
 from objstream.common.errors import FailureCode, SendFailed, TransferFailed
 from objstream.common.settings import KiB, Settings
-from objstream.consumer.container_files import ContainerFiles
 from objstream.producer import ContainerStreamer, FileStreamer
 from objstream.producer.sources import FileSource
 from tests.integration.conftest import BackgroundReceiver, Declared
@@ -23,9 +22,7 @@ def test_a_container_key_that_would_unzip_outside_fails_the_push_and_leaves_noth
     declared.sites.add("site-1")
     dest = tmp_path / "in"
     dest.mkdir()
-    files = ContainerFiles(dest)
-    receiver = BackgroundReceiver("site-1", dest, settings, on_entry=files.on_entry,
-                                  spool_containers=True, save=files.save)  # fmt: skip
+    receiver = BackgroundReceiver("site-1", dest, settings, store_containers=True)
     hostile = {"w": np.arange(10), "../../etc/x": np.zeros(3)}
     try:
         with (
@@ -34,13 +31,12 @@ def test_a_container_key_that_would_unzip_outside_fails_the_push_and_leaves_noth
         ):
             streamer.stream_container("site-1", hostile, "model", chunk_size=4 * KiB)
         [failure] = raised.value.failures
-        # Refused while the verified spool is decoded into the .npz: the receiver's code for
-        # a container it cannot take apart.
-        assert failure.code == FailureCode.PROTOCOL
+        # Refused as the entry arrives, before a byte of it is written: the receiver's code
+        # for a container it will not store as asked.
+        assert failure.code == FailureCode.REFUSED
         assert "'../../etc/x' cannot be saved as .npz" in failure.detail
         [outcome] = receiver.wait_for(1)
         assert isinstance(outcome, TransferFailed)
-        files.discard(outcome.stream_id)  # what listen does with a failed stream
     finally:
         receiver.stop()
     assert os.listdir(dest) == []

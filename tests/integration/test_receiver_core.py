@@ -14,7 +14,6 @@ import pytest
 from objstream.common import amqp
 from objstream.common.errors import FailureCode, SendFailed
 from objstream.common.settings import KiB, Settings
-from objstream.consumer.container_files import ContainerFiles
 from objstream.consumer.streams import Received
 from objstream.producer import ContainerStreamer, FileStreamer
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer, Declared
@@ -30,9 +29,7 @@ def test_the_container_is_saved_before_the_sender_hears_ok(
     declared.sites.add("site-1")
     dest = tmp_path / "in"
     dest.mkdir()
-    files = ContainerFiles(dest)
-    receiver = BackgroundReceiver("site-1", dest, settings, on_entry=files.on_entry,
-                                  spool_containers=True, save=files.save)  # fmt: skip
+    receiver = BackgroundReceiver("site-1", dest, settings, store_containers=True)
     try:
         with ContainerStreamer("server", settings) as streamer:
             [result] = streamer.stream_container("site-1", _model(), "model", chunk_size=4 * KiB)

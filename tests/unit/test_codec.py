@@ -16,10 +16,12 @@ from objstream.common.codec import (
     OUT_OF_BAND_BYTES,
     Buffer,
     EncodeError,
+    FileRange,
+    RawArray,
     decode,
-    decode_structure,
     encode,
 )
+from objstream.common.decoding import ArraySpec, BytesSpec, decode_structure, describe_structure
 from objstream.common.errors import ProtocolError
 
 
@@ -285,3 +287,24 @@ def test_nothing_keeps_decoded_or_encoded_buffers_alive_without_the_gc() -> None
         assert sent() is None
     finally:
         gc.enable()
+
+
+def test_describing_a_structure_allocates_nothing_and_says_where_buffers_go() -> None:
+    """What a receiver writing straight into a file needs: every array's dtype, shape and order
+    and every buffer's length, from the structure alone (a 2 GiB tensor allocates nothing)."""
+    big = RawArray("bfloat16", (1 << 30,), FileRange("/nowhere", 0, 1 << 31))  # never read
+    encoded = encode(["w", big], where="big")
+    described = describe_structure(encoded.structure, max_payload=encoded.size)
+    key, spec = described.raw
+    assert key == "w"
+    assert isinstance(spec, ArraySpec)
+    assert spec.dtype_code == "bfloat16"
+    assert (spec.shape, spec.fortran, spec.nbytes) == ((1 << 30,), False, 1 << 31)
+    assert described.buffers == [1 << 31]
+    mixed = encode({"b": b"x" * OUT_OF_BAND_BYTES, "a": np.ones((2, 3), order="F")})
+    described = describe_structure(mixed.structure, max_payload=mixed.size)
+    assert isinstance(described.raw["b"], BytesSpec)
+    assert described.raw["a"].fortran
+    assert described.buffers == [OUT_OF_BAND_BYTES, 48]
+    with pytest.raises(ProtocolError, match="more payload bytes"):
+        describe_structure(mixed.structure, max_payload=10)

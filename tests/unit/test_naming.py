@@ -20,7 +20,7 @@ from objstream.common.naming import (
     fit_name,
     safe_basename,
 )
-from objstream.consumer.container_files import final_name
+from objstream.consumer.output_formats import final_name
 
 
 @pytest.mark.parametrize(
@@ -142,7 +142,8 @@ def test_a_file_system_with_a_smaller_limit_is_asked(
 def test_any_name_becomes_a_final_name_a_file_system_takes(name: str) -> None:
     """For any str a peer sends: every final name (the base, a collision's, a container's) is
     1..255 bytes of UTF-8, one component without NUL, and a file can be created under it."""
-    names = [safe_basename(name), final_name(name)]
+    # A directory container's final name ends in "/" (saved as a directory of that name).
+    names = [safe_basename(name), final_name(name).removesuffix("/")]
     names += [c for base in names for c in (candidate_names(base)[1], candidate_names(base)[-1])]
     with tempfile.TemporaryDirectory() as where:  # not tmp_path: one per example
         dest = Path(where)
