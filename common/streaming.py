@@ -87,6 +87,13 @@ class ObjectAssembler(ABC):
     """``take`` only writes to a file (a ``pwrite`` into the page cache) and may run on the
     connection's thread; otherwise (decoding, user code) it runs on a thread of its own."""
 
+    def inline(self, size: int, meta: Mapping[str, Any] | None) -> bool:
+        """Whether taking the next piece (``size`` bytes, ``meta``) may run on the connection's
+        thread: it only copies bytes (into a file, or into a buffer allocated already) and
+        runs no user code. A piece taken elsewhere holds the stream's next pieces in memory
+        until it is taken, so what is quick should say so. By default: :attr:`takes_inline`."""
+        return self.takes_inline
+
     @abstractmethod
     def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
         """Take the next piece."""

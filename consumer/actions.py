@@ -182,7 +182,7 @@ class StreamActions:
 
     def _write(self, stream: Stream, write: Write) -> list[Action] | None:
         take = partial(stream.assembler.take, write.offset, write.body, write.meta)
-        if stream.assembler.takes_inline:
+        if stream.assembler.inline(len(write.body), write.meta):
             try:
                 take()
             except Exception as e:

@@ -19,6 +19,8 @@ from objstream.common.protocol import Offer
 from objstream.common.streaming import ObjectAssembler
 
 CONTAINER_TYPES = ("dict", "list", "set")
+INLINE_STRUCTURE = 1024 * 1024
+"""The largest entry structure parsed on the connection's thread (a few ms at most)."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,21 @@ class ContainerAssembler(ObjectAssembler):
         self._current: _EntryInProgress | None = None
         self._items: list[Any] = []
         self._dict: dict[Any, Any] = {}
+
+    def inline(self, size: int, meta: Mapping[str, Any] | None) -> bool:
+        """A piece is a copy into buffers allocated already, and may be taken on the
+        connection's thread, unless it carries a big structure to parse or completes an entry
+        that ``on_entry`` (user code) then gets."""
+        meta = meta or {}
+        if "head" in meta:
+            head, total = meta.get("head"), meta.get("size")
+            if type(head) is not int or head > INLINE_STRUCTURE:
+                return False
+            completes = total == size
+        else:
+            current = self._current
+            completes = current is None or current.received + size >= current.size
+        return not (completes and self.on_entry is not None)
 
     def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
         meta = meta or {}
