@@ -220,17 +220,24 @@ _EXT_DECODERS: dict[int, str] = {
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """An array a structure announces: its payload buffer's number, dtype, shape and order."""
+    """An array a structure announces: its payload buffer's number, wire dtype, shape and
+    order, and its item size (known without building the dtype: an ml_dtypes one needs a
+    second-long import)."""
 
     index: int
     dtype_code: str
-    dtype: np.dtype[Any]
     shape: tuple[int, ...]
     fortran: bool
+    itemsize: int
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The numpy dtype (built on first use)."""
+        return dtypes.numpy_dtype(self.dtype_code)
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -277,8 +284,10 @@ class _Describer(_Decoder):
 
     def _array(self, code: int, data: bytes) -> Any:
         index, dtype_code, shape_list, fortran = _fields(self.unpack(data), 4, "array")
-        dtype = _parse_dtype(dtype_code)
-        spec = ArraySpec(index, str(dtype_code), dtype, _parse_shape(shape_list), fortran is True)
+        if not isinstance(dtype_code, str):
+            raise ProtocolError(f"malformed dtype {dtype_code!r}")
+        itemsize = dtypes.itemsize(dtype_code)  # checks it, builds nothing
+        spec = ArraySpec(index, dtype_code, _parse_shape(shape_list), fortran is True, itemsize)
         self.claim(index, spec.nbytes)
         return spec
 

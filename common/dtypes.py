@@ -102,6 +102,19 @@ def itemsize(code: str) -> int:
     return numpy_dtype(code).itemsize
 
 
+def little_code(code: Any) -> str:
+    """The wire code of ``code``'s little-endian twin (itself unless it is a big-endian numpy
+    code), checked, without building an ml_dtypes type (importing ml_dtypes takes a second).
+
+    Raises:
+        ProtocolError: ``code`` is not a dtype the codec carries.
+    """
+    if isinstance(code, str) and code in ML_DTYPES:
+        return code
+    dtype = numpy_dtype(code)
+    return str(dtype.newbyteorder("<").str) if dtype.byteorder == ">" else str(dtype.str)
+
+
 def numpy_dtype(code: Any) -> np.dtype[Any]:
     """The numpy dtype a peer names ``code``.
 

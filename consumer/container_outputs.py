@@ -41,8 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from objstream.common import dtypes
 from objstream.common.decoding import ArraySpec, BytesSpec, Described
 from objstream.common.errors import SaveError
@@ -101,7 +99,7 @@ class SafetensorsFile:
     fd: int = field(init=False)
     metadata: dict[str, str] | None = field(init=False, default=None)
     tensors: list[tuple[str, str, list[int], int]] = field(init=False, default_factory=list)
-    dtypes: list[np.dtype[Any]] = field(init=False, default_factory=list)
+    codes: list[str] = field(init=False, default_factory=list)  # their wire dtypes
     _names: set[str] = field(init=False, default_factory=set)
     reserve: int | None = field(init=False, default=None)
     _seen: int = field(init=False, default=0)
@@ -127,12 +125,13 @@ class SafetensorsFile:
                 f"entry {name!r} ({type(value).__name__}) cannot be saved as .safetensors "
                 "(arrays only); name it .json"
             )
-        dtype, swap = value.dtype, None
-        if dtype.byteorder == ">":
-            dtype, swap = dtype.newbyteorder("<"), dtype
-        kind = WIRE_TO_ST.get(dtypes.wire_code(dtype) or "")
+        code = dtypes.little_code(value.dtype_code)
+        swap = value.dtype if code != value.dtype_code else None  # big-endian: swapped
+        kind = WIRE_TO_ST.get(code)
         if kind is None:
-            raise SaveError(f"entry {name!r}: dtype {value.dtype} has no safetensors equivalent")
+            raise SaveError(
+                f"entry {name!r}: dtype {value.dtype_code} has no safetensors equivalent"
+            )
         if value.fortran and sum(n > 1 for n in value.shape) > 1:
             raise SaveError(
                 f"entry {name!r}: a Fortran-ordered array cannot be written as .safetensors "
@@ -149,7 +148,7 @@ class SafetensorsFile:
             self.reserve = announced if 0 < announced <= 4 * own else own
         offset = self.reserve + self._data
         self.tensors.append((name, kind, list(value.shape), value.nbytes))
-        self.dtypes.append(dtype)
+        self.codes.append(code)
         self._data += value.nbytes
         return [Destination(self.fd, offset, value.nbytes, swap)]
 
@@ -173,8 +172,8 @@ class SafetensorsFile:
         assert self.reserve is not None
         at = self.reserve  # the header's length prefix and text
         found = []
-        for (name, _, shape, size), dtype in zip(self.tensors, self.dtypes, strict=True):
-            found.append(StoredArray(name, at, dtype, tuple(shape)))
+        for (name, _, shape, size), code in zip(self.tensors, self.codes, strict=True):
+            found.append(StoredArray(name, at, dtypes.numpy_dtype(code), tuple(shape)))
             at += size
         return found
 
@@ -274,6 +273,11 @@ class FileOutput:
         self._names.add(member)
         small: bytes | None = None
         if isinstance(value, ArraySpec) and len(buffers) == 1:
+            if value.dtype_code in dtypes.ML_DTYPES:
+                raise SaveError(
+                    f"entry {name!r}: {value.dtype_code} cannot be saved as .npz (numpy would "
+                    "read it back as raw bytes); name it .safetensors"
+                )
             dtype, shape, fortran = value.dtype, value.shape, value.fortran
         elif not buffers:
             array = small_array(value, name)

@@ -67,18 +67,17 @@ def check_offer(offer: Offer, name: str, container_type: str) -> None:
     listed = sorted(set(codes.split(",")) - {""}) if isinstance(codes, str) else []
     for code in listed:
         try:
-            dtype = dtypes.numpy_dtype(code)
+            little = dtypes.little_code(code)
         except ProtocolError as e:
             raise SaveError(f"{where}: {e}") from None
         if fmt == ".json":
             raise SaveError(f"{where}: it holds arrays ({', '.join(listed)}); name it .npz")
-        if fmt == ".npz" and dtypes.ml_name(dtype) is not None:
+        if fmt == ".npz" and code in dtypes.ML_DTYPES:
             raise SaveError(
                 f"{where}: {code} cannot be saved as .npz (numpy would read it back as raw "
                 "bytes); name it .safetensors"
             )
-        little = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
-        if fmt == ".safetensors" and WIRE_TO_ST.get(dtypes.wire_code(little) or "") is None:
+        if fmt == ".safetensors" and little not in WIRE_TO_ST:
             raise SaveError(f"{where}: dtype {code} has no safetensors equivalent")
     others = info.get("non_arrays")
     allowed = 1 if container_type == "dict" else 0  # a dict may hold __metadata__
