@@ -114,11 +114,14 @@ class _Decoder:
             strict_map_key=False,
         )
 
+    @property
+    def claimed(self) -> int:
+        """Buffers claimed so far."""
+        return len(self.regions)
+
     def claim(self, index: Any, size: Any) -> None:
-        if index != len(self.regions):
-            raise ProtocolError(
-                f"buffer index {index!r} out of order (expected {len(self.regions)})"
-            )
+        if index != self.claimed:
+            raise ProtocolError(f"buffer index {index!r} out of order (expected {self.claimed})")
         if type(size) is not int or size < 0:
             raise ProtocolError(f"malformed buffer length {size!r}")
         if size > self.budget:
@@ -269,17 +272,12 @@ class _Describer(_Decoder):
         super().__init__(max_payload)
         self.sizes: list[int] = []
 
+    @property
+    def claimed(self) -> int:
+        return len(self.sizes)
+
     def claim(self, index: Any, size: Any) -> None:
-        if index != len(self.sizes):
-            raise ProtocolError(f"buffer index {index!r} out of order (expected {len(self.sizes)})")
-        if type(size) is not int or size < 0:
-            raise ProtocolError(f"malformed buffer length {size!r}")
-        if size > self.budget:
-            raise ProtocolError(
-                f"value claims {size} more payload bytes than the entry carries "
-                f"({self.budget} left)"
-            )
-        self.budget -= size
+        super().claim(index, size)
         self.sizes.append(size)
 
     def _array(self, code: int, data: bytes) -> Any:

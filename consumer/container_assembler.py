@@ -42,6 +42,35 @@ class ContainerEntry:
 OnEntry = Callable[[ContainerEntry], None]
 
 
+def piece_of(
+    meta: Mapping[str, Any], current: tuple[int, int] | None, done: int, entries: int, name: str
+) -> tuple[int, int] | None:
+    """Where the piece with ``meta`` belongs in container ``name`` (``entries`` announced,
+    ``done`` complete, ``current`` the entry in progress and the pieces it had).
+
+    Returns:
+        ``(head, size)`` for the first piece of entry ``done``; None for the next piece of
+        the current entry.
+
+    Raises:
+        ProtocolError: it belongs nowhere (out of order, an entry that starts before the last
+            one ended, a bad head).
+    """
+    index = meta.get("entry")
+    if "head" not in meta:
+        if current is None or index != current[0] or meta.get("part") != current[1]:
+            raise ProtocolError(f"unexpected piece {dict(meta)!r} of container {name!r}")
+        return None
+    if current is not None:
+        raise ProtocolError(f"entry {index} starts before entry {current[0]} ends")
+    head, size = meta.get("head"), meta.get("size")
+    if index != done or done >= entries:
+        raise ProtocolError(f"entry {index} out of order (expected {done})")
+    if type(head) is not int or type(size) is not int or not 1 <= head <= size:
+        raise ProtocolError(f"entry {index}: bad head {head!r} / size {size!r}")
+    return head, size
+
+
 def container_facts(offer: Offer) -> tuple[str, int]:
     """The container type and entry count a container offer announces.
 
@@ -143,21 +172,13 @@ class ContainerAssembler(ObjectAssembler):
         return not (completes and self.on_entry is not None)
 
     def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
-        meta = meta or {}
-        index = meta.get("entry")
-        if "head" in meta:
-            if self._current is not None:
-                raise ProtocolError(f"entry {index} starts before entry {self._current.index} ends")
-            head, size = meta.get("head"), meta.get("size")
-            if index != self.done or index >= self.entries:
-                raise ProtocolError(f"entry {index} out of order (expected {self.done})")
-            if type(head) is not int or type(size) is not int or not 1 <= head <= size:
-                raise ProtocolError(f"entry {index}: bad head {head!r} / size {size!r}")
-            self._current = _EntryInProgress(index, head, size)
+        current = self._current
+        where = None if current is None else (current.index, current.parts)
+        start = piece_of(meta or {}, where, self.done, self.entries, self.name)
+        if start is not None:
+            self._current = _EntryInProgress(self.done, *start)
         else:
-            current = self._current
-            if current is None or index != current.index or meta.get("part") != current.parts:
-                raise ProtocolError(f"unexpected piece {dict(meta)!r} of container {self.name!r}")
+            assert current is not None
             current.parts += 1
         assert self._current is not None
         self._current.feed(memoryview(data))

@@ -40,7 +40,7 @@ from objstream.common.naming import PARTIAL_PREFIX, partial_name
 from objstream.common.protocol import Offer
 from objstream.common.safetensors_format import HEADER_META, announced_header
 from objstream.common.streaming import ObjectAssembler
-from objstream.consumer.container_assembler import container_facts
+from objstream.consumer.container_assembler import container_facts, piece_of
 from objstream.consumer.container_outputs import DirOutput, FileOutput
 from objstream.consumer.destinations import Destination, Output
 from objstream.consumer.file_sink import WriteBehind, free_bytes
@@ -178,20 +178,14 @@ class ContainerSink(ObjectAssembler):
 
     def _entry_of(self, meta: Mapping[str, Any]) -> _Entry:
         """The entry a piece with ``meta`` belongs to (a new one for its first piece)."""
-        index = meta.get("entry")
-        if "head" not in meta:
-            current = self._current
-            if current is None or index != current.index or meta.get("part") != current.parts:
-                raise ProtocolError(f"unexpected piece {dict(meta)!r} of container {self.name!r}")
+        current = self._current
+        where = None if current is None else (current.index, current.parts)
+        start = piece_of(meta, where, self.done, self.entries, self.name)
+        if start is None:
+            assert current is not None
             current.parts += 1
             return current
-        if self._current is not None:
-            raise ProtocolError(f"entry {index} starts before entry {self._current.index} ends")
-        head, size = meta.get("head"), meta.get("size")
-        if index != self.done or self.done >= self.entries:
-            raise ProtocolError(f"entry {index} out of order (expected {self.done})")
-        if type(head) is not int or type(size) is not int or not 1 <= head <= size:
-            raise ProtocolError(f"entry {index}: bad head {head!r} / size {size!r}")
+        head, size = start
         self._check_head(self.done, head)
         header = announced_header(meta)
         self._log({"entry": self.done, "head": head, "size": size, HEADER_META: header})

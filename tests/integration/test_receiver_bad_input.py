@@ -104,6 +104,24 @@ def test_duplicates_and_out_of_order_chunks_are_never_assembled_wrongly(
     assert stored_path(received).read_bytes() == whole
 
 
+def _offer_properties(peer: RawPeer) -> pika.BasicProperties:
+    """The properties of a good 8-byte file offer from ``peer``, to be spoiled."""
+    from objstream.common.protocol import Offer
+
+    offer = Offer(
+        stream_id=peer.stream_id,
+        kind="file",
+        name="x",
+        size=8,
+        chunk_size=4,
+        chunk_count=2,
+        window=4,
+        sender="raw",
+        target="site-1",
+    )
+    return properties(offer, reply_to=peer.reply_to, user_id=peer.user)
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
@@ -125,22 +143,9 @@ def test_malformed_offers_are_dead_lettered_and_the_receiver_goes_on(
     mutate: Callable[[dict[str, Any]], object],
     reason: str,
 ) -> None:
-    from objstream.common.protocol import Offer
-
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
-    offer = Offer(
-        stream_id=peer.stream_id,
-        kind="file",
-        name="x",
-        size=8,
-        chunk_size=4,
-        chunk_count=2,
-        window=4,
-        sender="raw",
-        target="site-1",
-    )
-    props = properties(offer, reply_to=peer.reply_to, user_id=peer.user)
+    props = _offer_properties(peer)
     mutate(props.headers)
     peer.publish_inbox(b"", props)
     peer.publish_inbox(b"", pika.BasicProperties(type="gibberish", headers={"objstream": 2}))
@@ -170,22 +175,9 @@ def test_an_offer_in_another_protocol_version_is_refused_with_a_reason_and_the_r
 ) -> None:
     """An offer that names a reply queue and a stream id can be answered: the sender of another
     version learns why in a ``done`` (``unsupported_version``), and the receiver keeps serving."""
-    from objstream.common.protocol import Offer
-
     receiver = start_receiver("site-1", tmp_path / "in")
     peer = raw_peer("site-1")
-    offer = Offer(
-        stream_id=peer.stream_id,
-        kind="file",
-        name="x",
-        size=8,
-        chunk_size=4,
-        chunk_count=2,
-        window=4,
-        sender="raw",
-        target="site-1",
-    )
-    props = properties(offer, reply_to=peer.reply_to, user_id=peer.user)
+    props = _offer_properties(peer)
     props.headers["objstream"] = version
     peer.publish_inbox(b"", props)
     verdict = peer.verdict()
