@@ -40,7 +40,7 @@ from objstream.common.naming import PARTIAL_PREFIX, partial_name
 from objstream.common.protocol import Offer
 from objstream.common.safetensors_format import HEADER_META, announced_header
 from objstream.common.streaming import ObjectAssembler
-from objstream.consumer.container_assembler import container_facts, piece_of
+from objstream.consumer.container_assembler import INLINE_STRUCTURE, container_facts, piece_of
 from objstream.consumer.container_outputs import DirOutput, FileOutput
 from objstream.consumer.destinations import Destination, Output
 from objstream.consumer.file_sink import WriteBehind, free_bytes
@@ -162,6 +162,17 @@ class ContainerSink(ObjectAssembler):
         return kind(self.dest, self.partial, self.name, self.container_type, self.entries)
 
     # -- taking pieces -----------------------------------------------------------------------------
+
+    def inline(self, size: int, meta: Mapping[str, Any] | None) -> bool:
+        """Pieces are ``pwrite`` calls, taken on the connection's thread; but one that may
+        complete a structure over 1 MiB (parsed then) is taken on a thread of its own."""
+        meta = meta or {}
+        if "head" in meta:
+            head = meta.get("head")
+        else:
+            current = self._current
+            head = current.head if current is not None and current.destinations is None else 0
+        return not (type(head) is int and head > INLINE_STRUCTURE)
 
     def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
         entry = self._entry_of(meta or {})

@@ -360,3 +360,15 @@ def test_options_that_contradict_storing_are_refused_before_connecting(
 
     with pytest.raises(ConfigError, match=words):
         store_options(ReceiverOptions(**options))  # type: ignore[typeddict-item]
+
+
+def test_pieces_are_taken_inline_unless_they_complete_a_big_structure(tmp_path: Path) -> None:
+    from objstream.consumer.container_assembler import INLINE_STRUCTURE
+
+    source = ContainerSource({"w": np.zeros(3)}, "m.npz")
+    sink = ContainerSink(tmp_path, offer_of(source, "m.npz"))
+    [piece] = list(source.pieces())
+    assert sink.inline(len(piece.data), piece.meta)
+    big = {"entry": 0, "head": INLINE_STRUCTURE + 1, "size": INLINE_STRUCTURE + 10}
+    assert not sink.inline(CHUNK, big)
+    sink.discard()
