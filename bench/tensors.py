@@ -147,12 +147,32 @@ def _same(a: Path, b: Path) -> bool:
     return True
 
 
+NAMESPACES: list[str] = []
+
+
 def _env() -> dict[str, str]:
-    return dict(
-        os.environ,
-        OBJSTREAM_NAMESPACE=f"bench-tensors-{uuid.uuid4().hex[:8]}",
-        OBJSTREAM_LOG_LEVEL="warning",
-    )
+    namespace = f"bench-tensors-{uuid.uuid4().hex[:8]}"
+    NAMESPACES.append(namespace)
+    return dict(os.environ, OBJSTREAM_NAMESPACE=namespace, OBJSTREAM_LOG_LEVEL="warning")
+
+
+def cleanup() -> None:
+    """Delete what the runs declared on the broker (reply queues expire by themselves)."""
+    import pika
+
+    url = os.environ.get("OBJSTREAM_URL", "amqp://guest:guest@localhost:5672/%2F")
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for ns in NAMESPACES:
+            for queue in (f"{ns}.site.site-1", f"{ns}.serve.server"):
+                channel.queue_delete(queue)
+            for site in ("server", "site-1"):
+                channel.queue_delete(f"{ns}.dead.{site}")
+                channel.exchange_delete(f"{ns}.dead.{site}")
+            channel.exchange_delete(ns)
+    finally:
+        connection.close()
 
 
 def push(src: Path, work: Path, command: str) -> dict[str, float]:
@@ -247,6 +267,7 @@ def main() -> int:
                     flush=True,
                 )
             src.unlink()
+    cleanup()
     return 0
 
 
