@@ -127,10 +127,14 @@ class Discard:
 @dataclass(frozen=True)
 class LeaveOnDisk:
     """Keep the verified prefix (``stored`` chunks, ``stored_bytes`` bytes): record it in the
-    state file, close the assembler keeping its file and release the state's lock."""
+    state file, close the assembler keeping its file and release the state's lock.
+
+    ``ended``: the stream is over (its sender went away) and the prefix waits for a retrieval
+    of the same object; otherwise it is suspended, for the next receiver to take over."""
 
     stored: int
     stored_bytes: int
+    ended: bool = False
 
 
 @dataclass(frozen=True)

@@ -364,7 +364,7 @@ class ReceiveSession:
                 f"; the {self.stored_bytes} bytes received are kept: retrieving "
                 f"{self.offer.name!r} from {self.offer.sender} resumes there"
             )
-            actions = [LeaveOnDisk(self.stored, self.stored_bytes)]
+            actions = [LeaveOnDisk(self.stored, self.stored_bytes, ended=True)]
         else:
             actions = [Discard()]
         done = Done(

@@ -152,7 +152,8 @@ class StreamActions:
         elif isinstance(action, Discard):
             self._on_disk(stream, f"discarding stream {sid}", stream.discard)
         else:  # syncs the partial file
-            self._on_disk(stream, f"keeping stream {sid} on disk", stream.leave_on_disk)
+            keep = partial(stream.leave_on_disk, ended=action.ended)
+            self._on_disk(stream, f"keeping stream {sid} on disk", keep)
 
     def _do_queue(self, stream: Stream, action: Action) -> None:
         """The actions on the stream's data queue, and its end."""

@@ -253,13 +253,14 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
     done = failed = 0
     idle_since = time.monotonic()
     bars = ProgressBars()
-    with Receiver(
+    receiver = Receiver(
         args.site,
         args.dest,
         settings,
         progress=bars,
         store_containers=True,  # each chunk into its place in the file; survives this process
-    ) as receiver:
+    )
+    try:
         log.info(
             "listening for site %s on %s (namespace %s)",
             args.site,
@@ -294,6 +295,13 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
             idle_since = time.monotonic()
             done += 1
             failed += isinstance(item, TransferFailed)
+    finally:
+        # Closing settles what was under way (a commit, a verdict): every object stored must
+        # be reported, including those that ended after the loop last looked. (Not counted:
+        # the listener was stopping, or had its --count already.)
+        receiver.close()
+        for item in receiver.drain():
+            _report(args, item)
     # Without --count a listener is a service: what a remote party sends must not make it
     # fail; failures were reported as they happened.
     return EXIT_FAILED if failed and args.count is not None else EXIT_OK

@@ -33,7 +33,7 @@ from objstream.common.admission import (
     Refuse,
     Reject,
 )
-from objstream.common.amqp import Channel, Closing, Connection, Delivery, connect, reestablish
+from objstream.common.amqp import Channel, Connection, Delivery, connect, reestablish
 from objstream.common.errors import BrokerRefused, ConfigError, ConnectionLost
 from objstream.common.identity import Identities
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
@@ -50,7 +50,7 @@ from objstream.consumer.options import AssemblerFactory, ReceiverOptions, store_
 from objstream.consumer.resume import Resumable, StreamState
 from objstream.consumer.stream_table import StreamTable
 from objstream.consumer.streams import Stream
-from objstream.consumer.takeover import Reopened, ResumeStore, keeps_prefix
+from objstream.consumer.takeover import LeftOver, Reopened, ResumeStore, keeps_prefix
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class ConsumerCore:
         self.reconnects = 0
         """How often the connection was lost and re-established."""
 
-    def start(self, parts: list[Part], left_over: list[Reopened] | None = None) -> None:
+    def start(self, parts: list[Part], left_over: LeftOver | None = None) -> None:
         """Connect, open the parts and go on with ``left_over`` streams (hashed before: no
         heartbeat waits for it). With a connection thread, all of it happens there."""
         if self._thread is not None:
@@ -146,17 +146,19 @@ class ConsumerCore:
             return
         self._start(parts, left_over)
 
-    def _start(self, parts: list[Part], left_over: list[Reopened] | None) -> None:
+    def _start(self, parts: list[Part], left_over: LeftOver | None) -> None:
         self.parts = parts
+        left_over = left_over or LeftOver([], [])
         try:
             self._connect()
         except BaseException:
-            for item in left_over or []:
+            for item in left_over.streams:
                 item.state.release()
                 item.assembler.suspend()
             raise
         try:
-            self._take_over(left_over or [])
+            self._remove_ended_queues(left_over.ended)
+            self._take_over(left_over.streams)
             for part in parts:
                 part.tick()
         except BaseException:
@@ -284,6 +286,23 @@ class ConsumerCore:
             )
             self.table.start(stream)  # tells the sender where to go on from
 
+    def _remove_ended_queues(self, ended: list[Offer]) -> None:
+        """Delete the data queues of streams that had ended when their receiver died (while
+        its verdict lingered): nothing comes for them any more, and nothing would take what
+        did. A queue somebody still consumes (a live receiver's linger) is left alone."""
+        channel = self.connection.channel()
+        try:
+            for offer in ended:
+                name = self.topology.data_queue(self.site, offer.stream_id)
+                try:
+                    channel.delete_queue(name, if_unused=True)
+                except BrokerRefused as e:
+                    log.debug("not deleting %s: %s", name, e)
+                    channel.close()
+                    channel = self.connection.channel()
+        finally:
+            channel.close()
+
     def _queue_gone(self, stream: Stream, item: Reopened) -> None:
         """A stream left on disk whose data queue is gone: so is its sender."""
         offer = stream.offer
@@ -296,7 +315,7 @@ class ConsumerCore:
                 offer.sender,
                 item.resumed_bytes,
             )
-            stream.leave_on_disk()
+            stream.leave_on_disk(ended=True)
             return
         log.info(
             "stream %s (%r from %s) has no data queue any more; dropped",
@@ -457,38 +476,4 @@ class ConsumerCore:
         return ContainerAssembler(offer, self._on_entry, as_torch=self._as_torch)
 
 
-class ConsumerSide(Closing):
-    """What a :class:`~objstream.consumer.receiver.Receiver` and a
-    :class:`~objstream.consumer.retriever.Retriever` show of their core (they add the rest)."""
-
-    def __init__(self, core: ConsumerCore) -> None:
-        self._core = core
-
-    @property
-    def settings(self) -> Settings:
-        return self._core.settings
-
-    @property
-    def site(self) -> str:
-        return self._core.site
-
-    @property
-    def dest(self) -> Path:
-        return self._core.dest
-
-    @property
-    def topology(self) -> Topology:
-        return self._core.topology
-
-    @property
-    def reconnects(self) -> int:
-        """How often the connection was lost and re-established."""
-        return self._core.reconnects
-
-    def close(self, checkpoint: bool = False) -> None:
-        """Stop and disconnect; with ``checkpoint``, streams kept on disk are left for the
-        next consumer of this site and directory, otherwise they fail."""
-        self._core.close(checkpoint)
-
-
-__all__ = ["ConsumerCore", "ConsumerSide", "Hold", "Part"]
+__all__ = ["ConsumerCore", "Hold", "Part"]

@@ -19,9 +19,10 @@ from typing import Unpack
 
 from objstream.common.errors import TransferFailed
 from objstream.common.settings import Settings
-from objstream.consumer.core import ConsumerCore, ConsumerSide
+from objstream.consumer.core import ConsumerCore
 from objstream.consumer.inbox import Inbox
 from objstream.consumer.options import AssemblerFactory, ReceiverOptions
+from objstream.consumer.side import ConsumerSide
 from objstream.consumer.streams import Received
 
 __all__ = ["AssemblerFactory", "Receiver"]
@@ -88,6 +89,15 @@ class Receiver(ConsumerSide):
         if isinstance(outcome, TransferFailed):
             raise outcome
         return outcome
+
+    def drain(self) -> list[Received | TransferFailed]:
+        """Every outcome that has not been taken yet, without waiting: failures are returned,
+        not raised. After :meth:`close` this includes what closing settled (a commit that was
+        under way, a stream it failed), so that every object stored can still be reported."""
+        outcomes = self._core.table.outcomes
+        items = list(outcomes)
+        outcomes.clear()
+        return items
 
     def __iter__(self) -> Receiver:
         return self

@@ -4,16 +4,18 @@ file stream after its sender did.
 Next to each partial file the receiver keeps a small state file, ``.objstream-<id>.state``:
 a first line with the offer (JSON), the sender's ``reply_to``, the broker user the offer came
 from and the name it was asked for (retrievals), written once, and a fixed-width
-second line ``stored stored_bytes``, overwritten in place (one ``pwrite``, which a killed process
-cannot tear) each time the receiver reports progress. A receiver holds an exclusive ``flock`` on
+second line ``stored stored_bytes`` (``stored stored_bytes ended`` once the stream is over),
+overwritten in place (one ``pwrite``, which a killed process cannot tear) each time the receiver
+reports progress. A receiver holds an exclusive ``flock`` on
 the state file while it works on the stream, so a receiver starting later (or a second one on
 the same directory) resumes only streams whose owner is gone. The prefix's SHA-256 is recomputed
 from the partial file; chunks the old process had not acked are redelivered by the broker, and
 anything else missing is resent by the sender on request.
 
 When the *sender* goes away (a stream that timed out or was aborted), the verified prefix is kept
-the same way, and :func:`find_kept` finds it when the same object is retrieved from the same site
-again: the request then carries ``resume_from`` and the prefix's SHA-256, and only the rest moves.
+the same way, marked ``ended``: no later receiver takes it over (nobody would send the rest), and
+:func:`find_kept` finds it when the same object is retrieved from the same site again: the
+request then carries ``resume_from`` and the prefix's SHA-256, and only the rest moves.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer, to_heade
 log = logging.getLogger(__name__)
 
 STATE_SUFFIX = ".state"
-COUNTS_WIDTH = 48  # the fixed-width "stored stored_bytes" line, newline included
+COUNTS_WIDTH = 48  # the fixed-width "stored stored_bytes [ended]" line, newline included
+ENDED = "ended"
 
 
 def state_path(dest: Path, stream_id: str) -> Path:
@@ -86,8 +89,10 @@ class StreamState:
         """This process still holds the state (neither released nor removed)."""
         return self._fd >= 0
 
-    def save(self, stored: int, stored_bytes: int) -> None:
-        line = f"{stored} {stored_bytes}".ljust(COUNTS_WIDTH - 1).encode() + b"\n"
+    def save(self, stored: int, stored_bytes: int, *, ended: bool = False) -> None:
+        """Record the verified prefix; ``ended``: its stream is over (the sender went away)."""
+        counts = f"{stored} {stored_bytes}{' ' + ENDED if ended else ''}"
+        line = counts.ljust(COUNTS_WIDTH - 1).encode() + b"\n"
         os.pwrite(self._fd, line, self._header_length)
 
     def release(self) -> None:
@@ -120,6 +125,8 @@ class Resumable:
     """The broker user the offer came from."""
     pushed: bool = False
     """A push (not a retrieval of ours): its sender must still be one ``accept_from`` names."""
+    ended: bool = False
+    """Its stream is over (the sender went away): only a retrieval goes on from it."""
     _sha: Any = field(default=None, init=False, repr=False, compare=False)
 
     def facts(self) -> Kept:
@@ -151,12 +158,22 @@ class Resumable:
         return sha
 
 
-def find_resumable(dest: Path) -> list[Resumable]:
-    """Streams in ``dest`` left by a receiver that died, now locked by this process.
+def find_resumable(dest: Path) -> tuple[list[Resumable], list[Resumable]]:
+    """Streams in ``dest`` left by a receiver that died, now locked by this process, and the
+    prefixes of streams that ended (their sender went away), not locked: nobody takes those
+    over, a retrieval of the same object resumes them (:func:`find_kept`).
 
     Unreadable state files (or ones for another kind than files) are left alone and logged.
     """
-    return list(_unowned(dest))
+    live: list[Resumable] = []
+    ended: list[Resumable] = []
+    for item in _unowned(dest):
+        if item.ended:
+            item.state.release()
+            ended.append(item)
+        else:
+            live.append(item)
+    return live, ended
 
 
 def find_kept(dest: Path, sender: str, requested: str) -> Resumable | None:
@@ -230,7 +247,10 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
         raise ValueError("no name to ask for")
     if user_id is not None and not isinstance(user_id, str):
         raise ValueError("user_id is not a string")
-    stored, stored_bytes = (int(n) for n in counts.split())
+    stored_text, stored_bytes_text, *flags = counts.decode().split()
+    if flags not in ([], [ENDED]):
+        raise ValueError(f"unknown state {' '.join(flags)!r}")
+    stored, stored_bytes = int(stored_text), int(stored_bytes_text)
     partial = dest / partial_name(offer.stream_id)
     if offer.kind == CONTAINER_KIND:
         # Spooled (the stream's bytes), or stored (a file or a directory laid out as the
@@ -246,7 +266,16 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
     state = StreamState(path, fd, len(header))
     pushed = data.get("requested") is None
     return Resumable(
-        offer, reply_to, stored, stored_bytes, state, partial, requested, user_id, pushed
+        offer,
+        reply_to,
+        stored,
+        stored_bytes,
+        state,
+        partial,
+        requested,
+        user_id,
+        pushed,
+        ended=bool(flags),
     )
 
 

@@ -29,9 +29,10 @@ from objstream.common.errors import FailureCode, TimedOut, TransferFailed
 from objstream.common.offthread import off_thread
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name, check_site
-from objstream.consumer.core import ConsumerCore, ConsumerSide
+from objstream.consumer.core import ConsumerCore
 from objstream.consumer.options import RetrieverOptions
 from objstream.consumer.requests import RequestTracker
+from objstream.consumer.side import ConsumerSide
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)

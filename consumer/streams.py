@@ -101,12 +101,13 @@ class Stream:
     def reassembler(self) -> Reassembler:
         return self.session.reassembler
 
-    def leave_on_disk(self) -> None:
+    def leave_on_disk(self, ended: bool = False) -> None:
         """Record what is stored, close the assembler keeping its file, and let the state go:
-        the stream is on disk for whoever takes it over (or resumes it) next."""
+        the stream is on disk for whoever takes it over next or, ``ended`` (its sender went
+        away), for a retrieval of the same object to resume."""
         assert self.state is not None
         assert self.assembler.resumable
-        self.state.save(self.reassembler.stored, self.reassembler.stored_bytes)
+        self.state.save(self.reassembler.stored, self.reassembler.stored_bytes, ended=ended)
         self.assembler.suspend()
         self.state.release()
         self.state = None

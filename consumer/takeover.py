@@ -4,8 +4,8 @@ Three cases, all resting on the state file next to the partial file
 (:mod:`objstream.consumer.resume`): a receiver that stops checkpoints its streams for a successor
 (:meth:`~objstream.consumer.stream_table.StreamTable.suspend`); a receiver that starts takes over
 what a dead one left (:meth:`ResumeStore.left_over`); and a file stream whose sender went away
-keeps its verified prefix, which a retrieval of the same file later continues
-(:meth:`ResumeStore.kept`, :meth:`ResumeStore.adopt`).
+keeps its verified prefix, marked ended, which no receiver takes over and a retrieval of the
+same file later continues (:meth:`ResumeStore.kept`, :meth:`ResumeStore.adopt`).
 
 Everything here that reads a whole prefix back (to hash it) runs before the receiver connects,
 or on a worker thread: never on the connection's thread, whose heartbeats must go on.
@@ -55,6 +55,16 @@ class Reopened:
     """A push left by a dead receiver (not a retrieval): ``accept_from`` still applies."""
 
 
+@dataclass
+class LeftOver:
+    """What a dead receiver of the directory left: streams to take over, and the streams that
+    had ended (their sender went away; their prefixes wait for a retrieval), whose data queues
+    may have outlived that receiver."""
+
+    streams: list[Reopened]
+    ended: list[Offer]
+
+
 class ResumeStore:
     """The state files, partial files and kept prefixes of one destination directory."""
 
@@ -79,12 +89,14 @@ class ResumeStore:
         """Remove what was abandoned longer ago than the stream TTL (its data queue is gone)."""
         remove_abandoned(self.dest, self.settings.stream_ttl)
 
-    def left_over(self) -> list[Reopened]:
+    def left_over(self) -> LeftOver:
         """The streams a receiver of this directory left when it died, hashed and reopened
-        (locked by this process). Slow on big prefixes: call it before connecting."""
+        (locked by this process), and those that had ended. Slow on big prefixes: call it
+        before connecting."""
         self.cleanup()
         found: list[Reopened] = []
-        for item in find_resumable(self.dest):
+        live, ended = find_resumable(self.dest)
+        for item in live:
             offer = item.offer
             if offer.kind == CONTAINER_KIND and not (self._spool_containers or self._store):
                 item.state.release()  # for a receiver that keeps containers on disk
@@ -113,7 +125,7 @@ class ResumeStore:
                     item.pushed,
                 )
             )
-        return found
+        return LeftOver(found, [item.offer for item in ended])
 
     def _reopen(self, item: Resumable) -> ObjectAssembler:
         if item.offer.kind == FILE_KIND:

@@ -280,9 +280,11 @@ class Channel:
             result = self._impl.queue_declare(name, passive=True)
         return int(result.method.consumer_count)
 
-    def delete_queue(self, name: str) -> None:
+    def delete_queue(self, name: str, *, if_unused: bool = False) -> None:
+        """Delete queue ``name`` (a missing one is no error); ``if_unused``: only if nobody
+        consumes it (otherwise BrokerRefused 406, which closes the channel)."""
         with self._op(f"deleting queue {name}"):
-            self._impl.queue_delete(name)
+            self._impl.queue_delete(name, if_unused=if_unused)
 
     def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
         with self._op(f"binding {queue} to {exchange}/{routing_key}"):

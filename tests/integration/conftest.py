@@ -431,8 +431,9 @@ def wait_for_partial(
     deadline = time.monotonic() + timeout
     while True:
         partials = list(dest.glob(".objstream-*.part")) if dest.exists() else []
-        if partials and partials[0].stat().st_size >= at_least:
-            return
+        with contextlib.suppress(FileNotFoundError):  # committed (renamed) meanwhile
+            if partials and partials[0].stat().st_size >= at_least:
+                return
         if process is not None and process.poll() is not None:
             stderr = process.stderr.read() if process.stderr else ""
             raise AssertionError(f"the process ended first: {stderr}")

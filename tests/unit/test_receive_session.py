@@ -258,7 +258,7 @@ def test_timeout_keeps_verified_prefix() -> None:
     d.run(d.session.tick(5.5))
     assert not d.of(SendVerdict)
     d.run(d.session.tick(6.5))
-    assert d.of(LeaveOnDisk) == [LeaveOnDisk(4, 40)]
+    assert d.of(LeaveOnDisk) == [LeaveOnDisk(4, 40, ended=True)]
     done = d.verdict.done
     assert not done.ok
     assert done.code == FailureCode.TIMEOUT
@@ -280,7 +280,7 @@ def test_abort_keeps_prefix_and_acks() -> None:
     d.chunk(1)
     d.tag += 1
     d.run(d.session.receive(d.tag, Abort(stream_id=d.sid, reason="bye"), b"", 0.0))
-    assert d.of(LeaveOnDisk) == [LeaveOnDisk(2, 20)]
+    assert d.of(LeaveOnDisk) == [LeaveOnDisk(2, 20, ended=True)]
     assert d.acked == d.tag
     assert d.verdict.done.code == FailureCode.ABORTED
     # Late messages are acked with the rest, and nothing else happens.

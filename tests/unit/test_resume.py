@@ -23,7 +23,7 @@ def test_a_stream_whose_owner_lives_is_not_taken_over(tmp_path: Path) -> None:
     (tmp_path / partial_name(offer.stream_id)).write_bytes(b"abcdefgh")
     state = StreamState.create(tmp_path, offer, "amq.gen-reply")
     state.save(2, 8)
-    assert find_resumable(tmp_path) == []  # locked by its (living) owner
+    assert find_resumable(tmp_path) == ([], [])  # locked by its (living) owner
     state.remove()
     assert not state.path.exists()
 
@@ -36,7 +36,7 @@ def test_a_dead_owners_stream_is_found_with_its_counts(tmp_path: Path) -> None:
     state.save(1, 4)
     state.save(2, 8)
     os.close(state._fd)  # the process died: the lock goes with it
-    [item] = find_resumable(tmp_path)
+    [item], [] = find_resumable(tmp_path)
     assert (item.offer, item.reply_to, item.stored, item.stored_bytes, item.user_id) == (
         offer,
         reply_to,
@@ -45,7 +45,7 @@ def test_a_dead_owners_stream_is_found_with_its_counts(tmp_path: Path) -> None:
         "server-user",  # the successor checks the stream's data against it
     )
     assert item.prefix_sha256().hexdigest() == hashlib.sha256(b"abcdefgh").hexdigest()
-    assert find_resumable(tmp_path) == []  # now ours
+    assert find_resumable(tmp_path) == ([], [])  # now ours
 
 
 def test_inconsistent_or_garbled_state_is_left_alone(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_inconsistent_or_garbled_state_is_left_alone(tmp_path: Path) -> None:
     state.save(2, 8)
     os.close(state._fd)
     (tmp_path / ".objstream-garbage.state").write_text("not json\n1 2\n")
-    assert find_resumable(tmp_path) == []
+    assert find_resumable(tmp_path) == ([], [])
 
 
 def test_a_resumed_reassembler_goes_on_from_the_stored_prefix() -> None:
@@ -103,9 +103,34 @@ def _kept(
     offer = _offer(size=10).model_copy(update={"sender": sender})
     (tmp_path / partial_name(offer.stream_id)).write_bytes(content)
     state = StreamState.create(tmp_path, offer, "q", requested)
-    state.save(stored, stored * 4)
+    state.save(stored, stored * 4, ended=True)
     state.release()
     return offer
+
+
+def test_an_ended_stream_is_not_taken_over_but_a_retrieval_resumes_it(tmp_path: Path) -> None:
+    ended = _kept(tmp_path, b"abcdefgh", 2)
+    live = _offer()
+    (tmp_path / partial_name(live.stream_id)).write_bytes(b"abcd")
+    state = StreamState.create(tmp_path, live, "q")
+    state.save(1, 4)
+    state.release()  # suspended for a successor: not ended
+    resumable, over = find_resumable(tmp_path)
+    assert [item.offer for item in resumable] == [live]
+    assert [item.offer for item in over] == [ended]
+    assert not over[0].state.locked  # let go: nobody takes an ended stream over
+    kept = find_kept(tmp_path, "server", "f.bin")
+    assert kept is not None
+    assert (kept.offer, kept.stored, kept.ended) == (ended, 2, True)
+
+
+def test_a_state_with_an_unknown_mark_is_left_alone(tmp_path: Path) -> None:
+    offer = _kept(tmp_path, b"abcdefgh", 2)
+    [state_file] = tmp_path.glob("*.state")
+    text = state_file.read_text().replace(" ended", " other")
+    state_file.write_text(text)
+    assert find_resumable(tmp_path) == ([], [])
+    assert find_kept(tmp_path, offer.sender, offer.name) is None
 
 
 def test_a_kept_prefix_is_found_by_sender_and_requested_name(tmp_path: Path) -> None:
@@ -134,5 +159,5 @@ def test_adopting_a_prefix_renames_it_and_cuts_what_was_never_recorded(tmp_path:
         [partial_name(offer.stream_id), state.path.name]
     )
     state.release()
-    [item] = find_resumable(tmp_path)
+    [item], [] = find_resumable(tmp_path)  # the new stream goes on; it has not ended
     assert (item.offer, item.reply_to, item.stored, item.stored_bytes) == (offer, "q2", 2, 8)
