@@ -152,6 +152,10 @@ class StreamActions:
         elif isinstance(action, Discard):
             self._on_disk(stream, f"discarding stream {sid}", stream.discard)
         else:  # syncs the partial file
+            if action.ended and stream.state is not None:
+                # Recorded now, before the verdict goes out and the outcome is reported: a
+                # receiver killed from here on leaves a stream that nobody takes over.
+                stream.state.save(action.stored, action.stored_bytes, ended=True)
             keep = partial(stream.leave_on_disk, ended=action.ended)
             self._on_disk(stream, f"keeping stream {sid} on disk", keep)
 
