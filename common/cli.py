@@ -42,6 +42,7 @@ EXIT_USAGE = 2  # bad command line or configuration
 EXIT_BROKER = 3  # broker unreachable, authentication refused, broker or rabbitmqctl refused
 EXIT_TIMEOUT = 4  # timed out without progress
 EXIT_INTERRUPTED = 130  # Ctrl-C (the shell convention: 128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + SIGTERM)
 
 SIDES = ("producer", "consumer", "job", "admin")
 SIDE_MODULES = {
@@ -283,6 +284,7 @@ class StopFlag:
         import threading
 
         self.event: threading.Event = threading.Event()
+        self.signum: int | None = None
 
     def install(self) -> None:
         import signal
@@ -292,14 +294,27 @@ class StopFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.event.is_set():
-            raise KeyboardInterrupt
+            raise self.interrupted()
         import logging
 
         logging.getLogger(__name__).info("got signal %d, stopping", signum)
+        self.signum = signum
         self.event.set()
+
+    def interrupted(self) -> Interrupted:
+        """What a command raises once it stopped on the signal (exit 128 + its number)."""
+        return Interrupted(self.signum)
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+
+class Interrupted(KeyboardInterrupt):
+    """A command stopped by a signal: exits 130 after SIGINT (Ctrl-C), 143 after SIGTERM."""
+
+    def __init__(self, signum: int | None = None) -> None:
+        super().__init__()
+        self.exit_code = EXIT_TERMINATED if signum == 15 else EXIT_INTERRUPTED
 
 
 def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int:
@@ -324,9 +339,9 @@ def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int
             f"objstream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
         )
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("objstream: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return e.exit_code if isinstance(e, Interrupted) else EXIT_INTERRUPTED
 
 
 def run(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
 from objstream.common.errors import SenderGone, TransferFailed
+from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
 from objstream.consumer.receiver import Receiver
 from objstream.consumer.retriever import Retriever
@@ -156,12 +157,27 @@ def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -
         print(item.path)
 
 
+def _retrieve(
+    retriever: Retriever, kind: Kind, args: argparse.Namespace, stop: StopFlag
+) -> Received:
+    """Retrieve as asked; a signal gives the retrieval up (the owner is told `aborted`, what
+    is verified is kept) and the command exits 130 (SIGINT) or 143 (SIGTERM)."""
+    try:
+        return retriever.retrieve(kind, args.owner, args.name, args.timeout)
+    except TransferFailed as e:
+        if stop:
+            raise stop.interrupted() from e
+        raise
+
+
 def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
     check_object_name(args.name)  # before connecting
     started = time.monotonic()
     bars = ProgressBars()
-    with Retriever(args.site, args.dest, settings, progress=bars) as retriever:
-        item = retriever.retrieve("file", args.owner, args.name, args.timeout)
+    stop = StopFlag()
+    stop.install()
+    with Retriever(args.site, args.dest, settings, progress=bars, cancel=stop.event) as retriever:
+        item = _retrieve(retriever, "file", args, stop)
     bars.close()
     _print_retrieved(args, item, time.monotonic() - started)
     return EXIT_OK
@@ -172,15 +188,18 @@ def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
     out = Path(args.out)
     started = time.monotonic()
     bars = ProgressBars()
+    stop = StopFlag()
+    stop.install()
     with Retriever(
         args.site,
         out.parent,
         settings,
         progress=bars,
+        cancel=stop.event,
         store_containers=True,  # chunk by chunk into the file: never an entry whole in memory
         store_as=out.name + ("/" if args.out.endswith("/") else ""),
     ) as retriever:
-        item = retriever.retrieve("container", args.owner, args.name, args.timeout)
+        item = _retrieve(retriever, "container", args, stop)
     bars.close()
     _print_retrieved(args, item, time.monotonic() - started)
     return EXIT_OK

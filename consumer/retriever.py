@@ -22,6 +22,7 @@ reply or offer had not arrived yet is sent again
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Unpack
 
@@ -50,6 +51,13 @@ class Retriever(ConsumerSide):
     ``save`` runs on each retrieved object before the owner is told it arrived, as for a
     :class:`~objstream.consumer.receiver.Receiver`; so does ``as_torch`` (containers come
     back as CPU ``torch.Tensor`` objects, without pickle).
+
+    ``cancel``, once set (from a signal handler or another thread), gives the retrieval in
+    progress up between two turns of the connection, never inside the broker client: the
+    owner is told ``aborted`` at once, a file's verified part is kept for the next attempt,
+    and the retrieval raises :class:`~objstream.common.errors.TransferFailed` (``aborted``).
+    Set before the owner's stream began, the owner learns it only when its offer finds
+    nobody (its ``contact_timeout``).
     """
 
     def __init__(
@@ -57,8 +65,11 @@ class Retriever(ConsumerSide):
         site: str,
         dest: str | Path,
         settings: Settings | None = None,
+        *,
+        cancel: threading.Event | None = None,
         **options: Unpack[RetrieverOptions],
     ) -> None:
+        self._cancel = cancel
         core = ConsumerCore(site, dest, settings, **options)
         self._requests = RequestTracker(core)
         core.start([self._requests])
@@ -134,7 +145,25 @@ class Retriever(ConsumerSide):
             outcome = self._core.call(lambda: self._outcome(handle, from_site, timeout))
             if outcome is not None:
                 return outcome
+            if self._cancel is not None and self._cancel.is_set():
+                # The stream's outcome is its failure now, once its disk work is done.
+                self._core.call(lambda: self._give_up(handle, from_site))
             self._core.events(0.2)
+
+    def _give_up(self, handle: str, from_site: str) -> None:
+        """On the connection's thread: the caller cancelled. The stream in progress fails
+        ``aborted``, which tells the owner (and keeps a file's verified part).
+
+        Raises:
+            TransferFailed: no stream had begun.
+        """
+        reason = f"site {self.site} was interrupted"
+        sid = self._requests.session.state(handle).stream_id
+        stream = self._core.table.streams.get(sid) if sid is not None else None
+        if stream is None:
+            raise TransferFailed(from_site, sid or "", FailureCode.ABORTED, reason)
+        if not stream.closing:
+            self._core.table.fail(stream, FailureCode.ABORTED, reason)
 
     def _outcome(self, handle: str, from_site: str, timeout: float) -> Received | None:
         """On the connection's thread: the object if it arrived, None while it may come.

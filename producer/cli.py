@@ -38,7 +38,8 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         help="stream a file to one or more sites",
         description="Stream a file to one or more sites; returns once each stored and verified "
-        "it. Exit codes: 0 ok, 1 transfer failed, 2 usage, 3 broker unreachable, 4 timed out.",
+        "it. Exit codes: 0 ok, 1 transfer failed, 2 usage, 3 broker unreachable or refused, "
+        "4 timed out, 130 Ctrl-C, 143 SIGTERM (every target told `aborted`).",
         epilog="example:\n  objstream producer send-file --site server --to site-1,site-2 big.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -202,9 +203,9 @@ def _send(
     try:
         results = send(stop)
     except BaseException as e:
-        # A send a signal cancelled (its targets told `aborted`) is an interruption (exit 130),
+        # A send a signal cancelled (its targets told `aborted`) is an interruption (exit 130, 143),
         # not the targets' failures.
-        error = KeyboardInterrupt() if isinstance(e, SendFailed) and stop else e
+        error = stop.interrupted() if isinstance(e, SendFailed) and stop else e
         if args.json:
             done = [r for r in getattr(e, "results", []) if isinstance(r, TargetResult)]
             outcome = _json_outcome(args, done, time.monotonic() - started, error)
