@@ -234,7 +234,18 @@ class Settings(BaseModel):
         8, ge=1, le=1024, description="Streams a receiver works on at once (more offers wait)."
     )
     stream_ttl: float = Field(
-        3600.0, gt=0, description="Seconds an unused data queue lives before the broker drops it."
+        3600.0,
+        gt=0,
+        description="Seconds a kept partial file lives; an unused data queue lives twice the "
+        "timeout and 60 s, at most this.",
+    )
+    backlog_windows: float = Field(
+        2.0,
+        gt=0,
+        le=64,
+        description="Most chunks a target's data queue holds ready for it, in the sender's "
+        "windows: beyond, the broker drops what is published to it (a target that does not take "
+        "asks for it again, or is gone).",
     )
     queue_type: Literal["classic", "quorum"] = Field(
         "classic",

@@ -57,6 +57,12 @@ SITE_IN_KEY = "[^:]+"  # a site name inside a routing key (site names never hold
 SITE_WORDS = "[A-Za-z0-9][A-Za-z0-9_.-]*"
 
 
+DATA_TTL_MARGIN = 60.0
+"""A data queue nobody consumes lives twice the timeout and this many seconds (at most the
+stream TTL), as a sender's reply queue does: long enough for a successor to take a stream
+over from a dead receiver while its sender still waits."""
+
+
 @dataclass(frozen=True)
 class Topology:
     """Names, keys and arguments of everything objstream declares under one namespace."""
@@ -64,10 +70,14 @@ class Topology:
     namespace: str
     stream_ttl_ms: int
     queue_type: str = "classic"
+    data_ttl_ms: int | None = None
+    """How long a data queue nobody consumes lives (None: ``stream_ttl_ms``)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
-        return cls(settings.namespace, int(settings.stream_ttl * 1000), settings.queue_type)
+        ttl = int(settings.stream_ttl * 1000)
+        data_ttl = min(ttl, int((2 * settings.timeout + DATA_TTL_MARGIN) * 1000))
+        return cls(settings.namespace, ttl, settings.queue_type, data_ttl)
 
     @property
     def _type_arguments(self) -> dict[str, Any]:
@@ -231,12 +241,25 @@ class Topology:
         finally:
             channel.close()
 
-    def declare_data_queue(self, channel: Channel, site: str, stream_id: str, sender: str) -> str:
+    def declare_data_queue(
+        self, channel: Channel, site: str, stream_id: str, sender: str, backlog_bytes: int
+    ) -> str:
         """Declare the data queue of ``stream_id`` at ``site`` (the target does this) and bind
-        it to the sender's keys for the stream: every target's, and this target's own. It
-        expires when unused for the stream TTL."""
+        it to the sender's keys for the stream: every target's, and this target's own.
+
+        It expires when unused for :attr:`data_ttl_ms`, and holds at most ``backlog_bytes`` of
+        chunks ready for delivery (what is delivered and not acked does not count): the broker
+        drops what is published to it beyond (``reject-publish``, not dead-lettered), so a
+        target that stopped taking never parks more than that on the broker. A live target
+        asks again for what it missed."""
         name = self.data_queue(site, stream_id)
-        arguments = {"x-expires": self.stream_ttl_ms, **self._queue_arguments(site)}
+        ttl = self.stream_ttl_ms if self.data_ttl_ms is None else self.data_ttl_ms
+        arguments = {
+            "x-expires": ttl,
+            "x-max-length-bytes": backlog_bytes,
+            "x-overflow": "reject-publish",
+            **self._queue_arguments(site),
+        }
         channel.declare_queue(name, durable=True, arguments=arguments)
         channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender))
         channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender, site))

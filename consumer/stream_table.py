@@ -149,7 +149,14 @@ class StreamTable:
         try:
             channel.qos(self.window(offer))
             if declare:
-                self.topology.declare_data_queue(channel, self.site, offer.stream_id, offer.sender)
+                backlog = int(self.settings.backlog_windows * offer.window * offer.chunk_size)
+                self.topology.declare_data_queue(
+                    channel,
+                    self.site,
+                    offer.stream_id,
+                    offer.sender,
+                    max(backlog, offer.chunk_size),
+                )
             else:
                 channel.declare_queue(queue, passive=True)
             stream.consumer_tag = channel.consume(queue, partial(self._on_data, stream))

@@ -46,6 +46,7 @@ NAMESPACE = f"perm-{uuid.uuid4().hex[:8]}"
 ID = uuid.uuid4().hex  # a stream id
 QID = uuid.uuid4().hex  # a reply-queue id
 T = Topology(NAMESPACE, 120_000)
+BACKLOG = 64 << 20  # a data queue's bound, as a receiver declares it
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def users(node: LocalRabbitNode) -> dict[str, Settings]:
         apply_site(node, site)
     with Session(admin_settings(node)) as admin:
         channel = admin.channel()
-        T.declare_data_queue(channel, "site-2", ID, "server")
+        T.declare_data_queue(channel, "site-2", ID, "server", BACKLOG)
         T.declare_reply_queue(channel, "site-2", QID, exclusive=False, ttl_ms=120_000)
         T.bind_reply(channel, "site-2", QID, "server")
     return {site: site_settings(node, site) for site in SITES}
@@ -197,7 +198,9 @@ def test_site1_cannot_bind_keys_addressed_to_site2(site1: Session) -> None:
     """Topic read: a binding key must be one addressed to the binding site."""
     own_data = T.data_queue("site-1", ID)
     own_reply = T.reply_queue("site-1", QID)
-    assert site1.attempt(lambda ch: T.declare_data_queue(ch, "site-1", ID, "server")) is None
+    assert (
+        site1.attempt(lambda ch: T.declare_data_queue(ch, "site-1", ID, "server", BACKLOG)) is None
+    )
     assert site1.attempt(lambda ch: ch.declare_queue(own_reply, durable=True)) is None
     for queue, key in [
         (T.inbox("site-1"), T.offer_key("site-2")),
@@ -223,7 +226,7 @@ def test_no_wildcard_binding_reaches_a_dotted_senders_unicast(
     """``data:ID:a.#`` would route sender ``a.b``'s unicast ``data:ID:a.b:site-2`` to site-1:
     RabbitMQ matches the binding key's text against the regex, so the regex allows no ``#``."""
     sid = uuid.uuid4().hex
-    queue = T.declare_data_queue(site1.channel(), "site-1", sid, "a.b")
+    queue = T.declare_data_queue(site1.channel(), "site-1", sid, "a.b", BACKLOG)
     refusal = site1.attempt(lambda ch: ch.bind_queue(queue, T.exchange, f"data:{sid}:a.#"))
     assert_access_refused(refusal, "a wildcard binding")
     with Session(users["a.b"]) as sender:
@@ -295,7 +298,7 @@ def test_a_site_can_do_what_its_role_needs(users: dict[str, Settings]) -> None:
         ch = s1.channel()
         T.declare_inbox(ch, "site-1")  # re-declared as the admin did: allowed, same arguments
         T.declare_service_queue(ch, "site-1")
-        T.declare_data_queue(ch, "site-1", sid, "site-2")
+        T.declare_data_queue(ch, "site-1", sid, "site-2", BACKLOG)
         T.declare_reply_queue(ch, "site-1", qid, exclusive=False, ttl_ms=60_000)
         T.bind_reply(ch, "site-1", qid, "site-2")
         exclusive_qid = uuid.uuid4().hex

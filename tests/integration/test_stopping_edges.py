@@ -10,19 +10,21 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pika
 import pika.exceptions
 import pytest
 
+from objstream.common.cli import EXIT_INTERRUPTED, EXIT_TERMINATED
 from objstream.common.errors import TransferFailed
 from objstream.common.settings import MiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Receiver
 from objstream.consumer.streams import Received
-from objstream.producer import FileStreamer, TargetResult
-from tests.conftest import random_file, sha256_of
+from objstream.producer import FileRetriever, FileStreamer, TargetResult
+from tests.conftest import final_files, kept_bytes, random_file, sha256_of
 from tests.integration.conftest import Declared, StartServer, wait_for_partial
 from tests.integration.test_cli import _env, _listener
 from tests.integration.test_resume_retrieval import _kept_prefix, _retrieve_the_rest, _slow_env
@@ -255,3 +257,158 @@ def test_a_stream_whose_sender_went_away_is_not_taken_over_by_the_python_receive
         assert item is None
     assert time.monotonic() - started < 10
     assert _kept_prefix(dest, src) == kept
+
+
+@contextlib.contextmanager
+def _load(processes: int = 2) -> Iterator[None]:
+    """Keep the machine's cores busy: signals land on a loaded machine, as in a soak."""
+    burners = [subprocess.Popen(["python", "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+
+
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupted_retrieval_tells_the_owner_at_once(
+    tmp_path: Path,
+    settings: Settings,
+    start_server: StartServer,
+    monkeypatch: pytest.MonkeyPatch,
+    how: signal.Signals,
+    code: int,
+) -> None:
+    """``retrieve-file`` gets a signal mid-stream (on a loaded machine): the owner is told
+    ``aborted`` and stops within 5 s (not after its 20 s timeout), the verified part is kept,
+    and the command exits 128 + the signal's number."""
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "big.bin", 64 * MiB)
+    out = tmp_path / "out"
+    slow = settings.model_copy(update={"chunk_size": 64 * 1024, "window": 2})
+    server = start_server(slow, lambda s: FileRetriever(s, source_dir=src))
+    with _load():
+        requester = subprocess.Popen(
+            ["objstream", "consumer", "retrieve-file", "--site", "site-1", "--from", "server",
+             "--dest", str(out), "big.bin"],
+            env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            wait_for_partial(out, 2 * MiB, requester)
+            requester.send_signal(how)
+            interrupted = time.monotonic()
+            _out, err = requester.communicate(timeout=30)
+            while server.server is not None and server.server.active:
+                assert time.monotonic() - interrupted < 5, "the owner kept streaming"
+                time.sleep(0.05)
+        finally:
+            requester.kill()
+    assert requester.returncode == code, err
+    assert err.strip().splitlines()[-1] == "objstream: interrupted"
+    assert final_files(out) == []
+    [kept] = kept_bytes(out).values()
+    assert len(kept) >= 2 * MiB
+    assert kept == (src / "big.bin").read_bytes()[: len(kept)]
+
+
+@pytest.mark.parametrize(
+    ("how", "code"),
+    [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_an_interrupted_sender_tells_its_targets_at_once_under_load(
+    tmp_path: Path, settings: Settings, declared: Declared, how: signal.Signals, code: int
+) -> None:
+    """A broadcast to two listeners; the sender gets a signal mid-stream on a loaded machine:
+    both listeners end the stream ``aborted`` within 5 s, and the sender exits 128 + the
+    signal's number."""
+    declared.sites.update({"site-1", "site-2"})
+    src = tmp_path / "big.bin"
+    random_file(src, 64 * MiB)
+    env = _env(settings)
+    listeners = [
+        _listener(env, site, tmp_path / site, "--count", "1", "--json")
+        for site in ("site-1", "site-2")
+    ]
+    with _load():
+        sender = subprocess.Popen(
+            ["objstream", "producer", "send-file", "--site", "server", "--to", "site-1,site-2",
+             "--window", "2", "--chunk-size", "64KiB", str(src)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        try:
+            wait_for_partial(tmp_path / "site-1", 2 * MiB, sender)
+            sender.send_signal(how)
+            interrupted = time.monotonic()
+            _out, err = sender.communicate(timeout=30)
+            records = []
+            for listener in listeners:
+                lout, _lerr = listener.communicate(
+                    timeout=max(0.1, interrupted + 5 - time.monotonic())
+                )
+                records += _records(lout)
+        finally:
+            for process in (sender, *listeners):
+                process.kill()
+    assert sender.returncode == code, err
+    assert err.strip().splitlines()[-1] == "objstream: interrupted"
+    assert [(r["ok"], r["code"]) for r in records] == [(False, "aborted")] * 2, records
+
+
+def test_a_dead_target_of_a_broadcast_parks_only_its_backlog_on_the_broker(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    """1 GiB broadcast to 3 sites; site-3's listener is SIGKILLed at 10 %. Its data queue never
+    holds more than its backlog (2 windows) and the window it had not acked, polled throughout;
+    site-1 and site-2 store the file; site-3 fails after the sender's timeout."""
+    sites = ("site-1", "site-2", "site-3")
+    declared.sites.update(sites)
+    src = tmp_path / "big.bin"
+    size = 1024 * MiB
+    digest = random_file(src, size)
+    env = _env(settings)
+    listeners = {site: _listener(env, site, tmp_path / site, "--count", "1") for site in sites}
+    sender = subprocess.Popen(
+        ["objstream", "producer", "send-file", "--site", "server", "--to", ",".join(sites),
+         "--timeout", "8", "--json", str(src)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    highest = 0
+    try:
+        wait_for_partial(tmp_path / "site-3", size // 10, sender)
+        [partial] = (tmp_path / "site-3").glob(".objstream-*.part")
+        stream_id = partial.name.removeprefix(".objstream-").removesuffix(".part")
+        declared.streams.add(stream_id)
+        listeners["site-3"].kill()
+        queue = Topology.from_settings(settings).data_queue("site-3", stream_id)
+        connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+        try:
+            channel = connection.channel()
+            while sender.poll() is None:
+                ready = channel.queue_declare(queue, passive=True).method.message_count
+                highest = max(highest, ready)
+                time.sleep(0.05)
+        finally:
+            connection.close()
+        out, err = sender.communicate(timeout=60)
+        finished = {site: listeners[site].communicate(timeout=30) for site in sites[:2]}
+    finally:
+        for process in (sender, *listeners.values()):
+            process.kill()
+    window = 32  # the default, in 1 MiB chunks: the backlog is 2 windows
+    assert 0 < highest <= 3 * window + 2, highest
+    outcome = json.loads(out)
+    by_site = {t["site"]: t for t in outcome["targets"]}
+    assert by_site["site-3"]["ok"] is False, outcome
+    for site in sites[:2]:
+        assert by_site[site]["ok"] is True, (outcome, err)
+        assert listeners[site].returncode == 0, finished[site]
+        assert sha256_of(tmp_path / site / "big.bin") == digest
