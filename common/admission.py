@@ -31,7 +31,15 @@ from typing import Any
 
 from objstream.common.errors import FailureCode, ProtocolError, SaveError
 from objstream.common.identity import Forged, Identities
-from objstream.common.protocol import FILE_KIND, Done, Envelope, Offer, UnsupportedVersion, parse
+from objstream.common.protocol import (
+    FILE_KIND,
+    Abort,
+    Done,
+    Envelope,
+    Offer,
+    UnsupportedVersion,
+    parse,
+)
 from objstream.common.slots import Room, Slots
 from objstream.common.topology import HEX32, Topology
 
@@ -119,6 +127,17 @@ class Hold:
     holder: str
 
 
+@dataclass(frozen=True)
+class Withdraw:
+    """The sender of stream ``stream_id`` gave up before it heard from this receiver, and
+    says so in the inbox where its offer went: end the stream (or drop its held offer) as
+    ``aborted``, if broker user ``user`` is the one its offer came from; else nothing."""
+
+    stream_id: str
+    user: str
+    reason: str
+
+
 Decision = Accept | Refuse | Reject | Ignore | Hold
 
 
@@ -161,13 +180,17 @@ class Admission:
         known: Callable[[str], bool],
         slots: Slots | None = None,
         waiting: bool = False,
-    ) -> Decision:
+    ) -> Decision | Withdraw:
         """An offer from this site's inbox (``known``: is a stream in progress here or ended
-        lately; ``waiting``: the offer was held for a slot already)."""
+        lately; ``waiting``: the offer was held for a slot already), or the ``abort`` of a
+        sender that gave up before this receiver answered its offer."""
         try:
             if envelope.routing_key not in (Topology.offer_key(self.site), f"site.{self.site}"):
                 raise ProtocolError(f"offer with key {envelope.routing_key!r} in an inbox")
-            offer = self._parse(message_type, headers)
+            message = parse(message_type, headers)
+            if isinstance(message, Abort):
+                return Withdraw(message.stream_id, envelope.user_id or "", message.reason)
+            offer = _offer(message, message_type)
             reply_to = self._answerable(offer, envelope)
         except UnsupportedVersion as e:
             return self._other_version(e, headers, envelope)
@@ -242,6 +265,13 @@ class Admission:
             str(error),
         )
 
+    @staticmethod
+    def withdraws(withdraw: Withdraw, offered_by: str | None) -> bool:
+        """Whether an ``abort`` in the inbox ends the stream (or the held offer) whose offer
+        came from broker user ``offered_by``: only that user may end it this way (another
+        site that learned a stream id must not)."""
+        return offered_by is not None and withdraw.user == offered_by
+
     def take_over(self, offer: Offer, user: str | None, *, pushed: bool) -> str | None:
         """May a stream a dead receiver of this directory left go on here? The reason not."""
         if pushed:
@@ -249,12 +279,6 @@ class Admission:
         return None
 
     # -- the checks, in order ---------------------------------------------------------------------
-
-    def _parse(self, message_type: str | None, headers: Mapping[str, Any] | None) -> Offer:
-        offer = parse(message_type, headers)
-        if not isinstance(offer, Offer):
-            raise ProtocolError(f"unexpected {message_type} message where offers arrive")
-        return offer
 
     def _answerable(self, offer: Offer, envelope: Envelope) -> str:
         """The offer's ``reply_to``, if the offer can be answered as protocol v2 says.
@@ -326,6 +350,12 @@ class Admission:
         else:
             code, detail = FailureCode.REFUSED, f"cannot set the stream up: {error}"
         return Refuse.of(offer, reply_to, user, code, detail)
+
+
+def _offer(message: object, message_type: str | None) -> Offer:
+    if not isinstance(message, Offer):
+        raise ProtocolError(f"unexpected {message_type} message where offers arrive")
+    return message
 
 
 def check_answerable(reply_to: str | None, user_id: str | None, peer: str, what: str) -> None:

@@ -405,10 +405,15 @@ class SendSession:
     def _fail(self, target: Target, error: TransferFailed) -> list[Action]:
         log.warning("%s", error)
         actions: list[Action] = []
-        if self.inline is None and target.heard:
+        unheard = not target.heard
+        if self.inline is None and not (unheard and isinstance(error, TimedOut)):
             # A receiver is on it: tell it (alone) to drop the partial object; it deletes its
-            # queue. A target that never made contact has no queue: nothing to tell.
-            actions.append(PublishAbort(target.site, str(error)))
+            # queue. One that has not answered yet (and is given up on before its offer
+            # expired: a cancel, a changed source) may still have its offer waiting, or have
+            # taken it with its first report on the way: it is told where the offer went too,
+            # or it would wait for the stream until its timeout.
+            expiration_ms = int(self.pacing.timeout * 1000) if unheard else 0
+            actions.append(PublishAbort(target.site, str(error), unheard, expiration_ms))
         target.error = error
         target.riding = False
         target.catching_up_since = None

@@ -81,10 +81,16 @@ class PublishEnd:
 
 @dataclass(frozen=True)
 class PublishAbort:
-    """Tell one target's receiver to drop the stream (it deletes its data queue)."""
+    """Tell one target's receiver to drop the stream (it deletes its data queue).
+
+    ``where_offered``: the target has not answered yet, so it may have no data queue: the
+    abort goes where its offer went too (its inbox, or the requester's private queue), void
+    after ``expiration_ms`` as the offer is."""
 
     to: str
     reason: str
+    where_offered: bool = False
+    expiration_ms: int = 0
 
 
 @dataclass(frozen=True)

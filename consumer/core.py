@@ -32,9 +32,10 @@ from objstream.common.admission import (
     Ignore,
     Refuse,
     Reject,
+    Withdraw,
 )
 from objstream.common.amqp import Channel, Connection, Delivery, connect, reestablish
-from objstream.common.errors import BrokerRefused, ConfigError, ConnectionLost
+from objstream.common.errors import BrokerRefused, ConfigError, ConnectionLost, FailureCode
 from objstream.common.identity import Identities
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
 from objstream.common.reassembly import Reassembler
@@ -377,6 +378,20 @@ class ConsumerCore:
         else:
             raise AssertionError(f"{type(decision).__name__} is the caller's")
         return False
+
+    def withdraw(self, withdraw: Withdraw) -> None:
+        """The sender of a stream that started here gave up before it heard from us (its
+        ``abort`` came by the inbox): the stream ends ``aborted``, if ``withdraw`` comes from
+        the broker user its offer came from; anything else is ignored."""
+        stream = self.table.streams.get(withdraw.stream_id)
+        if (
+            stream is None
+            or stream.closing
+            or not self.admission.withdraws(withdraw, stream.user_id)
+        ):
+            log.debug("abort of stream %s by %s: not ours", withdraw.stream_id, withdraw.user)
+            return
+        self.table.fail(stream, FailureCode.ABORTED, f"sender gave up: {withdraw.reason}")
 
     def _open(
         self,

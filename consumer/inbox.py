@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from objstream.common.admission import Accept, Hold
+from objstream.common.admission import Accept, Hold, Withdraw
 from objstream.common.amqp import Channel, Delivery
 from objstream.common.protocol import Envelope
 from objstream.common.redeliveries import RedeliveryJournal, journal_for
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Held:
     delivery: Delivery
+    stream_id: str
     holder: str  # whom its slot will count for
     until: float  # the offer's expiration: its sender has given up by then
 
@@ -133,15 +134,30 @@ class Inbox:
                     decision.holder,
                 )
                 table.slots.hold(decision.holder)
-                self._held.append(
-                    _Held(delivery, decision.holder, time.monotonic() + _expiry(props.expiration))
-                )
+                until = time.monotonic() + _expiry(props.expiration)
+                self._held.append(_Held(delivery, decision.offer.stream_id, decision.holder, until))
             return False
+        if isinstance(decision, Withdraw):
+            self._withdraw(decision)
+            delivery.ack()
+            return True
         if isinstance(decision, Accept):
             table.slots.take(decision.offer.stream_id, decision.holder)
         if not core.carry_out(decision, delivery) and isinstance(decision, Accept):
             table.slots.release(decision.offer.stream_id)
         return True
+
+    def _withdraw(self, withdraw: Withdraw) -> None:
+        """A sender gave up before it heard from us: its offer, if it still waits here, goes;
+        its stream, if it started, ends ``aborted``. Only from the user the offer came from."""
+        for held in self._held:
+            if held.stream_id == withdraw.stream_id:
+                if self._core.admission.withdraws(withdraw, held.delivery.props.user_id):
+                    log.info("offer of stream %s withdrawn by its sender", withdraw.stream_id)
+                    self._unhold(held)
+                    held.delivery.ack()
+                return
+        self._core.withdraw(withdraw)
 
 
 def _expiry(expiration: str | None, default: float = 60.0) -> float:

@@ -247,6 +247,8 @@ class Transfer:
                 case PublishAbort(to=to, reason=reason):
                     abort = Abort(stream_id=self.stream_id, reason=reason[:2000])
                     sender.publish(self._key(to), b"", envelope(abort))
+                    if action.where_offered:
+                        self._publish_where_offered(to, abort, action.expiration_ms)
                 case ReleaseBefore(seq=seq):
                     self.reader.release_before(seq)
                 case ReportProgress():
@@ -268,6 +270,17 @@ class Transfer:
         else:
             sender.declare_inbox(offer.target)
             sender.publish(sender.topology.offer_key(offer.target), body, props)
+
+    def _publish_where_offered(self, to: str, abort: Abort, expiration_ms: int) -> None:
+        """``abort`` to where the offer to ``to`` went: a receiver that has not answered yet
+        finds it behind the offer (its inbox is one queue, in order)."""
+        sender = self.sender
+        props = envelope(abort, expiration_s=expiration_ms / 1000 if expiration_ms else None)
+        requester = self.routes.get(to)
+        if requester is not None:
+            sender.publish(sender.topology.reply_key(requester, sender.site), b"", props)
+        else:
+            sender.publish(sender.topology.offer_key(to), b"", props)
 
     def _publish_chunk(self, seq: int, to: str | None) -> None:
         piece = self.reader.get(seq)

@@ -412,3 +412,39 @@ def test_a_dead_target_of_a_broadcast_parks_only_its_backlog_on_the_broker(
         assert by_site[site]["ok"] is True, (outcome, err)
         assert listeners[site].returncode == 0, finished[site]
         assert sha256_of(tmp_path / site / "big.bin") == digest
+
+
+def test_a_sender_interrupted_before_the_target_answered_is_heard_of_at_once(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    """The listener is frozen when the offer comes, so the sender has heard nothing from it
+    when Ctrl-C lands: the abort goes to the inbox behind the offer, and the listener, once it
+    runs again, ends the stream ``aborted`` at once (before: ``timeout``, its timeout later)."""
+    declared.sites.add("site-1")
+    src = tmp_path / "big.bin"
+    random_file(src, 8 * MiB)
+    env = _env(settings)
+    listener = _listener(env, "site-1", tmp_path / "in", "--count", "1", "--json")
+    time.sleep(2)  # it consumes its inbox
+    listener.send_signal(signal.SIGSTOP)
+    sender = subprocess.Popen(
+        ["objstream", "producer", "send-file", "--site", "server", "--to", "site-1", str(src)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        time.sleep(3)  # the offer is out; nothing came back
+        sender.send_signal(signal.SIGINT)
+        _err = sender.communicate(timeout=30)[1]
+        listener.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        out, err = listener.communicate(timeout=15)  # its timeout is 60 s
+    finally:
+        for process in (sender, listener):
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+    assert sender.returncode == EXIT_INTERRUPTED, _err
+    assert time.monotonic() - resumed < 5
+    [record] = _records(out)
+    assert (record["ok"], record["code"]) == (False, "aborted"), (record, err)
+    assert not (tmp_path / "in" / "big.bin").exists()

@@ -263,3 +263,24 @@ def test_an_offer_of_another_version_is_answered_when_it_can_be() -> None:
         "offer", {**v1, "sender": "site-9"}, _envelope(), known=lambda s: False
     )
     assert isinstance(unanswerable, Reject)
+
+
+def test_an_abort_in_the_inbox_withdraws_only_for_the_user_of_the_offer() -> None:
+    """A sender that gave up before the receiver answered says so where its offer went; only
+    the broker user its offer came from may end a stream that way."""
+    from objstream.common.admission import Withdraw
+    from objstream.common.protocol import Abort
+
+    sid = _offer().stream_id
+    abort = Abort(stream_id=sid, reason="site server was interrupted")
+    decision = _admission().push(
+        "abort", to_headers(abort), _envelope(user="server"), known=lambda s: False
+    )
+    assert decision == Withdraw(sid, "server", "site server was interrupted")
+    assert Admission.withdraws(decision, "server")
+    assert not Admission.withdraws(decision, "site-2")  # another site's offer
+    assert not Admission.withdraws(decision, None)
+    forged = _admission().push(
+        "abort", to_headers(abort), _envelope(key="offer:site-2"), known=lambda s: False
+    )
+    assert isinstance(forged, Reject)  # not this inbox's key

@@ -337,12 +337,15 @@ def test_a_refusal_fails_the_target_alone() -> None:
     assert _chunks(_drain(session)) == [0, 1, 2, 3]  # no need to wait for a anymore
 
 
-def test_cancel_aborts_the_contacted_by_unicast() -> None:
-    session, _sid, _ = _session(("a", "b"))
+def test_cancel_aborts_the_contacted_by_unicast_and_the_others_where_their_offer_went() -> None:
+    """b has not answered: its offer may still wait in its inbox (or its first report be on
+    the way), so its abort goes there too, void when the offer would be."""
+    session, _sid, _ = _session(("a", "b"), timeout=30.0)
     _progress(session, "a", 0, 1.0)
     actions = session.cancel("site me is shutting down")
     assert actions[0] == PublishAbort("a", actions[0].reason)  # type: ignore[union-attr]
-    assert not any(isinstance(a, PublishAbort) and a.to == "b" for a in actions)
+    [to_b] = [a for a in actions if isinstance(a, PublishAbort) and a.to == "b"]
+    assert (to_b.where_offered, to_b.expiration_ms) == (True, 30_000)
     errors = [a.error for a in actions if isinstance(a, TargetFinished)]
     assert [e.code for e in errors if e] == [FailureCode.ABORTED] * 2
     assert session.finished
