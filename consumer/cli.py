@@ -10,7 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
+from objstream.common.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    ProgressBars,
+    StopFlag,
+    count_arg,
+)
 from objstream.common.errors import SenderGone, TransferFailed
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
@@ -52,7 +59,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     listen.add_argument("--dest", required=True, metavar="DIR", help="directory to store into")
     listen.add_argument(
         "--count",
-        type=int,
+        type=count_arg,
         metavar="N",
         help="exit after N objects arrived (exit 1 if any failed); streams a stopped "
         "listener left whose sender has gone meanwhile are not counted",

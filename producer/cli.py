@@ -148,6 +148,9 @@ def _sites(text: str) -> list[str]:
     sites = [s.strip() for s in text.split(",") if s.strip()]
     if not sites:
         raise argparse.ArgumentTypeError("no site given")
+    repeated = sorted({s for s in sites if sites.count(s) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"site given twice: {', '.join(repeated)}")
     return sites
 
 
