@@ -76,6 +76,17 @@ def size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def count_arg(text: str) -> int:
+    """argparse type for a count of things: a whole number, 1 or more."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} is not 1 or more")
+    return count
+
+
 def global_options(default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
     """Options every command accepts, before or after its name (they override the
     ``OBJSTREAM_*`` variables).

@@ -10,8 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, ProgressBars, StopFlag
-from objstream.common.errors import SenderGone, TransferFailed
+from objstream.common.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    ProgressBars,
+    StopFlag,
+    count_arg,
+)
+from objstream.common.errors import ObjstreamError, SenderGone, TransferFailed
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
 from objstream.consumer.receiver import Receiver
@@ -52,7 +59,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     listen.add_argument("--dest", required=True, metavar="DIR", help="directory to store into")
     listen.add_argument(
         "--count",
-        type=int,
+        type=count_arg,
         metavar="N",
         help="exit after N objects arrived (exit 1 if any failed); streams a stopped "
         "listener left whose sender has gone meanwhile are not counted",
@@ -162,12 +169,35 @@ def _retrieve(
 ) -> Received:
     """Retrieve as asked; a signal gives the retrieval up (the owner is told `aborted`, what
     is verified is kept) and the command exits 130 (SIGINT) or 143 (SIGTERM)."""
+    started = time.monotonic()
     try:
         return retriever.retrieve(kind, args.owner, args.name, args.timeout)
-    except TransferFailed as e:
-        if stop:
-            raise stop.interrupted() from e
+    except (ObjstreamError, KeyboardInterrupt) as e:
+        error: BaseException = stop.interrupted() if stop else e
+        if args.json:
+            _print_failed(args, kind, error, time.monotonic() - started)
+        if error is not e:
+            raise error from e
         raise
+
+
+def _print_failed(
+    args: argparse.Namespace, kind: Kind, error: BaseException, seconds: float
+) -> None:
+    """``--json`` on failure: one object too, as the sends print (the error line and the exit
+    code are the same as without it)."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    code = getattr(error, "code", None)
+    record = {
+        "ok": False,
+        "kind": kind,
+        "name": args.name,
+        "from": args.owner,
+        "seconds": round(seconds, 3),
+        "code": "interrupted" if interrupted else (str(code) if code is not None else None),
+        "error": "interrupted" if interrupted else str(error),
+    }
+    print(json.dumps(record), flush=True)
 
 
 def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:

@@ -18,6 +18,7 @@ every call into the core from the caller goes through :meth:`ConsumerCore.call`.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,23 @@ class Part(Protocol):
         """Between event batches, on the connection's thread."""
 
 
+def check_destination(dest: Path) -> None:
+    """Make ``dest`` if it is not there, and check that files can be created in it: a
+    directory that cannot take them fails here, at start, not at every offer.
+
+    Raises:
+        ConfigError: not a directory, or not writable (one line, exit 2 on the command line).
+    """
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"destination {dest} is not a directory")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=dest, prefix=".objstream-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write to destination {dest}: {e.strerror or e}") from e
+
+
 class ConsumerCore:
     """One connection of a consuming site, its streams and its destination directory."""
 
@@ -92,9 +110,7 @@ class ConsumerCore:
             self.settings = self.settings.model_copy(update={"accept_from": accepted})
         self.site = site
         self.dest = Path(dest)
-        if self.dest.exists() and not self.dest.is_dir():
-            raise ConfigError(f"destination {self.dest} is not a directory")
-        self.dest.mkdir(parents=True, exist_ok=True)
+        check_destination(self.dest)
         self.topology = Topology.from_settings(self.settings)
         self._on_entry = on_entry
         self._spool_containers = spool_containers

@@ -113,8 +113,8 @@ def _job_options() -> argparse.ArgumentParser:
     group.add_argument(
         "--consumer-site",
         metavar="SITE",
-        help="the consumer's site name (default site-1); with --clients N, the clients are "
-        "SITE-1 ... SITE-N (default site-1 ... site-N)",
+        help="the consumer's site name (default site-1); file_streaming and dict_streaming "
+        "with --clients N name their clients SITE-1 ... SITE-N (default site-1 ... site-N)",
     )
     group.add_argument(
         "--dest",

@@ -148,6 +148,9 @@ def _sites(text: str) -> list[str]:
     sites = [s.strip() for s in text.split(",") if s.strip()]
     if not sites:
         raise argparse.ArgumentTypeError("no site given")
+    repeated = sorted({s for s in sites if sites.count(s) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"site given twice: {', '.join(repeated)}")
     return sites
 
 
@@ -172,18 +175,20 @@ def _json_outcome(
 ) -> dict[str, Any]:
     """The one JSON object ``--json`` prints, whatever happened: every target's outcome."""
     size = results[0].size if results else None
-    rate = size / (1024 * 1024) / seconds if size is not None and seconds > 0 else 0.0
+    ok = error is None and bool(results) and all(r.ok for r in results)
+    # A rate and a digest only of what was sent and verified: a failed send has neither.
+    rate = size / (1024 * 1024) / seconds if ok and size is not None and seconds > 0 else 0.0
     targets = [_target(r) for r in results]
     if not results:  # nothing was sent (a missing file, no broker...): no target got it
         message = str(error) if error is not None else "failed"
         targets = [{"site": site, "ok": False, "error": message} for site in args.to]
     outcome: dict[str, Any] = {
-        "ok": error is None and all(r.ok for r in results),
+        "ok": ok,
         "name": args.path,
         "bytes": size,
         "seconds": round(seconds, 3),
         "mib_per_s": round(rate, 1),
-        "sha256": results[0].sha256 if results else None,
+        "sha256": (results[0].sha256 or None) if results else None,
         "targets": targets,
     }
     if error is not None:

@@ -22,6 +22,7 @@ from objstream.common.amqp import (
     reestablish,
 )
 from objstream.common.errors import (
+    ConfigError,
     ConnectionLost,
     ProtocolError,
 )
@@ -223,7 +224,8 @@ class StreamSender:
         for target in targets:
             check_site(target)  # before anything is declared for it
         if len(set(targets)) != len(targets):
-            raise ValueError(f"target sites repeat: {list(targets)}")
+            repeated = sorted({t for t in targets if list(targets).count(t) > 1})
+            raise ConfigError(f"target sites repeat: {', '.join(repeated)}")
         if (answering or resume) and len(targets) != 1:
             raise ValueError("a send that answers a request or resumes has exactly one target")
         source.prepare(int(self.settings.chunk_size) if chunk_size is None else chunk_size)

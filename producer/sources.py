@@ -83,11 +83,13 @@ class FileSource(ObjectStreamer):
         self.path = Path(path)
         self.name = self.path.name
         self._where = os.path.abspath(self.path)  # a chdir meanwhile is no replacement
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # Non-blocking: opening a FIFO for reading would wait for a writer, for ever.
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         try:
             st = os.fstat(self._fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ObjstreamError(f"{self.path} is not a regular file")
+            os.set_blocking(self._fd, True)
             self.size = self._file_size = st.st_size
             self._identity = _identity(st)
             # We read it front to back (resends aside): tell the kernel to read ahead.

@@ -20,6 +20,8 @@ One connection per thread (pika is not thread-safe); the one call another thread
 connection a process uses) and :mod:`.connect` (getting one).
 """
 
+import logging
+
 from objstream.common.amqp.connect import (
     broker_parameters,
     connect,
@@ -51,3 +53,9 @@ __all__ = [
     "guarded",
     "reestablish",
 ]
+
+# A library stays silent unless its application configures logging: without a handler of
+# its own, objstream's warnings would reach stderr through logging's last resort. Here, since
+# every part of objstream that talks to a broker imports this module (and pika imports logging
+# anyway), while `objstream --version` does not pay for logging.
+logging.getLogger("objstream").addHandler(logging.NullHandler())

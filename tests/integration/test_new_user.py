@@ -122,6 +122,7 @@ def test_send_file_json_always_prints_every_targets_outcome(
         assert targets["site-9"]["ok"] is False
         assert targets["site-9"]["code"] == "timeout"
         assert outcome["bytes"] == 100 * KiB
+        assert outcome["mib_per_s"] == 0.0  # no rate for what did not arrive everywhere
         assert err.strip().splitlines()[-1].startswith("objstream: error: ")
         # success
         code, outcome, err = _send_json("--to", "site-1", str(src), env=env)
@@ -145,7 +146,29 @@ def test_send_file_json_always_prints_every_targets_outcome(
         ("site-9", False),
     ]
     assert "missing.bin" in str(outcome["error"])
+    assert outcome["sha256"] is None
     assert len(err.strip().splitlines()) == 1
+
+
+def test_retrieve_json_prints_one_object_on_failure_too(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    """Nobody serves: the retrieval times out, and ``--json`` says so on stdout as a send does
+    (the error line and exit code as without it)."""
+    declared.sites.add("server")
+    run = _objstream("consumer", "retrieve-file", "--site", "site-1", "--from", "server",
+                     "--dest", str(tmp_path / "in"), "--timeout", "2", "--json", "f.bin",
+                     env=_env(settings), timeout=60)  # fmt: skip
+    assert run.returncode == EXIT_TIMEOUT, run.stderr
+    [line] = run.stdout.strip().splitlines()
+    record = json.loads(line)
+    assert (record["ok"], record["code"], record["name"], record["from"]) == (
+        False,
+        "timeout",
+        "f.bin",
+        "server",
+    )
+    assert run.stderr.strip().splitlines()[-1].startswith("objstream: error: ")
 
 
 def test_listen_warns_when_the_site_already_has_a_receiver(

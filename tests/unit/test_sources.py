@@ -156,6 +156,31 @@ def test_directories_are_refused(tmp_path: Path) -> None:
         FileSource(tmp_path)
 
 
+def test_a_fifo_is_refused_at_once_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO for reading waits for a writer: a send of one hung for ever."""
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            FileSource(fifo)
+        except BaseException as e:
+            errors.append(e)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(5)
+    if opener.is_alive():
+        with open(fifo, "wb"):  # let the blocked open go, then fail the test
+            pass
+        pytest.fail("opening a FIFO blocked")
+    [error] = errors
+    assert "not a regular file" in str(error)
+
+
 def test_shared_digest_hashes_each_chunk_once_whatever_the_resends() -> None:
     import hashlib
 
