@@ -18,7 +18,6 @@ every call into the core from the caller goes through :meth:`ConsumerCore.call`.
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from objstream.common.admission import (
     Withdraw,
 )
 from objstream.common.amqp import Channel, Connection, Delivery, connect, reestablish
-from objstream.common.errors import BrokerRefused, ConfigError, ConnectionLost, FailureCode
+from objstream.common.errors import BrokerRefused, ConnectionLost
 from objstream.common.identity import Identities
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
 from objstream.common.reassembly import Reassembler
@@ -47,6 +46,7 @@ from objstream.consumer.connection_thread import ConnectionThread
 from objstream.consumer.container_assembler import ContainerAssembler
 from objstream.consumer.container_sink import ContainerSink
 from objstream.consumer.container_spool import ContainerSpool
+from objstream.consumer.destination import check_destination
 from objstream.consumer.file_sink import FileAssembler
 from objstream.consumer.options import AssemblerFactory, ReceiverOptions, store_options
 from objstream.consumer.resume import Resumable, StreamState
@@ -70,23 +70,6 @@ class Part(Protocol):
 
     def tick(self) -> None:
         """Between event batches, on the connection's thread."""
-
-
-def check_destination(dest: Path) -> None:
-    """Make ``dest`` if it is not there, and check that files can be created in it: a
-    directory that cannot take them fails here, at start, not at every offer.
-
-    Raises:
-        ConfigError: not a directory, or not writable (one line, exit 2 on the command line).
-    """
-    if dest.exists() and not dest.is_dir():
-        raise ConfigError(f"destination {dest} is not a directory")
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=dest, prefix=".objstream-probe-"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write to destination {dest}: {e.strerror or e}") from e
 
 
 class ConsumerCore:
@@ -407,7 +390,7 @@ class ConsumerCore:
         ):
             log.debug("abort of stream %s by %s: not ours", withdraw.stream_id, withdraw.user)
             return
-        self.table.fail(stream, FailureCode.ABORTED, f"sender gave up: {withdraw.reason}")
+        self.table.interrupt(stream, f"sender gave up: {withdraw.reason}")
 
     def _open(
         self,
@@ -429,6 +412,9 @@ class ConsumerCore:
             )
             kept.discard()
             kept = None
+        if kept is None and offer.inline is None and not self.store.clear(offer.stream_id):
+            log.info("stream %s is already taken over by another receiver", offer.stream_id)
+            return False  # a duplicate delivery of its offer
         try:
             stream = self._new_stream(accept, timeout=timeout, requested=requested, kept=kept)
         except Exception as e:

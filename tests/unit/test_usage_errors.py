@@ -13,7 +13,7 @@ import pytest
 
 from objstream.common.cli import EXIT_USAGE
 from objstream.common.errors import ConfigError
-from objstream.consumer.core import check_destination
+from objstream.consumer.destination import check_destination
 
 
 @pytest.fixture
