@@ -341,6 +341,14 @@ class ReceiveSession:
         not be, but nothing can reach this receiver any more."""
         return self.fail(FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
 
+    def interrupted(self, reason: str) -> list[Action]:
+        """The stream is given up from outside its data queue (the retrieving user cancelled,
+        or the sender withdrew it through the inbox): it fails ``aborted``, unless every byte
+        is in and its commit is under way, which then decides how it ends."""
+        if self.state is State.VERIFYING:
+            return []
+        return self.fail(FailureCode.ABORTED, reason)
+
     def stopped(self, reason: str) -> list[Action]:
         """This receiver stops and does not leave the stream for a successor: the sender is
         told ``aborted`` (a file keeps its verified prefix)."""

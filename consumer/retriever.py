@@ -163,7 +163,7 @@ class Retriever(ConsumerSide):
         if stream is None:
             raise TransferFailed(from_site, sid or "", FailureCode.ABORTED, reason)
         if not stream.closing:
-            self._core.table.fail(stream, FailureCode.ABORTED, reason)
+            self._core.table.interrupt(stream, reason)
 
     def _outcome(self, handle: str, from_site: str, timeout: float) -> Received | None:
         """On the connection's thread: the object if it arrived, None while it may come.

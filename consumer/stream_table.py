@@ -258,6 +258,10 @@ class StreamTable:
     def fail(self, stream: Stream, code: FailureCode, detail: str) -> None:
         self.actions.run(stream, stream.session.fail(code, detail))
 
+    def interrupt(self, stream: Stream, reason: str) -> None:
+        """Give ``stream`` up from outside (see :meth:`ReceiveSession.interrupted`)."""
+        self.actions.run(stream, stream.session.interrupted(reason))
+
     def suspend(self, stream: Stream) -> None:
         """Leave the stream on disk for the next receiver (or fail it if it cannot be left)."""
         self.actions.run(stream, stream.session.suspend(time.monotonic()))

@@ -197,10 +197,12 @@ class Transfer:
     def _turn(self) -> None:
         """One round: take replies, check silences, publish what the windows allow."""
         sender, session = self.sender, self.session
+        # Replies first: a verdict that came in before the signal counts (a target that
+        # stored the object is not told it was aborted, nor reported so).
+        self._take_replies()
         if sender.cancel is not None and sender.cancel.is_set():
             self._do(session.cancel(f"site {sender.site} is shutting down"))
             return
-        self._take_replies()
         self._do(session.tick(time.monotonic()))
         began = time.monotonic()
         more = False

@@ -303,6 +303,27 @@ def test_commit_failure_turns_into_failed_verdict() -> None:
     assert not d.of(RemoveCheckpoint)
 
 
+def test_an_interruption_during_the_commit_leaves_the_commit_to_decide() -> None:
+    """A retrieval cancelled (or a stream withdrawn) once every byte is in: the commit is
+    under way and ends the stream; before, it failed the session under the commit, which
+    then could not be told it had succeeded."""
+    d = Driver(bytes(10))
+    d.chunk(0)
+    d.session.receive(2, d.end, b"", 0.0)
+    assert d.session.interrupted("site-1 was interrupted") == []
+    assert d.session.state is State.VERIFYING
+    d.run(d.session.committed())
+    assert d.verdict.done.ok
+
+
+def test_an_interruption_while_receiving_fails_the_stream_aborted() -> None:
+    d = Driver(bytes(100))
+    d.chunk(0)
+    d.run(d.session.interrupted("site-1 was interrupted"))
+    assert d.verdict.done.code == FailureCode.ABORTED
+    assert "interrupted" in d.verdict.done.detail
+
+
 def test_committing_never_times_out_and_tells_the_sender_it_is_alive() -> None:
     d = Driver(bytes(10))
     d.chunk(0)
