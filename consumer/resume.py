@@ -279,6 +279,31 @@ def _load(dest: Path, path: Path, fd: int) -> Resumable:
     )
 
 
+def clear_stream(dest: Path, stream_id: str) -> bool:
+    """Before a stream is set up for an offer: remove what a dead receiver left of the same
+    stream (it had taken the offer, and died before it acked it, so the broker delivered it
+    again: its partial object and state file, with no byte of data). Returns False, and
+    removes nothing, if a live receiver holds the stream's state (it took the stream over)."""
+    path = state_path(dest, stream_id)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    if fd >= 0:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False  # a live receiver holds it
+        path.unlink(missing_ok=True)
+        os.close(fd)
+    partial = dest / partial_name(stream_id)
+    if partial.exists() or partial.is_symlink():
+        log.info("removing what a dead receiver left of stream %s", stream_id)
+        remove_partial(partial)
+    return True
+
+
 def remove_abandoned(dest: Path, ttl: float) -> list[Path]:
     """Delete partial files (and their state) untouched for longer than ``ttl`` seconds.
 

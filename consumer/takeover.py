@@ -31,6 +31,7 @@ from objstream.consumer.resume import (
     Resumable,
     StreamState,
     adopt,
+    clear_stream,
     find_kept,
     find_resumable,
     remove_abandoned,
@@ -148,6 +149,11 @@ class ResumeStore:
             stored_bytes=item.stored_bytes,
             as_torch=self._as_torch,
         )
+
+    def clear(self, stream_id: str) -> bool:
+        """Remove what a dead receiver left of stream ``stream_id`` before it is set up again;
+        False if a live receiver of the directory holds it (see :func:`clear_stream`)."""
+        return clear_stream(self.dest, stream_id)
 
     def kept(self, from_site: str, name: str) -> Resumable | None:
         """The kept prefix of file ``name`` from ``from_site``, hashed, if there is one. Slow on

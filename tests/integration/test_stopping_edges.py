@@ -448,3 +448,39 @@ def test_a_sender_interrupted_before_the_target_answered_is_heard_of_at_once(
     [record] = _records(out)
     assert (record["ok"], record["code"]) == (False, "aborted"), (record, err)
     assert not (tmp_path / "in" / "big.bin").exists()
+
+
+def test_a_listener_killed_as_it_takes_an_offer_leaves_nothing_in_the_way(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    """SIGKILL the moment the partial file appears: the dead listener may not have acked the
+    offer, and the next listener gets it again. What the dead one left of that stream (an
+    empty partial file, a state of 0 bytes) must not fail it with 'File exists' (before:
+    refused ``io``, the sender failed, 4 of 4 tries)."""
+    declared.sites.update({"site-1", "server"})
+    src = tmp_path / "f.bin"
+    digest = random_file(src, 300 * 1024)
+    dest = tmp_path / "in"
+    env = _env(settings)
+    first = _listener(env, "site-1", dest, "--json")
+    time.sleep(2)  # it consumes its inbox
+    outcome: list[object] = []
+    sender = _push(settings, src, outcome)
+    try:
+        deadline = time.monotonic() + 30
+        while not (dest.exists() and list(dest.glob(".objstream-*.part"))):
+            assert time.monotonic() < deadline, "no stream began"
+            time.sleep(0.002)
+        first.kill()
+        first.wait()
+        second = _listener(env, "site-1", dest, "--json", "--count", "1")
+        _out, err = second.communicate(timeout=60)
+    finally:
+        first.kill()
+    sender.join(60)
+    [results] = outcome
+    assert isinstance(results, list), results
+    assert [r.ok for r in results] == [True], results
+    assert second.returncode == 0, err
+    assert sha256_of(dest / "f.bin") == digest
+    assert not list(dest.glob(".objstream-*"))

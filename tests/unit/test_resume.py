@@ -161,3 +161,34 @@ def test_adopting_a_prefix_renames_it_and_cuts_what_was_never_recorded(tmp_path:
     state.release()
     [item], [] = find_resumable(tmp_path)  # the new stream goes on; it has not ended
     assert (item.offer, item.reply_to, item.stored, item.stored_bytes) == (offer, "q2", 2, 8)
+
+
+def test_what_a_dead_receiver_left_of_a_redelivered_offer_is_cleared(tmp_path: Path) -> None:
+    """A receiver took an offer and died before it acked it (its partial file and a state of
+    0 bytes, or only the partial file): the broker delivers the offer again, and the next
+    receiver must be able to set the stream up, not fail it with 'File exists'."""
+    from objstream.consumer.resume import clear_stream
+
+    offer = _offer()
+    (tmp_path / partial_name(offer.stream_id)).write_bytes(b"")
+    state = StreamState.create(tmp_path, offer, "q")
+    os.close(state._fd)  # died
+    assert clear_stream(tmp_path, offer.stream_id)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / partial_name(offer.stream_id)).write_bytes(b"")  # died before its state
+    assert clear_stream(tmp_path, offer.stream_id)
+    assert list(tmp_path.iterdir()) == []
+    assert clear_stream(tmp_path, offer.stream_id)  # nothing there: nothing to do
+
+
+def test_a_stream_a_live_receiver_holds_is_not_cleared(tmp_path: Path) -> None:
+    from objstream.consumer.resume import clear_stream
+
+    offer = _offer()
+    (tmp_path / partial_name(offer.stream_id)).write_bytes(b"abcd")
+    state = StreamState.create(tmp_path, offer, "q")  # locked: its receiver lives
+    assert not clear_stream(tmp_path, offer.stream_id)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [partial_name(offer.stream_id), state.path.name]
+    )
+    state.remove()
