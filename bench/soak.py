@@ -9,8 +9,15 @@ senders pushing files of 1 KiB to 64 MiB to one site or several at once (``produ
 them (``consumer retrieve-file --json``), often for the same file at the same time (a shared
 upload). Every 10-30 s a fault: SIGKILL of a listener, a sender, a retriever or the owner (a
 killed listener or owner is started again at once, on the same directory, as a user would), or
-SIGINT / SIGTERM of a sender or a retriever; and twice per run the broker is SIGKILLed and
-started again on the same ports and data.
+SIGINT / SIGTERM of a sender or a retriever; a fault waits up to 15 s for a listener, sender or
+retriever in the middle of a stream (one under way in its destination) and takes any if none
+comes. Twice per run the broker is SIGKILLed and started again on the same ports and data.
+Every process has OBJSTREAM_TIMEOUT=15 and OBJSTREAM_CONNECT_WAIT=30; a send's ``--window`` is
+8 or 32, so that the largest files exceed the backlog limit of a target's data queue (2
+windows).
+It counts pushes, retrievals and their outcomes, faults, take-overs (what became of the
+streams a killed listener left), resumed retrievals, and what the listeners recorded for the
+streams of senders stopped by SIGINT / SIGTERM, and how long after the signal.
 
 Then the faults stop, what runs finishes, everything settles for 30 s, and the invariants are
 checked:
@@ -22,7 +29,8 @@ checked:
 3. nothing hung: every sender and retriever ended within its time limit, every listener and the
    owner within 30 s of SIGTERM at the end (a process past its limit gets SIGABRT, which makes
    Python dump every thread's stack into its log, then SIGKILL);
-4. bounded memory: the peak RSS (``ru_maxrss`` of each process, VmHWM) of every role;
+4. bounded memory: the peak RSS (``ru_maxrss`` of each process, its VmHWM) of every role is at
+   most 256 MiB;
 5. what the broker holds: no data queue ever held more ready bytes than its backlog limit (the
    queue's ``x-max-length-bytes``; sampled every 10 s), and what is left after settling, by
    kind of queue.
@@ -30,7 +38,8 @@ checked:
 It prints two markdown tables (counts, invariants) and exits 1 if an invariant is broken.
 ``--keep DIR`` runs in DIR and keeps everything there: the sources, what arrived, each
 process's stderr (``logs/``), the node's logs, ``runs.jsonl`` (every process: command, exit,
-output, peak RSS) and ``report.md``.
+output, peak RSS), ``broker.json`` (the queues sampled, the faults, the streams dead listeners
+left) and ``report.md``.
 """
 
 from __future__ import annotations
@@ -54,17 +63,18 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from objstream.jobs.data import write_random_file
 from tests.rabbitmq_node import LocalRabbitNode
 
+T = TypeVar("T")
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -86,6 +96,7 @@ STOP_GRACE = 30.0  # seconds a listener or the owner may take to exit on SIGTERM
 HOT_FILE_EVERY = 8.0  # seconds between two changes of the file most retrievers ask for
 SAMPLE_EVERY = 10.0  # seconds between two looks at the broker's queues
 RSS_LIMIT_MIB = 256.0  # peak RSS above which a process breaks invariant 4
+AIM_WITHIN = 15.0  # seconds a fault waits for a victim in the middle of a transfer
 
 Role = Literal["listener", "sender", "retriever", "owner"]
 ROLES: tuple[Role, ...] = ("listener", "sender", "retriever", "owner")
@@ -304,6 +315,12 @@ class Processes:
             time.sleep(0.5)
 
 
+def unsignalled(runs: list[Run]) -> list[Run]:
+    """The runs the bench has not signalled yet: one signal per process (a second SIGINT would
+    mean "stop at once")."""
+    return [r for r in runs if not r.signals]
+
+
 # -- the broker's queues ------------------------------------------------------------------------
 
 
@@ -466,20 +483,26 @@ class Soak:
             self.start_listener(site)
         return f"{run.label}, {left} stream(s) left to take over"
 
-    def note_left_over(self, site: str) -> int:
-        """Record the streams the dead listener of ``site`` was working on."""
-        now = time.monotonic()
-        found = 0
-        for state in self.dests[site].glob(".objstream-*.state"):
+    @staticmethod
+    def streams_under_way(dest: Path) -> list[str]:
+        """The streams in ``dest`` that are not over (a state file, not ``ended``): what a
+        successor of its listener takes over."""
+        found = []
+        for state in dest.glob(".objstream-*.state"):
             try:
                 counts = state.read_text(errors="replace").splitlines()[1].split()
             except (OSError, IndexError):
                 continue
             if "ended" not in counts:
-                stream_id = state.name.removeprefix(".objstream-").removesuffix(".state")
-                self.left_over.append(LeftOver(site, stream_id, now))
-                found += 1
+                found.append(state.name.removeprefix(".objstream-").removesuffix(".state"))
         return found
+
+    def note_left_over(self, site: str) -> int:
+        """Record the streams the dead listener of ``site`` was working on."""
+        now = time.monotonic()
+        found = self.streams_under_way(self.dests[site])
+        self.left_over += [LeftOver(site, stream_id, now) for stream_id in found]
+        return len(found)
 
     def kill_owner(self) -> str:
         with self.lock:
@@ -636,20 +659,49 @@ class Soak:
             self.node.start()
             return Fault(now, kind, "node", f"down {time.monotonic() - now:.1f} s")
         if kind == "SIGKILL listener":
-            site = rng.choice(SITES)
-            return Fault(now, kind, site, self.kill_listener(site))
+            busy = self.aim(lambda: [s for s in SITES if self.streams_under_way(self.dests[s])])
+            site = rng.choice(busy or SITES)
+            return Fault(time.monotonic(), kind, site, self.kill_listener(site))
         if kind == "SIGKILL owner":
             return Fault(now, kind, self.kill_owner())
         sig, role_name = kind.split()
         role = next(r for r in TRANSFERS if r == role_name)
-        # Mid-transfer rather than while the process starts, when it can.
-        victims = self.p.running(role, older_than=1.0) or self.p.running(role)
+        victims = (
+            self.aim(lambda: unsignalled(self.mid_transfer(role)))
+            or unsignalled(self.p.running(role, older_than=1.0))
+            or unsignalled(self.p.running(role))
+        )
         if not victims:
             return None
         victim = rng.choice(victims)
+        now = time.monotonic()
         if not self.p.signal(victim, SIGNALS[sig]):
             return None
         return Fault(now, kind, victim.label, f"({victim.name} after {now - victim.started:.1f} s)")
+
+    def aim(self, find: Callable[[], list[T]]) -> list[T]:
+        """What ``find`` finds within :data:`AIM_WITHIN` s (it is asked again and again), so
+        that a fault lands in the middle of a transfer; empty if nothing was found."""
+        deadline = time.monotonic() + AIM_WITHIN
+        while not self.stopping.is_set():
+            found = find()
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+        return []
+
+    def mid_transfer(self, role: Role) -> list[Run]:
+        """The senders or retrievers of ``role`` whose object is being written at a
+        destination now (for a sender: some stream is under way at one of its targets)."""
+        runs = self.p.running(role, older_than=0.5)
+        if role == "retriever":
+            return [r for r in runs if r.site and self.streams_under_way(self.fetched[r.site])]
+        return [
+            r
+            for r in runs
+            if self.pool[str(r.name)].size >= 2 * MiB
+            and any(self.streams_under_way(self.dests[t]) for t in r.targets)
+        ]
 
     # -- hangs --
 
@@ -740,6 +792,22 @@ class Soak:
                     self.p.signal(run, signal.SIGKILL)
                     run.done.wait(10)
 
+    def save(self) -> None:
+        """Write what the run recorded into its directory: every process, the faults, the
+        broker's queues (each sample, and after settling)."""
+        with open(self.work / "runs.jsonl", "w") as out:
+            for run in self.procs.runs if self.procs is not None else []:
+                out.write(json.dumps(run.summary()) + "\n")
+        broker = {
+            "samples": [
+                [round(at - self.t0, 1), [asdict(q) for q in qs]] for at, qs in self.samples
+            ],
+            "settled": None if self.settled is None else [asdict(q) for q in self.settled],
+            "faults": [{**asdict(f), "at": round(f.at - self.t0, 1)} for f in self.faults],
+            "left_over": [{**asdict(x), "at": round(x.at - self.t0, 1)} for x in self.left_over],
+        }
+        (self.work / "broker.json").write_text(json.dumps(broker, indent=1) + "\n")
+
     def shut_down(self, keep: bool) -> None:
         self.stopping.set()
         self.finished.set()
@@ -785,7 +853,11 @@ class Report:
 
 
 def tally(values: Iterable[object]) -> str:
-    counts = Counter(str(v) for v in values)
+    """``value: count, ...``; a negative exit status is named as the signal that ended it."""
+    counts = Counter(
+        f"died of {signal.Signals(-v).name}" if isinstance(v, int) and v < 0 else str(v)
+        for v in values
+    )
     return ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) or "none"
 
 
@@ -927,7 +999,12 @@ class Analysis:
         )
         dead = sum(self.grep("dead-lettering"))
         traces = sum(self.grep("Traceback (most recent call last)", skip_hung=True))
-        self.report.row("'dead-lettering' log lines / tracebacks in stderr", f"{dead} / {traces}")
+        # A SIGINT while the command still imports (before it handles signals): Python's own.
+        early = sum(self.grep("\nKeyboardInterrupt\n", skip_hung=True))
+        self.report.row(
+            "'dead-lettering' log lines / tracebacks in stderr (of which SIGINT while starting)",
+            f"{dead} / {traces} ({early})",
+        )
 
     def grep(self, text: str, *, skip_hung: bool = False) -> Iterator[int]:
         for run in self.runs:
@@ -1128,14 +1205,15 @@ class Analysis:
     def broker(self) -> None:
         problems = []
         peak_total = 0
-        peak_data = (0, "")
+        peak_data: tuple[tuple[int, int], str] = ((0, 0), "")
         for at, queues in self.soak.samples:
             peak_total = max(peak_total, sum(q.bytes for q in queues))
             for q in queues:
-                if q.kind == "data" and q.ready_bytes > peak_data[0]:
+                if q.kind == "data" and (q.ready_bytes, q.bytes) > peak_data[0]:
                     peak_data = (
-                        q.ready_bytes,
-                        f"{q.ready_bytes / MiB:.1f} MiB of {(q.limit_bytes or 0) / MiB:.0f} MiB",
+                        (q.ready_bytes, q.bytes),
+                        f"{q.bytes / MiB:.1f} MiB, {q.ready_bytes / MiB:.1f} MiB ready of its "
+                        f"{(q.limit_bytes or 0) / MiB:.0f} MiB limit",
                     )
                 if q.limit_bytes is not None and q.ready_bytes > q.limit_bytes:
                     problems.append(
@@ -1143,8 +1221,7 @@ class Analysis:
                         f"ready bytes > {q.limit_bytes}"
                     )
         self.report.row(
-            "broker samples (every 10 s): peak bytes in all queues / fullest data "
-            "queue (ready of its limit)",
+            "broker samples (every 10 s): peak bytes in all queues / fullest data queue",
             f"{len(self.soak.samples)}: {peak_total / MiB:.1f} MiB / {peak_data[1] or 'none'}",
         )
         settled = self.soak.settled
@@ -1153,8 +1230,8 @@ class Analysis:
             left = "not listed"
         else:
             left = "; ".join(
-                f"{kind} {len(qs)} queues, {sum(q.messages for q in qs)} msgs, "
-                f"{sum(q.bytes for q in qs) / MiB:.1f} MiB"
+                f"{kind} {len(qs)} queues ({sum(q.consumers > 0 for q in qs)} consumed), "
+                f"{sum(q.messages for q in qs)} msgs, {sum(q.bytes for q in qs) / MiB:.1f} MiB"
                 for kind in ("data", "inbox", "service", "reply", "dead", "other")
                 if (qs := [q for q in settled if q.kind == kind])
             )
@@ -1194,10 +1271,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         soak.shut_down(keep=args.keep is not None)
-        if soak.procs is not None and args.keep is not None:
-            with open(work / "runs.jsonl", "w") as out:
-                for run in soak.procs.runs:
-                    out.write(json.dumps(run.summary()) + "\n")
+        if args.keep is not None:
+            soak.save()
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     text = report.markdown()
