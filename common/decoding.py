@@ -77,11 +77,7 @@ def decode_structure(structure: bytes, *, max_payload: int) -> Decoded:
     """
     decoder = _Decoder(max_payload)
     try:
-        value = decoder.unpack(structure)
-    except ProtocolError:
-        raise
-    except Exception as e:  # msgpack raises assorted errors on garbage
-        raise ProtocolError(f"malformed value structure: {e}") from None
+        value = _unpack(decoder, structure)
     finally:
         # Hand the buffers over and empty the decoder: on an error, a traceback kept by the
         # caller still refers to it, and must not keep the preallocated buffers alive.
@@ -308,13 +304,18 @@ def describe_structure(structure: bytes, *, max_payload: int) -> Described:
         ProtocolError: as :func:`decode_structure`.
     """
     describer = _Describer(max_payload)
+    value = _unpack(describer, structure)
+    return Described(value, describer.sizes)
+
+
+def _unpack(unpacker: _Decoder | _Describer, structure: bytes) -> Any:
+    """``unpacker.unpack(structure)``, whatever msgpack raises on garbage a ProtocolError."""
     try:
-        value = describer.unpack(structure)
+        return unpacker.unpack(structure)
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises assorted errors on garbage
         raise ProtocolError(f"malformed value structure: {e}") from None
-    return Described(value, describer.sizes)
 
 
 def _list(value: Any, what: str) -> list[Any]:
