@@ -61,7 +61,7 @@ SIDE_HELP = {
 }
 """What ``objstream --help`` says of each side without importing its module."""
 
-GLOBAL_OPTIONS = {"--url", "--namespace", "--log-level"}
+GLOBAL_OPTIONS = {"--url", "--namespace", "--log-level", "--log-format"}
 
 Handler = Callable[[argparse.Namespace, "Settings"], int]
 
@@ -136,7 +136,22 @@ def global_options(default: Any = argparse.SUPPRESS) -> argparse.ArgumentParser:
         "--log-level",
         default=default,
         choices=["debug", "info", "warning", "error"],
-        help="log verbosity on stderr (env OBJSTREAM_LOG_LEVEL; default info)",
+        help="log verbosity on stderr (env OBJSTREAM_LOG_LEVEL; default warning, error with "
+        "--quiet)",
+    )
+    group.add_argument(
+        "--log-format",
+        default=default,
+        choices=["text", "json"],
+        help="stderr as text lines or one JSON object a line: notes, errors and log records "
+        "(env OBJSTREAM_LOG_FORMAT; default text)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default,
+        help="only errors on stderr: no progress bars, no notes (results still on stdout)",
     )
     return parent
 
@@ -190,26 +205,14 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(
         url=args.url,
         namespace=args.namespace,
-        log_level=args.log_level,
+        log_level=args.log_level or ("error" if args.quiet else None),
+        log_format=args.log_format,
         connect_timeout=args.connect_timeout,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         **extra,
     )
-
-
-def configure_logging(level: str) -> None:
-    import logging
-
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # pika logs connection failures with tracebacks at ERROR; we report them in one line
-    # ourselves, so its own records only show with --log-level debug.
-    logging.getLogger("pika").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
 
 
 def exit_code_for(error: ObjstreamError) -> int:
@@ -241,7 +244,11 @@ class ProgressBars:
     """
 
     def __init__(self, enabled: bool | None = None, *, delay: float = 0.5) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        from objstream.common.console import console
+
+        if enabled is None:
+            enabled = sys.stderr.isatty() and not console.quiet and console.log_format == "text"
+        self.enabled = enabled
         self._delay = delay
         self._bars: dict[str, Any] = {}
         self._done: dict[str, int] = {}
@@ -335,23 +342,27 @@ def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int
     args = parser.parse_args(argv)
     import logging
 
+    from objstream.common.console import console
+
+    console.quiet = bool(args.quiet)
+    if args.log_format is not None:  # before the settings: their own error is said in it
+        console.log_format = args.log_format
     try:
         settings = settings_from(args, **args.settings_overrides(args))
-        configure_logging(settings.log_level)
+        console.log_format = settings.log_format
+        console.configure_logging(settings.log_level)
         handler: Handler = args.handler
         return handler(args, settings)
     except ObjstreamError as e:
         logging.getLogger(__name__).debug("failed", exc_info=True)
-        print(f"objstream: error: {e}", file=sys.stderr)
+        console.error(str(e))
         return exit_code_for(e)
     except OSError as e:
         logging.getLogger(__name__).debug("failed", exc_info=True)
-        print(
-            f"objstream: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr
-        )
+        console.error(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
         return EXIT_FAILED
     except KeyboardInterrupt as e:
-        print("objstream: interrupted", file=sys.stderr)
+        console.warn("interrupted")
         return e.exit_code if isinstance(e, Interrupted) else EXIT_INTERRUPTED
 
 

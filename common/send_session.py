@@ -326,7 +326,7 @@ class SendSession:
         )
         target.error = error
         target.fire(TargetEvent.FAIL)
-        log.warning("%s", error)
+        log.info("%s", error)  # the caller has it in its results: no warning of our own
         # The receiver deletes its own data queue (the sender has no permission to).
         return [TargetFinished(target.site, self.stream_id, error, done.stored_as)]
 
@@ -403,7 +403,7 @@ class SendSession:
         return self.schedule.next_publications()
 
     def _fail(self, target: Target, error: TransferFailed) -> list[Action]:
-        log.warning("%s", error)
+        log.info("%s", error)  # the caller has it in its results
         actions: list[Action] = []
         unheard = not target.heard
         if self.inline is None and not (unheard and isinstance(error, TimedOut)):

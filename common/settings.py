@@ -301,7 +301,14 @@ class Settings(BaseModel):
         description="Seconds a stream slot waits for its peer's first contact (a requester taking "
         "the offer, a sender's first data) before it is released.",
     )
-    log_level: str = Field("info", description="Log level: debug, info, warning, error.")
+    log_level: str = Field(
+        "warning",
+        description="Log level of the command line: debug, info, warning, error ('error' "
+        "with --quiet).",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Format of the command line's stderr: text, or one JSON object a line."
+    )
 
     @field_validator("url")
     @classmethod

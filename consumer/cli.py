@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from objstream.common.cli import (
     StopFlag,
     count_arg,
 )
+from objstream.common.console import console, plural, printable
 from objstream.common.errors import ObjstreamError, SenderGone, TransferFailed
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
@@ -156,12 +156,11 @@ def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -
         )
     else:
         if item.resumed_bytes:
-            print(
-                f"objstream: resumed: {item.resumed_bytes} of {item.size} bytes were kept "
-                "from an earlier attempt",
-                file=sys.stderr,
+            console.note(
+                f"resumed: {item.resumed_bytes} of {item.size} bytes were kept from an earlier "
+                "attempt"
             )
-        print(item.path)
+        print(printable(item.path))
 
 
 def _retrieve(
@@ -261,18 +260,17 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
                 flush=True,
             )
         if gone:
-            print(
-                f"objstream: a stream left by an earlier listener ended, its sender gone: "
-                f"{item}; what arrived is kept for a retrieval",
-                file=sys.stderr,
-                flush=True,
+            console.warn(
+                f"a stream left by an earlier listener ended, its sender gone: {item}; what "
+                "arrived is kept for a retrieval"
             )
         else:
-            print(f"objstream: error: {item}", file=sys.stderr, flush=True)
+            console.error(str(item))
         return
     what = item.kind
     if item.kind == "container":
-        what = f"container ({item.container_type}, {item.entry_count} entries)"
+        entries = plural(item.entry_count or 0, "entry", "entries")
+        what = f"container ({item.container_type}, {entries})"
     if args.json:
         record = {
             "ok": True,
@@ -289,9 +287,10 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
         print(json.dumps(record), flush=True)
     else:
         print(
-            f"received {what} {item.name} from {item.sender} (user {item.sender_user}) -> "
-            f"{item.path} ({item.size} "
-            f"bytes, sha256 {item.sha256} verified)",
+            printable(
+                f"received {what} {item.name} from {item.sender} (user {item.sender_user}) -> "
+                f"{item.path} ({plural(item.size, 'byte')}, sha256 {item.sha256} verified)"
+            ),
             flush=True,
         )
 
@@ -310,11 +309,9 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
         store_containers=True,  # each chunk into its place in the file; survives this process
     )
     try:
-        log.info(
-            "listening for site %s on %s (namespace %s)",
-            args.site,
-            settings.masked_url,
-            settings.namespace,
+        console.note(
+            f"listening for site {args.site} on {settings.masked_url} (namespace "
+            f"{settings.namespace}); stop with Ctrl-C"
         )
         while not stop and (args.count is None or done < args.count):
             item: Received | TransferFailed | None
@@ -331,11 +328,7 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
                     and args.timeout is not None
                     and time.monotonic() - idle_since > args.timeout
                 ):
-                    print(
-                        f"objstream: error: nothing arrived for site {args.site} in "
-                        f"{args.timeout:g} s",
-                        file=sys.stderr,
-                    )
+                    console.error(f"nothing arrived for site {args.site} in {args.timeout:g} s")
                     return EXIT_TIMEOUT
                 continue
             _report(args, item)

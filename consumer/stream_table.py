@@ -178,7 +178,8 @@ class StreamTable:
     def refuse(self, refusal: Refuse) -> None:
         """Answer an offer this receiver does not take with a failed verdict."""
         sid, sender = refusal.stream_id, refusal.sender
-        log.warning("refusing stream %s from %s: %s", sid, sender, refusal.detail)
+        # Reported to the caller (an outcome): a warning would say it twice on a command line.
+        log.info("refusing stream %s from %s: %s", sid, sender, refusal.detail)
         self.actions.publish_verdict(refusal.reply_to, refusal.verdict(self.site))
         self.remember(sid)
         self.outcomes.append(TransferFailed(sender, sid, refusal.code, refusal.detail))
@@ -338,7 +339,7 @@ class StreamTable:
             self.outcomes.append(item)
             return
         assert finished.code is not None
-        log.warning(
+        log.info(  # an outcome the caller is given
             "stream %s from %s failed (%s): %s",
             offer.stream_id,
             offer.sender,

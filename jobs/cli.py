@@ -6,13 +6,13 @@ import argparse
 import contextlib
 import json
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, size_arg
+from objstream.common.console import console
 from objstream.common.settings import MiB, Settings
 from objstream.jobs import clients, dict_streaming, file_streaming
 from objstream.jobs.runner import Result, Side, peak_rss_mib
@@ -208,7 +208,7 @@ def _job_dest(args: argparse.Namespace) -> Iterator[str]:
         yield tmp
     finally:
         if args.keep:
-            print(f"objstream: kept what arrived in {tmp}", file=sys.stderr, flush=True)
+            console.note(f"kept what arrived in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -349,7 +349,7 @@ def _report(args: argparse.Namespace, job: str, sides: dict[str, Result]) -> int
         )
     if not ok:
         for line in errors or [f"{job}: verification failed"]:
-            print(f"objstream: error: {job} {line}", file=sys.stderr, flush=True)
+            console.error(f"{job} {line}")
         kinds = {side.get("error_type") for side in sides.values()}
         return next((ERROR_EXIT[k] for k in kinds if k in ERROR_EXIT), EXIT_FAILED)
     return EXIT_OK

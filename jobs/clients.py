@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
+from objstream.common.console import console
 from objstream.common.settings import MiB
 from objstream.jobs.runner import Result, Side
 
@@ -109,7 +109,7 @@ def report_clients(
         return EXIT_OK
     for name, r in results.items():
         if r.get("error"):
-            print(f"objstream: error: {job} {name}: {r['error']}", file=sys.stderr, flush=True)
+            console.error(f"{job} {name}: {r['error']}")
     kinds = {r.get("error_type") for r in results.values()}
     return next((ERROR_EXIT[k] for k in kinds if k in ERROR_EXIT), EXIT_FAILED)
 

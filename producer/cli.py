@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from objstream.common.cli import ProgressBars, StopFlag, size_arg
+from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SendFailed
 
 if TYPE_CHECKING:
@@ -227,8 +227,10 @@ def _send(
     for r in results:
         where = f" as {r.stored_as}" if r.stored_as else ""
         print(
-            f"sent {what} {args.path} to {r.site}{where}: {size} bytes in {seconds:.2f} s "
-            f"({rate:.1f} MiB/s), sha256 {r.sha256} verified"
+            printable(
+                f"sent {what} {args.path} to {r.site}{where}: {plural(size, 'byte')} in "
+                f"{seconds:.2f} s ({rate:.1f} MiB/s), sha256 {r.sha256} verified"
+            )
         )
     return 0
 
@@ -277,11 +279,9 @@ def serve_cmd(args: argparse.Namespace, settings: Settings) -> int:
             FileRetriever(server, source_dir=args.source_dir, allow=args.allow)
         for name, path in args.container:
             ContainerRetriever(server).add_container(name, load_container(path), allow=args.allow)
-        print(
+        console.note(
             f"serving site {args.site} on {settings.masked_url} (namespace {settings.namespace});"
-            " stop with Ctrl-C",
-            file=sys.stderr,
-            flush=True,
+            " stop with Ctrl-C"
         )
         server.serve(stop=lambda: bool(stop))
     return 0

@@ -158,7 +158,7 @@ class Transfer:
             except (SourceChanged, OSError) as e:
                 # What was read is not what is there now (or no longer reads): every target is
                 # told at once, none verifies a mix of old and new bytes.
-                log.error("%s %r: %s", source.kind, source.name, e)
+                log.info("%s %r: %s", source.kind, source.name, e)  # in every target's result
                 changed = isinstance(e, SourceChanged)
                 self._do(session.source_failed(str(e), changed=changed))
                 break

@@ -1,0 +1,152 @@
+"""What the command line writes on stderr (issue 22, items 7, 8 and 12): one line per failure,
+no log noise by default, ``-q``, ``--log-format json``, and names that cannot break a line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from objstream.common.cli import EXIT_FAILED, EXIT_OK
+from objstream.common.settings import KiB, Settings
+from tests.conftest import random_file
+from tests.integration.conftest import Declared
+from tests.integration.test_cli import _listener, _objstream
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    """As a user runs it: no OBJSTREAM_LOG_LEVEL, so the command line's default applies."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBJSTREAM_")}
+    env.update(
+        OBJSTREAM_URL=settings.url,
+        OBJSTREAM_NAMESPACE=settings.namespace,
+        OBJSTREAM_STREAM_TTL="120",
+        **extra,
+    )
+    return env
+
+
+def _ready(listener: subprocess.Popen[str], mark: str = "listening for site") -> str:
+    assert listener.stderr is not None
+    for line in listener.stderr:
+        if mark in line:
+            return line
+    raise AssertionError(f"listen exited with {listener.wait()}")
+
+
+def _stop(listener: subprocess.Popen[str]) -> tuple[str, str]:
+    listener.send_signal(signal.SIGTERM)
+    try:
+        return listener.communicate(timeout=30)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+
+
+def test_a_refused_send_is_one_line_on_each_side(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    src = tmp_path / "big.bin"
+    random_file(src, 100 * KiB)
+    env = _env(settings)
+    listener = _listener(
+        _env(settings, OBJSTREAM_MAX_OBJECT_SIZE="10KiB"), "site-1", tmp_path / "in"
+    )
+    try:
+        start = _ready(listener)
+        send = _objstream(
+            "producer", "send-file", "--site", "server", "--to", "site-1", str(src), env=env
+        )
+    finally:
+        _out, err = _stop(listener)
+    assert start.startswith("objstream: listening for site site-1 on "), start
+    assert send.returncode == EXIT_FAILED
+    assert send.stdout == ""
+    lines = send.stderr.splitlines()
+    assert len(lines) == 1, send.stderr  # was a WARNING log line, then the same words again
+    assert lines[0].startswith("objstream: error: ")
+    assert "too_large" in lines[0]
+    assert [line for line in err.splitlines() if "too_large" in line] == [
+        line for line in err.splitlines() if line.startswith("objstream: error: ")
+    ], err
+    assert len(err.splitlines()) == 1, err  # the error; no INFO or WARNING lines
+    assert listener.returncode == EXIT_OK
+
+
+def test_quiet_leaves_only_the_results(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    src = tmp_path / "a.bin"
+    random_file(src, 300 * KiB)
+    env = _env(settings)
+    listener = _listener(env, "site-1", tmp_path / "in", "-q", "--count", "1")
+    try:
+        send = _objstream(
+            "producer", "send-file", "-q", "--site", "server", "--to", "site-1", str(src),
+            env=env,
+        )  # fmt: skip
+        out, err = listener.communicate(timeout=60)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    assert send.returncode == EXIT_OK, send.stderr
+    assert send.stderr == ""
+    assert send.stdout.startswith("sent file ")
+    assert listener.returncode == EXIT_OK
+    assert err == ""  # not even the "listening" note
+    assert out.startswith("received file a.bin from server")
+
+
+def test_log_format_json_makes_every_stderr_line_an_object(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    src = tmp_path / "big.bin"
+    random_file(src, 100 * KiB)
+    small = _env(settings, OBJSTREAM_MAX_OBJECT_SIZE="10KiB", OBJSTREAM_LOG_LEVEL="info")
+    listener = _listener(small, "site-1", tmp_path / "in", "--log-format", "json")
+    try:
+        first = json.loads(_ready(listener))
+        send = _objstream(
+            "producer", "send-file", "--log-format", "json", "--site", "server", "--to",
+            "site-1", str(src), env=_env(settings),
+        )  # fmt: skip
+    finally:
+        _, err = _stop(listener)
+    assert first["level"] == "INFO"
+    assert first["message"].startswith("listening for site site-1")
+    records = [json.loads(line) for line in err.splitlines()]  # every line: one JSON object
+    assert {r["level"] for r in records} >= {"INFO", "ERROR"}, err
+    assert all({"time", "level", "name", "message"} <= r.keys() for r in records)
+    assert send.returncode == EXIT_FAILED
+    (error,) = [json.loads(line) for line in send.stderr.splitlines()]
+    assert error["level"] == "ERROR"
+    assert "too_large" in error["message"]
+
+
+def test_a_name_with_a_newline_stays_on_one_line(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    src = tmp_path / "two\nlines\x1b[31m.bin"
+    random_file(src, 10 * KiB)
+    env = _env(settings)
+    listener = _listener(env, "site-1", tmp_path / "in", "--count", "1")
+    try:
+        send = _objstream(
+            "producer", "send-file", "--site", "server", "--to", "site-1", str(src), env=env
+        )
+        out, _ = listener.communicate(timeout=60)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    assert send.returncode == EXIT_OK, send.stderr
+    assert len(send.stdout.splitlines()) == 1, send.stdout
+    assert "\x1b" not in send.stdout
+    assert "two\\nlines\\x1b[31m" in send.stdout
+    assert len(out.splitlines()) == 1, out
+    assert "\x1b" not in out
