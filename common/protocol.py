@@ -45,6 +45,10 @@ Meta = Annotated[dict[MetaKey, Scalar], Field(max_length=16)]
 
 FILE_KIND = "file"
 CONTAINER_KIND = "container"
+LAYOUT_INFO = "layout"
+DIRECTORY_LAYOUT = "directory"
+"""``info[LAYOUT_INFO] == DIRECTORY_LAYOUT``: the container offered is a directory of files,
+whatever its name (a name ending in ``/`` says the same)."""
 
 
 class MessageType(StrEnum):

@@ -168,13 +168,31 @@ HEADER_META = "safetensors_header"
 ``.safetensors`` file whose first entry it is (see :func:`header_lengths`)."""
 
 
-def header_lengths(container: Any, name: str) -> dict[int, int]:
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def split_directory_key(key: str) -> tuple[str, str | None]:
+    """A directory container's entry name as ``(file, tensor)``: the file's path in the
+    directory (``/``-separated), and the tensor's key for an entry of a ``.safetensors`` file,
+    ``None`` for a whole file. The file ends at the first path component that ends in
+    ``.safetensors`` (any case) and has more after it: ``shard-1.safetensors/w`` and
+    ``text/enc.safetensors/layers/0/w`` are tensors (``w``, ``layers/0/w``),
+    ``config.json`` and ``tokenizer/vocab.txt`` whole files."""
+    parts = key.split("/")
+    for index, part in enumerate(parts[:-1]):
+        if part.lower().endswith(SAFETENSORS_SUFFIX):
+            return "/".join(parts[: index + 1]), "/".join(parts[index + 1 :])
+    return key, None
+
+
+def header_lengths(container: Any, name: str, *, directory: bool = False) -> dict[int, int]:
     """The length (prefix included) of the header of each ``.safetensors`` file a receiver
     makes of ``container``, by the index of the file's first entry: the container saved as one
     file (entry 0), or each ``F`` of the ``F/<key>`` entries of a directory container (a name
-    ending in ``/``). Announced with that entry, so that the receiver writes each tensor at its
-    final offset and the file comes out byte for byte as the safetensors package writes it.
-    Only for files that are all arrays of a dtype safetensors names (and ``__metadata__``)."""
+    ending in ``/``, or ``directory``; see :func:`split_directory_key`). Announced with that
+    entry, so that the receiver writes each tensor at its final offset and the file comes out
+    byte for byte as the safetensors package writes it. Only for files that are all arrays of a
+    dtype safetensors names (and ``__metadata__``)."""
     if not isinstance(container, dict):
         return {}
     files: dict[str, _Layout] = {}
@@ -183,10 +201,11 @@ def header_lengths(container: Any, name: str) -> dict[int, int]:
         if not isinstance(key, str):
             return {}
         file, rest = "", key
-        if name.endswith("/"):
-            file, sep, rest = key.partition("/")
-            if not sep:
+        if directory or name.endswith("/"):
+            file, tensor = split_directory_key(key)
+            if tensor is None:
                 continue  # a plain file of the directory
+            rest = tensor
         layout = files.setdefault(file, _Layout(index))
         if rest == METADATA_KEY and layout.empty and isinstance(value, dict):
             try:

@@ -18,9 +18,10 @@ from objstream.common.cli import (
     count_arg,
 )
 from objstream.common.console import console, plural, printable
-from objstream.common.errors import ObjstreamError, SenderGone, TransferFailed
+from objstream.common.errors import ConfigError, ObjstreamError, SenderGone, TransferFailed
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
+from objstream.consumer.output_formats import FORMATS, TORCH_SUFFIXES
 from objstream.consumer.receiver import Receiver
 from objstream.consumer.retriever import Retriever
 from objstream.consumer.streams import Received
@@ -212,21 +213,48 @@ def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def output_place(out: str) -> tuple[Path, str | None]:
+    """Where ``retrieve-container --out OUT`` writes: a directory, and the name to save under
+    there (``None``: the container's own name, which a directory container keeps as a
+    directory). Checked before anything moves.
+
+    Raises:
+        ConfigError: ``OUT``'s suffix names no format a container is written in.
+    """
+    path = Path(out)
+    if out.endswith("/"):
+        return path.parent, path.name + "/"  # a directory container, as the directory OUT
+    if path.is_dir():
+        return path, None  # into it, under the container's own name
+    suffix = path.suffix.lower()
+    if suffix in TORCH_SUFFIXES:
+        raise ConfigError(
+            f"--out {out}: objstream never writes pickles; name it .safetensors (torch loads "
+            "it with safetensors.torch.load_file)"
+        )
+    if suffix and suffix not in FORMATS:
+        raise ConfigError(
+            f"--out {out}: {suffix} is not a container format: name it .npz, .safetensors or "
+            ".json, or give a directory"
+        )
+    return path.parent, path.name
+
+
 def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
     check_object_name(args.name)  # before connecting
-    out = Path(args.out)
+    dest, store_as = output_place(args.out)
     started = time.monotonic()
     bars = ProgressBars()
     stop = StopFlag()
     stop.install()
     with Retriever(
         args.site,
-        out.parent,
+        dest,
         settings,
         progress=bars,
         cancel=stop.event,
         store_containers=True,  # chunk by chunk into the file: never an entry whole in memory
-        store_as=out.name + ("/" if args.out.endswith("/") else ""),
+        store_as=store_as,
     ) as retriever:
         item = _retrieve(retriever, "container", args, stop)
     bars.close()

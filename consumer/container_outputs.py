@@ -59,14 +59,23 @@ from objstream.common.safetensors_format import (
     check_metadata,
     header_reserve,
     padded_header,
+    split_directory_key,
 )
 from objstream.consumer.destinations import Crc, Destination, StoredArray, open_output
 from objstream.consumer.file_sink import DestinationFull, commit_partial, fsync_dir
-from objstream.consumer.output_formats import FORMATS, jsonable, npz_member, small_array
+from objstream.consumer.output_formats import (
+    FORMATS,
+    jsonable,
+    npz_member,
+    small_array,
+    unsaveable,
+)
 
 log = logging.getLogger(__name__)
 
 MOVE_BLOCK = 4 * 1024 * 1024
+MAX_DEPTH = 16
+"""Deepest folder of a directory container a peer may make under the destination."""
 
 
 def _entry(described: Described, container_type: str, index: int, fmt: str) -> tuple[str, Any]:
@@ -121,10 +130,7 @@ class SafetensorsFile:
                 raise SaveError(str(e)) from None
             return []
         if not isinstance(value, ArraySpec) or len(buffers) != 1:
-            raise SaveError(
-                f"entry {name!r} ({type(value).__name__}) cannot be saved as .safetensors "
-                "(arrays only); name it .json"
-            )
+            raise unsaveable(name, value, ".safetensors (arrays only)")
         code = dtypes.little_code(value.dtype_code)
         swap = value.dtype if code != value.dtype_code else None  # big-endian: swapped
         kind = WIRE_TO_ST.get(code)
@@ -283,9 +289,7 @@ class FileOutput:
             array = small_array(value, name)
             dtype, shape, fortran, small = array.dtype, array.shape, False, array.tobytes()
         else:
-            raise SaveError(
-                f"entry {name!r} ({type(value).__name__}) cannot be saved as .npz; name it .json"
-            )
+            raise unsaveable(name, value, ".npz")
         ml = dtypes.ml_name(dtype)
         if ml is not None:
             raise SaveError(
@@ -374,6 +378,7 @@ class DirOutput:
     expected: int
     _shards: dict[str, SafetensorsFile] = field(init=False, default_factory=dict)
     _files: dict[str, int] = field(init=False, default_factory=dict)
+    _folders: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         if self.container_type != "dict":
@@ -385,20 +390,19 @@ class DirOutput:
     ) -> list[Destination]:
         key, value = described.raw
         key = str(key)
-        file, sep, rest = key.partition("/")
-        if not file or safe_basename(file) != file or file in self._files:
-            raise SaveError(f"entry {key!r}: {file!r} is not a plain, new file name")
-        if sep:
-            if not file.lower().endswith(".safetensors"):
-                raise SaveError(f"entry {key!r}: only a .safetensors file has entries")
+        file, rest = split_directory_key(key)
+        if file in self._files or file in self._folders:
+            raise SaveError(f"entry {key!r}: {file!r} is not a new file of this directory")
+        if rest is not None:
             shard = self._shards.get(file)
             if shard is None:
-                shard = SafetensorsFile(self.partial / file, self.expected - index, header)
+                path = self._place(key, file)
+                shard = SafetensorsFile(path, self.expected - index, header)
                 self._shards[file] = shard
             return shard.add(rest, value, described.buffers)
         if file in self._shards:
             raise SaveError(f"entry {key!r}: {file!r} is a .safetensors file of this directory")
-        fd = self._files[file] = open_output(self.partial / file)
+        fd = self._files[file] = open_output(self._place(key, file))
         if isinstance(value, BytesSpec) and len(described.buffers) == 1:
             os.ftruncate(fd, value.length)
             return [Destination(fd, 0, value.length)]
@@ -408,10 +412,28 @@ class DirOutput:
             return []
         raise SaveError(f"entry {key!r}: a file of a directory container must be bytes")
 
+    def _place(self, key: str, file: str) -> Path:
+        """Where ``file`` (a ``/``-separated path a peer chose) goes in the partial directory,
+        its folders made: every part a plain name that :func:`safe_basename` keeps as it is
+        (no ``..``, no hidden or empty part, no separator of another system), at most
+        :data:`MAX_DEPTH` folders deep, never where a file of this directory already is."""
+        parts = file.split("/")
+        if len(parts) > MAX_DEPTH + 1 or any(safe_basename(p) != p for p in parts):
+            raise SaveError(f"entry {key!r}: {file!r} is not a plain relative file path")
+        folders = ["/".join(parts[:n]) for n in range(1, len(parts))]
+        if any(f in self._files or f in self._shards for f in folders):
+            raise SaveError(f"entry {key!r}: a file of this directory is in the way of {file!r}")
+        if folders:
+            (self.partial / folders[-1]).mkdir(parents=True, exist_ok=True)
+            self._folders.update(folders)
+        return self.partial / file
+
     def end(self, index: int) -> None:
         pass
 
     def finish(self) -> Path:
+        for folder in sorted(self._folders, key=len, reverse=True):
+            fsync_dir(self.partial / folder)
         for shard in self._shards.values():
             shard.write_header()
             os.fsync(shard.fd)

@@ -44,7 +44,7 @@ from objstream.consumer.container_assembler import INLINE_STRUCTURE, container_f
 from objstream.consumer.container_outputs import DirOutput, FileOutput
 from objstream.consumer.destinations import Destination, Output
 from objstream.consumer.file_sink import WriteBehind, free_bytes
-from objstream.consumer.output_formats import check_offer, final_name
+from objstream.consumer.output_formats import check_offer, final_name, is_directory
 from objstream.consumer.streams import Stored
 
 STRUCTURE_LIMIT = 16 * 1024 * 1024
@@ -133,7 +133,8 @@ class ContainerSink(ObjectAssembler):
         if reopen:
             self.name = self._journal_name()
         else:
-            self.name = final_name(name if name is not None else offer.name)
+            directory = is_directory(offer)
+            self.name = final_name(name if name is not None else offer.name, directory=directory)
             check_offer(offer, self.name, self.container_type)
             free = free_bytes(self.dest)
             if (offer.size or 0) > free:

@@ -20,7 +20,7 @@ from objstream.common import dtypes
 from objstream.common.decoding import ArraySpec, BytesSpec
 from objstream.common.errors import ProtocolError, SaveError
 from objstream.common.naming import safe_basename
-from objstream.common.protocol import Offer
+from objstream.common.protocol import DIRECTORY_LAYOUT, LAYOUT_INFO, Offer
 from objstream.common.safetensors_format import WIRE_TO_ST
 
 FORMATS = (".npz", ".safetensors", ".json")
@@ -28,14 +28,23 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 """Containers named like a PyTorch file are saved as ``.safetensors`` (never pickled here)."""
 
 
-def final_name(name: str) -> str:
+def is_directory(offer: Offer) -> bool:
+    """Whether ``offer`` is of a directory container: its name ends in ``/``, or its ``info``
+    says ``layout: directory``."""
+    return offer.name.endswith("/") or (offer.info or {}).get(LAYOUT_INFO) == DIRECTORY_LAYOUT
+
+
+def final_name(name: str, *, directory: bool = False) -> str:
     """The name a container named ``name`` is saved under: a directory for a name ending in
-    ``/``; else a file, ``.npz`` unless the name says ``.safetensors`` or ``.json``, and
-    ``.safetensors`` for a ``.pt``/``.pth``/``.bin`` name. Always a plain base name."""
+    ``/``, or for a ``directory`` container named without a format's suffix; else a file,
+    ``.npz`` unless the name says ``.safetensors`` or ``.json``, and ``.safetensors`` for a
+    ``.pt``/``.pth``/``.bin`` name. Always a plain base name."""
     if name.endswith("/"):
         return safe_basename(name.rstrip("/")) + "/"
     base = safe_basename(name)
     lower = base.lower()
+    if directory and not lower.endswith((*FORMATS, *TORCH_SUFFIXES)):
+        return base + "/"
     if lower.endswith(TORCH_SUFFIXES):
         return base.rpartition(".")[0] + ".safetensors"
     if not lower.endswith(FORMATS):
@@ -59,6 +68,11 @@ def check_offer(offer: Offer, name: str, container_type: str) -> None:
         if container_type != "dict":
             raise SaveError(f"{where}: a directory container is a dict, not a {container_type}")
         return
+    if is_directory(offer):
+        raise SaveError(
+            f"{where}: it is a directory of files; save it as a directory (a name without "
+            "a suffix, or ending in /)"
+        )
     fmt = Path(name).suffix.lower()
     if container_type == "set" and fmt != ".json":
         raise SaveError(f"{where}: a set is saved as .json")
@@ -122,23 +136,44 @@ def _plain_relative(key: str) -> bool:
     return True
 
 
+def kind_of(value: Any) -> str:
+    """What an entry's value is, in a user's words (never a class of ours)."""
+    if isinstance(value, BytesSpec | bytes | bytearray):
+        return "bytes"
+    if isinstance(value, ArraySpec | np.ndarray):
+        return "an array"
+    return type(value).__name__
+
+
+def unsaveable(name: object, value: Any, fmt: str) -> SaveError:
+    """Why entry ``name`` cannot be saved as ``fmt``, advising a format that can hold it."""
+    kind = kind_of(value)
+    if kind == "bytes":
+        advice = "raw bytes fit none of .npz, .safetensors and .json (a directory container "
+        advice += "holds files)"
+    elif kind == "an array":
+        advice = "name it .npz or .safetensors"
+    else:
+        advice = "name it .json" if fmt == ".safetensors" and kind in {"str", "dict"} else ""
+        advice = advice or "name it .npz or .json"
+    return SaveError(f"entry {name!r} ({kind}) cannot be saved as {fmt}; {advice}")
+
+
 def small_array(value: Any, name: str) -> np.ndarray[Any, Any]:
     """An entry without payload buffers (a number, a short list) as the array it makes."""
     array = np.asarray(value)
     if array.dtype.hasobject or array.dtype.kind in "SUV":
-        raise SaveError(
-            f"entry {name!r} ({type(value).__name__}) cannot be saved as .npz; name it .json"
-        )
+        raise unsaveable(name, value, ".npz")
     return array
 
 
 def jsonable(value: Any, key: Any) -> Any:
-    if isinstance(value, ArraySpec | BytesSpec | np.ndarray | np.generic):
-        raise SaveError(f"entry {key!r} holds an array; name the container .npz to save it")
+    if isinstance(value, ArraySpec | BytesSpec | np.ndarray | np.generic | bytes | bytearray):
+        raise unsaveable(key, value, ".json")
     if isinstance(value, set | frozenset | tuple | list):
         return [jsonable(v, key) for v in value]
     if isinstance(value, dict):
         return {str(k): jsonable(v, key) for k, v in value.items()}
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    raise SaveError(f"entry {key!r}: a {type(value).__name__} cannot be saved as .json")
+    raise unsaveable(key, value, ".json")

@@ -126,7 +126,8 @@ def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         default=[],
         type=_named_path,
         metavar="NAME=PATH",
-        help="serve the container in PATH (.npz, .safetensors, .json) as NAME; repeatable",
+        help="serve the container in PATH (.npz, .safetensors, .json, .pt/.bin state dict, or a "
+        "checkpoint directory, retrieved as a directory) as NAME; repeatable",
     )
     serve.add_argument(
         "--allow",

@@ -5,7 +5,8 @@
   chunk as it is sent (memory stays flat for multi-GiB files; any dtype safetensors names,
   bfloat16 and float8 included); its ``__metadata__`` travels as the first entry.
 - a directory (a sharded checkpoint such as ``model-00001-of-00002.safetensors`` ... with its
-  ``model.safetensors.index.json``): see :func:`load_directory`.
+  ``model.safetensors.index.json``, and subdirectories such as a ``tokenizer/``): see
+  :func:`load_directory`.
 - ``.pt`` / ``.bin``: a PyTorch state dict, only through ``torch.load(weights_only=True)``
   (needs ``objstream[torch]``); anything that needs full unpickling is refused.
 - ``.json``: a dict or a list.
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,20 @@ import numpy as np
 from objstream.common import safetensors_format
 from objstream.common.codec import FileRange
 from objstream.common.errors import ObjstreamError
+from objstream.common.safetensors_format import SAFETENSORS_SUFFIX
 
 SUFFIXES = (".npz", ".safetensors", ".json", ".pt", ".bin")
 DIRECTORY_MARK = "/"
 """A container whose name ends with this is a directory of files (see :func:`load_directory`)."""
+MAX_DEPTH = 16
+"""Deepest subdirectory of a directory container (as the receiver allows)."""
+
+
+class DirectoryContainer(dict[str, Any]):
+    """A directory's files as a dict (:func:`load_directory`): sent or served under any name,
+    it is offered as a directory, and a receiver saves it as one."""
+
+
 MAX_SIDE_FILE = 256 * 1024 * 1024
 """Largest non-safetensors file of a directory container (it is received in memory)."""
 
@@ -67,25 +79,32 @@ def load_container(path: Path) -> dict[str, Any] | list[Any]:
     )
 
 
-def load_directory(path: Path) -> dict[str, Any]:
-    """A directory's regular files as one flat dict, streamed from disk when sent.
+def load_directory(path: Path) -> DirectoryContainer:
+    """A directory's regular files, subdirectories included, as one flat dict, streamed from
+    disk when sent.
 
-    Each ``.safetensors`` file ``F`` gives the entries ``"F/__metadata__"`` (if it has one) and
-    ``"F/<tensor>"`` (split at the first ``/``: file names hold none); every other file (the
-    ``model.safetensors.index.json``, ``config.json``...) one entry ``"F"`` of its raw bytes.
-    Files come in name order; hidden files and subdirectories are left out.
+    Each file is named by its path in the directory, ``/``-separated (``config.json``,
+    ``tokenizer/vocab.txt``). A ``.safetensors`` file ``F`` gives the entries
+    ``"F/__metadata__"`` (if it has one) and ``"F/<tensor>"``; every other file (the
+    ``model.safetensors.index.json``, ``config.json``...) one entry ``"F"`` of its raw bytes
+    (see :func:`~objstream.common.safetensors_format.split_directory_key`). Files come in path
+    order. Hidden files and directories are left out; a link to a file is read as that file, a
+    link to a directory is not followed.
 
     Raises:
-        ObjstreamError: no file, or a non-safetensors file above :data:`MAX_SIDE_FILE`.
+        ObjstreamError: no file; a non-safetensors file above :data:`MAX_SIDE_FILE`; a tree
+            deeper than :data:`MAX_DEPTH`; a file under a directory named ``*.safetensors``
+            (it would read as a tensor).
     """
-    container: dict[str, Any] = {}
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    container = DirectoryContainer()
+    files = list(_files_under(path))
     if not files:
         raise ObjstreamError(f"{path}: no file to send in this directory")
-    for file in files:
-        if file.suffix.lower() == ".safetensors":
+    for relative in files:
+        file = path.joinpath(*relative.split("/"))
+        if file.suffix.lower() == SAFETENSORS_SUFFIX:
             for key, value in safetensors_format.load(file).items():
-                container[f"{file.name}/{key}"] = value
+                container[f"{relative}/{key}"] = value
             continue
         size = file.stat().st_size
         if size > MAX_SIDE_FILE:
@@ -93,8 +112,29 @@ def load_directory(path: Path) -> dict[str, Any]:
                 f"{file}: {size} bytes; a directory's non-safetensors files are limited to "
                 f"{MAX_SIDE_FILE} (send it with send-file)"
             )
-        container[file.name] = FileRange(str(file), 0, size)
+        container[relative] = FileRange(str(file), 0, size)
     return container
+
+
+def _files_under(root: Path) -> list[str]:
+    """The paths (``/``-separated, relative to ``root``) of the regular files under ``root``,
+    sorted; hidden names left out, links to directories not followed."""
+    found: list[str] = []
+    for folder, dirs, names in os.walk(root):
+        here = Path(folder).relative_to(root).parts
+        if len(here) > MAX_DEPTH:
+            raise ObjstreamError(f"{folder}: deeper than {MAX_DEPTH} directories")
+        if any(part.lower().endswith(SAFETENSORS_SUFFIX) for part in here):
+            if names:
+                raise ObjstreamError(
+                    f"{folder}: a directory named like a .safetensors file cannot be sent in a "
+                    "directory container (its files would read as tensors)"
+                )
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if not name.startswith(".") and (Path(folder) / name).is_file():
+                found.append("/".join((*here, name)))
+    return sorted(found)
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:

@@ -23,9 +23,10 @@ from itertools import accumulate
 from typing import Any
 
 from objstream.common.codec import Buffer, Encoded, EncodeError, FileRange, array_facts, encode
-from objstream.common.protocol import CONTAINER_KIND, MAX_INFO_TEXT
+from objstream.common.protocol import CONTAINER_KIND, DIRECTORY_LAYOUT, LAYOUT_INFO, MAX_INFO_TEXT
 from objstream.common.safetensors_format import HEADER_META, header_lengths
 from objstream.common.streaming import MetaValue, ObjectStreamer, Piece
+from objstream.producer.container_files import DIRECTORY_MARK, DirectoryContainer
 
 CONTAINER_TYPES = {dict: "dict", list: "list", set: "set"}
 
@@ -47,13 +48,17 @@ def _entry(encoded: Encoded) -> _Entry:
 
 
 class ContainerSource(ObjectStreamer):
-    """A dict (str or int keys), list or set, streamed entry by entry."""
+    """A dict (str or int keys), list or set, streamed entry by entry.
+
+    A :class:`~objstream.producer.container_files.DirectoryContainer`, or a container whose
+    name ends in ``/``, is offered as a directory of files (``info["layout"]``)."""
 
     kind = CONTAINER_KIND
     random_access = True
 
     def __init__(self, container: dict[Any, Any] | list[Any] | set[Any], name: str) -> None:
-        container_type = CONTAINER_TYPES.get(type(container))
+        directory = isinstance(container, DirectoryContainer)
+        container_type = "dict" if directory else CONTAINER_TYPES.get(type(container))
         if container_type is None:
             raise EncodeError(
                 f"container {name!r}: a {type(container).__name__} is not a dict, list or set"
@@ -61,6 +66,7 @@ class ContainerSource(ObjectStreamer):
         self.container = container
         self.container_type = container_type
         self.name = name
+        self.directory = directory or name.endswith(DIRECTORY_MARK)
         self._entries: list[_Entry] | None = None  # encoded once, whatever the chunk size
         self._dtypes: set[str] = set()  # wire dtypes of the entries that are one array
         self._non_arrays = 0  # entries that are not one array
@@ -96,7 +102,7 @@ class ContainerSource(ObjectStreamer):
                 self._non_arrays += 1
             else:
                 self._dtypes.add(facts.dtype)
-        self._headers = header_lengths(self.container, self.name)
+        self._headers = header_lengths(self.container, self.name, directory=self.directory)
 
     def prepare(self, chunk_size: int) -> None:
         """Encode the entries (the first time only) and cut them into chunks of ``chunk_size``.
@@ -130,6 +136,8 @@ class ContainerSource(ObjectStreamer):
             "container": self.container_type,
             "entries": len(self.container),
         }
+        if self.directory:
+            info[LAYOUT_INFO] = DIRECTORY_LAYOUT
         if self._entries is not None:
             codes = ",".join(sorted(self._dtypes))
             if len(codes) <= MAX_INFO_TEXT:  # else each entry is checked as it arrives
