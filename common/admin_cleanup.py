@@ -166,7 +166,7 @@ class Deleter:
             return False
         site = dead_site(self._namespace, decision.name)
         if site is not None and site in self._sites_staying:
-            reason = f"the dead letters of site {site!r}'s queues that stay go there"
+            reason = f"site {site!r} has queues that stay: their dead letters go there"
             print(decision.line("kept", reason), flush=True)
             return False
         try:

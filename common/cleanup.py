@@ -154,7 +154,7 @@ def plan(
     for name, decision in list(decisions.items()):
         site = dead_site(namespace, name)
         if decision.delete and site is not None and site in kept_sites:
-            reason = f"the dead letters of site {site!r}'s queues that stay go there"
+            reason = f"site {site!r} has queues that stay: their dead letters go there"
             decisions[name] = Decision("queue", name, False, reason)
     going = {n for n, d in decisions.items() if d.delete}
     # A site's dead letters last: they go only once its other queues went.
@@ -193,7 +193,7 @@ def _exchanges(
         elif any(dead_site(other, name) is not None for other in longer):
             continue  # the dead letters of a site of namespace OTHER
         elif site in kept_sites:
-            reason = f"the dead letters of site {site!r}'s queues that stay go there"
+            reason = f"site {site!r} has queues that stay: their dead letters go there"
             decisions.append(Decision("exchange", name, False, reason))
             continue
         staying = sorted(

@@ -25,8 +25,8 @@ class PartialsHeld(ObjstreamError):
         self.held = held
         names = ", ".join(_shown(p) for p in held[:3]) + (", ..." if len(held) > 3 else "")
         super().__init__(
-            f"{len(held)} partial object{'s' if len(held) != 1 else ''} left in place: a running "
-            f"receiver holds {'them' if len(held) != 1 else 'it'} ({names}); stop it first, or "
+            f"{len(held)} partial object{'s' if len(held) != 1 else ''} left in place, a running "
+            f"receiver holds {'them' if len(held) != 1 else 'it'}: {names}; stop it first, or "
             "let it finish"
         )
 
