@@ -119,12 +119,13 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "admin",
         parents=[parent],
-        help="broker administration for objstream (users and permissions)",
+        help="broker administration for objstream (users and permissions, cleanup)",
         description="What a broker administrator runs for objstream.",
-        epilog="example:\n  objstream admin permissions --site site-1 --user site-1",
+        epilog="examples:\n  objstream admin permissions --site site-1 --user site-1\n"
+        "  objstream admin cleanup --namespace fl --dry-run",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = side.add_subparsers(dest="command", required=True, metavar="{permissions}")
+    sub = side.add_subparsers(dest="command", required=True, metavar="{permissions,cleanup}")
     cmd = sub.add_parser(
         "permissions",
         parents=[parent],
@@ -161,6 +162,9 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "either, the user must exist). Prefer the variable: arguments show in `ps`.",
     )
     cmd.set_defaults(handler=permissions_cmd, settings_overrides=lambda args: {})
+    from objstream.common import admin_cleanup  # it builds on this module
+
+    admin_cleanup.add_command(sub, parent)
 
 
 def vhost_of(url: str) -> str:

@@ -54,10 +54,13 @@ UNREACHABLE_HINT = "check that RabbitMQ runs there (--url / OBJSTREAM_URL)"
 
 
 class BrokerMismatch(ConfigError):
-    """``admin permissions --apply``: the node rabbitmqctl manages does not see this command's
-    connection to ``--url``, so it is a node of another broker; nothing was changed."""
+    """``admin permissions --apply`` (or ``admin cleanup``: ``what``): the node rabbitmqctl
+    manages does not see this command's connection to ``--url``, so it is a node of another
+    broker; nothing was changed."""
 
-    def __init__(self, node: str, url: str, cluster: str | None = None) -> None:
+    def __init__(
+        self, node: str, url: str, cluster: str | None = None, what: str = "--apply"
+    ) -> None:
         self.node = node
         """The node in words: "rabbitmqctl's default node" or "rabbitmqctl's node 'N'"."""
         self.url = url
@@ -66,7 +69,7 @@ class BrokerMismatch(ConfigError):
         """The cluster name that node reported, if it did."""
         where = f"{node} (cluster {cluster!r})" if cluster else node
         super().__init__(
-            f"--apply refused, nothing changed: {where} does not see this command's connection "
+            f"{what} refused, nothing changed: {where} does not see this command's connection "
             f"to {url}, so it manages another broker; run this on a node of that broker, or "
             "name one with --node"
         )

@@ -42,18 +42,22 @@ class Rabbitmqctl:
     """Called while a command runs (serving an AMQP connection, so heartbeats go on)."""
 
     @classmethod
-    def find(cls, node: str | None, meanwhile: Callable[[], None] | None = None) -> Rabbitmqctl:
-        """The ``rabbitmqctl`` on PATH.
+    def find(
+        cls,
+        node: str | None,
+        meanwhile: Callable[[], None] | None = None,
+        *,
+        needed_by: str = "--apply",
+        hint: str = "run this on a broker node, or run the lines printed without --apply there",
+    ) -> Rabbitmqctl:
+        """The ``rabbitmqctl`` on PATH (``needed_by`` and ``hint`` word the error).
 
         Raises:
             ConfigError: there is none.
         """
         exe = shutil.which("rabbitmqctl")
         if exe is None:
-            raise ConfigError(
-                "--apply needs rabbitmqctl on PATH (run this on a broker node, or run the lines "
-                "printed without --apply there)"
-            )
+            raise ConfigError(f"{needed_by} needs rabbitmqctl on PATH ({hint})")
         return cls(exe, node, meanwhile)
 
     @property
@@ -204,3 +208,70 @@ def cluster_name(status: Any) -> str | None:
     """The cluster name in ``cluster_status``, or None if it says none."""
     name = status.get("cluster_name") if isinstance(status, Mapping) else None
     return name if isinstance(name, str) and name else None
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One queue of ``list_queues name type consumers messages exclusive``."""
+
+    name: str
+    type: str
+    consumers: int
+    messages: int
+    exclusive: bool
+
+
+@dataclass(frozen=True)
+class BindingRow:
+    """One binding of ``list_bindings source_name destination_name destination_kind``."""
+
+    source: str
+    destination: str
+    destination_kind: str
+
+
+QUEUE_COLUMNS = ("name", "type", "consumers", "messages", "exclusive")
+BINDING_COLUMNS = ("source_name", "destination_name", "destination_kind")
+EXCHANGE_COLUMNS = ("name", "type")
+
+
+def _int(value: Any) -> int:
+    """A count as rabbitmqctl prints it (a number; an empty string for a queue whose process
+    is not answering, which counts as unknown: -1)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def queue_rows(listing: Any) -> list[QueueRow]:
+    """The queues of ``list_queues`` with :data:`QUEUE_COLUMNS`."""
+    return [
+        QueueRow(
+            str(row.get("name")),
+            str(row.get("type") or "classic"),
+            _int(row.get("consumers")),
+            _int(row.get("messages")),
+            row.get("exclusive") is True,
+        )
+        for row in _rows(listing)
+        if isinstance(row.get("name"), str)
+    ]
+
+
+def binding_rows(listing: Any) -> list[BindingRow]:
+    """The bindings of ``list_bindings`` with :data:`BINDING_COLUMNS`."""
+    return [
+        BindingRow(
+            str(row.get("source_name")),
+            str(row.get("destination_name")),
+            str(row.get("destination_kind")),
+        )
+        for row in _rows(listing)
+    ]
+
+
+def exchange_rows(listing: Any) -> dict[str, str]:
+    """Name to type of the exchanges of ``list_exchanges`` with :data:`EXCHANGE_COLUMNS`."""
+    return {
+        str(row.get("name")): str(row.get("type"))
+        for row in _rows(listing)
+        if isinstance(row.get("name"), str)
+    }

@@ -21,6 +21,7 @@ from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, ObjstreamError, SenderGone, TransferFailed
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
+from objstream.consumer import partials_cli
 from objstream.consumer.output_formats import FORMATS, TORCH_SUFFIXES
 from objstream.consumer.receiver import Receiver
 from objstream.consumer.retriever import Retriever
@@ -39,7 +40,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         description="The receiving side.",
     )
     sub = side.add_subparsers(
-        dest="command", required=True, metavar="{listen,retrieve-file,retrieve-container}"
+        dest="command", required=True, metavar="{listen,retrieve-file,retrieve-container,partials}"
     )
     listen = sub.add_parser(
         "listen",
@@ -84,6 +85,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     )
     listen.set_defaults(handler=listen_cmd, settings_overrides=_listen_overrides)
     _add_retrieve_commands(sub, parent)
+    partials_cli.add_command(sub, parent)
 
 
 def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:

@@ -280,11 +280,26 @@ class Channel:
             result = self._impl.queue_declare(name, passive=True)
         return int(result.method.consumer_count)
 
-    def delete_queue(self, name: str, *, if_unused: bool = False) -> None:
+    def queue_counts(self, name: str) -> tuple[int, int]:
+        """``(messages, consumers)`` of queue ``name`` now (a passive declare, as
+        :meth:`consumer_count`)."""
+        with self._op(f"checking queue {name}"):
+            result = self._impl.queue_declare(name, passive=True)
+        return int(result.method.message_count), int(result.method.consumer_count)
+
+    def delete_queue(self, name: str, *, if_unused: bool = False, if_empty: bool = False) -> None:
         """Delete queue ``name`` (a missing one is no error); ``if_unused``: only if nobody
-        consumes it (otherwise BrokerRefused 406, which closes the channel)."""
+        consumes it, ``if_empty``: only if it holds no message (otherwise BrokerRefused 406,
+        which closes the channel). The broker checks and deletes in one step. Quorum queues
+        take neither flag: RabbitMQ closes the whole connection (540 NOT_IMPLEMENTED)."""
         with self._op(f"deleting queue {name}"):
-            self._impl.queue_delete(name, if_unused=if_unused)
+            self._impl.queue_delete(name, if_unused=if_unused, if_empty=if_empty)
+
+    def delete_exchange(self, name: str, *, if_unused: bool = False) -> None:
+        """Delete exchange ``name``; ``if_unused``: only if nothing is bound to it (otherwise
+        BrokerRefused 406, which closes the channel)."""
+        with self._op(f"deleting exchange {name}"):
+            self._impl.exchange_delete(name, if_unused=if_unused)
 
     def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
         with self._op(f"binding {queue} to {exchange}/{routing_key}"):
