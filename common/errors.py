@@ -144,14 +144,21 @@ PRECONDITION_FAILED = 406
 class AuthenticationRefused(ObjstreamError):
     """The broker refused the credentials."""
 
-    def __init__(self, url: str, certificate_user: str | None = None) -> None:
+    def __init__(
+        self, url: str, certificate_user: str | None = None, *, separate: bool = False
+    ) -> None:
         self.url = url
         self.certificate_user = certificate_user
         """Set for a certificate login (EXTERNAL): the user the certificate names."""
         if certificate_user is None:
+            where = (
+                "OBJSTREAM_USER / OBJSTREAM_PASSWORD (Settings.user, Settings.password), which "
+                "replace the URL's"
+                if separate
+                else "the URL (--url, OBJSTREAM_URL or Settings.url)"
+            )
             super().__init__(
-                f"broker at {url} refused the credentials; check the user and password in "
-                "--url / OBJSTREAM_URL"
+                f"broker at {url} refused the credentials; check the user and password in {where}"
             )
         else:
             super().__init__(

@@ -186,7 +186,13 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
 
     def __init__(self, **values: Any) -> None:
-        super().__init__(**{**_environment(type(self).model_fields), **values})
+        """Raises:
+        ConfigError: a value is invalid; the message names the setting (never its value).
+        """
+        try:
+            super().__init__(**{**_environment(type(self).model_fields), **values})
+        except ValidationError as e:
+            raise ConfigError(f"invalid setting: {_problems(e)}") from None
 
     url: str = Field(
         DEFAULT_URL,
@@ -408,19 +414,20 @@ def load_settings(**overrides: Any) -> Settings:
         ConfigError: a value is invalid; the message names the setting.
     """
     given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return Settings(**given)
-    except ValidationError as e:
-        problems = "; ".join(
-            ": ".join(
-                filter(
-                    None,
-                    (
-                        ".".join(str(p) for p in err["loc"]),
-                        err["msg"].removeprefix("Value error, "),
-                    ),
-                )
+    return Settings(**given)
+
+
+def _problems(error: ValidationError) -> str:
+    """What pydantic refused, one ``field: why`` per problem, without the values."""
+    return "; ".join(
+        ": ".join(
+            filter(
+                None,
+                (
+                    ".".join(str(p) for p in err["loc"]),
+                    err["msg"].removeprefix("Value error, "),
+                ),
             )
-            for err in e.errors()
         )
-        raise ConfigError(f"invalid setting: {problems}") from e
+        for err in error.errors()
+    )

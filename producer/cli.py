@@ -251,12 +251,23 @@ def send_file(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def send_container(args: argparse.Namespace, settings: Settings) -> int:
-    from objstream.producer.container_files import container_name, load_container
+    from objstream.producer.container_files import (
+        compressed_size,
+        container_name,
+        load_container,
+    )
     from objstream.producer.streamer import ContainerStreamer
 
     def send(stop: StopFlag) -> list[TargetResult]:
         path = Path(args.path)
         container = load_container(path)
+        sizes = compressed_size(path)
+        if sizes is not None:
+            console.note(
+                f"{path} is compressed: {plural(sizes[0], 'byte')} in the file, "
+                f"{plural(sizes[1], 'byte')} of arrays, which is what moves and what the "
+                "receiver stores (uncompressed); send-file moves the file as it is"
+            )
         bars = ProgressBars()
         stop.install()  # from here a signal aborts the stream at every target
         with ContainerStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:

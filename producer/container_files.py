@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,7 @@ def load_container(path: Path) -> dict[str, Any] | list[Any]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                return {key: npz[key] for key in npz.files}
+            return _load_npz(path)
         if suffix == ".safetensors":
             return safetensors_format.load(path)
         if suffix in (".pt", ".bin"):
@@ -77,6 +77,37 @@ def load_container(path: Path) -> dict[str, Any] | list[Any]:
     raise ObjstreamError(
         f"{path}: unknown container format (use {', '.join(SUFFIXES)} or a directory)"
     )
+
+
+def compressed_size(path: Path) -> tuple[int, int] | None:
+    """For a compressed ``.npz`` (``np.savez_compressed``): its size in the file and its
+    arrays' size once inflated, which is what a container carries; ``None`` otherwise."""
+    if path.suffix.lower() != ".npz" or not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+    if all(m.compress_type == zipfile.ZIP_STORED for m in members):
+        return None
+    return path.stat().st_size, sum(m.file_size for m in members)
+
+
+def _load_npz(path: Path) -> dict[str, Any]:
+    """A ``.npz``'s arrays, never unpickled; what numpy says of a file that is not one (use
+    ``allow_pickle``...) is put in our words."""
+    if not zipfile.is_zipfile(path):
+        raise ObjstreamError(f"cannot read {path} as .npz: it is not a zip archive of arrays")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except ValueError as e:
+        if "pickle" not in str(e):
+            raise
+        raise ObjstreamError(
+            f"cannot read {path} as .npz: it holds pickled objects (object arrays), which "
+            "objstream never loads"
+        ) from None
+    except zipfile.BadZipFile as e:
+        raise ObjstreamError(f"cannot read {path} as .npz: a damaged zip archive ({e})") from None
 
 
 def load_directory(path: Path) -> DirectoryContainer:

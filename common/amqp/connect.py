@@ -175,7 +175,8 @@ def connect(settings: Settings, name: str) -> Connection:
             pika.exceptions.AuthenticationError,  # the broker does not offer the mechanism
         ) as e:
             user = broker_user(settings) if external_login(settings) else None
-            raise AuthenticationRefused(settings.masked_url, user) from e
+            separate = settings.user is not None or settings.password is not None
+            raise AuthenticationRefused(settings.masked_url, user, separate=separate) from e
         # pika raises its connection errors, OSErrors (DNS, TLS) and, for a timeout of the
         # whole attempt, a connector error.
         except (pika.exceptions.AMQPConnectionError, OSError, AMQPConnectorException) as e:

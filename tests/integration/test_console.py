@@ -9,7 +9,9 @@ import signal
 import subprocess
 from pathlib import Path
 
-from objstream.common.cli import EXIT_FAILED, EXIT_OK
+import numpy as np
+
+from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK
 from objstream.common.settings import KiB, Settings
 from tests.conftest import random_file
 from tests.integration.conftest import Declared
@@ -150,3 +152,36 @@ def test_a_name_with_a_newline_stays_on_one_line(
     assert "two\\nlines\\x1b[31m" in send.stdout
     assert len(out.splitlines()) == 1, out
     assert "\x1b" not in out
+
+
+def test_refused_credentials_name_where_they_came_from(settings: Settings) -> None:
+    env = _env(settings, OBJSTREAM_USER="guest", OBJSTREAM_PASSWORD="not-the-password")
+    done = _objstream("producer", "send-file", "--site", "server", "--to", "x", __file__, env=env)
+    assert done.returncode == EXIT_BROKER
+    (line,) = done.stderr.splitlines()
+    assert "refused the credentials" in line
+    assert "OBJSTREAM_USER / OBJSTREAM_PASSWORD" in line  # was: "... in --url / OBJSTREAM_URL"
+    assert "not-the-password" not in line
+
+
+def test_a_compressed_npz_says_what_moves(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    src = tmp_path / "comp.npz"
+    np.savez_compressed(src, zeros=np.zeros(250_000, np.float32))
+    env = _env(settings)
+    listener = _listener(env, "site-1", tmp_path / "in", "--count", "1", "-q")
+    try:
+        sent = _objstream(
+            "producer", "send-container", "--site", "server", "--to", "site-1", str(src), env=env
+        )
+        listener.communicate(timeout=60)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    assert sent.returncode == EXIT_OK, sent.stderr
+    (note,) = sent.stderr.splitlines()
+    assert note.startswith(f"objstream: {src} is compressed: ")
+    assert "1000128 bytes of arrays, which is what moves" in note  # the .npy headers too
+    assert "send-file moves the file as it is" in note
