@@ -19,8 +19,9 @@ A list request (:meth:`RequestSession.ask_list`) is answered by one reply whose 
 what the owner serves the requester (:mod:`.listing`); it ends the request. Its body is
 validated here, and so is a reply to it that does not even parse: from the owner asked, it
 fails the request at once (:class:`~objstream.common.errors.ListingFailed`) rather than
-leaving it to time out. An owner that does not know list requests (an older objstream)
-refuses them ``unsupported``, which says just that.
+leaving it to time out, and is acked, not dead-lettered: the caller reports it. An owner
+that does not know list requests (an older objstream) refuses them ``unsupported``, which
+says just that.
 
 Feed it parsed messages and clock ticks; carry out the actions it returns, in order.
 """
@@ -400,8 +401,9 @@ class RequestSession:
                 raise ProtocolError("an accepting reply without listed")
             objects = decode_listing(body, reply.listed)
         except ProtocolError as e:
+            # Not dead-lettered: the caller reports it, once.
             retrieval.error = ListingFailed.invalid(owner, str(e))
-            return [Reject(f"invalid listing from {owner}: {e}")]
+            return [Ack()]
         retrieval.listing = Listing(owner, objects, bool(reply.truncated))
         return [Ack()]
 
@@ -425,4 +427,5 @@ class RequestSession:
         ):
             self._authentic(f"reply to request {request_id}", retrieval, envelope)
             retrieval.error = ListingFailed.invalid(retrieval.owner, str(error))
+            return [Ack()]  # the caller reports it: not dead-lettered as well
         return [Reject(str(error))]
