@@ -227,7 +227,9 @@ class RequestSession:
         self._by_request.pop(retrieval.request.request_id, None)
         if retrieval.stream_id is not None:
             self._by_stream.pop(retrieval.stream_id, None)
-        if any(r.stream_id is None for r in self._by_handle.values()):
+        if any(
+            r.stream_id is None and r.request.kind != LIST_KIND for r in self._by_handle.values()
+        ):
             return []
         held, self._held = self._held, []
         reason = "offer on the private queue of a retriever for no request of its"
@@ -364,7 +366,11 @@ class RequestSession:
                 return [Ack()]  # a repeated offer of a stream under way
             self._authentic(f"offer of stream {offer.stream_id}", retrieval, envelope)
             return [self._take(retrieval, held=False)]
-        waiting = {r.owner for r in self._by_handle.values() if r.stream_id is None}
+        waiting = {
+            r.owner
+            for r in self._by_handle.values()
+            if r.stream_id is None and r.request.kind != LIST_KIND  # no offer answers a list
+        }
         publisher = answer_publisher(envelope.routing_key)
         if publisher not in waiting:
             raise Forged(

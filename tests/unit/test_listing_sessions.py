@@ -22,6 +22,7 @@ from objstream.common.listing import (
 from objstream.common.protocol import (
     TYPES,
     Envelope,
+    Offer,
     Reply,
     Request,
     new_stream_id,
@@ -359,3 +360,23 @@ def test_a_listing_reply_to_a_file_request_is_refused() -> None:
     [reject] = _answer(session, publish.request, b"[]", listed=0)
     assert isinstance(reject, Reject)
     assert session.state(handle).stream_id is None
+
+
+def test_no_offer_can_pass_for_the_answer_to_a_list_request() -> None:
+    """An offer from an owner only asked for a listing is not held as an early offer."""
+    session, handle, _ = _asked()
+    offer = Offer(
+        stream_id=new_stream_id(),
+        kind="file",
+        name="planted",
+        size=3,
+        chunk_size=4,
+        chunk_count=1,
+        window=4,
+        sender="server",
+        target="site-1",
+    )
+    env = Envelope(f"reply:site-1:{QID}:server", "server")
+    [reject] = session.receive("offer", to_headers(offer), env, 1.0)
+    assert isinstance(reject, Reject)
+    assert session.state(handle).error is None
