@@ -105,7 +105,9 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
         nargs="?",
         help="file name, relative to the owner's source dir (with --list: a prefix)",
     )
-    rf.add_argument("--dest", metavar="DIR", help="directory to store into (required, but --list)")
+    rf.add_argument(
+        "--dest", metavar="DIR", help="directory to store into (required unless --list)"
+    )
     _retrieve_options(rf)
     rf.set_defaults(handler=retrieve_file_cmd, settings_overrides=_overrides)
 
@@ -125,7 +127,7 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
     rc.add_argument(
         "name", metavar="NAME", nargs="?", help="the container's name at the owner (--list: prefix)"
     )
-    rc.add_argument("--out", metavar="PATH", help="file to write (required, but with --list)")
+    rc.add_argument("--out", metavar="PATH", help="file to write (required unless --list)")
     _retrieve_options(rc)
     rc.set_defaults(handler=retrieve_container_cmd, settings_overrides=_overrides)
 
