@@ -235,3 +235,42 @@ class Refused(ObjstreamError):
         self.code = code
         self.detail = detail
         super().__init__(f"site {site!r} refused {name!r}: {code}{': ' + detail if detail else ''}")
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """``text`` as part of one line: what is not printable becomes ``?``, and it is cut."""
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ListingFailed(ObjstreamError):
+    """A serving site did not list what it serves: it refused (``code``: forbidden...), does not
+    know list requests (``unsupported``: an older objstream), or answered with a listing that is
+    not one (``protocol``)."""
+
+    def __init__(self, site: str, code: FailureCode, message: str, detail: str = "") -> None:
+        self.site = site
+        self.code = code
+        self.detail = detail
+        super().__init__(message)
+
+    @classmethod
+    def refused(cls, site: str, code: FailureCode, detail: str) -> ListingFailed:
+        detail = one_line(detail)
+        if code == FailureCode.UNSUPPORTED:
+            message = (
+                f"site {site!r} does not support listing (it refused the list request as "
+                "unsupported: an objstream from before listing, or another implementation)"
+            )
+        else:
+            message = f"site {site!r} refused to list what it serves: {code}" + (
+                f": {detail}" if detail else ""
+            )
+        return cls(site, code, message, detail)
+
+    @classmethod
+    def invalid(cls, site: str, reason: str) -> ListingFailed:
+        reason = one_line(reason)
+        return cls(
+            site, FailureCode.PROTOCOL, f"site {site!r} sent an invalid listing: {reason}", reason
+        )

@@ -205,12 +205,23 @@ class Abort(_Header):
     reason: str = Field("", max_length=2000)
 
 
+LIST_KIND = "list"
+
+
 class Request(_Versioned):
-    """Requester -> owner's service queue: please stream me this object."""
+    """Requester -> owner's service queue: please stream me this object (or, ``kind=list``:
+    tell me what you serve me)."""
 
     request_id: StreamId = Field(description="uuid4 hex chosen by the requester.")
-    kind: Literal["file", "container"]
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
+    kind: Literal["file", "container", "list"]
+    name: str = Field(
+        max_length=MAX_NAME_LENGTH,
+        description="The object (not empty); with kind=list, a prefix: only names that begin "
+        "with it ('': all).",
+    )
+    of: Literal["file", "container"] | None = Field(
+        None, description="With kind=list: list only objects of this kind (absent: both)."
+    )
     resume_from: Count = Field(
         0, description="First chunk wanted (0: the whole object); the requester has the rest."
     )
@@ -226,6 +237,14 @@ class Request(_Versioned):
 
     @model_validator(mode="after")
     def _resume_is_complete(self) -> Request:
+        if self.kind == LIST_KIND:
+            if self.resume_from or self.chunk_size is not None or self.prefix_sha256 is not None:
+                raise ValueError("a list request does not resume")
+            return self
+        if not self.name:
+            raise ValueError(f"a {self.kind} request needs a name")
+        if self.of is not None:
+            raise ValueError("only a list request says what it lists (of)")
         if self.resume_from and (self.chunk_size is None or self.prefix_sha256 is None):
             raise ValueError("resume_from needs chunk_size and prefix_sha256")
         return self
@@ -245,6 +264,20 @@ class Reply(_Versioned):
     entries: Count | None = Field(None, description="Containers: number of entries.")
     code: FailureCode | None = Field(None, description="Why not, if not ok (a refusal code).")
     detail: str = Field("", max_length=2000)
+    listed: Count | None = Field(
+        None, description="To a list request: the number of objects the body lists."
+    )
+    truncated: bool | None = Field(
+        None, description="To a list request: more objects matched than the body lists."
+    )
+
+    @model_validator(mode="after")
+    def _listing_is_whole(self) -> Reply:
+        if self.listed is None and self.truncated is None:
+            return self
+        if self.listed is None or not self.ok or self.stream_id is not None:
+            raise ValueError("a listing says listed (and truncated), is ok, and has no stream_id")
+        return self
 
     @property
     def ident(self) -> str:

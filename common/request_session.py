@@ -15,6 +15,14 @@ the offer of the promised stream. After a lost connection the private queue is g
 was in it: an unanswered request is published again, and one whose offer had not come yet is
 asked again under a new request id (at most :data:`MAX_ASKS` asks).
 
+A list request (:meth:`RequestSession.ask_list`) is answered by one reply whose body lists
+what the owner serves the requester (:mod:`.listing`); it ends the request. Its body is
+validated here, and so is a reply to it that does not even parse: from the owner asked, it
+fails the request at once (:class:`~objstream.common.errors.ListingFailed`) rather than
+leaving it to time out, and is acked, not dead-lettered: the caller reports it. An owner
+that does not know list requests (an older objstream) refuses them ``unsupported``, which
+says just that.
+
 Feed it parsed messages and clock ticks; carry out the actions it returns, in order.
 """
 
@@ -27,6 +35,7 @@ from typing import Any, Literal
 from objstream.common.admission import Asked, Kept
 from objstream.common.errors import (
     FailureCode,
+    ListingFailed,
     ObjstreamError,
     ProtocolError,
     Refused,
@@ -34,7 +43,18 @@ from objstream.common.errors import (
     TransferFailed,
 )
 from objstream.common.identity import Forged, Identities, answer_publisher
-from objstream.common.protocol import Abort, Envelope, Offer, Reply, Request, new_stream_id, parse
+from objstream.common.listing import Listing, decode_listing
+from objstream.common.protocol import (
+    LIST_KIND,
+    Abort,
+    Envelope,
+    MessageType,
+    Offer,
+    Reply,
+    Request,
+    new_stream_id,
+    parse,
+)
 
 MAX_EARLY = 16
 """Offers held while waiting for the reply that names them."""
@@ -119,6 +139,8 @@ class Retrieval:
     started: bool = False
     """The offer was taken: the stream's own session goes on from here."""
     error: ObjstreamError | None = None
+    listing: Listing | None = None
+    """A list request's answer, once it came."""
 
     @property
     def asked(self) -> Asked:
@@ -173,6 +195,26 @@ class RequestSession:
         self._by_request[request.request_id] = retrieval
         return retrieval.handle, [PublishRequest(owner, request, timeout)]
 
+    def ask_list(
+        self,
+        owner: str,
+        *,
+        of: Kind | None,
+        prefix: str,
+        timeout: float,
+        now: float,
+    ) -> tuple[str, list[Action]]:
+        """Ask ``owner`` what it serves this site (of kind ``of``, None: both; names that
+        begin with ``prefix``); returns the request's handle (its :class:`Retrieval` gets
+        ``listing`` or ``error``) and what to do."""
+        request = Request(
+            request_id=self.new_id(), kind=LIST_KIND, name=prefix, of=of, requester=self.site
+        )
+        retrieval = Retrieval(request.request_id, request, owner, timeout, now + timeout)
+        self._by_handle[retrieval.handle] = retrieval
+        self._by_request[request.request_id] = retrieval
+        return retrieval.handle, [PublishRequest(owner, request, timeout)]
+
     def state(self, handle: str) -> Retrieval:
         return self._by_handle[handle]
 
@@ -185,7 +227,9 @@ class RequestSession:
         self._by_request.pop(retrieval.request.request_id, None)
         if retrieval.stream_id is not None:
             self._by_stream.pop(retrieval.stream_id, None)
-        if any(r.stream_id is None for r in self._by_handle.values()):
+        if any(
+            r.stream_id is None and r.request.kind != LIST_KIND for r in self._by_handle.values()
+        ):
             return []
         held, self._held = self._held, []
         reason = "offer on the private queue of a retriever for no request of its"
@@ -199,12 +243,17 @@ class RequestSession:
         headers: Mapping[str, Any] | None,
         envelope: Envelope,
         now: float,
+        body: bytes = b"",
     ) -> list[Action]:
-        """A message from the private reply queue."""
+        """A message from the private reply queue (``body``: what it carried, which only the
+        reply to a list request may)."""
         try:
-            message = parse(message_type, headers)
+            try:
+                message = parse(message_type, headers)
+            except ProtocolError as e:
+                return self._unparsed_listing(message_type, headers, envelope, e)
             if isinstance(message, Reply):
-                return self._on_reply(message, envelope)
+                return self._on_reply(message, envelope, body)
             if isinstance(message, Offer):
                 return self._on_offer(message, envelope)
             if isinstance(message, Abort):
@@ -218,8 +267,13 @@ class RequestSession:
         for retrieval in self._by_handle.values():
             if retrieval.error is not None or retrieval.started or now <= retrieval.deadline:
                 continue
+            if retrieval.listing is not None:
+                continue
             request = retrieval.request
-            if retrieval.stream_id is None:
+            if request.kind == LIST_KIND:
+                detail = f"site {retrieval.owner!r} did not answer the list request"
+                key = request.request_id
+            elif retrieval.stream_id is None:
                 detail = f"site {retrieval.owner!r} did not answer the request for {request.name!r}"
                 key = request.request_id
             else:
@@ -233,7 +287,7 @@ class RequestSession:
         actions: list[Action] = []
         self._held.clear()
         for retrieval in self._by_handle.values():
-            if retrieval.error is not None or retrieval.started:
+            if retrieval.error is not None or retrieval.started or retrieval.listing is not None:
                 continue
             if retrieval.stream_id is not None:
                 if retrieval.asks >= MAX_ASKS:
@@ -268,11 +322,20 @@ class RequestSession:
     def _authentic(self, what: str, retrieval: Retrieval, envelope: Envelope) -> None:
         self.identities.check_answer(what, retrieval.owner, envelope.routing_key, envelope.user_id)
 
-    def _on_reply(self, reply: Reply, envelope: Envelope) -> list[Action]:
+    def _on_reply(self, reply: Reply, envelope: Envelope, body: bytes) -> list[Action]:
         retrieval = self._by_request.get(reply.request_id)
-        if retrieval is None or retrieval.stream_id is not None or retrieval.error is not None:
+        if (
+            retrieval is None
+            or retrieval.stream_id is not None
+            or retrieval.error is not None
+            or retrieval.listing is not None
+        ):
             return [Ack()]  # the answer to a request given up on, or a repeat
         self._authentic(f"reply to request {reply.request_id}", retrieval, envelope)
+        if retrieval.request.kind == LIST_KIND:
+            return self._on_listing(retrieval, reply, body)
+        if reply.listed is not None or body:
+            raise ProtocolError(f"reply to request {reply.request_id} lists, or has a body")
         if not reply.ok or reply.stream_id is None:
             code = reply.code or FailureCode.PROTOCOL
             retrieval.error = Refused(retrieval.owner, retrieval.request.name, code, reply.detail)
@@ -303,7 +366,11 @@ class RequestSession:
                 return [Ack()]  # a repeated offer of a stream under way
             self._authentic(f"offer of stream {offer.stream_id}", retrieval, envelope)
             return [self._take(retrieval, held=False)]
-        waiting = {r.owner for r in self._by_handle.values() if r.stream_id is None}
+        waiting = {
+            r.owner
+            for r in self._by_handle.values()
+            if r.stream_id is None and r.request.kind != LIST_KIND  # no offer answers a list
+        }
         publisher = answer_publisher(envelope.routing_key)
         if publisher not in waiting:
             raise Forged(
@@ -327,3 +394,44 @@ class RequestSession:
             retrieval.owner, abort.stream_id, FailureCode.ABORTED, detail
         )
         return [Ack()]
+
+    def _on_listing(self, retrieval: Retrieval, reply: Reply, body: bytes) -> list[Action]:
+        """The owner's answer to a list request (authentic): the listing, or why not."""
+        owner = retrieval.owner
+        if not reply.ok:
+            code = reply.code or FailureCode.PROTOCOL
+            retrieval.error = ListingFailed.refused(owner, code, reply.detail)
+            return [Ack()]
+        try:
+            if reply.listed is None:
+                raise ProtocolError("an accepting reply without listed")
+            objects = decode_listing(body, reply.listed)
+        except ProtocolError as e:
+            # Not dead-lettered: the caller reports it, once.
+            retrieval.error = ListingFailed.invalid(owner, str(e))
+            return [Ack()]
+        retrieval.listing = Listing(owner, objects, bool(reply.truncated))
+        return [Ack()]
+
+    def _unparsed_listing(
+        self,
+        message_type: str | None,
+        headers: Mapping[str, Any] | None,
+        envelope: Envelope,
+        error: ProtocolError,
+    ) -> list[Action]:
+        """A message that does not parse: dead-lettered; if it is the reply to one of our list
+        requests from the owner asked, that request fails now with it."""
+        request_id = headers.get("request_id") if isinstance(headers, Mapping) else None
+        retrieval = self._by_request.get(request_id) if isinstance(request_id, str) else None
+        if (
+            message_type == MessageType.REPLY
+            and retrieval is not None
+            and retrieval.request.kind == LIST_KIND
+            and retrieval.error is None
+            and retrieval.listing is None
+        ):
+            self._authentic(f"reply to request {request_id}", retrieval, envelope)
+            retrieval.error = ListingFailed.invalid(retrieval.owner, str(error))
+            return [Ack()]  # the caller reports it: not dead-lettered as well
+        return [Reject(str(error))]

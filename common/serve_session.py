@@ -9,13 +9,16 @@ order (the driver only looks things up and carries the actions out):
    can be answered but does not parse (a kind this version does not serve, another protocol
    version) is refused (``unsupported`` / ``unsupported_version``) rather than left to time out;
 2. a requester whose broker user does not speak for the site it claims: ``forbidden``;
-3. a resume of a container, or in chunks under :data:`MIN_RESUME_CHUNK`: ``unsupported``;
-4. the object, looked up by the driver (:class:`LookUp`): ``not_found`` /
+3. a list request (``kind=list``): the driver finds what is served (:class:`Catalogue`), and
+   the reply lists what the requester's user may retrieve (:meth:`ServeSession.catalogued`);
+   nothing else below applies to it;
+4. a resume of a container, or in chunks under :data:`MIN_RESUME_CHUNK`: ``unsupported``;
+5. the object, looked up by the driver (:class:`LookUp`): ``not_found`` /
    ``outside_source_dir`` as it reports; a user the object's allow list does not name:
    ``forbidden``; more than ``max_object_size``: ``too_large``;
-5. a request for an object being sent (not resuming, from a site not in that stream yet) joins
+6. a request for an object being sent (not resuming, from a site not in that stream yet) joins
    that stream: one upload for every requester (:class:`Join`);
-6. otherwise a serving slot (:mod:`.slots`): a user holding its share gets ``busy``; else the
+7. otherwise a serving slot (:mod:`.slots`): a user holding its share gets ``busy``; else the
    stream starts (:class:`Start`), and its slot is released when the driver says it
    :meth:`ServeSession.ended`. The stream's own session lets go of a requester that does not
    make first contact within ``contact_timeout`` (see :class:`~.send_table.Pacing`).
@@ -23,7 +26,7 @@ order (the driver only looks things up and carries the actions out):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -33,7 +36,9 @@ from pydantic import ValidationError
 from objstream.common.admission import check_answerable
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.identity import Forged, Identities
+from objstream.common.listing import MAX_LISTED, MAX_LISTING_BYTES, encode_item, encode_listing
 from objstream.common.protocol import (
+    LIST_KIND,
     PROTOCOL_VERSION,
     VERSION_HEADER,
     Envelope,
@@ -47,6 +52,8 @@ from objstream.common.slots import Room, Slots
 
 MIN_RESUME_CHUNK = 4096
 """Bytes: the smallest chunk size a resumed retrieval may ask for."""
+MAX_EXAMINED = 10 * MAX_LISTED
+"""Objects one list request looks at, at most, however few of them it lists."""
 
 
 # -- what the driver reports of an object --------------------------------------------------------
@@ -84,6 +91,25 @@ class Missing:
         )
 
 
+@dataclass(frozen=True)
+class Listed:
+    """One object the driver found to list (``entries``: a container's)."""
+
+    kind: str
+    name: str
+    size: int
+    entries: int | None = None
+
+
+@dataclass(frozen=True)
+class Shelf:
+    """Objects served under one allow list (``None``: anyone may retrieve them); ``objects``
+    may be lazy (a walk of the source dir): it is read only as far as the listing needs."""
+
+    allow: frozenset[str] | None
+    objects: Iterable[Listed]
+
+
 # -- actions --------------------------------------------------------------------------------------
 
 
@@ -96,15 +122,26 @@ class Reject:
 
 @dataclass(frozen=True)
 class SendReply:
-    """Answer the requester (``reply_to`` is its private queue)."""
+    """Answer the requester (``reply_to`` is its private queue), with ``body`` (a listing)."""
 
     reply_to: str
     reply: Reply
+    body: bytes = b""
 
 
 @dataclass(frozen=True)
 class LookUp:
     """Find the object ``request`` names, then report it (:meth:`ServeSession.looked_up`)."""
+
+    request: Request
+    reply_to: str
+    user: str
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Find what is served (of ``request.of``, names beginning with ``request.name``), then
+    report it (:meth:`ServeSession.catalogued`)."""
 
     request: Request
     reply_to: str
@@ -133,7 +170,7 @@ class Join:
     reply: Reply
 
 
-Action = Reject | SendReply | LookUp | Start | Join
+Action = Reject | SendReply | LookUp | Catalogue | Start | Join
 
 
 @dataclass
@@ -162,6 +199,7 @@ class ServeSession:
     accepted: int = 0
     refused: int = 0
     joined: int = 0
+    listings: int = 0
     _shared: dict[tuple[str, str], _Shared] = field(default_factory=dict)
 
     # -- events -----------------------------------------------------------------------------------
@@ -184,6 +222,8 @@ class ServeSession:
             )
         except Forged as e:
             return self._refuse(request, reply_to, user, FailureCode.FORBIDDEN, str(e))
+        if request.kind == LIST_KIND:
+            return [Catalogue(request, reply_to, user)]
         if request.resume_from and request.kind != "file":
             detail = "only files resume; ask for the container whole"
             return self._refuse(request, reply_to, user, FailureCode.UNSUPPORTED, detail)
@@ -224,6 +264,47 @@ class ServeSession:
             reply = self._accept(request, shared.stream_id, found)
             return [Join(shared.stream_id, lookup, found, reply)]
         return self._start(lookup, found)
+
+    def catalogued(self, catalogue: Catalogue, shelves: Iterable[Shelf]) -> list[Action]:
+        """What the driver found to list for ``catalogue``: the reply lists what its user may
+        retrieve (allowed, within ``max_object_size``) of the kind and prefix asked, up to
+        :data:`~objstream.common.listing.MAX_LISTED` objects in
+        :data:`~objstream.common.listing.MAX_LISTING_BYTES`; ``truncated`` if more matched
+        (or more than :data:`MAX_EXAMINED` had to be looked at)."""
+        request, user = catalogue.request, catalogue.user
+        items: list[bytes] = []
+        length = 2  # the brackets
+        examined = 0
+        truncated = False
+        for shelf in shelves:
+            if truncated:
+                break
+            if shelf.allow is not None and user not in shelf.allow:
+                continue  # not even its names: the user may not retrieve it
+            for obj in shelf.objects:
+                examined += 1
+                if examined > MAX_EXAMINED:
+                    truncated = True
+                    break
+                if (request.of is not None and obj.kind != request.of) or not obj.name.startswith(
+                    request.name
+                ):
+                    continue
+                if obj.size > self.max_object_size:
+                    continue  # it would be refused too_large
+                item = encode_item(obj.kind, obj.name, obj.size, obj.entries)
+                if item is None:
+                    continue  # a name no request can carry
+                if len(items) >= MAX_LISTED or length + len(item) + 1 > MAX_LISTING_BYTES:
+                    truncated = True
+                    break
+                items.append(item)
+                length += len(item) + (1 if len(items) > 1 else 0)
+        self.listings += 1
+        reply = Reply(
+            request_id=request.request_id, ok=True, listed=len(items), truncated=truncated
+        )
+        return [SendReply(catalogue.reply_to, reply, encode_listing(items))]
 
     def join_failed(self, join: Join) -> list[Action]:
         """The stream ``join`` was for took no more joiners (it was ending): serve the request

@@ -22,6 +22,7 @@ from objstream.common.errors import ConfigError, ObjstreamError, SenderGone, Tra
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
 from objstream.consumer import partials_cli
+from objstream.consumer.listing_cli import check_list_args, list_cmd
 from objstream.consumer.output_formats import FORMATS, TORCH_SUFFIXES
 from objstream.consumer.receiver import Receiver
 from objstream.consumer.retriever import Retriever
@@ -96,13 +97,20 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
         description="Ask OWNER (running `objstream producer serve`) for the file NAME and store "
         "it in DIR; prints the stored path. A refusal (not_found, forbidden, "
         "outside_source_dir, too_large, busy) exits 1 at once; no progress for --timeout "
-        "seconds exits 4.",
-        epilog="example:\n  objstream consumer retrieve-file --site site-1 --from server "
-        "big.bin --dest in",
+        "seconds exits 4. With --list, print the files OWNER lets this site retrieve instead.",
+        epilog="examples:\n  objstream consumer retrieve-file --site site-1 --from server "
+        "big.bin --dest in\n  objstream consumer retrieve-file --site site-1 --from server --list",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rf.add_argument("name", metavar="NAME", help="file name, relative to the owner's source dir")
-    rf.add_argument("--dest", required=True, metavar="DIR", help="directory to store into")
+    rf.add_argument(
+        "name",
+        metavar="NAME",
+        nargs="?",
+        help="file name, relative to the owner's source dir (with --list: a prefix)",
+    )
+    rf.add_argument(
+        "--dest", metavar="DIR", help="directory to store into (required unless --list)"
+    )
     _retrieve_options(rf)
     rf.set_defaults(handler=retrieve_file_cmd, settings_overrides=_overrides)
 
@@ -112,13 +120,17 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="ask another site for a named container",
         description="Ask OWNER for the container NAME and write it to PATH, in the format the "
         "suffix names (.npz, .safetensors, .json), entry by entry; prints the stored path "
-        "(an existing file is never overwritten: NAME-1.EXT... instead).",
-        epilog="example:\n  objstream consumer retrieve-container --site site-1 --from server "
-        "model --out model.npz",
+        "(an existing file is never overwritten: NAME-1.EXT... instead). With --list, print "
+        "the containers OWNER lets this site retrieve instead.",
+        epilog="examples:\n  objstream consumer retrieve-container --site site-1 --from server "
+        "model --out model.npz\n  objstream consumer retrieve-container --site site-1 --from "
+        "server --list",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rc.add_argument("name", metavar="NAME", help="the container's name at the owner")
-    rc.add_argument("--out", required=True, metavar="PATH", help="file to write")
+    rc.add_argument(
+        "name", metavar="NAME", nargs="?", help="the container's name at the owner (--list: prefix)"
+    )
+    rc.add_argument("--out", metavar="PATH", help="file to write (required unless --list)")
     _retrieve_options(rc)
     rc.set_defaults(handler=retrieve_container_cmd, settings_overrides=_overrides)
 
@@ -135,6 +147,13 @@ def _retrieve_options(cmd: argparse.ArgumentParser) -> None:
         help="give up after this long without progress (default 60)",
     )
     cmd.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    cmd.add_argument(
+        "--list",
+        action="store_true",
+        help="print what OWNER serves that this site's broker user may retrieve (sizes; "
+        "a container's entries), with NAME only names that begin with it; exit 1 if OWNER "
+        "refuses or does not support listing",
+    )
 
 
 def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -> None:
@@ -202,8 +221,26 @@ def _print_failed(
     print(json.dumps(record), flush=True)
 
 
+def _listing_or_checked(args: argparse.Namespace, stores: str) -> bool:
+    """True if the command is a ``--list``; else check NAME and ``stores`` (before connecting).
+
+    Raises:
+        ConfigError: a missing NAME or ``stores``, a bad name, or ``stores`` with ``--list``.
+    """
+    if args.list:
+        check_list_args(args, stores)
+        return True
+    if args.name is None:
+        raise ConfigError(f"give NAME (the object to retrieve) and {stores}, or --list")
+    check_object_name(args.name)
+    if getattr(args, stores.lstrip("-")) is None:
+        raise ConfigError(f"give {stores}: where to store {args.name!r}")
+    return False
+
+
 def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    check_object_name(args.name)  # before connecting
+    if _listing_or_checked(args, "--dest"):
+        return list_cmd(args, settings, "file")
     started = time.monotonic()
     bars = ProgressBars()
     stop = StopFlag()
@@ -243,8 +280,9 @@ def output_place(out: str) -> tuple[Path, str | None]:
 
 
 def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    check_object_name(args.name)  # before connecting
-    dest, store_as = output_place(args.out)
+    if _listing_or_checked(args, "--out"):
+        return list_cmd(args, settings, "container")
+    dest, store_as = output_place(args.out)  # before connecting
     started = time.monotonic()
     bars = ProgressBars()
     stop = StopFlag()

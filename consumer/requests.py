@@ -104,6 +104,14 @@ class RequestTracker:
         self._run(actions, None)
         return handle
 
+    def ask_list(self, owner: str, *, of: Kind | None, prefix: str, timeout: float) -> str:
+        """Ask ``owner`` what it serves this site; returns the request's handle."""
+        handle, actions = self.session.ask_list(
+            owner, of=of, prefix=prefix, timeout=timeout, now=time.monotonic()
+        )
+        self._run(actions, None)
+        return handle
+
     def finish(self, handle: str) -> None:
         """Done with ``handle``: forget it (held offers nobody can claim are dead-lettered)."""
         self._kept.pop(handle, None)
@@ -114,7 +122,9 @@ class RequestTracker:
     def _on_private(self, delivery: Delivery) -> None:
         props = delivery.props
         env = Envelope(delivery.routing_key, props.user_id, props.reply_to, len(delivery.body))
-        actions = self.session.receive(props.type, props.headers, env, time.monotonic())
+        actions = self.session.receive(
+            props.type, props.headers, env, time.monotonic(), delivery.body
+        )
         self._run(actions, delivery)
 
     def _run(self, actions: list[Action], delivery: Delivery | None) -> None:

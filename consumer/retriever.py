@@ -26,10 +26,11 @@ import threading
 from pathlib import Path
 from typing import Any, Unpack
 
-from objstream.common.errors import FailureCode, TimedOut, TransferFailed
+from objstream.common.errors import ConfigError, FailureCode, TimedOut, TransferFailed
+from objstream.common.listing import Listing
 from objstream.common.offthread import off_thread
 from objstream.common.request_session import Kind
-from objstream.common.settings import Settings, check_object_name, check_site
+from objstream.common.settings import MAX_NAME_LENGTH, Settings, check_object_name, check_site
 from objstream.consumer.core import ConsumerCore
 from objstream.consumer.options import RetrieverOptions
 from objstream.consumer.requests import RequestTracker
@@ -47,6 +48,8 @@ class Retriever(ConsumerSide):
         with Retriever("site-1", "/data/in", settings) as retriever:
             path = retriever.retrieve_file("server", "big.bin", timeout=60)
             model = retriever.retrieve_container("server", "model", timeout=60)
+            for obj in retriever.list("server").objects:  # what "server" serves this site
+                print(obj.kind, obj.name, obj.size)
 
     ``save`` runs on each retrieved object before the owner is told it arrived, as for a
     :class:`~objstream.consumer.receiver.Receiver`; so does ``as_torch`` (containers come
@@ -109,6 +112,57 @@ class Retriever(ConsumerSide):
     ) -> Received:
         """The general form: returns the :class:`Received` record (path, value, size, sha256)."""
         return self._retrieve(kind, from_site, name, timeout)
+
+    def list(
+        self,
+        from_site: str,
+        kind: Kind | None = None,
+        *,
+        prefix: str = "",
+        timeout: float | None = None,
+    ) -> Listing:
+        """Ask ``from_site`` what it serves: the files (``kind="file"``), containers
+        (``"container"``) or both (None) this site's broker user may retrieve from it, whose
+        names begin with ``prefix``, with their sizes (and a container's entries).
+
+        At most :data:`~objstream.common.listing.MAX_LISTED` objects come back; the listing
+        says ``truncated`` when more matched (ask again with a narrower ``prefix``).
+
+        Raises:
+            ListingFailed: the owner refused (``code``: forbidden...), does not support listing
+                (``unsupported``), or sent a listing that is not valid (``protocol``).
+            TimedOut: no answer for ``timeout`` seconds.
+        """
+        check_site(from_site)  # before its service queue is declared
+        if len(prefix) > MAX_NAME_LENGTH:
+            raise ConfigError(f"prefix of {len(prefix)} characters (at most {MAX_NAME_LENGTH})")
+        wait = timeout or self.settings.timeout
+        core, requests = self._core, self._requests
+        handle = core.call(
+            lambda: requests.ask_list(from_site, of=kind, prefix=prefix, timeout=wait)
+        )
+        try:
+            while True:
+                listing = core.call(lambda: self._listed(handle))
+                if listing is not None:
+                    return listing
+                if self._cancel is not None and self._cancel.is_set():
+                    reason = f"site {self.site} was interrupted"
+                    raise TransferFailed(from_site, handle, FailureCode.ABORTED, reason)
+                core.events(0.2)
+        finally:
+            core.call(lambda: requests.finish(handle))
+
+    def _listed(self, handle: str) -> Listing | None:
+        """On the connection's thread: the listing if it came, None while it may come.
+
+        Raises:
+            ListingFailed, TimedOut: it will not.
+        """
+        state = self._requests.session.state(handle)
+        if state.error is not None:
+            raise state.error
+        return state.listing
 
     def _retrieve(self, kind: Kind, from_site: str, name: str, timeout: float | None) -> Received:
         check_site(from_site)  # before its service queue is declared

@@ -11,14 +11,14 @@ component longer than it allows) is simply not there.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from objstream.common.errors import ConfigError
 from objstream.common.protocol import Request
-from objstream.common.serve_session import Absent, Found, Missing
+from objstream.common.serve_session import Absent, Found, Listed, Missing, Shelf
 from objstream.common.settings import check_object_name
 from objstream.common.streaming import ObjectStreamer
 from objstream.producer.container_source import ContainerSource
@@ -74,6 +74,24 @@ class Catalog:
             return Found(source.size, len(prepared.container), served.allow), source
         return self._file(request.name)
 
+    def listing(self, of: str | None, prefix: str) -> list[Shelf]:
+        """What is served, for a list request (of ``of``: file, container, None for both):
+        each container on a shelf of its own, then the files under the source dir, walked
+        lazily and only from the directory ``prefix`` names. Which of them the requester is
+        shown is the serve session's to decide."""
+        shelves: list[Shelf] = []
+        if of in (None, "container"):
+            for name in sorted(self._containers):
+                served = self._containers[name]
+                prepared: ContainerSource = served.value
+                size = prepared.size or 0  # known: encoded when added
+                entry = Listed("container", name, size, len(prepared.container))
+                shelves.append(Shelf(served.allow, (entry,)))
+        if of in (None, "file") and self._source_dir is not None:
+            root: Path = self._source_dir.value
+            shelves.append(Shelf(self._source_dir.allow, _files(root, prefix)))
+        return shelves
+
     def _file(self, name: str) -> tuple[Found | Missing, ObjectStreamer | None]:
         served = self._source_dir
         if served is None:
@@ -93,3 +111,41 @@ class Catalog:
                 Absent.UNREADABLE, f"cannot read {name[:200]!r}: {e.strerror or e}"
             ), None
         return Found(source.size, None, served.allow), source
+
+
+def _files(root: Path, prefix: str) -> Iterator[Listed]:
+    """The files a request could name under ``root``, depth first in name order, from the
+    directory ``prefix`` names (``a/b`` for ``a/b/c``): regular files, and links to files that
+    stay inside ``root`` (the others would be refused); links to directories are not entered.
+    What cannot be read is left out."""
+    head = prefix.rpartition("/")[0]
+    if "\x00" in prefix or os.path.isabs(prefix):
+        return
+    start = (root / head).resolve() if head else root
+    if not start.is_relative_to(root) or not start.is_dir():
+        return
+    pending = [start]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda e: e.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subfolders.append(Path(entry.path))
+                    continue
+                if entry.is_symlink():
+                    target = Path(entry.path).resolve()
+                    if target == root or not target.is_relative_to(root) or not target.is_file():
+                        continue
+                elif not entry.is_file(follow_symlinks=False):
+                    continue  # a FIFO, a socket, a device
+                size = entry.stat().st_size
+            except OSError:
+                continue
+            yield Listed("file", Path(entry.path).relative_to(root).as_posix(), size)
+        pending.extend(reversed(subfolders))  # the first in name order is walked first

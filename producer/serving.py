@@ -34,6 +34,7 @@ from objstream.common.protocol import Envelope, Reply, envelope
 from objstream.common.redeliveries import journal_for
 from objstream.common.serve_session import (
     Action,
+    Catalogue,
     Join,
     LookUp,
     Reject,
@@ -103,6 +104,11 @@ class RetrievalServer(Closing):
     @property
     def refused(self) -> int:
         return self.session.refused
+
+    @property
+    def listings(self) -> int:
+        """List requests answered."""
+        return self.session.listings
 
     @property
     def joined(self) -> int:
@@ -192,9 +198,19 @@ class RetrievalServer(Closing):
             if isinstance(action, Reject):
                 delivery.reject(action.reason)
             elif isinstance(action, SendReply):
-                self._reply(action.reply_to, action.reply)
+                self._reply(action.reply_to, action.reply, action.body)
             elif isinstance(action, LookUp):
                 self._look_up(action, delivery)
+            elif isinstance(action, Catalogue):
+                request = action.request
+                shelves = self.catalog.listing(request.of, request.name)
+                self._run(self.session.catalogued(action, shelves), delivery)
+                log.info(
+                    "listed what site %s serves to %s (user %s)",
+                    self.site,
+                    request.requester,
+                    action.user,
+                )
 
     def _look_up(self, lookup: LookUp, delivery: Delivery) -> None:
         request = lookup.request
@@ -250,10 +266,10 @@ class RetrievalServer(Closing):
         self._jobs[start.stream_id] = job
         self._pool.submit(job)
 
-    def _reply(self, reply_to: str, reply: Reply) -> None:
+    def _reply(self, reply_to: str, reply: Reply, body: bytes = b"") -> None:
         key = self.topology.reply_key(reply_to, self.site)
         props = envelope(reply, persistent=False, user_id=self.user)
-        self._channel.publish(self.topology.exchange, key, b"", props)
+        self._channel.publish(self.topology.exchange, key, body, props)
 
 
 class ContainerRetriever:
