@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from objstream.common import monitoring, progress
 from objstream.common.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TIMEOUT,
-    ProgressBars,
     StopFlag,
     count_arg,
 )
@@ -81,6 +81,8 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         help="take pushes only from this broker user (repeatable; env OBJSTREAM_ACCEPT_FROM, "
         "comma-separated); offers from others are refused at once with code forbidden",
     )
+    progress.add_option(listen)
+    monitoring.add_metrics_options(listen)
     listen.set_defaults(handler=listen_cmd, settings_overrides=_listen_overrides)
     _add_retrieve_commands(sub, parent)
 
@@ -132,6 +134,7 @@ def _retrieve_options(cmd: argparse.ArgumentParser) -> None:
         help="give up after this long without progress (default 60)",
     )
     cmd.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    progress.add_option(cmd)
 
 
 def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -> None:
@@ -203,7 +206,7 @@ def _print_failed(
 def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
     check_object_name(args.name)  # before connecting
     started = time.monotonic()
-    bars = ProgressBars()
+    bars = progress.display(args.progress)
     stop = StopFlag()
     stop.install()
     with Retriever(args.site, args.dest, settings, progress=bars, cancel=stop.event) as retriever:
@@ -217,7 +220,7 @@ def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
     check_object_name(args.name)  # before connecting
     out = Path(args.out)
     started = time.monotonic()
-    bars = ProgressBars()
+    bars = progress.display(args.progress)
     stop = StopFlag()
     stop.install()
     with Retriever(
@@ -297,18 +300,19 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
 
 
 def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    watch = monitoring.watch(args, "receiver")  # a port in use fails here, before connecting
     stop = StopFlag()
     stop.install()
     done = failed = 0
     idle_since = time.monotonic()
-    bars = ProgressBars()
     receiver = Receiver(
         args.site,
         args.dest,
         settings,
-        progress=bars,
+        progress=watch.progress,
         store_containers=True,  # each chunk into its place in the file; survives this process
     )
+    watch.receiver(receiver)
     try:
         log.info(
             "listening for site %s on %s (namespace %s)",
@@ -339,6 +343,7 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
                     return EXIT_TIMEOUT
                 continue
             _report(args, item)
+            watch.arrived(item)
             if isinstance(item, SenderGone):
                 continue  # nothing arrived: not one of --count's objects
             idle_since = time.monotonic()
@@ -351,6 +356,8 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
         receiver.close()
         for item in receiver.drain():
             _report(args, item)
+            watch.arrived(item)
+        watch.close()
     # Without --count a listener is a service: what a remote party sends must not make it
     # fail; failures were reported as they happened.
     return EXIT_FAILED if failed and args.count is not None else EXIT_OK

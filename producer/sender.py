@@ -98,6 +98,7 @@ class StreamSender:
         self._declared_inboxes: set[str] = set()
         self._peers: set[str] = set()  # sites bound to the reply queue
         self.bytes_published = 0  # message bodies, every send of this sender
+        self.chunks_resent = 0  # chunks published again to a target they were published to
         self.replies: deque[tuple[Message, Delivery]] = deque()  # parsed, for the transfer
         self.queue_id = new_stream_id()
         self.reply_to = self.topology.reply_to(site, self.queue_id)
