@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -146,7 +147,8 @@ def test_listen_metrics_during_and_after_a_real_transfer(
     assert during[("objstream_stream_size_bytes", labels)] == size
     assert 0 <= during[("objstream_stream_done_bytes", labels)] < size
 
-    after = listen.wait_for(lambda s: _streams(s, "ok") == 1)
+    # (A stream leaves the receiver's table at its next turn after its outcome.)
+    after = listen.wait_for(lambda s: _streams(s, "ok") == 1 and _in_flight(s) == 0)
     assert _streams(after, "ok") == 1
     assert after[("objstream_received_bytes_total", frozenset())] == size
     assert _in_flight(after) == 0
@@ -223,6 +225,44 @@ def test_serve_metrics_during_and_after_a_real_retrieval(
     assert after[("objstream_sent_bytes_total", frozenset())] >= size
     assert _in_flight(after) == 0
     assert _progress_series(after) == []
+    serve.stop()
+
+
+def test_serve_metrics_count_the_chunks_resent_to_a_requester_that_fell_silent(
+    tmp_path: Path, settings: Settings, declared: Declared, scraped: Callable[..., Scraped]
+) -> None:
+    """The requester is stopped (SIGSTOP) mid-stream: the server hears nothing, resends after
+    ``resend_after``, and counts it; the requester, continued, drops the duplicates."""
+    declared.sites.update({"server", "site-1"})
+    size = 2 * MiB
+    source = tmp_path / "src"
+    source.mkdir()
+    digest = random_file(source / "big.bin", size)
+    serve_env = _env(
+        settings, OBJSTREAM_CHUNK_SIZE="8KiB", OBJSTREAM_WINDOW="1", OBJSTREAM_RESEND_AFTER="0.5"
+    )
+    argv = ["producer", "serve", "--site", "server", "--source-dir", str(source)]
+    serve = scraped(argv, serve_env)
+    serve.wait_for(lambda s: ("objstream_resent_chunks_total", frozenset()) in s)
+    retrieve = subprocess.Popen(
+        ["objstream", "consumer", "retrieve-file", "--site", "site-1", "--from", "server",
+         "big.bin", "--dest", str(tmp_path / "got"), "--json"],
+        env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _scrape_during(serve, retrieve)
+        retrieve.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)
+        stopped = serve.samples()
+        retrieve.send_signal(signal.SIGCONT)
+        out, err = retrieve.communicate(timeout=120)
+    finally:
+        retrieve.kill()
+    assert retrieve.returncode == 0, err
+    assert json.loads(out)["sha256"] == digest
+    assert stopped[("objstream_resent_chunks_total", frozenset())] >= 1
+    after = serve.wait_for(lambda s: _streams(s, "ok") == 1)
+    assert after[("objstream_sent_bytes_total", frozenset())] > size  # the resends, too
     serve.stop()
 
 
