@@ -65,11 +65,14 @@ class JsonProgress:
         self._clock = clock
         self._lock = threading.Lock()
         self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()  # when, done
+        self._broken = False
 
     def __call__(self, site: str, stream_id: str, done: int, total: int | None) -> None:
         now = self._clock()
         final = total is not None and done >= total
         with self._lock:
+            if self._broken:
+                return
             last = self._last.get(stream_id)
             if last is not None:
                 when, last_done = last
@@ -88,7 +91,10 @@ class JsonProgress:
                 "time": round(time.time(), 3),
             }
             out = self._out or sys.stderr
-            print(json.dumps(tick), file=out, flush=True)
+            try:
+                print(json.dumps(tick), file=out, flush=True)
+            except (OSError, ValueError):  # stderr closed (its reader went away): the
+                self._broken = True  # transfer goes on without its lines
 
     def close(self) -> None:
         """Nothing to release (every line is flushed as it goes)."""

@@ -69,6 +69,15 @@ def test_json_ticks_of_two_streams_are_limited_apart() -> None:
     assert [(t["stream_id"][0], t["done"]) for t in ticks(out)] == [("a", 0), ("b", 0), ("a", 9)]  # type: ignore[index]
 
 
+def test_a_closed_stderr_stops_the_lines_not_the_transfer() -> None:
+    out = io.StringIO()
+    progress = JsonProgress(out, interval=0)
+    progress("site-1", "a" * 32, 0, 10)
+    out.close()  # the reader went away
+    progress("site-1", "a" * 32, 5, 10)  # no exception into the transfer
+    progress("site-2", "b" * 32, 0, 10)
+
+
 def test_fan_out_calls_every_hook_and_keeps_one_as_is() -> None:
     calls: list[tuple[str, int]] = []
 
