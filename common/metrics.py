@@ -25,7 +25,7 @@ Names (``ROLE`` is ``receiver`` for ``listen``, ``server`` for ``serve``):
 - ``objstream_resend_requests_total`` (receiver): progress reports that asked the sender to
   resend (a gap, a corrupt chunk); ``objstream_redelivered_chunks_total`` (receiver): chunks
   the broker delivered again (after a lost channel or connection);
-  ``objstream_reconnects_total`` (receiver): broker connections lost and re-established.
+  ``objstream_reconnects_total`` (both): broker connections lost and re-established.
 - ``objstream_resent_chunks_total`` (server): chunks published again to a requester that had
   been sent them (no progress for a while, a resend request, a reconnect).
 
@@ -192,6 +192,7 @@ class Metrics:
         in_flight: Callable[[], int],
         sent_bytes: Callable[[], int],
         resent_chunks: Callable[[], int],
+        reconnects: Callable[[], int],
     ) -> None:
         """A server's own counts (its properties, read at each scrape)."""
         self._in_flight.set_function(in_flight)
@@ -205,6 +206,9 @@ class Metrics:
             "objstream_resent_chunks",
             "Chunks published again to a requester that had been sent them.",
             resent_chunks,
+        )
+        self._read.add(
+            "objstream_reconnects", "Broker connections lost and re-established.", reconnects
         )
 
     # -- the endpoint -----------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class ServerCounts(Protocol):
     @property
     def chunks_resent(self) -> int: ...
 
+    @property
+    def reconnects(self) -> int: ...
+
 
 class ReceiverCounts(Protocol):
     """What a :class:`~objstream.consumer.Receiver` counts itself."""
@@ -94,7 +97,10 @@ class Watch:
         """Have the metrics read what ``server`` counts itself, at each scrape."""
         if self.metrics is not None:
             self.metrics.watch_server(
-                lambda: server.active, lambda: server.bytes_published, lambda: server.chunks_resent
+                lambda: server.active,
+                lambda: server.bytes_published,
+                lambda: server.chunks_resent,
+                lambda: server.reconnects,
             )
 
     def receiver(self, receiver: ReceiverCounts) -> None:

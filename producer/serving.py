@@ -83,6 +83,7 @@ class RetrievalServer(Closing):
         )
         self._stopping = threading.Event()
         self._on_outcome = on_outcome
+        self._reconnects = 0
         self._pool = SendingPool(
             site, self.settings, self._stopping, progress=progress, on_outcome=on_outcome
         )
@@ -151,6 +152,7 @@ class RetrievalServer(Closing):
                     tag = self._consume()
 
                 reestablish(self.settings, self.settings.timeout, again)
+                self._reconnects += 1
                 log.info("site %s serving again on %s", self.site, self._queue)
             self._reap()
         if self._channel.is_open:
@@ -180,6 +182,11 @@ class RetrievalServer(Closing):
     def chunks_resent(self) -> int:
         """Chunks published again to a requester (resends), all streams."""
         return self._pool.chunks_resent
+
+    @property
+    def reconnects(self) -> int:
+        """Broker connections lost and re-established (the serving one's and its workers')."""
+        return self._reconnects + self._pool.reconnects
 
     @property
     def active(self) -> int:

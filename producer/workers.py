@@ -66,6 +66,7 @@ class SendingPool:
         self._senders: set[StreamSender] = set()  # the workers'
         self._published = 0  # bytes the ended workers published
         self._resent = 0  # chunks the ended workers published again
+        self._reconnects = 0  # connections the ended workers re-established
         self._running = 0  # jobs submitted and not ended
 
     @property
@@ -79,6 +80,12 @@ class SendingPool:
         """Chunks the workers published again to a requester (resends), all streams."""
         with self._lock:
             return self._resent + sum(s.chunks_resent for s in self._senders)
+
+    @property
+    def reconnects(self) -> int:
+        """Connections of the workers lost and re-established mid-stream."""
+        with self._lock:
+            return self._reconnects + sum(s.reconnects for s in self._senders)
 
     @property
     def active(self) -> int:
@@ -152,6 +159,7 @@ class SendingPool:
                 self._senders.discard(sender)
                 self._published += sender.bytes_published
                 self._resent += sender.chunks_resent
+                self._reconnects += sender.reconnects
             sender.close()
 
     def _jobs_of(self, sender: StreamSender) -> None:

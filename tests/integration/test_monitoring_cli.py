@@ -223,6 +223,8 @@ def test_serve_metrics_during_and_after_a_real_retrieval(
     assert _streams(after, "ok") == 1
     assert _streams(after, "refused", "not_found") == 1
     assert after[("objstream_sent_bytes_total", frozenset())] >= size
+    assert after[("objstream_resent_chunks_total", frozenset())] == 0
+    assert after[("objstream_reconnects_total", frozenset())] == 0
     assert _in_flight(after) == 0
     assert _progress_series(after) == []
     serve.stop()

@@ -155,11 +155,12 @@ def test_progress_series_stay_bounded_when_outcomes_never_come() -> None:
 
 def test_counts_the_objects_keep_are_read_at_each_scrape() -> None:
     metrics = Metrics("server")
-    counts = {"active": 2, "sent": 10, "resent": 0}
-    metrics.watch_server(lambda: counts["active"], lambda: counts["sent"], lambda: counts["resent"])
+    counts = {"active": 2, "sent": 10, "resent": 0, "reconnects": 0}
+    metrics.watch_server(*(lambda name=name: counts[name] for name in counts))
     assert value(metrics, "objstream_streams_in_flight") == 2
-    counts.update(active=0, sent=99, resent=3)
+    counts.update(active=0, sent=99, resent=3, reconnects=1)
     assert value(metrics, "objstream_streams_in_flight") == 0
+    assert value(metrics, "objstream_reconnects_total") == 1
     assert value(metrics, "objstream_sent_bytes_total") == 99
     assert value(metrics, "objstream_resent_chunks_total") == 3
     assert value(metrics, "objstream_received_bytes_total") is None  # a server sends
