@@ -200,6 +200,11 @@ class SenderGone(TransferFailed):
     a retrieval to resume, and ``listen --count`` does not count it as an object."""
 
 
+class OfferRefused(TransferFailed):
+    """An offer a receiver refused before any data moved (``forbidden``, ``busy``, ``refused``,
+    ``too_large``...): :meth:`Receiver.receive` raises it as any failed stream."""
+
+
 class SendFailed(ObjstreamError):
     """At least one target of a send did not store and verify the object.
 

@@ -22,6 +22,33 @@ advances (for progress bars); it must be quick and must not raise."""
 
 
 @dataclass(frozen=True)
+class StreamOutcome:
+    """How a stream ended with one peer, as an outcome hook hears it (for metrics...)."""
+
+    site: str
+    """The peer: the sender of a received stream, the requester of a served one."""
+    stream_id: str
+    """The stream's id (a refused request's id, for a request refused before any stream)."""
+    code: str | None = None
+    """None if the peer stored and verified the object; otherwise why not: a
+    :class:`~objstream.common.errors.FailureCode`, or ``error`` for an error without one."""
+    refused: bool = False
+    """Refused before any data moved (an offer, or a retrieval request)."""
+
+    @property
+    def outcome(self) -> str:
+        """``ok``, ``refused`` or ``failed``."""
+        if self.code is None:
+            return "ok"
+        return "refused" if self.refused else "failed"
+
+
+OutcomeHook = Callable[[StreamOutcome], None]
+"""Called once as each stream ends with a peer (or a request is refused); it may be called
+from another thread than the one that made the object, must be quick and must not raise."""
+
+
+@dataclass(frozen=True)
 class Piece:
     """One chunk's worth of an object: at most ``chunk_size`` bytes, and what they are."""
 

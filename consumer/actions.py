@@ -98,6 +98,8 @@ class StreamActions:
         self._reconsume = reconsume
         self._connection: Connection | None = None
         self._control: Channel | None = None
+        self.resend_requests = 0
+        """Progress reports that asked a sender to resend (a gap, a corrupt chunk)."""
 
     def bind(self, connection: Connection, control: Channel) -> None:
         """The (new) connection, and the channel progress and verdicts go out on."""
@@ -273,6 +275,7 @@ class StreamActions:
             resend_from=action.resend_from,
         )
         self._publish(stream.reply_to, progress, persistent=False)
+        self.resend_requests += action.resend_from is not None
         if self._progress is not None:
             self._progress(offer.sender, offer.stream_id, action.stored_bytes, offer.size)
 

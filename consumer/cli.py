@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from objstream.common import monitoring, progress
 from objstream.common.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TIMEOUT,
-    ProgressBars,
     StopFlag,
     count_arg,
 )
@@ -84,6 +84,8 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         help="take pushes only from this broker user (repeatable; env OBJSTREAM_ACCEPT_FROM, "
         "comma-separated); offers from others are refused at once with code forbidden",
     )
+    progress.add_option(listen)
+    monitoring.add_metrics_options(listen)
     listen.set_defaults(handler=listen_cmd, settings_overrides=_listen_overrides)
     _add_retrieve_commands(sub, parent)
     partials_cli.add_command(sub, parent)
@@ -154,6 +156,7 @@ def _retrieve_options(cmd: argparse.ArgumentParser) -> None:
         "a container's entries), with NAME only names that begin with it; exit 1 if OWNER "
         "refuses or does not support listing",
     )
+    progress.add_option(cmd)
 
 
 def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -> None:
@@ -242,7 +245,7 @@ def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
     if _listing_or_checked(args, "--dest"):
         return list_cmd(args, settings, "file")
     started = time.monotonic()
-    bars = ProgressBars()
+    bars = progress.display(args.progress)
     stop = StopFlag()
     stop.install()
     with Retriever(args.site, args.dest, settings, progress=bars, cancel=stop.event) as retriever:
@@ -284,7 +287,7 @@ def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
         return list_cmd(args, settings, "container")
     dest, store_as = output_place(args.out)  # before connecting
     started = time.monotonic()
-    bars = ProgressBars()
+    bars = progress.display(args.progress)
     stop = StopFlag()
     stop.install()
     with Retriever(
@@ -364,18 +367,19 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
 
 
 def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    watch = monitoring.watch(args, "receiver")  # a port in use fails here, before connecting
     stop = StopFlag()
     stop.install()
     done = failed = 0
     idle_since = time.monotonic()
-    bars = ProgressBars()
     receiver = Receiver(
         args.site,
         args.dest,
         settings,
-        progress=bars,
+        progress=watch.progress,
         store_containers=True,  # each chunk into its place in the file; survives this process
     )
+    watch.receiver(receiver)
     try:
         console.note(
             f"listening for site {args.site} on {settings.masked_url} (namespace "
@@ -400,6 +404,7 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
                     return EXIT_TIMEOUT
                 continue
             _report(args, item)
+            watch.arrived(item)
             if isinstance(item, SenderGone):
                 continue  # nothing arrived: not one of --count's objects
             idle_since = time.monotonic()
@@ -412,6 +417,8 @@ def listen_cmd(args: argparse.Namespace, settings: Settings) -> int:
         receiver.close()
         for item in receiver.drain():
             _report(args, item)
+            watch.arrived(item)
+        watch.close()
     # Without --count a listener is a service: what a remote party sends must not make it
     # fail; failures were reported as they happened.
     return EXIT_FAILED if failed and args.count is not None else EXIT_OK

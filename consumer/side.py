@@ -40,6 +40,16 @@ class ConsumerSide(Closing):
         """How often the connection was lost and re-established."""
         return self._core.reconnects
 
+    @property
+    def resend_requests(self) -> int:
+        """How often a sender was asked to resend (a gap, a corrupt chunk)."""
+        return self._core.table.actions.resend_requests
+
+    @property
+    def redelivered_chunks(self) -> int:
+        """Chunks the broker delivered again (after a lost channel or connection)."""
+        return self._core.table.redelivered
+
     def close(self, checkpoint: bool = False) -> None:
         """Stop and disconnect; with ``checkpoint``, streams kept on disk are left for the
         next consumer of this site and directory, otherwise they fail."""

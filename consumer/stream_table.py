@@ -25,6 +25,7 @@ from objstream.common.errors import (
     BrokerRefused,
     FailureCode,
     ObjstreamError,
+    OfferRefused,
     SenderGone,
     TransferFailed,
 )
@@ -92,6 +93,8 @@ class StreamTable:
             reconsume=self._reconsume,
         )
         self._connection: Connection | None = None
+        self.redelivered = 0
+        """Chunks the broker delivered again (after a lost channel or connection)."""
 
     def bind(self, connection: Connection, control: Channel) -> None:
         """The (new) connection and the channel progress and verdicts are published on."""
@@ -182,7 +185,7 @@ class StreamTable:
         log.info("refusing stream %s from %s: %s", sid, sender, refusal.detail)
         self.actions.publish_verdict(refusal.reply_to, refusal.verdict(self.site))
         self.remember(sid)
-        self.outcomes.append(TransferFailed(sender, sid, refusal.code, refusal.detail))
+        self.outcomes.append(OfferRefused(sender, sid, refusal.code, refusal.detail))
 
     def remember(self, stream_id: str) -> None:
         self._recent[stream_id] = None
@@ -194,6 +197,7 @@ class StreamTable:
     def _on_data(self, stream: Stream, delivery: Delivery) -> None:
         props = delivery.props
         envelope = Envelope(delivery.routing_key, props.user_id)
+        self.redelivered += delivery.redelivered
         actions = stream.session.delivery(
             delivery.tag,
             props.type,

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from objstream.common.cli import ProgressBars, StopFlag, size_arg
+from objstream.common import monitoring, progress
+from objstream.common.cli import StopFlag, size_arg
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SendFailed
 
@@ -78,6 +79,7 @@ def _common_send_options(send: argparse.ArgumentParser) -> None:
         help="fail a target after this long without progress (default 60)",
     )
     send.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    progress.add_option(send)
 
 
 def _add_container_command(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -135,6 +137,7 @@ def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         metavar="USER",
         help="broker user allowed to retrieve (repeatable; default: any authenticated user)",
     )
+    monitoring.add_metrics_options(serve)
     serve.set_defaults(handler=serve_cmd, settings_overrides=lambda args: {})
 
 
@@ -240,7 +243,7 @@ def send_file(args: argparse.Namespace, settings: Settings) -> int:
     from objstream.producer.streamer import FileStreamer
 
     def send(stop: StopFlag) -> list[TargetResult]:
-        bars = ProgressBars()
+        bars = progress.display(args.progress)
         stop.install()
         with FileStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
             results = streamer.stream_file(args.to, args.path)
@@ -268,7 +271,7 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
                 f"{plural(sizes[1], 'byte')} of arrays, which is what moves and what the "
                 "receiver stores (uncompressed); send-file moves the file as it is"
             )
-        bars = ProgressBars()
+        bars = progress.display(args.progress)
         stop.install()  # from here a signal aborts the stream at every target
         with ContainerStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
             results = streamer.stream_container(args.to, container, container_name(path))
@@ -284,9 +287,12 @@ def serve_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
     if not args.source_dir and not args.container:
         raise ConfigError("nothing to serve: give --source-dir and/or --container NAME=PATH")
+    watch = monitoring.watch(args, "server")  # a port in use fails here, before connecting
     stop = StopFlag()
     stop.install()
-    with RetrievalServer(args.site, settings) as server:
+    server = RetrievalServer(args.site, settings, progress=watch.progress, on_outcome=watch.ended)
+    with watch, server:
+        watch.server(server)
         if args.source_dir:
             FileRetriever(server, source_dir=args.source_dir, allow=args.allow)
         for name, path in args.container:

@@ -98,6 +98,8 @@ class StreamSender:
         self._declared_inboxes: set[str] = set()
         self._peers: set[str] = set()  # sites bound to the reply queue
         self.bytes_published = 0  # message bodies, every send of this sender
+        self.chunks_resent = 0  # chunks published again to a target they were published to
+        self.reconnects = 0  # connections lost and re-established
         self.replies: deque[tuple[Message, Delivery]] = deque()  # parsed, for the transfer
         self.queue_id = new_stream_id()
         self.reply_to = self.topology.reply_to(site, self.queue_id)
@@ -158,6 +160,7 @@ class StreamSender:
             self._open_channel()
 
         reestablish(self.settings, within, setup)
+        self.reconnects += 1
 
     def _on_reply(self, delivery: Delivery) -> None:
         try:

@@ -44,7 +44,7 @@ from objstream.common.serve_session import (
 )
 from objstream.common.settings import Settings, check_site
 from objstream.common.slots import Slots
-from objstream.common.streaming import ObjectStreamer
+from objstream.common.streaming import ObjectStreamer, OutcomeHook, ProgressHook, StreamOutcome
 from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
 from objstream.producer.answering import Joiners
@@ -55,9 +55,21 @@ log = logging.getLogger(__name__)
 
 
 class RetrievalServer(Closing):
-    """The serving worker of ``site``: answers retrieval requests until stopped."""
+    """The serving worker of ``site``: answers retrieval requests until stopped.
 
-    def __init__(self, site: str, settings: Settings | None = None) -> None:
+    ``progress`` is called as requesters store chunks, ``on_outcome`` once per requester as its
+    stream ends and once per request refused; both from the serving threads (several at once),
+    so they must be thread-safe, quick, and must not raise.
+    """
+
+    def __init__(
+        self,
+        site: str,
+        settings: Settings | None = None,
+        *,
+        progress: ProgressHook | None = None,
+        on_outcome: OutcomeHook | None = None,
+    ) -> None:
         check_site(site)
         self.site = site
         self.settings = settings or Settings()
@@ -71,7 +83,11 @@ class RetrievalServer(Closing):
             Identities.from_settings(self.settings),
         )
         self._stopping = threading.Event()
-        self._pool = SendingPool(site, self.settings, self._stopping)
+        self._on_outcome = on_outcome
+        self._reconnects = 0
+        self._pool = SendingPool(
+            site, self.settings, self._stopping, progress=progress, on_outcome=on_outcome
+        )
         self._jobs: dict[str, Job] = {}  # streams in progress, by stream id
         self._open()
 
@@ -142,6 +158,7 @@ class RetrievalServer(Closing):
                     tag = self._consume()
 
                 reestablish(self.settings, self.settings.timeout, again)
+                self._reconnects += 1
                 log.info("site %s serving again on %s", self.site, self._queue)
             self._reap()
         if self._channel.is_open:
@@ -166,6 +183,16 @@ class RetrievalServer(Closing):
     def bytes_published(self) -> int:
         """Message bodies the serving workers published (offers, chunks), all streams."""
         return self._pool.bytes_published
+
+    @property
+    def chunks_resent(self) -> int:
+        """Chunks published again to a requester (resends), all streams."""
+        return self._pool.chunks_resent
+
+    @property
+    def reconnects(self) -> int:
+        """Broker connections lost and re-established (the serving one's and its workers')."""
+        return self._reconnects + self._pool.reconnects
 
     @property
     def active(self) -> int:
@@ -270,6 +297,10 @@ class RetrievalServer(Closing):
         key = self.topology.reply_key(reply_to, self.site)
         props = envelope(reply, persistent=False, user_id=self.user)
         self._channel.publish(self.topology.exchange, key, body, props)
+        if not reply.ok and self._on_outcome is not None:  # a refusal: no stream follows
+            requester = reply_to.split(":")[1]  # reply:SITE:QID, checked by the session
+            code = str(reply.code or "error")
+            self._on_outcome(StreamOutcome(requester, reply.request_id, code, refused=True))
 
 
 class ContainerRetriever:

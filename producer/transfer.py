@@ -101,6 +101,10 @@ class Transfer:
             now=time.monotonic(),
         )
         self.keys: dict[str | None, str] = {None: sender.topology.data_key(stream_id, sender.site)}
+        # For counting resends: how far each route (None: the broadcast) was published, and
+        # how far the broadcast was when each late joiner joined (it missed what came before).
+        self._upto: dict[str | None, int] = {}
+        self._joined_at: dict[str, int] = {}
 
     def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
         """The object itself, if it rides inside the offer (one message, no data queue)."""
@@ -177,6 +181,7 @@ class Transfer:
                 self.sender.publish(key, b"", envelope(abort))
                 continue
             self.routes[site] = reply_to
+            self._joined_at[site] = self._upto.get(None, 0)
             self._do(actions)
 
     def _results(self) -> list[TargetResult]:
@@ -299,6 +304,17 @@ class Transfer:
         persistent = self.sender.settings.persistent_chunks
         props = envelope(header, persistent=persistent, message_id=f"{self.stream_id}:{seq}")
         self.sender.publish(self._key(to), piece.data, props)
+        self.sender.chunks_resent += self._again(seq, to)
+
+    def _again(self, seq: int, to: str | None) -> bool:
+        """Was chunk ``seq`` published to ``to`` (None: every target) before? By the broadcast
+        (for a late joiner: since it joined) or on its own route. Counts what the silence rule,
+        resend requests and reconnects cost; a late joiner's catching up is not a resend."""
+        upto = self._upto.get(to, 0)
+        self._upto[to] = max(upto, seq + 1)
+        if seq < upto:
+            return True
+        return to is not None and self._joined_at.get(to, 0) <= seq < self._upto.get(None, 0)
 
     def _publish_end(self, to: str | None) -> None:
         reader = self.reader

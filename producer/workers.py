@@ -19,9 +19,9 @@ from objstream.common.codec import EncodeError
 from objstream.common.errors import BrokerUnreachable, ObjstreamError, SendFailed
 from objstream.common.protocol import Abort, Request, envelope
 from objstream.common.settings import Settings
-from objstream.common.streaming import ObjectStreamer
+from objstream.common.streaming import ObjectStreamer, OutcomeHook, ProgressHook, StreamOutcome
 from objstream.producer.answering import Answering, Joiners, Resume
-from objstream.producer.sender import ReplyQueue, StreamSender
+from objstream.producer.sender import ReplyQueue, StreamSender, TargetResult
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,26 @@ class Job:
 
 
 class SendingPool:
-    """Up to ``max_streams`` worker threads of one serving site."""
+    """Up to ``max_streams`` worker threads of one serving site.
 
-    def __init__(self, site: str, settings: Settings, stopping: threading.Event) -> None:
+    ``progress`` and ``on_outcome`` are called on the workers' threads: as requesters store
+    chunks, and once per requester as its stream ends.
+    """
+
+    def __init__(
+        self,
+        site: str,
+        settings: Settings,
+        stopping: threading.Event,
+        *,
+        progress: ProgressHook | None = None,
+        on_outcome: OutcomeHook | None = None,
+    ) -> None:
         self.site = site
         self.settings = settings
         self._stopping = stopping
+        self._progress = progress
+        self._on_outcome = on_outcome
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._ended: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._workers: set[threading.Thread] = set()
@@ -51,6 +65,8 @@ class SendingPool:
         self._lock = threading.Lock()
         self._senders: set[StreamSender] = set()  # the workers'
         self._published = 0  # bytes the ended workers published
+        self._resent = 0  # chunks the ended workers published again
+        self._reconnects = 0  # connections the ended workers re-established
         self._running = 0  # jobs submitted and not ended
 
     @property
@@ -58,6 +74,18 @@ class SendingPool:
         """Message bodies the workers published (offers, chunks), all streams."""
         with self._lock:
             return self._published + sum(s.bytes_published for s in self._senders)
+
+    @property
+    def chunks_resent(self) -> int:
+        """Chunks the workers published again to a requester (resends), all streams."""
+        with self._lock:
+            return self._resent + sum(s.chunks_resent for s in self._senders)
+
+    @property
+    def reconnects(self) -> int:
+        """Connections of the workers lost and re-established mid-stream."""
+        with self._lock:
+            return self._reconnects + sum(s.reconnects for s in self._senders)
 
     @property
     def active(self) -> int:
@@ -109,6 +137,7 @@ class SendingPool:
                 settings,
                 self.site,
                 cancel=self._stopping,
+                progress=self._progress,
                 reconnect=lambda: connect(settings, name),
                 replies=ReplyQueue.NAMED,
             )
@@ -129,6 +158,8 @@ class SendingPool:
                 self._workers.discard(threading.current_thread())
                 self._senders.discard(sender)
                 self._published += sender.bytes_published
+                self._resent += sender.chunks_resent
+                self._reconnects += sender.reconnects
             sender.close()
 
     def _jobs_of(self, sender: StreamSender) -> None:
@@ -160,6 +191,8 @@ class SendingPool:
     def _serve_one(self, sender: StreamSender, job: Job) -> bool:
         """Stream ``job``; False if the worker's connection is gone."""
         request = job.request
+        results: list[TargetResult] = []
+        error: BaseException | None = None
         try:
             answering = Answering(
                 job.stream_id,
@@ -167,7 +200,7 @@ class SendingPool:
                 job.joiners,
                 contact_timeout=self.settings.contact_timeout,
             )
-            sender.send(
+            results = sender.send(
                 job.source,
                 [request.requester],
                 # A resumed retrieval keeps the requester's chunk size: its kept chunks count in it.
@@ -189,9 +222,29 @@ class SendingPool:
             return True
         except (SendFailed, ObjstreamError, EncodeError, OSError) as e:
             log.warning("serving %r to %s failed: %s", request.name, request.requester, e)
+            results = [r for r in getattr(e, "results", []) if isinstance(r, TargetResult)]
+            error = e
             return not isinstance(e, BrokerUnreachable)
         finally:
             self._finished(job, sender)
+            self._tell_outcomes(job, results, error)
+
+    def _tell_outcomes(
+        self, job: Job, results: list[TargetResult], error: BaseException | None
+    ) -> None:
+        """Every requester's outcome to ``on_outcome`` (the one that asked first, if the send
+        failed before it had any)."""
+        if self._on_outcome is None:
+            return
+        outcomes = [
+            StreamOutcome(r.site, r.stream_id, None if r.error is None else str(r.error.code))
+            for r in results
+        ]
+        if not outcomes:
+            code = getattr(error, "code", None) or "error"
+            outcomes = [StreamOutcome(job.request.requester, job.stream_id, str(code))]
+        for outcome in outcomes:
+            self._on_outcome(outcome)
 
     def _finished(self, job: Job, sender: StreamSender | None = None) -> None:
         """``job``'s stream is over: nobody joins it any more; those accepted but not taken yet

@@ -140,6 +140,10 @@ def test_a_retrieval_survives_the_broker_restarting(
             "objstream.producer.sender",
             "objstream.producer.serving",
         } <= lost, caplog.text
+        # What `serve --metrics-port` shows as objstream_reconnects_total: the serving
+        # connection's and its worker's.
+        assert server.server is not None
+        assert server.server.reconnects >= 2
     finally:
         if server is not None:
             server.stop()
