@@ -45,6 +45,8 @@ Meta = Annotated[dict[MetaKey, Scalar], Field(max_length=16)]
 
 FILE_KIND = "file"
 CONTAINER_KIND = "container"
+PIPE_KIND = "pipe"
+"""A file whose size only its end tells (a sender's standard input): stored like a file."""
 
 
 class MessageType(StrEnum):

@@ -43,7 +43,13 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         epilog="example:\n  objstream producer send-file --site server --to site-1,site-2 big.bin",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    send.add_argument("path", metavar="PATH", help="file to send")
+    send.add_argument(
+        "path", metavar="PATH", nargs="+", help="file(s) to send; - for standard input"
+    )
+    send.add_argument(
+        "-r", "--recursive", action="store_true", help="send directories as trees of files"
+    )
+    send.add_argument("--name", metavar="NAME", help="the name standard input (-) is sent as")
     _common_send_options(send)
     send.set_defaults(handler=send_file, settings_overrides=_overrides)
     _add_container_command(sub, parent)
@@ -234,7 +240,13 @@ def _send(
 
 
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
+    from objstream.producer.send_many import check_usage, is_many, send_many
     from objstream.producer.streamer import FileStreamer
+
+    check_usage(args)
+    if is_many(args):  # several paths, a tree, standard input: each object in turn
+        return send_many(args, settings)
+    args.path = args.path[0]
 
     def send(stop: StopFlag) -> list[TargetResult]:
         bars = ProgressBars()
