@@ -99,7 +99,7 @@ def _pipe(name: str, cancel: threading.Event | None) -> Callable[[], ObjectStrea
 def _file(path: str) -> Callable[[], ObjectStreamer]:
     def make() -> ObjectStreamer:
         if os.path.isdir(path):
-            raise ObjstreamError(f"{path} is a directory: send it with -r")
+            raise ObjstreamError("is a directory; send it with -r")
         return FileSource(path)
 
     return make
