@@ -36,11 +36,16 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     send = sub.add_parser(
         "send-file",
         parents=[parent],
-        help="stream a file to one or more sites",
-        description="Stream a file to one or more sites; returns once each stored and verified "
-        "it. Exit codes: 0 ok, 1 transfer failed, 2 usage, 3 broker unreachable or refused, "
-        "4 timed out, 130 Ctrl-C, 143 SIGTERM (every target told `aborted`).",
-        epilog="example:\n  objstream producer send-file --site server --to site-1,site-2 big.bin",
+        help="stream files (a tree with -r, standard input with -) to one or more sites",
+        description="Stream each PATH to one or more sites, one after another; each returns once "
+        "every target stored and verified it. -r sends a directory as a tree (received as the "
+        "same tree; symlinks leading out of it are skipped); - sends standard input as --name "
+        "(it cannot be resumed). Exit codes (the worst of all the objects): 0 ok, 1 transfer "
+        "failed, 2 usage, 3 broker unreachable or refused, 4 timed out, 130 Ctrl-C, 143 SIGTERM "
+        "(every target told `aborted`).",
+        epilog="examples:\n  objstream producer send-file --site server --to site-1,site-2 big.bin"
+        "\n  objstream producer send-file --site server --to site-1 a.bin b.bin -r checkpoints/"
+        "\n  tar c data | objstream producer send-file --site server --to site-1 - --name data.tar",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     send.add_argument(

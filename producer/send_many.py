@@ -100,7 +100,8 @@ def _send_one(args: argparse.Namespace, streamer: FileStreamer, item: Item, stop
         code = exit_code_for(e) if isinstance(e, ObjstreamError) else EXIT_FAILED
         if code not in _RANK:  # the broker: nothing more can go
             raise
-        print(f"objstream: error: {item.label}: {_reason(e)}", file=sys.stderr, flush=True)
+        label = "standard input" if item.label == STDIN else item.label
+        print(f"objstream: error: {label}: {_reason(e)}", file=sys.stderr, flush=True)
         return code
     except KeyboardInterrupt as e:
         if args.json:
