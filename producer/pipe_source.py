@@ -3,16 +3,17 @@
 A pipe is read once, front to back: the stream is of kind ``pipe`` (a file whose size only its
 ``end`` tells; see docs/protocol.md), and the sender keeps only its last window of pieces for
 resends, so memory stays flat whatever the length. A reader thread fills whole chunks (a pipe
-hands out 64 KiB at a time) into a queue of at most :data:`READ_AHEAD` of them, so reading the
-next chunk overlaps publishing this one. Nothing of it can be read again: a pipe's send cannot
-be resumed, and a receiver that dies mid-stream fails it.
+hands out 64 KiB at a time; a shorter chunk goes when the input pauses) into a queue of at
+most :data:`READ_AHEAD` of them, so reading the next chunk overlaps publishing this one.
+Nothing of it can be read again: a pipe's send cannot be resumed, and a receiver that dies
+mid-stream fails it.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import queue
+import select
 import threading
 from collections.abc import Iterator
 
@@ -22,6 +23,9 @@ from objstream.common.streaming import ObjectStreamer, Piece
 READ_AHEAD = 2
 """Chunks read ahead of the sender, at most."""
 
+FLUSH_AFTER = 1.0
+"""Seconds of silence after which what was read of a chunk is sent as a shorter chunk."""
+
 _POLL = 0.2  # seconds between looks at the cancel flag while the pipe is silent
 
 
@@ -29,8 +33,8 @@ class PipeSource(ObjectStreamer):
     """The bytes of file descriptor ``fd`` (standard input by default) until its end, sent
     under ``name``.
 
-    ``cancel``, once set, stops a wait for input (raised as an ``OSError``, which fails the
-    send and aborts its targets): a pipe whose writer is silent must not hold a Ctrl-C.
+    ``cancel``, once set, stops a wait for input (raised as :class:`KeyboardInterrupt`, on
+    which the sender tells every target ``aborted``): a silent writer must not hold a Ctrl-C.
     """
 
     kind = PIPE_KIND
@@ -43,10 +47,21 @@ class PipeSource(ObjectStreamer):
         self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(READ_AHEAD)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.ready = threading.Event()
+        """Set once the first chunk (or the end, or an error) was read: a sender waits for it
+        before it offers the stream, since a receiver gives a sender that sends nothing only
+        a few seconds after its offer (a command that thinks a while before it writes)."""
+
+    def start(self, chunk_size: int | None = None) -> None:
+        """Start reading (in chunks of ``chunk_size``, if :meth:`prepare` was not called)."""
+        if chunk_size is not None:
+            self.chunk_size = chunk_size
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._read, name="objstream-stdin", daemon=True)
+            self._thread.start()
 
     def pieces(self) -> Iterator[Piece]:
-        self._thread = threading.Thread(target=self._read, name="objstream-stdin", daemon=True)
-        self._thread.start()
+        self.start()
         while True:
             item = self._next()
             if item is None:
@@ -61,25 +76,29 @@ class PipeSource(ObjectStreamer):
                 return self._queue.get(timeout=_POLL)
             except queue.Empty:
                 if self._cancel is not None and self._cancel.is_set():
-                    raise OSError(errno.EINTR, "interrupted while reading standard input") from None
+                    # As a second Ctrl-C would: the sender tells every target at once.
+                    raise KeyboardInterrupt from None
 
     def _read(self) -> None:
         """On the reader thread: whole chunks into the queue, then ``None`` at the end."""
         try:
             while not self._stop.is_set():
                 data = self._chunk()
-                if data:
-                    self._put(data)
-                if len(data) < self.chunk_size:
+                if not data:
                     break
+                self._put(data)
             self._put(None)
         except OSError as e:
             self._put(e)
 
     def _chunk(self) -> bytes:
+        """A whole chunk, or less if the input ended, or paused for :data:`FLUSH_AFTER` with
+        something read (a slow writer's bytes move on, not only once a chunk is full)."""
         parts: list[bytes] = []
         got = 0
         while got < self.chunk_size:
+            if got and not select.select([self._fd], [], [], FLUSH_AFTER)[0]:
+                break
             data = os.read(self._fd, self.chunk_size - got)
             if not data:
                 break
@@ -91,6 +110,7 @@ class PipeSource(ObjectStreamer):
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=_POLL)
+                self.ready.set()
                 return
             except queue.Full:
                 continue

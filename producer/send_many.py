@@ -22,12 +22,14 @@ from objstream.common.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TIMEOUT,
+    Interrupted,
     ProgressBars,
     StopFlag,
     exit_code_for,
 )
 from objstream.common.errors import ConfigError, ObjstreamError, SendFailed
 from objstream.producer.file_sets import STDIN, Item, expand
+from objstream.producer.pipe_source import PipeSource
 
 if TYPE_CHECKING:
     from objstream.common.settings import Settings
@@ -85,7 +87,10 @@ def _send_one(args: argparse.Namespace, streamer: FileStreamer, item: Item, stop
 
     started = time.monotonic()
     try:
-        results = streamer.stream_object(args.to, item.open())
+        source = item.open()
+        if isinstance(source, PipeSource):
+            _wait_for_input(streamer, source, stop)
+        results = streamer.stream_object(args.to, source)
     except (ObjstreamError, OSError) as e:
         seconds = time.monotonic() - started
         done = [r for r in getattr(e, "results", []) if isinstance(r, TargetResult)]
@@ -106,6 +111,8 @@ def _send_one(args: argparse.Namespace, streamer: FileStreamer, item: Item, stop
     except KeyboardInterrupt as e:
         if args.json:
             print(json.dumps(_outcome(args, item, [], time.monotonic() - started, e)), flush=True)
+        if stop and not isinstance(e, Interrupted):
+            raise stop.interrupted() from e  # a pipe's wait stopped by the signal: 130 or 143
         raise
     seconds = time.monotonic() - started
     if args.json:
@@ -122,6 +129,18 @@ def _send_one(args: argparse.Namespace, streamer: FileStreamer, item: Item, stop
             flush=True,
         )
     return EXIT_OK
+
+
+def _wait_for_input(streamer: FileStreamer, source: PipeSource, stop: StopFlag) -> None:
+    """Wait, with the connection served, until standard input has its first chunk (or ended):
+    the offer goes out only then, since a receiver lets go of a stream whose sender sends
+    nothing for long (``OBJSTREAM_CONTACT_TIMEOUT``)."""
+    source.start(int(streamer.settings.chunk_size))
+    while not source.ready.is_set():
+        if stop:
+            source.close()
+            raise stop.interrupted()
+        streamer.serve(0.2)
 
 
 def _reason(error: BaseException) -> str:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -373,3 +375,60 @@ def test_a_pipe_stream_is_held_to_the_receivers_size_limit(
     _records(listener, EXIT_FAILED)
     assert _tree(dest) == {}
     assert not any(dest.iterdir())
+
+
+def test_standard_input_that_thinks_before_it_writes_is_offered_only_once_it_does(
+    tmp_path: Path, settings: Settings, listen: Listen
+) -> None:
+    # The listener lets go of a stream whose sender sends nothing 2 s after the offer; the
+    # writer says nothing for 7 s (the sender starts within that).
+    listener = listen(
+        tmp_path / "in", "--count", "1", env=_env(settings, OBJSTREAM_CONTACT_TIMEOUT="2")
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; time.sleep(7); sys.stdout.write('late')"],
+        stdout=subprocess.PIPE,
+    )
+    assert writer.stdout is not None
+    sent = _send(settings, "-", "--name", "late.txt", stdin=writer.stdout.fileno())
+    writer.stdout.close()
+    writer.wait(timeout=30)
+    assert sent.returncode == EXIT_OK, sent.stderr
+    _records(listener)
+    assert _tree(tmp_path / "in") == {"late.txt": b"late"}
+
+
+def test_sigterm_while_standard_input_is_silent_stops_at_once_with_143(
+    tmp_path: Path, settings: Settings, listen: Listen
+) -> None:
+    listener = listen(tmp_path / "in")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.stdout.write('x' * 5000); "
+         "sys.stdout.flush(); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert writer.stdout is not None
+    command = ["objstream", "producer", "send-file", "--site", "server", "--to", "site-1"]
+    sender = subprocess.Popen(
+        [*command, "--json", "-", "--name", "never.txt"],
+        env=_env(settings), stdin=writer.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    writer.stdout.close()
+    try:
+        time.sleep(3)  # the offer is out, the first 5000 bytes sent; then nothing comes
+        sent_at = time.monotonic()
+        sender.send_signal(signal.SIGTERM)
+        out, err = sender.communicate(timeout=20)
+        assert time.monotonic() - sent_at < 5
+    finally:
+        writer.kill()
+        writer.wait()
+    assert sender.returncode == 143, err
+    assert json.loads(out)["ok"] is False
+    time.sleep(2)  # the abort reaches the listener
+    listener.terminate()
+    records = _records(listener)
+    assert [(r["ok"], r["code"]) for r in records] == [(False, "aborted")]
+    assert "was interrupted" in str(records[0]["detail"])
+    assert _tree(tmp_path / "in") == {}
