@@ -63,10 +63,19 @@ def send_many(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError(str(e)) from None
     for skipped in found.skipped:
         print(f"objstream: skipped {skipped}", file=sys.stderr, flush=True)
+    if not found.items:
+        return EXIT_OK
     worst = EXIT_OK
     bars = ProgressBars()
     stop.install()
-    with FileStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
+    try:
+        streamer = FileStreamer(args.site, settings, progress=bars, cancel=stop.event)
+    except ObjstreamError as e:  # no broker...: nothing was sent, as one file would say
+        if args.json:
+            for item in found.items:
+                print(json.dumps(_outcome(args, item, [], 0.0, e)), flush=True)
+        raise
+    with streamer:
         for item in found.items:
             if stop:
                 raise stop.interrupted()

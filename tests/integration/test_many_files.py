@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from objstream.common.naming import TREE_INFO_KEY
 from objstream.common.protocol import PIPE_KIND
 from objstream.common.settings import Settings
@@ -432,3 +432,45 @@ def test_sigterm_while_standard_input_is_silent_stops_at_once_with_143(
     assert [(r["ok"], r["code"]) for r in records] == [(False, "aborted")]
     assert "was interrupted" in str(records[0]["detail"])
     assert _tree(tmp_path / "in") == {}
+
+
+def test_no_broker_is_one_line_exit_3_and_with_json_an_object_per_file(tmp_path: Path) -> None:
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    env = dict(os.environ, OBJSTREAM_URL="amqp://guest:guest@127.0.0.1:1/%2F")  # nothing there
+    sent = subprocess.run(
+        ["objstream", "producer", "send-file", "--site", "server", "--to", "site-1", "--json",
+         str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert sent.returncode == EXIT_BROKER
+    [line] = sent.stderr.splitlines()
+    assert line.startswith("objstream: error: broker unreachable at amqp://guest:***@127.0.0.1:1")
+    outcomes = [json.loads(line) for line in sent.stdout.splitlines()]
+    assert [(o["name"], o["ok"]) for o in outcomes] == [
+        (str(tmp_path / "a.txt"), False),
+        (str(tmp_path / "b.txt"), False),
+    ]
+
+
+def test_ctrl_c_stops_the_list_where_it_is_and_exits_130(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    # Nobody listens: the first file waits for its offer to be taken.
+    command = ["objstream", "producer", "send-file", "--site", "server", "--to", "site-1"]
+    sender = subprocess.Popen(
+        [*command, "--json", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+        env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(3)
+    sender.send_signal(signal.SIGINT)
+    out, err = sender.communicate(timeout=30)
+    assert sender.returncode == 130, err
+    [outcome] = [json.loads(line) for line in out.splitlines()]  # b.txt never started
+    assert outcome["name"] == str(tmp_path / "a.txt")
+    assert outcome["ok"] is False
+    assert outcome["error"] == "interrupted"
+    assert err.splitlines()[-1] == "objstream: interrupted"
