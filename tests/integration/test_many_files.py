@@ -474,3 +474,31 @@ def test_ctrl_c_stops_the_list_where_it_is_and_exits_130(
     assert outcome["ok"] is False
     assert outcome["error"] == "interrupted"
     assert err.splitlines()[-1] == "objstream: interrupted"
+
+
+def test_a_listener_killed_mid_file_of_a_tree_is_taken_over_into_the_tree(
+    tmp_path: Path, settings: Settings, listen: Listen, raw_peer: Callable[[str], RawPeer]
+) -> None:
+    dest = tmp_path / "in"
+    chunks = [os.urandom(1024) for _ in range(3)]
+    first = listen(dest)
+    peer = raw_peer("site-1")
+    peer.offer("t/sub/x.bin", 3 * 1024, 1024, info={TREE_INFO_KEY: True})
+    peer.chunk(0, chunks[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # chunk 0 is written (and recorded) once reported
+        _, headers = peer.replies("progress")[-1]
+        if headers["stored"] >= 1:
+            break
+    first.kill()
+    first.wait()
+    second = listen(dest, "--count", "1")
+    for seq in (1, 2):
+        peer.chunk(seq, chunks[seq])
+    peer.end(3, 3 * 1024, hashlib.sha256(b"".join(chunks)).hexdigest())
+    verdict = peer.verdict()
+    assert verdict["ok"] is True, verdict
+    assert verdict["stored_as"] == "t/sub/x.bin"
+    [record] = _records(second)
+    assert record["resumed_bytes"] == 1024
+    assert _tree(dest) == {"t/sub/x.bin": b"".join(chunks)}
