@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -42,8 +43,10 @@ _RANK = {EXIT_OK: 0, EXIT_TIMEOUT: 1, EXIT_FAILED: 2}
 
 def is_many(args: argparse.Namespace) -> bool:
     """Whether the command line sends anything but exactly one plain file (which keeps the
-    single-file code path, and its output, unchanged)."""
-    return len(args.path) != 1 or args.recursive or args.path[0] == STDIN
+    single-file code path, and its output, unchanged). A lone directory comes here too, to be
+    told about ``-r``."""
+    [first, *more] = args.path
+    return bool(more) or args.recursive or first == STDIN or os.path.isdir(first)
 
 
 def check_usage(args: argparse.Namespace) -> None:

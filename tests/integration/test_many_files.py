@@ -502,3 +502,14 @@ def test_a_listener_killed_mid_file_of_a_tree_is_taken_over_into_the_tree(
     [record] = _records(second)
     assert record["resumed_bytes"] == 1024
     assert _tree(dest) == {"t/sub/x.bin": b"".join(chunks)}
+
+
+def test_a_lone_directory_without_r_says_to_use_it(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    (tmp_path / "d").mkdir()
+    sent = _send(settings, str(tmp_path / "d"))
+    assert sent.returncode == EXIT_FAILED
+    assert sent.stderr.splitlines() == [
+        f"objstream: error: {tmp_path / 'd'}: is a directory; send it with -r"
+    ]
