@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from objstream.common.errors import ObjstreamError
 from objstream.common.naming import TREE_INFO_KEY
-from objstream.common.settings import MAX_NAME_LENGTH
+from objstream.common.settings import MAX_NAME_LENGTH, check_object_name
 from objstream.common.streaming import MetaValue, ObjectStreamer
 from objstream.producer.sources import FileSource
 
@@ -70,6 +70,7 @@ def expand(
 
     Raises:
         ValueError: a usage error (``-`` twice, ``-`` without a name, a tree with no name).
+        ConfigError: a name too long for an offer.
     """
     found = FileSet()
     if paths.count(STDIN) > 1:
@@ -78,6 +79,7 @@ def expand(
         if path == STDIN:
             if not stdin_name:
                 raise ValueError("sending standard input (-) needs --name NAME")
+            check_object_name(stdin_name)
             found.items.append(Item(STDIN, _pipe(stdin_name, cancel)))
         elif recursive and os.path.isdir(path):
             _walk(Path(path), found)

@@ -281,6 +281,7 @@ def test_standard_input_with_other_files_and_empty_input(
         (["-", "-", "--name", "x"], "standard input (-) can be sent only once"),
         (["a.txt", "--name", "x"], "--name names standard input: give it with - as a PATH"),
         ([], "the following arguments are required: PATH"),
+        (["-", "--name", "n" * 1025], "object name of 1025 characters (at most 1024)"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2_before_connecting(
