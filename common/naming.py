@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 
 from pathvalidate import sanitize_filename
@@ -103,6 +104,49 @@ def safe_basename(name: str) -> str:
     return base or FALLBACK_NAME
 
 
+TREE_INFO_KEY = "path"
+"""The offer ``info`` entry (``True``) that says a file's ``name`` is a relative path, ``/``
+between its components, to recreate under the destination (``send-file -r``). A receiver that
+does not know it stores the file under its base name."""
+
+MAX_TREE_DEPTH = 64
+"""Most components a received relative path may have."""
+
+
+def is_tree_name(info: Mapping[str, object] | None) -> bool:
+    """Whether an offer's ``info`` says its name is a relative path (:data:`TREE_INFO_KEY`)."""
+    return info is not None and info.get(TREE_INFO_KEY) is True
+
+
+def tree_parts(name: str) -> list[str]:
+    """The components of a relative path a peer sent (``DIR/sub/file.bin``), each made safe
+    like a base name (:func:`safe_basename`).
+
+    ``/`` and ``\\`` both separate. The path must be plainly relative: not absolute, no empty,
+    ``.`` or ``..`` component, no drive (``C:``), no NUL, at most :data:`MAX_TREE_DEPTH`
+    components; anything else is refused, never rewritten into something else (a peer that
+    sends ``a/../../x`` means harm or is broken).
+
+    Raises:
+        ValueError: the path is not a plain relative path (the reason).
+    """
+    if "\0" in name:
+        raise ValueError(f"path {name!r} holds a NUL")
+    raw = name.replace("\\", "/").split("/")
+    if raw[0] == "":
+        raise ValueError(f"path {name!r} is absolute")
+    if len(raw) > MAX_TREE_DEPTH:
+        raise ValueError(
+            f"path {name[:80]!r}... has {len(raw)} components (at most {MAX_TREE_DEPTH})"
+        )
+    for part in raw:
+        if part in {"", ".", ".."}:
+            raise ValueError(f"path {name!r} is not a plain relative path ({part!r} in it)")
+    if len(raw[0]) == 2 and raw[0][1] == ":" and raw[0][0].isalpha():
+        raise ValueError(f"path {name!r} starts with a drive")
+    return [safe_basename(part) for part in raw]
+
+
 def candidate_names(base: str) -> list[str]:
     """Final names to try in order: ``base``, then ``stem-1.ext``, ``stem-2.ext``...
 
@@ -118,6 +162,18 @@ def candidate_names(base: str) -> list[str]:
         tail = f"-{i}{suffix}"
         names.append(cut_utf8(stem, NAME_MAX - len(tail.encode("utf-8", "surrogatepass"))) + tail)
     return names
+
+
+def stored_name(name: str, info: Mapping[str, object] | None, path: Path) -> str:
+    """What a sender is told its object was stored as: the final file's name, or for a file
+    of a tree (:func:`is_tree_name`) its path relative to the destination (``DIR/sub/f-1.bin``)."""
+    if not is_tree_name(info):
+        return path.name
+    try:
+        depth = len(tree_parts(name))
+    except ValueError:
+        return path.name
+    return "/".join(path.parts[-depth:])
 
 
 def partial_name(stream_id: str) -> str:

@@ -49,6 +49,8 @@ LAYOUT_INFO = "layout"
 DIRECTORY_LAYOUT = "directory"
 """``info[LAYOUT_INFO] == DIRECTORY_LAYOUT``: the container offered is a directory of files,
 whatever its name (a name ending in ``/`` says the same)."""
+PIPE_KIND = "pipe"
+"""A file whose size only its end tells (a sender's standard input): stored like a file."""
 
 
 class MessageType(StrEnum):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from objstream.common.errors import FailureCode, ObjstreamError, SaveError
+from objstream.common.errors import FailureCode, ObjectTooLarge, ObjstreamError, SaveError
 from objstream.common.protocol import Done
 
 FLUSH_INTERVAL = 0.05  # seconds: acks (to the broker) never wait longer than this
@@ -62,6 +62,8 @@ def classify(
     if isinstance(error, io_errors):
         strerror = error.strerror if isinstance(error, OSError) else None
         return FailureCode.IO, f"{doing}: {strerror or error}"
+    if isinstance(error, ObjectTooLarge):  # a stream of unknown size grew past the limit
+        return FailureCode.TOO_LARGE, str(error)
     if isinstance(error, ObjstreamError):
         return FailureCode.PROTOCOL, str(error)
     return FailureCode.REFUSED, f"the receiving side failed: {error!r}"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from objstream.common.errors import FailureCode, ProtocolError
+from objstream.common.naming import stored_name
 from objstream.common.protocol import Abort, Chunk, Done, End, Envelope, Inline, parse
 from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, State
 from objstream.common.receive_actions import (
@@ -318,7 +319,7 @@ class ReceiveSession:
             stream_id=offer.stream_id,
             site=self.site,
             ok=True,
-            stored_as=path.name if path else None,
+            stored_as=stored_name(offer.name, offer.info, path) if path else None,
         )
         actions: list[Action] = [RemoveCheckpoint()] if self.checkpoints else []
         return actions + self._end(done, Finished(ok=True, value=value, path=path))

@@ -37,7 +37,7 @@ from objstream.common.admission import (
 from objstream.common.amqp import Channel, Connection, Delivery, connect, reestablish
 from objstream.common.errors import BrokerRefused, ConnectionLost
 from objstream.common.identity import Identities
-from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
+from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, PIPE_KIND, Offer
 from objstream.common.reassembly import Reassembler
 from objstream.common.settings import Settings, check_site
 from objstream.common.streaming import ObjectAssembler
@@ -47,7 +47,7 @@ from objstream.consumer.container_assembler import ContainerAssembler
 from objstream.consumer.container_sink import ContainerSink
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.destination import check_destination
-from objstream.consumer.file_sink import FileAssembler
+from objstream.consumer.file_sink import FileAssembler, pipe_assembler
 from objstream.consumer.options import AssemblerFactory, ReceiverOptions, store_options
 from objstream.consumer.resume import Resumable, StreamState
 from objstream.consumer.stream_table import StreamTable
@@ -104,6 +104,7 @@ class ConsumerCore:
         self._as_torch = as_torch
         self._assemblers: dict[str, AssemblerFactory] = {
             FILE_KIND: lambda offer: FileAssembler(self.dest, offer),
+            PIPE_KIND: pipe_assembler(self.dest, int(self.settings.max_object_size)),
             CONTAINER_KIND: self._container_assembler,
             **(options.get("assemblers") or {}),
         }

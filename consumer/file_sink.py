@@ -6,11 +6,19 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from objstream.common.naming import candidate_names, confined, partial_name, safe_basename
+from objstream.common.errors import ObjectTooLarge, ProtocolError
+from objstream.common.naming import (
+    candidate_names,
+    confined,
+    is_tree_name,
+    partial_name,
+    safe_basename,
+    tree_parts,
+)
 from objstream.common.protocol import Offer
 from objstream.common.streaming import ObjectAssembler
 
@@ -109,7 +117,9 @@ class PartialFile:
     writer cannot be clobbered) and removes the partial name.
     """
 
-    def __init__(self, dest: Path, stream_id: str, size: int, *, reopen: bool = False) -> None:
+    def __init__(
+        self, dest: Path, stream_id: str, size: int | None, *, reopen: bool = False
+    ) -> None:
         self.dest = dest.resolve()
         self.path = self.dest / partial_name(stream_id)
         self.size = size
@@ -121,7 +131,7 @@ class PartialFile:
         # not posix_fallocate: writing into preallocated, unwritten ext4 extents ran at
         # 546 MiB/s here against 4,100 MiB/s for plain writes.)
         free = free_bytes(self.dest)
-        if size > free:
+        if size is not None and size > free:  # None: a pipe, told by its end
             raise OSError(
                 errno.ENOSPC, f"{size} bytes do not fit: {free} bytes free in {self.dest}"
             )
@@ -140,11 +150,12 @@ class PartialFile:
     def _wait_sync(self) -> None:
         self._behind.wait()
 
-    def commit(self, base_name: str) -> Path:
-        """Make the content durable and give it its final name; returns the final path."""
+    def commit(self, base_name: str, dirs: Sequence[str] = ()) -> Path:
+        """Make the content durable and give it its final name (in the subdirectory
+        ``dirs`` of the destination, for a file of a tree); returns the final path."""
         self._wait_sync()
         try:
-            return commit_partial(self._fd, self.path, self.dest, base_name)
+            return commit_partial(self._fd, self.path, self.dest, base_name, dirs)
         finally:
             os.close(self._fd)
             self._fd = -1
@@ -169,7 +180,9 @@ class PartialFile:
             pass
 
 
-def commit_partial(fd: int, partial: Path, dest: Path, base_name: str) -> Path:
+def commit_partial(
+    fd: int, partial: Path, dest: Path, base_name: str, dirs: Sequence[str] = ()
+) -> Path:
     """fsync ``partial`` (open as ``fd``), link it to the first free name, drop the partial name.
 
     The destination-collision policy: never overwrite; ``NAME``, then ``STEM-1.EXT``... (``link``
@@ -180,6 +193,10 @@ def commit_partial(fd: int, partial: Path, dest: Path, base_name: str) -> Path:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(partial, 0o666 & ~umask)
+    if dirs:
+        from objstream.consumer.tree_sink import link_into_tree
+
+        return link_into_tree(partial, dest, dirs, base_name)
     for name in candidate_names(base_name):
         final = confined(dest, name)
         try:
@@ -213,15 +230,22 @@ class FileAssembler(ObjectAssembler):
     takes_inline: ClassVar[bool] = True  # a pwrite at its offset
 
     def __init__(self, dest: Path, offer: Offer, *, reopen: bool = False) -> None:
-        assert offer.size is not None  # the protocol requires it for files
         self.name = offer.name
+        # A file of a tree (``send-file -r``): its relative path, checked before anything is
+        # written; the last part is the base name, the others its directories.
+        self.parts = [safe_basename(offer.name)]
+        if is_tree_name(offer.info):
+            try:
+                self.parts = tree_parts(offer.name)
+            except ValueError as e:
+                raise ProtocolError(f"offer of stream {offer.stream_id}: {e}") from None
         self.sink = PartialFile(dest, offer.stream_id, offer.size, reopen=reopen)
 
     def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
         self.sink.write(offset, data)
 
     def finish(self) -> Path:
-        return self.sink.commit(safe_basename(self.name))
+        return self.sink.commit(self.parts[-1], self.parts[:-1])
 
     def suspend(self) -> None:
         """Keep what was received for the next receiver (see :mod:`objstream.consumer.resume`)."""
@@ -229,3 +253,26 @@ class FileAssembler(ObjectAssembler):
 
     def discard(self) -> None:
         self.sink.discard()
+
+
+class PipeAssembler(FileAssembler):
+    """The consuming half for pipes (kind ``pipe``: a file whose size only its end tells,
+    such as a sender's standard input): written and committed like a file, but not resumable
+    (its sender cannot read it twice), and held to ``max_object_size`` as it arrives, since
+    no offer told its size."""
+
+    resumable: ClassVar[bool] = False
+
+    def __init__(self, dest: Path, offer: Offer, max_size: int) -> None:
+        super().__init__(dest, offer)
+        self.max_size = max_size
+
+    def take(self, offset: int, data: bytes, meta: Mapping[str, Any] | None) -> None:
+        if offset + len(data) > self.max_size:
+            raise ObjectTooLarge(self.name, offset + len(data), self.max_size)
+        super().take(offset, data, meta)
+
+
+def pipe_assembler(dest: Path, max_size: int) -> Callable[[Offer], PipeAssembler]:
+    """The factory of :class:`PipeAssembler` a receiver registers for kind ``pipe``."""
+    return lambda offer: PipeAssembler(dest, offer, max_size)

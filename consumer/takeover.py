@@ -201,4 +201,4 @@ class ResumeStore:
 
 def keeps_prefix(assembler: Any) -> bool:
     """A timed-out or aborted stream into this assembler keeps its verified prefix (files)."""
-    return isinstance(assembler, FileAssembler)
+    return isinstance(assembler, FileAssembler) and assembler.resumable  # not a pipe

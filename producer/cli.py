@@ -37,14 +37,25 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     send = sub.add_parser(
         "send-file",
         parents=[parent],
-        help="stream a file to one or more sites",
-        description="Stream a file to one or more sites; returns once each stored and verified "
-        "it. Exit codes: 0 ok, 1 transfer failed, 2 usage, 3 broker unreachable or refused, "
-        "4 timed out, 130 Ctrl-C, 143 SIGTERM (every target told `aborted`).",
-        epilog="example:\n  objstream producer send-file --site server --to site-1,site-2 big.bin",
+        help="stream files (a tree with -r, standard input with -) to one or more sites",
+        description="Stream each PATH to one or more sites, one after another; each returns once "
+        "every target stored and verified it. -r sends a directory as a tree (received as the "
+        "same tree; symlinks leading out of it are skipped); - sends standard input as --name "
+        "(it cannot be resumed). Exit codes (the worst of all the objects): 0 ok, 1 transfer "
+        "failed, 2 usage, 3 broker unreachable or refused, 4 timed out, 130 Ctrl-C, 143 SIGTERM "
+        "(every target told `aborted`).",
+        epilog="examples:\n  objstream producer send-file --site server --to site-1,site-2 big.bin"
+        "\n  objstream producer send-file --site server --to site-1 a.bin b.bin -r checkpoints/"
+        "\n  tar c data | objstream producer send-file --site server --to site-1 - --name data.tar",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    send.add_argument("path", metavar="PATH", help="file to send")
+    send.add_argument(
+        "path", metavar="PATH", nargs="+", help="file(s) to send; - for standard input"
+    )
+    send.add_argument(
+        "-r", "--recursive", action="store_true", help="send directories as trees of files"
+    )
+    send.add_argument("--name", metavar="NAME", help="the name standard input (-) is sent as")
     _common_send_options(send)
     send.set_defaults(handler=send_file, settings_overrides=_overrides)
     _add_container_command(sub, parent)
@@ -240,7 +251,13 @@ def _send(
 
 
 def send_file(args: argparse.Namespace, settings: Settings) -> int:
+    from objstream.producer.send_many import check_usage, is_many, send_many
     from objstream.producer.streamer import FileStreamer
+
+    check_usage(args)
+    if is_many(args):  # several paths, a tree, standard input: each object in turn
+        return send_many(args, settings)
+    args.path = args.path[0]
 
     def send(stop: StopFlag) -> list[TargetResult]:
         bars = progress.display(args.progress)

@@ -98,6 +98,11 @@ class Streamer(Closing):
         finally:
             source.close()
 
+    def serve(self, seconds: float) -> None:
+        """Let the connection work (heartbeats) for ``seconds`` while the caller waits for
+        something between two sends (a pipe's first bytes)."""
+        self._sender.process_events(seconds)
+
     @property
     def bytes_published(self) -> int:
         """Message bodies published so far (chunks, inline offers), every stream: one copy of
