@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from objstream.common.amqp import Connection, connect
-from objstream.common.cli import EXIT_OK
+from objstream.common.cli import EXIT_OK, HelpFormatter
 from objstream.common.errors import BrokerMismatch, BrokerRefused, ConfigError, RabbitmqctlFailed
 from objstream.common.rabbitmqctl import (
     Rabbitmqctl,
@@ -123,7 +123,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         description="What a broker administrator runs for objstream.",
         epilog="examples:\n  objstream admin permissions --site site-1 --user site-1\n"
         "  objstream admin cleanup --namespace fl --dry-run",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = side.add_subparsers(dest="command", required=True, metavar="{permissions,cleanup}")
     cmd = sub.add_parser(
@@ -144,7 +144,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "  objstream admin permissions --site site-1 --user site-1 --namespace fl\n"
         "  OBJSTREAM_ADMIN_PASSWORD=... objstream admin permissions --site site-1 "
         "--user site-1 --apply --url amqp://admin:...@localhost/%2F",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     cmd.add_argument("--site", required=True, help="the site's name")
     cmd.add_argument("--user", required=True, help="the site's broker user")

@@ -22,7 +22,7 @@ from typing import Any
 from objstream.common.admin import check_same_broker, vhost_of
 from objstream.common.amqp import Channel, Connection, connect
 from objstream.common.cleanup import Decision, dead_site, plan, queue_site
-from objstream.common.cli import EXIT_OK
+from objstream.common.cli import EXIT_OK, HelpFormatter
 from objstream.common.errors import BrokerMismatch, BrokerRefused, ConfigError
 from objstream.common.rabbitmqctl import (
     BINDING_COLUMNS,
@@ -59,7 +59,7 @@ def add_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         epilog="examples:\n"
         "  objstream admin cleanup --namespace fl --dry-run\n"
         "  objstream admin cleanup --namespace fl --site site-l --url amqp://admin:...@host/%2F",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     cmd.add_argument(
         "--dry-run", action="store_true", help="print what would be deleted; change nothing"

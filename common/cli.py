@@ -66,6 +66,24 @@ GLOBAL_OPTIONS = {"--url", "--namespace", "--log-level", "--log-format"}
 Handler = Callable[[argparse.Namespace, "Settings"], int]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` text: a description's lines wrapped to the terminal, an indented line (an
+    example) kept as it is written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        lines = []
+        for line in text.splitlines():
+            if not line.strip() or line[0].isspace():
+                lines.append(indent + line)
+            else:
+                lines.append(
+                    textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                )
+        return "\n".join(lines)
+
+
 def size_arg(text: str) -> int:
     """argparse type for sizes such as ``256KiB``, ``4MiB`` or plain bytes."""
     from objstream.common.settings import parse_size
@@ -181,7 +199,7 @@ def build_parser(
         "  objstream consumer listen --site site-1 --dest in --count 1\n"
         "  objstream producer send-file --site server --to site-1 big.bin\n"
         "  objstream --namespace demo consumer listen --site site-1 --dest in",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         parents=[global_options(default=None)],
     )
     parser.add_argument("--version", action="version", version=f"objstream {objstream.__version__}")

@@ -14,6 +14,7 @@ from objstream.common.cli import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TIMEOUT,
+    HelpFormatter,
     StopFlag,
     count_arg,
 )
@@ -36,7 +37,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "consumer",
         parents=[parent],
         epilog="example:\n  objstream consumer listen --site site-1 --dest in",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         help="receive objects from other sites",
         description="The receiving side.",
     )
@@ -56,7 +57,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "it, it runs until SIGINT/SIGTERM and exits 0, failed streams being reported on "
         "stderr (and with --json on stdout) as they end.",
         epilog="example:\n  objstream consumer listen --site site-1 --dest in --count 1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     listen.add_argument("--site", required=True, help="this site's name")
     listen.add_argument("--dest", required=True, metavar="DIR", help="directory to store into")
@@ -102,7 +103,7 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
         "seconds exits 4. With --list, print the files OWNER lets this site retrieve instead.",
         epilog="examples:\n  objstream consumer retrieve-file --site site-1 --from server "
         "big.bin --dest in\n  objstream consumer retrieve-file --site site-1 --from server --list",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     rf.add_argument(
         "name",
@@ -127,7 +128,7 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
         epilog="examples:\n  objstream consumer retrieve-container --site site-1 --from server "
         "model --out model.npz\n  objstream consumer retrieve-container --site site-1 --from "
         "server --list",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     rc.add_argument(
         "name", metavar="NAME", nargs="?", help="the container's name at the owner (--list: prefix)"

@@ -9,7 +9,7 @@ import re
 import time
 from typing import Any
 
-from objstream.common.cli import EXIT_OK
+from objstream.common.cli import EXIT_OK, HelpFormatter
 from objstream.common.errors import ObjstreamError
 from objstream.common.settings import Settings
 from objstream.consumer.partials import Partial, PartialsDir, Removal, Status
@@ -59,7 +59,7 @@ def add_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         epilog="examples:\n"
         "  objstream consumer partials --dest in\n"
         "  objstream consumer partials --dest in --clean --older-than 7d",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     cmd.add_argument("--dest", required=True, metavar="DIR", help="the destination directory")
     cmd.add_argument(

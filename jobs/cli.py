@@ -11,7 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, size_arg
+from objstream.common.cli import (
+    EXIT_BROKER,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    HelpFormatter,
+    size_arg,
+)
 from objstream.common.console import console
 from objstream.common.settings import MiB, Settings
 from objstream.jobs import clients, dict_streaming, file_streaming
@@ -29,7 +36,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "job",
         parents=[parent],
         epilog="example:\n  objstream job file_streaming --size 256MiB",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         help="run the example jobs (file_streaming, dict_streaming)",
         description="The example jobs. Each runs a producer and a consumer as separate "
         "processes against the broker, verifies the result and prints one line (or one JSON "
@@ -46,7 +53,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         description="The producer creates a temporary file and streams it straight to the "
         "consumer with the file streamer; the consumer verifies it (SHA-256 of what landed).",
         epilog="example:\n  objstream job file_streaming --size 256MiB",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     fs.add_argument(
         "--size",
@@ -69,7 +76,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "of random float32 arrays) with the container retriever; the consumer is given the "
         "task retrieve_dict for 'model', retrieves it and verifies every entry.",
         epilog="example:\n  objstream job dict_streaming --entries 10 --entry-size 16MiB",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     _dict_options(ds)
     _clients_option(ds, "N client sites retrieve the model at the same moment")
@@ -81,7 +88,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         help="file_streaming, then dict_streaming (what docker compose runs)",
         description="Runs file_streaming, then dict_streaming, with their defaults.",
         epilog="example:\n  objstream job demo --role consumer --dest /data",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     demo.add_argument(
         "--size",

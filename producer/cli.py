@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from objstream.common import monitoring, progress
-from objstream.common.cli import StopFlag, size_arg
+from objstream.common.cli import HelpFormatter, StopFlag, size_arg
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SendFailed
 
@@ -27,7 +27,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "producer",
         parents=[parent],
         epilog="example:\n  objstream producer send-file --site server --to site-1 big.bin",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         help="send objects to other sites",
         description="The sending side.",
     )
@@ -42,12 +42,14 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "every target stored and verified it. -r sends a directory as a tree (received as the "
         "same tree; symlinks leading out of it are skipped); - sends standard input as --name "
         "(it cannot be resumed). Exit codes (the worst of all the objects): 0 ok, 1 transfer "
-        "failed, 2 usage, 3 broker unreachable or refused, 4 timed out, 130 Ctrl-C, 143 SIGTERM "
+        "failed, 2 usage, 3 broker unreachable, authentication or an operation refused by the "
+        "broker, 4 timed out, 130 Ctrl-C, 143 SIGTERM "
         "(every target told `aborted`).",
         epilog="examples:\n  objstream producer send-file --site server --to site-1,site-2 big.bin"
-        "\n  objstream producer send-file --site server --to site-1 a.bin b.bin -r checkpoints/"
-        "\n  tar c data | objstream producer send-file --site server --to site-1 - --name data.tar",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "\n  objstream producer send-file --site server --to site-1 a.bin -r ckpt/"
+        "\n  tar c data | objstream producer send-file --site server --to site-1 \\"
+        "\n      - --name data.tar",
+        formatter_class=HelpFormatter,
     )
     send.add_argument(
         "path", metavar="PATH", nargs="+", help="file(s) to send; - for standard input"
@@ -109,7 +111,7 @@ def _add_container_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         "Exit codes as for send-file.",
         epilog="examples:\n  objstream producer send-container --site server --to site-1 model.npz"
         "\n  objstream producer send-container --site server --to site-1 checkpoints/llama/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     container.add_argument(
         "path", metavar="PATH", help=".npz, .safetensors, .json, .pt/.bin file, or a directory"
@@ -129,7 +131,7 @@ def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         "those broker users (as authenticated by RabbitMQ) may retrieve anything.",
         epilog="example:\n  objstream producer serve --site server --source-dir data "
         "--container model=model.npz",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     serve.add_argument("--site", required=True, help="this site's name")
     serve.add_argument("--source-dir", metavar="DIR", help="serve the files under DIR")
