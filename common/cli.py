@@ -9,10 +9,12 @@ run the same commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import objstream
@@ -343,6 +345,27 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.event.is_set()
+
+
+FailureReport = Callable[[BaseException, float], None]
+"""Told what made a command fail (the error, or :class:`Interrupted`) and after how many
+seconds: ``--json``'s object on failure."""
+
+
+@contextlib.contextmanager
+def failures_reported(stop: StopFlag, report: FailureReport | None) -> Iterator[None]:
+    """Run a command's transfer: what fails in it, or the signal that stopped it (raised as
+    :class:`Interrupted`: exit 130 or 143), is given to ``report`` before it goes on up."""
+    started = time.monotonic()
+    try:
+        yield
+    except (ObjstreamError, KeyboardInterrupt) as e:
+        error: BaseException = stop.interrupted() if stop else e
+        if report is not None:
+            report(error, time.monotonic() - started)
+        if error is not e:
+            raise error from e
+        raise
 
 
 class Interrupted(KeyboardInterrupt):

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from objstream.common.cli import (
     HelpFormatter,
     StopFlag,
     count_arg,
+    failures_reported,
 )
 from objstream.common.console import console, plural, printable
-from objstream.common.errors import ConfigError, ObjstreamError, SenderGone, TransferFailed
+from objstream.common.errors import ConfigError, SenderGone, TransferFailed
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
 from objstream.consumer import partials_cli
@@ -194,16 +196,8 @@ def _retrieve(
 ) -> Received:
     """Retrieve as asked; a signal gives the retrieval up (the owner is told `aborted`, what
     is verified is kept) and the command exits 130 (SIGINT) or 143 (SIGTERM)."""
-    started = time.monotonic()
-    try:
+    with failures_reported(stop, partial(_print_failed, args, kind) if args.json else None):
         return retriever.retrieve(kind, args.owner, args.name, args.timeout)
-    except (ObjstreamError, KeyboardInterrupt) as e:
-        error: BaseException = stop.interrupted() if stop else e
-        if args.json:
-            _print_failed(args, kind, error, time.monotonic() - started)
-        if error is not e:
-            raise error from e
-        raise
 
 
 def _print_failed(

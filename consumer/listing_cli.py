@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
+from functools import partial
 from typing import Any
 
-from objstream.common.cli import EXIT_OK, StopFlag
-from objstream.common.console import console
-from objstream.common.errors import ConfigError, ObjstreamError
+from objstream.common.cli import EXIT_OK, StopFlag, failures_reported
+from objstream.common.console import console, printable
+from objstream.common.errors import ConfigError
 from objstream.common.listing import MAX_LISTED, ListedObject, Listing
 from objstream.common.request_session import Kind
 from objstream.common.settings import MAX_NAME_LENGTH, Settings, check_site
@@ -34,23 +34,15 @@ def list_cmd(args: argparse.Namespace, settings: Settings, kind: Kind) -> int:
     """List what ``--from`` serves this site: of ``kind``, names beginning with NAME."""
     check_site(args.owner)  # before connecting
     prefix = args.name or ""
-    started = time.monotonic()
     stop = StopFlag()
     stop.install()
-    try:
-        # A retriever needs a directory of its own; listing stores nothing in it.
-        with (
-            tempfile.TemporaryDirectory(prefix="objstream-list-") as scratch,
-            Retriever(args.site, scratch, settings, cancel=stop.event) as retriever,
-        ):
-            listing = retriever.list(args.owner, kind, prefix=prefix, timeout=args.timeout)
-    except (ObjstreamError, KeyboardInterrupt) as e:
-        error: BaseException = stop.interrupted() if stop else e
-        if args.json:
-            _print_failed(args, kind, error, time.monotonic() - started)
-        if error is not e:
-            raise error from e
-        raise
+    # A retriever needs a directory of its own; listing stores nothing in it.
+    with (
+        failures_reported(stop, partial(_print_failed, args, kind) if args.json else None),
+        tempfile.TemporaryDirectory(prefix="objstream-list-") as scratch,
+        Retriever(args.site, scratch, settings, cancel=stop.event) as retriever,
+    ):
+        listing = retriever.list(args.owner, kind, prefix=prefix, timeout=args.timeout)
     objects = sorted(listing.objects, key=lambda o: (o.kind, o.name))
     if args.json:
         print(json.dumps(_record(args, kind, listing, objects)))
@@ -91,11 +83,6 @@ def _print_failed(
     print(json.dumps(record), flush=True)
 
 
-def _shown(name: str) -> str:
-    """A name on one line of the table: as it is if printable, else quoted with escapes."""
-    return name if name.isprintable() else ascii(name)
-
-
 def _print_table(objects: list[ListedObject], kind: Kind) -> None:
     """Sizes first, right-aligned, the name last (as ``ls -l``): a name with spaces stays
     readable, and one with a newline is escaped."""
@@ -107,11 +94,11 @@ def _print_table(objects: list[ListedObject], kind: Kind) -> None:
         print(f"{'BYTES':>{width}}  {'ENTRIES':>{entries}}  NAME")
         for o in objects:
             count = o.entries if o.entries is not None else "-"
-            print(f"{o.size:>{width}}  {count:>{entries}}  {_shown(o.name)}")
+            print(f"{o.size:>{width}}  {count:>{entries}}  {printable(o.name)}")
     else:
         print(f"{'BYTES':>{width}}  NAME")
         for o in objects:
-            print(f"{o.size:>{width}}  {_shown(o.name)}")
+            print(f"{o.size:>{width}}  {printable(o.name)}")
 
 
 def _print_notes(args: argparse.Namespace, kind: Kind, listing: Listing) -> None:

@@ -23,13 +23,14 @@ from tests.integration.conftest import Declared, wait_for_partial
 from tests.rabbitmq_node import LocalRabbitNode, free_port
 
 
-def _env(settings: Settings) -> dict[str, str]:
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         OBJSTREAM_URL=settings.url,
         OBJSTREAM_NAMESPACE=settings.namespace,
         OBJSTREAM_LOG_LEVEL="warning",
         OBJSTREAM_STREAM_TTL="120",  # leftovers of failed tests vanish by themselves
+        **extra,
     )
     return env
 

@@ -22,20 +22,9 @@ from objstream.common.settings import Settings
 from tests.conftest import random_file
 from tests.integration.conftest import Declared
 from tests.integration.rawpeer import RawPeer
+from tests.integration.test_cli import _env
 
 Listen = Callable[..., subprocess.Popen[str]]
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OBJSTREAM_URL=settings.url,
-        OBJSTREAM_NAMESPACE=settings.namespace,
-        OBJSTREAM_LOG_LEVEL="warning",
-        OBJSTREAM_STREAM_TTL="120",
-        **extra,
-    )
-    return env
 
 
 def _send(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
 import subprocess
 import time
@@ -21,20 +20,9 @@ from objstream.common.cli import EXIT_FAILED, EXIT_USAGE
 from objstream.common.settings import KiB, MiB, Settings
 from tests.conftest import random_file, sha256_of
 from tests.integration.conftest import Declared
+from tests.integration.test_cli import _env
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OBJSTREAM_URL=settings.url,
-        OBJSTREAM_NAMESPACE=settings.namespace,
-        OBJSTREAM_LOG_LEVEL="warning",
-        OBJSTREAM_STREAM_TTL="120",
-        **extra,
-    )
-    return env
 
 
 def _objstream(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
