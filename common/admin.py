@@ -180,6 +180,10 @@ def permissions_cmd(args: argparse.Namespace, settings: Settings) -> int:
     grant = Grant(
         args.site, args.user, settings.namespace, args.vhost or vhost_of(settings.url), args.node
     )
+    if args.password is not None and not args.apply:
+        raise ConfigError(
+            "--password is used only with --apply (the script prints '<password>' to fill in)"
+        )
     if not args.apply:
         for line in grant.script(existing_user=args.existing_user):
             print(line)

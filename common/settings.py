@@ -70,12 +70,20 @@ def check_object_name(name: str) -> str:
     return name
 
 
+_ONE_LETTER_UNIT = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT])\s*$")
+
+
 def parse_size(text: str | int) -> int:
     """Parse a size such as ``256KiB``, ``4MiB`` or ``1048576`` into bytes.
+
+    ``K``, ``M``, ``G``, ``T`` alone are powers of 1024 (``1M`` is 1 MiB, as ``head -c`` and
+    ``dd`` read it); ``KB``, ``MB``... are powers of 1000; ``KiB``, ``MiB``... of 1024.
 
     Raises:
         ConfigError: the text is not a size.
     """
+    if isinstance(text, str) and (letter := _ONE_LETTER_UNIT.match(text)):
+        text = f"{letter[1]}{letter[2].upper()}iB"
     try:
         return int(_SIZE.validate_python(text))
     except ValidationError as e:

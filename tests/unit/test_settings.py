@@ -8,7 +8,17 @@ from objstream.common.settings import MiB, Settings, load_settings, mask_url, pa
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("256KiB", 256 * 1024), ("4MiB", 4 * MiB), ("1048576", MiB), (4096, 4096), ("1 MiB", MiB)],
+    [
+        ("256KiB", 256 * 1024),
+        ("4MiB", 4 * MiB),
+        ("1048576", MiB),
+        (4096, 4096),
+        ("1 MiB", MiB),
+        ("1M", MiB),  # one letter: powers of 1024, as head -c and dd read it
+        ("256k", 256 * 1024),
+        ("2 G", 2 * 1024 * MiB),
+        ("1MB", 1_000_000),  # MB: powers of 1000
+    ],
 )
 def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size

@@ -89,3 +89,17 @@ def test_listen_count_must_be_a_whole_number_of_1_or_more(tmp_path: Path, count:
     )  # fmt: skip
     assert done.returncode == EXIT_USAGE, done.stderr
     assert "argument --count:" in done.stderr.strip().splitlines()[-1]
+
+
+def test_a_password_without_apply_is_a_usage_error() -> None:
+    done = subprocess.run(
+        ["objstream", "admin", "permissions", "--site", "s", "--user", "u", "--password", "x"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert done.stdout == ""  # no script printed as if the password were used
+    [line] = done.stderr.strip().splitlines()
+    assert line == (
+        "objstream: error: --password is used only with --apply (the script prints "
+        "'<password>' to fill in)"
+    )
