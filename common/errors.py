@@ -50,7 +50,26 @@ class SaveError(ObjstreamError):
     ``refused`` and this message."""
 
 
-UNREACHABLE_HINT = "check that RabbitMQ runs there (--url / OBJSTREAM_URL)"
+ENV_PREFIX = "OBJSTREAM_"
+"""Each setting ``name`` can be given as the environment variable ``OBJSTREAM_NAME``."""
+CLI_OPTIONS = {
+    "url": "--url",
+    "connect_timeout": "--connect-timeout",
+    "tls_ca": "--tls-ca",
+    "tls_cert": "--tls-cert",
+    "tls_key": "--tls-key",
+}
+"""The settings every command also takes as an option."""
+
+
+def setting(name: str) -> str:
+    """Where a user sets ``name``, for a hint that serves the command line and the library
+    alike: ``--tls-ca, OBJSTREAM_TLS_CA or Settings.tls_ca``."""
+    ways = [*filter(None, [CLI_OPTIONS.get(name)]), f"{ENV_PREFIX}{name}".upper()]
+    return f"{', '.join(ways)} or Settings.{name}"
+
+
+UNREACHABLE_HINT = f"check that RabbitMQ runs there ({setting('url')})"
 
 
 class BrokerMismatch(ConfigError):
@@ -155,7 +174,7 @@ class AuthenticationRefused(ObjstreamError):
                 "OBJSTREAM_USER / OBJSTREAM_PASSWORD (Settings.user, Settings.password), which "
                 "replace the URL's"
                 if separate
-                else "the URL (--url, OBJSTREAM_URL or Settings.url)"
+                else f"the URL ({setting('url')})"
             )
             super().__init__(
                 f"broker at {url} refused the credentials; check the user and password in {where}"

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from objstream.common.errors import ConfigError
+from objstream.common.errors import ENV_PREFIX, ConfigError
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -171,9 +171,6 @@ def with_credentials(url: str, user: str | None, password: str | None) -> str:
     password = quote(password, safe="") if password is not None else parts.password
     netloc = _netloc(parts.hostname, parts.port, user, password)
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
-ENV_PREFIX = "OBJSTREAM_"
 
 
 class Settings(BaseModel):

@@ -13,7 +13,7 @@ import ssl
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from objstream.common.errors import BrokerUnreachable, ConfigError
+from objstream.common.errors import BrokerUnreachable, ConfigError, setting
 from objstream.common.settings import Settings, split_urls
 
 
@@ -75,18 +75,15 @@ def client_context(settings: Settings, *, tls: bool) -> ssl.SSLContext | None:
     if not tls:
         if settings.tls_ca or settings.tls_cert:
             raise ConfigError(
-                f"TLS files are set (--tls-ca/--tls-cert) but {settings.masked_url} "
+                f"TLS files are set ({setting('tls_ca')}; {setting('tls_cert')}) but "
+                f"{settings.masked_url} "
                 "is amqp://, without TLS: use amqps://"
             )
         return None
-    files = {
-        "--tls-ca": settings.tls_ca,
-        "--tls-cert": settings.tls_cert,
-        "--tls-key": settings.tls_key,
-    }
-    for option, path in files.items():
+    files = {"tls_ca": settings.tls_ca, "tls_cert": settings.tls_cert, "tls_key": settings.tls_key}
+    for name, path in files.items():
         if path is not None and not path.is_file():
-            raise ConfigError(f"{option} {path}: no such file")
+            raise ConfigError(f"{path}: no such file ({setting(name)})")
     try:
         # CERT_REQUIRED and check_hostname: nothing in objstream turns them off.
         context = ssl.create_default_context(cafile=settings.tls_ca)
@@ -110,9 +107,9 @@ def tls_failure(settings: Settings, url: str, error: ssl.SSLError) -> BrokerUnre
     the peer does not speak TLS."""
     if isinstance(error, ssl.SSLCertVerificationError):
         ca = settings.tls_ca or "the system's CAs"
-        hint = f"checked against {ca} (--tls-ca / OBJSTREAM_TLS_CA) and the URL's host name"
+        hint = f"checked against {ca} ({setting('tls_ca')}) and the URL's host name"
         return BrokerUnreachable(url, f"certificate verify failed: {error.verify_message}", hint)
-    hint = "check --tls-ca / --tls-cert / --tls-key"
+    hint = "check the CA, certificate and key: --tls-ca, --tls-cert, --tls-key (Settings.tls_*)"
     if error.reason == "WRONG_VERSION_NUMBER":
         hint = "that port does not speak TLS: a plain AMQP port wants amqp://"
     reason = ssl_words(str(error)) or error.reason or str(error)
@@ -128,9 +125,12 @@ def closed_in_handshake(settings: Settings, url: str, tls: bool, text: str) -> B
         if alert:
             detail += f" ({alert})"
         if settings.tls_cert is not None:
-            hint = f"it did not accept the client certificate {settings.tls_cert} (--tls-cert)"
+            hint = (
+                f"it did not accept the client certificate {settings.tls_cert} "
+                f"({setting('tls_cert')})"
+            )
         else:
-            hint = "it may want a client certificate (--tls-cert / --tls-key)"
+            hint = f"it may want a client certificate ({setting('tls_cert')}; {setting('tls_key')})"
         return BrokerUnreachable(url, detail, hint)
     hint = "is that an AMQP port? (a TLS port wants amqps://)"
     return BrokerUnreachable(url, "the peer closed the connection in the AMQP handshake", hint)

@@ -26,6 +26,7 @@ from objstream.common.errors import (
     BrokerUnreachable,
     ConfigError,
     ObjstreamError,
+    setting,
 )
 from objstream.common.headers import HeadersRejected, check_properties, without_headers
 from objstream.common.settings import Settings, mask_url, split_urls
@@ -140,7 +141,7 @@ def connect_failure(
             url,
             f"no {what} handshake within {settings.connect_timeout:g} s",
             f"is that an AMQP{'S' if tls else ''} port of RabbitMQ? "
-            "(--url; --connect-timeout bounds each attempt)",
+            f"({setting('url')}; {setting('connect_timeout')} bounds each attempt)",
         )
     if isinstance(error, pika.exceptions.IncompatibleProtocolError):
         # pika hands over only the words of the stream error here (its repr), not the error.

@@ -59,3 +59,13 @@ def test_plurals_and_printable_names() -> None:
     assert plural(3, "entry", "entries") == "3 entries"
     assert printable("a\nb\x1b[0m\u202e.bin") == "a\\nb\\x1b[0m\\u202e.bin"
     assert printable("modèle.bin") == "modèle.bin"
+
+
+def test_hints_name_the_setting_for_the_library_too() -> None:
+    from objstream.common.errors import UNREACHABLE_HINT, setting
+
+    assert setting("tls_ca") == "--tls-ca, OBJSTREAM_TLS_CA or Settings.tls_ca"
+    assert setting("timeout") == "OBJSTREAM_TIMEOUT or Settings.timeout"
+    assert UNREACHABLE_HINT == (
+        "check that RabbitMQ runs there (--url, OBJSTREAM_URL or Settings.url)"
+    )

@@ -90,7 +90,10 @@ def test_tls_files_with_a_plain_url_are_a_usage_error(pki: Pki) -> None:
 
 
 def test_missing_or_unreadable_tls_files(pki: Pki, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"--tls-ca .*nope\.pem: no such file"):
+    with pytest.raises(
+        ConfigError,
+        match=r"nope\.pem: no such file \(--tls-ca, OBJSTREAM_TLS_CA or Settings\.tls_ca\)",
+    ):
         client_context(Settings(url="amqps://h/", tls_ca=tmp_path / "nope.pem"), tls=True)
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
