@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import objstream
 from objstream.common.errors import (
@@ -84,6 +84,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                     textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
                 )
         return "\n".join(lines)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line like every other failure (exit 2):
+    ``objstream: error: the following arguments are required: --site (objstream producer
+    send-file --help)``. Sub-commands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"objstream: error: {message} (see {self.prog} --help)\n")
 
 
 def size_arg(text: str) -> int:
@@ -194,7 +203,7 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """The ``objstream`` parser. With ``argv``, only the side it names is built in full (its
     module imported); the others are listed with their help. Start-up time is import time."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="objstream",
         description="Stream large files between sites over RabbitMQ, memory-flat and verified.",
         epilog="examples:\n"
@@ -379,9 +388,13 @@ class Interrupted(KeyboardInterrupt):
 def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int:
     """Entry point of ``objstream``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(sides, argv)
-    args = parser.parse_args(argv)
-    import logging
+    try:
+        parser = build_parser(sides, argv)  # imports the side's modules: most of a start-up
+        args = parser.parse_args(argv)
+        import logging
+    except KeyboardInterrupt:  # Ctrl-C while starting: no traceback from inside an import
+        print("objstream: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     from objstream.common.console import console
 

@@ -187,6 +187,21 @@ class AuthenticationRefused(ObjstreamError):
             )
 
 
+class VhostRefused(AuthenticationRefused):
+    """The credentials were taken, but not the virtual host: it does not exist, or the user
+    has no permission on it."""
+
+    def __init__(self, url: str, vhost: str, reason: str) -> None:
+        self.vhost = vhost
+        ObjstreamError.__init__(
+            self,
+            f"broker at {url} refused virtual host {vhost!r}: {reason} (the vhost is the URL's "
+            f"path, %2F for '/'; {setting('url')})",
+        )
+        self.url = url
+        self.certificate_user = None
+
+
 class ProtocolError(ObjstreamError):
     """A message does not follow the objstream wire protocol (it gets dead-lettered)."""
 

@@ -135,7 +135,13 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
     rc.add_argument(
         "name", metavar="NAME", nargs="?", help="the container's name at the owner (--list: prefix)"
     )
-    rc.add_argument("--out", metavar="PATH", help="file to write (required unless --list)")
+    rc.add_argument(
+        "--out",
+        metavar="PATH",
+        help="where to write (required unless --list): PATH.npz/.safetensors/.json in that "
+        "format; a served checkpoint directory as the directory PATH (no suffix, or ending in "
+        "/); into PATH under the container's own name if PATH is an existing directory",
+    )
     _retrieve_options(rc)
     rc.set_defaults(handler=retrieve_container_cmd, settings_overrides=_overrides)
 
@@ -259,10 +265,10 @@ def output_place(out: str) -> tuple[Path, str | None]:
         ConfigError: ``OUT``'s suffix names no format a container is written in.
     """
     path = Path(out)
+    if path.is_dir():
+        return path, None  # into it, under the container's own name (as cp does)
     if out.endswith("/"):
         return path.parent, path.name + "/"  # a directory container, as the directory OUT
-    if path.is_dir():
-        return path, None  # into it, under the container's own name
     suffix = path.suffix.lower()
     if suffix in TORCH_SUFFIXES:
         raise ConfigError(

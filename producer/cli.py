@@ -228,10 +228,12 @@ def _send(
         # A send a signal cancelled (its targets told `aborted`) is an interruption (exit 130, 143),
         # not the targets' failures.
         error = stop.interrupted() if isinstance(e, SendFailed) and stop else e
+        done = [r for r in getattr(e, "results", []) if isinstance(r, TargetResult)]
         if args.json:
-            done = [r for r in getattr(e, "results", []) if isinstance(r, TargetResult)]
             outcome = _json_outcome(args, done, time.monotonic() - started, error)
             print(json.dumps(outcome), flush=True)
+        elif stored := [r for r in done if r.ok]:  # they, then the error line of the others
+            print_sent(f"{what} {args.path}", stored, time.monotonic() - started)
         if error is not e:
             raise error from e
         raise
@@ -239,17 +241,24 @@ def _send(
     if args.json:
         print(json.dumps(_json_outcome(args, results, seconds)))
         return 0
+    print_sent(f"{what} {args.path}", results, seconds)
+    return 0
+
+
+def print_sent(label: str, results: list[TargetResult], seconds: float) -> None:
+    """A line per target that stored and verified the object ``label`` names (``file
+    big.bin``)."""
     size = results[0].size
     rate = size / (1024 * 1024) / seconds if seconds > 0 else 0.0
     for r in results:
         where = f" as {r.stored_as}" if r.stored_as else ""
         print(
             printable(
-                f"sent {what} {args.path} to {r.site}{where}: {plural(size, 'byte')} in "
-                f"{seconds:.2f} s ({rate:.1f} MiB/s), sha256 {r.sha256} verified"
-            )
+                f"sent {label} to {r.site}{where}: {plural(size, 'byte')} in "
+                f"{seconds:.2f} s ({rate:.2f} MiB/s), sha256 {r.sha256} verified"
+            ),
+            flush=True,
         )
-    return 0
 
 
 def send_file(args: argparse.Namespace, settings: Settings) -> int:

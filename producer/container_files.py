@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import zipfile
@@ -56,6 +57,8 @@ def load_container(path: Path) -> dict[str, Any] | list[Any]:
     """
     if path.is_dir():
         return load_directory(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
     suffix = path.suffix.lower()
     try:
         if suffix == ".npz":

@@ -27,8 +27,9 @@ from objstream.common.cli import (
     StopFlag,
     exit_code_for,
 )
-from objstream.common.console import console, plural, printable
+from objstream.common.console import console
 from objstream.common.errors import ConfigError, ObjstreamError, SendFailed
+from objstream.producer.cli import print_sent
 from objstream.producer.file_sets import STDIN, Item, expand
 from objstream.producer.pipe_source import PipeSource
 
@@ -112,6 +113,8 @@ def _send_one(args: argparse.Namespace, streamer: FileStreamer, item: Item, stop
             error = e
         if args.json:
             print(json.dumps(_outcome(args, item, done, seconds, error)), flush=True)
+        elif stored := [r for r in done if r.ok]:  # they, then the error line of the others
+            print_sent(_label(args, item), stored, seconds)
         if error is not e:
             raise error from e
         code = exit_code_for(e) if isinstance(e, ObjstreamError) else EXIT_FAILED
@@ -130,19 +133,12 @@ def _send_one(args: argparse.Namespace, streamer: FileStreamer, item: Item, stop
     if args.json:
         print(json.dumps(_outcome(args, item, results, seconds)), flush=True)
         return EXIT_OK
-    size = results[0].size
-    rate = size / (1024 * 1024) / seconds if seconds > 0 else 0.0
-    what = f"standard input as {args.name}" if item.label == STDIN else f"file {item.label}"
-    for r in results:
-        where = f" as {r.stored_as}" if r.stored_as else ""
-        print(
-            printable(
-                f"sent {what} to {r.site}{where}: {plural(size, 'byte')} in {seconds:.2f} s "
-                f"({rate:.1f} MiB/s), sha256 {r.sha256} verified"
-            ),
-            flush=True,
-        )
+    print_sent(_label(args, item), results, seconds)
     return EXIT_OK
+
+
+def _label(args: argparse.Namespace, item: Item) -> str:
+    return f"standard input as {args.name}" if item.label == STDIN else f"file {item.label}"
 
 
 def _wait_for_input(streamer: FileStreamer, source: PipeSource, stop: StopFlag) -> None:

@@ -4,6 +4,7 @@ every connection gets (larger socket reads, bounded header decoding)."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import time
@@ -26,6 +27,7 @@ from objstream.common.errors import (
     BrokerUnreachable,
     ConfigError,
     ObjstreamError,
+    VhostRefused,
     setting,
 )
 from objstream.common.headers import HeadersRejected, check_properties, without_headers
@@ -47,6 +49,11 @@ log = logging.getLogger(__name__)
 # This is a class attribute of pika's transport; pika is pinned to 1.3/1.4, and if the
 # attribute goes away we simply do without.
 PIKA_RECV_BYTES = 256 * 1024
+
+
+def params_vhost(nodes: dict[str, pika.ConnectionParameters]) -> str:
+    """The virtual host the connection asked for (every node's is the URL's path)."""
+    return next((p.virtual_host for p in nodes.values()), "/")
 
 
 def _tune_pika_reads() -> None:
@@ -170,9 +177,13 @@ def connect(settings: Settings, name: str) -> Connection:
     while True:
         try:
             impl = pika.BlockingConnection(list(nodes.values()))
+        except pika.exceptions.ProbableAccessDeniedError as e:  # Connection.Open: the vhost
+            found = re.search(r"\(\d+\) '([^']*)'", str(e))
+            reason = found.group(1) if found else "access denied"
+            vhost = params_vhost(nodes)
+            raise VhostRefused(settings.masked_url, vhost, reason) from e
         except (
             pika.exceptions.ProbableAuthenticationError,
-            pika.exceptions.ProbableAccessDeniedError,
             pika.exceptions.AuthenticationError,  # the broker does not offer the mechanism
         ) as e:
             user = broker_user(settings) if external_login(settings) else None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK
+from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from objstream.common.settings import KiB, Settings
 from tests.conftest import random_file
 from tests.integration.conftest import Declared
@@ -185,3 +185,38 @@ def test_a_compressed_npz_says_what_moves(
     assert note.startswith(f"objstream: {src} is compressed: ")
     assert "1000128 bytes of arrays, which is what moves" in note  # the .npy headers too
     assert "send-file moves the file as it is" in note
+
+
+def test_a_vhost_that_is_not_there_is_not_called_wrong_credentials(settings: Settings) -> None:
+    url = settings.url.rsplit("/", 1)[0] + "/no-such-vhost"
+    env = {**_env(settings), "OBJSTREAM_URL": url}
+    done = _objstream("producer", "send-file", "--site", "server", "--to", "x", __file__, env=env)
+    assert done.returncode == EXIT_BROKER
+    (line,) = done.stderr.splitlines()
+    assert "refused virtual host 'no-such-vhost'" in line
+    assert "vhost no-such-vhost not found" in line
+    assert "credentials" not in line
+
+
+def test_a_partly_failed_broadcast_still_says_who_stored_it(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.update({"site-1", "nobody"})
+    src = tmp_path / "a.bin"
+    random_file(src, 50 * KiB)
+    env = _env(settings)
+    listener = _listener(env, "site-1", tmp_path / "in", "--count", "1", "-q")
+    try:
+        sent = _objstream(
+            "producer", "send-file", "--site", "server", "--to", "site-1,nobody",
+            "--timeout", "3", str(src), env=env,
+        )  # fmt: skip
+        listener.communicate(timeout=60)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+    assert sent.returncode == EXIT_TIMEOUT
+    (stored,) = sent.stdout.splitlines()  # was: nothing on stdout
+    assert stored.startswith(f"sent file {src} to site-1 as a.bin: ")
+    (error,) = sent.stderr.splitlines()
+    assert "site 'nobody' never took the offer" in error

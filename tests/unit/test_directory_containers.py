@@ -143,6 +143,7 @@ def test_out_is_checked_before_anything_moves(tmp_path: Path) -> None:
     assert output_place(str(tmp_path / "ck")) == (tmp_path, "ck")
     assert output_place(str(tmp_path / "ck") + "/") == (tmp_path, "ck/")
     assert output_place(str(tmp_path / "rc")) == (tmp_path / "rc", None)  # into it
+    assert output_place(str(tmp_path / "rc") + "/") == (tmp_path / "rc", None)  # the same
     with pytest.raises(ConfigError, match=r"\.txt is not a container format"):
         output_place(str(tmp_path / "x.txt"))
     with pytest.raises(ConfigError, match="never writes pickles"):

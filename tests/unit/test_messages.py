@@ -69,3 +69,10 @@ def test_hints_name_the_setting_for_the_library_too() -> None:
     assert UNREACHABLE_HINT == (
         "check that RabbitMQ runs there (--url, OBJSTREAM_URL or Settings.url)"
     )
+
+
+def test_a_missing_container_file_is_said_missing(tmp_path: Path) -> None:
+    for name in ("nosuch.npz", "nosuch.safetensors", "nosuchdir"):
+        with pytest.raises(FileNotFoundError) as caught:
+            load_container(tmp_path / name)  # was: "not a zip archive", "unknown format"
+        assert caught.value.filename == str(tmp_path / name)

@@ -76,7 +76,8 @@ def test_a_target_given_twice_is_a_usage_error_before_connecting() -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert done.returncode == EXIT_USAGE, done.stderr
-    assert done.stderr.strip().splitlines()[-1].endswith("site given twice: dd")
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("objstream: error: argument --to: site given twice: dd")
     assert "Traceback" not in done.stderr
 
 
@@ -103,3 +104,22 @@ def test_a_password_without_apply_is_a_usage_error() -> None:
         "objstream: error: --password is used only with --apply (the script prints "
         "'<password>' to fill in)"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["producer", "send-file", "--site", "s"], "the following arguments are required"),
+        (["prodcer"], "invalid choice: 'prodcer'"),
+        (["consumer", "listen", "--site", "s", "--dest", "d", "--cuont", "1"], "--cuont"),
+    ],
+)
+def test_argparse_usage_errors_are_one_line(argv: list[str], words: str) -> None:
+    done = subprocess.run(
+        ["objstream", *argv], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == EXIT_USAGE
+    [line] = done.stderr.strip().splitlines()  # was argparse's usage block, then the error
+    assert line.startswith("objstream: error: ")
+    assert words in line
+    assert line.endswith("--help)")
