@@ -30,6 +30,14 @@ JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s"
 JSON_RENAMES = {"asctime": "time", "levelname": "level"}
 
 
+def iso_time(seconds: float) -> str:
+    """ISO 8601 local time with its offset, to the millisecond: ``2026-12-03T18:33:41.942+00:00``
+    (every JSON line's ``time``)."""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(seconds).astimezone().isoformat(timespec="milliseconds")
+
+
 def printable(text: object) -> str:
     """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``...): a name a
     peer chose cannot start a new line or drive the terminal."""
@@ -81,8 +89,12 @@ class Console:
         if self.log_format == "json":
             import json
 
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
-            record = {"time": stamp, "level": level.upper(), "name": "objstream", "message": text}
+            record = {
+                "time": iso_time(time.time()),
+                "level": level.upper(),
+                "name": "objstream",
+                "message": text,
+            }
             line = json.dumps(record, ensure_ascii=False)
         else:
             line = f"objstream: {'error: ' if level == 'error' else ''}{printable(text)}"
@@ -95,8 +107,12 @@ class Console:
         if self.log_format == "json":
             from pythonjsonlogger.json import JsonFormatter
 
+            class IsoJsonFormatter(JsonFormatter):
+                def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+                    return iso_time(record.created)
+
             handler.setFormatter(
-                JsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAMES, json_ensure_ascii=False)
+                IsoJsonFormatter(JSON_FIELDS, rename_fields=JSON_RENAMES, json_ensure_ascii=False)
             )
         else:
             handler.setFormatter(TextFormatter(TEXT_FORMAT))

@@ -118,16 +118,22 @@ def _walk(root: Path, found: FileSet) -> None:
         raise ValueError(f"{root} has no name to send it under (the file system's root)")
     errors: list[OSError] = []
     before = len(found.items)
+    hidden = 0
     for dirpath, dirnames, filenames in os.walk(top, onerror=errors.append):
-        dirnames.sort()
+        # Hidden names (.git, .cache) stay home, as in a directory container: a receiver
+        # would store them without their dot, where nobody looks for them.
+        hidden += sum(n.startswith(".") for n in (*dirnames, *filenames))
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
         here = Path(dirpath)
         for name in list(dirnames):
             if (here / name).is_symlink():  # os.walk does not descend into it: say so
                 found.skipped.append(f"{_shown(root, top, here / name)}: a symlink to a directory")
-        for name in sorted(filenames):
+        for name in sorted(n for n in filenames if not n.startswith(".")):
             _add(root, top, here / name, base, found)
     for error in errors:
         found.skipped.append(f"{error.filename}: {error.strerror or error}")
+    if hidden:
+        found.skipped.append(f"{root}: {hidden} hidden names (starting with '.') left out")
     if len(found.items) == before:
         found.skipped.append(f"{root}: no files to send")
 

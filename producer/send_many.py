@@ -68,7 +68,7 @@ def send_many(args: argparse.Namespace, settings: Settings) -> int:
     for skipped in found.skipped:
         console.warn(f"skipped {skipped}")
     if not found.items:
-        return EXIT_OK
+        raise ObjstreamError("nothing to send: " + ", ".join(args.path))
     worst = EXIT_OK
     bars = ProgressBars()
     stop.install()

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,8 @@ def test_log_format_json_makes_every_stderr_line_an_object(
     records = [json.loads(line) for line in err.splitlines()]  # every line: one JSON object
     assert {r["level"] for r in records} >= {"INFO", "ERROR"}, err
     assert all({"time", "level", "name", "message"} <= r.keys() for r in records)
+    stamps = [datetime.fromisoformat(r["time"]) for r in records]  # ISO 8601, every line
+    assert all(stamp.tzinfo is not None for stamp in stamps)
     assert send.returncode == EXIT_FAILED
     (error,) = [json.loads(line) for line in send.stderr.splitlines()]
     assert error["level"] == "ERROR"
