@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import struct
 import sys
@@ -77,6 +78,7 @@ async def _pipe(
         arrived.set()
 
     taker = asyncio.create_task(take())
+    taker.add_done_callback(_retrieve)
     try:
         while True:
             while not held:
@@ -93,6 +95,12 @@ async def _pipe(
             room.set()
     finally:
         taker.cancel()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a task's end as seen: a peer resetting its connection is how connections end."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -117,6 +125,8 @@ def _handler(spec: Listener, counters: Any) -> Any:
                     asyncio.create_task(_pipe(up_reader, writer, spec, counters, False)),
                 ]
                 # Either side closing ends the connection for both.
+                for task in pipes:
+                    task.add_done_callback(_retrieve)
                 _, pending = await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
                 for task in pending:
                     task.cancel()
@@ -143,7 +153,8 @@ async def _main(specs: list[Listener], counters: Any, ready: Any, stop: Any) -> 
 
 def serve(specs: list[Listener], counters: Any, ready: Any, stop: Any) -> None:
     """Run ``specs`` until ``stop`` (a multiprocessing Event) is set; ``ready`` gets a word
-    once every listener listens."""
+    once every listener listens. Ctrl-C is the parent's to handle: it stops this process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_main(specs, counters, ready, stop))
 
 

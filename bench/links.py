@@ -91,18 +91,19 @@ class Row:
     raw: float  # bytes/s
     achieved: float  # bytes/s
     finished: float  # seconds after the sender's start
+    rtt: float  # seconds: one byte asked for and received over the link (and proxy)
 
 
 def format_rows(rows: list[Row]) -> str:
     """The per-site markdown table."""
     lines = [
-        "| site | link | raw MiB/s (Mbit/s) | achieved MiB/s (Mbit/s) | achieved / raw "
-        "| finished after s |",
-        "|---|---|---|---|---|---|",
+        "| site | link | round trip ms | raw MiB/s (Mbit/s) | achieved MiB/s (Mbit/s) "
+        "| achieved / raw | finished after s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r.site} | {r.link} | {r.raw / MiB:.1f} ({mbit(r.raw):.0f}) "
+            f"| {r.site} | {r.link} | {r.rtt * 1000:.1f} | {r.raw / MiB:.1f} ({mbit(r.raw):.0f}) "
             f"| {r.achieved / MiB:.1f} ({mbit(r.achieved):.0f}) | {r.achieved / r.raw:.2f} "
             f"| {r.finished:.2f} |"
         )
@@ -236,14 +237,21 @@ class Bench:
     work: Path
 
 
-def _raw_rate(bench: Bench, site: Site, size: int) -> float:
+def _fetch(bench: Bench, site: Site, size: int) -> float:
+    """Seconds of a ``size``-byte download from the raw source, inside the site's namespace."""
     host, port = bench.raw_at[site.index]
-    n = raw_size(site.rate, size)
     out = subprocess.run(
-        [*site.exec_prefix(), sys.executable, delay_proxy.__file__, host, str(port), str(n)],
+        [*site.exec_prefix(), sys.executable, delay_proxy.__file__, host, str(port), str(size)],
         capture_output=True, text=True, check=True, timeout=600,
     )  # fmt: skip
-    return n / float(json.loads(out.stdout)["seconds"])
+    return float(json.loads(out.stdout)["seconds"])
+
+
+def _raw_rate(bench: Bench, site: Site, size: int) -> tuple[float, float]:
+    """The link's raw rate (bytes/s) and round trip (s, the best of 3 one-byte fetches)."""
+    rtt = min(_fetch(bench, site, 1) for _ in range(3))
+    n = raw_size(site.rate, size)
+    return n / _fetch(bench, site, n), rtt
 
 
 def _transfer(bench: Bench, sites: list[Site], path: Path, size: int) -> dict[str, Any]:
@@ -376,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs = [_transfer(bench, [s], path, size) for s in sites]
             finished = {k: v for r in runs for k, v in r["finished"].items()}
             rows = [
-                Row(f"site-{s.index}", shaping.format_rate(s.rate), raw[s.index],
-                    size / finished[f"site-{s.index}"], finished[f"site-{s.index}"])
+                Row(f"site-{s.index}", shaping.format_rate(s.rate), raw[s.index][0],
+                    size / finished[f"site-{s.index}"], finished[f"site-{s.index}"],
+                    raw[s.index][1])
                 for s in sites
             ]  # fmt: skip
             uploaded = sum(r["uploaded"] for r in runs)

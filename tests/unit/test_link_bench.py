@@ -80,7 +80,7 @@ def test_raw_download_is_about_3_seconds_of_the_link_within_the_object() -> None
 
 def test_report_gives_both_units_and_the_ratio() -> None:
     assert mbit(MiB) == pytest.approx(8.388608)
-    table = format_rows([Row("site-1", "100 Mbit/s", 12 * MiB, 11.4 * MiB, 4.21)])
+    table = format_rows([Row("site-1", "100 Mbit/s", 12 * MiB, 11.4 * MiB, 4.21, 0.0503)])
     assert table.splitlines()[2] == (
-        "| site-1 | 100 Mbit/s | 12.0 (101) | 11.4 (96) | 0.95 | 4.21 |"
+        "| site-1 | 100 Mbit/s | 50.3 | 12.0 (101) | 11.4 (96) | 0.95 | 4.21 |"
     )
