@@ -394,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nrun {run}:\n{format_rows(rows)}")
             print(
                 f"sender: {max(r['sender_s'] for r in runs):.2f} s; uploaded {uploaded / MiB:.1f}"
-                f" MiB = {uploaded / size:.3f}x the object ({published / size:.3f}x in published"
-                f" bodies); broker peak RSS {max(r['broker_rss_mib'] for r in runs):.0f} MiB",
+                f" MiB in {len(runs)} send(s) = {uploaded / size / len(runs):.3f}x the object per"
+                f" send ({published / size / len(runs):.3f}x in published bodies);"
+                f" broker peak RSS {max(r['broker_rss_mib'] for r in runs):.0f} MiB",
                 flush=True,
             )
             top = max((s.rate or 0) for s in sites)
