@@ -179,9 +179,10 @@ class Receiver:
             "--url", url, "--namespace", NAMESPACE, "--site", self.name, "--dest", str(dest),
             "--count", "1", "--json", "--progress", "none", "--timeout", "120",
         ]  # fmt: skip
-        self.process = subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=open(log, "ab"), text=True
-        )
+        with open(log, "ab") as errors:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=errors, text=True
+            )
         self.finished = 0.0
         self.line = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
