@@ -356,6 +356,33 @@ class StopFlag:
         return self.event.is_set()
 
 
+def error_words(error: BaseException) -> str:
+    """What the error line says of ``error`` (``No such file or directory: big.bin``)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, OSError) and not isinstance(error, ObjstreamError):
+        reason = error.strerror or str(error)
+        return f"{error.filename}: {reason}" if error.filename else reason
+    return str(error)
+
+
+def error_code(error: BaseException) -> str | None:
+    """The ``code`` a ``--json`` object gives ``error``: a transfer's failure code,
+    ``interrupted``, ``io`` for a file that cannot be read, ``usage``, ``broker``."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    code = getattr(error, "code", None)
+    if code is not None:
+        return str(code)
+    if isinstance(error, OSError):
+        return "io"
+    if isinstance(error, ObjstreamError):
+        return {EXIT_USAGE: "usage", EXIT_BROKER: "broker", EXIT_TIMEOUT: "timeout"}.get(
+            exit_code_for(error)
+        )
+    return None
+
+
 FailureReport = Callable[[BaseException, float], None]
 """Told what made a command fail (the error, or :class:`Interrupted`) and after how many
 seconds: ``--json``'s object on failure."""
@@ -413,7 +440,7 @@ def main(argv: Sequence[str] | None = None, sides: Sequence[str] = SIDES) -> int
         return exit_code_for(e)
     except OSError as e:
         logging.getLogger(__name__).debug("failed", exc_info=True)
-        console.error(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+        console.error(error_words(e))
         return EXIT_FAILED
     except KeyboardInterrupt as e:
         console.warn("interrupted")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from objstream.common import monitoring, progress
-from objstream.common.cli import HelpFormatter, StopFlag, size_arg
+from objstream.common.cli import HelpFormatter, StopFlag, error_code, error_words, size_arg
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SendFailed
 
@@ -197,7 +197,7 @@ def _json_outcome(
     rate = size / (1024 * 1024) / seconds if ok and size is not None and seconds > 0 else 0.0
     targets = [_target(r) for r in results]
     if not results:  # nothing was sent (a missing file, no broker...): no target got it
-        message = str(error) if error is not None else "failed"
+        message = error_words(error) if error is not None else "failed"
         targets = [{"site": site, "ok": False, "error": message} for site in args.to]
     outcome: dict[str, Any] = {
         "ok": ok,
@@ -209,7 +209,8 @@ def _json_outcome(
         "targets": targets,
     }
     if error is not None:
-        outcome["error"] = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+        outcome["code"] = error_code(error)
+        outcome["error"] = error_words(error)
     return outcome
 
 

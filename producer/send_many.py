@@ -171,8 +171,6 @@ def _outcome(
 
     name = args.name if item.label == STDIN else item.label
     view = argparse.Namespace(path=name, to=args.to)
-    if isinstance(error, OSError) and not isinstance(error, ObjstreamError):
-        error = ObjstreamError(_reason(error))
     return _json_outcome(view, results, seconds, error)
 
 

@@ -223,3 +223,18 @@ def test_a_partly_failed_broadcast_still_says_who_stored_it(
     assert stored.startswith(f"sent file {src} to site-1 as a.bin: ")
     (error,) = sent.stderr.splitlines()
     assert "site 'nobody' never took the offer" in error
+
+
+def test_a_missing_file_in_json_has_a_code_and_the_error_line_s_words(
+    tmp_path: Path, settings: Settings
+) -> None:
+    missing = tmp_path / "nosuch.bin"
+    done = _objstream(
+        "producer", "send-file", "--site", "server", "--to", "x", "--json", str(missing),
+        env=_env(settings),
+    )  # fmt: skip
+    assert done.returncode == EXIT_FAILED
+    outcome = json.loads(done.stdout)
+    assert outcome["code"] == "io"  # was: no code
+    assert outcome["error"] == f"{missing}: No such file or directory"  # was: a Python repr
+    assert done.stderr == f"objstream: error: {missing}: No such file or directory\n"
