@@ -52,9 +52,11 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         help="receive the files and containers streamed to a site",
         description="Receive the files and containers streamed to a site into a directory. "
         "Containers are saved under their name in the format its suffix names (.npz, "
-        ".safetensors, .json; .npz is added to other names), entry by entry. Each file is written "
+        ".safetensors, .json; .npz is added to other names), entry by entry; a directory "
+        "container (send-container DIR) as the same directory tree. Each file is written "
         "to a partial file, verified (size, SHA-256), then renamed to the sender's base name "
-        "(sanitized; an existing file is never overwritten: NAME-1.EXT, NAME-2.EXT... instead). "
+        "(sanitized; an existing file is never overwritten: NAME-1.EXT, NAME-2.EXT... instead); "
+        "a file of a tree (send-file -r DIR) under its path in DIR, never outside it. "
         "With --count N it exits after N objects arrived (non-zero if any failed); without "
         "it, it runs until SIGINT/SIGTERM and exits 0, failed streams being reported on "
         "stderr (and with --json on stdout) as they end.",

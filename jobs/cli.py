@@ -97,7 +97,9 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="file_streaming's file size (default 100MiB)",
     )
-    demo.add_argument("--chunk-size", type=size_arg, metavar="SIZE", help=argparse.SUPPRESS)
+    demo.add_argument(
+        "--chunk-size", type=size_arg, metavar="SIZE", help="bytes per chunk (default 1MiB)"
+    )
     _dict_options(demo)
     demo.set_defaults(handler=run_demo, settings_overrides=_overrides, clients=1)
 
