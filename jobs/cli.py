@@ -20,6 +20,7 @@ from objstream.common.cli import (
     size_arg,
 )
 from objstream.common.console import console
+from objstream.common.errors import BrokerRefused, ObjstreamError
 from objstream.common.settings import MiB, Settings
 from objstream.jobs import clients, dict_streaming, file_streaming
 from objstream.jobs.runner import Result, Side, peak_rss_mib
@@ -204,6 +205,42 @@ def _sides(
     return {"producer": producer_side.result(wait), "consumer": consumer_side.result(wait)}
 
 
+def check_sites_free(settings: Settings, receivers: list[str], server: str | None) -> None:
+    """Refuse to start a job whose sites another process already serves in this namespace (a
+    ``listen --site site-1`` or ``serve --site server`` left from the tour): it would take the
+    job's objects, and the job would wait for them until its timeout.
+
+    Raises:
+        ObjstreamError: a site is in use (one line, exit 1), naming the option that avoids it.
+    """
+    from objstream.common.amqp import connect
+    from objstream.common.topology import Topology
+
+    topology = Topology.from_settings(settings)
+    queues = [(site, topology.inbox(site), "--consumer-site") for site in receivers]
+    if server is not None:
+        queues.append((server, topology.service_queue(server), "--producer-site"))
+    connection = connect(settings, "objstream job: are its sites free")
+    try:
+        for site, queue, option in queues:
+            channel = connection.channel()
+            try:
+                taken = channel.consumer_count(queue)
+            except BrokerRefused:  # no such queue: nobody there
+                continue
+            finally:
+                with contextlib.suppress(ObjstreamError):
+                    channel.close()
+            if taken:
+                raise ObjstreamError(
+                    f"site {site!r} is already served in namespace {settings.namespace!r} "
+                    f"({queue} has {taken} consumer(s): a listen or serve left running?); stop "
+                    f"it, or give the job other sites ({option}) or --namespace"
+                )
+    finally:
+        connection.close()
+
+
 @contextlib.contextmanager
 def _job_dest(args: argparse.Namespace) -> Iterator[str]:
     """The consumer's directory: ``--dest`` (the user's: what arrives there stays, as the
@@ -229,6 +266,8 @@ def run_file_streaming(args: argparse.Namespace, settings: Settings) -> int:
 
 def _file_streaming(args: argparse.Namespace, settings: Settings, where: str) -> int:
     sites = clients.client_sites(args.consumer_site, args.clients)
+    if args.role == "both":  # the pushes go to the sites' inboxes
+        check_sites_free(settings, sites, None)
     producer = (
         file_streaming.producer_side,
         {
@@ -275,6 +314,8 @@ def run_dict_streaming(args: argparse.Namespace, settings: Settings) -> int:
 
 def _dict_streaming(args: argparse.Namespace, settings: Settings, where: str) -> int:
     sites = clients.client_sites(args.consumer_site, args.clients)
+    if args.role == "both":  # the requests go to the producer site's service queue
+        check_sites_free(settings, [], args.producer_site)
     producer = (
         dict_streaming.producer_side,
         {

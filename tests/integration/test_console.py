@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -238,3 +239,24 @@ def test_a_missing_file_in_json_has_a_code_and_the_error_line_s_words(
     assert outcome["code"] == "io"  # was: no code
     assert outcome["error"] == f"{missing}: No such file or directory"  # was: a Python repr
     assert done.stderr == f"objstream: error: {missing}: No such file or directory\n"
+
+
+def test_a_job_whose_site_is_taken_says_so_at_once(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.add("site-1")
+    env = _env(settings)
+    listener = _listener(env, "site-1", tmp_path / "in", "-q")  # left from the tour
+    try:
+        time.sleep(2)  # its consumer is on the inbox
+        started = time.monotonic()
+        job = _objstream("job", "file_streaming", "--size", "1MiB", env=env, timeout=60)
+        took = time.monotonic() - started
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.communicate(timeout=30)
+    assert job.returncode == EXIT_FAILED
+    assert took < 30  # was: 2 minutes, then "no file arrived in 120 s"
+    (line,) = job.stderr.splitlines()
+    assert line.startswith("objstream: error: site 'site-1' is already served in namespace")
+    assert "--consumer-site" in line
