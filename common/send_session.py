@@ -413,7 +413,9 @@ class SendSession:
             # taken it with its first report on the way: it is told where the offer went too,
             # or it would wait for the stream until its timeout.
             expiration_ms = int(self.pacing.timeout * 1000) if unheard else 0
-            actions.append(PublishAbort(target.site, str(error), unheard, expiration_ms))
+            # The reason alone: the receiver words its own failure around it.
+            reason = error.detail or str(error.code)
+            actions.append(PublishAbort(target.site, reason, unheard, expiration_ms))
         target.error = error
         target.riding = False
         target.catching_up_since = None
