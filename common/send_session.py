@@ -336,6 +336,8 @@ class SendSession:
         actions: list[Action] = []
         timeout, resend_after = self.pacing.timeout, self.pacing.resend_after
         for target in self._active():
+            if self._owed_nothing(target):
+                target.quiet_since = now  # the sender is the slow one: no silence to count
             silent = now - target.quiet_since
             limit = timeout if target.heard else self.pacing.first_contact_within
             if silent > limit:
@@ -365,6 +367,12 @@ class SendSession:
                 target.last_resend = now
         self.schedule.tick(now)
         return actions
+
+    def _owed_nothing(self, target: Target) -> bool:
+        """Has the target stored everything published to it, with more to come? Then the wait
+        is the sender's (a rate limit, a slow source), not the target's silence."""
+        published = self.cursor if target.riding else target.next_seq
+        return target.state is _S.SENDING and target.stored >= published
 
     def cancel(self, reason: str, code: FailureCode = FailureCode.ABORTED) -> list[Action]:
         """Stop every stream: receivers that took it are told to drop it (``abort``), and each

@@ -90,6 +90,41 @@ def parse_size(text: str | int) -> int:
         raise ConfigError(f"not a size: {text!r} (use bytes, or a unit as in 256KiB, 4MiB)") from e
 
 
+_BIT_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?)?bit(?:/s)?\s*$", re.IGNORECASE)
+_BYTE_RATE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?\s*(?:[kmgt]i?)?b?)\s*(?:/s)?\s*$", re.IGNORECASE)
+_BITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BITS |= {f"{unit}i": 1024 ** (i + 1) for i, unit in enumerate("kmgt")}
+RATE_FORMS = "bytes per second as 10MiB, 10M (MiB) or 10MB, or bits per second as 80mbit, 1gbit"
+
+
+def parse_rate(text: str | int) -> int:
+    """Parse a rate limit into bytes per second.
+
+    Bytes per second as :func:`parse_size` reads a size (``10MiB`` and ``10M`` are 10 MiB/s,
+    ``10MB`` 10,000,000 B/s), ``/s`` after it optional; or bits per second as ``tc`` writes
+    them: ``bit``, ``kbit``, ``mbit``, ``gbit``, ``tbit`` (powers of 1000: ``80mbit`` is
+    10,000,000 B/s) or ``kibit``... (powers of 1024), in any case.
+
+    Raises:
+        ConfigError: not a rate, or not at least 1 byte per second.
+    """
+    rate: float
+    if isinstance(text, str):
+        if bits := _BIT_RATE.match(text):
+            rate = float(bits[1]) * _BITS[(bits[2] or "").lower()] / 8
+        elif byte_rate := _BYTE_RATE.match(text):
+            rate = parse_size(byte_rate[1])
+        else:
+            raise ConfigError(f"not a rate: {text!r} (use {RATE_FORMS})")
+    else:
+        rate = text
+    if rate < 1:
+        raise ConfigError(
+            f"rate limit {text!r} is below 1 byte per second (leave it unset for no limit)"
+        )
+    return int(rate)
+
+
 def check_chunk_size(size: int) -> int:
     """Return ``size`` if it is a usable chunk size.
 
@@ -235,6 +270,11 @@ class Settings(BaseModel):
         gt=0,
         description="Seconds of silence after which the sender resends unconfirmed chunks.",
     )
+    rate_limit: int | None = Field(
+        None,
+        description="Most bytes a second one transfer publishes (a send, a broadcast, a served "
+        f"stream): {RATE_FORMS}; unset: no limit.",
+    )
     persistent_chunks: bool = Field(
         False, description="Publish chunk messages as persistent (delivery_mode 2)."
     )
@@ -333,6 +373,18 @@ class Settings(BaseModel):
     @classmethod
     def _sizes(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _rate(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"not a rate: {value!r}")
+        try:
+            return parse_rate(value)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("chunk_size")
     @classmethod

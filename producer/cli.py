@@ -91,8 +91,19 @@ def _common_send_options(send: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="fail a target after this long without progress (default 60)",
     )
+    _rate_option(send, "this send publishes, whatever the number of targets")
     send.add_argument("--json", action="store_true", help="print the result as one JSON object")
     progress.add_option(send)
+
+
+def _rate_option(command: argparse.ArgumentParser, what: str) -> None:
+    # Parsed by the settings (as OBJSTREAM_RATE_LIMIT is): a bad value is one line, exit 2.
+    command.add_argument(
+        "--rate-limit",
+        metavar="RATE",
+        help=f"most bytes a second {what}, resends included: bytes as 10MiB (or 10M), "
+        "bits as 80mbit, 1gbit (default: no limit)",
+    )
 
 
 def _add_container_command(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -150,8 +161,11 @@ def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         metavar="USER",
         help="broker user allowed to retrieve (repeatable; default: any authenticated user)",
     )
+    _rate_option(serve, "each served stream publishes")
     monitoring.add_metrics_options(serve)
-    serve.set_defaults(handler=serve_cmd, settings_overrides=lambda args: {})
+    serve.set_defaults(
+        handler=serve_cmd, settings_overrides=lambda args: {"rate_limit": args.rate_limit}
+    )
 
 
 def _named_path(text: str) -> tuple[str, Path]:
@@ -172,7 +186,12 @@ def _sites(text: str) -> list[str]:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"chunk_size": args.chunk_size, "window": args.window, "timeout": args.timeout}
+    return {
+        "chunk_size": args.chunk_size,
+        "window": args.window,
+        "timeout": args.timeout,
+        "rate_limit": args.rate_limit,
+    }
 
 
 def _target(result: TargetResult) -> dict[str, Any]:

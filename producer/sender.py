@@ -205,6 +205,7 @@ class StreamSender:
         timeout: float | None = None,
         window: int | None = None,
         chunk_size: int | None = None,
+        rate_limit: int | None = None,
         answering: Answering | None = None,
         resume: Resume | None = None,
     ) -> list[TargetResult]:
@@ -215,6 +216,8 @@ class StreamSender:
         queue under the promised stream id, and its ``joiners`` bring more requesters of the
         same object while the stream runs (shared uploads). With ``resume`` only what the
         receiver lacks is sent, if its kept prefix still hashes the same (otherwise the whole).
+        ``rate_limit`` (bytes a second; default ``settings.rate_limit``) caps what this send
+        publishes, whatever the number of targets (resends included).
 
         Raises:
             SendFailed: at least one target failed (every outcome is in ``results``).
@@ -246,7 +249,10 @@ class StreamSender:
         )
         routes = {targets[0]: answering.offer_to} if answering else {}
         stream_id = answering.stream_id if answering else new_stream_id()
-        transfer = Transfer(self, reader, stream_id, targets, start=start, pacing=pacing)
+        rate = settings.rate_limit if rate_limit is None else rate_limit
+        transfer = Transfer(
+            self, reader, stream_id, targets, start=start, pacing=pacing, rate_limit=rate
+        )
         return transfer.run(routes, answering.joiners if answering else None)
 
     def _resume_point(self, reader: PieceReader, resume: Resume) -> int:

@@ -23,6 +23,7 @@ from objstream.common.settings import (
     check_chunk_size,
     check_object_name,
     check_site,
+    parse_rate,
     parse_size,
 )
 from objstream.common.streaming import ObjectStreamer, ProgressHook
@@ -72,6 +73,7 @@ class Streamer(Closing):
         chunk_size: int | str | None = None,
         timeout: float | None = None,
         window: int | None = None,
+        rate_limit: int | str | None = None,
     ) -> list[TargetResult]:
         """Stream ``source`` to each target; return once each stored and verified it.
 
@@ -81,6 +83,9 @@ class Streamer(Closing):
             chunk_size: bytes per chunk (int or "256KiB"); default from the settings (1 MiB).
             timeout: seconds without progress from a target before it counts as failed.
             window: chunks in flight beyond what a target has stored.
+            rate_limit: most bytes a second this send publishes, whatever the number of
+                targets, resends included (int, or "10MiB", "80mbit"); 0: no limit; default
+                from the settings (none).
 
         Returns:
             One :class:`TargetResult` per target, in the order given.
@@ -91,9 +96,15 @@ class Streamer(Closing):
         """
         sites = [targets] if isinstance(targets, str) else list(targets)
         size = int(self.settings.chunk_size) if chunk_size is None else parse_size(chunk_size)
+        rate = None if rate_limit is None else parse_rate(rate_limit) if rate_limit != 0 else 0
         try:
             return self._sender.send(
-                source, sites, timeout=timeout, window=window, chunk_size=check_chunk_size(size)
+                source,
+                sites,
+                timeout=timeout,
+                window=window,
+                chunk_size=check_chunk_size(size),
+                rate_limit=rate,
             )
         finally:
             source.close()
@@ -129,7 +140,8 @@ class FileStreamer(Streamer):
     ) -> list[TargetResult]:
         """Stream the file ``file_name``; receivers store it under its base name.
 
-        Takes the options of :meth:`Streamer.stream_object` (chunk_size, timeout, window).
+        Takes the options of :meth:`Streamer.stream_object` (chunk_size, timeout, window,
+        rate_limit).
         """
         return self.stream_object(targets, FileSource(file_name), **options)
 

@@ -25,6 +25,7 @@ from objstream.common.errors import (
     SendFailed,
     TransferFailed,
 )
+from objstream.common.pacing import TokenBucket, pacer
 from objstream.common.protocol import Abort, Chunk, End, Inline, Offer, envelope
 from objstream.common.send_session import SendSession
 from objstream.common.send_table import (
@@ -81,6 +82,7 @@ class Transfer:
         *,
         start: int,
         pacing: Pacing,
+        rate_limit: int | None = None,
     ) -> None:
         self.sender = sender
         self.reader = reader
@@ -101,6 +103,9 @@ class Transfer:
             now=time.monotonic(),
         )
         self.keys: dict[str | None, str] = {None: sender.topology.data_key(stream_id, sender.site)}
+        # Bytes a second this transfer publishes at most (None or 0: no limit, nothing asked).
+        self.rate_limit = rate_limit
+        self.pacer: TokenBucket | None = None  # from when the data starts (see _paced)
         # For counting resends: how far each route (None: the broadcast) was published, and
         # how far the broadcast was when each late joiner joined (it missed what came before).
         self._upto: dict[str | None, int] = {}
@@ -211,7 +216,11 @@ class Transfer:
         self._do(session.tick(time.monotonic()))
         began = time.monotonic()
         more = False
+        wait = POLL_INTERVAL
         while not session.finished:
+            if self.rate_limit and (paced := self._paced()) > 0:
+                wait = min(wait, paced)  # the connection works (heartbeats, replies) meanwhile
+                break
             actions = session.next_publications()
             if not actions:
                 break
@@ -223,7 +232,19 @@ class Transfer:
                 break
         if session.finished:
             return  # every verdict is in: waiting for more events would only add latency
-        sender.process_events(0 if more else POLL_INTERVAL)
+        sender.process_events(0 if more else wait)
+
+    def _paced(self) -> float:
+        """Seconds the rate limit holds the next publication back (0: it may go now).
+
+        The bucket starts empty when the broadcast starts, not at the offers: the time a
+        receiver takes to answer is no credit for a burst at the start."""
+        now = time.monotonic()
+        if self.pacer is None:
+            if not self.session.started:
+                return 0.0
+            self.pacer = pacer(self.rate_limit, self.reader.streamer.chunk_size, now)
+        return self.pacer.wait(now) if self.pacer is not None else 0.0
 
     def _take_replies(self) -> None:
         replies = self.sender.replies
@@ -304,6 +325,8 @@ class Transfer:
         persistent = self.sender.settings.persistent_chunks
         props = envelope(header, persistent=persistent, message_id=f"{self.stream_id}:{seq}")
         self.sender.publish(self._key(to), piece.data, props)
+        if self.pacer is not None:
+            self.pacer.spend(len(piece.data), time.monotonic())
         self.sender.chunks_resent += self._again(seq, to)
 
     def _again(self, seq: int, to: str | None) -> bool:

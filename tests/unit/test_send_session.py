@@ -272,6 +272,22 @@ def test_resend_on_silence_only_after_contact() -> None:
     assert _drain(session) == []  # resent 0.5 s ago: not again so soon
 
 
+def test_a_target_that_stored_all_it_was_sent_is_not_silent_while_the_sender_holds_back() -> None:
+    """A rate limit (or a slow source) can keep the sender from publishing for longer than
+    resend_after, even the timeout: the target, owed nothing, is neither resent to nor timed
+    out; its silence counts again from the next publication."""
+    session, _sid, _ = _session(window=4, resend_after=5.0, timeout=30.0)
+    _progress(session, "a", 0, 1.0)
+    assert _chunks(session.next_publications()) == [0]  # one chunk, then the driver waits
+    _progress(session, "a", 1, 2.0)  # stored all it got
+    assert session.tick(40.0) == []  # 38 s later: no resend, no timeout
+    assert _target(session, "a") is TargetState.SENDING
+    assert _chunks(session.next_publications()) == [1]  # published at 40.0, never stored
+    assert session.tick(44.0) == []
+    session.tick(45.5)
+    assert _chunks(_drain(session), "a") == [1]  # silent 5.5 s since: resent
+
+
 def test_a_target_silent_through_two_resends_gets_a_new_publishing_channel() -> None:
     """A resend that brought nothing back: publish on a new channel (a channel opened during a
     quorum queue's leader election could route nothing more to it), at most every 2 resends."""

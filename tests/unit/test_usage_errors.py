@@ -123,3 +123,34 @@ def test_argparse_usage_errors_are_one_line(argv: list[str], words: str) -> None
     assert line.startswith("objstream: error: ")
     assert words in line
     assert line.endswith("--help)")
+
+
+@pytest.mark.parametrize(
+    ("rate", "words"),
+    [
+        ("0", "rate limit '0' is below 1 byte per second (leave it unset for no limit)"),
+        ("lots", "not a rate: 'lots' (use bytes per second as 10MiB"),
+        ("-5MiB", "not a rate: '-5MiB'"),
+    ],
+)
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["producer", "send-file", "--site", "server", "--to", "site-1", "/etc/hostname"],
+        ["producer", "send-container", "--site", "server", "--to", "site-1", "m.npz"],
+        ["producer", "serve", "--site", "server", "--source-dir", "."],
+    ],
+    ids=["send-file", "send-container", "serve"],
+)
+def test_a_bad_rate_limit_is_one_line_exit_2_before_connecting(
+    command: list[str], rate: str, words: str
+) -> None:
+    done = subprocess.run(
+        ["objstream", *command, f"--rate-limit={rate}",
+         "--url", "amqp://guest:guest@127.0.0.1:1/%2F"],  # never reached
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("objstream: error: invalid setting: rate_limit: "), line
+    assert words in line
