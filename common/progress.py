@@ -64,7 +64,8 @@ class JsonProgress:
         self._interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._last: OrderedDict[str, tuple[float, int]] = OrderedDict()  # when, done
+        # (site, stream) -> when, done: a broadcast's targets share its stream id
+        self._last: OrderedDict[tuple[str, str], tuple[float, int]] = OrderedDict()
         self._broken = False
 
     def __call__(self, site: str, stream_id: str, done: int, total: int | None) -> None:
@@ -73,13 +74,13 @@ class JsonProgress:
         with self._lock:
             if self._broken:
                 return
-            last = self._last.get(stream_id)
+            last = self._last.get((site, stream_id))
             if last is not None:
                 when, last_done = last
                 if done == last_done or (not final and now - when < self._interval):
                     return
-            self._last[stream_id] = (now, done)
-            self._last.move_to_end(stream_id)
+            self._last[(site, stream_id)] = (now, done)
+            self._last.move_to_end((site, stream_id))
             while len(self._last) > REMEMBERED:
                 self._last.popitem(last=False)
             tick = {

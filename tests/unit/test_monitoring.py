@@ -69,6 +69,15 @@ def test_json_ticks_of_two_streams_are_limited_apart() -> None:
     assert [(t["stream_id"][0], t["done"]) for t in ticks(out)] == [("a", 0), ("b", 0), ("a", 9)]  # type: ignore[index]
 
 
+def test_each_target_of_a_broadcast_gets_its_final_tick() -> None:
+    out, clock = io.StringIO(), Clock()
+    progress = JsonProgress(out, interval=0.1, clock=clock)
+    stream = "c" * 32  # one stream id for every target of a broadcast
+    progress("site-1", stream, 100, 100)
+    progress("site-2", stream, 100, 100)  # was swallowed: the same stream "already final"
+    assert [(t["site"], t["done"]) for t in ticks(out)] == [("site-1", 100), ("site-2", 100)]
+
+
 def test_a_closed_stderr_stops_the_lines_not_the_transfer() -> None:
     out = io.StringIO()
     progress = JsonProgress(out, interval=0)
