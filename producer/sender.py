@@ -67,6 +67,9 @@ class StreamSender:
         settings: timeouts, window, chunk size...
         site: this site's name.
         cancel: set: stop every stream (receivers are told to drop them).
+        cancel_reason: what receivers are told when ``cancel`` stops a stream, after the
+            site's name ("cancelled the send" for a user's interrupt, "is shutting down" for a
+            serving site that stops).
         progress: called as targets store chunks.
         reconnect: makes a new connection after a lost one (needs ``replies=NAMED``).
         replies: the kind of reply queue.
@@ -79,6 +82,7 @@ class StreamSender:
         site: str,
         *,
         cancel: threading.Event | None = None,
+        cancel_reason: str = "cancelled the send",
         progress: ProgressHook | None = None,
         reconnect: Callable[[], Connection] | None = None,
         replies: ReplyQueue = ReplyQueue.PRIVATE,
@@ -91,6 +95,7 @@ class StreamSender:
         self.user = broker_user(settings)
         self.identities = Identities.from_settings(settings)
         self.cancel = cancel
+        self.cancel_reason = cancel_reason
         self.progress = progress
         self._reconnect = reconnect
         self._replies_mode = replies

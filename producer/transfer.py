@@ -211,7 +211,7 @@ class Transfer:
         # stored the object is not told it was aborted, nor reported so).
         self._take_replies()
         if sender.cancel is not None and sender.cancel.is_set():
-            self._do(session.cancel(f"site {sender.site} cancelled the send"))
+            self._do(session.cancel(f"site {sender.site} {sender.cancel_reason}"))
             return
         self._do(session.tick(time.monotonic()))
         began = time.monotonic()

@@ -137,6 +137,7 @@ class SendingPool:
                 settings,
                 self.site,
                 cancel=self._stopping,
+                cancel_reason="is shutting down",
                 progress=self._progress,
                 reconnect=lambda: connect(settings, name),
                 replies=ReplyQueue.NAMED,
