@@ -113,23 +113,19 @@ class BrokerWatch:
             total += (int(fields[11]) + int(fields[12])) / ticks
         return total
 
-    def written(self) -> int:
+    def _field(self, file: str, key: str) -> int:
+        """The sum over the node's processes of the number after ``key`` in /proc/PID/FILE."""
         total = 0
         for pid in self.pids:
-            with open(f"/proc/{pid}/io", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("write_bytes:"):
-                        total += int(line.split()[1])
+            with open(f"/proc/{pid}/{file}", encoding="ascii") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith(key))
         return total
 
+    def written(self) -> int:
+        return self._field("io", "write_bytes:")
+
     def rss(self) -> int:
-        total = 0
-        for pid in self.pids:
-            with open(f"/proc/{pid}/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-        return total
+        return self._field("status", "VmRSS:") * 1024  # kB
 
     def _poll(self) -> None:
         while not self._stop.wait(0.05):
