@@ -35,20 +35,6 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 
-def _cpu_of(nodes: Sequence[LocalRabbitNode]) -> float:
-    """CPU seconds (user + system) of the nodes' Erlang VMs so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for node in nodes:
-        for pid in node._beam_pids():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += (int(stat[11]) + int(stat[12])) / ticks
-    return total
-
-
 def push(
     path: Path, send_url: str, receive_url: str, nodes: Sequence[LocalRabbitNode], queue_type: str
 ) -> dict[str, float]:
@@ -60,11 +46,11 @@ def push(
         consumer = Proc(sides.receive, url=receive_url, namespace=namespace, site="site-1",
                         dest=dest, count=1, ready=ready)  # fmt: skip
         wait()
-        cpu = _cpu_of(nodes)
+        cpu = sides.nodes_cpu_seconds(nodes)
         producer = Proc(sides.send_file, url=send_url, namespace=namespace, targets=["site-1"],
                         path=str(path), chunk_size=MiB, window=32)  # fmt: skip
         p, c = producer.result(), consumer.result()
-        cpu = _cpu_of(nodes) - cpu
+        cpu = sides.nodes_cpu_seconds(nodes) - cpu
     gib = p["bytes"] / GiB
     return {"mib_s": p["bytes"] / MiB / (p["end"] - p["start"]), "broker_cpu": cpu / gib,
             "sender_cpu": p["cpu_s"] / gib, "receiver_cpu": c["cpu_s"] / gib}  # fmt: skip

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pika
 
-from bench.sides import cpu_seconds
+from bench.sides import cpu_seconds, node_field, nodes_cpu_seconds
 from tests.rabbitmq_node import LocalRabbitNode
 
 MiB = 1024 * 1024
@@ -57,10 +57,7 @@ def consume(
     channel = connection.channel()
     channel.basic_qos(prefetch_count=32 * len(queues))
     left = {"n": total * len(queues)}
-    index = {q: first + i for i, q in enumerate(queues)}
-
-    for queue in queues:
-        slot = index[queue]
+    for slot, queue in enumerate(queues, start=first):
 
         def on_message(ch: Any, method: Any, props: Any, body: bytes, slot: int = slot) -> None:
             counts[slot] += 1
@@ -98,34 +95,20 @@ def _delete(url: str, n: int) -> None:
 class BrokerWatch:
     """CPU, peak resident memory and bytes written of the node's Erlang VM, while it runs."""
 
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
+    def __init__(self, node: LocalRabbitNode) -> None:
+        self.node = node
         self.peak_rss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def cpu(self) -> float:
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for pid in self.pids:
-            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        return total
-
-    def _field(self, file: str, key: str) -> int:
-        """The sum over the node's processes of the number after ``key`` in /proc/PID/FILE."""
-        total = 0
-        for pid in self.pids:
-            with open(f"/proc/{pid}/{file}", encoding="ascii") as f:
-                total += sum(int(line.split()[1]) for line in f if line.startswith(key))
-        return total
+        return nodes_cpu_seconds([self.node])
 
     def written(self) -> int:
-        return self._field("io", "write_bytes:")
+        return node_field(self.node, "io", "write_bytes:")
 
     def rss(self) -> int:
-        return self._field("status", "VmRSS:") * 1024  # kB
+        return node_field(self.node, "status", "VmRSS:") * 1024  # kB
 
     def _poll(self) -> None:
         while not self._stop.wait(0.05):
@@ -166,7 +149,7 @@ def one_run(
     connection = pika.BlockingConnection(pika.URLParameters(url))
     channel = connection.channel()
     body = os.urandom(chunk)
-    watch = BrokerWatch(node._beam_pids())
+    watch = BrokerWatch(node)
     with watch:
         cpu_before, written_before = watch.cpu(), watch.written()
         publisher_cpu = cpu_seconds()

@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import delay_proxy, shaping
 from bench.delay_proxy import Listener
 from bench.shaping import Links, Site
+from bench.sides import node_field
 from objstream.common.settings import parse_size
 from tests.rabbitmq_node import LocalRabbitNode, free_port
 
@@ -140,13 +141,7 @@ class Node(LocalRabbitNode):
         ]
 
     def rss_mib(self) -> float:
-        total = 0
-        for pid in self._beam_pids():
-            with contextlib.suppress(OSError):
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        return total / 1024
+        return node_field(self, "status", "VmRSS:") / 1024
 
 
 def _send(url: str, targets: list[str], path: str, out: Any) -> None:

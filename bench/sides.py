@@ -23,6 +23,33 @@ Result = dict[str, Any]
 MiB = 1024 * 1024
 
 
+def nodes_cpu_seconds(nodes: Any) -> float:
+    """CPU seconds (user + system) of the throwaway nodes' Erlang VMs so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for node in nodes:
+        for pid in node._beam_pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(stat[11]) + int(stat[12])) / ticks
+    return total
+
+
+def node_field(node: Any, file: str, key: str) -> int:
+    """The sum over the node's Erlang VMs of the number after ``key`` in /proc/PID/FILE
+    (``status``'s ``VmRSS:`` in kB, ``io``'s ``write_bytes:``...)."""
+    total = 0
+    for pid in node._beam_pids():
+        try:
+            with open(f"/proc/{pid}/{file}", encoding="ascii") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith(key))
+        except OSError:
+            continue
+    return total
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process so far (all its threads)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -215,15 +215,14 @@ def test_standard_input_piped_from_a_process_streams_with_flat_memory(
     writer = subprocess.Popen([sys.executable, "-c", writer_code], stdout=subprocess.PIPE)
     assert writer.stdout is not None
     # The sender reports its own peak RSS: it must stay far below what went through it. From
-    # VmHWM, not ru_maxrss: Linux carries the parent's peak (this test process, hundreds of MiB
-    # late in a suite) into a child's ru_maxrss across fork and exec.
+    # VmHWM (peak_rss_mib), not ru_maxrss: Linux carries the parent's peak (this test process,
+    # hundreds of MiB late in a suite) into a child's ru_maxrss across fork and exec.
     measure = (
-        "import re, sys\n"
+        "import sys\n"
         "from objstream.common.cli import main\n"
+        "from objstream.jobs.runner import peak_rss_mib\n"
         "code = main(sys.argv[1:])\n"
-        "status = open('/proc/self/status').read()\n"
-        "peak = re.search(r'^VmHWM:\\s+(\\d+) kB', status, re.MULTILINE).group(1)\n"
-        "print('maxrss', peak, file=sys.stderr)\n"
+        "print('maxrss', int(peak_rss_mib() * 1024), file=sys.stderr)\n"
         "sys.exit(code)\n"
     )
     sent = subprocess.run(
