@@ -3,10 +3,11 @@ shows the sender missed it, and the retirement of the stream's data queue.
 
 Once a stream ended (either way), its data queue is still consumed for :data:`LINGER` s: a
 message arriving there means the sender missed the verdict, which goes again (at most every
-:data:`VERDICT_AGAIN_EVERY` s). Then the queue is unbound from the stream's keys
-(:class:`Retire`: a late resend is unroutable rather than routed to a queue being deleted) and
-deleted :data:`RETIRE_AFTER` s later (:class:`DeleteQueue`). At most :data:`MAX_LINGERING`
-ended streams linger (each holds a channel): :func:`crowded_out` names those to retire early.
+:data:`VERDICT_AGAIN_EVERY` s; one owed sooner goes at the first tick after). Then the queue is
+unbound from the stream's keys (:class:`Retire`: a late resend is unroutable rather than routed
+to a queue being deleted) and deleted :data:`RETIRE_AFTER` s later (:class:`DeleteQueue`). At
+most :data:`MAX_LINGERING` ended streams linger (each holds a channel): :func:`crowded_out`
+names those to retire early.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from objstream.common.receive_actions import (
     Action,
     DeleteQueue,
     Retire,
+    SendVerdict,
 )
 
 
@@ -36,6 +38,7 @@ class StreamEnd:
     retired: bool = False  # the data queue is unbound
     retired_at: float = 0.0
     gone: bool = False  # and deleted: nothing more to do
+    owed: bool = False  # a message came since the verdict was last said: say it again
 
     def said(self, done: Done, now: float) -> None:
         """The verdict went out at ``now``."""
@@ -43,10 +46,14 @@ class StreamEnd:
 
     def again(self, now: float) -> Done | None:
         """The verdict to say again now (a message came after it: the sender resends, so it
-        missed it), at most every :data:`VERDICT_AGAIN_EVERY` s; None: not now."""
-        if self.verdict is None or now - self.verdict_at < VERDICT_AGAIN_EVERY:
-            return None  # committing, or just said
-        self.verdict_at = now
+        missed it), at most every :data:`VERDICT_AGAIN_EVERY` s; None: not now (it is then
+        owed, and :meth:`tick` says it when it is due)."""
+        if self.verdict is None:
+            return None  # committing
+        if now - self.verdict_at < VERDICT_AGAIN_EVERY:
+            self.owed = True  # just said: perhaps lost too (the resend may have crossed it)
+            return None
+        self.verdict_at, self.owed = now, False
         return self.verdict
 
     def tick(self, now: float, *, queue: bool) -> list[Action]:
@@ -59,6 +66,8 @@ class StreamEnd:
             return []
         if self.ended_at is None:
             self.ended_at = now
+        if self.owed and not self.retired and (verdict := self.again(now)) is not None:
+            return [SendVerdict(verdict)]
         if not self.retired and now - self.ended_at >= LINGER:
             return self.retire(now)
         if self.retired and now - self.retired_at >= RETIRE_AFTER:

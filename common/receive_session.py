@@ -453,14 +453,17 @@ class ReceiveSession:
         return SendProgress(self.stored, self.stored_bytes, resend_from)
 
     def _after_verdict(self, now: float) -> list[Action]:
-        """A message after the verdict (the driver still consumes the data queue a while): the
-        verdict goes again (:meth:`StreamEnd.again`), with an ack of what came since (fewer
-        than a window, so the next resend gets through)."""
+        """A message after the verdict: acked at once (a resent window must not fill the
+        prefetch: nothing more would come) and the verdict goes again (:meth:`StreamEnd.again`).
+        While committing, it is acked with the rest when the verdict goes."""
+        if not self.finished:
+            return []
+        actions: list[Action] = []
+        if self.unacked_tag:
+            actions.append(Ack(self.unacked_tag))
+            self.unacked_tag = 0
         verdict = self.end.again(now)
-        if verdict is None:
-            return []  # committing, or just said: acked with the rest
-        ack, self.unacked_tag = Ack(self.unacked_tag), 0
-        return [ack, SendVerdict(verdict)]
+        return [*actions, SendVerdict(verdict)] if verdict is not None else actions
 
     @property
     def _has_queue(self) -> bool:
