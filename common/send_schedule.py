@@ -8,6 +8,13 @@ gets unicast chunks from its own ``next_seq`` until it reaches the broadcast cur
 again. An iterator source (``lockstep``) keeps every target within one window of the slowest,
 and releases pieces only once every target stored them.
 
+The broadcast goes at the pace of its fastest rider (``n < stored + window`` for the one that
+stored most), as long as no rider falls more than its *lag* behind (``Pacing.backlog``, what
+its data queue holds, when that is more than the window): a slower rider's chunks wait for it
+in its queue on the broker instead of holding the others or being uploaded again. Beyond its
+lag a rider that still takes chunks sets the pace (uploading its part again would cost the
+sender and the slow link twice); one that takes nothing for ``resend_after`` s leaves the ride.
+
 The session feeds it what happened (contact, resend requests, silences) through its targets'
 rows; :meth:`Schedule.next_publications` returns at most one broadcast message and one unicast
 message per target each call.
@@ -127,6 +134,22 @@ class Schedule:
         limit = stored + self.pacing.window
         return min(limit, floor + self.pacing.window) if self.lockstep else limit
 
+    @property
+    def _lag(self) -> int:
+        """How far a rider may be behind the broadcast: its window, or what its data queue
+        holds if that is more (an iterator keeps what it read: one window, always)."""
+        window = self.pacing.window
+        return window if self.lockstep else max(window, self.pacing.backlog)
+
+    def _broadcast_limit(self, riders: list[Target], floor: int) -> int:
+        """The first chunk the broadcast may not publish yet: beyond the window of the rider
+        that stored most, or beyond the lag of the one that stored least."""
+        least = min(r.stored for r in riders)
+        if self.lockstep:
+            return self._limit(least, floor)
+        most = max(r.stored for r in riders)
+        return min(most + self.pacing.window, least + self._lag)
+
     def _broadcast(self, floor: int) -> list[Action]:
         riders = self._riders()
         if not riders or self._broadcast_over:
@@ -137,7 +160,7 @@ class Schedule:
             for rider in riders:
                 rider.fire(TargetEvent.PUBLISHED_ALL)
             return [PublishEnd()]
-        if seq < self._limit(min(r.stored for r in riders), floor):
+        if seq < self._broadcast_limit(riders, floor):
             self.cursor += 1
             return [PublishChunk(seq)]
         return []
@@ -192,14 +215,17 @@ class Schedule:
         )
 
     def _check_hold_back(self, now: float) -> None:
-        """A rider whose full window alone stops the broadcast while other riders could take
-        more leaves the ride after ``resend_after`` s (unicast serves it at its own pace)."""
+        """A rider at its lag alone stops the broadcast while other riders could take more:
+        after ``resend_after`` s of that without taking a chunk it leaves the ride (unicast
+        serves it at its own pace). A rider that takes chunks restarts the clock: it is slow,
+        not stuck, and the broker already holds its lag of the object for it."""
         riders = self._riders()
+        window = self.pacing.window
         if self.lockstep or (self.count is not None and self.cursor >= self.count):
             blocking: list[Target] = []  # an iterator holds everyone; the end is never held
         else:
-            blocking = [r for r in riders if self.cursor >= r.stored + self.pacing.window]
-        if len(blocking) == len(riders):
+            blocking = [r for r in riders if self.cursor >= r.stored + self._lag]
+        if not any(self.cursor < r.stored + window for r in riders):
             blocking = []  # every window is full: the sender is ahead, nobody is held back
         for rider in riders:
             if not any(rider is b for b in blocking):

@@ -208,6 +208,10 @@ class Pacing:
     contact_timeout: float | None = None
     """Seconds a target may take to make first contact (None: ``timeout``). A served stream
     holds a serving slot: one whose requester never takes the offer lets it go soon."""
+    backlog: int = 0
+    """Chunks a target's data queue holds ready for it (its receiver sizes the queue from
+    ``backlog_windows``). A rider may fall this far behind the broadcast, if that is more than
+    the window, before it holds the others back: the broker holds what it has not taken yet."""
 
     @property
     def first_contact_within(self) -> float:

@@ -291,12 +291,13 @@ class Settings(BaseModel):
         "timeout and 60 s, at most this.",
     )
     backlog_windows: float = Field(
-        2.0,
+        8.0,
         gt=0,
         le=64,
         description="Most chunks a target's data queue holds ready for it, in the sender's "
-        "windows: beyond, the broker drops what is published to it (a target that does not take "
-        "asks for it again, or is gone).",
+        "windows: how far a slower target of a broadcast may fall behind the others before it "
+        "sets their pace (the broker holds what it has not taken). Beyond, the broker drops what "
+        "is published to it (a target that does not take asks for it again, or is gone).",
     )
     queue_type: Literal["classic", "quorum"] = Field(
         "classic",

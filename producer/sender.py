@@ -246,11 +246,15 @@ class StreamSender:
         reader = PieceReader(source)
         start = 0 if resume is None else self._resume_point(reader, resume)
         settings = self.settings
+        window = window or settings.window
         pacing = Pacing(
-            window or settings.window,
+            window,
             timeout or settings.timeout,
             settings.resend_after,
             answering.contact_timeout if answering else None,
+            # What a target's data queue holds, if its receiver has this site's settings (one
+            # with less gets the rest by resend).
+            backlog=int(settings.backlog_windows * window),
         )
         routes = {targets[0]: answering.offer_to} if answering else {}
         stream_id = answering.stream_id if answering else new_stream_id()

@@ -367,8 +367,8 @@ def test_a_dead_target_of_a_broadcast_parks_only_its_backlog_on_the_broker(
     tmp_path: Path, settings: Settings, declared: Declared
 ) -> None:
     """1 GiB broadcast to 3 sites; site-3's listener is SIGKILLed at 10 %. Its data queue never
-    holds more than its backlog (2 windows) and the window it had not acked, polled throughout;
-    site-1 and site-2 store the file; site-3 fails after the sender's timeout."""
+    holds more than its backlog (``backlog_windows``) and the window it had not acked, polled
+    throughout; site-1 and site-2 store the file; site-3 fails after the sender's timeout."""
     sites = ("site-1", "site-2", "site-3")
     declared.sites.update(sites)
     src = tmp_path / "big.bin"
@@ -403,8 +403,10 @@ def test_a_dead_target_of_a_broadcast_parks_only_its_backlog_on_the_broker(
     finally:
         for process in (sender, *listeners.values()):
             process.kill()
-    window = 32  # the default, in 1 MiB chunks: the backlog is 2 windows
-    assert 0 < highest <= 3 * window + 2, highest
+    window = 32  # the default, in 1 MiB chunks
+    backlog = int(settings.backlog_windows * window)
+    assert 0 < highest <= backlog + window + 2, highest
+    print(f"at most {highest} chunks ready in the dead target's queue (backlog {backlog})")
     outcome = json.loads(out)
     by_site = {t["site"]: t for t in outcome["targets"]}
     assert by_site["site-3"]["ok"] is False, outcome

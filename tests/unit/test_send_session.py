@@ -239,6 +239,85 @@ def test_a_rider_that_holds_the_others_back_leaves_the_ride() -> None:
     assert _chunks(_drain(session), "b") == [2, 3]  # b goes on by unicast
 
 
+def _lagging_session(
+    window: int = 4, backlog: int = 8, count: int = 40
+) -> tuple[SendSession, list[Action]]:
+    sid = new_stream_id()
+    session = SendSession.create(
+        _facts(count=count),
+        ("fast", "slow"),
+        stream_id=sid,
+        sender="me",
+        pacing=Pacing(window, timeout=60.0, resend_after=5.0, backlog=backlog),
+        plan=Plan(0, None),
+        now=0.0,
+    )
+    return session, session.start_actions()
+
+
+def test_a_slower_rider_lags_in_its_queue_instead_of_holding_the_others() -> None:
+    session, _ = _lagging_session(window=4, backlog=8)
+    _progress(session, "fast", 0, 0.0)
+    _progress(session, "slow", 0, 0.0)
+    assert _chunks(_drain(session)) == [0, 1, 2, 3]
+    _progress(session, "fast", 4, 0.5)  # slow took nothing yet: its queue holds 0-3
+    assert _chunks(_drain(session)) == [4, 5, 6, 7]  # fast's window, once, for both
+    _progress(session, "fast", 8, 1.0)
+    assert _chunks(_drain(session)) == []  # slow is 8 behind: what its queue holds
+    _progress(session, "slow", 2, 1.5)
+    assert _chunks(_drain(session)) == [8, 9]  # the broadcast follows fast, slow 8 behind
+    assert all(t.riding for t in session.targets)  # nobody was dropped to unicast
+
+
+def test_without_a_backlog_the_broadcast_goes_at_the_slowest_riders_pace() -> None:
+    session, _ = _lagging_session(window=4, backlog=0)
+    _progress(session, "fast", 0, 0.0)
+    _progress(session, "slow", 0, 0.0)
+    assert _chunks(_drain(session)) == [0, 1, 2, 3]
+    _progress(session, "fast", 4, 0.5)
+    assert _drain(session) == []
+
+
+def test_a_steadily_slow_rider_beyond_its_lag_sets_the_pace_and_stays_on_the_ride() -> None:
+    """It takes a chunk every quarter second: slow, not stuck. Dropping it to unicast would
+    upload its part again and send the slow link duplicates of what its queue holds."""
+    session, _ = _lagging_session(window=4, backlog=8, count=1000)
+    _progress(session, "fast", 0, 0.0)
+    _progress(session, "slow", 0, 0.0)
+    published = _chunks(_drain(session))
+    slow, t = 0, 0.0
+    while t < 20.0:
+        t += 0.25
+        slow += 1
+        _progress(session, "slow", slow, t)
+        _progress(session, "fast", session.cursor, t)  # fast stores what it gets at once
+        session.tick(t)
+        published += _chunks(_drain(session))
+        assert session.cursor <= slow + 8  # never beyond what slow's queue holds
+    assert all(x.riding for x in session.targets)
+    assert published == list(range(len(published)))  # every chunk once, by broadcast
+
+
+def test_a_rider_stuck_at_its_lag_leaves_the_ride_after_resend_after() -> None:
+    session, _ = _lagging_session(window=4, backlog=8, count=1000)
+    _progress(session, "fast", 0, 0.0)
+    _progress(session, "slow", 0, 0.0)
+    _drain(session)
+    for t in (0.5, 1.0):
+        _progress(session, "fast", session.cursor, t)
+        _drain(session)
+    assert session.cursor == 8  # slow's lag
+    for t in (2.0, 4.0, 6.0, 7.5):  # held since 2.0: more than resend_after at 7.5
+        _progress(session, "slow", 0, t)  # alive, takes nothing
+        _progress(session, "fast", session.cursor, t)
+        session.tick(t)
+        _drain(session)
+    slow_row = next(x for x in session.targets if x.site == "slow")
+    assert not slow_row.riding
+    _progress(session, "fast", session.cursor, 8.0)
+    assert len(_chunks(_drain(session))) == 4  # fast goes at its own pace
+
+
 def test_a_target_that_spoke_and_went_silent_gets_a_unicast_abort() -> None:
     session, _sid, _ = _session(("a", "b"), timeout=10.0, resend_after=100.0)
     _progress(session, "a", 0, 1.0)

@@ -110,7 +110,9 @@ class Link:
         count = len(self.pieces) if random_access else None
         size = len(data) if random_access else None
         facts = SourceFacts("blob", "f.bin", CHUNK, size, count, random_access)
-        pacing = Pacing(window=4, timeout=1000.0, resend_after=1.0)
+        # Riders may lag behind the broadcast by their window, or by 2 or 3 windows.
+        backlog = rng.choice([0, 8, 12])
+        pacing = Pacing(window=4, timeout=1000.0, resend_after=1.0, backlog=backlog)
         self.stream_id = new_stream_id()
         self.sender = SendSession.create(
             facts, targets, stream_id=self.stream_id, sender=SENDER, pacing=pacing, now=0.0
