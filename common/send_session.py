@@ -162,6 +162,28 @@ class SendSession:
         """The broadcast began."""
         return self.schedule.started
 
+    @property
+    def verified(self) -> int:
+        """Targets that stored and verified the object."""
+        return sum(t.state is TargetState.DONE for t in self.targets)
+
+    def quorum(self, needed: int) -> bool | None:
+        """A send that succeeds once ``needed`` targets verified (k of N): True once they
+        have, False once fewer than ``needed`` still can (the others failed), None meanwhile."""
+        if self.verified >= needed:
+            return True
+        if self.verified + len(self._active()) < needed:
+            return False
+        return None
+
+    def quorum_lost(self, needed: int) -> list[Action]:
+        """Fewer than ``needed`` targets can still verify: the others are told to stop."""
+        failed = len(self.targets) - self.verified - len(self._active())
+        return self.cancel(
+            f"{failed} of {len(self.targets)} targets failed: fewer than the {needed} required "
+            "can still verify"
+        )
+
     # -- inputs -------------------------------------------------------------------------------
 
     def start_actions(self) -> list[Action]:

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from objstream.common.settings import Settings
     from objstream.producer.sender import TargetResult
 
+Sent = Callable[[list["TargetResult"]], None]
+"""What a send calls with its results, as soon as it has them (see :func:`_send`)."""
+
 # Each command imports what it runs: the container files and the serving side need numpy and
 # the codec, which `send-file` never does (start-up time is import time; docs/performance.md).
 
@@ -92,6 +95,19 @@ def _common_send_options(send: argparse.ArgumentParser) -> None:
         help="fail a target after this long without progress (default 60)",
     )
     _rate_option(send, "this send publishes, whatever the number of targets")
+    send.add_argument(
+        "--min-targets",
+        type=_positive,
+        metavar="K",
+        help="succeed as soon as K targets verified; the others (stragglers) go on until they "
+        "end, each reported as it does (default: every target)",
+    )
+    send.add_argument(
+        "--stragglers",
+        choices=("wait", "cancel"),
+        default="wait",
+        help="with --min-targets: wait for the other targets (default), or tell them to stop",
+    )
     send.add_argument("--json", action="store_true", help="print the result as one JSON object")
     progress.add_option(send)
 
@@ -185,6 +201,16 @@ def _sites(text: str) -> list[str]:
     return sites
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
+    return value
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "chunk_size": args.chunk_size,
@@ -208,10 +234,13 @@ def _json_outcome(
     results: list[TargetResult],
     seconds: float,
     error: BaseException | None = None,
+    *,
+    enough: bool = False,
 ) -> dict[str, Any]:
-    """The one JSON object ``--json`` prints, whatever happened: every target's outcome."""
+    """The one JSON object ``--json`` prints, whatever happened: every target's outcome.
+    ``enough``: a send with ``--min-targets`` succeeded, whatever the other targets did."""
     size = results[0].size if results else None
-    ok = error is None and bool(results) and all(r.ok for r in results)
+    ok = enough or (error is None and bool(results) and all(r.ok for r in results))
     # A rate and a digest only of what was sent and verified: a failed send has neither.
     rate = size / (1024 * 1024) / seconds if ok and size is not None and seconds > 0 else 0.0
     targets = [_target(r) for r in results]
@@ -233,17 +262,32 @@ def _json_outcome(
     return outcome
 
 
-def _send(
-    args: argparse.Namespace, what: str, send: Callable[[StopFlag], list[TargetResult]]
-) -> int:
+def _send(args: argparse.Namespace, what: str, send: Callable[[StopFlag, Sent], None]) -> int:
     """Run ``send`` and report: one line per target, or with ``--json`` one JSON object on
-    success, partial failure and failure alike (the error line and exit code as usual)."""
+    success, partial failure and failure alike (the error line and exit code as usual).
+
+    ``send`` calls ``sent`` with the results as soon as it has them (with ``--min-targets``,
+    before it waits for the stragglers, which are reported as each ends)."""
     from objstream.producer.sender import TargetResult
 
     started = time.monotonic()
     stop = StopFlag()
+
+    def sent(results: list[TargetResult]) -> None:
+        seconds = time.monotonic() - started
+        if args.json:
+            outcome = _json_outcome(args, results, seconds, enough=args.min_targets is not None)
+            ended = {r.site for r in results}
+            pending = [{"site": t, "pending": True} for t in args.to if t not in ended]
+            outcome["targets"] += pending
+            print(json.dumps(outcome), flush=True)
+            return
+        print_sent(f"{what} {args.path}", [r for r in results if r.ok], seconds)
+        for failed in (r for r in results if r.error is not None):  # k of N: it failed first
+            console.error(f"{failed.site}: {failed.error}")
+
     try:
-        results = send(stop)
+        send(stop, sent)
     except BaseException as e:
         # A send a signal cancelled (its targets told `aborted`) is an interruption (exit 130, 143),
         # not the targets' failures.
@@ -257,12 +301,37 @@ def _send(
         if error is not e:
             raise error from e
         raise
-    seconds = time.monotonic() - started
-    if args.json:
-        print(json.dumps(_json_outcome(args, results, seconds)))
-        return 0
-    print_sent(f"{what} {args.path}", results, seconds)
+    if stop:  # while stragglers went on: they were told to stop
+        raise stop.interrupted()
     return 0
+
+
+def _stragglers_of(args: argparse.Namespace, what: str) -> Callable[[TargetResult], None]:
+    """How a straggler of a send with ``--min-targets`` is reported as it ends (after the
+    send's own report): a JSON object of its own, or its line (on stderr if it failed)."""
+    started = time.monotonic()
+
+    def report(result: TargetResult) -> None:
+        if args.json:
+            record = {"straggler": True, "name": args.path, **_target(result)}
+            print(json.dumps(record), flush=True)
+        elif result.ok:
+            print_sent(f"{what} {args.path}", [result], time.monotonic() - started)
+        else:
+            console.error(f"{result.site}: {result.error}")
+
+    return report
+
+
+def _quorum(args: argparse.Namespace) -> dict[str, Any]:
+    """The Python keywords of ``--min-targets`` and ``--stragglers``."""
+    if args.min_targets is None:
+        return {}
+    if args.min_targets > len(args.to):
+        raise ConfigError(
+            f"--min-targets {args.min_targets} is more than the {len(args.to)} targets of --to"
+        )
+    return {"min_targets": args.min_targets, "stragglers": args.stragglers}
 
 
 def print_sent(label: str, results: list[TargetResult], seconds: float) -> None:
@@ -290,13 +359,18 @@ def send_file(args: argparse.Namespace, settings: Settings) -> int:
         return send_many(args, settings)
     args.path = args.path[0]
 
-    def send(stop: StopFlag) -> list[TargetResult]:
+    quorum = _quorum(args)
+
+    def send(stop: StopFlag, sent: Sent) -> None:
         bars = progress.display(args.progress)
         stop.install()
-        with FileStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
-            results = streamer.stream_file(args.to, args.path)
+        report = _stragglers_of(args, "file")
+        with FileStreamer(
+            args.site, settings, progress=bars, cancel=stop.event, on_straggler=report
+        ) as streamer:
+            sent(streamer.stream_file(args.to, args.path, **quorum))
+            streamer.stragglers()  # each reported as it ends
         bars.close()
-        return results
 
     return _send(args, "file", send)
 
@@ -309,7 +383,9 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
     )
     from objstream.producer.streamer import ContainerStreamer
 
-    def send(stop: StopFlag) -> list[TargetResult]:
+    quorum = _quorum(args)
+
+    def send(stop: StopFlag, sent: Sent) -> None:
         path = Path(args.path)
         container = load_container(path)
         sizes = compressed_size(path)
@@ -321,10 +397,13 @@ def send_container(args: argparse.Namespace, settings: Settings) -> int:
             )
         bars = progress.display(args.progress)
         stop.install()  # from here a signal aborts the stream at every target
-        with ContainerStreamer(args.site, settings, progress=bars, cancel=stop.event) as streamer:
-            results = streamer.stream_container(args.to, container, container_name(path))
+        report = _stragglers_of(args, "container")
+        with ContainerStreamer(
+            args.site, settings, progress=bars, cancel=stop.event, on_straggler=report
+        ) as streamer:
+            sent(streamer.stream_container(args.to, container, container_name(path), **quorum))
+            streamer.stragglers()  # each reported as it ends
         bars.close()
-        return results
 
     return _send(args, "container", send)
 

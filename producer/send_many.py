@@ -54,6 +54,8 @@ def check_usage(args: argparse.Namespace) -> None:
     """Raises ConfigError (exit 2) for options that do not go together."""
     if args.name is not None and STDIN not in args.path:
         raise ConfigError("--name names standard input: give it with - as a PATH")
+    if args.min_targets is not None and is_many(args):
+        raise ConfigError("--min-targets sends one object: give one PATH, not a tree or stdin")
 
 
 def send_many(args: argparse.Namespace, settings: Settings) -> int:

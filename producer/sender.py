@@ -230,6 +230,32 @@ class StreamSender:
             BrokerUnreachable: the broker connection was lost (and not regained).
             BrokerRefused: the broker refused an operation (its reply code and words).
         """
+        transfer = self.prepare(
+            source,
+            targets,
+            timeout=timeout,
+            window=window,
+            chunk_size=chunk_size,
+            rate_limit=rate_limit,
+            answering=answering,
+            resume=resume,
+        )
+        return transfer.run(answering.joiners if answering else None)
+
+    def prepare(
+        self,
+        source: ObjectStreamer,
+        targets: Sequence[str],
+        *,
+        timeout: float | None = None,
+        window: int | None = None,
+        chunk_size: int | None = None,
+        rate_limit: int | None = None,
+        answering: Answering | None = None,
+        resume: Resume | None = None,
+    ) -> Transfer:
+        """The transfer :meth:`send` runs, checked and ready (nothing published yet): run it
+        with a :class:`Quorum` for a k-of-N send."""
         if not targets:
             raise ValueError("no target sites given")
         for target in targets:
@@ -256,13 +282,14 @@ class StreamSender:
             # with less gets the rest by resend).
             backlog=int(settings.backlog_windows * window),
         )
-        routes = {targets[0]: answering.offer_to} if answering else {}
         stream_id = answering.stream_id if answering else new_stream_id()
         rate = settings.rate_limit if rate_limit is None else rate_limit
         transfer = Transfer(
             self, reader, stream_id, targets, start=start, pacing=pacing, rate_limit=rate
         )
-        return transfer.run(routes, answering.joiners if answering else None)
+        if answering:
+            transfer.routes[targets[0]] = answering.offer_to
+        return transfer
 
     def _resume_point(self, reader: PieceReader, resume: Resume) -> int:
         """Where a resumed stream starts: ``resume.from_chunk`` if the prefix is unchanged."""

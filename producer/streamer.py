@@ -12,12 +12,14 @@ thread)::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from objstream.common.amqp import Closing, connect
+from objstream.common.errors import ConfigError, ObjstreamError
 from objstream.common.settings import (
     Settings,
     check_chunk_size,
@@ -29,6 +31,7 @@ from objstream.common.settings import (
 from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.producer.sender import ReplyQueue, StreamSender, TargetResult
 from objstream.producer.sources import FileSource
+from objstream.producer.transfer import Quorum, Transfer
 
 
 class Streamer(Closing):
@@ -36,7 +39,9 @@ class Streamer(Closing):
 
     ``cancel``, once set (from a signal handler or another thread), stops the stream in
     progress: every target is told ``aborted`` at once (a file's verified prefix stays with the
-    receiver for a resume) and the send raises :class:`SendFailed`.
+    receiver for a resume) and the send raises :class:`SendFailed`; a k-of-N send's stragglers
+    (``min_targets``) are told too. ``on_straggler`` gets each straggler's result as it ends
+    (from the thread that drives them).
     """
 
     def __init__(
@@ -46,9 +51,14 @@ class Streamer(Closing):
         *,
         progress: ProgressHook | None = None,
         cancel: threading.Event | None = None,
+        on_straggler: Callable[[TargetResult], None] | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.site = check_site(site)  # before connecting
+        self._on_straggler = on_straggler
+        self._going_on: threading.Thread | None = None  # a k-of-N send's stragglers
+        self._straggled: list[TargetResult] = []
+        self._straggler_error: BaseException | None = None
         name = f"objstream producer {site}"
         self._connection = connect(self.settings, name)
         try:
@@ -74,8 +84,11 @@ class Streamer(Closing):
         timeout: float | None = None,
         window: int | None = None,
         rate_limit: int | str | None = None,
+        min_targets: int | None = None,
+        stragglers: str = "wait",
     ) -> list[TargetResult]:
-        """Stream ``source`` to each target; return once each stored and verified it.
+        """Stream ``source`` to each target; return once each stored and verified it (with
+        ``min_targets``, once that many did).
 
         Args:
             targets: a site name or several; each gets the whole object.
@@ -86,19 +99,36 @@ class Streamer(Closing):
             rate_limit: most bytes a second this send publishes, whatever the number of
                 targets, resends included (int, or "10MiB", "80mbit"); 0: no limit; default
                 from the settings (none).
+            min_targets: k of N: succeed as soon as this many targets verified. The others
+                (the stragglers) go on in the background, on this streamer's connection, until
+                they verify, fail or time out: :meth:`stragglers` waits for their results, and
+                the streamer's ``on_straggler`` (called from the background thread) gets each
+                as it ends.
+                The next send and :meth:`close` wait for them first. Fewer than
+                ``min_targets`` can still verify: the rest are told to stop and it raises.
+            stragglers: ``"wait"`` (the default) or ``"cancel"``: once ``min_targets``
+                verified, tell the others to stop (each fails ``aborted``) and return.
 
         Returns:
-            One :class:`TargetResult` per target, in the order given.
+            One :class:`TargetResult` per target, in the order given (with ``min_targets``:
+            per target that ended by then, the stragglers' come from :meth:`stragglers`).
 
         Raises:
-            SendFailed: a target failed; the error says which and why.
+            SendFailed: a target failed (with ``min_targets``: fewer than that many verified);
+                the error says which and why.
             ObjectTooLarge, BrokerUnreachable, EncodeError: as named.
         """
         sites = [targets] if isinstance(targets, str) else list(targets)
         size = int(self.settings.chunk_size) if chunk_size is None else parse_size(chunk_size)
         rate = None if rate_limit is None else parse_rate(rate_limit) if rate_limit != 0 else 0
+        quorum = None
+        if min_targets is not None:
+            if stragglers not in ("wait", "cancel"):
+                raise ConfigError(f"stragglers must be 'wait' or 'cancel', not {stragglers!r}")
+            quorum = Quorum(min_targets, stragglers == "cancel", self._on_straggler)
+        self.stragglers()  # one send at a time on the connection: the last one's first
         try:
-            return self._sender.send(
+            transfer = self._sender.prepare(
                 source,
                 sites,
                 timeout=timeout,
@@ -106,8 +136,48 @@ class Streamer(Closing):
                 chunk_size=check_chunk_size(size),
                 rate_limit=rate,
             )
-        finally:
+            results = transfer.run(quorum=quorum)
+        except BaseException:
             source.close()
+            raise
+        if transfer.stragglers:
+            self._go_on(transfer, source)
+        else:
+            source.close()
+        return results
+
+    def _go_on(self, transfer: Transfer, source: ObjectStreamer) -> None:
+        """Drive a k-of-N send's stragglers on a thread of their own (the source stays open)."""
+        self._straggled, self._straggler_error = [], None
+
+        def finish() -> None:
+            try:
+                self._straggled = transfer.finish()
+            except BaseException as e:  # re-raised by stragglers()
+                self._straggler_error = e
+            finally:
+                source.close()
+
+        self._going_on = threading.Thread(target=finish, name="objstream-stragglers", daemon=True)
+        self._going_on.start()
+
+    def stragglers(self) -> list[TargetResult]:
+        """Wait for the stragglers of the last send with ``min_targets`` (cancel it with the
+        streamer's ``cancel`` event) and return their results, in the order given: verified
+        or failed, never raising for them. Empty if none were left going.
+
+        Raises:
+            BrokerUnreachable: the connection was lost while they went on (and not regained).
+        """
+        thread, self._going_on = self._going_on, None
+        if thread is None:
+            return []
+        while thread.is_alive():
+            thread.join(0.2)  # a signal (Ctrl-C) is handled between two waits
+        error, self._straggler_error = self._straggler_error, None
+        if error is not None:
+            raise error
+        return self._straggled
 
     def serve(self, seconds: float) -> None:
         """Let the connection work (heartbeats) for ``seconds`` while the caller waits for
@@ -121,7 +191,10 @@ class Streamer(Closing):
         return self._sender.bytes_published
 
     def close(self) -> None:
-        """Close the broker connection."""
+        """Close the broker connection, once a k-of-N send's stragglers ended."""
+        if getattr(self, "_going_on", None) is not None:
+            with contextlib.suppress(ObjstreamError):  # their results were not asked for
+                self.stragglers()
         sender = getattr(self, "_sender", None)
         if sender is not None:
             sender.close()

@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from objstream.common import checksum
 from objstream.common.errors import (
+    ConfigError,
     ConnectionLost,
     ObjstreamError,
     ProtocolError,
@@ -55,6 +56,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.05  # seconds between looks at the reply queue while publishing
+
+
+@dataclass(frozen=True)
+class Quorum:
+    """A send that succeeds once ``min_targets`` targets verified (k of N). The others, the
+    stragglers, go on after the send returned (:meth:`Transfer.finish`) until they end, each
+    reported to ``on_straggler``; with ``cancel_stragglers`` they are told to stop instead."""
+
+    min_targets: int
+    cancel_stragglers: bool = False
+    on_straggler: Callable[[TargetResult], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,8 @@ class Transfer:
         # how far the broadcast was when each late joiner joined (it missed what came before).
         self._upto: dict[str | None, int] = {}
         self._joined_at: dict[str, int] = {}
+        self.quorum: Quorum | None = None
+        self.stragglers: list[str] = []  # targets still going when a k-of-N send returned
 
     def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
         """The object itself, if it rides inside the offer (one message, no data queue)."""
@@ -132,10 +146,19 @@ class Transfer:
             )
         return key
 
-    def run(self, routes: dict[str, str], joiners: Joiners | None) -> list[TargetResult]:
+    def run(
+        self, joiners: Joiners | None = None, quorum: Quorum | None = None
+    ) -> list[TargetResult]:
+        """Drive the send until every target ended, or with a ``quorum`` until enough
+        verified (then :attr:`stragglers` names the others, and :meth:`finish` goes on)."""
         sender, session, source = self.sender, self.session, self.reader.streamer
+        if quorum is not None and not 1 <= quorum.min_targets <= len(session.targets):
+            raise ConfigError(
+                f"min_targets must be between 1 and the number of targets "
+                f"({len(session.targets)}), not {quorum.min_targets}"
+            )
+        self.quorum = quorum
         sender.replies.clear()  # replies to earlier sends, if any, are stale
-        self.routes.update(routes)
         self._do(session.start_actions())
         log.info(
             "streaming %s %r (%s bytes, %s chunks) to %s as stream %s",
@@ -146,11 +169,23 @@ class Transfer:
             ", ".join(t.site for t in session.targets),
             self.stream_id,
         )
+        self._drive(joiners)
+        return self._results()
+
+    def finish(self) -> list[TargetResult]:
+        """After a k-of-N send returned: drive the stragglers to their end; their results."""
+        self._drive(None)
+        return [r for r in self._results(raising=False) if r.site in self.stragglers]
+
+    def _drive(self, joiners: Joiners | None) -> None:
+        sender, session, source = self.sender, self.session, self.reader.streamer
         while True:
             try:
                 if joiners is not None:
                     self._take_joiners(joiners)
                 if session.finished and (joiners is None or joiners.close_if_idle()):
+                    break
+                if self._enough():
                     break
                 self._turn()
             except ConnectionLost as e:
@@ -171,7 +206,26 @@ class Transfer:
                 changed = isinstance(e, SourceChanged)
                 self._do(session.source_failed(str(e), changed=changed))
                 break
-        return self._results()
+
+    def _enough(self) -> bool:
+        """A k-of-N send: True when it returns now, the stragglers going on (or told to stop,
+        then it returns when they ended); if too many failed, the rest are told to stop."""
+        quorum = self.quorum
+        if quorum is None or self.stragglers:
+            return False
+        reached = self.session.quorum(quorum.min_targets)
+        if reached is False:
+            self._do(self.session.quorum_lost(quorum.min_targets))
+        elif reached and quorum.cancel_stragglers:
+            reason = (
+                f"site {self.sender.site} had the {quorum.min_targets} targets it needed "
+                "(--stragglers cancel)"
+            )
+            self._do(self.session.cancel(reason))
+        elif reached:
+            self.stragglers = [t.site for t in self.session.targets if t.active]
+            return True
+        return False
 
     def _take_joiners(self, joiners: Joiners) -> None:
         for site, reply_to in joiners.take():
@@ -189,20 +243,32 @@ class Transfer:
             self._joined_at[site] = self._upto.get(None, 0)
             self._do(actions)
 
-    def _results(self) -> list[TargetResult]:
+    def _results(self, *, raising: bool = True) -> list[TargetResult]:
+        """Every ended target's result (all of them but the stragglers of a k-of-N send).
+
+        Raises:
+            SendFailed: a target failed (of a k-of-N send: fewer than k verified).
+        """
+        session = self.session
+        results = [
+            self._result(t.site, t.error, t.stored_as) for t in session.targets if not t.active
+        ]
+        failures = [r.error for r in results if r.error is not None]
+        quorum = self.quorum
+        failed = failures if quorum is None else session.verified < quorum.min_targets
+        if raising and failed:
+            raise SendFailed(failures, list(results))
+        return results
+
+    def _result(
+        self, site: str, error: TransferFailed | None, stored_as: str | None
+    ) -> TargetResult:
         reader = self.reader
         complete = reader.count is not None and reader.digest.hashed == reader.count
         sha256 = reader.digest.hexdigest() if complete else ""
-        results = [
-            TargetResult(
-                t.site, self.stream_id, t.error is None, reader.size, sha256, t.stored_as, t.error
-            )
-            for t in self.session.targets
-        ]
-        failures = [r.error for r in results if r.error is not None]
-        if failures:
-            raise SendFailed(failures, list(results))
-        return results
+        return TargetResult(
+            site, self.stream_id, error is None, reader.size, sha256, stored_as, error
+        )
 
     def _turn(self) -> None:
         """One round: take replies, check silences, publish what the windows allow."""
@@ -281,8 +347,12 @@ class Transfer:
                     self.reader.release_before(seq)
                 case ReportProgress():
                     self._report(action)
-                case TargetFinished():
-                    pass  # the session's table holds the outcome; logged there
+                case TargetFinished(site=site, error=error, stored_as=stored_as):
+                    # The session's table holds the outcome (logged there); a straggler of a
+                    # k-of-N send that returned is reported as it ends.
+                    report = self.quorum.on_straggler if self.quorum else None
+                    if report is not None and site in self.stragglers:
+                        report(self._result(site, error, stored_as))
                 case NewChannel(site=site):
                     sender.new_channel(f"nothing from {site} through two resends")
 

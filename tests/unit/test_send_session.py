@@ -611,3 +611,32 @@ def test_a_served_target_that_never_takes_its_offer_lets_go_after_the_contact_ti
     [finished] = [a for a in session.tick(10.5) if isinstance(a, TargetFinished)]
     assert isinstance(finished.error, TimedOut)
     assert "never took the offer" in str(finished.error)
+
+
+def test_a_quorum_is_reached_when_enough_targets_verified_and_lost_when_too_many_failed() -> None:
+    """k of N: two of three verified is enough, whatever the third does; with two of three
+    required, two failures leave too few, and the one left is told to stop."""
+    session, sid, _ = _session(("a", "b", "c"))
+    assert session.quorum(2) is None  # nobody verified, everybody still can
+    _answer(session, _done(sid, site="a"), 1.0)
+    assert session.verified == 1
+    assert session.quorum(1) is True
+    assert session.quorum(2) is None
+    _answer(session, _done(sid, site="b"), 1.0)
+    assert session.quorum(2) is True
+    assert _target(session, "c") is TargetState.OFFERED  # a straggler, still going
+
+    session, sid, _ = _session(("a", "b", "c"))
+    for site in ("a", "b"):
+        assert session.quorum(2) is None  # enough of them may still verify
+        _answer(session, _done(sid, False, site, code=FailureCode.REFUSED, detail="no"), 1.0)
+    assert session.quorum(2) is False
+    actions = session.quorum_lost(2)
+    [finished] = [a for a in actions if isinstance(a, TargetFinished)]
+    assert finished.site == "c"
+    assert finished.error is not None
+    assert finished.error.code is FailureCode.ABORTED
+    assert "2 of 3 targets failed: fewer than the 2 required can still verify" in str(
+        finished.error
+    )
+    assert session.finished
