@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from objstream.common.errors import FailureCode, ProtocolError
+from objstream.common.errors import ConfigError, FailureCode, ProtocolError
 from objstream.common.settings import MAX_CHUNK_SIZE, MAX_NAME_LENGTH, NAME_PATTERN
 
 PROTOCOL_VERSION: Literal[2] = 2
@@ -35,6 +35,36 @@ StreamId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="uuid4 he
 SiteName = Annotated[str, Field(pattern=NAME_PATTERN, description="A site name.")]
 Seq = Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
 Count = Annotated[int, Field(ge=0, le=MAX_CHUNKS)]
+MAX_KEY_PATTERNS = 64
+"""Most entry patterns one container request carries (``Request.keys``)."""
+MAX_KEY_PATTERN = 256
+"""Longest entry pattern, in characters."""
+KeyPattern = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_KEY_PATTERN, description="A glob pattern on entry names."),
+]
+
+
+def check_keys(keys: Sequence[str]) -> list[str]:
+    """Entry patterns a container request can carry (``Request.keys``), as a list.
+
+    Raises:
+        ConfigError: none, more than :data:`MAX_KEY_PATTERNS`, an empty or too long one.
+    """
+    patterns = [keys] if isinstance(keys, str) else list(keys)
+    if not patterns:
+        raise ConfigError("no entry pattern given (keys)")
+    if len(patterns) > MAX_KEY_PATTERNS:
+        raise ConfigError(f"{len(patterns)} entry patterns (at most {MAX_KEY_PATTERNS})")
+    for pattern in patterns:
+        if not 1 <= len(pattern) <= MAX_KEY_PATTERN:
+            raise ConfigError(
+                f"entry pattern {pattern[:40]!r} of {len(pattern)} characters "
+                f"(1 to {MAX_KEY_PATTERN})"
+            )
+    return patterns
+
+
 ByteCount = Annotated[int, Field(ge=0, le=MAX_OBJECT_BYTES)]
 Kind = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.\-]{0,31}$", description="Object kind.")]
 MAX_INFO_TEXT = 256
@@ -236,17 +266,28 @@ class Request(_Versioned):
         description="With resume_from: hex SHA-256 of the bytes the requester has.",
     )
     requester: SiteName
+    keys: list[KeyPattern] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_KEY_PATTERNS,
+        description="With kind=container: only the entries whose names match one of these "
+        "glob patterns (fnmatch: *, ?, [...]; case-sensitive); absent: every entry.",
+    )
 
     @model_validator(mode="after")
     def _resume_is_complete(self) -> Request:
         if self.kind == LIST_KIND:
             if self.resume_from or self.chunk_size is not None or self.prefix_sha256 is not None:
                 raise ValueError("a list request does not resume")
+            if self.keys is not None:
+                raise ValueError("a list request names no entries (keys)")
             return self
         if not self.name:
             raise ValueError(f"a {self.kind} request needs a name")
         if self.of is not None:
             raise ValueError("only a list request says what it lists (of)")
+        if self.keys is not None and self.kind != "container":
+            raise ValueError("only a container request selects entries (keys)")
         if self.resume_from and (self.chunk_size is None or self.prefix_sha256 is None):
             raise ValueError("resume_from needs chunk_size and prefix_sha256")
         return self

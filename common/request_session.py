@@ -28,7 +28,7 @@ Feed it parsed messages and clock ticks; carry out the actions it returns, in or
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -171,16 +171,18 @@ class RequestSession:
         now: float,
         kept: Kept | None = None,
         prefix_sha256: str | None = None,
+        keys: Sequence[str] | None = None,
     ) -> tuple[str, list[Action]]:
         """Ask ``owner`` for object ``name``; returns the retrieval's handle and what to do.
 
         With ``kept`` (a prefix of the same file kept here, hashing to ``prefix_sha256``), the
         request says where to resume, and the owner sends only the rest if its file still
-        starts the same way.
+        starts the same way. With ``keys`` (glob patterns), a container's owner sends only the
+        entries whose names match (the caller checked them: :func:`check_keys`).
         """
-        fields: dict[str, Any] = {}
+        fields: dict[str, Any] = {} if keys is None else {"keys": list(keys)}
         if kept is not None and kind == "file" and prefix_sha256 is not None:
-            fields = {
+            fields |= {
                 "resume_from": kept.stored,
                 "chunk_size": kept.chunk_size,
                 "prefix_sha256": prefix_sha256,

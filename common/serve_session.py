@@ -257,7 +257,8 @@ class ServeSession:
                 f"{found.size} bytes exceed the limit of {self.max_object_size}",
             )
         shared = self._shared.get((request.kind, request.name))
-        if not request.resume_from and shared is not None and request.requester not in shared.sites:
+        whole = not request.resume_from and request.keys is None  # what a shared stream carries
+        if whole and shared is not None and request.requester not in shared.sites:
             shared.sites.add(request.requester)
             self.accepted += 1
             self.joined += 1
@@ -339,7 +340,7 @@ class ServeSession:
         stream_id = self.new_id()
         self.slots.take(stream_id, holder)
         self.accepted += 1
-        shared = not request.resume_from
+        shared = not request.resume_from and request.keys is None  # the whole object
         if shared:
             self._shared[request.kind, request.name] = _Shared(stream_id, {request.requester})
         reply = self._accept(request, stream_id, found)

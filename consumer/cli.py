@@ -22,6 +22,7 @@ from objstream.common.cli import (
 )
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SenderGone, TransferFailed
+from objstream.common.protocol import check_keys
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
 from objstream.consumer import partials_cli
@@ -144,8 +145,23 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
         "format; a served checkpoint directory as the directory PATH (no suffix, or ending in "
         "/); into PATH under the container's own name if PATH is an existing directory",
     )
+    rc.add_argument(
+        "--keys",
+        type=_patterns,
+        metavar="PATTERN[,PATTERN...]",
+        help="only the entries (a safetensors' tensors) whose names match one of these glob "
+        "patterns, e.g. 'layers.0.*,lm_head.*': the owner reads and sends them alone",
+    )
     _retrieve_options(rc)
     rc.set_defaults(handler=retrieve_container_cmd, settings_overrides=_overrides)
+
+
+def _patterns(text: str) -> list[str]:
+    """``--keys``: comma-separated glob patterns, each checked as a request carries them."""
+    try:
+        return check_keys([p for p in text.split(",") if p])
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _retrieve_options(cmd: argparse.ArgumentParser) -> None:
@@ -204,8 +220,9 @@ def _retrieve(
 ) -> Received:
     """Retrieve as asked; a signal gives the retrieval up (the owner is told `aborted`, what
     is verified is kept) and the command exits 130 (SIGINT) or 143 (SIGTERM)."""
+    keys = getattr(args, "keys", None)
     with failures_reported(stop, partial(_print_failed, args, kind) if args.json else None):
-        return retriever.retrieve(kind, args.owner, args.name, args.timeout)
+        return retriever.retrieve(kind, args.owner, args.name, args.timeout, keys=keys)
 
 
 def _print_failed(
@@ -286,6 +303,8 @@ def output_place(out: str) -> tuple[Path, str | None]:
 
 
 def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    if args.list and args.keys is not None:
+        raise ConfigError("--keys selects the entries to retrieve: not with --list")
     if _listing_or_checked(args, "--out"):
         return list_cmd(args, settings, "container")
     dest, store_as = output_place(args.out)  # before connecting

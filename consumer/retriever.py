@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Unpack
 
 from objstream.common.errors import ConfigError, FailureCode, TimedOut, TransferFailed
 from objstream.common.listing import Listing
 from objstream.common.offthread import off_thread
+from objstream.common.protocol import check_keys
 from objstream.common.request_session import Kind
 from objstream.common.settings import MAX_NAME_LENGTH, Settings, check_object_name, check_site
 from objstream.consumer.core import ConsumerCore
@@ -95,13 +97,23 @@ class Retriever(ConsumerSide):
         assert received.path is not None
         return received.path
 
-    def retrieve_container(self, from_site: str, name: str, timeout: float | None = None) -> Any:
+    def retrieve_container(
+        self,
+        from_site: str,
+        name: str,
+        timeout: float | None = None,
+        *,
+        keys: Sequence[str] | None = None,
+    ) -> Any:
         """Fetch the container registered as ``name`` at ``from_site``; returns it.
 
-        With ``on_entry``, entries go to the callback as they complete and ``None`` is returned.
-        Raises as :meth:`retrieve_file`.
+        With ``keys`` (glob patterns such as ``"layers.0.*"``, matched against a dict's entry
+        names, a safetensors' tensor names), only the matching entries move: the owner reads
+        and sends them alone, and the container returned holds them alone. None matching is
+        refused ``not_found``. With ``on_entry``, entries go to the callback as they complete
+        and ``None`` is returned. Raises as :meth:`retrieve_file`.
         """
-        return self._retrieve("container", from_site, name, timeout).value
+        return self.retrieve("container", from_site, name, timeout, keys=keys).value
 
     def retrieve(
         self,
@@ -109,9 +121,16 @@ class Retriever(ConsumerSide):
         from_site: str,
         name: str,
         timeout: float | None = None,
+        *,
+        keys: Sequence[str] | None = None,
     ) -> Received:
-        """The general form: returns the :class:`Received` record (path, value, size, sha256)."""
-        return self._retrieve(kind, from_site, name, timeout)
+        """The general form: returns the :class:`Received` record (path, value, size, sha256).
+        ``keys``: a container's entries to retrieve (see :meth:`retrieve_container`)."""
+        if keys is not None and kind != "container":
+            raise ConfigError("only a container's entries are selected (keys)")
+        return self._retrieve(
+            kind, from_site, name, timeout, None if keys is None else check_keys(keys)
+        )
 
     def list(
         self,
@@ -164,7 +183,14 @@ class Retriever(ConsumerSide):
             raise state.error
         return state.listing
 
-    def _retrieve(self, kind: Kind, from_site: str, name: str, timeout: float | None) -> Received:
+    def _retrieve(
+        self,
+        kind: Kind,
+        from_site: str,
+        name: str,
+        timeout: float | None,
+        keys: Sequence[str] | None = None,
+    ) -> Received:
         check_site(from_site)  # before its service queue is declared
         check_object_name(name)
         timeout = timeout or self.settings.timeout
@@ -184,7 +210,7 @@ class Retriever(ConsumerSide):
                 kept.stored_bytes,
             )
         handle = core.call(
-            lambda: self._requests.ask(kind, name, from_site, timeout=timeout, kept=kept)
+            lambda: self._requests.ask(kind, name, from_site, timeout=timeout, kept=kept, keys=keys)
         )
         try:
             return self._wait(handle, from_site, timeout)

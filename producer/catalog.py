@@ -10,6 +10,7 @@ component longer than it allows) is simply not there.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -70,9 +71,40 @@ class Catalog:
                     Absent.NOT_SERVED, f"no container {request.name!r} at {self.site}"
                 ), None
             prepared: ContainerSource = served.value
+            if request.keys is not None:
+                return self._entries(request, prepared, served.allow)
             source = prepared.reuse()  # encoded when added, not here
             return Found(source.size, len(prepared.container), served.allow), source
         return self._file(request.name)
+
+    def _entries(
+        self, request: Request, prepared: ContainerSource, allow: frozenset[str] | None
+    ) -> tuple[Found | Missing, ObjectStreamer | None]:
+        """The entries of a container whose names match ``request.keys``, encoded now (only
+        they are read): a container of its own, under the same name."""
+        container = prepared.container
+        patterns = request.keys or []
+        if not isinstance(container, dict) or prepared.directory:
+            kind = "directory" if prepared.directory else type(container).__name__
+            detail = (
+                f"container {request.name!r} is a {kind}: only a dict's entries are selected "
+                "(keys); retrieve it whole"
+            )
+            return Missing(Absent.NOT_SERVED, detail), None
+        chosen = {
+            key: value
+            for key, value in container.items()
+            if any(fnmatch.fnmatchcase(str(key), pattern) for pattern in patterns)
+        }
+        if not chosen:
+            return Missing(
+                Absent.NOT_SERVED,
+                f"no entry of container {request.name!r} at {self.site} matches "
+                f"{', '.join(patterns)}",
+            ), None
+        source = ContainerSource(chosen, request.name)
+        source.prepare(self._chunk_size)
+        return Found(source.size, len(chosen), allow), source
 
     def listing(self, of: str | None, prefix: str) -> list[Shelf]:
         """What is served, for a list request (of ``of``: file, container, None for both):

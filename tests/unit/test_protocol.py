@@ -6,7 +6,7 @@ import pika
 import pytest
 
 from objstream.common.amqp.connection import _from_pika, _to_pika
-from objstream.common.errors import FailureCode, ProtocolError
+from objstream.common.errors import ConfigError, FailureCode, ProtocolError
 from objstream.common.protocol import (
     PROTOCOL_VERSION,
     Chunk,
@@ -175,6 +175,24 @@ def test_a_resume_request_says_what_it_has(changes: dict[str, Any]) -> None:
         Request(**fields, resume_from=2, **changes)
     both = {"chunk_size": 4096, "prefix_sha256": "0" * 64}
     assert Request(**fields, resume_from=2, **both).resume_from == 2
+
+
+def test_only_a_container_request_selects_entries_and_within_bounds() -> None:
+    from objstream.common.protocol import Request, check_keys, to_headers
+
+    fields = {"request_id": new_stream_id(), "name": "m", "requester": "s"}
+    request = Request(**fields, kind="container", keys=["layers.0.*", "lm_head.*"])
+    assert parse("request", to_headers(request)) == request  # through AMQP headers and back
+    with pytest.raises(ValueError, match="only a container request selects entries"):
+        Request(**fields, kind="file", keys=["x"])
+    with pytest.raises(ValueError, match="a list request names no entries"):
+        Request(**{**fields, "name": ""}, kind="list", keys=["x"])
+    for bad in ([], ["x"] * 65, [""], ["x" * 257]):
+        with pytest.raises(ProtocolError):
+            parse("request", {**to_headers(Request(**fields, kind="container")), "keys": bad})
+        with pytest.raises(ConfigError):
+            check_keys(bad)
+    assert check_keys("a*") == ["a*"]
 
 
 def test_another_version_is_unsupported_version_with_its_code() -> None:

@@ -359,3 +359,19 @@ def test_requests_for_one_object_join_its_stream_and_a_failed_join_starts_anothe
     assert isinstance(own, Start)
     assert own.stream_id != start.stream_id
     assert reply.reply.stream_id == own.stream_id
+
+
+def test_a_request_for_some_entries_neither_joins_nor_is_joined() -> None:
+    """A stream of selected entries carries another container than the whole one: requests
+    for the whole container do not share it, nor it theirs."""
+    session = _serve()
+    _, whole = _looked_up(session, _request("site-1"), Found(3, 2))
+    some = _looked_up(session, _request("site-2", keys=["a*"]), Found(2, 1))
+    assert isinstance(some[-1], Start)
+    assert some[-1].stream_id != whole.stream_id
+    session.ended(whole.stream_id)
+    _, first = _looked_up(session, _request("site-1", keys=["a*"]), Found(2, 1))
+    later = _looked_up(session, _request("site-3"), Found(3, 2))
+    assert isinstance(later[-1], Start)
+    assert later[-1].stream_id != first.stream_id
+    assert session.joined == 0
