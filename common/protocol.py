@@ -266,6 +266,14 @@ class Request(_Versioned):
         description="With resume_from: hex SHA-256 of the bytes the requester has.",
     )
     requester: SiteName
+    range_start: ByteCount | None = Field(
+        None, description="With kind=file: the first byte wanted (with range_end)."
+    )
+    range_end: ByteCount | None = Field(
+        None,
+        description="With kind=file: the byte after the last one wanted; the owner sends "
+        "bytes range_start to range_end - 1 of the file, as a file of its own.",
+    )
     keys: list[KeyPattern] | None = Field(
         None,
         min_length=1,
@@ -279,8 +287,8 @@ class Request(_Versioned):
         if self.kind == LIST_KIND:
             if self.resume_from or self.chunk_size is not None or self.prefix_sha256 is not None:
                 raise ValueError("a list request does not resume")
-            if self.keys is not None:
-                raise ValueError("a list request names no entries (keys)")
+            if self.keys is not None or self.range_start is not None:
+                raise ValueError("a list request names no entries (keys) nor bytes (range)")
             return self
         if not self.name:
             raise ValueError(f"a {self.kind} request needs a name")
@@ -288,9 +296,22 @@ class Request(_Versioned):
             raise ValueError("only a list request says what it lists (of)")
         if self.keys is not None and self.kind != "container":
             raise ValueError("only a container request selects entries (keys)")
+        self._check_range()
         if self.resume_from and (self.chunk_size is None or self.prefix_sha256 is None):
             raise ValueError("resume_from needs chunk_size and prefix_sha256")
         return self
+
+    def _check_range(self) -> None:
+        if (self.range_start is None) != (self.range_end is None):
+            raise ValueError("range_start and range_end go together")
+        if self.range_start is None or self.range_end is None:
+            return
+        if self.kind != "file":
+            raise ValueError("only a file request asks for a byte range")
+        if self.range_start >= self.range_end:
+            raise ValueError("range_end must be after range_start")
+        if self.resume_from:
+            raise ValueError("a byte range does not resume")
 
     @property
     def ident(self) -> str:

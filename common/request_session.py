@@ -68,6 +68,25 @@ Kind = Literal["file", "container"]
 
 
 @dataclass(frozen=True)
+class Selection:
+    """A part of an object to ask for: a container's entries whose names match one of
+    ``keys`` (glob patterns, checked by :func:`~objstream.common.protocol.check_keys`), or a
+    file's bytes ``byte_range`` (start, end exclusive)."""
+
+    keys: Sequence[str] | None = None
+    byte_range: tuple[int, int] | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The request's fields that ask for it."""
+        fields: dict[str, Any] = {}
+        if self.keys is not None:
+            fields["keys"] = list(self.keys)
+        if self.byte_range is not None:
+            fields["range_start"], fields["range_end"] = self.byte_range
+        return fields
+
+
+@dataclass(frozen=True)
 class PublishRequest:
     """Publish ``request`` to ``owner``'s service queue; it expires after ``expiration_s``."""
 
@@ -171,16 +190,18 @@ class RequestSession:
         now: float,
         kept: Kept | None = None,
         prefix_sha256: str | None = None,
-        keys: Sequence[str] | None = None,
+        selection: Selection | None = None,
     ) -> tuple[str, list[Action]]:
         """Ask ``owner`` for object ``name``; returns the retrieval's handle and what to do.
 
         With ``kept`` (a prefix of the same file kept here, hashing to ``prefix_sha256``), the
         request says where to resume, and the owner sends only the rest if its file still
-        starts the same way. With ``keys`` (glob patterns), a container's owner sends only the
-        entries whose names match (the caller checked them: :func:`check_keys`).
+        starts the same way. With a ``selection``, the owner sends only that part of the object
+        (never a resume).
         """
-        fields: dict[str, Any] = {} if keys is None else {"keys": list(keys)}
+        fields = {} if selection is None else selection.fields()
+        if selection is not None:
+            kept = None
         if kept is not None and kind == "file" and prefix_sha256 is not None:
             fields |= {
                 "resume_from": kept.stored,

@@ -257,7 +257,7 @@ class ServeSession:
                 f"{found.size} bytes exceed the limit of {self.max_object_size}",
             )
         shared = self._shared.get((request.kind, request.name))
-        whole = not request.resume_from and request.keys is None  # what a shared stream carries
+        whole = _whole(request)  # what a shared stream carries
         if whole and shared is not None and request.requester not in shared.sites:
             shared.sites.add(request.requester)
             self.accepted += 1
@@ -340,7 +340,7 @@ class ServeSession:
         stream_id = self.new_id()
         self.slots.take(stream_id, holder)
         self.accepted += 1
-        shared = not request.resume_from and request.keys is None  # the whole object
+        shared = _whole(request)
         if shared:
             self._shared[request.kind, request.name] = _Shared(stream_id, {request.requester})
         reply = self._accept(request, stream_id, found)
@@ -396,3 +396,9 @@ class ServeSession:
             return [Reject(str(error))]
         self.refused += 1
         return [SendReply(reply_to, reply)]
+
+
+def _whole(request: Request) -> bool:
+    """Whether ``request`` asks for the whole object from its start: only such requests share a
+    stream (not a resume, nor some entries, nor a byte range)."""
+    return not request.resume_from and request.keys is None and request.range_start is None

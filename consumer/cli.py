@@ -19,6 +19,7 @@ from objstream.common.cli import (
     StopFlag,
     count_arg,
     failures_reported,
+    size_arg,
 )
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SenderGone, TransferFailed
@@ -119,6 +120,14 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
     rf.add_argument(
         "--dest", metavar="DIR", help="directory to store into (required unless --list)"
     )
+    rf.add_argument(
+        "--range",
+        dest="byte_range",
+        type=_byte_range,
+        metavar="START:END",
+        help="only bytes START to END (END excluded) of the file, e.g. 0:4MiB; stored as a "
+        "file of its own under NAME (the owner reads only those)",
+    )
     _retrieve_options(rf)
     rf.set_defaults(handler=retrieve_file_cmd, settings_overrides=_overrides)
 
@@ -154,6 +163,17 @@ def _add_retrieve_commands(sub: Any, parent: argparse.ArgumentParser) -> None:
     )
     _retrieve_options(rc)
     rc.set_defaults(handler=retrieve_container_cmd, settings_overrides=_overrides)
+
+
+def _byte_range(text: str) -> tuple[int, int]:
+    """``--range START:END``: sizes (``4MiB``, plain bytes), START before END."""
+    start, colon, end = text.partition(":")
+    if not colon or not start or not end:
+        raise argparse.ArgumentTypeError(f"{text!r} is not START:END (such as 0:4MiB)")
+    first, last = size_arg(start), size_arg(end)
+    if first >= last:
+        raise argparse.ArgumentTypeError(f"{text!r}: END must be after START")
+    return first, last
 
 
 def _patterns(text: str) -> list[str]:
@@ -221,8 +241,11 @@ def _retrieve(
     """Retrieve as asked; a signal gives the retrieval up (the owner is told `aborted`, what
     is verified is kept) and the command exits 130 (SIGINT) or 143 (SIGTERM)."""
     keys = getattr(args, "keys", None)
+    span = getattr(args, "byte_range", None)
     with failures_reported(stop, partial(_print_failed, args, kind) if args.json else None):
-        return retriever.retrieve(kind, args.owner, args.name, args.timeout, keys=keys)
+        return retriever.retrieve(
+            kind, args.owner, args.name, args.timeout, keys=keys, byte_range=span
+        )
 
 
 def _print_failed(
@@ -262,6 +285,8 @@ def _listing_or_checked(args: argparse.Namespace, stores: str) -> bool:
 
 
 def retrieve_file_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    if args.list and args.byte_range is not None:
+        raise ConfigError("--range selects the bytes to retrieve: not with --list")
     if _listing_or_checked(args, "--dest"):
         return list_cmd(args, settings, "file")
     started = time.monotonic()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from objstream.common.amqp import Delivery
@@ -27,6 +26,7 @@ from objstream.common.request_session import (
     PublishRequest,
     Reject,
     RequestSession,
+    Selection,
     TakeOffer,
 )
 from objstream.common.tls import broker_user
@@ -89,10 +89,10 @@ class RequestTracker:
         *,
         timeout: float,
         kept: Resumable | None,
-        keys: Sequence[str] | None = None,
+        selection: Selection | None = None,
     ) -> str:
-        """Ask ``owner`` for ``name`` (a container's entries that match ``keys`` only, if
-        given); returns the handle of the retrieval."""
+        """Ask ``owner`` for ``name`` (only ``selection`` of it, if given); returns the handle of
+        the retrieval."""
         handle, actions = self.session.ask(
             kind,
             name,
@@ -101,7 +101,7 @@ class RequestTracker:
             now=time.monotonic(),
             kept=None if kept is None else kept.facts(),
             prefix_sha256=None if kept is None else kept.prefix_sha256().copy().hexdigest(),
-            keys=keys,
+            selection=selection,
         )
         if kept is not None:
             self._kept[handle] = kept

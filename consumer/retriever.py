@@ -31,7 +31,7 @@ from objstream.common.errors import ConfigError, FailureCode, TimedOut, Transfer
 from objstream.common.listing import Listing
 from objstream.common.offthread import off_thread
 from objstream.common.protocol import check_keys
-from objstream.common.request_session import Kind
+from objstream.common.request_session import Kind, Selection
 from objstream.common.settings import MAX_NAME_LENGTH, Settings, check_object_name, check_site
 from objstream.consumer.core import ConsumerCore
 from objstream.consumer.options import RetrieverOptions
@@ -85,15 +85,26 @@ class Retriever(ConsumerSide):
         so nothing is left behind for another process by default)."""
         self._core.close(checkpoint)
 
-    def retrieve_file(self, from_site: str, file_name: str, timeout: float | None = None) -> Path:
+    def retrieve_file(
+        self,
+        from_site: str,
+        file_name: str,
+        timeout: float | None = None,
+        *,
+        byte_range: tuple[int, int] | None = None,
+    ) -> Path:
         """Fetch ``file_name`` from ``from_site``'s source dir; returns where it is stored.
+
+        With ``byte_range`` (start, end: end exclusive), only those bytes move: the owner reads
+        them alone and they are stored as a file of their own, under the file's name (never a
+        resume of it, nor resumed). A range not all within the file is refused ``not_found``.
 
         Raises:
             Refused: the owner said no (``code``: not_found, forbidden, outside_source_dir...).
             TimedOut: no reply, or no data, for ``timeout`` seconds.
             TransferFailed: the stream failed (checksum...).
         """
-        received = self._retrieve("file", from_site, file_name, timeout)
+        received = self.retrieve("file", from_site, file_name, timeout, byte_range=byte_range)
         assert received.path is not None
         return received.path
 
@@ -123,14 +134,23 @@ class Retriever(ConsumerSide):
         timeout: float | None = None,
         *,
         keys: Sequence[str] | None = None,
+        byte_range: tuple[int, int] | None = None,
     ) -> Received:
         """The general form: returns the :class:`Received` record (path, value, size, sha256).
-        ``keys``: a container's entries to retrieve (see :meth:`retrieve_container`)."""
+        ``keys``: a container's entries to retrieve (see :meth:`retrieve_container`);
+        ``byte_range``: a file's bytes (see :meth:`retrieve_file`)."""
         if keys is not None and kind != "container":
             raise ConfigError("only a container's entries are selected (keys)")
-        return self._retrieve(
-            kind, from_site, name, timeout, None if keys is None else check_keys(keys)
-        )
+        if byte_range is not None:
+            start, end = byte_range
+            if kind != "file":
+                raise ConfigError("only a file's bytes are selected (byte range)")
+            if not 0 <= start < end:
+                raise ConfigError(f"byte range {start}:{end}: give 0 <= START < END")
+        if keys is None and byte_range is None:
+            return self._retrieve(kind, from_site, name, timeout)
+        patterns = None if keys is None else check_keys(keys)
+        return self._retrieve(kind, from_site, name, timeout, Selection(patterns, byte_range))
 
     def list(
         self,
@@ -189,14 +209,14 @@ class Retriever(ConsumerSide):
         from_site: str,
         name: str,
         timeout: float | None,
-        keys: Sequence[str] | None = None,
+        selection: Selection | None = None,
     ) -> Received:
         check_site(from_site)  # before its service queue is declared
         check_object_name(name)
         timeout = timeout or self.settings.timeout
         core = self._core
         kept = None
-        if kind == "file":  # hashing the prefix may be slow: off the connection's thread
+        if kind == "file" and selection is None:  # hashing may be slow: off the connection's thread
             kept = off_thread(
                 lambda: core.store.kept(from_site, name),
                 lambda: core.events(0.05),
@@ -210,7 +230,9 @@ class Retriever(ConsumerSide):
                 kept.stored_bytes,
             )
         handle = core.call(
-            lambda: self._requests.ask(kind, name, from_site, timeout=timeout, kept=kept, keys=keys)
+            lambda: self._requests.ask(
+                kind, name, from_site, timeout=timeout, kept=kept, selection=selection
+            )
         )
         try:
             return self._wait(handle, from_site, timeout)

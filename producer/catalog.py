@@ -75,7 +75,21 @@ class Catalog:
                 return self._entries(request, prepared, served.allow)
             source = prepared.reuse()  # encoded when added, not here
             return Found(source.size, len(prepared.container), served.allow), source
-        return self._file(request.name)
+        found, file = self._file(request.name)
+        if request.range_start is not None and request.range_end is not None:
+            if not isinstance(found, Found) or not isinstance(file, FileSource):
+                return found, file
+            try:
+                file.restrict(request.range_start, request.range_end)
+            except ValueError:
+                file.close()
+                detail = (
+                    f"bytes {request.range_start}:{request.range_end} are not all in "
+                    f"{request.name!r} ({found.size} bytes) at {self.site}"
+                )
+                return Missing(Absent.NOT_SERVED, detail), None
+            return Found(file.size, None, found.allow), file
+        return found, file
 
     def _entries(
         self, request: Request, prepared: ContainerSource, allow: frozenset[str] | None

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from objstream.common import monitoring, progress
-from objstream.common.cli import HelpFormatter, StopFlag, error_code, error_words, size_arg
+from objstream.common.cli import (
+    HelpFormatter,
+    StopFlag,
+    count_arg,
+    error_code,
+    error_words,
+    size_arg,
+)
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SendFailed
 
@@ -97,7 +104,7 @@ def _common_send_options(send: argparse.ArgumentParser) -> None:
     _rate_option(send, "this send publishes, whatever the number of targets")
     send.add_argument(
         "--min-targets",
-        type=_positive,
+        type=count_arg,
         metavar="K",
         help="succeed as soon as K targets verified; the others (stragglers) go on until they "
         "end, each reported as it does (default: every target)",
@@ -199,16 +206,6 @@ def _sites(text: str) -> list[str]:
     if repeated:
         raise argparse.ArgumentTypeError(f"site given twice: {', '.join(repeated)}")
     return sites
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"not a whole number of at least 1: {text!r}")
-    return value
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -91,12 +91,28 @@ class FileSource(ObjectStreamer):
                 raise ObjstreamError(f"{self.path} is not a regular file")
             os.set_blocking(self._fd, True)
             self.size = self._file_size = st.st_size
+            self._base = 0  # where the bytes streamed begin (restrict)
             self._identity = _identity(st)
             # We read it front to back (resends aside): tell the kernel to read ahead.
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         except BaseException:
             os.close(self._fd)
             raise
+
+    def restrict(self, start: int, end: int) -> None:
+        """Stream only bytes ``start`` to ``end`` (exclusive) of the file, before
+        :meth:`prepare`: chunk 0 begins at ``start``. The whole file is still watched for
+        changes.
+
+        Raises:
+            ValueError: the range is empty or not within the file.
+        """
+        if not 0 <= start < end <= self._file_size:
+            raise ValueError(
+                f"bytes {start}:{end} are not within the {self._file_size} of {self.name}"
+            )
+        self._base, self._file_size = start, end - start
+        self.size = self._file_size
 
     def prepare(self, chunk_size: int) -> None:
         super().prepare(chunk_size)
@@ -116,8 +132,8 @@ class FileSource(ObjectStreamer):
             SourceChanged: the file is not as it was when opened (checked after the read: a
                 write updates the times before it copies, so one racing the read is seen).
         """
-        offset = seq * self.chunk_size
-        length = min(self.chunk_size, self._file_size - offset)
+        offset = self._base + seq * self.chunk_size
+        length = min(self.chunk_size, self._base + self._file_size - offset)
         data = os.pread(self._fd, length, offset)
         if len(data) < length:
             data = self._read_rest(seq, data, offset, length)

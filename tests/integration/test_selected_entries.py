@@ -14,10 +14,11 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from objstream.common.errors import ConfigError, FailureCode, Refused
-from objstream.common.settings import Settings
+from objstream.common.settings import MiB, Settings
 from objstream.consumer import Retriever
-from objstream.producer import ContainerRetriever
+from objstream.producer import ContainerRetriever, FileRetriever
 from objstream.producer.container_files import load_container
+from tests.conftest import random_file
 from tests.integration.conftest import Declared, StartServer
 from tests.integration.test_cli import _env
 
@@ -120,3 +121,71 @@ def test_retrieve_container_keys_writes_only_the_matching_tensors(
         np.testing.assert_array_equal(value, model[key])
     assert listed.returncode == 2
     assert listed.stderr.strip().endswith("--keys selects the entries to retrieve: not with --list")
+
+
+def test_a_byte_range_of_a_file_moves_only_those_bytes(
+    tmp_path: Path, settings: Settings, start_server: StartServer
+) -> None:
+    """``byte_range`` (``--range``): the owner reads and sends only those bytes, stored as a
+    file of their own; a range beyond the file is refused not_found."""
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "big.bin", 10 * MiB)
+    data = (src / "big.bin").read_bytes()
+    server = start_server(settings, lambda s: FileRetriever(s, source_dir=src)).server
+    assert server is not None
+    start, end = MiB + 5, 3 * MiB + 7
+    with Retriever("site-1", tmp_path / "in", settings) as retriever:
+        path = retriever.retrieve_file("server", "big.bin", timeout=30, byte_range=(start, end))
+        with pytest.raises(Refused) as refused:
+            retriever.retrieve_file("server", "big.bin", timeout=30, byte_range=(0, 10 * MiB + 1))
+        with pytest.raises(ConfigError, match="only a file's bytes are selected"):
+            retriever.retrieve("container", "server", "big.bin", byte_range=(0, 1))
+    assert path.read_bytes() == data[start:end]
+    assert server.bytes_published == end - start
+    assert refused.value.code is FailureCode.NOT_FOUND
+    assert f"bytes 0:{10 * MiB + 1} are not all in 'big.bin' ({10 * MiB} bytes)" in str(
+        refused.value
+    )
+
+
+def test_retrieve_file_range_stores_the_bytes_and_usage_errors_are_one_line(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    declared.sites.update({"server", "site-1"})
+    src = tmp_path / "src"
+    src.mkdir()
+    random_file(src / "big.bin", 2 * MiB)
+    env = _env(settings)
+    serve = subprocess.Popen(
+        ["objstream", "producer", "serve", "--site", "server", "--source-dir", str(src)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    retrieve = ["objstream", "consumer", "retrieve-file", "--site", "site-1", "--from", "server"]
+    try:
+        got = subprocess.run(
+            [*retrieve, "big.bin", "--range", "1KiB:1MiB", "--dest", str(tmp_path / "in")],
+            env=env, capture_output=True, text=True, timeout=90, check=False,
+        )  # fmt: skip
+        bad = [
+            subprocess.run(
+                [*retrieve, *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            for args in (["big.bin", "--range", "5:5", "--dest", "x"], ["--list", "--range", "0:1"])
+        ]
+    finally:
+        serve.terminate()
+        serve.communicate(timeout=30)
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "in" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()[
+        1024 : 1024 * 1024
+    ]
+    assert [b.returncode for b in bad] == [2, 2]
+    assert bad[0].stderr.strip().splitlines()[-1].startswith("objstream: error: argument --range")
+    assert "'5:5': END must be after START" in bad[0].stderr
+    assert bad[1].stderr.strip().endswith("--range selects the bytes to retrieve: not with --list")
