@@ -371,7 +371,7 @@ class ReceiveSession:
         if code in KEEP_PREFIX_ON and self.checkpoints and self.keeps_prefix and self.stored:
             detail += (
                 f"; the {self.stored_bytes} bytes received are kept: retrieving "
-                f"{self.offer.name!r} from {self.offer.sender} resumes there"
+                f"{self.offer.name!r} from {self.offer.sender} (if it serves it) resumes there"
             )
             actions = [LeaveOnDisk(self.stored, self.stored_bytes, ended=True)]
         else:
