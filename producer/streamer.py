@@ -181,7 +181,11 @@ class Streamer(Closing):
 
     def serve(self, seconds: float) -> None:
         """Let the connection work (heartbeats) for ``seconds`` while the caller waits for
-        something between two sends (a pipe's first bytes)."""
+        something between two sends (a pipe's first bytes). While a k-of-N send's stragglers
+        go on, their thread works the connection: this only waits."""
+        if self._going_on is not None:
+            self._going_on.join(seconds)
+            return
         self._sender.process_events(seconds)
 
     @property
