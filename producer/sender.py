@@ -14,6 +14,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from enum import StrEnum
+from typing import TypedDict, Unpack
 
 from objstream.common.amqp import (
     Channel,
@@ -57,6 +58,27 @@ class ReplyQueue(StrEnum):
 
     PRIVATE = "private"  # exclusive: dies with the connection
     NAMED = "named"  # durable, expires when unused: outlives a reconnect
+
+
+class SendOptions(TypedDict, total=False):
+    """What one send chooses (:meth:`StreamSender.send`, :meth:`StreamSender.prepare`)."""
+
+    timeout: float | None
+    """Seconds without progress from a target before it fails (default ``settings.timeout``)."""
+    window: int | None
+    """Chunks in flight beyond what a target stored (default ``settings.window``)."""
+    chunk_size: int | None
+    """Bytes per chunk (default ``settings.chunk_size``)."""
+    rate_limit: int | None
+    """Bytes a second this send publishes at most, whatever the number of targets, resends
+    included (default ``settings.rate_limit``)."""
+    answering: Answering | None
+    """Serve a retrieval (one target): the offer goes to the requester's reply queue under the
+    promised stream id, and its ``joiners`` bring more requesters of the same object while the
+    stream runs (shared uploads)."""
+    resume: Resume | None
+    """Send only what the receiver lacks, if its kept prefix still hashes the same (otherwise
+    the whole)."""
 
 
 class StreamSender:
@@ -203,26 +225,10 @@ class StreamSender:
     # -- sending ----------------------------------------------------------------------------------
 
     def send(
-        self,
-        source: ObjectStreamer,
-        targets: Sequence[str],
-        *,
-        timeout: float | None = None,
-        window: int | None = None,
-        chunk_size: int | None = None,
-        rate_limit: int | None = None,
-        answering: Answering | None = None,
-        resume: Resume | None = None,
+        self, source: ObjectStreamer, targets: Sequence[str], **options: Unpack[SendOptions]
     ) -> list[TargetResult]:
         """Stream ``source`` to every target (one stream id, one broadcast); return when each
-        has a verdict.
-
-        ``answering`` serves a retrieval (one target): the offer goes to the requester's reply
-        queue under the promised stream id, and its ``joiners`` bring more requesters of the
-        same object while the stream runs (shared uploads). With ``resume`` only what the
-        receiver lacks is sent, if its kept prefix still hashes the same (otherwise the whole).
-        ``rate_limit`` (bytes a second; default ``settings.rate_limit``) caps what this send
-        publishes, whatever the number of targets (resends included).
+        has a verdict (:class:`SendOptions` says what ``options`` choose).
 
         Raises:
             SendFailed: at least one target failed (every outcome is in ``results``).
@@ -230,16 +236,8 @@ class StreamSender:
             BrokerUnreachable: the broker connection was lost (and not regained).
             BrokerRefused: the broker refused an operation (its reply code and words).
         """
-        transfer = self.prepare(
-            source,
-            targets,
-            timeout=timeout,
-            window=window,
-            chunk_size=chunk_size,
-            rate_limit=rate_limit,
-            answering=answering,
-            resume=resume,
-        )
+        answering = options.get("answering")
+        transfer = self.prepare(source, targets, **options)
         return transfer.run(answering.joiners if answering else None)
 
     def prepare(
@@ -255,7 +253,7 @@ class StreamSender:
         resume: Resume | None = None,
     ) -> Transfer:
         """The transfer :meth:`send` runs, checked and ready (nothing published yet): run it
-        with a :class:`Quorum` for a k-of-N send."""
+        with a :class:`Quorum` for a k-of-N send. The options are :class:`SendOptions`."""
         if not targets:
             raise ValueError("no target sites given")
         for target in targets:
