@@ -82,6 +82,13 @@ def _translated(
         if isinstance(e, pika.exceptions.AMQPConnectionError) or not is_open():
             raise ConnectionLost(url, describe(e)) from e
         raise BrokerRefused(0, f"{type(e).__name__}: {describe(e)}", operation) from e
+    except (ValueError, AttributeError) as e:
+        # After a node died, pika fails in its own ways on a connection it has closed: its
+        # timer ("Timeout closed before call", seen in a cluster test), its poller. The
+        # connection's state tells: lost, so the caller reconnects; otherwise a bug, raised.
+        if is_open():
+            raise
+        raise ConnectionLost(url, f"{type(e).__name__}: {e}") from e
 
 
 # -- properties and deliveries --------------------------------------------------------------------
