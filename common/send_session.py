@@ -176,6 +176,13 @@ class SendSession:
             return False
         return None
 
+    def stragglers_cancelled(self, needed: int) -> list[Action]:
+        """``needed`` targets verified and the others are not waited for: they are told to
+        stop (``--stragglers cancel``)."""
+        return self.cancel(
+            f"site {self.sender} had the {needed} targets it needed (--stragglers cancel)"
+        )
+
     def quorum_lost(self, needed: int) -> list[Action]:
         """Fewer than ``needed`` targets can still verify: the others are told to stop."""
         failed = len(self.targets) - self.verified - len(self._active())

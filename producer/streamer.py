@@ -16,6 +16,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 from typing import Any
 
 from objstream.common.amqp import Closing, connect
@@ -56,9 +57,8 @@ class Streamer(Closing):
         self.settings = settings or Settings()
         self.site = check_site(site)  # before connecting
         self._on_straggler = on_straggler
-        self._going_on: threading.Thread | None = None  # a k-of-N send's stragglers
-        self._straggled: list[TargetResult] = []
-        self._straggler_error: BaseException | None = None
+        # A k-of-N send's stragglers, driven on a thread of their own: their results.
+        self._going_on: Future[list[TargetResult]] | None = None
         name = f"objstream producer {site}"
         self._connection = connect(self.settings, name)
         try:
@@ -148,18 +148,18 @@ class Streamer(Closing):
 
     def _go_on(self, transfer: Transfer, source: ObjectStreamer) -> None:
         """Drive a k-of-N send's stragglers on a thread of their own (the source stays open)."""
-        self._straggled, self._straggler_error = [], None
+        going_on: Future[list[TargetResult]] = Future()
 
         def finish() -> None:
             try:
-                self._straggled = transfer.finish()
-            except BaseException as e:  # re-raised by stragglers()
-                self._straggler_error = e
+                going_on.set_result(transfer.finish())
+            except BaseException as e:  # raised by stragglers()
+                going_on.set_exception(e)
             finally:
                 source.close()
 
-        self._going_on = threading.Thread(target=finish, name="objstream-stragglers", daemon=True)
-        self._going_on.start()
+        self._going_on = going_on
+        threading.Thread(target=finish, name="objstream-stragglers", daemon=True).start()
 
     def stragglers(self) -> list[TargetResult]:
         """Wait for the stragglers of the last send with ``min_targets`` (cancel it with the
@@ -169,22 +169,19 @@ class Streamer(Closing):
         Raises:
             BrokerUnreachable: the connection was lost while they went on (and not regained).
         """
-        thread, self._going_on = self._going_on, None
-        if thread is None:
+        going_on, self._going_on = self._going_on, None
+        if going_on is None:
             return []
-        while thread.is_alive():
-            thread.join(0.2)  # a signal (Ctrl-C) is handled between two waits
-        error, self._straggler_error = self._straggler_error, None
-        if error is not None:
-            raise error
-        return self._straggled
+        while not going_on.done():
+            wait([going_on], timeout=0.2)  # a signal (Ctrl-C) is handled between two waits
+        return going_on.result()
 
     def serve(self, seconds: float) -> None:
         """Let the connection work (heartbeats) for ``seconds`` while the caller waits for
         something between two sends (a pipe's first bytes). While a k-of-N send's stragglers
         go on, their thread works the connection: this only waits."""
         if self._going_on is not None:
-            self._going_on.join(seconds)
+            wait([self._going_on], timeout=seconds)
             return
         self._sender.process_events(seconds)
 

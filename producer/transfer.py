@@ -217,11 +217,7 @@ class Transfer:
         if reached is False:
             self._do(self.session.quorum_lost(quorum.min_targets))
         elif reached and quorum.cancel_stragglers:
-            reason = (
-                f"site {self.sender.site} had the {quorum.min_targets} targets it needed "
-                "(--stragglers cancel)"
-            )
-            self._do(self.session.cancel(reason))
+            self._do(self.session.stragglers_cancelled(quorum.min_targets))
         elif reached:
             self.stragglers = [t.site for t in self.session.targets if t.active]
             return True
@@ -250,8 +246,11 @@ class Transfer:
             SendFailed: a target failed (of a k-of-N send: fewer than k verified).
         """
         session = self.session
+        sha256 = self._sha256()  # once, not per target
         results = [
-            self._result(t.site, t.error, t.stored_as) for t in session.targets if not t.active
+            self._result(t.site, t.error, t.stored_as, sha256)
+            for t in session.targets
+            if not t.active
         ]
         failures = [r.error for r in results if r.error is not None]
         quorum = self.quorum
@@ -260,15 +259,17 @@ class Transfer:
             raise SendFailed(failures, list(results))
         return results
 
-    def _result(
-        self, site: str, error: TransferFailed | None, stored_as: str | None
-    ) -> TargetResult:
+    def _sha256(self) -> str:
+        """The source's digest, once it was read through ("" if it was not)."""
         reader = self.reader
         complete = reader.count is not None and reader.digest.hashed == reader.count
-        sha256 = reader.digest.hexdigest() if complete else ""
-        return TargetResult(
-            site, self.stream_id, error is None, reader.size, sha256, stored_as, error
-        )
+        return reader.digest.hexdigest() if complete else ""
+
+    def _result(
+        self, site: str, error: TransferFailed | None, stored_as: str | None, sha256: str
+    ) -> TargetResult:
+        ok = error is None
+        return TargetResult(site, self.stream_id, ok, self.reader.size, sha256, stored_as, error)
 
     def _turn(self) -> None:
         """One round: take replies, check silences, publish what the windows allow."""
@@ -352,7 +353,7 @@ class Transfer:
                     # k-of-N send that returned is reported as it ends.
                     report = self.quorum.on_straggler if self.quorum else None
                     if report is not None and site in self.stragglers:
-                        report(self._result(site, error, stored_as))
+                        report(self._result(site, error, stored_as, self._sha256()))
                 case NewChannel(site=site):
                     sender.new_channel(f"nothing from {site} through two resends")
 
