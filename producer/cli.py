@@ -281,7 +281,7 @@ def _send(args: argparse.Namespace, what: str, send: Callable[[StopFlag, Sent], 
             return
         print_sent(f"{what} {args.path}", [r for r in results if r.ok], seconds)
         for failed in (r for r in results if r.error is not None):  # k of N: it failed first
-            console.error(f"{failed.site}: {failed.error}")
+            console.warn(f"{failed.site}: {failed.error}")
 
     try:
         send(stop, sent)
@@ -315,7 +315,7 @@ def _stragglers_of(args: argparse.Namespace, what: str) -> Callable[[TargetResul
         elif result.ok:
             print_sent(f"{what} {args.path}", [result], time.monotonic() - started)
         else:
-            console.error(f"{result.site}: {result.error}")
+            console.warn(f"{result.site}: {result.error}")
 
     return report
 
