@@ -71,7 +71,8 @@ MAX_INFO_TEXT = 256
 Scalar = Annotated[str, Field(max_length=MAX_INFO_TEXT)] | int | float | bool
 MetaKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")]
 # Small, flat descriptions of an object (offer.info) or of a piece (chunk.meta).
-Meta = Annotated[dict[MetaKey, Scalar], Field(max_length=16)]
+MAX_INFO_ENTRIES = 16
+Meta = Annotated[dict[MetaKey, Scalar], Field(max_length=MAX_INFO_ENTRIES)]
 
 FILE_KIND = "file"
 CONTAINER_KIND = "container"
@@ -201,6 +202,9 @@ class Chunk(_Header):
     seq: Seq = Field(description="0-based, contiguous chunk number.")
     crc32: int = Field(ge=0, lt=2**32, description="CRC-32 (zlib.crc32) of the body.")
     meta: Meta | None = Field(None, description="What the piece is (for containers: entry...).")
+    encoding: Literal["blosc2"] | None = Field(
+        None, description="Set: the body is a Blosc2 chunk of the piece (the target asked)."
+    )
 
 
 class End(_Header):
@@ -218,6 +222,9 @@ class Progress(_Header):
     stored: Count = Field(description="Number of contiguous chunks durably written.")
     resend_from: Count | None = Field(
         None, description="Set when the receiver dropped a chunk (corrupt or ahead of a gap)."
+    )
+    encoding: Literal["blosc2"] | None = Field(
+        None, description="Set (when the offer said its sender may): chunks may come so encoded."
     )
 
 

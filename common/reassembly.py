@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
-from objstream.common import checksum
+from objstream.common import checksum, compression
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import End, Offer
 
@@ -71,6 +71,7 @@ class ChunkOutcome:
     offset: int = 0
     resend_from: int | None = None
     detail: str = ""
+    piece: bytes = b""  # WRITE: what to write (the body, decoded if encoded)
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,21 @@ class Reassembler:
     def accept(self) -> None:
         self._apply(Event.ACCEPT)
 
-    def chunk(self, seq: int, crc32: int, body: bytes | memoryview) -> ChunkOutcome:
+    @property
+    def encoding(self) -> compression.Encoding | None:
+        """The chunk encoding this stream takes (its sender may send it), or None."""
+        return compression.welcome(self.offer.info)
+
+    def chunk(self, seq: int, crc32: int, body: bytes, encoding: str | None = None) -> ChunkOutcome:
         """Judge chunk ``seq``; on WRITE it has been counted and hashed.
 
+        An ``encoding`` (a compressed body) is checked by its CRC-32 as it came, then decoded:
+        the lengths the offer implies, the size and the digest are the piece's.
+
         Raises:
-            ProtocolError: the stream is not receiving, the seq is beyond the announced count, or
-                the body length is not what the offer implies for that seq.
+            ProtocolError: the stream is not receiving, the seq is beyond the announced count,
+                the body length is not what the offer implies for that seq, or it does not
+                decode to such a piece.
         """
         self._apply(Event.CHUNK)
         offer = self.offer
@@ -139,7 +149,7 @@ class Reassembler:
         if seq < self.stored:
             return ChunkOutcome(ChunkVerdict.DUPLICATE)
         expected_len = offer.chunk_length(seq)
-        if expected_len is not None and len(body) != expected_len:
+        if encoding is None and expected_len is not None and len(body) != expected_len:
             raise ProtocolError(
                 f"chunk {seq} of stream {offer.stream_id}: {len(body)} bytes != expected "
                 f"{expected_len}"
@@ -163,6 +173,11 @@ class Reassembler:
                 detail=f"chunk {seq} of stream {offer.stream_id}: crc32 {actual:#010x} != "
                 f"{crc32:#010x}",
             )
+        if encoding is not None:
+            try:
+                body = compression.decode(body, encoding, expected_len, offer.chunk_size)
+            except ProtocolError as e:
+                raise ProtocolError(f"chunk {seq} of stream {offer.stream_id}: {e}") from None
         offset = self.stored_bytes
         if offer.size is not None and offset + len(body) > offer.size:
             raise ProtocolError(
@@ -173,7 +188,7 @@ class Reassembler:
         self.stored += 1
         self.stored_bytes += len(body)
         self._resend_asked_at = None
-        return ChunkOutcome(ChunkVerdict.WRITE, offset=offset)
+        return ChunkOutcome(ChunkVerdict.WRITE, offset=offset, piece=body)
 
     def _ask_resend(self) -> int | None:
         # One request per gap position; the sender's own silence timer covers a lost request.

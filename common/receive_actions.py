@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from objstream.common.compression import Encoding
 from objstream.common.errors import FailureCode, ObjectTooLarge, ObjstreamError, SaveError
 from objstream.common.protocol import Done
 
@@ -105,6 +106,7 @@ class SendProgress:
     stored: int
     stored_bytes: int
     resend_from: int | None = None
+    encoding: Encoding | None = None  # the chunk encoding this receiver decodes (offered)
 
 
 @dataclass(frozen=True)

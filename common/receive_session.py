@@ -8,10 +8,10 @@ resend, when the stream has timed out, when to commit, which verdict to send, an
 stream keeps its verified prefix.
 
 The driver parses each delivery, feeds it in with its delivery tag and carries out the returned
-actions *in order*. If carrying one out fails (a write, a commit), the driver drops the rest of
-that list and reports the failure (:meth:`ReceiveSession.write_failed`,
-:meth:`ReceiveSession.commit_failed`), which returns the actions of the failure. Time only enters
-through the ``now`` arguments: the session never reads a clock, a file or the network.
+actions *in order*. If carrying one out fails (a write, a commit), the driver drops the rest and
+reports the failure (:meth:`ReceiveSession.write_failed`, :meth:`ReceiveSession.commit_failed`),
+which returns the actions of the failure. Time only enters through the ``now`` arguments: the
+session never reads a clock, a file or the network.
 
 While the stream is committing (state ``verifying``: every chunk stored and verified, the driver
 finishing the object, maybe on another thread) late messages are only acked and the stream does
@@ -394,10 +394,10 @@ class ReceiveSession:
         return not self.finished and self.state is not State.VERIFYING
 
     def _chunk(self, tag: int, chunk: Chunk, body: bytes) -> list[Action]:
-        outcome = self.reassembler.chunk(chunk.seq, chunk.crc32, body)
+        outcome = self.reassembler.chunk(chunk.seq, chunk.crc32, body, chunk.encoding)
         actions: list[Action] = []
         if outcome.verdict is ChunkVerdict.WRITE:
-            actions.append(Write(chunk.seq, outcome.offset, body, chunk.meta))
+            actions.append(Write(chunk.seq, outcome.offset, outcome.piece, chunk.meta))
             return actions + self._after_message()
         if outcome.verdict is ChunkVerdict.DUPLICATE:
             # A resend of what is stored: the sender missed a report. Report again (at the
@@ -450,7 +450,7 @@ class ReceiveSession:
 
     def _progress(self, resend_from: int | None = None) -> SendProgress:
         self.reported = self.stored
-        return SendProgress(self.stored, self.stored_bytes, resend_from)
+        return SendProgress(self.stored, self.stored_bytes, resend_from, self.reassembler.encoding)
 
     def _after_verdict(self, now: float) -> list[Action]:
         """A message after the verdict: acked at once (a resent window must not fill the

@@ -162,7 +162,7 @@ class Schedule:
             return [PublishEnd()]
         if seq < self._broadcast_limit(riders, floor):
             self.cursor += 1
-            return [PublishChunk(seq)]
+            return [PublishChunk(seq, encoded=all(t.decodes for t in self._active()))]
         return []
 
     def _unicast(self, target: Target, floor: int) -> list[Action]:
@@ -188,7 +188,7 @@ class Schedule:
             return [PublishEnd(target.site)]
         if seq < min(bound, self._limit(target.stored, floor)):
             target.next_seq = seq + 1
-            return [PublishChunk(seq, target.site)]
+            return [PublishChunk(seq, target.site, target.decodes)]
         return []
 
     # -- helpers --------------------------------------------------------------------------------

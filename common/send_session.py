@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from objstream.common.compression import BLOSC2, ENCODINGS_INFO
 from objstream.common.errors import (
     FailureCode,
     ObjstreamError,
@@ -38,7 +39,7 @@ from objstream.common.errors import (
     TransferFailed,
 )
 from objstream.common.identity import Identities
-from objstream.common.protocol import Done, Inline, Message, Offer, Progress
+from objstream.common.protocol import MAX_INFO_ENTRIES, Done, Inline, Message, Offer, Progress
 from objstream.common.send_schedule import Schedule
 from objstream.common.send_table import (
     Action,
@@ -55,6 +56,7 @@ from objstream.common.send_table import (
     TargetState,
     fits_inline,
 )
+from objstream.common.streaming import MetaValue
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +244,20 @@ class SendSession:
                 window=self.pacing.window,
                 sender=self.sender,
                 target=site,
-                info=dict(facts.info) if facts.info else None,
+                info=self._info(),
                 inline=self.inline,
                 resume_from=self.start,
             )
         except ValidationError as e:
             raise ObjstreamError(f"cannot offer {facts.kind} {facts.name!r}: {e}") from None
+
+    def _info(self) -> dict[str, MetaValue] | None:
+        """The offer's ``info``: the source's, and the chunk encoding the sender may use (if
+        it may, and there is room: an ``info`` holds at most 16 entries)."""
+        info = dict(self.facts.info or {})
+        if self.plan.compress and self.inline is None and len(info) < MAX_INFO_ENTRIES:
+            info[ENCODINGS_INFO] = BLOSC2
+        return info or None
 
     def source_ended(self, count: int) -> None:
         """The source (an iterator) has ``count`` pieces: the end follows the last one."""
@@ -292,6 +302,8 @@ class SendSession:
         target.fire(TargetEvent.HEARD)
         target.quiet_since = now
         actions: list[Action] = []
+        if progress.encoding is not None and self.plan.compress:
+            target.decodes = True
         if progress.stored > target.stored:
             target.stored = progress.stored
             actions.append(ReportProgress(target.site, self.stream_id, target.stored))

@@ -66,10 +66,12 @@ class PublishOffer:
 
 @dataclass(frozen=True)
 class PublishChunk:
-    """Publish chunk ``seq``: to every target (``to`` None, the broadcast key) or to one."""
+    """Publish chunk ``seq``: to every target (``to`` None, the broadcast key) or to one;
+    ``encoded``: it may go compressed (every target it reaches said it decodes that)."""
 
     seq: int
     to: str | None = None
+    encoded: bool = False
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,9 @@ class Plan:
     """The first chunk sent: a resumed retrieval skips the prefix the requester kept."""
     inline: Inline | None = None
     """Set: the object rides inside its offer (its CRC-32 and SHA-256)."""
+    compress: bool = False
+    """The sender may send compressed chunks: its offer says so, and a target that answers it
+    decodes them gets them (docs/protocol.md, "Compressed chunks")."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +236,7 @@ class Target:
     held_since: float | None = None  # since when it alone holds the broadcast back
     catching_up_since: float | None = None  # off the ride, the broadcast waits for it (a while)
     last_resend: float = float("-inf")
+    decodes: bool = False  # said it decodes compressed chunks (the offer said they may come)
     stored_as: str | None = None
     error: TransferFailed | None = None
 

@@ -275,6 +275,11 @@ class Settings(BaseModel):
         description="Most bytes a second one transfer publishes (a send, a broadcast, a served "
         f"stream): {RATE_FORMS}; unset: no limit.",
     )
+    compress: Literal["auto", "zstd", "none"] = Field(
+        "none",
+        description="Compressed chunks to targets that decode them: auto (while it pays), "
+        "zstd (always) or none.",
+    )
     persistent_chunks: bool = Field(
         False, description="Publish chunk messages as persistent (delivery_mode 2)."
     )

@@ -273,6 +273,7 @@ class StreamActions:
             site=self.site,
             stored=action.stored,
             resend_from=action.resend_from,
+            encoding=action.encoding,
         )
         self._publish(stream.reply_to, progress, persistent=False)
         self.resend_requests += action.resend_from is not None

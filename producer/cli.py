@@ -18,6 +18,7 @@ from objstream.common.cli import (
     error_words,
     size_arg,
 )
+from objstream.common.compression import MODES
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SendFailed
 
@@ -102,6 +103,7 @@ def _common_send_options(send: argparse.ArgumentParser) -> None:
         help="fail a target after this long without progress (default 60)",
     )
     _rate_option(send, "this send publishes, whatever the number of targets")
+    _compress_option(send)
     send.add_argument(
         "--min-targets",
         type=count_arg,
@@ -126,6 +128,16 @@ def _rate_option(command: argparse.ArgumentParser, what: str) -> None:
         metavar="RATE",
         help=f"most bytes a second {what}, resends included: bytes as 10MiB (or 10M), "
         "bits as 80mbit, 1gbit (default: no limit)",
+    )
+
+
+def _compress_option(command: argparse.ArgumentParser) -> None:
+    # None: the settings' (OBJSTREAM_COMPRESS, default none).
+    command.add_argument(
+        "--compress",
+        choices=MODES,
+        help="compress chunks for targets that decode them: auto (only while it pays: a slow "
+        "link, weights that shrink), zstd (always) or none (default: none)",
     )
 
 
@@ -185,9 +197,11 @@ def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         help="broker user allowed to retrieve (repeatable; default: any authenticated user)",
     )
     _rate_option(serve, "each served stream publishes")
+    _compress_option(serve)
     monitoring.add_metrics_options(serve)
     serve.set_defaults(
-        handler=serve_cmd, settings_overrides=lambda args: {"rate_limit": args.rate_limit}
+        handler=serve_cmd,
+        settings_overrides=lambda args: {"rate_limit": args.rate_limit, "compress": args.compress},
     )
 
 
@@ -214,6 +228,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "window": args.window,
         "timeout": args.timeout,
         "rate_limit": args.rate_limit,
+        "compress": args.compress,
     }
 
 
@@ -250,6 +265,7 @@ def _json_outcome(
         "bytes": size,
         "seconds": round(seconds, 3),
         "mib_per_s": round(rate, 1),
+        "bytes_published": max((r.bytes_published for r in results), default=0),
         "sha256": (results[0].sha256 or None) if results else None,
         "targets": targets,
     }

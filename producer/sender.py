@@ -22,6 +22,7 @@ from objstream.common.amqp import (
     Delivery,
     reestablish,
 )
+from objstream.common.compression import check_mode
 from objstream.common.errors import (
     ConfigError,
     ConnectionLost,
@@ -72,6 +73,9 @@ class SendOptions(TypedDict, total=False):
     rate_limit: int | None
     """Bytes a second this send publishes at most, whatever the number of targets, resends
     included (default ``settings.rate_limit``)."""
+    compress: str | None
+    """``auto``, ``zstd`` or ``none``: compressed chunks to the targets that decode them
+    (default ``settings.compress``; docs/protocol.md, "Compressed chunks")."""
     answering: Answering | None
     """Serve a retrieval (one target): the offer goes to the requester's reply queue under the
     promised stream id, and its ``joiners`` bring more requesters of the same object while the
@@ -241,19 +245,12 @@ class StreamSender:
         return transfer.run(answering.joiners if answering else None)
 
     def prepare(
-        self,
-        source: ObjectStreamer,
-        targets: Sequence[str],
-        *,
-        timeout: float | None = None,
-        window: int | None = None,
-        chunk_size: int | None = None,
-        rate_limit: int | None = None,
-        answering: Answering | None = None,
-        resume: Resume | None = None,
+        self, source: ObjectStreamer, targets: Sequence[str], **options: Unpack[SendOptions]
     ) -> Transfer:
         """The transfer :meth:`send` runs, checked and ready (nothing published yet): run it
         with a :class:`Quorum` for a k-of-N send. The options are :class:`SendOptions`."""
+        answering, resume = options.get("answering"), options.get("resume")
+        chunk_size = options.get("chunk_size")
         if not targets:
             raise ValueError("no target sites given")
         for target in targets:
@@ -270,10 +267,10 @@ class StreamSender:
         reader = PieceReader(source)
         start = 0 if resume is None else self._resume_point(reader, resume)
         settings = self.settings
-        window = window or settings.window
+        window = options.get("window") or settings.window
         pacing = Pacing(
             window,
-            timeout or settings.timeout,
+            options.get("timeout") or settings.timeout,
             settings.resend_after,
             answering.contact_timeout if answering else None,
             # What a target's data queue holds, if its receiver has this site's settings (one
@@ -281,9 +278,16 @@ class StreamSender:
             backlog=int(settings.backlog_windows * window),
         )
         stream_id = answering.stream_id if answering else new_stream_id()
-        rate = settings.rate_limit if rate_limit is None else rate_limit
+        rate_limit, compress = options.get("rate_limit"), options.get("compress")
         transfer = Transfer(
-            self, reader, stream_id, targets, start=start, pacing=pacing, rate_limit=rate
+            self,
+            reader,
+            stream_id,
+            targets,
+            start=start,
+            pacing=pacing,
+            rate_limit=settings.rate_limit if rate_limit is None else rate_limit,
+            compress=settings.compress if compress is None else check_mode(compress),
         )
         if answering:
             transfer.routes[targets[0]] = answering.offer_to

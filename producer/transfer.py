@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from objstream.common import checksum
+from objstream.common.compression import NONE, ChunkEncoder
 from objstream.common.errors import (
     ConfigError,
     ConnectionLost,
@@ -80,6 +81,9 @@ class TargetResult:
     sha256: str
     stored_as: str | None = None
     error: TransferFailed | None = None
+    bytes_published: int = 0
+    """Content bytes the transfer published by then, for every target, resends included, as
+    they travelled (compressed chunks as compressed; headers not counted)."""
 
 
 class Transfer:
@@ -95,6 +99,7 @@ class Transfer:
         start: int,
         pacing: Pacing,
         rate_limit: int | None = None,
+        compress: str = NONE,
     ) -> None:
         self.sender = sender
         self.reader = reader
@@ -104,13 +109,14 @@ class Transfer:
         facts = facts_of(reader.streamer)
         self.inline_body = b""
         inline = self._inline(facts, start)
+        self.encoder = ChunkEncoder(compress)
         self.session = SendSession.create(
             facts,
             targets,
             stream_id=stream_id,
             sender=sender.site,
             pacing=pacing,
-            plan=Plan(start, inline),
+            plan=Plan(start, inline, self.encoder.active),
             identities=sender.identities,
             now=time.monotonic(),
         )
@@ -124,6 +130,7 @@ class Transfer:
         self._joined_at: dict[str, int] = {}
         self.quorum: Quorum | None = None
         self.stragglers: list[str] = []  # targets still going when a k-of-N send returned
+        self.published = 0  # bytes of chunk bodies (and inline offers) published
 
     def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
         """The object itself, if it rides inside the offer (one message, no data queue)."""
@@ -269,7 +276,8 @@ class Transfer:
         self, site: str, error: TransferFailed | None, stored_as: str | None, sha256: str
     ) -> TargetResult:
         ok = error is None
-        return TargetResult(site, self.stream_id, ok, self.reader.size, sha256, stored_as, error)
+        size, published = self.reader.size, self.published
+        return TargetResult(site, self.stream_id, ok, size, sha256, stored_as, error, published)
 
     def _turn(self) -> None:
         """One round: take replies, check silences, publish what the windows allow."""
@@ -333,8 +341,8 @@ class Transfer:
         sender = self.sender
         for action in actions:
             match action:
-                case PublishChunk(seq=seq, to=to):
-                    self._publish_chunk(seq, to)
+                case PublishChunk(seq=seq, to=to, encoded=encoded):
+                    self._publish_chunk(seq, to, encoded=encoded)
                 case PublishOffer():
                     self._publish_offer(action.offer, action.expiration_ms)
                 case PublishEnd(to=to):
@@ -363,6 +371,7 @@ class Transfer:
         # An offer nobody took within the timeout is void: the sender has given up by then.
         props = envelope(offer, reply_to=sender.reply_to, expiration_s=expiration_ms / 1000)
         sender.expect_replies_from(offer.target)
+        self.published += len(body)
         requester = self.routes.get(offer.target)
         if requester is not None:  # a retrieval: to the requester's reply queue
             sender.publish(sender.topology.reply_key(requester, sender.site), body, props)
@@ -381,23 +390,29 @@ class Transfer:
         else:
             sender.publish(sender.topology.offer_key(to), b"", props)
 
-    def _publish_chunk(self, seq: int, to: str | None) -> None:
+    def _publish_chunk(self, seq: int, to: str | None, *, encoded: bool) -> None:
         piece = self.reader.get(seq)
         if piece is None:  # an iterator ran out: now the number of pieces is known
             assert self.reader.count is not None
             self.session.source_ended(self.reader.count)
             return
+        body, encoding = self.encoder.encode(piece.data) if encoded else (piece.data, None)
         header = Chunk(
             stream_id=self.stream_id,
             seq=seq,
-            crc32=checksum.crc32(piece.data),
+            crc32=checksum.crc32(body),
             meta=dict(piece.meta) if piece.meta else None,
+            encoding=encoding,
         )
         persistent = self.sender.settings.persistent_chunks
         props = envelope(header, persistent=persistent, message_id=f"{self.stream_id}:{seq}")
-        self.sender.publish(self._key(to), piece.data, props)
-        if self.pacer is not None:
-            self.pacer.spend(len(piece.data), time.monotonic())
+        self.sender.publish(self._key(to), body, props)
+        self.published += len(body)
+        if self.pacer is not None or self.encoder.active:
+            now = time.monotonic()
+            if self.pacer is not None:  # what travels counts
+                self.pacer.spend(len(body), now)
+            self.encoder.published(len(body), now)
         self.sender.chunks_resent += self._again(seq, to)
 
     def _again(self, seq: int, to: str | None) -> bool:
