@@ -130,7 +130,7 @@ class Transfer:
         self._joined_at: dict[str, int] = {}
         self.quorum: Quorum | None = None
         self.stragglers: list[str] = []  # targets still going when a k-of-N send returned
-        self.published = 0  # bytes of chunk bodies (and inline offers) published
+        self._published_before = sender.bytes_published  # one transfer at a time per sender
 
     def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
         """The object itself, if it rides inside the offer (one message, no data queue)."""
@@ -276,7 +276,7 @@ class Transfer:
         self, site: str, error: TransferFailed | None, stored_as: str | None, sha256: str
     ) -> TargetResult:
         ok = error is None
-        size, published = self.reader.size, self.published
+        size, published = self.reader.size, self.sender.bytes_published - self._published_before
         return TargetResult(site, self.stream_id, ok, size, sha256, stored_as, error, published)
 
     def _turn(self) -> None:
@@ -371,7 +371,6 @@ class Transfer:
         # An offer nobody took within the timeout is void: the sender has given up by then.
         props = envelope(offer, reply_to=sender.reply_to, expiration_s=expiration_ms / 1000)
         sender.expect_replies_from(offer.target)
-        self.published += len(body)
         requester = self.routes.get(offer.target)
         if requester is not None:  # a retrieval: to the requester's reply queue
             sender.publish(sender.topology.reply_key(requester, sender.site), body, props)
@@ -407,7 +406,6 @@ class Transfer:
         persistent = self.sender.settings.persistent_chunks
         props = envelope(header, persistent=persistent, message_id=f"{self.stream_id}:{seq}")
         self.sender.publish(self._key(to), body, props)
-        self.published += len(body)
         if self.pacer is not None or self.encoder.active:
             now = time.monotonic()
             if self.pacer is not None:  # what travels counts
