@@ -2,6 +2,7 @@
 
     python bench/links.py --sites 100mbit [--latency-ms 50] [--size 48MiB]
         [--mode broadcast|single] [--without-slow] [--runs 1]
+        [--file PATH] [--compress auto|zstd|none]
 
 Needs root (network namespaces), ``ip``, ``tc`` and a local ``rabbitmq-server``. Each site of
 ``--sites`` (one rate per site, ``tc`` style, or ``none``) gets a network namespace of its own,
@@ -144,13 +145,13 @@ class Node(LocalRabbitNode):
         return node_field(self, "status", "VmRSS:") / 1024
 
 
-def _send(url: str, targets: list[str], path: str, out: Any) -> None:
+def _send(url: str, targets: list[str], path: str, out: Any, compress: str) -> None:
     """The sender (a spawned process): one stream_file to ``targets``."""
     try:
         from objstream.common.settings import Settings
         from objstream.producer import FileStreamer
 
-        settings = Settings(url=url, namespace=NAMESPACE, stream_ttl=600)
+        settings = Settings(url=url, namespace=NAMESPACE, stream_ttl=600, compress=compress)
         with FileStreamer("server", settings) as streamer:
             start = time.monotonic()
             results = streamer.stream_file(targets, path)
@@ -250,7 +251,9 @@ def _raw_rate(bench: Bench, site: Site, size: int) -> tuple[float, float]:
     return n / _fetch(bench, site, n), rtt
 
 
-def _transfer(bench: Bench, sites: list[Site], path: Path, size: int) -> dict[str, Any]:
+def _transfer(
+    bench: Bench, sites: list[Site], path: Path, size: int, compress: str = "none"
+) -> dict[str, Any]:
     """One send of ``path`` to ``sites`` (one stream_file with every target); per-site
     finish times, the sender's result, uploaded bytes and the broker's peak RSS."""
     receivers = []
@@ -274,7 +277,8 @@ def _transfer(bench: Bench, sites: list[Site], path: Path, size: int) -> dict[st
         uploaded_before = bench.counters[0]
         out = CTX.Queue()
         url = f"amqp://guest:guest@127.0.0.1:{bench.send_port}/%2F"
-        sender = CTX.Process(target=_send, args=(url, [r.name for r in receivers], str(path), out))
+        targets = [r.name for r in receivers]
+        sender = CTX.Process(target=_send, args=(url, targets, str(path), out, compress))
         sender.start()
         _undo.append(lambda: sender.kill())
         result: dict[str, Any] = out.get(timeout=1800)
@@ -352,10 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without-slow", action="store_true",
                         help="also broadcast to the fastest sites alone and compare")  # fmt: skip
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--file", type=Path, help="send this file (default: --size random bytes)")
+    parser.add_argument("--compress", default="none", help="auto, zstd or none (default none)")
     args = parser.parse_args(argv)
     try:
         rates = shaping.parse_sites(args.sites)
-        size = parse_size(args.size)
+        size = args.file.stat().st_size if args.file else parse_size(args.size)
     except Exception as e:
         parser.error(str(e))
     if os.geteuid() != 0:
@@ -365,19 +371,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench = _setup(rates, args.latency_ms)
         path = bench.work / "object.bin"
-        with open(path, "wb") as f:
-            for _ in range(0, size, MiB):
-                f.write(os.urandom(MiB))
-            f.truncate(size)
+        if args.file:
+            shutil.copyfile(args.file, path)
+        else:
+            with open(path, "wb") as f:
+                for _ in range(0, size, MiB):
+                    f.write(os.urandom(MiB))
+                f.truncate(size)
         sites = bench.links.sites
         raw = {s.index: _raw_rate(bench, s, size) for s in sites}
-        print(f"# {size / MiB:g} MiB, {args.mode}, sites {args.sites}, "
-              f"added round trip {args.latency_ms:g} ms", flush=True)  # fmt: skip
+        what = args.file.name if args.file else "random bytes"
+        print(
+            f"# {size / MiB:g} MiB of {what}, {args.mode}, sites {args.sites}, "
+            f"added round trip {args.latency_ms:g} ms, compress {args.compress}",
+            flush=True,
+        )
         for run in range(1, args.runs + 1):
             if args.mode == "broadcast":
-                runs = [_transfer(bench, sites, path, size)]
+                runs = [_transfer(bench, sites, path, size, args.compress)]
             else:
-                runs = [_transfer(bench, [s], path, size) for s in sites]
+                runs = [_transfer(bench, [s], path, size, args.compress) for s in sites]
             finished = {k: v for r in runs for k, v in r["finished"].items()}
             rows = [
                 Row(f"site-{s.index}", shaping.format_rate(s.rate), raw[s.index][0],
@@ -398,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             top = max((s.rate or 0) for s in sites)
             fast = [s for s in sites if (s.rate or 0) == top] if args.without_slow else []
             if fast and len(fast) < len(sites):
-                alone = _transfer(bench, fast, path, size)
+                alone = _transfer(bench, fast, path, size, args.compress)
                 with_slow = max(finished[f"site-{s.index}"] for s in fast)
                 without = max(alone["finished"].values())
                 print(
