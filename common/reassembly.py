@@ -174,6 +174,11 @@ class Reassembler:
                 f"{crc32:#010x}",
             )
         if encoding is not None:
+            if self.encoding is None:
+                raise ProtocolError(
+                    f"chunk {seq} of stream {offer.stream_id}: encoded {encoding}, but its offer "
+                    "did not say such chunks may come"
+                )
             try:
                 body = compression.decode(body, encoding, expected_len, offer.chunk_size)
             except ProtocolError as e:

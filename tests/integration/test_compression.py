@@ -23,7 +23,7 @@ from objstream.common.protocol import Chunk, Done, Progress, parse
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
 from objstream.consumer.streams import Received
-from objstream.producer import FileStreamer
+from objstream.producer import ContainerStreamer, FileStreamer
 from tests.conftest import sha256_of, stored_path
 from tests.integration.conftest import DeadReasons, Declared, MakeRawPeer, StartReceiver
 from tests.integration.rawpeer import declare_base, declare_bound, login_user, properties
@@ -127,6 +127,23 @@ def test_send_file_compresses_for_a_receiver_that_decodes(
     assert result["ok"]
     assert result["bytes"] == size
     assert result["bytes_published"] <= 0.9 * size, result
+
+
+def test_a_container_of_weights_travels_compressed_and_arrives_equal(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver
+) -> None:
+    rng = np.random.default_rng(3)
+    model = {f"layer{i}.weight": (rng.standard_normal((512, 512)) * 0.02).astype(np.float32)
+             for i in range(6)}  # fmt: skip
+    receiver = start_receiver("site-1", tmp_path / "in")
+    with ContainerStreamer("server", settings.model_copy(update={"compress": "zstd"})) as streamer:
+        [result] = streamer.stream_container("site-1", model, "model", chunk_size="256KiB")
+    [received] = receiver.wait_for(1)
+    assert isinstance(received, Received)
+    assert sorted(received.value) == sorted(model)
+    for name, array in model.items():
+        assert np.array_equal(received.value[name], array)
+    assert result.bytes_published < 0.95 * result.size
 
 
 def test_a_receiver_that_never_said_it_decodes_gets_plain_chunks(

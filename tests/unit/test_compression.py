@@ -231,6 +231,15 @@ def test_a_compressed_chunk_that_decodes_to_the_wrong_length_is_a_protocol_error
     assert reassembler.stored == 0
 
 
+def test_a_compressed_chunk_in_a_stream_whose_offer_did_not_announce_them_is_refused() -> None:
+    data = weights(64 * KIB)
+    reassembler = Reassembler(_offer(len(data), len(data), offered=False))
+    reassembler.accept()
+    body = _blosc(data)
+    with pytest.raises(ProtocolError, match="encoded blosc2, but its offer did not say"):
+        reassembler.chunk(0, zlib.crc32(body), body, BLOSC2)
+
+
 def test_a_body_of_exactly_the_chunk_size_may_come_compressed_or_not() -> None:
     data = weights(64 * KIB)
     reassembler = Reassembler(_offer(2 * len(data), len(data)))
