@@ -50,6 +50,13 @@ PRIOR_RATIO: Final = 0.7
 float32 and bfloat16 weights at about 1 GiB/s to about 0.7 of their size (docs/performance.md,
 "Compression"). So a send faster than about 150 MiB/s (loopback) never starts compressing,
 nor imports Blosc2."""
+FIRST_BURST: Final = 16
+"""Chunks :data:`AUTO` publishes before it knows the rate (half the default window)..."""
+HOLD_AT_MOST: Final = 1.0
+"""... then it holds the next until a target reports chunks stored, at most this long: what went
+out over that time is the first measure of the rate. A slow link so loses 16 chunks to plain
+bytes, not a whole window; a loopback send waits a few milliseconds, once (and since 16 chunks
+went out for the 8 the first report counts, the estimate is high: it errs towards plain)."""
 
 
 def check_mode(mode: str) -> str:
@@ -178,10 +185,30 @@ class ChunkEncoder:
         if rates.since is None:
             rates.since = now
         rates.published += wire_bytes
-        elapsed = now - rates.since
-        if elapsed >= self.window:
-            self._rate = rates.published / elapsed
-            rates.published, rates.since = 0, now
+        if now - rates.since >= self.window:
+            self._measured(now)
+
+    def holds(self, now: float) -> bool:
+        """Must the send hold its next publication (:data:`FIRST_BURST`)?"""
+        rates = self.rates
+        if self.mode != AUTO or self._rate is not None or self._count < FIRST_BURST:
+            return False
+        if rates.since is None or now - rates.since < HOLD_AT_MOST:
+            return True
+        self._measured(now)  # nobody reported yet: a slow start (or target) it is
+        return False
+
+    def stored(self, now: float) -> None:
+        """A target reported more chunks stored: before the rate is known, what went out in
+        the time that took is its first measure."""
+        if self._rate is None and self.rates.since is not None:
+            self._measured(now)
+
+    def _measured(self, now: float) -> None:
+        rates = self.rates
+        assert rates.since is not None
+        self._rate = rates.published / max(now - rates.since, 1e-6)
+        rates.published, rates.since = 0, now
 
     def _compresses(self) -> bool:
         if self.mode == NONE:

@@ -296,6 +296,8 @@ class Transfer:
             if self.rate_limit and (paced := self._paced()) > 0:
                 wait = min(wait, paced)  # the connection works (heartbeats, replies) meanwhile
                 break
+            if self.encoder.holds(time.monotonic()):  # --compress auto: is the link slow?
+                break
             actions = session.next_publications()
             if not actions:
                 break
@@ -437,6 +439,7 @@ class Transfer:
         self.sender.publish(self._key(to), b"", envelope(end))
 
     def _report(self, report: ReportProgress) -> None:
+        self.encoder.stored(time.monotonic())
         hook = self.sender.progress
         if hook is None:
             return

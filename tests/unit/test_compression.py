@@ -106,6 +106,46 @@ def test_auto_stops_compressing_what_does_not_shrink_but_probes_it_again() -> No
     assert _publish(encoder, clock, weights(256 * KIB), 10 * 2**20, 200) > 150  # found again
 
 
+def test_auto_holds_after_its_first_burst_until_a_target_reports_and_measures_that() -> None:
+    encoder = ChunkEncoder("auto")
+    data = weights(64 * KIB)
+    for i in range(compression.FIRST_BURST):
+        assert not encoder.holds(0.001 * i)
+        assert encoder.encode(data) == (data, None)  # the rate is not known: plain
+        encoder.published(len(data), 0.001 * i)
+    assert encoder.holds(0.1)
+    encoder.stored(0.5)  # 16 x 64 KiB in half a second: 2 MiB/s, a slow link
+    assert not encoder.holds(0.5)
+    assert encoder.encode(data)[1] == BLOSC2
+
+    fast = ChunkEncoder("auto")
+    for i in range(compression.FIRST_BURST):
+        fast.encode(data)
+        fast.published(len(data), 0.0001 * i)
+    fast.stored(0.002)  # 1 MiB in 2 ms: loopback
+    assert not fast.holds(0.002)
+    assert fast.encode(data) == (data, None)
+
+
+def test_auto_holds_at_most_a_second_when_nobody_reports() -> None:
+    encoder = ChunkEncoder("auto")
+    data = weights(64 * KIB)
+    for _ in range(compression.FIRST_BURST):
+        encoder.encode(data)
+        encoder.published(len(data), 0.0)
+    assert encoder.holds(compression.HOLD_AT_MOST - 0.01)
+    assert not encoder.holds(compression.HOLD_AT_MOST)
+    assert encoder.encode(data)[1] == BLOSC2  # 1 MiB in a second: slow
+
+
+@pytest.mark.parametrize("mode", ["zstd", "none"])
+def test_only_auto_ever_holds(mode: str) -> None:
+    encoder = ChunkEncoder(mode)
+    for _ in range(2 * compression.FIRST_BURST):
+        encoder.encode(weights(4 * KIB))
+    assert not encoder.holds(0.5)
+
+
 # -- the decoder -------------------------------------------------------------------------------
 
 
