@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import subprocess
 import time
 import zlib
 from pathlib import Path
@@ -22,10 +21,17 @@ from objstream.common.compression import BLOSC2, ENCODINGS_INFO
 from objstream.common.protocol import Chunk, Done, Progress, parse
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
+from objstream.consumer import Retriever
 from objstream.consumer.streams import Received
-from objstream.producer import ContainerStreamer, FileStreamer
+from objstream.producer import ContainerStreamer, FileRetriever, FileStreamer
 from tests.conftest import sha256_of, stored_path
-from tests.integration.conftest import DeadReasons, Declared, MakeRawPeer, StartReceiver
+from tests.integration.conftest import (
+    DeadReasons,
+    Declared,
+    MakeRawPeer,
+    StartReceiver,
+    StartServer,
+)
 from tests.integration.rawpeer import declare_base, declare_bound, login_user, properties
 from tests.integration.test_cli import _env, _listener, _objstream
 
@@ -234,30 +240,20 @@ def test_a_receiver_does_not_mention_encodings_to_a_sender_that_did_not_offer_th
     assert all("encoding" not in headers for _, headers in replies)
 
 
-def test_serve_compresses_what_it_serves_when_told(
-    tmp_path: Path, settings: Settings, declared: Declared
+def test_a_served_file_travels_compressed_to_a_requester_that_decodes(
+    tmp_path: Path, settings: Settings, start_server: StartServer
 ) -> None:
-    declared.sites.update({"server", "site-1"})
     src = tmp_path / "src"
     src.mkdir()
-    digest = weights_file(src / "w.bin", 8 * MiB)
-    env = _env(settings)
-    server = subprocess.Popen(
-        ["objstream", "producer", "serve", "--site", "server", "--source-dir", str(src),
-         "--compress", "zstd"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        got = _objstream(
-            "consumer", "retrieve-file", "--site", "site-1", "--from", "server", "w.bin",
-            "--dest", str(tmp_path / "out"),
-            env=env,
-        )  # fmt: skip
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
-    assert got.returncode == 0, got.stderr
-    assert sha256_of(tmp_path / "out" / "w.bin") == digest
+    size = 8 * MiB
+    digest = weights_file(src / "w.bin", size)
+    serving = settings.model_copy(update={"compress": "zstd"})
+    server = start_server(serving, lambda s: FileRetriever(s, source_dir=src)).server
+    assert server is not None
+    with Retriever("site-1", tmp_path / "in", settings) as retriever:
+        path = retriever.retrieve_file("server", "w.bin", timeout=30)
+    assert sha256_of(path) == digest
+    assert server.bytes_published <= 0.9 * size
 
 
 def _chunk(peer: Any, seq: int, body: bytes) -> Any:
