@@ -261,9 +261,15 @@ class Topology:
             **self._queue_arguments(site),
         }
         channel.declare_queue(name, durable=True, arguments=arguments)
+        self.bind_data_queue(channel, site, stream_id, sender)
+        return name
+
+    def bind_data_queue(self, channel: Channel, site: str, stream_id: str, sender: str) -> None:
+        """Bind the data queue of ``stream_id`` at ``site`` to the sender's two keys for the
+        stream (idempotent)."""
+        name = self.data_queue(site, stream_id)
         channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender))
         channel.bind_queue(name, self.exchange, self.data_key(stream_id, sender, site))
-        return name
 
     def unbind_data_queue(self, channel: Channel, site: str, stream_id: str, sender: str) -> None:
         """Let nothing more of ``stream_id`` into ``site``'s data queue (before deleting it)."""

@@ -162,6 +162,10 @@ class StreamTable:
                 )
             else:
                 channel.declare_queue(queue, passive=True)
+                # Bound again: a predecessor killed between declaring and binding it left a
+                # queue nothing is routed to (the sender's resends were lost, the takeover
+                # timed out waiting).
+                self.topology.bind_data_queue(channel, self.site, offer.stream_id, offer.sender)
             stream.consumer_tag = channel.consume(queue, partial(self._on_data, stream))
         except BrokerRefused:
             channel.close()
