@@ -7,9 +7,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import pika
 import pytest
 
 from objstream.common.settings import KiB, MiB, Settings
+from objstream.common.topology import Topology
 from objstream.producer import FileStreamer, TargetResult
 from tests.conftest import random_file, sha256_of
 from tests.integration.conftest import Declared, count_published_chunks, wait_for_partial
@@ -132,3 +134,45 @@ def test_a_container_is_resumed_by_the_next_listener(
     resent = len(published) - chunks
     assert resent <= 2 * window + 2, (resent, sent_before)
     assert sent_before > chunks // 3
+
+
+def test_a_successor_binds_the_data_queue_its_predecessor_left_unbound(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    """A receiver can die after declaring its data queue and before binding it (the moment
+    its partial file appears): its successor must not wait on a queue nothing is routed to.
+    Here the first listener is killed mid-stream and its queue unbound by hand, the state a
+    death between declaring and binding leaves; the second finishes the stream."""
+    declared.sites.add("site-1")
+    src = tmp_path / "f.bin"
+    digest = random_file(src, 8 * MiB)
+    dest = tmp_path / "in"
+    env = _env(settings)
+    outcome: list[object] = []
+    first = _listener(env, "site-1", dest, "--count", "1", "--json")
+    sender = threading.Thread(
+        target=lambda: outcome.append(_send(settings, src, 64 * KiB, 4)), daemon=True
+    )
+    sender.start()
+    wait_for_partial(dest, MiB)
+    first.kill()
+    first.wait(10)
+    [partial] = dest.glob(".objstream-*.part")
+    stream_id = partial.name.removeprefix(".objstream-").removesuffix(".part")
+    topology = Topology.from_settings(settings)
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        channel = connection.channel()
+        queue = topology.data_queue("site-1", stream_id)
+        keys = [topology.data_key(stream_id, "server", to) for to in (None, "site-1")]
+        for key in keys:
+            channel.queue_unbind(queue, topology.exchange, routing_key=key)
+    finally:
+        connection.close()
+    second = _listener(env, "site-1", dest, "--count", "1", "--json")
+    _out, err = second.communicate(timeout=120)
+    sender.join(120)
+    assert second.returncode == 0, err
+    assert outcome, "the sender did not return"
+    assert not isinstance(outcome[0], Exception), outcome
+    assert sha256_of(dest / "f.bin") == digest
