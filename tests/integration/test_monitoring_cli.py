@@ -297,7 +297,8 @@ def test_progress_json_on_send_file_and_listen(
     try:
         sent = _objstream(
             "producer", "send-file", "--site", "server", "--to", "site-1", "--chunk-size",
-            "16KiB", "--window", "2", "--json", "--progress", "json", str(src), env=env,
+            "16KiB", "--window", "2", "--rate-limit", "6MiB", "--json", "--progress", "json",
+            str(src), env=env,
         )  # fmt: skip
         out, err = listen.communicate(timeout=120)
     finally:
@@ -309,7 +310,9 @@ def test_progress_json_on_send_file_and_listen(
     sent_ticks = _ticks(sent.stderr)
     _check_ticks(sent_ticks, "site-1", size)
     assert sent_ticks[0]["stream_id"] == result["targets"][0]["stream_id"]
-    assert len(sent_ticks) >= 3  # a few ticks of a transfer, not only its end
+    # A few ticks of a transfer, not only its end (its rate limit makes it last about half a
+    # second: unlimited, 3 MiB on loopback can take less than two tick intervals).
+    assert len(sent_ticks) >= 3
     received_ticks = _ticks(err)
     _check_ticks(received_ticks, "server", size)
     assert received_ticks[0]["done"] == 0  # the first tick: the stream began
