@@ -119,13 +119,15 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     side = commands.add_parser(
         "admin",
         parents=[parent],
-        help="broker administration for objstream (users and permissions, cleanup)",
+        help="broker administration for objstream (users and permissions, cleanup, regions)",
         description="What a broker administrator runs for objstream.",
         epilog="examples:\n  objstream admin permissions --site site-1 --user site-1\n"
         "  objstream admin cleanup --namespace fl --dry-run",
         formatter_class=HelpFormatter,
     )
-    sub = side.add_subparsers(dest="command", required=True, metavar="{permissions,cleanup}")
+    sub = side.add_subparsers(
+        dest="command", required=True, metavar="{permissions,cleanup,federation}"
+    )
     cmd = sub.add_parser(
         "permissions",
         parents=[parent],
@@ -165,6 +167,9 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     from objstream.common import admin_cleanup  # it builds on this module
 
     admin_cleanup.add_command(sub, parent)
+    from objstream.common import admin_federation
+
+    admin_federation.add_command(sub, parent)
 
 
 def vhost_of(url: str) -> str:

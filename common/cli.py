@@ -59,7 +59,7 @@ SIDE_HELP = {
     "producer": "send objects to other sites",
     "consumer": "receive objects from other sites",
     "job": "run the example jobs (file_streaming, dict_streaming)",
-    "admin": "broker administration for objstream (users and permissions, cleanup)",
+    "admin": "broker administration for objstream (users and permissions, cleanup, regions)",
 }
 """What ``objstream --help`` says of each side without importing its module."""
 

@@ -81,6 +81,8 @@ class StreamTable:
         """The stream slots of pushes, shared fairly between broker users."""
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._ended: list[Stream] = []  # until their sessions retired their data queues
+        self._contact_due: dict[str, float] = {}
+        """Streams whose first contact waits (monotonic time it is due): see :meth:`start`."""
         self.offload = Offload(takers=settings.max_streams)
         self.actions = StreamActions(
             site,
@@ -172,9 +174,26 @@ class StreamTable:
             raise
         self.streams[offer.stream_id] = stream
 
-    def start(self, stream: Stream) -> None:
-        """First contact: the sender may go on (or resend) from what is stored."""
+    def start(self, stream: Stream, *, settle: float = 0.0) -> None:
+        """First contact: the sender may go on (or resend) from what is stored.
+
+        ``settle`` > 0: not before that many seconds (the offer crossed a federation link, so
+        the data queue's bindings reach the sender's broker a little later; a chunk published
+        before they do would not come here). The session sends nothing before its first
+        contact, so the stream simply waits; :meth:`tick` starts it."""
+        if settle > 0:
+            self._contact_due[stream.offer.stream_id] = time.monotonic() + settle
+            return
         self.actions.run(stream, stream.session.start())
+
+    def _start_due(self, now: float) -> None:
+        for sid, due in list(self._contact_due.items()):
+            stream = self.streams.get(sid)
+            if stream is None or stream.closing:
+                del self._contact_due[sid]
+            elif now >= due:
+                del self._contact_due[sid]
+                self.actions.run(stream, stream.session.start())
 
     def take_inline(self, stream: Stream, body: bytes) -> None:
         """A small object that came whole inside its offer."""
@@ -217,6 +236,8 @@ class StreamTable:
         """Between event batches: time-outs and flushes; ended streams linger, then go."""
         self.offload.drain()
         now = time.monotonic()
+        if self._contact_due:
+            self._start_due(now)
         for sid, stream in list(self.streams.items()):
             if not stream.closing:
                 self.actions.run(stream, stream.session.tick(now))

@@ -1,0 +1,218 @@
+"""Regions: a central broker and two regional brokers joined by RabbitMQ's exchange federation,
+as ``objstream admin federation`` sets it up, under least privilege on every broker.
+
+The server connects to the central broker, each site to its region's. A broadcast crosses to
+each region once (measured on the links between the brokers: each runs through a counting
+proxy) and the region's broker makes the copies; verdicts, requests and replies come back the
+same way. A regional broker killed mid-transfer and started again: its sites' transfers
+complete or fail with one clear line, the other region's are not touched, and nothing wrong is
+ever stored.
+
+Throwaway local nodes (tests/rabbitmq_federation.py), never the shared broker. Marked
+``federation``; run them alone with ``python -m pytest -m federation``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+
+from objstream.common.cli import EXIT_OK, main
+from objstream.common.errors import TransferFailed
+from objstream.common.settings import MiB, Settings
+from objstream.consumer import Retriever
+from objstream.producer import ContainerRetriever, FileStreamer
+from tests.conftest import final_files, random_file, sha256_of, stored_path
+from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
+from tests.rabbitmq_federation import LocalRegions
+
+pytestmark = [pytest.mark.federation, pytest.mark.usefixtures("local_nodes")]
+
+CENTRAL = 0
+SITES = {"site-a1": 1, "site-a2": 1, "site-b1": 2, "site-b2": 2}
+"""Each site and the node (1, 2: the regions) it connects to."""
+LINK_USER = ("objstream-link", "pw-link")
+PASSWORD = "pw-%s"
+NAMESPACE = f"objstream-fed-{uuid.uuid4().hex[:8]}"
+
+
+def _apply_site(regions: LocalRegions, node: int, site: str) -> None:
+    """``objstream admin permissions --apply`` for ``site`` on node ``node``."""
+    os.environ["OBJSTREAM_ADMIN_PASSWORD"] = PASSWORD % site
+    broker = regions.nodes[node]
+    try:
+        code = main([
+            "admin", "permissions", "--site", site, "--user", site, "--apply",
+            "--node", broker.nodename, "--url", broker.url, "--namespace", NAMESPACE,
+        ])  # fmt: skip
+    finally:
+        del os.environ["OBJSTREAM_ADMIN_PASSWORD"]
+    assert code == EXIT_OK
+
+
+@pytest.fixture(scope="module")
+def regions() -> Iterator[LocalRegions]:
+    nodes = LocalRegions(2, count_links=True, link_user=LINK_USER)
+    try:
+        nodes.start()
+        _apply_site(nodes, CENTRAL, "server")
+        for site, node in SITES.items():
+            _apply_site(nodes, node, site)
+        nodes.federate(NAMESPACE)
+        nodes.wait_links()
+        for site in SITES:
+            nodes.wait_binding(CENTRAL, f"offer:{site}")  # propagated from the site's region
+        yield nodes
+    finally:
+        if keep := os.environ.get("OBJSTREAM_KEEP_NODE_LOGS"):
+            nodes.copy_logs(Path(keep))
+        nodes.cleanup()
+
+
+@pytest.fixture
+def whole(regions: LocalRegions) -> Iterator[LocalRegions]:
+    """The regions, every node running again after the test."""
+    yield regions
+    for node in regions.nodes:
+        if node.process is None:
+            node.start()
+    regions.wait_links()
+
+
+def settings_of(regions: LocalRegions, site: str, **extra: object) -> Settings:
+    node = regions.nodes[SITES.get(site, CENTRAL)]
+    url = f"amqp://{quote(site)}:{quote(PASSWORD % site)}@127.0.0.1:{node.port}/%2F"
+    options: dict[str, object] = dict(timeout=60, resend_after=2, connect_wait=60)
+    options.update(extra)
+    return Settings(url=url, namespace=NAMESPACE, **options)
+
+
+def _receivers(regions: LocalRegions, tmp_path: Path) -> dict[str, BackgroundReceiver]:
+    return {
+        site: BackgroundReceiver(site, tmp_path / site, settings_of(regions, site))
+        for site in SITES
+    }
+
+
+def test_a_broadcast_crosses_to_each_region_once(
+    whole: LocalRegions, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="objstream")
+    size = 64 * MiB
+    src = tmp_path / "model.bin"
+    digest = random_file(src, size)
+    receivers = _receivers(whole, tmp_path)
+    try:
+        for site in SITES:  # each data queue's binding reaches the centre before chunks do
+            whole.wait_binding(CENTRAL, f"offer:{site}")
+        whole.reset_counts()
+        with FileStreamer("server", settings_of(whole, "server")) as streamer:
+            results = streamer.stream_file(list(SITES), src)
+        crossed = whole.link_bytes()
+        print(f"into regions: {[crossed[(r, CENTRAL)] / size for r in (1, 2)]} x the object; "
+              f"back: {[crossed[(CENTRAL, r)] for r in (1, 2)]} bytes")  # fmt: skip
+        for site, receiver in receivers.items():
+            [received] = receiver.wait_for(1, timeout=60)
+            assert sha256_of(stored_path(received)) == digest, site
+    finally:
+        for receiver in receivers.values():
+            receiver.stop()
+    assert [r.ok for r in results] == [True] * len(SITES), results
+    sender = [r.getMessage() for r in caplog.records if r.name.startswith("objstream.common.send")]
+    # one upload, to the central broker
+    assert {r.bytes_published for r in results} == {size}, sender
+    for region in (1, 2):
+        down = crossed[(region, CENTRAL)]  # the central broker's messages, into the region
+        assert size <= down <= 1.05 * size, (region, down / size)
+        back = crossed[(CENTRAL, region)]  # the region's replies, into the central broker
+        assert back < 0.01 * size, (region, back)
+
+
+def test_sites_of_both_regions_retrieve_one_model(whole: LocalRegions, tmp_path: Path) -> None:
+    model = {f"layer{i}": np.full((256, 1024), i, dtype=np.float32) for i in range(8)}
+    server = BackgroundServer(
+        "server",
+        settings_of(whole, "server"),
+        lambda s: ContainerRetriever(s).add_container("model", model),
+    )
+    outcomes: dict[str, object] = {}
+
+    def fetch(site: str) -> None:
+        try:
+            with Retriever(site, tmp_path / site, settings_of(whole, site)) as retriever:
+                outcomes[site] = retriever.retrieve_container("server", "model", timeout=60)
+        except Exception as e:
+            outcomes[site] = e
+
+    try:
+        threads = [threading.Thread(target=fetch, args=(site,)) for site in SITES]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        server.stop()
+    assert set(outcomes) == set(SITES)
+    for site, value in outcomes.items():
+        assert isinstance(value, dict), (site, value)
+        assert sorted(value) == sorted(model)
+        for key, array in model.items():
+            np.testing.assert_array_equal(value[key], array)
+
+
+def _in_background(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except Exception as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_regional_broker_killed_mid_broadcast(whole: LocalRegions, tmp_path: Path) -> None:
+    """Region b's broker dies with its sites a quarter through, and comes back 3 s later."""
+    size = 192 * MiB
+    src = tmp_path / "big.bin"
+    digest = random_file(src, size)
+    receivers = _receivers(whole, tmp_path)
+    try:
+        with FileStreamer("server", settings_of(whole, "server")) as streamer:
+            sending, outcome = _in_background(lambda: streamer.stream_file(list(SITES), src))
+            wait_for_partial(tmp_path / "site-b1", size // 4)
+            whole.nodes[2].kill()
+            time.sleep(3)
+            whole.nodes[2].start()
+            sending.join(300)
+        [results] = outcome
+        assert isinstance(results, list), results
+        by_site = {r.site: r for r in results}
+        print({r.site: r.ok or r.error for r in results})
+        for site, receiver in receivers.items():
+            [received] = receiver.wait_for(1, timeout=120)
+            if SITES[site] == 1:  # region a never noticed
+                assert by_site[site].ok, by_site[site]
+            if by_site[site].ok:
+                assert sha256_of(stored_path(received)) == digest, site
+                assert final_files(tmp_path / site) == [tmp_path / site / "big.bin"]
+            else:
+                assert isinstance(received, TransferFailed), (site, received)
+                assert "\n" not in str(received)
+                assert "\n" not in str(by_site[site].error)
+                assert final_files(tmp_path / site) == []
+    finally:
+        for receiver in receivers.values():
+            receiver.stop()
