@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from objstream.common.amqp import Closing, Delivery, connect, reestablish
 from objstream.common.errors import ConnectionLost
+from objstream.common.federation import route_settle
 from objstream.common.identity import Identities
 from objstream.common.protocol import Envelope, Reply, envelope
 from objstream.common.redeliveries import journal_for
@@ -89,6 +91,10 @@ class RetrievalServer(Closing):
             site, self.settings, self._stopping, progress=progress, on_outcome=on_outcome
         )
         self._jobs: dict[str, Job] = {}  # streams in progress, by stream id
+        self._settling: list[tuple[float, Delivery]] = []
+        """Requests that crossed a federation link, held (unacked) until the time given: the
+        requester's reply-queue binding follows its request to this broker a little later,
+        and a reply or offer published before it arrives would be lost."""
         self._open()
 
     # -- what is served ---------------------------------------------------------------------------
@@ -157,10 +163,12 @@ class RetrievalServer(Closing):
                     # node just died can crash the channel (and close the connection).
                     tag = self._consume()
 
+                self._settling.clear()  # the broker gives them to the new channel again
                 reestablish(self.settings, self.settings.timeout, again)
                 self._reconnects += 1
                 log.info("site %s serving again on %s", self.site, self._queue)
             self._reap()
+            self._answer_settled()
         if self._channel.is_open:
             self._channel.cancel(tag)
 
@@ -214,6 +222,19 @@ class RetrievalServer(Closing):
     # -- one request ------------------------------------------------------------------------------
 
     def _on_request(self, delivery: Delivery) -> None:
+        settle = route_settle(delivery.props.headers)
+        if settle > 0:
+            self._settling.append((time.monotonic() + settle, delivery))
+            return
+        self._answer(delivery)
+
+    def _answer_settled(self) -> None:
+        now = time.monotonic()
+        while self._settling and self._settling[0][0] <= now:
+            _, delivery = self._settling.pop(0)
+            self._answer(delivery)
+
+    def _answer(self, delivery: Delivery) -> None:
         self._reap()
         props = delivery.props
         env = Envelope(delivery.routing_key, props.user_id, props.reply_to, len(delivery.body))

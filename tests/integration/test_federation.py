@@ -145,6 +145,7 @@ def test_sites_of_both_regions_retrieve_one_model(whole: LocalRegions, tmp_path:
         lambda s: ContainerRetriever(s).add_container("model", model),
     )
     outcomes: dict[str, object] = {}
+    whole.reset_counts()
 
     def fetch(site: str) -> None:
         try:
@@ -161,7 +162,12 @@ def test_sites_of_both_regions_retrieve_one_model(whole: LocalRegions, tmp_path:
             thread.join(120)
     finally:
         server.stop()
+    crossed = whole.link_bytes()
+    size = sum(array.nbytes for array in model.values())
+    print(f"into regions: {[crossed[(r, CENTRAL)] / size for r in (1, 2)]} x the model")
     assert set(outcomes) == set(SITES)
+    for region in (1, 2):  # requests that arrive together share one upload (about 1.0 x here)
+        assert crossed[(region, CENTRAL)] <= 2.05 * size, region  # never more than a copy a site
     for site, value in outcomes.items():
         assert isinstance(value, dict), (site, value)
         assert sorted(value) == sorted(model)
