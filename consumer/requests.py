@@ -157,10 +157,13 @@ class RequestTracker:
             # there so the request waits for a server that starts a little later (until it
             # expires). Under least privilege a site may not declare another site's queue (its
             # administrator did): the refusal closes a channel of its own, and is skipped.
+            # Not with declare_peers false (regions: the owner's queue is on its own broker).
             core.topology.bind_reply(core.control, core.site, self._queue_id, owner)
-            core.topology.declare_if_allowed(
-                core.connection, lambda channel: core.topology.declare_service_queue(channel, owner)
-            )
+            if core.settings.declare_peers:
+                core.topology.declare_if_allowed(
+                    core.connection,
+                    lambda channel: core.topology.declare_service_queue(channel, owner),
+                )
             self._owners.add(owner)
         # A request nobody answers within the timeout is void: the requester has given up.
         # RabbitMQ checks user_id against the connection's user.

@@ -218,8 +218,9 @@ class StreamSender:
 
     def declare_inbox(self, site: str) -> None:
         """Declare ``site``'s inbox if this user may (an offer then waits for a listener that
-        starts later); under least privilege the administrator declared it: skip."""
-        if site in self._declared_inboxes:
+        starts later); under least privilege the administrator declared it: skip. Not at
+        all with ``declare_peers`` false (regions: the site's inbox is on its own broker)."""
+        if site in self._declared_inboxes or not self.settings.declare_peers:
             return
         self._declared_inboxes.add(site)
         self.topology.declare_if_allowed(

@@ -344,3 +344,26 @@ def test_a_transfer_on_quorum_queues(
             )
     finally:
         connection.close()
+
+
+def test_without_declare_peers_a_sender_leaves_the_targets_inbox_alone(
+    tmp_path: Path, settings: Settings, declared: Declared
+) -> None:
+    """Regions: a site's inbox is on its own broker, so one declared on the sender's would
+    hold offers nobody reads. With ``declare_peers`` false the sender declares none (and the
+    offer, unroutable here, finds nobody)."""
+    declared.sites.add("elsewhere")
+    src = tmp_path / "x.bin"
+    random_file(src, 10)
+    quick = settings.model_copy(update={"timeout": 1.5, "declare_peers": False})
+
+    with pytest.raises(SendFailed):
+        _send(quick, ["elsewhere"], src)
+
+    inbox = Topology.from_settings(settings).inbox("elsewhere")
+    connection = pika.BlockingConnection(pika.URLParameters(settings.url))
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+            connection.channel().queue_declare(inbox, passive=True)
+    finally:
+        connection.close()
