@@ -6,7 +6,8 @@
 #   .ci/compose.sh setup   set up the engine (idempotent; about 4 min on a fresh machine, seconds after)
 #   .ci/compose.sh demo    docker-compose up --build: both workers must exit 0 and both result lines
 #                          say "checksum verified"; then down -v. A broken Dockerfile or compose file
-#                          fails it. The default profile; CLUSTER=1 runs the `cluster` profile instead.
+#                          fails it. The default profile; CLUSTER=1 runs the `cluster` profile instead,
+#                          REGIONS=1 the `regions` profile (three brokers joined by federation).
 #   .ci/compose.sh stop    stop the engine's background processes (API socket, healthcheck ticker)
 #
 # Clients then need DOCKER_HOST=unix:///run/podman/podman.sock (testcontainers also
@@ -42,23 +43,27 @@ setup() {
 
 demo() {
   local compose=(docker-compose -p objstream-ci --ansi never)
-  [ "${CLUSTER:-0}" = 1 ] && compose+=(--profile cluster)
-  local producer=producer consumer=consumer
-  [ "${CLUSTER:-0}" = 1 ] && { producer=cluster-producer; consumer=cluster-consumer; }
+  local workers=(producer consumer)
+  if [ "${CLUSTER:-0}" = 1 ]; then
+    compose+=(--profile cluster); workers=(cluster-producer cluster-consumer)
+  elif [ "${REGIONS:-0}" = 1 ]; then
+    compose+=(--profile regions); workers=(regions-server regions-site-1 regions-site-2)
+  fi
   # shellcheck disable=SC2064
   trap "${compose[*]} down -v >/dev/null 2>&1 || true" EXIT
   "${compose[@]}" down -v >/dev/null 2>&1 || true   # leftovers of an interrupted run
   t "compose up --build"
-  timeout "$DEMO_TIMEOUT" "${compose[@]}" up -d --build "$producer" "$consumer"
-  local ids codes logs
-  ids=$("${compose[@]}" ps -q "$producer" "$consumer")
-  [ "$(echo "$ids" | wc -w)" = 2 ] || { echo "ci: compose did not create both workers" >&2; exit 1; }
+  timeout "$DEMO_TIMEOUT" "${compose[@]}" up -d --build "${workers[@]}"
+  local ids codes logs want
+  ids=$("${compose[@]}" ps -q "${workers[@]}")
+  [ "$(echo "$ids" | wc -w)" = "${#workers[@]}" ] || { echo "ci: compose did not create every worker" >&2; exit 1; }
   # shellcheck disable=SC2086
   codes=$(timeout "$DEMO_TIMEOUT" podman wait $ids | tr '\n' ' ')
-  logs=$("${compose[@]}" logs --no-color "$producer" "$consumer")
+  logs=$("${compose[@]}" logs --no-color "${workers[@]}")
   echo "$logs" | grep -E 'checksum|rror|objstream:' || true
   t "worker exit codes: $codes"
-  if [ "$codes" != "0 0 " ]; then
+  want=$(printf '0 %.0s' "${workers[@]}")
+  if [ "$codes" != "$want" ]; then
     echo "$logs" | tail -n 40 >&2
     echo "ci: compose demo failed: worker exit codes $codes" >&2
     exit 1
@@ -76,6 +81,16 @@ demo() {
     echo "$queues"
     if [ -z "$queues" ] || echo "$queues" | grep -qv quorum; then
       echo "ci: the cluster's objstream queues are not all quorum queues" >&2; exit 1
+    fi
+  fi
+  if [ "${REGIONS:-0}" = 1 ]; then   # really federated: the central broker's two links run
+    local links
+    links=$("${compose[@]}" exec -T rabbit-central rabbitmqctl -q federation_status --formatter json | grep -o '"running"' | wc -l)
+    echo "ci: federation links running on the central broker: $links"
+    [ "$links" -ge 2 ] || { echo "ci: the central broker's federation links do not run" >&2; exit 1; }
+    # and the sites' inboxes are on their regions' brokers only (OBJSTREAM_DECLARE_PEERS=false)
+    if "${compose[@]}" exec -T rabbit-central rabbitmqctl -q list_queues name | grep -E '\.site\.site-'; then
+      echo "ci: a site's inbox was declared on the central broker" >&2; exit 1
     fi
   fi
   t "compose demo passed; down -v"

@@ -86,6 +86,40 @@ def test_the_cluster_profile_has_three_nodes_and_workers_that_know_them_all(
         assert set(services[worker]["depends_on"]) == set(nodes)
 
 
+def test_the_regions_profile_federates_a_central_broker_and_two_regions(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    regions = {
+        name for name, service in services.items() if "regions" in service.get("profiles", [])
+    }
+    nodes = {"rabbit-central": ["a", "b"], "rabbit-a": ["central"], "rabbit-b": ["central"]}
+    workers = {
+        "regions-server": "rabbit-central",
+        "regions-site-1": "rabbit-a",
+        "regions-site-2": "rabbit-b",
+    }
+    assert regions == {*nodes, *workers}
+    for node, upstreams in nodes.items():
+        service = services[node]
+        assert service["image"] == RABBITMQ_IMAGE
+        assert f"{node}-data:/var/lib/rabbitmq" in service["volumes"]
+        start = service["entrypoint"][-1]
+        assert "rabbitmq-plugins enable --offline rabbitmq_federation" in start
+        # The same definition `objstream admin federation` prints (common/federation.py).
+        for setting in ('\\"trust-user-id\\": true', '\\"max-hops\\": 1', "on-confirm"):
+            assert setting in start, setting
+        names = [up.split("=")[0] for up in service["environment"]["OBJSTREAM_UPSTREAMS"].split()]
+        assert names == upstreams
+    # The server starts once both sites' inboxes are bound at the centre (their offers need it).
+    assert "offer:site-1" in services["rabbit-central"]["healthcheck"]["test"][1]
+    for worker, node in workers.items():
+        env = services[worker]["environment"]
+        assert env["OBJSTREAM_URL"] == f"amqp://{node}:5672/%2F"
+        assert env["OBJSTREAM_DECLARE_PEERS"] == "false"
+        assert services[worker]["depends_on"] == {node: {"condition": "service_healthy"}}
+
+
 def test_data_goes_to_named_volumes(compose: dict[str, Any]) -> None:
     assert set(compose["volumes"]) >= {"rabbitmq-data", "consumer-data"}
     assert "consumer-data:/data" in compose["services"]["consumer"]["volumes"]
