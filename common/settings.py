@@ -284,11 +284,7 @@ class Settings(BaseModel):
         False, description="Publish chunk messages as persistent (delivery_mode 2)."
     )
     declare_peers: bool = Field(
-        True,
-        description="Declare a target's inbox (a sender) or an owner's service queue (a "
-        "requester) when this user may, so a message waits for a site that starts later. "
-        "False where sites connect to other brokers (regions): there such a queue would hold "
-        "messages nobody reads.",
+        True, description="Declare a target's inbox, an owner's service queue (false: regions)."
     )
     max_object_size: ByteSize = Field(
         ByteSize(TiB), description="Largest object a receiver accepts or a sender offers."
