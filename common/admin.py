@@ -122,7 +122,8 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         help="broker administration for objstream (users and permissions, cleanup, regions)",
         description="What a broker administrator runs for objstream.",
         epilog="examples:\n  objstream admin permissions --site site-1 --user site-1\n"
-        "  objstream admin cleanup --namespace fl --dry-run",
+        "  objstream admin cleanup --namespace fl --dry-run\n"
+        "  objstream admin federation --namespace fl --upstream central=amqps://link:...@c/%2F",
         formatter_class=HelpFormatter,
     )
     sub = side.add_subparsers(

@@ -57,6 +57,7 @@ def add_command(sub: Any, parent: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--max-hops",
         type=int,
+        metavar="N",
         default=DEFAULT_MAX_HOPS,
         help="how many links a message may cross (default 1: centre to regions and back; 2 "
         "lets a site of one region reach a site of another through the centre)",
