@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pika
 
 from bench import sides, startup
-from objstream.common.settings import mask_url
+from objstream.common.urls import mask_url
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

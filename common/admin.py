@@ -36,8 +36,9 @@ from objstream.common.rabbitmqctl import (
     user_permissions,
     user_tags,
 )
-from objstream.common.settings import Settings, check_site, split_urls
+from objstream.common.settings import Settings, check_site
 from objstream.common.topology import Topology, permissions
+from objstream.common.urls import split_urls
 
 PASSWORD_ENV = "OBJSTREAM_ADMIN_PASSWORD"
 PASSWORD_PLACEHOLDER = "<password>"

@@ -14,7 +14,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from objstream.common.errors import BrokerUnreachable, ConfigError, setting
-from objstream.common.settings import Settings, split_urls
+from objstream.common.settings import Settings
+from objstream.common.urls import split_urls
 
 
 def external_login(settings: Settings) -> bool:

@@ -31,7 +31,7 @@ from objstream.common.errors import (
     setting,
 )
 from objstream.common.headers import HeadersRejected, check_properties, without_headers
-from objstream.common.settings import Settings, mask_url, split_urls
+from objstream.common.settings import Settings
 from objstream.common.tls import (
     broker_user,
     client_context,
@@ -39,6 +39,7 @@ from objstream.common.tls import (
     external_login,
     tls_failure,
 )
+from objstream.common.urls import mask_url, split_urls
 
 log = logging.getLogger(__name__)
 

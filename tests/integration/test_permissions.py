@@ -34,8 +34,9 @@ from objstream.common.amqp import Channel, Connection, Delivery, connect
 from objstream.common.cli import EXIT_OK, main
 from objstream.common.errors import ACCESS_REFUSED, PRECONDITION_FAILED, BrokerRefused
 from objstream.common.protocol import Properties
-from objstream.common.settings import Settings, mask_url
+from objstream.common.settings import Settings
 from objstream.common.topology import Topology
+from objstream.common.urls import mask_url
 from tests.rabbitmq_node import LocalRabbitNode
 
 pytestmark = pytest.mark.integration

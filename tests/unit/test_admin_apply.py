@@ -26,8 +26,9 @@ from objstream.common.rabbitmqctl import (
     user_permissions,
     user_tags,
 )
-from objstream.common.settings import Settings, mask_url
+from objstream.common.settings import Settings
 from objstream.common.topology import permissions
+from objstream.common.urls import mask_url
 
 # -- reading rabbitmqctl's JSON ---------------------------------------------------------------
 

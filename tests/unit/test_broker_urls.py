@@ -8,14 +8,9 @@ import pytest
 from objstream.common.admin import vhost_of
 from objstream.common.amqp import broker_parameters, connected_url
 from objstream.common.errors import ConfigError
-from objstream.common.settings import (
-    Settings,
-    load_settings,
-    mask_url,
-    split_urls,
-    with_credentials,
-)
+from objstream.common.settings import Settings, load_settings
 from objstream.common.tls import broker_user
+from objstream.common.urls import mask_url, split_urls, with_credentials
 
 THREE = "amqp://u:s1@n1:5672/%2F,amqp://u:s2@n2:5673/%2F, amqp://u:s3@[::1]:5674/%2F"
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from objstream.common.errors import ConfigError
-from objstream.common.settings import MiB, Settings, load_settings, mask_url, parse_size
+from objstream.common.settings import MiB, Settings, load_settings, parse_size
+from objstream.common.urls import mask_url
 
 
 @pytest.mark.parametrize(
