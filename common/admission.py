@@ -229,6 +229,7 @@ class Admission:
                 asked.owner,
                 envelope.routing_key,
                 envelope.user_id,
+                envelope.via,
             )
             if offer.sender != asked.owner:
                 raise Forged(f"offer from site {offer.sender!r}, asked {asked.owner!r}")
@@ -297,7 +298,7 @@ class Admission:
     def _claims(self, offer: Offer, envelope: Envelope) -> str | None:
         try:
             self.identities.check_claim(
-                f"offer of stream {offer.stream_id}", offer.sender, envelope.user_id
+                f"offer of stream {offer.stream_id}", offer.sender, envelope.user_id, envelope.via
             )
         except Forged as e:
             return str(e)

@@ -69,6 +69,22 @@ class FederationLink:
         return cls(name, uri)
 
 
+def arrival_link(headers: Mapping[str, Any] | None) -> str | None:
+    """The federation link a message came by: the upstream URI (no credentials) that this
+    broker's link named in the last ``x-received-from`` entry; None for a message published
+    on this broker. With ``max-hops`` 1 a message that crossed has exactly that one entry,
+    added by this broker (the plugin does not forward one that already has an entry), so no
+    publisher upstream can choose it."""
+    entries = headers.get(RECEIVED_FROM) if headers else None
+    if not isinstance(entries, list) or not entries:
+        return None
+    last = entries[-1]
+    uri = last.get("uri") if isinstance(last, Mapping) else None
+    if isinstance(uri, bytes):
+        uri = uri.decode("utf-8", "replace")
+    return uri if isinstance(uri, str) else "an unnamed link"
+
+
 def route_settle(headers: Mapping[str, Any] | None) -> float:
     """How long a receiver waits before its first contact for an offer with ``headers``:
     :data:`ROUTE_SETTLE` if the offer crossed a federation link, else 0."""

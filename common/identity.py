@@ -15,6 +15,13 @@ default ``guest``, or one application user for all) name it in ``OBJSTREAM_SHARE
 apart. A message counts as site S's only when its user speaks for S and, for answers, its key
 names S (:meth:`Identities.check_answer`). Anything else is forged.
 
+Regions (brokers joined by federation, which keeps ``user_id`` across its links): a broker
+trusts the others to have checked ``user_id``, so the administrator of one regional broker
+could make a user named like another region's site and speak for it. ``OBJSTREAM_SITE_LINKS``
+(``site=URI,...``) closes that: a message claiming a site named there counts only if it came
+by that federation link (``Envelope.via``), and one claiming any other site only if it was
+published on this broker. Empty (the default): no such check.
+
 Pure: no I/O.
 """
 
@@ -48,16 +55,21 @@ class Identities:
 
     site_users: Mapping[str, str] = field(default_factory=dict)
     shared_users: frozenset[str] = frozenset({"guest"})
+    site_links: Mapping[str, str] = field(default_factory=dict)
+    """The federation link each remote site's messages come by (empty: not checked)."""
 
     @classmethod
     def of(
-        cls, site_users: Mapping[str, str] | None = None, shared_users: Iterable[str] = ("guest",)
+        cls,
+        site_users: Mapping[str, str] | None = None,
+        shared_users: Iterable[str] = ("guest",),
+        site_links: Mapping[str, str] | None = None,
     ) -> Identities:
-        return cls(dict(site_users or {}), frozenset(shared_users))
+        return cls(dict(site_users or {}), frozenset(shared_users), dict(site_links or {}))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Identities:
-        return cls.of(settings.site_users, settings.shared_users)
+        return cls.of(settings.site_users, settings.shared_users, settings.site_links)
 
     def user_of(self, site: str) -> str:
         """The broker user of ``site`` (its own name unless mapped)."""
@@ -77,8 +89,9 @@ class Identities:
             return f"{site} (as {user})"
         return user
 
-    def check_claim(self, what: str, site: str, user: str | None) -> None:
-        """Check that broker user ``user`` may claim ``site`` in ``what`` (an offer, a request).
+    def check_claim(self, what: str, site: str, user: str | None, via: str | None = None) -> None:
+        """Check that broker user ``user`` may claim ``site`` in ``what`` (an offer, a request),
+        coming by federation link ``via`` (None: published on this broker).
 
         Raises:
             Forged: it may not (the text names both and says where the mapping is set).
@@ -89,8 +102,30 @@ class Identities:
                 f"the user of site {site!r} is {self.user_of(site)!r} (OBJSTREAM_SITE_USERS; "
                 "a user several sites share goes in OBJSTREAM_SHARED_USERS)"
             )
+        self.check_link(what, site, via)
 
-    def check_answer(self, what: str, site: str, routing_key: str, user: str | None) -> None:
+    def check_link(self, what: str, site: str, via: str | None) -> None:
+        """With ``site_links``: ``what``, claiming ``site``, came by the link named for it, or
+        was published on this broker if none is named.
+
+        Raises:
+            Forged: it came another way.
+        """
+        if not self.site_links:
+            return
+        expected = self.site_links.get(site)
+        if via == expected:
+            return
+        came = f"came by the federation link from {via}" if via else "was published here"
+        where = f"behind the link from {expected}" if expected else "on this broker"
+        raise Forged(
+            f"{what} claims site {site!r} but {came}, and site {site!r} is {where} "
+            "(OBJSTREAM_SITE_LINKS)"
+        )
+
+    def check_answer(
+        self, what: str, site: str, routing_key: str, user: str | None, via: str | None = None
+    ) -> None:
         """Check that an answer (``progress``, ``done``, ``reply``, or an offer or ``abort``
         to a requester) claiming ``site`` came from it: its key names ``site`` as the publisher
         and its user speaks for ``site``.
@@ -104,4 +139,4 @@ class Identities:
                 f"{what} claims site {site!r} but came with key {routing_key!r}"
                 + (f" of site {publisher!r}" if publisher else "")
             )
-        self.check_claim(what, site, user)
+        self.check_claim(what, site, user, via)

@@ -434,6 +434,9 @@ class Envelope:
     """The publishing broker user, which RabbitMQ validated."""
     reply_to: str | None = None
     body_length: int = 0
+    via: str | None = None
+    """The federation link it came by (:func:`objstream.common.federation.arrival_link`),
+    None if it was published on this broker."""
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,9 @@ class RequestSession:
     # -- inside -----------------------------------------------------------------------------------
 
     def _authentic(self, what: str, retrieval: Retrieval, envelope: Envelope) -> None:
-        self.identities.check_answer(what, retrieval.owner, envelope.routing_key, envelope.user_id)
+        self.identities.check_answer(
+            what, retrieval.owner, envelope.routing_key, envelope.user_id, envelope.via
+        )
 
     def _on_reply(self, reply: Reply, envelope: Envelope, body: bytes) -> list[Action]:
         retrieval = self._by_request.get(reply.request_id)

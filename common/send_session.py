@@ -265,9 +265,12 @@ class SendSession:
             raise ProtocolError(f"source said {self.count} pieces, then {count}")
         self.schedule.source_ended(count)
 
-    def receive(self, message: Message, now: float, *, key: str, user: str | None) -> list[Action]:
+    def receive(
+        self, message: Message, now: float, *, key: str, user: str | None, via: str | None = None
+    ) -> list[Action]:
         """A reply from a target (progress or verdict), which came with routing ``key`` from
-        broker ``user``; late replies and replies for other streams are ignored.
+        broker ``user`` (by federation link ``via``, if it crossed one); late replies and
+        replies for other streams are ignored.
 
         A reply counts for the site it names only if the broker vouches it came from there: its
         key names that site as the publisher (a site's user may publish no other under least
@@ -290,7 +293,7 @@ class SendSession:
             )
             return []
         what = f"{type(message).__name__.lower()} for stream {self.stream_id}"
-        self.identities.check_answer(what, message.site, key, user)
+        self.identities.check_answer(what, message.site, key, user, via)
         if not target.active:
             return []  # a verdict or report after the end (repeated, or late)
         if isinstance(message, Progress):

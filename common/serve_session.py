@@ -218,7 +218,10 @@ class ServeSession:
         user = envelope.user_id or ""
         try:
             self.identities.check_claim(
-                f"request {request.request_id}", request.requester, envelope.user_id
+                f"request {request.request_id}",
+                request.requester,
+                envelope.user_id,
+                envelope.via,
             )
         except Forged as e:
             return self._refuse(request, reply_to, user, FailureCode.FORBIDDEN, str(e))

@@ -20,12 +20,19 @@ from pydantic import (
     SecretStr,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from objstream.common.errors import ENV_PREFIX, ConfigError
-from objstream.common.urls import check_url, mask_url, split_urls, with_credentials
+from objstream.common.urls import (
+    check_url,
+    mask_url,
+    split_urls,
+    with_credentials,
+    without_credentials,
+)
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -271,6 +278,11 @@ class Settings(BaseModel):
         description="The broker user of each site, as site=user,... (a site not named has the "
         "user of its own name): a message claiming a site counts only from that user.",
     )
+    site_links: dict[str, str] = Field(
+        default_factory=dict,
+        description="Regions: the federation link each remote site's messages come by, as "
+        "site=URI,... (a site not named must publish on this broker; empty: no check).",
+    )
     shared_users: tuple[str, ...] = Field(
         ("guest",),
         description="Broker users several sites share (they may speak for any site): the default "
@@ -342,19 +354,30 @@ class Settings(BaseModel):
             else value
         )
 
-    @field_validator("site_users", mode="before")
+    @field_validator("site_users", "site_links", mode="before")
     @classmethod
-    def _site_users(cls, value: Any) -> Any:
+    def _site_pairs(cls, value: Any, info: ValidationInfo) -> Any:
         # OBJSTREAM_SITE_USERS=server=srv-user,site-1=alice
+        # OBJSTREAM_SITE_LINKS=site-1=amqps://broker.eu:5671/%2F,...
         if not isinstance(value, str):
             return value
+        what = "user" if info.field_name == "site_users" else "URI"
         pairs: dict[str, str] = {}
         for item in filter(None, (part.strip() for part in value.split(","))):
-            site, sep, user = item.partition("=")
-            if not sep or not site.strip() or not user.strip():
-                raise ValueError(f"{item!r} is not site=user")
-            pairs[check_site(site.strip())] = user.strip()
+            site, sep, other = item.partition("=")
+            if not sep or not site.strip() or not other.strip():
+                raise ValueError(f"{mask_url(item)!r} is not site={what}")
+            pairs[check_site(site.strip())] = other.strip()
         return pairs
+
+    @field_validator("site_links", mode="after")
+    @classmethod
+    def _links(cls, value: dict[str, str]) -> dict[str, str]:
+        # As the federation plugin names a link in x-received-from: no user, no password.
+        try:
+            return {site: without_credentials(check_url(uri)) for site, uri in value.items()}
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Self:

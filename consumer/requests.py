@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from objstream.common.amqp import Delivery
+from objstream.common.federation import arrival_link
 from objstream.common.identity import Identities
 from objstream.common.protocol import Envelope, Offer, envelope, new_stream_id, parse
 from objstream.common.request_session import (
@@ -125,7 +126,7 @@ class RequestTracker:
 
     def _on_private(self, delivery: Delivery) -> None:
         props = delivery.props
-        env = Envelope(delivery.routing_key, props.user_id, props.reply_to, len(delivery.body))
+        env = _envelope(delivery)
         actions = self.session.receive(
             props.type, props.headers, env, time.monotonic(), delivery.body
         )
@@ -198,5 +199,16 @@ def _held(delivery: Delivery) -> _Held:
     props = delivery.props
     offer = parse(props.type, props.headers)
     assert isinstance(offer, Offer)
-    env = Envelope(delivery.routing_key, props.user_id, props.reply_to, len(delivery.body))
+    env = _envelope(delivery)
     return _Held(delivery, offer, env)
+
+
+def _envelope(delivery: Delivery) -> Envelope:
+    props = delivery.props
+    return Envelope(
+        delivery.routing_key,
+        props.user_id,
+        props.reply_to,
+        len(delivery.body),
+        via=arrival_link(props.headers),
+    )

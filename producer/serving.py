@@ -30,7 +30,7 @@ from typing import Any
 
 from objstream.common.amqp import Closing, Delivery, connect, reestablish
 from objstream.common.errors import ConnectionLost
-from objstream.common.federation import route_settle
+from objstream.common.federation import arrival_link, route_settle
 from objstream.common.identity import Identities
 from objstream.common.protocol import Envelope, Reply, envelope
 from objstream.common.redeliveries import journal_for
@@ -237,7 +237,13 @@ class RetrievalServer(Closing):
     def _answer(self, delivery: Delivery) -> None:
         self._reap()
         props = delivery.props
-        env = Envelope(delivery.routing_key, props.user_id, props.reply_to, len(delivery.body))
+        env = Envelope(
+            delivery.routing_key,
+            props.user_id,
+            props.reply_to,
+            len(delivery.body),
+            via=arrival_link(props.headers),
+        )
         self._run(self.session.request(props.type, props.headers, env), delivery)
         delivery.ack()
 

@@ -27,6 +27,7 @@ from objstream.common.errors import (
     SendFailed,
     TransferFailed,
 )
+from objstream.common.federation import arrival_link
 from objstream.common.pacing import TokenBucket, pacer
 from objstream.common.protocol import Abort, Chunk, End, Inline, Offer, envelope
 from objstream.common.send_session import SendSession
@@ -330,7 +331,13 @@ class Transfer:
             user = delivery.props.user_id
             try:
                 now = time.monotonic()
-                actions = self.session.receive(message, now, key=delivery.routing_key, user=user)
+                actions = self.session.receive(
+                    message,
+                    now,
+                    key=delivery.routing_key,
+                    user=user,
+                    via=arrival_link(delivery.props.headers),
+                )
             except ProtocolError as e:  # forged, or no reply at all
                 delivery.reject(str(e))
                 continue

@@ -24,15 +24,19 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+import pika
 import pytest
 
 from objstream.common.cli import EXIT_OK, main
-from objstream.common.errors import TransferFailed
+from objstream.common.errors import SendFailed, TransferFailed
+from objstream.common.protocol import Done
 from objstream.common.settings import MiB, Settings
+from objstream.common.urls import without_credentials
 from objstream.consumer import Retriever
-from objstream.producer import ContainerRetriever, FileStreamer
+from objstream.producer import ContainerRetriever, FileStreamer, TargetResult
 from tests.conftest import final_files, random_file, sha256_of, stored_path
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
+from tests.integration.rawpeer import properties
 from tests.rabbitmq_federation import LocalRegions
 
 pytestmark = [pytest.mark.federation, pytest.mark.usefixtures("local_nodes")]
@@ -118,8 +122,8 @@ def test_a_broadcast_crosses_to_each_region_once(
         with FileStreamer("server", settings_of(whole, "server")) as streamer:
             results = streamer.stream_file(list(SITES), src)
         crossed = whole.link_bytes()
-        print(f"into regions: {[crossed[(r, CENTRAL)] / size for r in (1, 2)]} x the object; "
-              f"back: {[crossed[(CENTRAL, r)] for r in (1, 2)]} bytes")  # fmt: skip
+        into = [crossed[(r, CENTRAL)] / size for r in (1, 2)]
+        print(f"into regions: {into} x the object; back: {[crossed[(CENTRAL, r)] for r in (1, 2)]}")
         for site, receiver in receivers.items():
             [received] = receiver.wait_for(1, timeout=60)
             assert sha256_of(stored_path(received)) == digest, site
@@ -222,3 +226,83 @@ def test_a_regional_broker_killed_mid_broadcast(whole: LocalRegions, tmp_path: P
     finally:
         for receiver in receivers.values():
             receiver.stop()
+
+
+def _link_into_centre(regions: LocalRegions, region: int) -> str:
+    """The link from ``region`` as the central broker names it in ``x-received-from``."""
+    [link] = [link for link in regions.links(CENTRAL) if link.name == f"node{region}"]
+    return without_credentials(link.uri)
+
+
+def _wait_for(find: Callable[[], str | None], what: str, timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while (found := find()) is None:
+        assert time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.25)
+    return found
+
+
+@pytest.mark.parametrize("site_links", [True, False], ids=["site links", "no site links"])
+def test_a_regional_broker_cannot_answer_for_another_regions_site(
+    whole: LocalRegions, tmp_path: Path, site_links: bool
+) -> None:
+    """Region b's administrator makes a user named like site-a1 (a site of region a, which
+    never runs here) on its own broker, reads the stream id and the server's reply key for
+    site-a1 off that broker, and reports site-a1 stored. With OBJSTREAM_SITE_LINKS on the
+    server the forgery came by b's link, not a's: it does not count, and site-a1 fails. Without
+    it, it counts: federation keeps user_id (trust-user-id), and the server believes it."""
+    src = tmp_path / "model.bin"
+    random_file(src, 2 * MiB)
+    links = {site: _link_into_centre(whole, region) for site, region in SITES.items()}
+    region_b = whole.nodes[2]
+    assert region_b.ctl("add_user", "site-a1", "forger").returncode in (0, 70)  # 70: exists
+    assert region_b.ctl("set_permissions", "site-a1", ".*", ".*", ".*").returncode == 0
+    receiver = BackgroundReceiver("site-b1", tmp_path / "site-b1", settings_of(whole, "site-b1"))
+    sender = settings_of(whole, "server", timeout=8, site_links=links if site_links else {})
+    try:
+        with FileStreamer("server", sender) as streamer:
+            sending, outcome = _in_background(
+                lambda: streamer.stream_file(["site-a1", "site-b1"], src)
+            )
+
+            def on_b(*args: str) -> list[str]:
+                return region_b.ctl(*args).stdout.split()
+
+            def data_queue() -> str | None:
+                queues = on_b("list_queues", "-q", "name")
+                return next((q for q in queues if q.startswith(prefix)), None)
+
+            def reply_key() -> str | None:
+                keys = on_b("list_bindings", "-q", "routing_key")
+                mine = [k for k in keys if k.startswith("reply:server:") and k.endswith(":site-a1")]
+                return mine[0] if mine else None
+
+            prefix = f"{NAMESPACE}.data.site-b1."
+            queue = _wait_for(data_queue, "data queue of site-b1")
+            key = _wait_for(reply_key, "reply key of the server for site-a1")
+            forged = Done(
+                stream_id=queue.removeprefix(prefix), site="site-a1", ok=True, stored_as="x.bin"
+            )
+            url = f"amqp://site-a1:forger@127.0.0.1:{region_b.port}/%2F"
+            connection = pika.BlockingConnection(pika.URLParameters(url))
+            try:
+                connection.channel().basic_publish(
+                    NAMESPACE, key, b"", properties(forged, user_id="site-a1")
+                )
+            finally:
+                connection.close()
+            sending.join(60)
+    finally:
+        receiver.stop()
+    [returned] = outcome
+    assert isinstance(returned, SendFailed | list), returned
+    assert isinstance(returned, SendFailed) == site_links, returned
+    listed = returned.results if isinstance(returned, SendFailed) else returned
+    results = {r.site: r for r in listed if isinstance(r, TargetResult)}
+    assert results["site-b1"].ok
+    if site_links:
+        assert not results["site-a1"].ok
+        assert "never took the offer" in str(results["site-a1"].error)
+    else:
+        assert results["site-a1"].ok  # the forgery counted
+        assert results["site-a1"].stored_as == "x.bin"

@@ -17,10 +17,13 @@ from objstream.common.errors import ConfigError
 from objstream.common.federation import (
     ROUTE_SETTLE,
     FederationLink,
+    arrival_link,
     federation_commands,
     link_permissions,
     route_settle,
 )
+from objstream.common.identity import Forged, Identities
+from objstream.common.settings import Settings
 
 CENTRAL = FederationLink("central", "amqps://link:pw@central.example.org/%2F")
 EU = FederationLink("eu", "amqp://link:pw@eu:5672/%2F")
@@ -155,3 +158,62 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert code == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
+
+
+# -- which link a message came by, and the sites behind each ----------------------------------
+
+EU_LINK = "amqp://broker.eu:5672/%2F"
+
+
+def test_the_arrival_link_is_the_uri_in_the_last_received_from_entry() -> None:
+    entry = {"uri": EU_LINK, "exchange": "fl", "redelivered": False, "cluster-name": "eu"}
+    assert arrival_link({"x-received-from": [entry]}) == EU_LINK
+    assert arrival_link({"x-received-from": [{"uri": "amqp://x"}, entry]}) == EU_LINK
+    assert arrival_link({"x-received-from": [{"uri": EU_LINK.encode()}]}) == EU_LINK
+    assert arrival_link({"x-received-from": [{}]}) == "an unnamed link"
+    nothing: list[dict[str, object] | None] = [
+        None,
+        {},
+        {"x-received-from": []},
+        {"x-received-from": "amqp://x"},
+    ]
+    for headers in nothing:
+        assert arrival_link(headers) is None
+
+
+def test_site_links_name_the_link_without_credentials() -> None:
+    settings = Settings(
+        site_links="site-a1=amqps://link:secret@broker.eu:5671/%2F, server=" + EU_LINK
+    )
+    assert settings.site_links == {"site-a1": "amqps://broker.eu:5671/%2F", "server": EU_LINK}
+    for bad in ("site-a1", "site-a1=http://u:secret@x", "a:b=amqp://u:secret@x"):
+        with pytest.raises(ConfigError, match=r"site_links|site name") as raised:
+            Settings(site_links=bad)
+        assert "secret" not in str(raised.value)
+
+
+def test_without_site_links_any_way_in_counts() -> None:
+    identities = Identities.of({}, ())
+    identities.check_claim("offer", "site-a1", "site-a1", via="amqp://anywhere/%2F")
+    identities.check_claim("offer", "site-a1", "site-a1", via=None)
+
+
+def test_a_site_behind_a_link_counts_only_by_that_link() -> None:
+    identities = Identities.of({}, (), {"site-a1": EU_LINK})
+    identities.check_claim("request 1", "site-a1", "site-a1", via=EU_LINK)
+    with pytest.raises(Forged, match=r"came by the federation link from amqp://us/%2F"):
+        identities.check_claim("request 1", "site-a1", "site-a1", via="amqp://us/%2F")
+    with pytest.raises(Forged, match=r"was published here, and site 'site-a1' is behind"):
+        identities.check_claim("request 1", "site-a1", "site-a1", via=None)
+    # A site not named publishes on this broker; by a link it is forged.
+    identities.check_claim("offer", "server", "server", via=None)
+    with pytest.raises(Forged, match=r"site 'server' is on this broker \(OBJSTREAM_SITE_LINKS\)"):
+        identities.check_claim("offer", "server", "server", via=EU_LINK)
+
+
+def test_an_answer_is_checked_for_its_link_too() -> None:
+    identities = Identities.of({}, (), {"site-a1": EU_LINK})
+    key = "reply:server:0123456789abcdef0123456789abcdef:site-a1"
+    identities.check_answer("done", "site-a1", key, "site-a1", EU_LINK)
+    with pytest.raises(Forged, match="OBJSTREAM_SITE_LINKS"):
+        identities.check_answer("done", "site-a1", key, "site-a1", "amqp://us/%2F")
