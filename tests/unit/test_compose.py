@@ -118,6 +118,12 @@ def test_the_regions_profile_federates_a_central_broker_and_two_regions(
         assert env["OBJSTREAM_URL"] == f"amqp://{node}:5672/%2F"
         assert env["OBJSTREAM_DECLARE_PEERS"] == "false"
         assert services[worker]["depends_on"] == {node: {"condition": "service_healthy"}}
+    # Each side takes the other's messages only by the link they come by.
+    links = services["regions-server"]["environment"]["OBJSTREAM_SITE_LINKS"]
+    assert links == "site-1=amqp://rabbit-a:5672/%2F,site-2=amqp://rabbit-b:5672/%2F"
+    for site in ("regions-site-1", "regions-site-2"):
+        links = services[site]["environment"]["OBJSTREAM_SITE_LINKS"]
+        assert links == "server=amqp://rabbit-central:5672/%2F"
 
 
 def test_data_goes_to_named_volumes(compose: dict[str, Any]) -> None:
