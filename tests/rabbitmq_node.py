@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 REQUIRE_BROKER = "OBJSTREAM_REQUIRE_BROKER"
 """Set to ``1`` (CI does): a broker a test cannot have fails the test instead of skipping it."""
@@ -181,3 +181,22 @@ class LocalRabbitNode:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+class Nodes(Protocol):
+    """Throwaway nodes of a test (a cluster, regions): their logs can be kept, then removed."""
+
+    def copy_logs(self, dest: Path) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+
+KEEP_LOGS = "OBJSTREAM_KEEP_NODE_LOGS"
+"""A directory: the nodes' logs are copied there before the nodes are removed."""
+
+
+def remove_nodes(nodes: Nodes) -> None:
+    """Stop and remove ``nodes``, first copying their logs to ``$OBJSTREAM_KEEP_NODE_LOGS``."""
+    if keep := os.environ.get(KEEP_LOGS):
+        nodes.copy_logs(Path(keep))
+    nodes.cleanup()

@@ -418,6 +418,35 @@ def start_server(declared: Declared) -> Iterator[StartServer]:
         server.stop()
 
 
+def in_background(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
+    """Run ``work`` on a thread of its own; its result, or what it raised, goes to the list."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except Exception as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def apply_site(node: LocalRabbitNode, site: str, password: str, namespace: str) -> None:
+    """Make ``site``'s broker user on ``node`` (named like the site, with ``password``) with
+    exactly what ``objstream admin permissions --apply`` gives it under ``namespace``."""
+    from objstream.common.cli import EXIT_OK, main
+
+    os.environ["OBJSTREAM_ADMIN_PASSWORD"] = password
+    try:
+        argv = ["admin", "permissions", "--site", site, "--user", site, "--apply"]
+        code = main([*argv, "--node", node.nodename, "--url", node.url, "--namespace", namespace])
+    finally:
+        del os.environ["OBJSTREAM_ADMIN_PASSWORD"]
+    assert code == EXIT_OK
+
+
 def wait_for_partial(
     dest: Path,
     at_least: int,

@@ -10,7 +10,6 @@ Marked ``cluster``; run them alone with ``python -m pytest -m cluster``. With
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,8 +23,14 @@ from objstream.common.settings import MiB, Settings
 from objstream.consumer import Retriever
 from objstream.producer import FileRetriever, FileStreamer
 from tests.conftest import final_files, kept_bytes, random_file, sha256_of, stored_path
-from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
+from tests.integration.conftest import (
+    BackgroundReceiver,
+    BackgroundServer,
+    in_background,
+    wait_for_partial,
+)
 from tests.rabbitmq_cluster import LocalRabbitCluster
+from tests.rabbitmq_node import remove_nodes
 
 pytestmark = [
     pytest.mark.cluster,
@@ -43,9 +48,7 @@ def cluster() -> Iterator[LocalRabbitCluster]:
         nodes.start()
         yield nodes
     finally:
-        if keep := os.environ.get("OBJSTREAM_KEEP_NODE_LOGS"):
-            nodes.copy_logs(Path(keep))
-        nodes.cleanup()
+        remove_nodes(nodes)
 
 
 @pytest.fixture
@@ -69,21 +72,6 @@ def on(healthy: LocalRabbitCluster) -> Callable[..., Settings]:
                         **options)  # fmt: skip
 
     return settings
-
-
-def _in_background(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    """Run ``work`` on a thread; its result, or what it raised, goes to the list."""
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(work())
-        except Exception as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def _succeeded(thread: threading.Thread, outcome: list[object]) -> object:
@@ -116,7 +104,7 @@ def test_a_push_survives_the_death_of_a_node(
     receiver = BackgroundReceiver("site-1", dest, on(RECEIVER_NODE))
     try:
         with FileStreamer("server", on(SENDER_NODE)) as streamer:
-            sending, outcome = _in_background(lambda: streamer.stream_file("site-1", src))
+            sending, outcome = in_background(lambda: streamer.stream_file("site-1", src))
             wait_for_partial(dest, size // 4)
             healthy.kill(VICTIMS[victim])
             _succeeded(sending, outcome)
@@ -148,7 +136,7 @@ def test_a_broadcast_to_three_sites_survives_the_death_of_a_node(
     }
     try:
         with FileStreamer("server", on(SENDER_NODE)) as streamer:
-            sending, outcome = _in_background(lambda: streamer.stream_file(list(sites), src))
+            sending, outcome = in_background(lambda: streamer.stream_file(list(sites), src))
             wait_for_partial(tmp_path / "site-1", size // 4)
             healthy.kill(VICTIMS[victim])
             _succeeded(sending, outcome)
@@ -180,7 +168,7 @@ def test_a_retrieval_survives_the_death_of_a_node(
     server = BackgroundServer("server", on(SENDER_NODE), lambda s: FileRetriever(s, source_dir=src))
     try:
         with Retriever("site-1", dest, on(RECEIVER_NODE)) as retriever:
-            fetching, outcome = _in_background(
+            fetching, outcome = in_background(
                 lambda: retriever.retrieve_file("server", "big.bin", timeout=60)
             )
             wait_for_partial(dest, size // 4)
@@ -212,7 +200,7 @@ def test_losing_the_majority_fails_both_sides_cleanly_and_the_prefix_is_resumed(
     server = BackgroundServer("server", settings, lambda s: FileRetriever(s, source_dir=src))
     try:
         with Retriever("site-1", dest, settings) as retriever:
-            fetching, outcome = _in_background(
+            fetching, outcome = in_background(
                 lambda: retriever.retrieve_file("server", "big.bin", timeout=15)
             )
             wait_for_partial(dest, size // 4)

@@ -15,7 +15,6 @@ Throwaway local nodes (tests/rabbitmq_federation.py), never the shared broker. M
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -27,7 +26,6 @@ import numpy as np
 import pika
 import pytest
 
-from objstream.common.cli import EXIT_OK, main
 from objstream.common.errors import SendFailed, TransferFailed
 from objstream.common.protocol import Done
 from objstream.common.settings import MiB, Settings
@@ -35,9 +33,16 @@ from objstream.common.urls import without_credentials
 from objstream.consumer import Retriever
 from objstream.producer import ContainerRetriever, FileStreamer, TargetResult
 from tests.conftest import final_files, random_file, sha256_of, stored_path
-from tests.integration.conftest import BackgroundReceiver, BackgroundServer, wait_for_partial
+from tests.integration.conftest import (
+    BackgroundReceiver,
+    BackgroundServer,
+    apply_site,
+    in_background,
+    wait_for_partial,
+)
 from tests.integration.rawpeer import properties
 from tests.rabbitmq_federation import LocalRegions
+from tests.rabbitmq_node import remove_nodes
 
 pytestmark = [pytest.mark.federation, pytest.mark.usefixtures("local_nodes")]
 
@@ -49,37 +54,21 @@ PASSWORD = "pw-%s"
 NAMESPACE = f"objstream-fed-{uuid.uuid4().hex[:8]}"
 
 
-def _apply_site(regions: LocalRegions, node: int, site: str) -> None:
-    """``objstream admin permissions --apply`` for ``site`` on node ``node``."""
-    os.environ["OBJSTREAM_ADMIN_PASSWORD"] = PASSWORD % site
-    broker = regions.nodes[node]
-    try:
-        code = main([
-            "admin", "permissions", "--site", site, "--user", site, "--apply",
-            "--node", broker.nodename, "--url", broker.url, "--namespace", NAMESPACE,
-        ])  # fmt: skip
-    finally:
-        del os.environ["OBJSTREAM_ADMIN_PASSWORD"]
-    assert code == EXIT_OK
-
-
 @pytest.fixture(scope="module")
 def regions() -> Iterator[LocalRegions]:
     nodes = LocalRegions(2, count_links=True, link_user=LINK_USER)
     try:
         nodes.start()
-        _apply_site(nodes, CENTRAL, "server")
+        apply_site(nodes.central, "server", PASSWORD % "server", NAMESPACE)
         for site, node in SITES.items():
-            _apply_site(nodes, node, site)
+            apply_site(nodes.nodes[node], site, PASSWORD % site, NAMESPACE)
         nodes.federate(NAMESPACE)
         nodes.wait_links()
         for site in SITES:
             nodes.wait_binding(CENTRAL, f"offer:{site}")  # propagated from the site's region
         yield nodes
     finally:
-        if keep := os.environ.get("OBJSTREAM_KEEP_NODE_LOGS"):
-            nodes.copy_logs(Path(keep))
-        nodes.cleanup()
+        remove_nodes(nodes)
 
 
 @pytest.fixture
@@ -179,20 +168,6 @@ def test_sites_of_both_regions_retrieve_one_model(whole: LocalRegions, tmp_path:
             np.testing.assert_array_equal(value[key], array)
 
 
-def _in_background(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(work())
-        except Exception as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
 def test_a_regional_broker_killed_mid_broadcast(whole: LocalRegions, tmp_path: Path) -> None:
     """Region b's broker dies with its sites a quarter through, and comes back 3 s later."""
     size = 192 * MiB
@@ -201,7 +176,7 @@ def test_a_regional_broker_killed_mid_broadcast(whole: LocalRegions, tmp_path: P
     receivers = _receivers(whole, tmp_path)
     try:
         with FileStreamer("server", settings_of(whole, "server")) as streamer:
-            sending, outcome = _in_background(lambda: streamer.stream_file(list(SITES), src))
+            sending, outcome = in_background(lambda: streamer.stream_file(list(SITES), src))
             wait_for_partial(tmp_path / "site-b1", size // 4)
             whole.nodes[2].kill()
             time.sleep(3)
@@ -261,7 +236,7 @@ def test_a_regional_broker_cannot_answer_for_another_regions_site(
     sender = settings_of(whole, "server", timeout=8, site_links=links if site_links else {})
     try:
         with FileStreamer("server", sender) as streamer:
-            sending, outcome = _in_background(
+            sending, outcome = in_background(
                 lambda: streamer.stream_file(["site-a1", "site-b1"], src)
             )
 

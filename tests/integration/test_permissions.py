@@ -37,6 +37,7 @@ from objstream.common.protocol import Properties
 from objstream.common.settings import Settings
 from objstream.common.topology import Topology
 from objstream.common.urls import mask_url
+from tests.integration.conftest import apply_site as apply_site_user
 from tests.rabbitmq_node import LocalRabbitNode
 
 pytestmark = pytest.mark.integration
@@ -79,17 +80,8 @@ def site_settings(node: LocalRabbitNode, site: str) -> Settings:
 
 
 def apply_site(node: LocalRabbitNode, site: str, namespace: str = NAMESPACE) -> None:
-    """Make ``site``'s broker user (named like the site, password ``PASSWORDS[site]``) with
-    exactly what ``objstream admin permissions --apply`` gives it under ``namespace``."""
-    os.environ["OBJSTREAM_ADMIN_PASSWORD"] = PASSWORDS[site]
-    try:
-        code = main([
-            "admin", "permissions", "--site", site, "--user", site, "--apply",
-            "--node", node.nodename, "--url", node.url, "--namespace", namespace,
-        ])  # fmt: skip
-    finally:
-        del os.environ["OBJSTREAM_ADMIN_PASSWORD"]
-    assert code == EXIT_OK
+    """``site``'s user (password ``PASSWORDS[site]``), as ``admin permissions --apply`` makes it."""
+    apply_site_user(node, site, PASSWORDS[site], namespace)
 
 
 @pytest.fixture(scope="module")

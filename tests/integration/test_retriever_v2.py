@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from objstream.common.protocol import Abort, Chunk, End, Offer, Reply, Request, 
 from objstream.common.settings import Settings
 from objstream.common.topology import Topology
 from objstream.consumer import Retriever
-from tests.integration.conftest import Declared
+from tests.integration.conftest import Declared, in_background
 from tests.integration.rawpeer import (
     declare_base,
     declare_bound,
@@ -81,20 +80,6 @@ def raw_owner(settings: Settings, declared: Declared) -> Iterator[RawOwner]:
     owner.connection.close()
 
 
-def _in_thread(work: Callable[[], object]) -> tuple[threading.Thread, list[object]]:
-    outcome: list[object] = []
-
-    def run() -> None:
-        try:
-            outcome.append(work())
-        except Exception as e:
-            outcome.append(e)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 def test_the_request_names_the_requester_and_a_refusal_comes_back(
     tmp_path: Path, settings: Settings, raw_owner: RawOwner
 ) -> None:
@@ -102,7 +87,7 @@ def test_the_request_names_the_requester_and_a_refusal_comes_back(
         with Retriever("site-1", tmp_path, settings) as retriever:
             return retriever.retrieve_file("server", "nope.bin", timeout=20)
 
-    thread, outcome = _in_thread(fetch)
+    thread, outcome = in_background(fetch)
     raw_owner.wait_requests(1)
     key, props, request = raw_owner.requests[0]
     assert key == "serve:server"
@@ -131,7 +116,7 @@ def test_two_requesters_share_one_broadcast(
             with Retriever(site, tmp_path / site, settings) as retriever:
                 return retriever.retrieve_file("server", "shared.bin", timeout=20)
 
-        fetchers.append(_in_thread(fetch))
+        fetchers.append(in_background(fetch))
     raw_owner.wait_requests(2)
     sid = new_stream_id()
     declared.streams.add(sid)
@@ -173,7 +158,7 @@ def test_an_accepted_stream_aborted_before_its_offer_fails_the_retrieval_at_once
         with Retriever("site-1", tmp_path, settings) as retriever:
             return retriever.retrieve_file("server", "shared.bin", timeout=60)
 
-    thread, outcome = _in_thread(fetch)
+    thread, outcome = in_background(fetch)
     raw_owner.wait_requests(1)
     _, props, request = raw_owner.requests[0]
     sid = new_stream_id()
@@ -225,7 +210,7 @@ def test_a_refused_declare_of_the_owners_service_queue_is_skipped(
         with Retriever("site-1", tmp_path, settings) as retriever:
             return retriever.retrieve_file("server", "nope.bin", timeout=20)
 
-    thread, outcome = _in_thread(fetch)
+    thread, outcome = in_background(fetch)
     raw_owner.wait_requests(1)
     _, props, request = raw_owner.requests[0]
     raw_owner.answer(props, Reply(request_id=request.request_id, ok=False, code="not_found"))
