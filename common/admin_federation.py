@@ -20,7 +20,7 @@ from objstream.common.federation import (
     federation_commands,
     link_permissions,
 )
-from objstream.common.settings import Settings
+from objstream.common.settings import Settings, parse_size
 
 
 def add_command(sub: Any, parent: argparse.ArgumentParser) -> None:
@@ -31,7 +31,8 @@ def add_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         description="Print the rabbitmqctl lines that federate the exchange NAMESPACE of this "
         "broker with each --upstream: a federation-upstream parameter per upstream (with "
         "trust-user-id, so the publisher's user_id survives the link, and --max-hops), an "
-        "upstream set, and a policy that applies it to that exchange alone. Run it on the "
+        "upstream set, a policy that applies it to that exchange alone, and one that bounds "
+        "the queue this broker keeps for each downstream's link (--link-queue-max). Run it on the "
         "central broker with one --upstream per region, and on each regional broker with the "
         "central one as its --upstream; the RabbitMQ federation plugin must be enabled "
         "(rabbitmq-plugins enable rabbitmq_federation). --link-user also prints the "
@@ -63,6 +64,13 @@ def add_command(sub: Any, parent: argparse.ArgumentParser) -> None:
         "lets a site of one region reach a site of another through the centre)",
     )
     cmd.add_argument(
+        "--link-queue-max",
+        metavar="SIZE",
+        default="1GiB",
+        help="most bytes this broker holds for one downstream broker's link (a region that is "
+        "down or slow) before it drops the oldest (default 1GiB)",
+    )
+    cmd.add_argument(
         "--link-user",
         metavar="USER",
         help="also print set_permissions for USER, the user downstream links log in as here",
@@ -77,7 +85,12 @@ def federation_cmd(args: argparse.Namespace, settings: Settings) -> int:
     vhost = args.vhost or vhost_of(settings.url)
     namespace = settings.namespace
     lines = federation_commands(
-        namespace, links, max_hops=args.max_hops, vhost=vhost, node=args.node
+        namespace,
+        links,
+        max_hops=args.max_hops,
+        link_queue_max=parse_size(args.link_queue_max),
+        vhost=vhost,
+        node=args.node,
     )
     if args.link_user is not None:
         if not args.link_user:

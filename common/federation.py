@@ -34,6 +34,10 @@ from objstream.common.errors import ConfigError
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_MAX_HOPS = 1
+DEFAULT_LINK_QUEUE_MAX = 1024**3
+"""Bytes a broker holds for one downstream link (its ``federation: NS -> ...`` queue) before
+it drops the oldest: what piles up for a region whose broker is down or too slow. A stream
+missing what was dropped asks for it again, or times out; no broker fills its disk."""
 ROUTE_SETTLE = 1.0
 """Seconds a receiver waits before its first contact when the offer crossed a federation
 link: the plugin propagates the data queue's bindings to the sender's broker asynchronously,
@@ -108,18 +112,23 @@ def federation_commands(
     links: list[FederationLink],
     *,
     max_hops: int = DEFAULT_MAX_HOPS,
+    link_queue_max: int = DEFAULT_LINK_QUEUE_MAX,
     vhost: str = "/",
     node: str | None = None,
 ) -> list[list[str]]:
     """The ``rabbitmqctl`` argument lists that federate the exchange ``namespace`` of one
     broker with ``links`` as its upstreams: one ``federation-upstream`` parameter per link,
-    an upstream set holding them, and a policy applying the set to that exchange alone."""
+    an upstream set holding them, a policy applying the set to that exchange alone, and one
+    bounding the queues this broker keeps for its downstreams' links (``link_queue_max``
+    bytes each: the plugin names them ``federation: NS -> ...``)."""
     if not links:
         raise ConfigError("at least one --upstream NAME=URI")
     if len({link.name for link in links}) != len(links):
         raise ConfigError("two upstreams with one name")
     if not 1 <= max_hops <= 8:
         raise ConfigError(f"--max-hops {max_hops}: 1 to 8")
+    if link_queue_max < 1:
+        raise ConfigError(f"--link-queue-max {link_queue_max}: at least 1 byte")
     ctl = ["rabbitmqctl", *(["-n", node] if node else [])]
     argvs = []
     for link in links:
@@ -163,6 +172,19 @@ def federation_commands(
             policy_name(namespace),
             f"^{re.escape(namespace)}$",
             json.dumps({"federation-upstream-set": upstream_set_name(namespace)}),
+        ]
+    )
+    argvs.append(
+        [
+            *ctl,
+            "set_policy",
+            "-p",
+            vhost,
+            "--apply-to",
+            "queues",
+            f"{policy_name(namespace)}-links",
+            f"^federation: {re.escape(namespace)} -> ",
+            json.dumps({"max-length-bytes": link_queue_max}),
         ]
     )
     return argvs

@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pika
 
-from objstream.common.federation import FederationLink, federation_commands, link_permissions
+from objstream.common.federation import (
+    DEFAULT_LINK_QUEUE_MAX,
+    FederationLink,
+    federation_commands,
+    link_permissions,
+)
 from tests.rabbitmq_node import LocalRabbitNode, free_port
 
 
@@ -97,7 +102,10 @@ class LocalRegions:
         *,
         count_links: bool = False,
         link_user: tuple[str, str] = ("guest", "guest"),
+        link_queue_max: int = DEFAULT_LINK_QUEUE_MAX,
     ) -> None:
+        self.link_queue_max = link_queue_max
+        """Bytes each broker holds for one downstream's link (``--link-queue-max``)."""
         self.link_user = link_user
         """(user, password) every link logs in as on its upstream."""
         self.nodes = [LocalRabbitNode() for _ in range(regions + 1)]
@@ -158,7 +166,10 @@ class LocalRegions:
                 connection.channel().exchange_declare(namespace, "topic", durable=True)
             finally:
                 connection.close()
-            for argv in federation_commands(namespace, self.links(index)):
+            lines = federation_commands(
+                namespace, self.links(index), link_queue_max=self.link_queue_max
+            )
+            for argv in lines:
                 done = node.ctl(*argv[1:])
                 if done.returncode != 0:
                     raise RuntimeError(f"{' '.join(argv)} on {node.nodename}: {done.stderr}")

@@ -52,11 +52,13 @@ SITES = {"site-a1": 1, "site-a2": 1, "site-b1": 2, "site-b2": 2}
 LINK_USER = ("objstream-link", "pw-link")
 PASSWORD = "pw-%s"
 NAMESPACE = f"objstream-fed-{uuid.uuid4().hex[:8]}"
+LINK_QUEUE_MAX = 32 * MiB
+"""What a broker may hold for a downstream's link (``admin federation --link-queue-max``)."""
 
 
 @pytest.fixture(scope="module")
 def regions() -> Iterator[LocalRegions]:
-    nodes = LocalRegions(2, count_links=True, link_user=LINK_USER)
+    nodes = LocalRegions(2, count_links=True, link_user=LINK_USER, link_queue_max=LINK_QUEUE_MAX)
     try:
         nodes.start()
         apply_site(nodes.central, "server", PASSWORD % "server", NAMESPACE)
@@ -168,20 +170,34 @@ def test_sites_of_both_regions_retrieve_one_model(whole: LocalRegions, tmp_path:
             np.testing.assert_array_equal(value[key], array)
 
 
+def _link_queue_bytes(regions: LocalRegions) -> int:
+    """Bytes ready in the queues the central broker keeps for its downstreams' links."""
+    listing = regions.central.ctl("list_queues", "-q", "name", "message_bytes_ready").stdout
+    rows = [line.rsplit("\t", 1) for line in listing.splitlines() if "\t" in line]
+    return sum(int(size) for name, size in rows if name.startswith(f"federation: {NAMESPACE}"))
+
+
 def test_a_regional_broker_killed_mid_broadcast(whole: LocalRegions, tmp_path: Path) -> None:
-    """Region b's broker dies with its sites a quarter through, and comes back 3 s later."""
+    """Region b's broker dies with its sites a quarter through, and comes back 3 s later.
+    Meanwhile the central broker keeps what the broadcast sends region b in the queue of b's
+    link, at most ``--link-queue-max`` (the oldest go: b's sites ask for them again)."""
     size = 192 * MiB
     src = tmp_path / "big.bin"
     digest = random_file(src, size)
     receivers = _receivers(whole, tmp_path)
+    held = [0]
     try:
         with FileStreamer("server", settings_of(whole, "server")) as streamer:
             sending, outcome = in_background(lambda: streamer.stream_file(list(SITES), src))
             wait_for_partial(tmp_path / "site-b1", size // 4)
             whole.nodes[2].kill()
-            time.sleep(3)
+            down_until = time.monotonic() + 3
+            while time.monotonic() < down_until:
+                held.append(_link_queue_bytes(whole))
             whole.nodes[2].start()
             sending.join(300)
+        print(f"held for region b's link: at most {max(held) / MiB:.1f} MiB")
+        assert max(held) <= LINK_QUEUE_MAX + MiB, max(held)
         [results] = outcome
         assert isinstance(results, list), results
         by_site = {r.site: r for r in results}

@@ -107,7 +107,12 @@ def test_the_regions_profile_federates_a_central_broker_and_two_regions(
         start = service["entrypoint"][-1]
         assert "rabbitmq-plugins enable --offline rabbitmq_federation" in start
         # The same definition `objstream admin federation` prints (common/federation.py).
-        for setting in ('\\"trust-user-id\\": true', '\\"max-hops\\": 1', "on-confirm"):
+        for setting in (
+            '\\"trust-user-id\\": true',
+            '\\"max-hops\\": 1',
+            "on-confirm",
+            '\\"max-length-bytes\\": 1073741824',  # --link-queue-max's default
+        ):
             assert setting in start, setting
         names = [up.split("=")[0] for up in service["environment"]["OBJSTREAM_UPSTREAMS"].split()]
         assert names == upstreams

@@ -48,7 +48,7 @@ def test_one_upstream_parameter_per_link_trusting_user_id() -> None:
 
 def test_the_set_holds_every_link_and_the_policy_applies_it_to_the_exchange_alone() -> None:
     lines = federation_commands("fl.x", [CENTRAL, EU], node="rabbit@c")
-    *_, upstream_set, policy = lines
+    *_, upstream_set, policy, _ = lines
     assert upstream_set[:3] == ["rabbitmqctl", "-n", "rabbit@c"]
     assert json.loads(upstream_set[-1]) == [
         {"upstream": "objstream-fl.x-central"},
@@ -67,6 +67,26 @@ def test_the_set_holds_every_link_and_the_policy_applies_it_to_the_exchange_alon
     for other in ("flax", "fl.x.dead.site-1", "xfl.x", "fl.x2", "fl"):
         assert not re.search(pattern, other), other
     assert json.loads(policy[10]) == {"federation-upstream-set": "objstream-fl.x"}
+
+
+def test_the_queues_kept_for_downstream_links_are_bounded() -> None:
+    *_, policy = federation_commands("fl.x", [CENTRAL], link_queue_max=16 * 1024 * 1024)
+    assert policy[1:7] == [
+        "set_policy",
+        "-p",
+        "/",
+        "--apply-to",
+        "queues",
+        "objstream-federation-fl.x-links",
+    ]
+    pattern = policy[7]
+    # The plugin's names for the exchange and queue it keeps upstream for a downstream's link.
+    assert re.search(pattern, "federation: fl.x -> rabbit@eu")
+    for other in ("federation: flax -> rabbit@eu", "fl.x.site.site-1", "federation: other -> x"):
+        assert not re.search(pattern, other), other
+    assert json.loads(policy[8]) == {"max-length-bytes": 16 * 1024 * 1024}
+    with pytest.raises(ConfigError, match="--link-queue-max 0"):
+        federation_commands("fl", [CENTRAL], link_queue_max=0)
 
 
 def test_the_link_user_may_touch_only_the_plugins_own_names_and_read_the_exchange() -> None:
