@@ -44,7 +44,7 @@ link: the plugin propagates the data queue's bindings to the sender's broker asy
 and a chunk published there before they arrive would not reach this region (the receiver
 would find the gap and ask again, and the sender would upload those chunks a second time)."""
 RECEIVED_FROM = "x-received-from"
-"""The header the federation plugin (and a shovel) adds to a message it republished."""
+"""The header the federation plugin adds to a message it republished on a downstream broker."""
 
 
 @dataclass(frozen=True)
