@@ -40,9 +40,10 @@ it drops the oldest: what piles up for a region whose broker is down or too slow
 missing what was dropped asks for it again, or times out; no broker fills its disk."""
 ROUTE_SETTLE = 1.0
 """Seconds a receiver waits before its first contact when the offer crossed a federation
-link: the plugin propagates the data queue's bindings to the sender's broker asynchronously,
-and a chunk published there before they arrive would not reach this region (the receiver
-would find the gap and ask again, and the sender would upload those chunks a second time)."""
+link (``OBJSTREAM_ROUTE_SETTLE``), and a server before it answers such a request: the plugin
+propagates the new bindings to the other broker asynchronously, and a chunk published there
+before they arrive would not reach this region (the receiver would find the gap and ask
+again, and the sender would upload those chunks a second time)."""
 RECEIVED_FROM = "x-received-from"
 """The header the federation plugin adds to a message it republished on a downstream broker."""
 
@@ -89,10 +90,11 @@ def arrival_link(headers: Mapping[str, Any] | None) -> str | None:
     return uri if isinstance(uri, str) else "an unnamed link"
 
 
-def route_settle(headers: Mapping[str, Any] | None) -> float:
-    """How long a receiver waits before its first contact for an offer with ``headers``:
-    :data:`ROUTE_SETTLE` if the offer crossed a federation link, else 0."""
-    return ROUTE_SETTLE if headers and RECEIVED_FROM in headers else 0.0
+def route_settle(headers: Mapping[str, Any] | None, settle: float = ROUTE_SETTLE) -> float:
+    """How long a receiver waits before its first contact for an offer with ``headers`` (a
+    server before it answers such a request): ``settle`` if it crossed a federation link,
+    else 0."""
+    return settle if headers and RECEIVED_FROM in headers else 0.0
 
 
 def upstream_name(namespace: str, link: FederationLink) -> str:

@@ -278,6 +278,13 @@ class Settings(BaseModel):
         description="The broker user of each site, as site=user,... (a site not named has the "
         "user of its own name): a message claiming a site counts only from that user.",
     )
+    route_settle: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="Regions: seconds a receiver (a server) waits before it answers an offer (a "
+        "request) that crossed a federation link, so its new bindings reach the other broker.",
+    )
     site_links: dict[str, str] = Field(
         default_factory=dict,
         description="Regions: the federation link each remote site's messages come by, as "

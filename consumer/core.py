@@ -36,7 +36,6 @@ from objstream.common.admission import (
 )
 from objstream.common.amqp import Channel, Connection, Delivery, connect, reestablish
 from objstream.common.errors import BrokerRefused, ConnectionLost
-from objstream.common.federation import route_settle
 from objstream.common.identity import Identities
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, PIPE_KIND, Offer
 from objstream.common.reassembly import Reassembler
@@ -443,8 +442,7 @@ class ConsumerCore:
             accept.user,
             offer.stream_id,
         )
-        # First contact: the sender may resend from here on.
-        self.table.start(stream, settle=route_settle(delivery.props.headers))
+        self.table.start(stream, delivery.props.headers)  # first contact: the sender goes on
         return True
 
     def _new_stream(

@@ -17,7 +17,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from functools import partial
+from typing import Any
 
 from objstream.common.admission import Refuse
 from objstream.common.amqp import Channel, Connection, Delivery
@@ -29,6 +31,7 @@ from objstream.common.errors import (
     SenderGone,
     TransferFailed,
 )
+from objstream.common.federation import route_settle
 from objstream.common.protocol import Envelope, Offer
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
@@ -174,13 +177,14 @@ class StreamTable:
             raise
         self.streams[offer.stream_id] = stream
 
-    def start(self, stream: Stream, *, settle: float = 0.0) -> None:
+    def start(self, stream: Stream, offer_headers: Mapping[str, Any] | None = None) -> None:
         """First contact: the sender may go on (or resend) from what is stored.
 
-        ``settle`` > 0: not before that many seconds (the offer crossed a federation link, so
-        the data queue's bindings reach the sender's broker a little later; a chunk published
-        before they do would not come here). The session sends nothing before its first
-        contact, so the stream simply waits; :meth:`tick` starts it."""
+        If the offer (its ``offer_headers``) crossed a federation link, not before
+        ``route_settle`` seconds: the data queue's bindings reach the sender's broker a little
+        later, and a chunk published before they do would not come here. The session sends
+        nothing before its first contact, so the stream simply waits; :meth:`tick` starts it."""
+        settle = route_settle(offer_headers, self.settings.route_settle)
         if settle > 0:
             self._contact_due[stream.offer.stream_id] = time.monotonic() + settle
             return

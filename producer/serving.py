@@ -222,7 +222,7 @@ class RetrievalServer(Closing):
     # -- one request ------------------------------------------------------------------------------
 
     def _on_request(self, delivery: Delivery) -> None:
-        settle = route_settle(delivery.props.headers)
+        settle = route_settle(delivery.props.headers, self.settings.route_settle)
         if settle > 0:
             self._settling.append((time.monotonic() + settle, delivery))
             return

@@ -140,6 +140,9 @@ def test_only_an_offer_that_crossed_a_link_waits_before_its_first_contact() -> N
         "x-received-from": [{"uri": "amqp://central", "exchange": "fl", "redelivered": False}]
     }
     assert route_settle(crossed) == ROUTE_SETTLE > 0
+    assert route_settle(crossed, 2.5) == 2.5
+    assert route_settle({}, 2.5) == 0
+    assert Settings().route_settle == ROUTE_SETTLE
 
 
 def test_the_command_prints_lines_a_shell_runs_as_they_are(
