@@ -34,7 +34,7 @@ from bench.run import URL, raw
 MiB = 1 << 20
 
 
-def send_once(path: Path, size: int, dest: Path) -> float:
+def send_once(path: Path, dest: Path) -> float:
     """Wall seconds of ``send-file`` to a listening site (listener started and ready first)."""
     env = dict(os.environ, OBJSTREAM_URL=URL, OBJSTREAM_NAMESPACE=f"bench-{uuid.uuid4().hex[:8]}")
     listener = subprocess.Popen(
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         dest.mkdir()
         for run in range(1, args.runs + 1):
             ceiling = raw(size // MiB, MiB, confirmed=False)["mib_s"]
-            seconds = send_once(path, size, dest)
+            seconds = send_once(path, dest)
             rate = size / MiB / seconds
             ratios.append(rate / ceiling)
             print(

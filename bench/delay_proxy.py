@@ -5,7 +5,8 @@
   kernel here has no ``netem``); it holds at most ``bound`` bytes per direction, then stops
   reading, so TCP's flow control still reaches the sender. With a counter it adds the bytes
   its clients sent (client to target) to a shared number: how the bench counts what the
-  sender uploaded to the broker.
+  sender uploaded to the broker; with a ``down_counter``, the bytes the target sent back (how
+  the federation tests count what crossed a link between brokers).
 - A **source** listener answers a request of 8 bytes (big-endian n) with n bytes: the plain
   TCP bulk transfer whose rate is a link's raw rate. :func:`fetch` is its client, run inside a
   site's namespace (``python bench/delay_proxy.py HOST PORT N``, prints seconds as JSON).
@@ -41,6 +42,8 @@ class Listener:
     delay: float = 0.0
     bound: int = 64 * 1024 * 1024
     counter: int | None = None
+    down_counter: int | None = None
+    """Index of the shared counter of the bytes the target sent to the client."""
 
 
 async def _pipe(
@@ -48,11 +51,16 @@ async def _pipe(
     counters: Any, upstream: bool,
 ) -> None:  # fmt: skip
     loop = asyncio.get_running_loop()
+    index = spec.counter if upstream else spec.down_counter
+
+    def count(data: bytes) -> None:
+        if index is not None:
+            with counters.get_lock():
+                counters[index] += len(data)
+
     if not spec.delay:
         while data := await reader.read(PIECE):
-            if upstream and spec.counter is not None:
-                with counters.get_lock():
-                    counters[spec.counter] += len(data)
+            count(data)
             writer.write(data)
             await writer.drain()
         return
@@ -65,9 +73,7 @@ async def _pipe(
     async def take() -> None:
         nonlocal size, done
         while data := await reader.read(PIECE):
-            if upstream and spec.counter is not None:
-                with counters.get_lock():
-                    counters[spec.counter] += len(data)
+            count(data)
             held.append((loop.time() + spec.delay, data))
             size += len(data)
             arrived.set()

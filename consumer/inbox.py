@@ -17,8 +17,6 @@ from dataclasses import dataclass
 
 from objstream.common.admission import Accept, Hold, Withdraw
 from objstream.common.amqp import Channel, Delivery
-from objstream.common.federation import arrival_link
-from objstream.common.protocol import Envelope
 from objstream.common.redeliveries import RedeliveryJournal, journal_for
 from objstream.consumer.core import ConsumerCore
 
@@ -117,13 +115,7 @@ class Inbox:
     def _admit(self, delivery: Delivery, *, waiting: bool) -> bool:
         """Decide on ``delivery`` and carry the decision out; False if it (still) waits."""
         core, props = self._core, delivery.props
-        envelope = Envelope(
-            delivery.routing_key,
-            props.user_id,
-            props.reply_to,
-            len(delivery.body),
-            via=arrival_link(props.headers),
-        )
+        envelope = delivery.envelope
         table = core.table
         decision = core.admission.push(
             props.type,

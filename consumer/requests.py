@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 
 from objstream.common.amqp import Delivery
-from objstream.common.federation import arrival_link
 from objstream.common.identity import Identities
 from objstream.common.protocol import Envelope, Offer, envelope, new_stream_id, parse
 from objstream.common.request_session import (
@@ -126,7 +125,7 @@ class RequestTracker:
 
     def _on_private(self, delivery: Delivery) -> None:
         props = delivery.props
-        env = _envelope(delivery)
+        env = delivery.envelope
         actions = self.session.receive(
             props.type, props.headers, env, time.monotonic(), delivery.body
         )
@@ -199,16 +198,5 @@ def _held(delivery: Delivery) -> _Held:
     props = delivery.props
     offer = parse(props.type, props.headers)
     assert isinstance(offer, Offer)
-    env = _envelope(delivery)
+    env = delivery.envelope
     return _Held(delivery, offer, env)
-
-
-def _envelope(delivery: Delivery) -> Envelope:
-    props = delivery.props
-    return Envelope(
-        delivery.routing_key,
-        props.user_id,
-        props.reply_to,
-        len(delivery.body),
-        via=arrival_link(props.headers),
-    )

@@ -32,7 +32,7 @@ from objstream.common.errors import (
     TransferFailed,
 )
 from objstream.common.federation import route_settle
-from objstream.common.protocol import Envelope, Offer
+from objstream.common.protocol import Offer
 from objstream.common.reassembly import Reassembler, State
 from objstream.common.receive_session import (
     KEEP_PREFIX_ON,
@@ -223,7 +223,7 @@ class StreamTable:
 
     def _on_data(self, stream: Stream, delivery: Delivery) -> None:
         props = delivery.props
-        envelope = Envelope(delivery.routing_key, props.user_id)
+        envelope = delivery.envelope
         self.redelivered += delivery.redelivered
         actions = stream.session.delivery(
             delivery.tag,

@@ -25,14 +25,15 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from objstream.common.amqp import Closing, Delivery, connect, reestablish
 from objstream.common.errors import ConnectionLost
-from objstream.common.federation import arrival_link, route_settle
+from objstream.common.federation import route_settle
 from objstream.common.identity import Identities
-from objstream.common.protocol import Envelope, Reply, envelope
+from objstream.common.protocol import Reply, envelope
 from objstream.common.redeliveries import journal_for
 from objstream.common.serve_session import (
     Action,
@@ -91,7 +92,7 @@ class RetrievalServer(Closing):
             site, self.settings, self._stopping, progress=progress, on_outcome=on_outcome
         )
         self._jobs: dict[str, Job] = {}  # streams in progress, by stream id
-        self._settling: list[tuple[float, Delivery]] = []
+        self._settling: deque[tuple[float, Delivery]] = deque()
         """Requests that crossed a federation link, held (unacked) until the time given: the
         requester's reply-queue binding follows its request to this broker a little later,
         and a reply or offer published before it arrives would be lost."""
@@ -231,19 +232,13 @@ class RetrievalServer(Closing):
     def _answer_settled(self) -> None:
         now = time.monotonic()
         while self._settling and self._settling[0][0] <= now:
-            _, delivery = self._settling.pop(0)
+            _, delivery = self._settling.popleft()
             self._answer(delivery)
 
     def _answer(self, delivery: Delivery) -> None:
         self._reap()
         props = delivery.props
-        env = Envelope(
-            delivery.routing_key,
-            props.user_id,
-            props.reply_to,
-            len(delivery.body),
-            via=arrival_link(props.headers),
-        )
+        env = delivery.envelope
         self._run(self.session.request(props.type, props.headers, env), delivery)
         delivery.ack()
 

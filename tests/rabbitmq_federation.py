@@ -4,21 +4,23 @@ Each node is a :class:`~tests.rabbitmq_node.LocalRabbitNode` of its own (not a c
 are separate brokers, as they are across a WAN), with the federation plugin that ships with
 RabbitMQ. :meth:`LocalRegions.federate` applies what ``objstream admin federation`` prints, on
 every node, so the namespace's exchange is federated both ways between the central node and each
-region. Optionally every link runs through a counting proxy (:class:`CountingProxy`), so a test
-can measure the bytes that cross between brokers. Nothing here touches the shared broker.
+region. Optionally every link runs through a counting proxy (bench/delay_proxy.py's, in a
+process of its own), so a test can measure the bytes that cross between brokers. Nothing here
+touches the shared broker.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import multiprocessing as mp
 import shutil
-import socket
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pika
 
+from bench import delay_proxy
 from objstream.common.federation import (
     DEFAULT_LINK_QUEUE_MAX,
     FederationLink,
@@ -26,70 +28,6 @@ from objstream.common.federation import (
     link_permissions,
 )
 from tests.rabbitmq_node import LocalRabbitNode, free_port
-
-
-class CountingProxy:
-    """A TCP pass-through on a free loopback port to ``target_port``, counting the bytes that
-    go each way: ``down`` (from the target to the client) and ``up``."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self.down = 0
-        self.up = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True, name=f"proxy-{self.port}").start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._conns += [client, upstream]
-            for src, dst, down in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(target=self._pipe, args=(src, dst, down), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
-        buf = bytearray(256 * 1024)
-        view = memoryview(buf)
-        try:
-            while n := src.recv_into(buf):
-                dst.sendall(view[:n])
-                with self._lock:
-                    if down:
-                        self.down += n
-                    else:
-                        self.up += n
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def reset(self) -> None:
-        with self._lock:
-            self.down = self.up = 0
-
-    def close(self) -> None:
-        self._stop.set()
-        self._listener.close()
-        with self._lock:
-            for conn in self._conns:
-                conn.close()
 
 
 class LocalRegions:
@@ -112,8 +50,13 @@ class LocalRegions:
         for node in self.nodes:
             node.plugins = ["rabbitmq_federation"]
         self.count_links = count_links
-        self.proxies: dict[tuple[int, int], CountingProxy] = {}
-        """(downstream, upstream) node indexes -> the proxy the link runs through."""
+        self.proxies: dict[tuple[int, int], int] = {}
+        """(downstream, upstream) node indexes -> the port of the proxy the link runs through
+        (its counter has the same index in :attr:`proxies`' order)."""
+        self._context = mp.get_context("spawn")
+        self._counters = self._context.Array("q", 0)
+        self._stop = self._context.Event()
+        self._proxy: mp.process.BaseProcess | None = None
 
     @property
     def central(self) -> LocalRabbitNode:
@@ -128,14 +71,28 @@ class LocalRegions:
                 started.result()
         for node in self.nodes:
             node.ctl("set_cluster_name", node.nodename.split("@")[0])
+        if self.count_links:
+            self._start_proxies()
+
+    def _start_proxies(self) -> None:
+        """One proxy per link, counting what the upstream sends its downstream."""
+        ends = range(1, len(self.nodes))
+        pairs = [(0, up) for up in ends] + [(down, 0) for down in ends]
+        specs = []
+        for index, (down, up) in enumerate(pairs):
+            self.proxies[(down, up)] = port = free_port()
+            target = ("127.0.0.1", self.nodes[up].port)
+            specs.append(delay_proxy.Listener("127.0.0.1", port, target, down_counter=index))
+        self._counters = self._context.Array("q", len(pairs))
+        ready = self._context.Queue()
+        self._proxy = self._context.Process(
+            target=delay_proxy.serve, args=(specs, self._counters, ready, self._stop), daemon=True
+        )
+        self._proxy.start()
+        ready.get(timeout=30)
 
     def _upstream_port(self, downstream: int, upstream: int) -> int:
-        port = self.nodes[upstream].port
-        if not self.count_links:
-            return port
-        if (downstream, upstream) not in self.proxies:
-            self.proxies[(downstream, upstream)] = CountingProxy(port)
-        return self.proxies[(downstream, upstream)].port
+        return self.proxies.get((downstream, upstream), self.nodes[upstream].port)
 
     def links(self, downstream: int) -> list[FederationLink]:
         """The upstreams of node ``downstream``: every region for the central node, the central
@@ -179,33 +136,30 @@ class LocalRegions:
         deadline = time.monotonic() + timeout
         for index, node in enumerate(self.nodes):
             want = len(self.links(index))
-            while True:
+
+            def running(node: LocalRabbitNode = node, want: int = want) -> bool:
                 listing = node.ctl("federation_status", "--formatter", "json")
-                if listing.returncode == 0 and listing.stdout.count('"running"') >= want:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"federation links of {node.nodename}: {listing.stdout}")
-                time.sleep(0.5)
+                return listing.returncode == 0 and listing.stdout.count('"running"') >= want
+
+            _until(running, deadline, f"the federation links of {node.nodename}")
 
     def wait_binding(self, node: int, key: str, timeout: float = 30.0) -> None:
         """Until node ``node`` has a binding with routing key ``key`` (one that federation
         propagated from a downstream, for instance)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            listing = self.nodes[node].ctl("list_bindings", "-q", "routing_key")
-            if key in listing.stdout.split():
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no binding {key!r} on node {node}")
-            time.sleep(0.25)
+
+        def bound() -> bool:
+            return key in self.nodes[node].ctl("list_bindings", "-q", "routing_key").stdout.split()
+
+        _until(bound, time.monotonic() + timeout, f"a binding {key!r} on node {node}")
 
     def link_bytes(self) -> dict[tuple[int, int], int]:
         """Bytes each link carried from its upstream to its downstream since the last reset."""
-        return {key: proxy.down for key, proxy in self.proxies.items()}
+        return {pair: self._counters[index] for index, pair in enumerate(self.proxies)}
 
     def reset_counts(self) -> None:
-        for proxy in self.proxies.values():
-            proxy.reset()
+        with self._counters.get_lock():
+            for index in range(len(self.proxies)):
+                self._counters[index] = 0
 
     def copy_logs(self, dest: Path) -> None:
         for node in self.nodes:
@@ -214,5 +168,13 @@ class LocalRegions:
     def cleanup(self) -> None:
         with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(lambda node: node.cleanup(), self.nodes))
-        for proxy in self.proxies.values():
-            proxy.close()
+        self._stop.set()
+        if self._proxy is not None:
+            self._proxy.join(10)
+
+
+def _until(condition: Callable[[], bool], deadline: float, what: str) -> None:
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no {what} in time")
+        time.sleep(0.25)

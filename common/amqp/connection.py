@@ -20,7 +20,8 @@ import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
 from objstream.common.errors import BrokerRefused, ConnectionLost, ObjstreamError
-from objstream.common.protocol import Properties
+from objstream.common.federation import arrival_link
+from objstream.common.protocol import Envelope, Properties
 from objstream.common.redeliveries import RedeliveryJournal, fingerprint
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,19 @@ class Delivery:
     rejected_headers: str | None = None
     """Why its header table was not decoded (too deep, too big, malformed); None if it was."""
     settled: bool = False
+
+    @property
+    def envelope(self) -> Envelope:
+        """What came with it besides its header fields, by which the sessions judge where it
+        came from (the federation link it crossed, if any, included)."""
+        props = self.props
+        return Envelope(
+            self.routing_key,
+            props.user_id,
+            props.reply_to,
+            len(self.body),
+            via=arrival_link(props.headers),
+        )
 
     def ack(self) -> None:
         """Ack it (once)."""
