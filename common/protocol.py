@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from objstream.common.errors import ConfigError, FailureCode, ProtocolError
+from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.settings import MAX_CHUNK_SIZE, MAX_NAME_LENGTH, NAME_PATTERN
 
 PROTOCOL_VERSION: Literal[2] = 2
@@ -45,29 +45,11 @@ KeyPattern = Annotated[
 ]
 
 
-def check_keys(keys: Sequence[str]) -> list[str]:
-    """Entry patterns a container request can carry (``Request.keys``), as a list.
-
-    Raises:
-        ConfigError: none, more than :data:`MAX_KEY_PATTERNS`, an empty or too long one.
-    """
-    patterns = [keys] if isinstance(keys, str) else list(keys)
-    if not patterns:
-        raise ConfigError("no entry pattern given (keys)")
-    if len(patterns) > MAX_KEY_PATTERNS:
-        raise ConfigError(f"{len(patterns)} entry patterns (at most {MAX_KEY_PATTERNS})")
-    for pattern in patterns:
-        if not 1 <= len(pattern) <= MAX_KEY_PATTERN:
-            raise ConfigError(
-                f"entry pattern {pattern[:40]!r} of {len(pattern)} characters "
-                f"(1 to {MAX_KEY_PATTERN})"
-            )
-    return patterns
-
-
 ByteCount = Annotated[int, Field(ge=0, le=MAX_OBJECT_BYTES)]
 Kind = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.\-]{0,31}$", description="Object kind.")]
 MAX_INFO_TEXT = 256
+MAX_HOLDS_TEXT = 44 * 1024
+"""Longest ``progress.holds`` (the base64 of a bitmap of 262,144 chunks, and some room)."""
 Scalar = Annotated[str, Field(max_length=MAX_INFO_TEXT)] | int | float | bool
 MetaKey = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")]
 # Small, flat descriptions of an object (offer.info) or of a piece (chunk.meta).
@@ -95,6 +77,7 @@ class MessageType(StrEnum):
     ABORT = "abort"
     REQUEST = "request"
     REPLY = "reply"
+    MANIFEST = "manifest"
 
 
 class _Versioned(BaseModel):
@@ -226,6 +209,22 @@ class Progress(_Header):
     encoding: Literal["blosc2"] | None = Field(
         None, description="Set (when the offer said its sender may): chunks may come so encoded."
     )
+    delta: bool | None = Field(
+        None, description="Set (when the offer said its sender may): send me the manifest."
+    )
+    holds: str | None = Field(
+        None,
+        max_length=MAX_HOLDS_TEXT,
+        description="Answer to the manifest: base64 bitmap of the chunks held already.",
+    )
+
+
+class Manifest(_Header):
+    """Sender -> a target's data key, asked for: the body holds every chunk's SHA-256 and a
+    container's entry layout (:class:`objstream.common.delta.Manifest`)."""
+
+    chunk_count: Count
+    entries: Count = 0
 
 
 class Done(_Header):
@@ -355,7 +354,7 @@ class Reply(_Versioned):
         return self.request_id
 
 
-Message = Offer | Chunk | End | Progress | Done | Abort | Request | Reply
+Message = Offer | Chunk | End | Progress | Done | Abort | Request | Reply | Manifest
 
 MODELS: dict[MessageType, type[_Versioned]] = {
     MessageType.OFFER: Offer,
@@ -366,6 +365,7 @@ MODELS: dict[MessageType, type[_Versioned]] = {
     MessageType.ABORT: Abort,
     MessageType.REQUEST: Request,
     MessageType.REPLY: Reply,
+    MessageType.MANIFEST: Manifest,
 }
 TYPES: dict[type[_Versioned], MessageType] = {model: t for t, model in MODELS.items()}
 

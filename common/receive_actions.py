@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from objstream.common.compression import Encoding
+from objstream.common.delta import Manifest
 from objstream.common.errors import FailureCode, ObjectTooLarge, ObjstreamError, SaveError
 from objstream.common.protocol import Done
 
@@ -40,6 +41,7 @@ class Terms:
         keeps_prefix: a timed-out or aborted stream keeps its verified prefix (files).
         contact_timeout: seconds the sender has, after the offer was taken, to send anything
             (None: ``timeout``); a slot an offer took is let go soon if nothing follows.
+        delta: ask the sender for its manifest (a delta transfer).
     """
 
     timeout: float
@@ -47,6 +49,7 @@ class Terms:
     checkpoints: bool = False
     keeps_prefix: bool = False
     contact_timeout: float | None = None
+    delta: bool = False  # ask for the manifest (the offer allows it, this receiver holds some)
 
 
 def classify(
@@ -107,6 +110,8 @@ class SendProgress:
     stored_bytes: int
     resend_from: int | None = None
     encoding: Encoding | None = None  # the chunk encoding this receiver decodes (offered)
+    delta: bool = False  # send the manifest: this receiver holds pieces of the sender's
+    holds: str | None = None  # the answer to the manifest (Holds, encoded)
 
 
 @dataclass(frozen=True)
@@ -183,8 +188,31 @@ class Reconsume:
     old channel held unacked is redelivered."""
 
 
+@dataclass(frozen=True)
+class FindHeld:
+    """Find which chunks of ``manifest`` this receiver holds already (what it stored from the
+    same sender), then report :meth:`ReceiveSession.holds_found`."""
+
+    manifest: Manifest
+
+
+@dataclass(frozen=True)
+class FillHeld:
+    """Copy chunks ``start .. stop-1`` from what this receiver holds, each checked against its
+    digest in the manifest: :meth:`ReceiveSession.held` each (one that cannot be read or does
+    not match: :meth:`ReceiveSession.held_lost`, and stop); then
+    :meth:`ReceiveSession.retake` with ``retake`` (the chunk that came after them), or
+    :meth:`ReceiveSession.filled`."""
+
+    start: int
+    stop: int
+    retake: tuple[int, Any, bytes] | None = None
+
+
 Action = (
     Write
+    | FindHeld
+    | FillHeld
     | Checkpoint
     | Ack
     | SendProgress

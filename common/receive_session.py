@@ -9,7 +9,7 @@ stream keeps its verified prefix.
 
 The driver parses each delivery, feeds it in with its delivery tag and carries out the returned
 actions *in order*. If carrying one out fails (a write, a commit), the driver drops the rest and
-reports the failure (:meth:`ReceiveSession.write_failed`, :meth:`ReceiveSession.commit_failed`),
+reports the failure (:meth:`ReceiveSession.write_raised`, :meth:`ReceiveSession.commit_failed`),
 which returns the actions of the failure. Time only enters through the ``now`` arguments: the
 session never reads a clock, a file or the network.
 
@@ -21,69 +21,42 @@ only after the object is where the user finds it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from objstream.common.checksum import crc32
+from objstream.common.delta import Holds
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.naming import stored_name
 from objstream.common.protocol import Abort, Chunk, Done, End, Envelope, Inline, parse
+from objstream.common.protocol import Manifest as ManifestMessage
 from objstream.common.reassembly import ChunkVerdict, Failure, Reassembler, State
 from objstream.common.receive_actions import (
     COMMIT_HEARTBEAT,
     FLUSH_INTERVAL,
     KEEP_PREFIX_ON,
-    LINGER,
-    MAX_LINGERING,
     PROGRESS_INTERVAL,
     RECONSUME_AFTER,
-    RETIRE_AFTER,
     Ack,
     Action,
     Checkpoint,
     Commit,
     DeadLetter,
-    DeleteQueue,
     Discard,
     Finished,
     LeaveOnDisk,
     Reconsume,
     RemoveCheckpoint,
-    Retire,
     SendProgress,
     SendVerdict,
     Terms,
     Write,
     classify,
 )
+from objstream.common.receive_delta import DeltaReceive
 from objstream.common.receive_end import StreamEnd
-from objstream.common.receive_end import crowded_out as ends_crowded_out
 from objstream.common.topology import Topology
-
-__all__ = [
-    "KEEP_PREFIX_ON",
-    "LINGER",
-    "MAX_LINGERING",
-    "RETIRE_AFTER",
-    "Ack",
-    "Action",
-    "Checkpoint",
-    "Commit",
-    "DeadLetter",
-    "DeleteQueue",
-    "Discard",
-    "Finished",
-    "LeaveOnDisk",
-    "ReceiveSession",
-    "Reconsume",
-    "RemoveCheckpoint",
-    "Retire",
-    "SendProgress",
-    "SendVerdict",
-    "Terms",
-    "Write",
-    "crowded_out",
-]
 
 
 class ReceiveSession:
@@ -138,6 +111,7 @@ class ReceiveSession:
         self._before = 0  # unacked_tag before the delivery being handled
         self.reported = reassembler.stored
         self.end = StreamEnd()  # the verdict said again, the data queue retired
+        self.delta = DeltaReceive(terms.delta, self.offer)
         self._started = now
         self._keys = (
             Topology.data_key(self.offer.stream_id, self.offer.sender),
@@ -217,6 +191,8 @@ class ReceiveSession:
                 )
             if isinstance(message, Chunk):
                 return self._chunk(tag, message, body)
+            if isinstance(message, ManifestMessage):
+                return self.delta.take_manifest(message, body)
             if isinstance(message, End):
                 self.reassembler.record_end(message)
             elif isinstance(message, Abort):
@@ -292,10 +268,6 @@ class ReceiveSession:
         if flush_due or report_due:
             return self._flush(now, report=report_due)
         return []
-
-    def write_failed(self, code: FailureCode, detail: str) -> list[Action]:
-        """A :class:`Write` could not be carried out (disk full, a failing ``on_entry``...)."""
-        return self.fail(code, detail)
 
     def write_raised(self, seq: int, error: BaseException) -> list[Action]:
         """Storing chunk ``seq`` raised ``error`` (classified by :func:`classify`)."""
@@ -394,6 +366,8 @@ class ReceiveSession:
         return not self.finished and self.state is not State.VERIFYING
 
     def _chunk(self, tag: int, chunk: Chunk, body: bytes) -> list[Action]:
+        if (fill := self.delta.before(self.stored, chunk.seq, (tag, chunk, body))) is not None:
+            return [fill]
         outcome = self.reassembler.chunk(chunk.seq, chunk.crc32, body, chunk.encoding)
         actions: list[Action] = []
         if outcome.verdict is ChunkVerdict.WRITE:
@@ -412,9 +386,40 @@ class ReceiveSession:
     def _after_message(self) -> list[Action]:
         if self.reassembler.complete:
             return self._verify()
+        fill = self.delta.fill(self.stored, 4 * self.report_every)
+        actions: list[Action] = [fill] if fill is not None else []
         if self.stored - self.reported >= self.report_every:
-            return self._flush(self.last_activity)
-        return []
+            return [*self._flush(self.last_activity), *actions]
+        return actions
+
+    def holds_found(self, holds: Holds) -> list[Action]:
+        """What :class:`FindHeld` found: the sender hears it, the copying begins."""
+        if self.finished or self.state is State.VERIFYING:
+            return []
+        self.reported = self.stored
+        progress = SendProgress(self.stored, self.stored_bytes, holds=self.delta.found(holds))
+        return [progress, *self._after_message()]
+
+    def held(self, seq: int, body: bytes) -> list[Action]:
+        """Held chunk ``seq``, copied and checked against the manifest (:class:`FillHeld`)."""
+        if self.finished or self.state is State.VERIFYING:
+            return []
+        outcome = self.reassembler.chunk(seq, crc32(body), body)
+        if outcome.verdict is not ChunkVerdict.WRITE:
+            return []  # it came from the sender meanwhile
+        return [Write(seq, outcome.offset, outcome.piece, self.delta.meta(seq))]
+
+    def held_lost(self, seq: int) -> list[Action]:
+        """Held chunk ``seq`` could not be copied (gone, changed): the sender sends it."""
+        self.delta.lost(seq)
+        return [] if self.finished else [self._progress(resend_from=seq)]
+
+    def filled(self, retake: tuple[int, Any, bytes] | None = None) -> list[Action]:
+        """A :class:`FillHeld` is carried out: take the chunk that waited for it."""
+        self.delta.filling = False
+        if self.finished or self.state is State.VERIFYING:
+            return []
+        return self._chunk(*retake) if retake is not None else self._after_message()
 
     def _verify(self, *, flush: bool = True) -> list[Action]:
         failure = self.reassembler.verify()
@@ -442,15 +447,15 @@ class ReceiveSession:
         return actions
 
     def _dead(self, tag: int, reason: str) -> DeadLetter:
-        """Dead-letter the delivery just noted: the broker forgets a rejected tag, so a later
-        ack must not name it (an ack of an unknown tag would close the channel)."""
+        """Dead-letter the delivery just noted (a later ack must not name its tag)."""
         if self.unacked_tag == tag:
             self.unacked_tag = self._before
         return DeadLetter(tag, reason)
 
     def _progress(self, resend_from: int | None = None) -> SendProgress:
         self.reported = self.stored
-        return SendProgress(self.stored, self.stored_bytes, resend_from, self.reassembler.encoding)
+        encoding, asking = self.reassembler.encoding, self.delta.asking
+        return SendProgress(self.stored, self.stored_bytes, resend_from, encoding, asking)
 
     def _after_verdict(self, now: float) -> list[Action]:
         """A message after the verdict: acked at once (a resent window must not fill the
@@ -491,10 +496,3 @@ class ReceiveSession:
             self.unacked_tag = 0
         self.end.said(done, self.last_activity)
         return [*actions, SendVerdict(done), finished]
-
-
-def crowded_out(sessions: Sequence[ReceiveSession]) -> list[ReceiveSession]:
-    """The ended sessions whose data queues must be retired now though their linger is not
-    over: the oldest beyond :data:`MAX_LINGERING` (each holds a channel)."""
-    crowded = {id(end) for end in ends_crowded_out([s.end for s in sessions])}
-    return [s for s in sessions if id(s.end) in crowded]

@@ -154,7 +154,7 @@ class Schedule:
         riders = self._riders()
         if not riders or self._broadcast_over:
             return []
-        seq = self.cursor
+        seq = self.cursor = self._skip_held(self.cursor, riders)
         if seq == self.count:
             self.cursor += 1
             for rider in riders:
@@ -165,8 +165,19 @@ class Schedule:
             return [PublishChunk(seq, encoded=all(t.decodes for t in self._active()))]
         return []
 
+    def _skip_held(self, seq: int, targets: list[Target]) -> int:
+        """The first chunk from ``seq`` on that one of ``targets`` lacks (a delta: the others
+        hold it already, see :attr:`Target.holds`)."""
+        if self.count is None or all(t.holds is None for t in targets):
+            return seq
+        while seq < self.count and not any(t.lacks(seq) for t in targets):
+            seq += 1
+        return seq
+
     def _unicast(self, target: Target, floor: int) -> list[Action]:
-        seq = target.next_seq
+        if target.awaiting_holds:
+            return []  # nothing before it said what it holds
+        seq = target.next_seq = self._skip_held(target.next_seq, [target])
         if not self._broadcast_over:
             room = self.cursor < target.stored + self.pacing.window
             if seq >= self.cursor and room and target.state is _S.SENDING:
@@ -200,6 +211,8 @@ class Schedule:
             return
         # An iterator source starts too: the targets that made contact get a window, and the
         # pieces stay kept from the silent target's position until it makes contact or fails.
+        if any(t.awaiting_holds for t in self._active()):
+            return  # a delta: what a target holds decides what the broadcast skips
         waiting = any(t.state is _S.OFFERED for t in self._active())
         if waiting and now - self.created <= self.pacing.resend_after:
             return

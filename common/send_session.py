@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from objstream.common.compression import BLOSC2, ENCODINGS_INFO
+from objstream.common.delta import DELTA_DIGEST, DELTA_INFO
 from objstream.common.errors import (
     FailureCode,
     ObjstreamError,
@@ -47,6 +48,7 @@ from objstream.common.send_table import (
     Pacing,
     Plan,
     PublishAbort,
+    PublishManifest,
     PublishOffer,
     ReportProgress,
     SourceFacts,
@@ -257,6 +259,8 @@ class SendSession:
         info = dict(self.facts.info or {})
         if self.plan.compress and self.inline is None and len(info) < MAX_INFO_ENTRIES:
             info[ENCODINGS_INFO] = BLOSC2
+        if self.plan.delta and self.inline is None and len(info) < MAX_INFO_ENTRIES:
+            info[DELTA_INFO] = DELTA_DIGEST
         return info or None
 
     def source_ended(self, count: int) -> None:
@@ -307,6 +311,7 @@ class SendSession:
         actions: list[Action] = []
         if progress.encoding is not None and self.plan.compress:
             target.decodes = True
+        actions += self._delta(target, progress)
         if progress.stored > target.stored:
             target.stored = progress.stored
             actions.append(ReportProgress(target.site, self.stream_id, target.stored))
@@ -319,6 +324,13 @@ class SendSession:
             self._on_resend_request(target, max(progress.resend_from, target.stored), now)
         self.schedule.maybe_start(now)
         return actions
+
+    def _delta(self, target: Target, progress: Progress) -> list[Action]:
+        """A target that asks for the manifest gets it, once (:meth:`Target.delta_reply`)."""
+        if not self.plan.delta or self.count is None:
+            return []
+        asks = target.delta_reply(progress, self.count, self.stream_id)
+        return [PublishManifest(target.site)] if asks else []
 
     def _on_contact(self, target: Target, now: float) -> None:
         if self.inline is not None:
@@ -390,6 +402,7 @@ class SendSession:
                 actions += self._fail(target, error)
             elif (
                 target.heard
+                and not target.awaiting_holds
                 and self.inline is None
                 and silent > resend_after
                 and now - target.last_resend > resend_after

@@ -4,13 +4,17 @@ its actions (what the driver must do). Pure: no I/O, no clock."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from objstream.common.delta import Holds
 from objstream.common.errors import ObjectTooLarge, ProtocolError, TransferFailed
-from objstream.common.protocol import INLINE_MAX, Inline, Offer
+from objstream.common.protocol import INLINE_MAX, Inline, Offer, Progress
 from objstream.common.streaming import MetaValue, ObjectStreamer
+
+log = logging.getLogger(__name__)
 
 
 class TargetState(StrEnum):
@@ -75,6 +79,14 @@ class PublishChunk:
 
 
 @dataclass(frozen=True)
+class PublishManifest:
+    """Publish the source's manifest to one target, which asked for it (a delta: it holds
+    pieces of an earlier version); its answer says which chunks it holds."""
+
+    to: str
+
+
+@dataclass(frozen=True)
 class PublishEnd:
     """Publish the end (count, size, SHA-256 of the whole): broadcast (``to`` None) or to one."""
 
@@ -135,6 +147,7 @@ Action = (
     PublishOffer
     | PublishChunk
     | PublishEnd
+    | PublishManifest
     | PublishAbort
     | ReleaseBefore
     | ReportProgress
@@ -201,6 +214,9 @@ class Plan:
     compress: bool = False
     """The sender may send compressed chunks: its offer says so, and a target that answers it
     decodes them gets them (docs/protocol.md, "Compressed chunks")."""
+    delta: bool = False
+    """The sender may send a delta: its offer says so, and a target that holds pieces of the
+    object gets only what it lacks (docs/protocol.md, "Delta transfer")."""
 
 
 @dataclass(frozen=True)
@@ -237,12 +253,48 @@ class Target:
     catching_up_since: float | None = None  # off the ride, the broadcast waits for it (a while)
     last_resend: float = float("-inf")
     decodes: bool = False  # said it decodes compressed chunks (the offer said they may come)
+    wants_delta: bool = False  # asked for the manifest (the offer said a delta may come)
+    holds: Holds | None = None  # its answer: the chunks it holds, never published to it
     stored_as: str | None = None
     error: TransferFailed | None = None
 
     @property
     def active(self) -> bool:
         return self.state not in FINISHED
+
+    @property
+    def awaiting_holds(self) -> bool:
+        """It has the manifest and has not said yet what it holds: nothing goes to it."""
+        return self.wants_delta and self.holds is None
+
+    def lacks(self, seq: int) -> bool:
+        """Does chunk ``seq`` have to reach it (it neither stored nor holds it)?"""
+        return seq >= self.stored and (self.holds is None or seq not in self.holds)
+
+    def delta_reply(self, progress: Progress, count: int, stream_id: str) -> bool:
+        """Take what a report says of a delta: True if it asks for the manifest (the first
+        time). Its answer says which chunks it holds (a bitmap that does not parse: none). A
+        resend request for a chunk it said it holds means it lost track of them (a receiver
+        that took the stream over): it gets them all again."""
+        if progress.delta and not self.wants_delta:
+            self.wants_delta = True
+            return True
+        if progress.holds is not None and self.awaiting_holds:
+            try:
+                self.holds = Holds.decode(progress.holds, count)
+            except ProtocolError as e:
+                log.warning("site %s: %s; it gets every chunk", self.site, e)
+                self.holds = Holds(count)
+            log.info(
+                "site %s holds %d of stream %s's %d chunks",
+                self.site,
+                len(self.holds),
+                stream_id,
+                count,
+            )
+        elif progress.resend_from is not None and self.holds is not None:
+            self.holds.drop_from(progress.resend_from)
+        return False
 
     @property
     def heard(self) -> bool:

@@ -215,6 +215,11 @@ class Settings(BaseModel):
         description="Compressed chunks to targets that decode them: auto (while it pays), "
         "zstd (always) or none.",
     )
+    delta: bool = Field(
+        True,
+        description="Send a target only the pieces it lacks, and as a target ask for only those "
+        "(false: always the whole object).",
+    )
     persistent_chunks: bool = Field(
         False, description="Publish chunk messages as persistent (delivery_mode 2)."
     )

@@ -31,7 +31,7 @@ from typing import Any
 from objstream.common.amqp import Channel, Connection
 from objstream.common.errors import ObjstreamError
 from objstream.common.protocol import Done, Progress, envelope
-from objstream.common.receive_session import (
+from objstream.common.receive_actions import (
     Ack,
     Action,
     Checkpoint,
@@ -39,6 +39,8 @@ from objstream.common.receive_session import (
     DeadLetter,
     DeleteQueue,
     Discard,
+    FillHeld,
+    FindHeld,
     Finished,
     LeaveOnDisk,
     Reconsume,
@@ -52,6 +54,7 @@ from objstream.common.settings import Settings
 from objstream.common.streaming import ProgressHook
 from objstream.common.tls import broker_user
 from objstream.common.topology import Topology
+from objstream.consumer.held_chunks import HeldChunks
 from objstream.consumer.offload import Offload
 from objstream.consumer.streams import Received, Save, Stored, Stream
 
@@ -98,6 +101,8 @@ class StreamActions:
         self._reconsume = reconsume
         self._connection: Connection | None = None
         self._control: Channel | None = None
+        self.held_chunks = HeldChunks(None, offload, self.run)
+        """Delta transfers: its ``index`` is set by a receiver that keeps one."""
         self.resend_requests = 0
         """Progress reports that asked a sender to resend (a gap, a corrupt chunk)."""
 
@@ -124,6 +129,9 @@ class StreamActions:
     def _do(self, stream: Stream, generation: int, action: Action) -> list[Action] | None:
         if isinstance(action, Write):
             return self._write(stream, action)
+        if isinstance(action, FindHeld | FillHeld):
+            self.held_chunks.do(stream, action)
+            return None
         if isinstance(action, Ack | DeadLetter):
             if generation == stream.generation:  # tags of the channel that delivered
                 self._settle(stream, action)
@@ -239,7 +247,9 @@ class StreamActions:
             info=dict(offer.info or {}),
             resumed_bytes=stream.resumed_bytes,
             sender_user=stream.user_id,
+            reused_bytes=stream.held.reused if stream.held is not None else 0,
         )
+        self.held_chunks.record(stream, path, session.reassembler.sha256)
         if self._save is not None:
             try:
                 received = self._save(received)
@@ -274,6 +284,8 @@ class StreamActions:
             stored=action.stored,
             resend_from=action.resend_from,
             encoding=action.encoding,
+            delta=action.delta or None,
+            holds=action.holds,
         )
         self._publish(stream.reply_to, progress, persistent=False)
         self.resend_requests += action.resend_from is not None

@@ -23,14 +23,13 @@ from objstream.common.cli import (
 )
 from objstream.common.console import console, plural, printable
 from objstream.common.errors import ConfigError, SenderGone, TransferFailed
-from objstream.common.protocol import check_keys
 from objstream.common.request_session import Kind
 from objstream.common.settings import Settings, check_object_name
 from objstream.consumer import partials_cli
 from objstream.consumer.listing_cli import check_list_args, list_cmd
 from objstream.consumer.output_formats import FORMATS, TORCH_SUFFIXES
 from objstream.consumer.receiver import Receiver
-from objstream.consumer.retriever import Retriever
+from objstream.consumer.retriever import Retriever, check_keys
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
@@ -91,6 +90,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         help="take pushes only from this broker user (repeatable; env OBJSTREAM_ACCEPT_FROM, "
         "comma-separated); offers from others are refused at once with code forbidden",
     )
+    _full_option(listen)
     progress.add_option(listen)
     monitoring.add_metrics_options(listen)
     listen.set_defaults(handler=listen_cmd, settings_overrides=_listen_overrides)
@@ -203,6 +203,7 @@ def _retrieve_options(cmd: argparse.ArgumentParser) -> None:
         "a container's entries), with NAME only names that begin with it; exit 1 if OWNER "
         "refuses or does not support listing",
     )
+    _full_option(cmd)
     progress.add_option(cmd)
 
 
@@ -223,6 +224,7 @@ def _print_retrieved(args: argparse.Namespace, item: Received, seconds: float) -
                     "from": item.sender,
                     "sender_user": item.sender_user,
                     "resumed_bytes": item.resumed_bytes,
+                    "bytes_reused": item.reused_bytes,
                 }
             )
         )
@@ -353,11 +355,20 @@ def retrieve_container_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"timeout": args.timeout}
+    return {"timeout": args.timeout, "delta": False if args.full else None}
 
 
 def _listen_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"timeout": args.timeout, "accept_from": args.accept_from}
+    return {**_overrides(args), "accept_from": args.accept_from}
+
+
+def _full_option(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--full",
+        action="store_true",
+        help="ask for every chunk, even those this site holds already from an earlier version "
+        "(default: only what it lacks, a delta, when the sender offers one)",
+    )
 
 
 def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
@@ -401,6 +412,7 @@ def _report(args: argparse.Namespace, item: Received | TransferFailed) -> None:
             "sender": item.sender,
             "sender_user": item.sender_user,
             "resumed_bytes": item.resumed_bytes,
+            "bytes_reused": item.reused_bytes,
         }
         print(json.dumps(record), flush=True)
     else:

@@ -48,6 +48,7 @@ from objstream.consumer.container_sink import ContainerSink
 from objstream.consumer.container_spool import ContainerSpool
 from objstream.consumer.destination import check_destination
 from objstream.consumer.file_sink import FileAssembler, pipe_assembler
+from objstream.consumer.held import HeldIndex
 from objstream.consumer.options import AssemblerFactory, ReceiverOptions, store_options
 from objstream.consumer.resume import Resumable, StreamState
 from objstream.consumer.stream_table import StreamTable
@@ -121,6 +122,7 @@ class ConsumerCore:
             self.topology,
             progress=options.get("progress"),
             save=options.get("save"),
+            held=HeldIndex(self.dest) if self.settings.delta else None,
         )
         self.store = ResumeStore(
             self.dest,

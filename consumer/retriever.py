@@ -30,7 +30,7 @@ from typing import Any, Unpack
 from objstream.common.errors import ConfigError, FailureCode, TimedOut, TransferFailed
 from objstream.common.listing import Listing
 from objstream.common.offthread import off_thread
-from objstream.common.protocol import check_keys
+from objstream.common.protocol import MAX_KEY_PATTERN, MAX_KEY_PATTERNS
 from objstream.common.request_session import Kind, Selection
 from objstream.common.settings import MAX_NAME_LENGTH, Settings, check_object_name, check_site
 from objstream.consumer.core import ConsumerCore
@@ -40,6 +40,26 @@ from objstream.consumer.side import ConsumerSide
 from objstream.consumer.streams import Received
 
 log = logging.getLogger(__name__)
+
+
+def check_keys(keys: Sequence[str]) -> list[str]:
+    """Entry patterns a container request can carry (``Request.keys``), as a list.
+
+    Raises:
+        ConfigError: none, more than :data:`MAX_KEY_PATTERNS`, an empty or too long one.
+    """
+    patterns = [keys] if isinstance(keys, str) else list(keys)
+    if not patterns:
+        raise ConfigError("no entry pattern given (keys)")
+    if len(patterns) > MAX_KEY_PATTERNS:
+        raise ConfigError(f"{len(patterns)} entry patterns (at most {MAX_KEY_PATTERNS})")
+    for pattern in patterns:
+        if not 1 <= len(pattern) <= MAX_KEY_PATTERN:
+            raise ConfigError(
+                f"entry pattern {pattern[:40]!r} of {len(pattern)} characters "
+                f"(1 to {MAX_KEY_PATTERN})"
+            )
+    return patterns
 
 
 class Retriever(ConsumerSide):

@@ -34,21 +34,22 @@ from objstream.common.errors import (
 from objstream.common.federation import route_settle
 from objstream.common.protocol import Offer
 from objstream.common.reassembly import Reassembler, State
-from objstream.common.receive_session import (
+from objstream.common.receive_actions import (
     KEEP_PREFIX_ON,
     Ack,
     Finished,
-    ReceiveSession,
     SendProgress,
     SendVerdict,
     Terms,
-    crowded_out,
 )
+from objstream.common.receive_end import crowded_out
+from objstream.common.receive_session import ReceiveSession
 from objstream.common.settings import Settings
 from objstream.common.slots import Slots
 from objstream.common.streaming import ProgressHook
 from objstream.common.topology import Topology
 from objstream.consumer.actions import StreamActions
+from objstream.consumer.held import HeldIndex
 from objstream.consumer.offload import Offload
 from objstream.consumer.streams import Received, Save, Stream
 
@@ -70,6 +71,7 @@ class StreamTable:
         *,
         progress: ProgressHook | None = None,
         save: Save | None = None,
+        held: HeldIndex | None = None,
     ) -> None:
         self.site = site
         self.settings = settings
@@ -97,6 +99,8 @@ class StreamTable:
             finished=self._finished,
             reconsume=self._reconsume,
         )
+        self.held = self.actions.held_chunks.index = held
+        """What the destination holds (delta transfers), if the receiver keeps an index."""
         self._connection: Connection | None = None
         self.redelivered = 0
         """Chunks the broker delivered again (after a lost channel or connection)."""
@@ -134,6 +138,7 @@ class StreamTable:
             checkpoints=checkpoints,
             keeps_prefix=keeps_prefix,
             contact_timeout=settings.contact_timeout,
+            delta=self.held is not None and self.held.wanted(reassembler.offer, user),
         )
         return ReceiveSession(reassembler, self.site, terms, now=time.monotonic(), user=user)
 
@@ -250,10 +255,10 @@ class StreamTable:
                 self.slots.release(sid)
                 self.remember(sid)
                 self._ended.append(stream)
-        crowded = {id(s) for s in crowded_out([s.session for s in self._ended])}
+        crowded = {id(end) for end in crowded_out([s.session.end for s in self._ended])}
         for stream in self._ended:
             session = stream.session
-            actions = session.retire(now) if id(session) in crowded else session.tick(now)
+            actions = session.retire(now) if id(session.end) in crowded else session.tick(now)
             self.actions.run(stream, actions)
         self._ended = [s for s in self._ended if not s.session.gone]
 

@@ -11,8 +11,10 @@ from typing import Any
 from objstream.common.amqp import Channel
 from objstream.common.protocol import Offer
 from objstream.common.reassembly import Reassembler
-from objstream.common.receive_session import Action, ReceiveSession
+from objstream.common.receive_actions import Action
+from objstream.common.receive_session import ReceiveSession
 from objstream.common.streaming import ObjectAssembler
+from objstream.consumer.held import Held
 from objstream.consumer.resume import StreamState
 
 
@@ -41,6 +43,8 @@ class Received:
     """The broker user who sent it (the offer's ``user_id``, which RabbitMQ validated): who
     pushed it, or the serving site's user for a retrieval. ``sender`` is the site name the
     sender claims; this is the identity the broker vouches for."""
+    reused_bytes: int = 0
+    """Bytes copied from what this site held already, not received (a delta transfer)."""
 
     @property
     def container_type(self) -> str | None:
@@ -85,6 +89,7 @@ class Stream:
     state: StreamState | None = None  # files: what a successor needs after a crash
     resumed_bytes: int = 0  # bytes kept from an earlier attempt
     taken_over: bool = False  # left by an earlier receiver of the directory
+    held: Held | None = None  # a delta: what this site holds of the object, and where
     received: Received | None = None  # set once committed, handed out with the verdict
     pending: deque[tuple[int, Action]] = field(default_factory=deque)
     """Actions still to do, in order, each with the :attr:`generation` it was decided in."""

@@ -104,6 +104,7 @@ def _common_send_options(send: argparse.ArgumentParser) -> None:
     )
     _rate_option(send, "this send publishes, whatever the number of targets")
     _compress_option(send)
+    _full_option(send, "send")
     send.add_argument(
         "--min-targets",
         type=count_arg,
@@ -128,6 +129,15 @@ def _rate_option(command: argparse.ArgumentParser, what: str) -> None:
         metavar="RATE",
         help=f"most bytes a second {what}, resends included: bytes as 10MiB (or 10M), "
         "bits as 80mbit, 1gbit (default: no limit)",
+    )
+
+
+def _full_option(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument(
+        "--full",
+        action="store_true",
+        help=f"{what} every chunk, even to a target that holds some already from an earlier "
+        "version (default: only what it lacks, a delta)",
     )
 
 
@@ -198,10 +208,15 @@ def _add_serve_command(sub: Any, parent: argparse.ArgumentParser) -> None:
     )
     _rate_option(serve, "each served stream publishes")
     _compress_option(serve)
+    _full_option(serve, "serve")
     monitoring.add_metrics_options(serve)
     serve.set_defaults(
         handler=serve_cmd,
-        settings_overrides=lambda args: {"rate_limit": args.rate_limit, "compress": args.compress},
+        settings_overrides=lambda args: {
+            "rate_limit": args.rate_limit,
+            "compress": args.compress,
+            "delta": False if args.full else None,
+        },
     )
 
 
@@ -229,6 +244,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "rate_limit": args.rate_limit,
         "compress": args.compress,
+        "delta": False if args.full else None,
     }
 
 
@@ -238,6 +254,7 @@ def _target(result: TargetResult) -> dict[str, Any]:
         record["stored_as"] = result.stored_as
     elif result.error is not None:
         record.update(code=str(result.error.code), error=str(result.error))
+    record["bytes_reused"] = result.bytes_reused
     return record
 
 
@@ -266,6 +283,7 @@ def _json_outcome(
         "seconds": round(seconds, 3),
         "mib_per_s": round(rate, 1),
         "bytes_published": max((r.bytes_published for r in results), default=0),
+        "bytes_reused": sum(r.bytes_reused for r in results),
         "sha256": (results[0].sha256 or None) if results else None,
         "targets": targets,
     }

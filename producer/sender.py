@@ -49,7 +49,7 @@ from objstream.producer.answering import Answering as Answering
 from objstream.producer.answering import Resume as Resume
 from objstream.producer.pieces import PieceReader, check_prefix
 from objstream.producer.transfer import TargetResult as TargetResult
-from objstream.producer.transfer import Transfer
+from objstream.producer.transfer import Transfer, Wire
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class SendOptions(TypedDict, total=False):
     promised stream id, and its ``joiners`` bring more requesters of the same object while the
     stream runs (shared uploads)."""
     resume: Resume | None
+    full: bool | None
+    """Send every chunk, even to a target that holds some already (default: not
+    ``settings.delta``; docs/protocol.md, "Delta transfer")."""
     """Send only what the receiver lacks, if its kept prefix still hashes the same (otherwise
     the whole)."""
 
@@ -280,6 +283,7 @@ class StreamSender:
         )
         stream_id = answering.stream_id if answering else new_stream_id()
         rate_limit, compress = options.get("rate_limit"), options.get("compress")
+        full = options.get("full")
         transfer = Transfer(
             self,
             reader,
@@ -287,8 +291,11 @@ class StreamSender:
             targets,
             start=start,
             pacing=pacing,
-            rate_limit=settings.rate_limit if rate_limit is None else rate_limit,
-            compress=settings.compress if compress is None else check_mode(compress),
+            wire=Wire(
+                settings.rate_limit if rate_limit is None else rate_limit,
+                settings.compress if compress is None else check_mode(compress),
+                settings.delta if full is None else not full,
+            ),
         )
         if answering:
             transfer.routes[targets[0]] = answering.offer_to

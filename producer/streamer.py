@@ -17,7 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from objstream.common.amqp import Closing, connect
 from objstream.common.errors import ConfigError, ObjstreamError
@@ -33,6 +33,12 @@ from objstream.common.streaming import ObjectStreamer, ProgressHook
 from objstream.producer.sender import ReplyQueue, StreamSender, TargetResult
 from objstream.producer.sources import FileSource
 from objstream.producer.transfer import Quorum, Transfer
+
+
+class DeltaOption(TypedDict, total=False):
+    """The keyword of :meth:`Streamer.stream_object` that turns delta transfers off."""
+
+    full: bool | None
 
 
 class Streamer(Closing):
@@ -86,6 +92,7 @@ class Streamer(Closing):
         rate_limit: int | str | None = None,
         min_targets: int | None = None,
         stragglers: str = "wait",
+        **delta: Unpack[DeltaOption],
     ) -> list[TargetResult]:
         """Stream ``source`` to each target; return once each stored and verified it (with
         ``min_targets``, once that many did).
@@ -108,6 +115,9 @@ class Streamer(Closing):
                 ``min_targets`` can still verify: the rest are told to stop and it raises.
             stragglers: ``"wait"`` (the default) or ``"cancel"``: once ``min_targets``
                 verified, tell the others to stop (each fails ``aborted``) and return.
+            full: send every chunk, even to a target that holds some already from an earlier
+                version (default: not ``settings.delta``, i.e. only what each target lacks;
+                each result's ``bytes_reused`` says what it held).
 
         Returns:
             One :class:`TargetResult` per target, in the order given (with ``min_targets``:
@@ -135,6 +145,7 @@ class Streamer(Closing):
                 window=window,
                 chunk_size=check_chunk_size(size),
                 rate_limit=rate,
+                full=delta.get("full"),
             )
             results = transfer.run(quorum=quorum)
         except BaseException:
@@ -215,7 +226,7 @@ class FileStreamer(Streamer):
         """Stream the file ``file_name``; receivers store it under its base name.
 
         Takes the options of :meth:`Streamer.stream_object` (chunk_size, timeout, window,
-        rate_limit).
+        rate_limit, min_targets, stragglers, full).
         """
         return self.stream_object(targets, FileSource(file_name), **options)
 

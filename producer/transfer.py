@@ -13,12 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from objstream.common import checksum
-from objstream.common.compression import NONE, ChunkEncoder
+from objstream.common.compression import ChunkEncoder
+from objstream.common.delta import offers_delta
 from objstream.common.errors import (
     ConfigError,
     ConnectionLost,
@@ -30,6 +30,7 @@ from objstream.common.errors import (
 from objstream.common.federation import arrival_link
 from objstream.common.pacing import TokenBucket, pacer
 from objstream.common.protocol import Abort, Chunk, End, Inline, Offer, envelope
+from objstream.common.protocol import Manifest as ManifestMessage
 from objstream.common.send_session import SendSession
 from objstream.common.send_table import (
     Action,
@@ -39,6 +40,7 @@ from objstream.common.send_table import (
     PublishAbort,
     PublishChunk,
     PublishEnd,
+    PublishManifest,
     PublishOffer,
     ReleaseBefore,
     ReportProgress,
@@ -49,8 +51,12 @@ from objstream.common.send_table import (
 )
 from objstream.common.streaming import Piece
 from objstream.producer.answering import Joiners
+from objstream.producer.manifests import SourceManifest
 from objstream.producer.pieces import PieceReader
 from objstream.producer.sources import SourceChanged
+from objstream.producer.terms import Quorum as Quorum
+from objstream.producer.terms import TargetResult as TargetResult
+from objstream.producer.terms import Wire as Wire
 
 if TYPE_CHECKING:
     from objstream.producer.sender import StreamSender
@@ -58,33 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.05  # seconds between looks at the reply queue while publishing
-
-
-@dataclass(frozen=True)
-class Quorum:
-    """A send that succeeds once ``min_targets`` targets verified (k of N). The others, the
-    stragglers, go on after the send returned (:meth:`Transfer.finish`) until they end, each
-    reported to ``on_straggler``; with ``cancel_stragglers`` they are told to stop instead."""
-
-    min_targets: int
-    cancel_stragglers: bool = False
-    on_straggler: Callable[[TargetResult], None] | None = None
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    """How the stream to one target ended."""
-
-    site: str
-    stream_id: str
-    ok: bool
-    size: int
-    sha256: str
-    stored_as: str | None = None
-    error: TransferFailed | None = None
-    bytes_published: int = 0
-    """Content bytes the transfer published by then, for every target, resends included, as
-    they travelled (compressed chunks as compressed; headers not counted)."""
 
 
 class Transfer:
@@ -99,8 +78,7 @@ class Transfer:
         *,
         start: int,
         pacing: Pacing,
-        rate_limit: int | None = None,
-        compress: str = NONE,
+        wire: Wire | None = None,
     ) -> None:
         self.sender = sender
         self.reader = reader
@@ -110,20 +88,23 @@ class Transfer:
         facts = facts_of(reader.streamer)
         self.inline_body = b""
         inline = self._inline(facts, start)
-        self.encoder = ChunkEncoder(compress)
+        wire = wire or Wire()
+        self.encoder = ChunkEncoder(wire.compress)
         self.session = SendSession.create(
             facts,
             targets,
             stream_id=stream_id,
             sender=sender.site,
             pacing=pacing,
-            plan=Plan(start, inline, self.encoder.active),
+            plan=Plan(
+                start, inline, self.encoder.active, self._delta(facts, wire.delta, start, inline)
+            ),
             identities=sender.identities,
             now=time.monotonic(),
         )
         self.keys: dict[str | None, str] = {None: sender.topology.data_key(stream_id, sender.site)}
         # Bytes a second this transfer publishes at most (None or 0: no limit, nothing asked).
-        self.rate_limit = rate_limit
+        self.rate_limit = wire.rate_limit
         self.pacer: TokenBucket | None = None  # from when the data starts (see _paced)
         # For counting resends: how far each route (None: the broadcast) was published, and
         # how far the broadcast was when each late joiner joined (it missed what came before).
@@ -132,6 +113,18 @@ class Transfer:
         self.quorum: Quorum | None = None
         self.stragglers: list[str] = []  # targets still going when a k-of-N send returned
         self._published_before = sender.bytes_published  # one transfer at a time per sender
+        self.manifest = SourceManifest(reader, lambda: sender.process_events(0))
+
+    @staticmethod
+    def _delta(facts: SourceFacts, wanted: bool, start: int, inline: Inline | None) -> bool:
+        """May this send go as a delta (only to targets that ask)? Not a resumed one, not one
+        in its offer, and only a source that reads any chunk again."""
+        shape = offers_delta(
+            random_access=facts.random_access,
+            chunk_size=facts.chunk_size,
+            chunk_count=facts.chunk_count,
+        )
+        return wanted and shape and start == 0 and inline is None
 
     def _inline(self, facts: SourceFacts, start: int) -> Inline | None:
         """The object itself, if it rides inside the offer (one message, no data queue)."""
@@ -278,7 +271,11 @@ class Transfer:
     ) -> TargetResult:
         ok = error is None
         size, published = self.reader.size, self.sender.bytes_published - self._published_before
-        return TargetResult(site, self.stream_id, ok, size, sha256, stored_as, error, published)
+        target = next(t for t in self.session.targets if t.site == site)
+        reused = self.manifest.reused(target)
+        return TargetResult(
+            site, self.stream_id, ok, size, sha256, stored_as, error, published, reused
+        )
 
     def _turn(self) -> None:
         """One round: take replies, check silences, publish what the windows allow."""
@@ -356,11 +353,10 @@ class Transfer:
                     self._publish_offer(action.offer, action.expiration_ms)
                 case PublishEnd(to=to):
                     self._publish_end(to)
-                case PublishAbort(to=to, reason=reason):
-                    abort = Abort(stream_id=self.stream_id, reason=reason[:2000])
-                    sender.publish(self._key(to), b"", envelope(abort))
-                    if action.where_offered:
-                        self._publish_where_offered(to, abort, action.expiration_ms)
+                case PublishManifest(to=to):
+                    self._publish_manifest(to)
+                case PublishAbort():
+                    self._publish_abort(action)
                 case ReleaseBefore(seq=seq):
                     self.reader.release_before(seq)
                 case ReportProgress():
@@ -386,6 +382,12 @@ class Transfer:
         else:
             sender.declare_inbox(offer.target)
             sender.publish(sender.topology.offer_key(offer.target), body, props)
+
+    def _publish_abort(self, action: PublishAbort) -> None:
+        abort = Abort(stream_id=self.stream_id, reason=action.reason[:2000])
+        self.sender.publish(self._key(action.to), b"", envelope(abort))
+        if action.where_offered:
+            self._publish_where_offered(action.to, abort, action.expiration_ms)
 
     def _publish_where_offered(self, to: str, abort: Abort, expiration_ms: int) -> None:
         """``abort`` to where the offer to ``to`` went: a receiver that has not answered yet
@@ -431,6 +433,16 @@ class Transfer:
         if seq < upto:
             return True
         return to is not None and self._joined_at.get(to, 0) <= seq < self._upto.get(None, 0)
+
+    def _publish_manifest(self, to: str) -> None:
+        """The manifest, to the one target that asked (another could not parse it)."""
+        manifest = self.manifest.get()
+        header = ManifestMessage(
+            stream_id=self.stream_id,
+            chunk_count=manifest.chunk_count,
+            entries=len(manifest.entries),
+        )
+        self.sender.publish(self._key(to), manifest.body(), envelope(header))
 
     def _publish_end(self, to: str | None) -> None:
         reader = self.reader

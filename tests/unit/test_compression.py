@@ -17,7 +17,8 @@ from objstream.common.compression import BLOSC2, ENCODINGS_INFO, ChunkEncoder, d
 from objstream.common.errors import ConfigError, ProtocolError
 from objstream.common.protocol import Chunk, End, Offer, Progress, new_stream_id, parse, to_headers
 from objstream.common.reassembly import ChunkVerdict, Reassembler
-from objstream.common.receive_session import Commit, ReceiveSession, SendProgress, Terms, Write
+from objstream.common.receive_actions import Commit, SendProgress, Terms, Write
+from objstream.common.receive_session import ReceiveSession
 from objstream.common.send_session import SendSession
 from objstream.common.send_table import Pacing, Plan, PublishChunk, PublishOffer, SourceFacts
 

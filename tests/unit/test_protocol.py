@@ -178,7 +178,8 @@ def test_a_resume_request_says_what_it_has(changes: dict[str, Any]) -> None:
 
 
 def test_only_a_container_request_selects_entries_and_within_bounds() -> None:
-    from objstream.common.protocol import Request, check_keys, to_headers
+    from objstream.common.protocol import Request, to_headers
+    from objstream.consumer.retriever import check_keys
 
     fields = {"request_id": new_stream_id(), "name": "m", "requester": "s"}
     request = Request(**fields, kind="container", keys=["layers.0.*", "lm_head.*"])

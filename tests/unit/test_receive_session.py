@@ -21,7 +21,7 @@ from objstream.common.protocol import (
     to_headers,
 )
 from objstream.common.reassembly import Reassembler, State
-from objstream.common.receive_session import (
+from objstream.common.receive_actions import (
     LINGER,
     MAX_LINGERING,
     RETIRE_AFTER,
@@ -34,7 +34,6 @@ from objstream.common.receive_session import (
     Discard,
     Finished,
     LeaveOnDisk,
-    ReceiveSession,
     Reconsume,
     RemoveCheckpoint,
     Retire,
@@ -42,8 +41,9 @@ from objstream.common.receive_session import (
     SendVerdict,
     Terms,
     Write,
-    crowded_out,
 )
+from objstream.common.receive_end import crowded_out
+from objstream.common.receive_session import ReceiveSession
 
 CHUNK = 10
 
@@ -371,7 +371,7 @@ def test_write_failure_fails_with_its_code() -> None:
     actions = d.session.receive(1, Chunk(stream_id=d.sid, seq=0, crc32=zlib.crc32(bytes(10))),
                                 bytes(10), 0.0)  # fmt: skip
     assert isinstance(actions[0], Write)
-    d.run(d.session.write_failed(FailureCode.IO, "no space"))
+    d.run(d.session.fail(FailureCode.IO, "no space"))
     assert d.verdict.done.code == FailureCode.IO
     assert d.of(Discard)
 
@@ -523,7 +523,11 @@ def test_at_most_max_lingering_streams_linger() -> None:
         d.send_end()
         d.session.tick(float(n))  # ended at n
         sessions.append(d.session)
-    crowded = crowded_out(sessions)
+    ends = {id(s.end) for s in sessions}
+    assert len(ends) == len(sessions)
+    crowded = [
+        s for s in sessions if id(s.end) in {id(e) for e in crowded_out([s.end for s in sessions])}
+    ]
     assert crowded == sessions[:3]  # the oldest go first
     assert [crowded[0].retire(50.0)] == [[Retire()]]
     closing = sessions[-1].close_out(51.0)

@@ -37,18 +37,18 @@ from objstream.common.protocol import (
     to_headers,
 )
 from objstream.common.reassembly import Reassembler, State
-from objstream.common.receive_session import (
+from objstream.common.receive_actions import (
     Ack,
     Action,
     Commit,
     DeadLetter,
     Finished,
-    ReceiveSession,
     SendProgress,
     SendVerdict,
     Terms,
     Write,
 )
+from objstream.common.receive_session import ReceiveSession
 from objstream.common.send_session import SendSession
 from objstream.common.send_table import (
     Pacing,
