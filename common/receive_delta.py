@@ -17,8 +17,8 @@ import bisect
 
 from objstream.common.delta import Holds, Manifest
 from objstream.common.errors import ProtocolError
+from objstream.common.protocol import CONTAINER_KIND, Offer
 from objstream.common.protocol import Manifest as ManifestMessage
-from objstream.common.protocol import Offer
 from objstream.common.receive_actions import Action, FillHeld, FindHeld
 from objstream.common.streaming import MetaValue
 
@@ -59,6 +59,8 @@ class DeltaReceive:
             raise ProtocolError("a second manifest, not the first")
         if offer.chunk_count is None or offer.size is None:
             raise ProtocolError(f"a manifest for a {offer.kind} of unknown size")
+        if header.entries and offer.kind != CONTAINER_KIND:
+            raise ProtocolError(f"a manifest with entries for a {offer.kind}")
         if header.chunk_count != offer.chunk_count:
             raise ProtocolError(
                 f"manifest of {header.chunk_count} chunks, the offer says {offer.chunk_count}"

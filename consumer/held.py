@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from objstream.common import safetensors_format
-from objstream.common.delta import Holds, Manifest, ManifestBuilder, asks_delta
+from objstream.common.delta import Holds, Manifest, ManifestBuilder, asks_delta, offers_delta
 from objstream.common.errors import ObjstreamError
 from objstream.common.protocol import CONTAINER_KIND, FILE_KIND, Offer
 from objstream.common.safetensors_format import SAFETENSORS_SUFFIX
@@ -139,6 +139,10 @@ class HeldIndex:
             return False
         if not asks_delta(offer.info) or not self.path.exists():
             return False
+        if not offers_delta(
+            random_access=True, chunk_size=offer.chunk_size, chunk_count=offer.chunk_count
+        ):
+            return False  # a manifest or an answer beyond what the protocol bounds
         try:
             with self._db() as db:
                 row = db.execute(
