@@ -265,9 +265,9 @@ class ReceiveSession:
         report_due = (
             self.stored != self.reported and now - self.last_report >= self.progress_interval
         )
-        if flush_due or report_due:
-            return self._flush(now, report=report_due)
-        return []
+        fill = self.delta.fill(self.stored, 4 * self.report_every)  # copies go on, a window a tick
+        flushed = self._flush(now, report=report_due) if flush_due or report_due else []
+        return [*flushed, fill] if fill is not None else flushed
 
     def write_raised(self, seq: int, error: BaseException) -> list[Action]:
         """Storing chunk ``seq`` raised ``error`` (classified by :func:`classify`)."""
@@ -383,10 +383,10 @@ class ReceiveSession:
             actions.append(self._progress(resend_from=outcome.resend_from))
         return actions
 
-    def _after_message(self) -> list[Action]:
+    def _after_message(self, *, fill_more: bool = True) -> list[Action]:
         if self.reassembler.complete:
             return self._verify()
-        fill = self.delta.fill(self.stored, 4 * self.report_every)
+        fill = self.delta.fill(self.stored, 4 * self.report_every) if fill_more else None
         actions: list[Action] = [fill] if fill is not None else []
         if self.stored - self.reported >= self.report_every:
             return [*self._flush(self.last_activity), *actions]
@@ -419,7 +419,7 @@ class ReceiveSession:
         self.delta.filling = False
         if self.finished or self.state is State.VERIFYING:
             return []
-        return self._chunk(*retake) if retake is not None else self._after_message()
+        return self._chunk(*retake) if retake is not None else self._after_message(fill_more=False)
 
     def _verify(self, *, flush: bool = True) -> list[Action]:
         failure = self.reassembler.verify()

@@ -429,3 +429,20 @@ def test_a_hostile_manifest_is_dead_lettered_and_the_stream_goes_on(
     r.deliver(r.end)
     assert bytes(r.disk) == DATA
     assert r.of(Commit)
+
+
+def test_a_long_held_run_is_copied_a_window_at_a_time_between_ticks() -> None:
+    """The connection's thread is never held for a whole copy: a window per message or tick."""
+    data = bytes(range(256)) * (40 * CHUNK // 256)
+    r = Receiver(data, set(range(39)))
+    r.send_manifest()
+    assert r.session.stored == 8  # one window (4 x a quarter of 8)
+    r.run(r.session.tick(0.01))
+    assert r.session.stored == 16
+    for n in range(2, 6):
+        r.run(r.session.tick(0.01 * n))
+    assert r.session.stored == 39
+    r.chunk(39)
+    r.deliver(r.end)
+    assert bytes(r.disk) == data
+    assert r.of(Commit)
