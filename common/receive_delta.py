@@ -40,6 +40,11 @@ class DeltaReceive:
         self._firsts: list[int] = []  # each container entry's first chunk
 
     @property
+    def finding(self) -> bool:
+        """The manifest came, and the driver is finding what is held."""
+        return self.manifest is not None and self.holds is None
+
+    @property
     def asking(self) -> bool:
         """Say ``delta`` in progress reports: asked, and no manifest yet."""
         return self.asked and self.manifest is None

@@ -257,6 +257,9 @@ class ReceiveSession:
             return self.fail(
                 FailureCode.TIMEOUT, f"no data from {self.offer.sender} for {self.timeout:g} s"
             )
+        if self.delta.finding and now - self.last_report >= self.commit_heartbeat:
+            self.last_report = now  # finding what it holds: alive, and the sender waits
+            return [self._progress()]
         if self.reconnected_at is not None and now - self.reconnected_at > self.reconsume_after:
             self.reconnected_at = now  # and again, while nothing comes
             self.unacked_tag = 0  # the old channel's tags mean nothing on the new one
@@ -310,8 +313,7 @@ class ReceiveSession:
         return [*actions, LeaveOnDisk(self.stored, self.stored_bytes)]
 
     def queue_lost(self) -> list[Action]:
-        """Its data queue is gone after a reconnect (a broker that lost it): the sender may
-        not be, but nothing can reach this receiver any more."""
+        """Its data queue is gone after a reconnect: nothing can reach this receiver."""
         return self.fail(FailureCode.PROTOCOL, "the data queue is gone after a reconnect")
 
     def interrupted(self, reason: str) -> list[Action]:

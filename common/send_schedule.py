@@ -211,13 +211,17 @@ class Schedule:
             return
         # An iterator source starts too: the targets that made contact get a window, and the
         # pieces stay kept from the silent target's position until it makes contact or fails.
-        if any(t.awaiting_holds for t in self._active()):
-            return  # a delta: what a target holds decides what the broadcast skips
+        # A delta: what a target holds decides what the broadcast skips, so it waits for the
+        # answers of the targets that asked, as long as each reports (finding what it holds
+        # may take a while); one silent for resend_after s gets unicast once it answers.
+        resend_after = self.pacing.resend_after
+        if any(t.awaiting_holds and now - t.quiet_since <= resend_after for t in self._active()):
+            return
         waiting = any(t.state is _S.OFFERED for t in self._active())
-        if waiting and now - self.created <= self.pacing.resend_after:
+        if waiting and now - self.created <= resend_after:
             return
         self.started = True
-        riders = [t for t in self._active() if t.heard]
+        riders = [t for t in self._active() if t.heard and not t.awaiting_holds]
         for rider in riders:
             rider.riding = True
         log.info(

@@ -429,7 +429,8 @@ class SendSession:
         """Has the target stored everything published to it, with more to come? Then the wait
         is the sender's (a rate limit, a slow source), not the target's silence."""
         published = self.cursor if target.riding else target.next_seq
-        return target.state is _S.SENDING and target.stored >= published
+        waited_for = target.awaiting_holds  # its answer to the manifest is owed
+        return target.state is _S.SENDING and not waited_for and target.stored >= published
 
     def cancel(self, reason: str, code: FailureCode = FailureCode.ABORTED) -> list[Action]:
         """Stop every stream: receivers that took it are told to drop it (``abort``), and each

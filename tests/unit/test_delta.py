@@ -198,9 +198,9 @@ def test_the_broadcast_skips_what_every_rider_holds_and_nothing_goes_before_the_
     assert _report(session, "a", 0.2, stored=0, delta=True) == []  # one manifest each
     _report(session, "b", 0.2, stored=0)  # an older receiver: no delta
     assert _published(session) == []  # a's answer decides what the broadcast skips
-    session.tick(10.0)  # past resend_after: still nothing, and no resend to a
+    session.tick(3.0)  # a is finding what it holds: nothing yet, and no resend to a
     assert _published(session) == []
-    _report(session, "a", 10.5, stored=0, holds=Holds.of(10, range(10)).encode())
+    _report(session, "a", 3.5, stored=0, holds=Holds.of(10, range(10)).encode())
     # b holds nothing: every chunk goes, once, by broadcast (a drops what it has).
     assert [a.seq for a in _published(session) if isinstance(a, PublishChunk)] == list(range(10))
 
@@ -446,3 +446,30 @@ def test_a_long_held_run_is_copied_a_window_at_a_time_between_ticks() -> None:
     r.deliver(r.end)
     assert bytes(r.disk) == data
     assert r.of(Commit)
+
+
+def test_a_target_silent_after_asking_holds_the_broadcast_no_longer_than_resend_after() -> None:
+    session = _sender(("a", "b"), count=4)
+    _report(session, "a", 0.1, stored=0, delta=True)
+    _report(session, "b", 0.1, stored=0)
+    session.tick(3.0)
+    assert _published(session) == []  # a may be finding what it holds
+    _report(session, "a", 4.0, stored=0, delta=True)  # it is: its heartbeat
+    session.tick(8.0)
+    assert _published(session) == []
+    session.tick(9.5)  # a silent for 5.5 s: b goes on alone
+    assert [x.seq for x in _published(session) if isinstance(x, PublishChunk)] == [0, 1, 2, 3]
+    _report(session, "a", 10.0, stored=0, holds=Holds.of(4, [0, 1]).encode())
+    late = _published(session)
+    assert [(x.seq, x.to) for x in late if isinstance(x, PublishChunk)] == [(2, "a"), (3, "a")]
+
+
+def test_a_receiver_finding_what_it_holds_says_it_is_alive() -> None:
+    r = Receiver(DATA, {1})
+    r.run(r.session.start())
+    header = ManifestMessage(stream_id=r.sid, chunk_count=10)
+    actions = r.session.receive(1, header, r.manifest.body(), 0.0)
+    assert [type(a) for a in actions] == [FindHeld]  # the driver finds, on the disk thread
+    beats = [a for n in range(1, 30) for a in r.session.tick(n / 10) if isinstance(a, SendProgress)]
+    assert len(beats) == 2  # at 1.0 s and 2.0 s
+    assert all(b.holds is None for b in beats)
