@@ -245,3 +245,28 @@ def test_retrieve_container_moves_only_what_changed(
     assert record["bytes_reused"] >= 0.9 * size
     server.stop()  # before the proxy it talks through goes
     print(f"\nretrieve-container again: {second} bytes at the socket ({second / size:.1%})")
+
+
+def test_a_receiver_that_does_not_ask_gets_everything(
+    tmp_path: Path, settings: Settings, start_receiver: StartReceiver, proxy: Proxy
+) -> None:
+    """A peer without delta transfer (objstream with OBJSTREAM_DELTA=false behaves as one: it
+    never says ``delta``) interoperates with a sender that offers it: it gets every chunk."""
+    dest, path = tmp_path / "in", tmp_path / "data.bin"
+    dest.mkdir()
+    data = os.urandom(4 * MIB)
+    path.write_bytes(data)
+    older = settings.model_copy(update={"delta": False})
+    receiver = start_receiver("site-1", dest, older)
+    through = settings.model_copy(update={"url": proxy.url})
+    with FileStreamer("server", through) as streamer:
+        streamer.stream_file("site-1", path)
+        before = proxy.up
+        (result,) = streamer.stream_file("site-1", path)
+        again = proxy.up - before
+    items = [o for o in receiver.wait_for(2) if isinstance(o, Received)]
+    assert items[-1].path is not None
+    assert items[-1].path.read_bytes() == data
+    assert again >= len(data)
+    assert result.bytes_reused == 0
+    assert not (dest / INDEX_NAME).exists()  # it keeps no index either
