@@ -22,10 +22,13 @@ import hashlib
 import logging
 import os
 import sqlite3
+import struct
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from objstream.common import safetensors_format
 from objstream.common.delta import Holds, Manifest, ManifestBuilder, asks_delta, offers_delta
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = ".objstream-index.sqlite3"
 KINDS = (FILE_KIND, CONTAINER_KIND)
+NPZ_SUFFIX = ".npz"
 TABLES = ("objects", "pieces", "entries", "hashed")
 HASH_AT_ONCE = 4
 """Objects hashed at one chunk size for one manifest at most (the most recent of the same
@@ -109,7 +113,7 @@ class HeldIndex:
     def record(self, path: Path, offer: Offer, user: str | None, sha256: str) -> None:
         """An object was committed at ``path``: it may serve later deltas from ``user`` (a
         file; a container saved as ``.safetensors``)."""
-        if user is None or not _indexable(offer.kind, path.name):
+        if user is None or not _indexable(offer.kind, path):
             return
         try:
             rel = path.resolve().relative_to(self.dest.resolve()).as_posix()
@@ -160,7 +164,7 @@ class HeldIndex:
         held = Held(Holds(manifest.chunk_count))
         with self._db() as db:
             objects = self._current(db, user, offer.kind)
-            self._hash_some(db, objects, offer.name, offer.chunk_size)
+            self._hash_some(db, objects, offer)
             if offer.kind == CONTAINER_KIND:
                 _find_entries(db, manifest, offer.chunk_size, user, held)
             else:
@@ -190,10 +194,11 @@ class HeldIndex:
         return current
 
     def _hash_some(
-        self, db: sqlite3.Connection, objects: list[tuple[str, str]], name: str, chunk_size: int
+        self, db: sqlite3.Connection, objects: list[tuple[str, str]], offer: Offer
     ) -> None:
         """Hash, at ``chunk_size``, the objects of the offer's name first and then the newest,
         at most :data:`HASH_AT_ONCE` of them not hashed at that size yet."""
+        kind, name, chunk_size = offer.kind, offer.name, offer.chunk_size
         done = {
             path
             for (path,) in db.execute("SELECT path FROM hashed WHERE chunk_size = ?", (chunk_size,))
@@ -201,7 +206,7 @@ class HeldIndex:
         todo = [p for p, n in objects if n == name] + [p for p, n in objects if n != name]
         for path in [p for p in dict.fromkeys(todo) if p not in done][:HASH_AT_ONCE]:
             try:
-                if path.lower().endswith(SAFETENSORS_SUFFIX):
+                if kind == CONTAINER_KIND:
                     entries = self._entry_keys(path, chunk_size)
                     db.executemany(
                         "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?)", entries
@@ -240,11 +245,23 @@ class HeldIndex:
         ]
 
     def open_container(self, path: str, chunk_size: int) -> ObjectStreamer:
-        """The container saved at ``path`` (a ``.safetensors``, read lazily), cut into chunks
-        as a sender streams it."""
+        """The container saved at ``path`` (a ``.safetensors``, a ``.npz`` or a directory, read
+        lazily), cut into chunks as a sender streams it, with the sender's encoder.
+
+        Raises:
+            ObjstreamError, OSError, ValueError: it cannot be read so.
+        """
+        from objstream.producer.container_files import load_directory
         from objstream.producer.container_source import ContainerSource
 
-        source = ContainerSource(safetensors_format.load(self._confined(path)), path)
+        where = self._confined(path)
+        source: ContainerSource
+        if where.is_dir():
+            source = ContainerSource(load_directory(where), path + "/")
+        elif where.suffix.lower() == NPZ_SUFFIX:
+            source = ContainerSource(lazy_npz(where), path)
+        else:
+            source = ContainerSource(safetensors_format.load(where), path)
         source.prepare(chunk_size)
         return source
 
@@ -332,12 +349,52 @@ def _forget(db: sqlite3.Connection, path: str, tables: tuple[str, ...]) -> None:
         db.execute(f"DELETE FROM {table} WHERE path = ?", (path,))
 
 
-def _indexable(kind: str, name: str) -> bool:
-    """Can a committed object of ``kind``, saved as ``name``, serve a delta? A file, or a
-    container saved as ``.safetensors`` (read back as it was sent)."""
+def _indexable(kind: str, path: Path) -> bool:
+    """Can a committed object of ``kind``, saved at ``path``, serve a delta? A file, or a
+    container saved as ``.safetensors``, ``.npz`` or a directory (read back lazily, as it was
+    sent; a ``.json`` holds no arrays worth it)."""
+    suffix = path.suffix.lower()
     return kind == FILE_KIND or (
-        kind == CONTAINER_KIND and name.lower().endswith(SAFETENSORS_SUFFIX)
+        kind == CONTAINER_KIND and (suffix in (SAFETENSORS_SUFFIX, NPZ_SUFFIX) or path.is_dir())
     )
+
+
+def lazy_npz(path: Path) -> dict[str, Any]:
+    """A ``.npz`` whose members are stored (as a receiver writes it), each array read from the
+    file as it is sent, never loaded whole; never unpickled.
+
+    Raises:
+        ObjstreamError: a compressed member, an object or Fortran-ordered array, not a ``.npy``.
+    """
+    import numpy as np  # only for a container: receiving files never loads it
+
+    from objstream.common.codec import FileRange, RawArray
+
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    arrays: dict[str, RawArray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as f:
+        for member in archive.infolist():
+            if not member.filename.endswith(".npy") or member.compress_type != zipfile.ZIP_STORED:
+                raise ObjstreamError(f"{path}: member {member.filename!r} is not a stored .npy")
+            f.seek(member.header_offset)
+            local = f.read(30)
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            f.seek(member.header_offset + 30 + name_length + extra_length)
+            reader = readers.get(np.lib.format.read_magic(f))
+            if reader is None:
+                raise ObjstreamError(
+                    f"{path}: {member.filename!r}: an .npy header of another version"
+                )
+            shape, fortran, dtype = reader(f)
+            if fortran or dtype.hasobject:
+                raise ObjstreamError(f"{path}: {member.filename!r} is not a plain C-ordered array")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            key = member.filename[: -len(".npy")]
+            arrays[key] = RawArray(dtype.str, tuple(shape), FileRange(str(path), f.tell(), nbytes))
+    return arrays
 
 
 def _no_follow(path: str, flags: int) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -140,3 +141,66 @@ def test_a_stream_too_big_for_a_manifest_never_asks_for_one(tmp_path: Path, kind
     index = HeldIndex(tmp_path)
     _stored_file(tmp_path, index, os.urandom(CHUNK))
     assert not index.wanted(_offer(kind, "x", 2**40, 2**40 // CHUNK), "server")
+
+
+def _manifest_of(source: ContainerSource) -> Manifest:
+    builder = ManifestBuilder()
+    for seq in range(source.chunk_count or 0):
+        piece = source.piece(seq)
+        builder.add(piece.data, piece.meta)
+    return builder.build()
+
+
+def _held_entries(tmp_path: Path, stored: Path, name: str, new: dict[str, Any]) -> set[int]:
+    """Which entries of ``new`` the index finds held in what was saved at ``stored``."""
+    index = HeldIndex(tmp_path)
+    index.record(stored, _offer("container", name, 1, 1), "server", "0" * 64)
+    source = ContainerSource(new, name)
+    source.prepare(CHUNK)
+    manifest = _manifest_of(source)
+    offer = _offer("container", name, source.size or 0, manifest.chunk_count)
+    held = index.find(manifest, offer, "server")
+    for seq in held.holds:  # and each copies what the sender would have sent
+        assert index.read(held, held.where[seq], manifest.digest(seq), CHUNK) == bytes(
+            source.piece(seq).data
+        )
+    return {i for i, e in enumerate(manifest.entries) if e.first in held.holds}
+
+
+def test_an_npz_is_read_back_lazily_and_found_by_entry(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    arrays = {f"w{i}": rng.standard_normal((32, 64)).astype(np.float32) for i in range(3)}
+    arrays["counts"] = np.arange(100, dtype=np.int64)
+    np.savez(tmp_path / "model.npz", **arrays)  # stored members, as a receiver writes them
+    arrays["w1"] = arrays["w1"] * 2
+    assert _held_entries(tmp_path, tmp_path / "model.npz", "model.npz", arrays) == {0, 2, 3}
+
+
+def test_a_compressed_npz_is_not_matched(tmp_path: Path) -> None:
+    arrays = {"w": np.zeros((64, 64), np.float32)}
+    np.savez_compressed(tmp_path / "model.npz", **arrays)
+    assert _held_entries(tmp_path, tmp_path / "model.npz", "model.npz", arrays) == set()
+
+
+def test_a_checkpoint_directory_is_found_by_entry(tmp_path: Path) -> None:
+    from objstream.producer.container_files import load_directory
+
+    stored = tmp_path / "ckpt"
+    stored.mkdir()
+    rng = np.random.default_rng(2)
+    shard = {f"t{i}": rng.standard_normal((64, 64), np.float32) for i in range(3)}
+    save_file(shard, str(stored / "model.safetensors"))
+    (stored / "config.json").write_text('{"layers": 3}')
+    new_dir = tmp_path / "new"
+    new_dir.mkdir()
+    shard["t0"] = shard["t0"] - 1
+    save_file(shard, str(new_dir / "model.safetensors"))
+    (new_dir / "config.json").write_text('{"layers": 3}')
+    new = load_directory(new_dir)
+    held = _held_entries(tmp_path, stored, "ckpt/", new)
+    names = list(new)
+    assert {names[i] for i in held} == {
+        "config.json",
+        "model.safetensors/t1",
+        "model.safetensors/t2",
+    }
