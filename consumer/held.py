@@ -1,6 +1,6 @@
 """What a receiving site holds already, for delta transfers: an index next to what it stored.
 
-Each destination directory keeps ``.objstream-index.sqlite3`` (SQLite, the standard library's):
+Each destination directory keeps ``.objstream.index.sqlite3`` (SQLite, the standard library's):
 one row per object committed there (its path in the directory, the name it was offered under,
 the broker user that sent it, its size, modification time and inode, its SHA-256), and, made
 the first time a delta asks for them, the SHA-256 of each of its chunks at a chunk size. It
@@ -39,7 +39,7 @@ from objstream.common.streaming import ObjectStreamer
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = ".objstream-index.sqlite3"
+INDEX_NAME = ".objstream.index.sqlite3"
 KINDS = (FILE_KIND, CONTAINER_KIND)
 NPZ_SUFFIX = ".npz"
 TABLES = ("objects", "pieces", "entries", "hashed")
