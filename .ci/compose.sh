@@ -7,7 +7,8 @@
 #   .ci/compose.sh demo    docker-compose up --build: both workers must exit 0 and both result lines
 #                          say "checksum verified"; then down -v. A broken Dockerfile or compose file
 #                          fails it. The default profile; CLUSTER=1 runs the `cluster` profile instead,
-#                          REGIONS=1 the `regions` profile (three brokers joined by federation).
+#                          REGIONS=1 the `regions` profile (three brokers joined by federation),
+#                          ROUNDS=1 the `rounds` profile (federated learning: rounds 2.. must be deltas).
 #   .ci/compose.sh stop    stop the engine's background processes (API socket, healthcheck ticker)
 #
 # Clients then need DOCKER_HOST=unix:///run/podman/podman.sock (testcontainers also
@@ -48,6 +49,8 @@ demo() {
     compose+=(--profile cluster); workers=(cluster-producer cluster-consumer)
   elif [ "${REGIONS:-0}" = 1 ]; then
     compose+=(--profile regions); workers=(regions-server regions-site-1 regions-site-2)
+  elif [ "${ROUNDS:-0}" = 1 ]; then
+    compose+=(--profile rounds); workers=(rounds-server rounds-clients)
   fi
   # shellcheck disable=SC2064
   trap "${compose[*]} down -v >/dev/null 2>&1 || true" EXIT
@@ -92,6 +95,13 @@ demo() {
     if "${compose[@]}" exec -T rabbit-central rabbitmqctl -q list_queues name | grep -E '\.site\.site-'; then
       echo "ci: a site's inbox was declared on the central broker" >&2; exit 1
     fi
+  fi
+  if [ "${ROUNDS:-0}" = 1 ]; then   # the later rounds moved a fraction of round 1's bytes
+    local share
+    share=$(echo "$logs" | grep -o 'a round after ([0-9.]* %)' | head -n 1 | tr -dc '0-9.\n')
+    echo "ci: later rounds moved ${share:-?} % of round 1's bytes"
+    python3 -c 'import sys; sys.exit(not 0 < float(sys.argv[1] or "100") < 30)' "$share" \
+      || { echo "ci: the rounds after the first were not deltas" >&2; exit 1; }
   fi
   t "compose demo passed; down -v"
 }

@@ -22,7 +22,7 @@ from objstream.common.cli import (
 from objstream.common.console import console
 from objstream.common.errors import BrokerRefused, ObjstreamError
 from objstream.common.settings import MiB, Settings
-from objstream.jobs import clients, dict_streaming, file_streaming
+from objstream.jobs import clients, dict_streaming, file_streaming, rounds_job
 from objstream.jobs.runner import Result, Side, peak_rss_mib
 
 ERROR_EXIT = {
@@ -38,14 +38,14 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         parents=[parent],
         epilog="example:\n  objstream job file_streaming --size 256MiB",
         formatter_class=HelpFormatter,
-        help="run the example jobs (file_streaming, dict_streaming)",
+        help="run the example jobs (file_streaming, dict_streaming, rounds)",
         description="The example jobs. Each runs a producer and a consumer as separate "
         "processes against the broker, verifies the result and prints one line (or one JSON "
         "object with --json); it exits 0 only on success. With --role, only one side runs (as "
         "the docker compose workers do).",
     )
     sub = group.add_subparsers(
-        dest="command", required=True, metavar="{file_streaming,dict_streaming,demo}"
+        dest="command", required=True, metavar="{file_streaming,dict_streaming,rounds,demo}"
     )
     fs = sub.add_parser(
         "file_streaming",
@@ -82,6 +82,9 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     _dict_options(ds)
     _clients_option(ds, "N client sites retrieve the model at the same moment")
     ds.set_defaults(handler=run_dict_streaming, settings_overrides=_overrides)
+
+    rounds_job.add_command(sub, parent, _job_options())
+    sub.choices["rounds"].set_defaults(handler=run_rounds, settings_overrides=rounds_job.overrides)
 
     demo = sub.add_parser(
         "demo",
@@ -356,6 +359,17 @@ def _dict_streaming(args: argparse.Namespace, settings: Settings, where: str) ->
         (dict_streaming.consumer_side, {**consumer, "site": sites[0], "dest": where}),
     )
     return _report(args, "dict_streaming", sides)
+
+
+def run_rounds(args: argparse.Namespace, settings: Settings) -> int:
+    if args.role == "both":  # the models go to the clients' inboxes, the updates the server's
+        check_sites_free(
+            settings,
+            [*clients.client_sites(args.consumer_site, args.clients), args.producer_site],
+            None,
+        )
+    with _job_dest(args) as dest:
+        return rounds_job.run(args, settings, dest)
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import re
 import resource
 import traceback
@@ -49,6 +50,29 @@ class Side:
         self._out = ctx.Queue()
         self._process = ctx.Process(target=_child, args=(target, kwargs, self._out), daemon=True)
         self._process.start()
+        self._result: Result | None = None
+
+    def poll(self) -> Result | None:
+        """The side's result if it ended, without waiting (None while it runs)."""
+        if self._result is None:
+            try:
+                self._result = self._out.get(timeout=0 if self._process.is_alive() else 1)
+            except queue.Empty:
+                if self._process.is_alive():
+                    return None
+                code = self._process.exitcode
+                self._result = {"ok": False, "error": f"its process ended (exit code {code})"}
+            self._process.join(10)
+        return self._result
+
+    def stop(self, why: str) -> Result:
+        """End the side now (another side failed): its result, or ``why`` if it had none."""
+        if self.poll() is None:
+            self._process.kill()
+            self._process.join(10)
+            self._result = {"ok": False, "error": why}
+        assert self._result is not None
+        return self._result
 
     def result(self, timeout: float) -> Result:
         try:
