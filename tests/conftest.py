@@ -10,6 +10,7 @@ import pytest
 
 from objstream.common.errors import TransferFailed
 from objstream.consumer import Received
+from objstream.consumer.held import INDEX_NAME
 from objstream.jobs.data import write_random_file
 
 BROKER_FOLDERS = frozenset({"integration", "adversarial"})
@@ -37,8 +38,15 @@ def sha256_of(path: Path) -> str:
 
 
 def final_files(dest: Path) -> list[Path]:
-    """What is in ``dest`` under a final name (partial and state files left out)."""
-    return sorted(p for p in dest.iterdir() if not p.name.startswith(".objstream-"))
+    """What is in ``dest`` under a final name (partial and state files, and the index of what
+    it holds for delta transfers, left out)."""
+    return sorted(p for p in dest.iterdir() if not p.name.startswith(".objstream"))
+
+
+def stored_names(dest: Path) -> list[str]:
+    """The names in ``dest``, sorted, but the index of what it holds (delta transfers), which
+    a receiver keeps next to what it stored."""
+    return sorted(p.name for p in dest.iterdir() if p.name != INDEX_NAME)
 
 
 def kept_bytes(dest: Path) -> dict[str, bytes]:

@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from objstream.common.settings import Settings
+from objstream.consumer.held import INDEX_NAME
 from tests.integration.conftest import Declared
 from tests.integration.test_cli import _env, _listener, _objstream
 
@@ -32,7 +33,11 @@ def _checkpoint(root: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != INDEX_NAME
+    }
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from objstream.common.errors import FailureCode, SendFailed, TimedOut, TransferFailed
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.common.topology import Topology
+from objstream.consumer.held import INDEX_NAME
 from objstream.consumer.streams import Received
 from objstream.producer import FileStreamer, TargetResult
 from tests.conftest import as_received, random_file, sha256_of, stored_path
@@ -28,7 +29,7 @@ def _send(
 
 
 def _only_files(dest: Path) -> list[Path]:
-    return sorted(p for p in dest.iterdir())
+    return sorted(p for p in dest.iterdir() if p.name != INDEX_NAME)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from objstream.common.cli import EXIT_BROKER, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from objstream.common.naming import TREE_INFO_KEY
 from objstream.common.protocol import PIPE_KIND
 from objstream.common.settings import Settings
+from objstream.consumer.held import INDEX_NAME
 from tests.conftest import random_file
 from tests.integration.conftest import Declared
 from tests.integration.rawpeer import RawPeer
@@ -81,7 +82,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     bytes."""
     found = {}
     for path in sorted(root.rglob("*")):
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and path.name != INDEX_NAME:
             found[path.relative_to(root).as_posix()] = path.read_bytes()
     return found
 

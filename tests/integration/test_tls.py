@@ -18,7 +18,7 @@ from objstream.common.cli import EXIT_BROKER, EXIT_FAILED
 from objstream.common.settings import KiB, Settings
 from objstream.consumer import Retriever
 from objstream.producer import FileRetriever, FileStreamer
-from tests.conftest import as_received, random_file, sha256_of, stored_path
+from tests.conftest import as_received, random_file, sha256_of, stored_names, stored_path
 from tests.integration.conftest import BackgroundReceiver, BackgroundServer
 from tests.tls import Authority, Issued, Pki, TlsRabbitNode, make_pki, silent, stub_peer, tls_server
 
@@ -277,4 +277,4 @@ def test_listen_accept_from_takes_one_user_and_refuses_another(
     taken, refusal = (json.loads(record) for record in out.splitlines())
     assert (taken["ok"], taken["sender_user"], taken["sha256"]) == (True, "alice", digest)
     assert (refusal["ok"], refusal["code"]) == (False, "forbidden")
-    assert [p.name for p in (tmp_path / "in").iterdir()] == ["a.bin"]
+    assert stored_names(tmp_path / "in") == ["a.bin"]

@@ -169,16 +169,20 @@ def _held_entries(tmp_path: Path, stored: Path, name: str, new: dict[str, Any]) 
 
 def test_an_npz_is_read_back_lazily_and_found_by_entry(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    arrays = {f"w{i}": rng.standard_normal((32, 64)).astype(np.float32) for i in range(3)}
+    arrays: dict[str, Any] = {
+        f"w{i}": rng.standard_normal((32, 64)).astype(np.float32) for i in range(3)
+    }
     arrays["counts"] = np.arange(100, dtype=np.int64)
-    np.savez(tmp_path / "model.npz", **arrays)  # stored members, as a receiver writes them
+    np.savez(
+        tmp_path / "model.npz", allow_pickle=False, **arrays
+    )  # stored members, as a receiver writes them
     arrays["w1"] = arrays["w1"] * 2
     assert _held_entries(tmp_path, tmp_path / "model.npz", "model.npz", arrays) == {0, 2, 3}
 
 
 def test_a_compressed_npz_is_not_matched(tmp_path: Path) -> None:
-    arrays = {"w": np.zeros((64, 64), np.float32)}
-    np.savez_compressed(tmp_path / "model.npz", **arrays)
+    arrays: dict[str, Any] = {"w": np.zeros((64, 64), np.float32)}
+    np.savez_compressed(tmp_path / "model.npz", allow_pickle=False, **arrays)
     assert _held_entries(tmp_path, tmp_path / "model.npz", "model.npz", arrays) == set()
 
 
