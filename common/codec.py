@@ -148,7 +148,7 @@ def array_facts(value: Any) -> ArrayFacts | None:
     Only looks at its type and attributes: call it on values :func:`encode` takes."""
     kind = type(value)
     code: str | None
-    if kind is np.ndarray:
+    if isinstance(value, np.ndarray):  # np.memmap too (what a receiver hands out as_memmap)
         code = dtypes.wire_code(value.dtype)
         return None if code is None else ArrayFacts(code, value.shape, value.nbytes)
     if kind is RawArray:

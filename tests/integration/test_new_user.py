@@ -11,7 +11,7 @@ from pathlib import Path
 from objstream.common.cli import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
 from objstream.common.settings import KiB, MiB, Settings
 from objstream.consumer import Receiver
-from tests.conftest import random_file
+from tests.conftest import random_file, stored_names
 from tests.integration.conftest import Declared, wait_for_partial
 from tests.integration.test_cli import _env, _listener, _objstream
 
@@ -130,8 +130,9 @@ def test_send_file_json_always_prints_every_targets_outcome(
         assert outcome["ok"] is True
         assert outcome["targets"] == [
             {"site": "site-1", "ok": True, "stream_id": outcome["targets"][0]["stream_id"],  # type: ignore[index]
-             "stored_as": "x-1.bin"}
+             "stored_as": "x-1.bin", "bytes_reused": 100 * KiB}
         ]  # fmt: skip
+        assert outcome["bytes_reused"] == 100 * KiB  # site-1 held it all: a delta
         listener.wait(30)
     finally:
         if listener.poll() is None:
@@ -210,9 +211,9 @@ def test_jobs_remove_their_data_unless_kept(
     mine = tmp_path / "mine"
     run = _objstream("job", "file_streaming", "--size", "1MiB", "--dest", str(mine), env=env)
     assert run.returncode == EXIT_OK, run.stderr
-    assert [p.stat().st_size for p in mine.iterdir()] == [MiB]  # asked for: it stays
+    assert [(mine / n).stat().st_size for n in stored_names(mine)] == [MiB]  # asked for: stays
     run = _objstream("job", "file_streaming", "--size", "1MiB", "--keep", env=env)
     assert run.returncode == EXIT_OK, run.stderr
     [kept] = tmp.iterdir()
     assert f"kept what arrived in {kept}" in run.stderr
-    assert [p.stat().st_size for p in kept.iterdir()] == [MiB]
+    assert [(kept / n).stat().st_size for n in stored_names(kept)] == [MiB]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -308,3 +309,14 @@ def test_describing_a_structure_allocates_nothing_and_says_where_buffers_go() ->
     assert described.buffers == [OUT_OF_BAND_BYTES, 48]
     with pytest.raises(ProtocolError, match="more payload bytes"):
         describe_structure(mixed.structure, max_payload=10)
+
+
+def test_a_memory_mapped_array_is_one_array(tmp_path: Path) -> None:
+    """What a receiver hands out with ``as_memmap`` can be sent on as it is: counted as an
+    array in the offer (a ``.safetensors`` receiver refused it as a non-array before)."""
+    from objstream.common.codec import array_facts
+
+    mapped = np.memmap(tmp_path / "w.bin", dtype=np.float32, mode="w+", shape=(4, 8))
+    facts = array_facts(mapped)
+    assert facts is not None
+    assert (facts.dtype, facts.shape, facts.nbytes) == ("<f4", (4, 8), 128)
