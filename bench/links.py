@@ -252,10 +252,17 @@ def _raw_rate(bench: Bench, site: Site, size: int) -> tuple[float, float]:
 
 
 def _transfer(
-    bench: Bench, sites: list[Site], path: Path, size: int, compress: str = "none"
+    bench: Bench,
+    sites: list[Site],
+    path: Path,
+    size: int,
+    compress: str = "none",
+    *,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """One send of ``path`` to ``sites`` (one stream_file with every target); per-site
-    finish times, the sender's result, uploaded bytes and the broker's peak RSS."""
+    finish times, the sender's result, uploaded bytes and the broker's peak RSS. ``keep``:
+    the sites keep what they stored (a later send of a new version is then a delta)."""
     receivers = []
     try:
         for site in sites:
@@ -300,9 +307,10 @@ def _transfer(
     finally:
         for receiver in receivers:
             receiver.kill()
-        for site in sites:
+        for site in sites if not keep else []:
             for file in (bench.work / f"dest-{site.index}").glob("*"):
                 file.unlink()
+            (bench.work / f"dest-{site.index}" / ".objstream.index.sqlite3").unlink(missing_ok=True)
 
 
 def _setup(rates: list[int | None], latency_ms: float) -> Bench:
@@ -347,6 +355,25 @@ def _setup(rates: list[int | None], latency_ms: float) -> Bench:
     return Bench(links, node, counters, send_port, amqp, raw_at, work)
 
 
+def _then(bench: Bench, sites: list[Site], args: argparse.Namespace, path: Path, size: int) -> None:
+    """Send ``--then`` (the new version) where the first went, and report it."""
+    shutil.copyfile(args.then, path)
+    then_size = path.stat().st_size
+    if args.mode == "broadcast":
+        runs = [_transfer(bench, sites, path, then_size, args.compress)]
+    else:
+        runs = [_transfer(bench, [s], path, then_size, args.compress) for s in sites]
+    finished = {k: v for r in runs for k, v in r["finished"].items()}
+    uploaded = sum(r["uploaded"] for r in runs)
+    print(
+        f"then {args.then.name} ({then_size / MiB:g} MiB): sites finished after "
+        + ", ".join(f"{site} {s:.2f} s" for site, s in sorted(finished.items()))
+        + f"; uploaded {uploaded / MiB:.2f} MiB in {len(runs)} send(s) ="
+        f" {uploaded / then_size / len(runs):.3f}x the object per send",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sites", default="100mbit", help="rates, one per site: 1gbit,100mbit")
@@ -358,7 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--file", type=Path, help="send this file (default: --size random bytes)")
     parser.add_argument("--compress", default="none", help="auto, zstd or none (default none)")
+    parser.add_argument(
+        "--then",
+        type=Path,
+        metavar="PATH",
+        help="after each run, send this file (a new version of --file) to the same sites, "
+        "which kept the first: a delta transfer; its time and upload are reported",
+    )
     args = parser.parse_args(argv)
+    if args.then and not args.file:
+        parser.error("--then needs --file (the first version)")
     try:
         rates = shaping.parse_sites(args.sites)
         size = args.file.stat().st_size if args.file else parse_size(args.size)
@@ -387,10 +423,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         for run in range(1, args.runs + 1):
+            keep = args.then is not None
             if args.mode == "broadcast":
-                runs = [_transfer(bench, sites, path, size, args.compress)]
+                runs = [_transfer(bench, sites, path, size, args.compress, keep=keep)]
             else:
-                runs = [_transfer(bench, [s], path, size, args.compress) for s in sites]
+                runs = [_transfer(bench, [s], path, size, args.compress, keep=keep) for s in sites]
             finished = {k: v for r in runs for k, v in r["finished"].items()}
             rows = [
                 Row(f"site-{s.index}", shaping.format_rate(s.rate), raw[s.index][0],
@@ -408,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                 f" broker peak RSS {max(r['broker_rss_mib'] for r in runs):.0f} MiB",
                 flush=True,
             )
+            if args.then:
+                _then(bench, sites, args, path, size)
+                shutil.copyfile(args.file, path)  # the next run starts from the first version
             top = max((s.rate or 0) for s in sites)
             fast = [s for s in sites if (s.rate or 0) == top] if args.without_slow else []
             if fast and len(fast) < len(sites):
