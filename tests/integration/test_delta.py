@@ -213,19 +213,8 @@ def test_retrieve_container_moves_only_what_changed(
     server = start_server(through, lambda s: s.add_container("model", load_container(model)))
     declared.sites.add("site-1")
     env = {**os.environ, "OBJSTREAM_URL": settings.url, "OBJSTREAM_NAMESPACE": settings.namespace}
-    command = [
-        "objstream",
-        "consumer",
-        "retrieve-container",
-        "--site",
-        "site-1",
-        "--from",
-        "server",
-        "model",
-        "--out",
-        str(out),
-        "--json",
-    ]
+    words = "objstream consumer retrieve-container --site site-1 --from server model --json"
+    command = [*words.split(), "--out", str(out)]
 
     def retrieve() -> tuple[int, dict[str, Any]]:
         before = proxy.up
