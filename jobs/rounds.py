@@ -34,9 +34,9 @@ from objstream.producer import ContainerStreamer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 ROW = 256
+"""Elements in a row of every tensor (each tensor is ROW wide)."""
 ITEM = 2
 """Bytes of a bfloat16 value."""
-"""Elements in a row of every tensor (each tensor is ROW wide)."""
 NOISE = 0.01
 """How much a client's training moves the values of a tensor it changes."""
 PICKS = ("same", "rotate")
@@ -175,7 +175,7 @@ def wait_for(
 
     Raises:
         TransferFailed: it failed on its way.
-        Mismatch: nothing came within ``timeout`` (``error_type`` TimedOut in the result).
+        _Late: nothing came within ``timeout`` (``error_type`` TimedOut in the result).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
