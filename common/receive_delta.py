@@ -22,6 +22,10 @@ from objstream.common.protocol import Manifest as ManifestMessage
 from objstream.common.receive_actions import Action, FillHeld, FindHeld
 from objstream.common.streaming import MetaValue
 
+FILL_BURST = 256 * 1024 * 1024
+"""Bytes of held chunks copied in one go, between two looks at the connection (at local disk
+speed, a fraction of a second); the copy goes on at the next message or tick."""
+
 
 class DeltaReceive:
     """One stream's delta: asked for, its manifest, the chunks held.
@@ -37,6 +41,8 @@ class DeltaReceive:
         self.manifest: Manifest | None = None
         self.holds: Holds | None = None
         self.filling = False  # a FillHeld is out: no second one
+        self.burst = max(1, FILL_BURST // max(1, offer.chunk_size))
+        """Chunks one FillHeld copies at most (the connection's thread then works again)."""
         self._firsts: list[int] = []  # each container entry's first chunk
 
     @property
@@ -85,13 +91,13 @@ class DeltaReceive:
         self.holds = holds
         return holds.encode()
 
-    def fill(self, stored: int, most: int) -> FillHeld | None:
-        """Copy the held chunks from ``stored`` on (at most ``most``), if it is held."""
+    def fill(self, stored: int) -> FillHeld | None:
+        """Copy the held chunks from ``stored`` on (at most :attr:`burst`), if it is held."""
         holds = self.holds
         if holds is None or self.filling or stored not in holds:
             return None
         self.filling = True
-        return FillHeld(stored, holds.run_from(stored, min(holds.count, stored + most)))
+        return FillHeld(stored, holds.run_from(stored, min(holds.count, stored + self.burst)))
 
     def before(self, stored: int, seq: int, retake: tuple[int, object, bytes]) -> FillHeld | None:
         """Chunk ``seq`` came with every chunk from ``stored`` up to it held: copy them, then

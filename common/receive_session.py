@@ -268,7 +268,7 @@ class ReceiveSession:
         report_due = (
             self.stored != self.reported and now - self.last_report >= self.progress_interval
         )
-        fill = self.delta.fill(self.stored, 4 * self.report_every)  # copies go on, a window a tick
+        fill = self.delta.fill(self.stored)  # a long copy goes on, a burst a tick
         flushed = self._flush(now, report=report_due) if flush_due or report_due else []
         return [*flushed, fill] if fill is not None else flushed
 
@@ -388,7 +388,7 @@ class ReceiveSession:
     def _after_message(self, *, fill_more: bool = True) -> list[Action]:
         if self.reassembler.complete:
             return self._verify()
-        fill = self.delta.fill(self.stored, 4 * self.report_every) if fill_more else None
+        fill = self.delta.fill(self.stored) if fill_more else None
         actions: list[Action] = [fill] if fill is not None else []
         if self.stored - self.reported >= self.report_every:
             return [*self._flush(self.last_activity), *actions]

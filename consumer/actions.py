@@ -110,6 +110,7 @@ class StreamActions:
         """The (new) connection, and the channel progress and verdicts go out on."""
         self._connection = connection
         self._control = control
+        self.held_chunks.wake = connection.call_threadsafe
 
     def run(self, stream: Stream, actions: Sequence[Action]) -> None:
         """Queue ``actions`` behind the stream's others and do what can be done now."""

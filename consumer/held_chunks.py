@@ -9,12 +9,14 @@ stream's next actions, as received chunks' do.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from objstream.common.delta import Holds
+from objstream.common.errors import ObjstreamError
 from objstream.common.receive_actions import Action, FillHeld, FindHeld
 from objstream.consumer.held import Held, HeldIndex
 from objstream.consumer.offload import Offload
@@ -41,6 +43,9 @@ class HeldChunks:
         self.index = index
         self.offload = offload
         self.run = run
+        self.wake: Callable[[Callable[[], None]], None] | None = None
+        """Runs a callable on the connection's thread at its next look at the connection (set
+        with the connection: :meth:`Connection.call_threadsafe`)."""
 
     def do(self, stream: Stream, action: FindHeld | FillHeld) -> None:
         if isinstance(action, FindHeld):
@@ -75,23 +80,42 @@ class HeldChunks:
         self.run(stream, stream.session.holds_found(held.holds))
 
     def _fill(self, stream: Stream, action: FillHeld) -> None:
-        """Copy the chunks, then the stream goes on (these actions go first)."""
+        """Copy chunk ``action.start``, then the rest of the run the same way (one chunk's
+        bytes in memory at a time: each Write goes before the next copy), then the stream goes
+        on. These actions go before the stream's others."""
         session, held, index = stream.session, stream.held, self.index
         manifest = session.delta.manifest
-        follow: list[Action] = []
-        lost = False
-        for seq in range(action.start, action.stop):
-            where = held.where.get(seq) if held is not None else None
-            body = None
-            if held is not None and where is not None and index is not None and manifest:
-                body = index.read(held, where, manifest.digest(seq), stream.offer.chunk_size)
-            if body is None:
-                follow += session.held_lost(seq)
-                lost = True
-                break
-            follow += session.held(seq, body)
+        seq = action.start
+        where = held.where.get(seq) if held is not None else None
+        body = None
+        if held is not None and where is not None and index is not None and manifest:
+            body = index.read(held, where, manifest.digest(seq), stream.offer.chunk_size)
+        if body is None:
+            follow = session.held_lost(seq)
+        else:
+            follow = session.held(seq, body)
             if held is not None:
                 held.reused += len(body)
-        if not lost:
-            follow += session.filled(action.retake)
+            if seq + 1 < action.stop:
+                follow.append(FillHeld(seq + 1, action.stop, action.retake))
+            else:
+                follow += session.filled(action.retake)
+                self._go_on(stream)
         stream.pending.extendleft((stream.generation, a) for a in reversed(follow))
+
+    def _go_on(self, stream: Stream) -> None:
+        """A burst of copies is done: the next goes once the connection has had its turn (not
+        at the next tick, a fraction of a second later)."""
+        holds = stream.session.delta.holds
+        if self.wake is None or holds is None:
+            return
+
+        def again() -> None:
+            if not stream.closing and stream.session.stored in holds:
+                self.run(stream, stream.session.tick(time.monotonic()))
+
+        if stream.session.stored in holds:  # (counted already; written next)
+            try:
+                self.wake(again)
+            except ObjstreamError:  # the connection is gone: the next tick copies on
+                log.debug("cannot schedule the next copies", exc_info=True)

@@ -431,12 +431,14 @@ def test_a_hostile_manifest_is_dead_lettered_and_the_stream_goes_on(
     assert r.of(Commit)
 
 
-def test_a_long_held_run_is_copied_a_window_at_a_time_between_ticks() -> None:
-    """The connection's thread is never held for a whole copy: a window per message or tick."""
+def test_a_long_held_run_is_copied_a_burst_at_a_time_between_ticks() -> None:
+    """The connection's thread is never held for a whole copy: a burst per message or tick."""
     data = bytes(range(256)) * (40 * CHUNK // 256)
     r = Receiver(data, set(range(39)))
+    assert r.session.delta.burst == 65536  # 256 MiB of 4 KiB chunks
+    r.session.delta.burst = 8
     r.send_manifest()
-    assert r.session.stored == 8  # one window (4 x a quarter of 8)
+    assert r.session.stored == 8  # one burst
     r.run(r.session.tick(0.01))
     assert r.session.stored == 16
     for n in range(2, 6):
