@@ -128,8 +128,11 @@ class Reassembler:
         """The chunk encoding this stream takes (its sender may send it), or None."""
         return compression.welcome(self.offer.info)
 
-    def chunk(self, seq: int, crc32: int, body: bytes, encoding: str | None = None) -> ChunkOutcome:
-        """Judge chunk ``seq``; on WRITE it has been counted and hashed.
+    def chunk(
+        self, seq: int, crc32: int | None, body: bytes, encoding: str | None = None
+    ) -> ChunkOutcome:
+        """Judge chunk ``seq``; on WRITE it has been counted and hashed. ``crc32`` None: the
+        body was checked otherwise (a held chunk, against its SHA-256 in the manifest).
 
         An ``encoding`` (a compressed body) is checked by its CRC-32 as it came, then decoded:
         the lengths the offer implies, the size and the digest are the piece's.
@@ -165,8 +168,7 @@ class Reassembler:
                 resend_from=self._ask_resend(),
                 detail=f"chunk {seq} ahead of missing chunk {self.stored}",
             )
-        actual = checksum.crc32(body)
-        if actual != crc32:
+        if crc32 is not None and (actual := checksum.crc32(body)) != crc32:
             return ChunkOutcome(
                 ChunkVerdict.CORRUPT,
                 resend_from=self._ask_resend(),

@@ -17,7 +17,7 @@ import bisect
 
 from objstream.common.delta import Holds, Manifest
 from objstream.common.errors import ProtocolError
-from objstream.common.protocol import CONTAINER_KIND, Offer
+from objstream.common.protocol import CONTAINER_KIND, Chunk, Offer
 from objstream.common.protocol import Manifest as ManifestMessage
 from objstream.common.receive_actions import Action, FillHeld, FindHeld
 from objstream.common.streaming import MetaValue
@@ -99,14 +99,14 @@ class DeltaReceive:
         self.filling = True
         return FillHeld(stored, holds.run_from(stored, min(holds.count, stored + self.burst)))
 
-    def before(self, stored: int, seq: int, retake: tuple[int, object, bytes]) -> FillHeld | None:
-        """Chunk ``seq`` came with every chunk from ``stored`` up to it held: copy them, then
-        take it (not a gap: the sender skipped them)."""
-        holds = self.holds
+    def before(self, stored: int, tag: int, chunk: Chunk, body: bytes) -> FillHeld | None:
+        """``chunk`` (delivered with ``tag``) came with every chunk from ``stored`` up to it
+        held: copy them, then take it (not a gap: the sender skipped them)."""
+        holds, seq = self.holds, chunk.seq
         if holds is None or self.filling or seq <= stored or holds.run_from(stored, seq) != seq:
             return None
         self.filling = True
-        return FillHeld(stored, seq, retake)
+        return FillHeld(stored, seq, (tag, chunk, body))
 
     def lost(self, seq: int) -> None:
         """Held chunk ``seq`` cannot be copied: from there on, everything comes from the sender."""

@@ -25,7 +25,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from objstream.common.checksum import crc32
 from objstream.common.delta import Holds
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.naming import stored_name
@@ -368,7 +367,7 @@ class ReceiveSession:
         return not self.finished and self.state is not State.VERIFYING
 
     def _chunk(self, tag: int, chunk: Chunk, body: bytes) -> list[Action]:
-        if (fill := self.delta.before(self.stored, chunk.seq, (tag, chunk, body))) is not None:
+        if (fill := self.delta.before(self.stored, tag, chunk, body)) is not None:
             return [fill]
         outcome = self.reassembler.chunk(chunk.seq, chunk.crc32, body, chunk.encoding)
         actions: list[Action] = []
@@ -406,7 +405,7 @@ class ReceiveSession:
         """Held chunk ``seq``, copied and checked against the manifest (:class:`FillHeld`)."""
         if self.finished or self.state is State.VERIFYING:
             return []
-        outcome = self.reassembler.chunk(seq, crc32(body), body)
+        outcome = self.reassembler.chunk(seq, None, body)  # checked by its SHA-256
         if outcome.verdict is not ChunkVerdict.WRITE:
             return []  # it came from the sender meanwhile
         return [Write(seq, outcome.offset, outcome.piece, self.delta.meta(seq))]

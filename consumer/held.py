@@ -97,13 +97,18 @@ class HeldIndex:
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         self.path = dest / INDEX_NAME
+        self._schema_made = False  # by this object: once, not on every connection
 
     @contextlib.contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
+        if not self.path.exists():
+            self._schema_made = False  # (made anew if someone removed the file)
         db = sqlite3.connect(self.path, timeout=30)
         try:
             with db:
-                db.executescript(_SCHEMA)
+                if not self._schema_made:
+                    db.executescript(_SCHEMA)
+                    self._schema_made = True
                 yield db
         finally:
             db.close()

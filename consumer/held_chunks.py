@@ -83,25 +83,28 @@ class HeldChunks:
         """Copy chunk ``action.start``, then the rest of the run the same way (one chunk's
         bytes in memory at a time: each Write goes before the next copy), then the stream goes
         on. These actions go before the stream's others."""
-        session, held, index = stream.session, stream.held, self.index
-        manifest = session.delta.manifest
-        seq = action.start
-        where = held.where.get(seq) if held is not None else None
-        body = None
-        if held is not None and where is not None and index is not None and manifest:
-            body = index.read(held, where, manifest.digest(seq), stream.offer.chunk_size)
-        if body is None:
+        session, held, seq = stream.session, stream.held, action.start
+        body = self._copy(stream, seq)
+        if held is None or body is None:
             follow = session.held_lost(seq)
         else:
             follow = session.held(seq, body)
-            if held is not None:
-                held.reused += len(body)
+            held.reused += len(body)
             if seq + 1 < action.stop:
                 follow.append(FillHeld(seq + 1, action.stop, action.retake))
             else:
                 follow += session.filled(action.retake)
                 self._go_on(stream)
         stream.pending.extendleft((stream.generation, a) for a in reversed(follow))
+
+    def _copy(self, stream: Stream, seq: int) -> bytes | None:
+        """Held chunk ``seq`` as it is where this receiver holds it, if it still matches the
+        manifest's digest (None: it does not, or nothing is known of it)."""
+        held, manifest, index = stream.held, stream.session.delta.manifest, self.index
+        where = held.where.get(seq) if held is not None else None
+        if held is None or where is None or manifest is None or index is None:
+            return None
+        return index.read(held, where, manifest.digest(seq), stream.offer.chunk_size)
 
     def _go_on(self, stream: Stream) -> None:
         """A burst of copies is done: the next goes once the connection has had its turn (not

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from objstream.common.cli import EXIT_FAILED, EXIT_OK, HelpFormatter, size_arg
+from objstream.common.cli import EXIT_FAILED, EXIT_OK, HelpFormatter, count_arg, size_arg
 from objstream.common.console import console
 from objstream.common.errors import ConfigError
 from objstream.common.settings import MiB, Settings
@@ -36,9 +36,9 @@ def add_command(sub: Any, parent: argparse.ArgumentParser, job: argparse.Argumen
         formatter_class=HelpFormatter,
     )
     cmd.add_argument(
-        "--clients", type=_positive, default=2, metavar="N", help="client sites (default 2)"
+        "--clients", type=count_arg, default=2, metavar="N", help="client sites (default 2)"
     )
-    cmd.add_argument("--rounds", type=_positive, default=3, metavar="R", help="rounds (default 3)")
+    cmd.add_argument("--rounds", type=count_arg, default=3, metavar="R", help="rounds (default 3)")
     cmd.add_argument(
         "--size",
         type=size_arg,
@@ -47,7 +47,7 @@ def add_command(sub: Any, parent: argparse.ArgumentParser, job: argparse.Argumen
         help="bytes of the model, about (default 64MiB)",
     )
     cmd.add_argument(
-        "--tensors", type=_positive, default=40, metavar="N", help="tensors in it (default 40)"
+        "--tensors", type=count_arg, default=40, metavar="N", help="tensors in it (default 40)"
     )
     cmd.add_argument(
         "--change",
@@ -70,16 +70,6 @@ def add_command(sub: Any, parent: argparse.ArgumentParser, job: argparse.Argumen
         action="store_true",
         help="send every transfer whole, even to a site that holds most of it (no delta)",
     )
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _fraction(text: str) -> float:
