@@ -4,19 +4,20 @@ Like h11's connection object: the transport only moves bytes. :class:`Reassemble
 a chunk is to be written (and where), is a duplicate, is corrupt, or runs ahead of a gap; it keeps
 the running SHA-256 of the contiguous prefix and, at the end, the verdict. The caller writes the
 bytes it is told to write. Chunks are only ever taken in sequence order, so the digest is computed
-on the fly from the bodies and nothing is assembled out of order by mistake; a chunk that runs
+on the fly from the bodies (by :mod:`objstream.common.digests`, on a worker thread: the same
+digest, no I/O) and nothing is assembled out of order by mistake; a chunk that runs
 ahead of a gap is dropped and a resend is asked for (the sender keeps the source until the
 verdict, so it can always resend).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
 
 from objstream.common import checksum, compression
+from objstream.common.digests import RunningSha256
 from objstream.common.errors import FailureCode, ProtocolError
 from objstream.common.protocol import End, Offer
 
@@ -92,7 +93,7 @@ class Reassembler:
         self.stored_bytes = 0
         self.end: End | None = None
         self.failure: Failure | None = None
-        self._sha = hashlib.sha256()
+        self._sha = RunningSha256()
         self._resend_asked_at: int | None = None
 
     @classmethod
@@ -105,7 +106,7 @@ class Reassembler:
         reassembler.accept()
         reassembler.stored = stored
         reassembler.stored_bytes = stored_bytes
-        reassembler._sha = prefix_sha
+        reassembler._sha = RunningSha256(prefix_sha)
         return reassembler
 
     def _apply(self, event: Event) -> None:

@@ -7,11 +7,11 @@ in order, by whichever cursor first reads each piece.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import deque
 from collections.abc import Iterator
 
+from objstream.common.digests import RunningSha256
 from objstream.common.errors import ObjstreamError
 from objstream.common.streaming import ObjectStreamer, Piece
 
@@ -27,11 +27,11 @@ class SharedDigest:
     """
 
     def __init__(self) -> None:
-        self._sha = hashlib.sha256()
+        self._sha = RunningSha256()  # on a worker thread, while the chunk is published
         self.hashed = 0
 
     def prefix_matches(self, expected: str) -> bool:
-        return self._sha.copy().hexdigest() == expected
+        return bool(self._sha.copy().hexdigest() == expected)
 
     def feed(self, seq: int, data: bytes) -> None:
         if seq == self.hashed:
