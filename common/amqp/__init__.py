@@ -16,8 +16,9 @@ No delivery can stop a worker: header tables are decoded within bounds
 (dead-letters) what it cannot handle (:meth:`Channel.consume`).
 
 One connection per thread (pika is not thread-safe); the one call another thread may make is
-:meth:`Connection.call_threadsafe`. Two modules: :mod:`.connection` (channels, deliveries, the
-connection a process uses) and :mod:`.connect` (getting one).
+:meth:`Connection.call_threadsafe`. Three modules: :mod:`.connection` (channels, deliveries, the
+connection a process uses), :mod:`.connect` (getting one) and :mod:`.framing` (pika's framing
+with fewer copies of the payload, which every connection gets).
 """
 
 import logging

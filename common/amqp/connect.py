@@ -1,5 +1,5 @@
 """Connecting: pika's parameters, one bounded attempt after another, and the tuning of pika
-every connection gets (larger socket reads, bounded header decoding)."""
+every connection gets (framing with fewer copies, :mod:`.framing`; bounded header decoding)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pika.adapters.utils.connection_workflow import (
 )
 
 from objstream.common.amqp.connection import REJECTED_HEADERS, Connection, describe
+from objstream.common.amqp.framing import tune_pika
 from objstream.common.buffers import tune_malloc
 from objstream.common.errors import (
     AuthenticationRefused,
@@ -43,29 +44,10 @@ from objstream.common.urls import mask_url, split_urls
 
 log = logging.getLogger(__name__)
 
-# pika reads its socket 4 KiB at a time and appends each read to a bytes buffer, which copies the
-# partial frame again on every read: about 16 copies of every byte of a 128 KiB body frame. Reads
-# of 256 KiB cut that to one or two: for a 1 GiB file the receiver's CPU fell from 5.1-5.8 s to
-# 3.8 s and throughput rose from 168-184 to 220 MiB/s on this machine (2 cores, loopback).
-# This is a class attribute of pika's transport; pika is pinned to 1.3/1.4, and if the
-# attribute goes away we simply do without.
-PIKA_RECV_BYTES = 256 * 1024
-
 
 def params_vhost(nodes: dict[str, pika.ConnectionParameters]) -> str:
     """The virtual host the connection asked for (every node's is the URL's path)."""
     return next((p.virtual_host for p in nodes.values()), "/")
-
-
-def _tune_pika_reads() -> None:
-    try:
-        from pika.adapters.utils.io_services_utils import _AsyncTransportBase
-    except ImportError:  # pragma: no cover - a pika without this internal
-        return
-    if getattr(_AsyncTransportBase, "_MAX_RECV_BYTES", None) is not None:
-        _AsyncTransportBase._MAX_RECV_BYTES = PIKA_RECV_BYTES
-        # Bytes consumed per event-loop turn before pika lets other events run.
-        _AsyncTransportBase._MAX_CONSUME_BYTES = 4 * PIKA_RECV_BYTES
 
 
 def _bound_header_decoding() -> None:
@@ -73,8 +55,8 @@ def _bound_header_decoding() -> None:
     bounds. A header table beyond them (a legal 2,000-level nesting made pika's recursive decoder
     raise RecursionError and stop the connection) is left out, the other properties are decoded,
     and the reason is noted on the properties (:data:`REJECTED_HEADERS`): the delivery reaches
-    its consumer's guard, which rejects it. Like the read size above, this replaces a method of
-    pika's class (pika is pinned to 1.3/1.4); done once."""
+    its consumer's guard, which rejects it. Like the framing (:mod:`.framing`), this replaces a
+    method of pika's class (pika is pinned to 1.3/1.4); done once."""
     cls: Any = pika.spec.BasicProperties
     original = cls.decode
     if getattr(original, "objstream_bounded", False):
@@ -170,7 +152,7 @@ def connect(settings: Settings, name: str) -> Connection:
     """
     nodes = broker_parameters(settings, name)
     params = next(iter(nodes.values()))  # a failure is worded for the first node
-    _tune_pika_reads()
+    tune_pika()
     _bound_header_decoding()
     tune_malloc()
     deadline = time.monotonic() + settings.connect_wait

@@ -4,6 +4,7 @@ out as one of objstream's errors, with the broker's own words."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -117,10 +118,12 @@ def test_a_forged_user_id_is_refused(connection: Connection) -> None:
 
 
 class _Proxy:
-    """A TCP relay to the broker whose sockets the test can cut (a network failure)."""
+    """A TCP relay to the broker whose sockets the test can cut (a network failure); it
+    relays at most ``piece`` bytes at a time."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, piece: int = 65536) -> None:
         self._target = (host, port)
+        self._piece = piece
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._sockets: list[socket.socket] = []
@@ -135,10 +138,9 @@ class _Proxy:
                 for a, b in ((client, upstream), (upstream, client)):
                     threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            while data := a.recv(65536):
+            while data := a.recv(self._piece):
                 b.sendall(data)
 
     def cut(self) -> None:
@@ -149,11 +151,49 @@ class _Proxy:
             sock.close()
 
 
-def test_a_connection_cut_under_a_consumer_is_connection_lost(settings: Settings) -> None:
+def _relayed(settings: Settings, piece: int = 65536) -> tuple[_Proxy, Settings]:
+    """A relay to the broker, and the settings that connect through it."""
     parsed = urlsplit(settings.url)
-    proxy = _Proxy(parsed.hostname or "127.0.0.1", parsed.port or 5672)
+    proxy = _Proxy(parsed.hostname or "127.0.0.1", parsed.port or 5672, piece)
     url = parsed._replace(netloc=f"{parsed.username}:{parsed.password}@127.0.0.1:{proxy.port}")
-    connection = connect(settings.model_copy(update={"url": urlunsplit(url)}), "test cut")
+    return proxy, settings.model_copy(update={"url": urlunsplit(url)})
+
+
+BODY_MAX = 131072 - 8  # what one body frame carries at RabbitMQ's default frame_max
+
+
+@pytest.mark.parametrize("piece", [65536, 7919], ids=["relayed", "cut-at-odd-places"])
+def test_bodies_of_every_awkward_size_arrive_whole_and_in_order(
+    settings: Settings, piece: int
+) -> None:
+    """The adapter's own framing (one buffer per message out, body frames read as views) against
+    the broker, through a relay that cuts the byte stream anywhere."""
+    sizes = [0, 1, BODY_MAX - 1, BODY_MAX, BODY_MAX + 1, 1 << 20, 3 * (1 << 20) + 7, 5]
+    bodies = [os.urandom(size) for size in sizes]
+    proxy, relayed = _relayed(settings, piece)
+    connection = connect(relayed, "test framing")
+    try:
+        channel = connection.channel()
+        queue = _queue(channel, auto_delete=True)
+        for seq, body in enumerate(bodies):
+            props = envelope(Chunk(stream_id="5" * 32, seq=seq, crc32=0), persistent=False)
+            channel.publish("", queue, body, props)
+        got: list[Delivery] = []
+        channel.consume(queue, got.append, auto_ack=True)
+        deadline = time.monotonic() + 30
+        while len(got) < len(bodies) and time.monotonic() < deadline:
+            connection.process_events(0.1)
+        assert [d.body for d in got] == bodies
+        chunks = [parse(d.props.type, d.props.headers) for d in got]
+        assert [c.seq for c in chunks if isinstance(c, Chunk)] == list(range(len(sizes)))
+    finally:
+        connection.close()
+        proxy.cut()
+
+
+def test_a_connection_cut_under_a_consumer_is_connection_lost(settings: Settings) -> None:
+    proxy, relayed = _relayed(settings)
+    connection = connect(relayed, "test cut")
     try:
         channel = connection.channel()
         channel.declare_queue("", exclusive=True)
