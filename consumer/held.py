@@ -143,7 +143,9 @@ class HeldIndex:
             log.warning("cannot index %s for later deltas: %s", path, e)
 
     def wanted(self, offer: Offer, user: str | None) -> bool:
-        """Ask for ``offer``'s manifest? It allows a delta, and ``user`` sent a file here."""
+        """Ask for ``offer``'s manifest? It allows a delta, and something of its kind that
+        ``user`` sent is still here as it was stored (a manifest costs the sender a read of the
+        whole source before the first chunk: not for nothing)."""
         if offer.kind not in KINDS or user is None or offer.resume_from or offer.inline:
             return False
         if not asks_delta(offer.info) or not self.path.exists():
@@ -154,13 +156,10 @@ class HeldIndex:
             return False  # a manifest or an answer beyond what the protocol bounds
         try:
             with self._db() as db:
-                row = db.execute(
-                    "SELECT 1 FROM objects WHERE user = ? AND kind = ? LIMIT 1", (user, offer.kind)
-                ).fetchone()
+                return bool(self._current(db, user, offer.kind))
         except sqlite3.Error as e:
             log.warning("cannot read the index %s: %s", self.path, e)
             return False
-        return row is not None
 
     # -- what a manifest finds ------------------------------------------------------------------
 

@@ -136,6 +136,22 @@ def test_a_safetensors_container_is_found_by_entry(tmp_path: Path) -> None:
         )
 
 
+def test_nothing_left_of_what_was_stored_asks_for_no_manifest(tmp_path: Path) -> None:
+    """A manifest costs the sender a whole read of the source before its first chunk: a
+    receiver whose stored files were all deleted or changed does not ask for one."""
+    index = HeldIndex(tmp_path)
+    data = os.urandom(3 * CHUNK)
+    path = _stored_file(tmp_path, index, data)
+    offer = _offer("file", "data.bin", len(data), 3)
+    assert index.wanted(offer, "server")
+    path.write_bytes(data + b"changed")
+    assert not index.wanted(offer, "server")
+    path.unlink()
+    assert not index.wanted(offer, "server")
+    _stored_file(tmp_path, index, data)
+    assert index.wanted(offer, "server")
+
+
 @pytest.mark.parametrize("kind", ["file", "container"])
 def test_a_stream_too_big_for_a_manifest_never_asks_for_one(tmp_path: Path, kind: str) -> None:
     index = HeldIndex(tmp_path)
