@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import multiprocessing as mp
 import os
 import platform
@@ -371,6 +372,13 @@ def main() -> int:
         "--tls-only", action="store_true", help="only the TLS vs plain row (a throwaway node)"
     )
     args = parser.parse_args()
+    plotting = importlib.util.find_spec("matplotlib") is not None
+    if not plotting and not args.tls_only:
+        print(
+            "bench/run.py: matplotlib is not installed (pip install -e '.[bench]'): the table "
+            "is written, the plot is not",
+            file=sys.stderr,
+        )
     if args.tls_only:
         print("| benchmark | result |\n|---|---|")
         with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -475,8 +483,11 @@ def main() -> int:
          *(f"| {name} | {text} |" for name, text in rows)]
     )  # fmt: skip
     (args.out / "results.md").write_text(table + "\n")
-    plot(sweep, ceiling, args.out / "throughput.png")
-    print(f"\nwrote {args.out / 'results.md'} and {args.out / 'throughput.png'} in {seconds:.0f} s")
+    written = [args.out / "results.md"]
+    if plotting:
+        plot(sweep, ceiling, args.out / "throughput.png")
+        written.append(args.out / "throughput.png")
+    print(f"\nwrote {' and '.join(map(str, written))} in {seconds:.0f} s")
     return 0
 
 
