@@ -307,10 +307,10 @@ def _transfer(
     finally:
         for receiver in receivers:
             receiver.kill()
-        for site in sites if not keep else []:
-            for file in (bench.work / f"dest-{site.index}").glob("*"):
-                file.unlink()
-            (bench.work / f"dest-{site.index}" / ".objstream.index.sqlite3").unlink(missing_ok=True)
+        if not keep:
+            for site in sites:
+                for file in (bench.work / f"dest-{site.index}").iterdir():  # the index too
+                    file.unlink()
 
 
 def _setup(rates: list[int | None], latency_ms: float) -> Bench:

@@ -59,9 +59,6 @@ class RunningSha256:
     ``start``: a hashlib SHA-256 object to go on from (fed with a stream's kept prefix).
     """
 
-    name = "sha256"
-    digest_size = 32
-
     def __init__(self, start: Any = None) -> None:
         self._sha = start if start is not None else hashlib.sha256()
         self._lock = threading.Lock()

@@ -154,9 +154,9 @@ class HeldIndex:
             random_access=True, chunk_size=offer.chunk_size, chunk_count=offer.chunk_count
         ):
             return False  # a manifest or an answer beyond what the protocol bounds
-        try:
+        try:  # (reads only: this runs on the connection's thread; find() drops what went)
             with self._db() as db:
-                return bool(self._current(db, user, offer.kind))
+                return any(same for _, _, same in self._recorded(db, user, offer.kind))
         except sqlite3.Error as e:
             log.warning("cannot read the index %s: %s", self.path, e)
             return False
@@ -178,24 +178,32 @@ class HeldIndex:
     def _current(self, db: sqlite3.Connection, user: str, kind: str) -> list[tuple[str, str]]:
         """``user``'s objects still as they were recorded (path, name), newest first; the
         others are dropped from the index."""
-        rows = db.execute(
-            "SELECT path, name, size, mtime_ns, ino FROM objects WHERE user = ? AND kind = ? "
-            "ORDER BY stored DESC",
-            (user, kind),
-        ).fetchall()
         current = []
-        for path, name, size, mtime_ns, ino in rows:
-            try:
-                st = os.stat(self._confined(path), follow_symlinks=False)
-                same = (st.st_size, st.st_mtime_ns, st.st_ino) == (size, mtime_ns, ino)
-            except (OSError, ValueError):
-                same = False
+        for path, name, same in self._recorded(db, user, kind):
             if same:
                 current.append((path, name))
                 continue
             log.info("%s changed or went since it was stored: no longer indexed", path)
             _forget(db, path, TABLES)
         return current
+
+    def _recorded(
+        self, db: sqlite3.Connection, user: str, kind: str
+    ) -> Iterator[tuple[str, str, bool]]:
+        """``user``'s objects of ``kind``, newest first: path, name, and whether the file is
+        still as it was recorded (size, mtime, inode)."""
+        rows = db.execute(
+            "SELECT path, name, size, mtime_ns, ino FROM objects WHERE user = ? AND kind = ? "
+            "ORDER BY stored DESC",
+            (user, kind),
+        ).fetchall()
+        for path, name, size, mtime_ns, ino in rows:
+            try:
+                st = os.stat(self._confined(path), follow_symlinks=False)
+                same = (st.st_size, st.st_mtime_ns, st.st_ino) == (size, mtime_ns, ino)
+            except (OSError, ValueError):
+                same = False
+            yield path, name, same
 
     def _hash_some(
         self, db: sqlite3.Connection, objects: list[tuple[str, str]], offer: Offer

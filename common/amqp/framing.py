@@ -104,7 +104,7 @@ class FrameReader:
             self._left = 0
             return None, 1
         pending = self._pending
-        used = min(_HEAD - len(pending), len(view)) if len(pending) < _HEAD else 0
+        used = min(max(_HEAD - len(pending), 0), len(view))  # of the frame's head
         pending += view[:used].tobytes()
         if len(pending) < _HEAD:
             self._pending = pending
